@@ -1,0 +1,83 @@
+//! The one place that decides what a client sees of an error: status, OperationOutcome
+//! issue code and message. Internal detail (SQL, driver messages, key ids) is logged here
+//! and never sent; 503 (this instance cannot serve now) stays apart from 500.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::{HttpResponse, ResponseError};
+
+use super::negotiation::FHIR_JSON_UTF8;
+use crate::error::AppError;
+use crate::fhir::outcome::{IssueCode, OperationOutcome, Severity};
+use crate::fhir::resource_types::TypeError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "5";
+
+impl AppError {
+    fn issue(&self) -> (IssueCode, String, Option<String>) {
+        match self {
+            Self::Validation(e) => (e.code, e.message.clone(), e.expression.clone()),
+            Self::BadRequest { message, expression } => (IssueCode::Invalid, message.clone(), expression.clone()),
+            Self::InvalidId(e) => (IssueCode::Value, e.to_string(), None),
+            Self::UnknownType(TypeError::Unknown(_)) => (IssueCode::NotFound, self.to_string(), None),
+            Self::UnknownType(TypeError::Unsupported(_)) => (IssueCode::NotSupported, self.to_string(), None),
+            Self::NotFound(_) | Self::NoRoute(_) => (IssueCode::NotFound, self.to_string(), None),
+            Self::Gone { .. } => (IssueCode::Deleted, self.to_string(), None),
+            Self::Conflict(_) => (IssueCode::Conflict, self.to_string(), None),
+            Self::PreconditionFailed(_) => (IssueCode::Conflict, self.to_string(), None),
+            Self::PayloadTooLarge { .. } => (IssueCode::TooLong, self.to_string(), None),
+            Self::UnsupportedMediaType(_) | Self::NotAcceptable(_) | Self::MethodNotAllowed(_) => {
+                (IssueCode::NotSupported, self.to_string(), None)
+            }
+            Self::Unavailable(_) => (
+                IssueCode::Transient,
+                "the server cannot handle the request right now; retry later".into(),
+                None,
+            ),
+            Self::Integrity { .. } | Self::Internal(_) => {
+                (IssueCode::Exception, "internal server error".into(), None)
+            }
+        }
+    }
+}
+
+impl ResponseError for AppError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Validation(_) | Self::BadRequest { .. } | Self::InvalidId(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownType(_) | Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Gone { .. } => StatusCode::GONE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Integrity { .. } | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        match self {
+            // Logged with row ids only: the content is what we could not trust.
+            Self::Integrity { .. } => tracing::error!(error = %self, "stored data failed its integrity check"),
+            Self::Internal(_) => tracing::error!(error = %self, "internal error"),
+            Self::Unavailable(_) => tracing::warn!(error = %self, "answering 503"),
+            _ => tracing::debug!(status = status.as_u16(), "request refused"),
+        }
+        let (code, diagnostics, expression) = self.issue();
+        let outcome = OperationOutcome::single(Severity::Error, code, diagnostics, expression);
+        let mut response = HttpResponse::build(status);
+        response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
+        if let Self::Unavailable(_) = self {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        if let Self::Gone { version_id, .. } = self {
+            response.insert_header((header::ETAG, format!("W/\"{version_id}\"")));
+        }
+        response.body(outcome.to_json())
+    }
+}

@@ -1,0 +1,436 @@
+//! The FHIR REST interactions under `/fhir` (https://hl7.org/fhir/R4/http.html).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HttpDate};
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
+use futures_util::StreamExt as _;
+
+use super::AppState;
+use super::negotiation::{ResponseFormat, require_json_body, response_format};
+use super::request::{QueryParams, ReturnPreference, if_match, parse_version_id, return_preference};
+use crate::access::RequestContext;
+use crate::error::AppError;
+use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link};
+use crate::fhir::document::{VersionMeta, format_instant};
+use crate::fhir::outcome::OperationOutcome;
+use crate::fhir::ResourceId;
+use crate::service::{DeleteOutcome, HistoryQuery, StoredResource, WriteOutcome};
+
+/// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
+/// presentation hint this server does not act on.
+const COMMON_PARAMS: &[&str] = &["_format", "_pretty"];
+const HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_before_version"];
+const DEFAULT_HISTORY_COUNT: i64 = 50;
+pub const MAX_HISTORY_COUNT: i64 = 1000;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/fhir")
+            .route("/metadata", web::get().to(metadata))
+            .service(
+                web::resource("/{type}")
+                    .route(web::post().to(create))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/{type}/{id}")
+                    .route(web::get().to(read))
+                    .route(web::put().to(update))
+                    .route(web::delete().to(delete))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/{type}/{id}/_history")
+                    .route(web::get().to(history))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/{type}/{id}/_history/{vid}")
+                    .route(web::get().to(vread))
+                    .default_service(web::to(method_not_allowed)),
+            ),
+    );
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, AppError> {
+    Err(AppError::MethodNotAllowed(format!("{} is not supported on {}", req.method(), req.path())))
+}
+
+/// The server's CapabilityStatement.
+#[utoipa::path(get, path = "/fhir/metadata", tag = "fhir",
+    params(("_format" = Option<String>, Query, description = "json or application/fhir+json")),
+    responses(
+        (status = 200, description = "CapabilityStatement", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 406, description = "Unsupported format", body = OperationOutcome),
+    ))]
+pub async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["_format", "_pretty", "mode"])?;
+    let format = response_format(&req, query.get("_format"))?;
+    if let Some(mode) = query.get("mode").filter(|m| *m != "full") {
+        return Err(AppError::BadRequest {
+            message: format!("mode '{}' is not supported; only mode=full", mode.chars().take(32).collect::<String>()),
+            expression: Some("mode".into()),
+        });
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .body(state.capability_statement.to_string()))
+}
+
+/// Create a resource with a server-assigned id.
+#[utoipa::path(post, path = "/fhir/{type}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type, e.g. Patient"),
+        ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
+    ),
+    request_body(content = super::openapi::Resource, content_type = "application/fhir+json"),
+    responses(
+        (status = 201, description = "Created; Location, ETag and Last-Modified are set", body = super::openapi::Resource),
+        (status = 400, description = "Malformed or invalid resource", body = OperationOutcome),
+        (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 413, description = "Body over the size limit", body = OperationOutcome),
+        (status = 415, description = "Body is not FHIR JSON", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn create(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let resource_type = state.resources.resolve_type(&path)?;
+    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    require_json_body(&req)?;
+    let body = read_body(&req, payload, state.max_body_bytes).await?;
+    let outcome = state.resources.create(&ctx, resource_type, body).await?;
+    Ok(write_response(&state, &req, format, &outcome))
+}
+
+/// Update a resource, or create it with the id in the URL.
+#[utoipa::path(put, path = "/fhir/{type}/{id}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("If-Match" = Option<String>, Header, description = "Version the update applies to, e.g. W/\"2\""),
+        ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
+    ),
+    request_body(content = super::openapi::Resource, content_type = "application/fhir+json"),
+    responses(
+        (status = 200, description = "Updated", body = super::openapi::Resource),
+        (status = 201, description = "Created with the client's id", body = super::openapi::Resource),
+        (status = 400, description = "Malformed or invalid resource, or id mismatch", body = OperationOutcome),
+        (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 409, description = "Too much concurrent change to apply the update", body = OperationOutcome),
+        (status = 412, description = "If-Match does not name the current version", body = OperationOutcome),
+        (status = 413, description = "Body over the size limit", body = OperationOutcome),
+        (status = 415, description = "Body is not FHIR JSON", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn update(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id) = path.into_inner();
+    let resource_type = state.resources.resolve_type(&type_name)?;
+    let id = ResourceId::parse(&id)?;
+    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    let expected_version = if_match(&req)?;
+    require_json_body(&req)?;
+    let body = read_body(&req, payload, state.max_body_bytes).await?;
+    let outcome = state.resources.update(&ctx, resource_type, id, body, expected_version).await?;
+    Ok(write_response(&state, &req, format, &outcome))
+}
+
+/// Read the current version of a resource.
+#[utoipa::path(get, path = "/fhir/{type}/{id}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("_format" = Option<String>, Query, description = "json or application/fhir+json"),
+    ),
+    responses(
+        (status = 200, description = "The resource; ETag and Last-Modified are set", body = super::openapi::Resource),
+        (status = 400, description = "Malformed id or parameter", body = OperationOutcome),
+        (status = 404, description = "Unknown type or resource", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 410, description = "The resource was deleted", body = OperationOutcome),
+        (status = 500, description = "Stored data failed its integrity check", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn read(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id) = path.into_inner();
+    let resource_type = state.resources.resolve_type(&type_name)?;
+    let id = ResourceId::parse(&id)?;
+    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    let resource = state.resources.read(&ctx, resource_type, id).await?;
+    Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
+}
+
+/// Read one version of a resource.
+#[utoipa::path(get, path = "/fhir/{type}/{id}/_history/{vid}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("vid" = String, Path, description = "Version id"),
+        ("_format" = Option<String>, Query, description = "json or application/fhir+json"),
+    ),
+    responses(
+        (status = 200, description = "That version", body = super::openapi::Resource),
+        (status = 400, description = "Malformed id, version or parameter", body = OperationOutcome),
+        (status = 404, description = "Unknown type, resource or version", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 410, description = "That version is a deletion", body = OperationOutcome),
+        (status = 500, description = "Stored data failed its integrity check", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn vread(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id, vid) = path.into_inner();
+    let resource_type = state.resources.resolve_type(&type_name)?;
+    let id = ResourceId::parse(&id)?;
+    let version_id = parse_version_id(&vid)?;
+    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    let resource = state.resources.vread(&ctx, resource_type, id, version_id).await?;
+    Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
+}
+
+/// Delete a resource (its history remains).
+#[utoipa::path(delete, path = "/fhir/{type}/{id}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("If-Match" = Option<String>, Header, description = "Version the deletion applies to"),
+    ),
+    responses(
+        (status = 204, description = "Deleted, or already deleted"),
+        (status = 400, description = "Malformed id or If-Match", body = OperationOutcome),
+        (status = 404, description = "Unknown type or resource", body = OperationOutcome),
+        (status = 412, description = "If-Match does not name the current version", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn delete(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id) = path.into_inner();
+    let resource_type = state.resources.resolve_type(&type_name)?;
+    let id = ResourceId::parse(&id)?;
+    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    let expected_version = if_match(&req)?;
+    let meta = match state.resources.delete(&ctx, resource_type.clone(), id.clone(), expected_version).await? {
+        DeleteOutcome::Deleted(meta) | DeleteOutcome::AlreadyDeleted(meta) => meta,
+    };
+    let mut response = HttpResponse::NoContent();
+    response.insert_header((header::ETAG, etag(meta.version_id)));
+    if return_preference(&req) == ReturnPreference::OperationOutcome {
+        let outcome = OperationOutcome::information(format!("{resource_type}/{id} is deleted"));
+        return Ok(HttpResponse::Ok()
+            .insert_header((header::ETAG, etag(meta.version_id)))
+            .insert_header((header::CONTENT_TYPE, format.content_type()))
+            .body(outcome.to_json()));
+    }
+    Ok(response.finish())
+}
+
+/// The versions of one resource, newest first, as a `history` Bundle.
+#[utoipa::path(get, path = "/fhir/{type}/{id}/_history", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("_count" = Option<i64>, Query, description = "Page size (1 to 1000, default 50)"),
+        ("_since" = Option<String>, Query, description = "Only versions updated at or after this instant"),
+        ("_before_version" = Option<i64>, Query, description = "Paging cursor from a `next` link"),
+    ),
+    responses(
+        (status = 200, description = "history Bundle", body = super::openapi::Resource),
+        (status = 400, description = "Malformed parameter", body = OperationOutcome),
+        (status = 404, description = "Unknown type or resource", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn history(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id) = path.into_inner();
+    let resource_type = state.resources.resolve_type(&type_name)?;
+    let id = ResourceId::parse(&id)?;
+    let query = QueryParams::parse(&req, HISTORY_PARAMS)?;
+    let format = response_format(&req, query.get("_format"))?;
+    let history_query = HistoryQuery {
+        count: parse_count(query.get("_count"))?,
+        since: query.get("_since").map(parse_instant).transpose()?,
+        before_version: query.get("_before_version").map(parse_version_id).transpose()?,
+    };
+    let page = state.resources.history(&ctx, resource_type.clone(), id.clone(), history_query).await?;
+
+    let base = state.fhir_base();
+    let self_url = format!("{base}/{resource_type}/{id}/_history");
+    let mut paging = vec![("_count", history_query.count.to_string())];
+    if let Some(since) = query.get("_since") {
+        paging.push(("_since", since.to_owned()));
+    }
+    let with_params = |extra: Option<(&'static str, String)>| {
+        let mut params = paging.clone();
+        params.extend(extra);
+        format!("{self_url}?{}", serde_urlencoded::to_string(&params).unwrap_or_default())
+    };
+    let mut links = vec![Link {
+        relation: "self",
+        url: with_params(history_query.before_version.map(|v| ("_before_version", v.to_string()))),
+    }];
+    if history_query.before_version.is_some() {
+        links.push(Link { relation: "first", url: with_params(None) });
+    }
+    if let Some(next) = page.next_before_version {
+        links.push(Link { relation: "next", url: with_params(Some(("_before_version", next.to_string()))) });
+    }
+
+    let entries = page
+        .entries
+        .into_iter()
+        .map(|entry| {
+            let resource = entry.json.map(bundle::raw_resource).transpose()?;
+            let (status, url) = match entry.method.as_str() {
+                "POST" => ("201 Created", resource_type.to_string()),
+                "DELETE" => ("204 No Content", format!("{resource_type}/{id}")),
+                _ if entry.meta.version_id == 1 => ("201 Created", format!("{resource_type}/{id}")),
+                _ => ("200 OK", format!("{resource_type}/{id}")),
+            };
+            Ok(Entry {
+                full_url: format!("{base}/{resource_type}/{id}"),
+                resource,
+                request: EntryRequest { method: entry.method, url },
+                response: EntryResponse {
+                    status: status.to_owned(),
+                    etag: etag(entry.meta.version_id),
+                    last_modified: format_instant(entry.meta.last_updated),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
+    let now = format_instant(crate::service::resources::now_micros());
+    let body = Bundle::history(now, page.total, links, entries)
+        .to_json()
+        .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
+    Ok(HttpResponse::Ok().insert_header((header::CONTENT_TYPE, format.content_type())).body(body))
+}
+
+/// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, AppError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(AppError::PayloadTooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| AppError::bad_request(format!("the request body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(AppError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if body.is_empty() {
+        return Err(AppError::bad_request("the request has no body; send a FHIR resource"));
+    }
+    Ok(body)
+}
+
+fn write_response(state: &AppState, req: &HttpRequest, format: ResponseFormat, outcome: &WriteOutcome) -> HttpResponse {
+    let resource = &outcome.resource;
+    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+    let location = format!(
+        "{}/{}/{}/_history/{}",
+        state.fhir_base(),
+        resource.resource_type,
+        resource.id,
+        resource.meta.version_id
+    );
+    let mut response = resource_response(HttpResponse::build(status), format, resource);
+    response.insert_header((header::LOCATION, location));
+    match return_preference(req) {
+        ReturnPreference::Representation => response.body(resource.json.clone()),
+        ReturnPreference::Minimal => {
+            response.content_type(format.content_type());
+            response.finish()
+        }
+        ReturnPreference::OperationOutcome => {
+            let verb = if outcome.created { "created" } else { "updated" };
+            let message = format!(
+                "{}/{} {verb}: version {}",
+                resource.resource_type, resource.id, resource.meta.version_id
+            );
+            response.body(OperationOutcome::information(message).to_json())
+        }
+    }
+}
+
+/// Sets the headers every response naming one resource version carries.
+fn resource_response(mut builder: HttpResponseBuilder, format: ResponseFormat, resource: &StoredResource) -> HttpResponseBuilder {
+    builder
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .insert_header((header::ETAG, etag(resource.meta.version_id)))
+        .insert_header((header::LAST_MODIFIED, http_date(resource.meta)));
+    builder
+}
+
+fn etag(version_id: i64) -> String {
+    format!("W/\"{version_id}\"")
+}
+
+fn http_date(meta: VersionMeta) -> HttpDate {
+    let micros = u64::try_from(meta.last_updated).unwrap_or(0);
+    HttpDate::from(UNIX_EPOCH + Duration::from_micros(micros))
+}
+
+fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
+    let Some(text) = value else { return Ok(DEFAULT_HISTORY_COUNT) };
+    match text.parse::<i64>() {
+        Ok(count) if (1..=MAX_HISTORY_COUNT).contains(&count) => Ok(count),
+        _ => Err(AppError::BadRequest {
+            message: format!("_count must be an integer from 1 to {MAX_HISTORY_COUNT}"),
+            expression: Some("_count".into()),
+        }),
+    }
+}
+
+/// Parses a FHIR `instant` (RFC 3339 with a time zone) into µs since the epoch.
+fn parse_instant(text: &str) -> Result<i64, AppError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_micros())
+        .map_err(|_| AppError::BadRequest {
+            message: "_since must be an instant such as 2026-01-01T00:00:00Z".into(),
+            expression: Some("_since".into()),
+        })
+}
+

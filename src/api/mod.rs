@@ -1,0 +1,58 @@
+//! HTTP: actix-web handlers, content negotiation, request context, error mapping and the
+//! OpenAPI document. No SQL and no crypto here: handlers parse the request, call one
+//! service function, and build the response.
+
+pub mod error;
+pub mod fhir;
+pub mod health;
+pub mod negotiation;
+pub mod openapi;
+pub mod request;
+
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::{App, web};
+
+use crate::service::ResourceService;
+
+/// Shared state of the HTTP layer.
+#[derive(Clone)]
+pub struct AppState {
+    pub resources: ResourceService,
+    /// Public base URL without a trailing slash, e.g. `https://fhir.example.org`.
+    pub base_url: Arc<str>,
+    pub max_body_bytes: usize,
+    /// The CapabilityStatement, rendered once at start-up.
+    pub capability_statement: Arc<str>,
+}
+
+impl AppState {
+    /// The FHIR base, e.g. `https://fhir.example.org/fhir`.
+    pub fn fhir_base(&self) -> String {
+        format!("{}/fhir", self.base_url)
+    }
+}
+
+/// Builds the application: routes, request context middleware and a default service that
+/// answers unknown paths with an OperationOutcome. Used by `serve` and by the tests.
+pub fn build_app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(web::Data::new(state))
+        .wrap(actix_web::middleware::from_fn(request::request_context))
+        .configure(health::routes)
+        .configure(openapi::routes)
+        .configure(fhir::routes)
+        .default_service(web::to(request::no_route))
+}

@@ -1,0 +1,77 @@
+//! The OpenAPI document (`GET /openapi.json`, committed as `openapi/openapi.json`) and a
+//! human docs page (`/docs`) that renders it with a viewer fetched by the browser.
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use utoipa::{OpenApi, ToSchema};
+
+use super::{fhir, health};
+use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
+
+/// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
+/// validates it against the R4 definition of its `resourceType`.
+#[derive(ToSchema)]
+#[schema(example = json!({"resourceType": "Patient", "name": [{"family": "Chalmers", "given": ["Peter"]}]}))]
+#[allow(dead_code)] // documents a shape; values are handled as JSON
+pub struct Resource {
+    #[schema(rename = "resourceType")]
+    resource_type: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fhirledger",
+        description = "FHIR R4 server that stores every resource encrypted. Errors are FHIR OperationOutcome resources.",
+        license(name = "Apache-2.0"),
+    ),
+    paths(
+        fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::delete, fhir::history,
+        health::healthz, health::readyz, openapi_json,
+    ),
+    components(schemas(Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health)),
+    tags(
+        (name = "fhir", description = "FHIR R4 REST interactions (JSON only)"),
+        (name = "operations", description = "Health, readiness and this document"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The document as served (pretty-printed, ending with a newline, like the committed file).
+pub fn document_json() -> String {
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned());
+    text.push('\n');
+    text
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/openapi.json", web::get().to(openapi_json)).route("/docs", web::get().to(docs));
+}
+
+/// This OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().insert_header((header::CONTENT_TYPE, "application/json")).body(document_json())
+}
+
+/// A page that renders `/openapi.json` with Redoc, loaded by the browser from its CDN at
+/// view time (nothing is downloaded at build or run time by the server).
+async fn docs() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(DOCS_PAGE)
+}
+
+const DOCS_PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>fhirledger API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+</head>
+<body>
+<noscript>The API description is at <a href="openapi.json">/openapi.json</a>.</noscript>
+<redoc spec-url="openapi.json"></redoc>
+<script src="https://cdn.redoc.ly/redoc/v2.1.5/bundles/redoc.standalone.js"></script>
+</body>
+</html>
+"#;

@@ -1,0 +1,154 @@
+//! Per-request plumbing: the request id and [`RequestContext`] (the one place a request's
+//! identity is established), access logging, query parameters, `Prefer` and `If-Match`.
+
+use std::future::{Ready, ready};
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest};
+use tracing::Instrument as _;
+
+use crate::access::{Principal, RequestContext};
+use crate::error::AppError;
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The server-assigned id of the request being served (stored in request extensions).
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// Middleware: assigns the request id, runs the request inside a tracing span that carries
+/// it, echoes it in `X-Request-Id`, and logs one line per request. Only method, path and
+/// status are logged: query strings and bodies may hold PHI.
+pub async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %req.method(),
+        path = %req.path(),
+    );
+    let started = Instant::now();
+    let mut response = next.call(req).instrument(span.clone()).await?;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "request handled"
+        );
+    });
+    Ok(response)
+}
+
+impl FromRequest for RequestContext {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Authentication will establish the principal here.
+        ready(Ok(RequestContext { principal: Principal::Anonymous, request_id }))
+    }
+}
+
+/// Default service: no route matched.
+pub async fn no_route(req: HttpRequest) -> Result<actix_web::HttpResponse, AppError> {
+    Err(AppError::NoRoute(format!("{} {}", req.method(), req.path())))
+}
+
+/// Query parameters of a request, checked against the ones an interaction understands.
+#[derive(Debug, Default)]
+pub struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    /// Parses the query string; any parameter not in `allowed`, or given twice, is refused
+    /// with 400 naming it (the server never silently ignores what it does not understand).
+    pub fn parse(req: &HttpRequest, allowed: &[&str]) -> Result<Self, AppError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+            .map_err(|_| AppError::bad_request("the query string is malformed"))?;
+        for (index, (name, _)) in pairs.iter().enumerate() {
+            let shown: String = name.chars().take(64).collect();
+            if !allowed.contains(&name.as_str()) {
+                return Err(AppError::BadRequest {
+                    message: format!("unknown or unsupported parameter '{shown}' for this interaction"),
+                    expression: Some(shown),
+                });
+            }
+            if pairs.iter().take(index).any(|(n, _)| n == name) {
+                return Err(AppError::BadRequest {
+                    message: format!("parameter '{shown}' is given more than once"),
+                    expression: Some(shown),
+                });
+            }
+        }
+        Ok(Self(pairs))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `Prefer: return=…` (http.html#return).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnPreference {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+pub fn return_preference(req: &HttpRequest) -> ReturnPreference {
+    let mut preference = ReturnPreference::Representation;
+    for value in req.headers().get_all(header::HeaderName::from_static("prefer")) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split([',', ';']) {
+            match token.trim().to_ascii_lowercase().as_str() {
+                "return=minimal" => preference = ReturnPreference::Minimal,
+                "return=representation" => preference = ReturnPreference::Representation,
+                "return=operationoutcome" => preference = ReturnPreference::OperationOutcome,
+                _ => {}
+            }
+        }
+    }
+    preference
+}
+
+/// Parses `If-Match: W/"3"` (or `"3"`) into a version id.
+pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, AppError> {
+    let Some(value) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let invalid = || AppError::BadRequest {
+        message: "If-Match must be an ETag such as W/\"3\"".into(),
+        expression: Some("If-Match".into()),
+    };
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let inner = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).ok_or_else(invalid)?;
+    parse_version_id(inner).map(Some).map_err(|_| invalid())
+}
+
+/// A version id as the server writes them: a positive integer.
+pub fn parse_version_id(text: &str) -> Result<i64, AppError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0 && !text.starts_with('+'))
+        .ok_or_else(|| AppError::BadRequest {
+            message: format!("'{}' is not a version id of this server", text.chars().take(32).collect::<String>()),
+            expression: None,
+        })
+}

@@ -1,0 +1,229 @@
+//! Configuration of `fhirledger serve`: every setting is a `FHIRLEDGER_*` environment
+//! variable and the same as a flag; a bad value stops start-up with a message naming it.
+//!
+//! | variable | flag | default |
+//! |---|---|---|
+//! | `FHIRLEDGER_LISTEN` | `--listen` | `127.0.0.1:8080` |
+//! | `FHIRLEDGER_DATA_DIR` | `--data-dir` | `./data` |
+//! | `FHIRLEDGER_DATABASE_URL` | `--database-url` | `sqlite://$DATA_DIR/fhirledger.db` |
+//! | `FHIRLEDGER_BASE_URL` | `--base-url` | `http://$LISTEN` |
+//! | `FHIRLEDGER_MASTER_KEY_FILE` | `--master-key-file` | (SQLite only: generated `$DATA_DIR/master.key`) |
+//! | `FHIRLEDGER_MASTER_KEY` | `--master-key` | — (base64; prefer the file) |
+//! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
+//! | `FHIRLEDGER_DB_POOL_SIZE` | `--db-pool-size` | `16` |
+//! | `FHIRLEDGER_WORKERS` | `--workers` | number of CPUs |
+//! | `FHIRLEDGER_SHUTDOWN_TIMEOUT` | `--shutdown-timeout` | `30` (seconds) |
+//! | `FHIRLEDGER_LOG` | `--log` | `info` (tracing filter) |
+//! | `FHIRLEDGER_LOG_FORMAT` | `--log-format` | `text` (`text` or `json`) |
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+
+use crate::crypto::MasterKey;
+use crate::store::DatabaseUrl;
+
+/// Settings shared by every subcommand that opens the database.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Directory for the SQLite file and generated development keys.
+    #[arg(long, env = "FHIRLEDGER_DATA_DIR", default_value = "./data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// `sqlite://PATH` or `postgres://…` (default: sqlite://$DATA_DIR/fhirledger.db).
+    #[arg(long, env = "FHIRLEDGER_DATABASE_URL", value_name = "URL", hide_env_values = true,
+          value_parser = parse_database_url)]
+    pub database_url: Option<DatabaseUrl>,
+}
+
+impl DatabaseArgs {
+    pub fn resolved_database_url(&self) -> DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::sqlite_file(&self.data_dir.join("fhirledger.db")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FHIRLEDGER_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR",
+          value_parser = parse_listen)]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Public base URL used in Location headers and Bundle links (default: http://$LISTEN).
+    #[arg(long, env = "FHIRLEDGER_BASE_URL", value_name = "URL", value_parser = parse_base_url)]
+    pub base_url: Option<String>,
+
+    /// File holding the base64 master key (32 bytes).
+    #[arg(long, env = "FHIRLEDGER_MASTER_KEY_FILE", value_name = "PATH")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// The base64 master key itself (prefer the file: environments leak).
+    #[arg(long, env = "FHIRLEDGER_MASTER_KEY", value_name = "BASE64", hide_env_values = true)]
+    pub master_key: Option<String>,
+
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "FHIRLEDGER_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024, value_name = "BYTES",
+          value_parser = parse_max_body)]
+    pub max_body_bytes: usize,
+
+    /// Database connections per process.
+    #[arg(long, env = "FHIRLEDGER_DB_POOL_SIZE", default_value_t = 16, value_name = "N",
+          value_parser = parse_pool_size)]
+    pub db_pool_size: u32,
+
+    /// HTTP worker threads (default: one per CPU).
+    #[arg(long, env = "FHIRLEDGER_WORKERS", value_name = "N", value_parser = parse_workers)]
+    pub workers: Option<usize>,
+
+    /// Seconds to let requests in flight finish after SIGTERM/SIGINT.
+    #[arg(long, env = "FHIRLEDGER_SHUTDOWN_TIMEOUT", default_value_t = 30, value_name = "SECONDS",
+          value_parser = parse_shutdown_timeout)]
+    pub shutdown_timeout: u64,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fhirledger=debug`.
+    #[arg(long, env = "FHIRLEDGER_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+
+    /// Log line format.
+    #[arg(long, env = "FHIRLEDGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Where the master key came from (decides whether to warn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    Configured,
+    DevelopmentExisting,
+    DevelopmentGenerated,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Key(#[from] crate::crypto::KeyError),
+}
+
+impl ServeArgs {
+    pub fn resolved_base_url(&self) -> String {
+        self.base_url.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// Loads the master key: from the file or the variable when configured; on the embedded
+    /// SQLite default, generated in the data directory; PostgreSQL requires a configured key
+    /// (several processes must share one, and a key left on one host's disk would not be).
+    pub fn load_master_key(&self) -> Result<(MasterKey, KeyOrigin), ConfigError> {
+        match (&self.master_key_file, &self.master_key) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "set only one of FHIRLEDGER_MASTER_KEY_FILE and FHIRLEDGER_MASTER_KEY".into(),
+            )),
+            (Some(path), None) => Ok((MasterKey::from_file(path, "FHIRLEDGER_MASTER_KEY_FILE")?, KeyOrigin::Configured)),
+            (None, Some(text)) => Ok((MasterKey::from_base64(text, "FHIRLEDGER_MASTER_KEY")?, KeyOrigin::Configured)),
+            (None, None) => match self.database.resolved_database_url() {
+                DatabaseUrl::Postgres(_) => Err(ConfigError::Invalid(
+                    "FHIRLEDGER_MASTER_KEY_FILE (or FHIRLEDGER_MASTER_KEY) is required with PostgreSQL; \
+                     generate one with: head -c 32 /dev/urandom | base64"
+                        .into(),
+                )),
+                DatabaseUrl::Sqlite(_) => {
+                    ensure_private_dir(&self.database.data_dir)?;
+                    let (key, generated) = MasterKey::load_or_generate_dev(&self.database.data_dir)?;
+                    let origin = if generated { KeyOrigin::DevelopmentGenerated } else { KeyOrigin::DevelopmentExisting };
+                    Ok((key, origin))
+                }
+            },
+        }
+    }
+}
+
+/// Creates the data directory (mode 0700) if it is missing.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), ConfigError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| ConfigError::Invalid(format!("FHIRLEDGER_DATA_DIR: cannot create {}: {e}", dir.display())))
+}
+
+fn parse_database_url(text: &str) -> Result<DatabaseUrl, String> {
+    DatabaseUrl::parse(text).map_err(|e| format!("FHIRLEDGER_DATABASE_URL {e}"))
+}
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("FHIRLEDGER_LISTEN must be an address with a port, such as 127.0.0.1:8080"))
+}
+
+fn parse_base_url(text: &str) -> Result<String, String> {
+    let trimmed = text.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+        .ok_or("FHIRLEDGER_BASE_URL must start with http:// or https://")?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+        return Err("FHIRLEDGER_BASE_URL must be a URL with a host and no query or fragment".into());
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn parse_bounded<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+    text: &str,
+    name: &str,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    match text.parse::<T>() {
+        Ok(value) if value >= min && value <= max => Ok(value),
+        _ => Err(format!("{name} must be a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_max_body(text: &str) -> Result<usize, String> {
+    parse_bounded(text, "FHIRLEDGER_MAX_BODY_BYTES", 1024, 1024 * 1024 * 1024)
+}
+
+fn parse_pool_size(text: &str) -> Result<u32, String> {
+    parse_bounded(text, "FHIRLEDGER_DB_POOL_SIZE", 1, 1000)
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    parse_bounded(text, "FHIRLEDGER_WORKERS", 1, 1024)
+}
+
+fn parse_shutdown_timeout(text: &str) -> Result<u64, String> {
+    parse_bounded(text, "FHIRLEDGER_SHUTDOWN_TIMEOUT", 0, 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        assert!(parse_listen("nope").unwrap_err().contains("FHIRLEDGER_LISTEN"));
+        assert!(parse_base_url("ftp://x").unwrap_err().contains("FHIRLEDGER_BASE_URL"));
+        assert_eq!(parse_base_url("https://fhir.example.org/").unwrap(), "https://fhir.example.org");
+        assert!(parse_database_url("mysql://x").unwrap_err().contains("FHIRLEDGER_DATABASE_URL"));
+        assert!(parse_max_body("12").unwrap_err().contains("FHIRLEDGER_MAX_BODY_BYTES"));
+        assert!(parse_pool_size("0").unwrap_err().contains("FHIRLEDGER_DB_POOL_SIZE"));
+        assert_eq!(parse_pool_size("8").unwrap(), 8);
+    }
+}

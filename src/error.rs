@@ -1,0 +1,66 @@
+//! The application error: what can go wrong in a request, independent of HTTP.
+//!
+//! Error tiers (house style): `anyhow` only in `main` and tests; each layer has its own
+//! `thiserror` type (`StoreError`, `ValidationError`, `IntegrityError`, `KeyError`); the
+//! request path converts them into [`AppError`], and `api::error` alone decides what a
+//! client sees of each (status, OperationOutcome issue code, message).
+
+use crate::fhir::ValidationError;
+use crate::fhir::resource_types::{InvalidId, TypeError};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// A malformed request other than its resource body (header, parameter, id).
+    #[error("{message}")]
+    BadRequest { message: String, expression: Option<String> },
+    #[error(transparent)]
+    InvalidId(#[from] InvalidId),
+    #[error(transparent)]
+    UnknownType(#[from] TypeError),
+    #[error("{0} is not known")]
+    NotFound(String),
+    #[error("{resource}/{id} was deleted (version {version_id})")]
+    Gone { resource: String, id: String, version_id: i64 },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("no such endpoint: {0}")]
+    NoRoute(String),
+    /// This instance cannot serve now (database unreachable, pool exhausted, busy).
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed authentication: tampering, a moved row, or a wrong key.
+    #[error("integrity failure for {resource}/{id}/_history/{version_id}")]
+    Integrity { resource: String, id: String, version_id: i64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::BadRequest { message: message.into(), expression: None }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(detail) => Self::Unavailable(detail),
+            StoreError::UniqueViolation => Self::Conflict("the resource was changed concurrently; retry".into()),
+            StoreError::Database(e) => Self::Internal(e.to_string()),
+            StoreError::Migration(e) => Self::Internal(e),
+        }
+    }
+}

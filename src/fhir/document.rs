@@ -1,0 +1,74 @@
+//! The stored form of a resource version: the client's JSON with the server-owned `id`
+//! and `meta.versionId`/`meta.lastUpdated` set, every other element byte for byte as sent.
+
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::resource_types::{ResourceId, ResourceType};
+
+/// Server-owned metadata of one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionMeta {
+    pub version_id: i64,
+    /// Microseconds since the Unix epoch, UTC.
+    pub last_updated: i64,
+}
+
+/// Formats microseconds since the epoch as a FHIR `instant` (RFC 3339, UTC, microseconds).
+pub fn format_instant(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000000Z".to_owned())
+}
+
+/// Builds the stored JSON from a validated compact body. Elements keep their order, with
+/// `resourceType`, `id` and `meta` first. Fails only if the body is not a JSON object,
+/// which validation has already excluded.
+pub fn stamp(
+    compact_body: &str,
+    resource_type: &ResourceType,
+    id: &ResourceId,
+    meta: VersionMeta,
+) -> Result<String, serde_json::Error> {
+    let mut elements: IndexMap<String, Box<RawValue>> = serde_json::from_str(compact_body)?;
+    elements.shift_remove("resourceType");
+    elements.shift_remove("id");
+    let mut meta_object = match elements.shift_remove("meta") {
+        Some(raw) => match serde_json::from_str::<Value>(raw.get())? {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
+        None => Map::new(),
+    };
+    meta_object.insert("versionId".into(), Value::String(meta.version_id.to_string()));
+    meta_object.insert("lastUpdated".into(), Value::String(format_instant(meta.last_updated)));
+
+    let mut out: IndexMap<&str, Box<RawValue>> = IndexMap::with_capacity(elements.len() + 3);
+    out.insert("resourceType", serde_json::value::to_raw_value(resource_type.as_str())?);
+    out.insert("id", serde_json::value::to_raw_value(id.as_str())?);
+    out.insert("meta", serde_json::value::to_raw_value(&meta_object)?);
+    for (key, value) in &elements {
+        out.insert(key.as_str(), value.clone());
+    }
+    serde_json::to_string(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::ResourceTypes;
+
+    #[test]
+    fn stamps_id_and_meta_and_keeps_everything_else() {
+        let types = ResourceTypes::load().unwrap();
+        let patient = types.resolve("Patient").unwrap();
+        let id = ResourceId::parse("abc").unwrap();
+        let body = r#"{"resourceType":"Patient","id":"old","meta":{"versionId":"9","profile":["http://p"]},"extension":[{"url":"u","valueDecimal":1.50}]}"#;
+        let stamped = stamp(body, &patient, &id, VersionMeta { version_id: 2, last_updated: 1_700_000_000_123_456 }).unwrap();
+        assert_eq!(
+            stamped,
+            r#"{"resourceType":"Patient","id":"abc","meta":{"versionId":"2","profile":["http://p"],"lastUpdated":"2023-11-14T22:13:20.123456Z"},"extension":[{"url":"u","valueDecimal":1.50}]}"#
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! fhirledger: an HL7 FHIR R4 server that stores every resource encrypted and
+//! (from the ledger work on) records every interaction in a Merkle ledger.
+//!
+//! Layers, outermost first (see `shared/docs/design.md`):
+//! - [`api`]: actix-web handlers, content negotiation, the one error → OperationOutcome mapping, OpenAPI;
+//! - [`access`]: who is asking ([`access::Principal`]);
+//! - [`service`]: one function per use case, orchestrating validation, crypto and one store transaction;
+//! - [`fhir`]: FHIR semantics without HTTP or SQL (validation, Bundles, CapabilityStatement, OperationOutcome);
+//! - [`store`]: diesel schema, migrations and queries over ciphertext;
+//! - [`crypto`]: envelope encryption and key loading;
+//! - [`config`] and [`server`]: settings and start-up.
+
+pub mod access;
+pub mod api;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod fhir;
+pub mod server;
+pub mod service;
+pub mod store;

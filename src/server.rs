@@ -1,0 +1,82 @@
+//! Start-up: open the database, run migrations, assemble the services and run the HTTP
+//! server until SIGTERM/SIGINT (actix finishes requests in flight first).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpServer;
+
+use crate::api::{AppState, build_app};
+use crate::config::ServeArgs;
+use crate::crypto::{Envelope, MasterKey};
+use crate::fhir::ResourceTypes;
+use crate::fhir::capability::{CapabilityInputs, capability_statement};
+use crate::fhir::document::format_instant;
+use crate::service::ResourceService;
+use crate::store::{DatabaseUrl, connection, migrations};
+
+/// What the HTTP layer needs besides the database and key.
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    pub base_url: String,
+    pub max_body_bytes: usize,
+    pub pool_size: u32,
+}
+
+/// Opens the database, applies pending migrations and assembles the application state.
+pub fn prepare_state(
+    database_url: &DatabaseUrl,
+    master_key: MasterKey,
+    options: &StateOptions,
+) -> anyhow::Result<AppState> {
+    let pool = connection::build_pool(database_url, options.pool_size)?;
+    let applied = migrations::run_pending(&mut *pool.get()?)?;
+    if applied > 0 {
+        tracing::info!(applied, "database migrations applied");
+    }
+    let types = Arc::new(ResourceTypes::load()?);
+    let statement = capability_statement(
+        &types,
+        &CapabilityInputs {
+            base_url: &options.base_url,
+            software_version: env!("CARGO_PKG_VERSION"),
+            date: &format_instant(crate::service::resources::now_micros()),
+        },
+    );
+    let resources = ResourceService::new(pool, Arc::new(Envelope::new(master_key)), types);
+    Ok(AppState {
+        resources,
+        base_url: Arc::from(options.base_url.as_str()),
+        max_body_bytes: options.max_body_bytes,
+        capability_statement: Arc::from(statement.to_string()),
+    })
+}
+
+/// `fhirledger serve`.
+pub async fn serve(args: ServeArgs, master_key: MasterKey) -> anyhow::Result<()> {
+    let database_url = args.database.resolved_database_url();
+    let options = StateOptions {
+        base_url: args.resolved_base_url(),
+        max_body_bytes: args.max_body_bytes,
+        pool_size: args.db_pool_size,
+    };
+    let state = tokio::task::spawn_blocking({
+        let database_url = database_url.clone();
+        move || prepare_state(&database_url, master_key, &options)
+    })
+    .await??;
+
+    let mut server = HttpServer::new(move || build_app(state.clone()))
+        .shutdown_timeout(args.shutdown_timeout)
+        .client_request_timeout(Duration::from_secs(60));
+    if let Some(workers) = args.workers {
+        server = server.workers(workers);
+    }
+    let server = server
+        .bind(args.listen)
+        .map_err(|e| anyhow::anyhow!("FHIRLEDGER_LISTEN: cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, backend = ?database_url.backend(), "fhirledger serving FHIR R4 at /fhir");
+    server.run().await?;
+    tracing::info!("fhirledger stopped");
+    Ok(())
+}

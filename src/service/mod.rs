@@ -1,0 +1,21 @@
+//! Use cases: one function per FHIR interaction, each validating, sealing or opening, and
+//! running one store transaction. Blocking work runs on tokio's blocking pool.
+
+pub mod resources;
+
+pub use resources::{
+    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource, WriteOutcome,
+};
+
+use crate::error::AppError;
+
+/// Runs blocking store and crypto work off the async workers.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T, AppError>
+where
+    F: FnOnce() -> Result<T, AppError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| AppError::Internal(format!("blocking task failed: {e}")))?
+}

@@ -1,0 +1,443 @@
+//! Create, read, vread, update, delete and instance history of resources.
+
+use std::sync::Arc;
+
+use crate::access::RequestContext;
+use crate::crypto::{Envelope, ResourceBinding};
+use crate::error::AppError;
+use crate::fhir::document::{self, VersionMeta};
+use crate::fhir::validate::validate_resource;
+use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
+use crate::store::resources::{self as rows, HistoryWindow, ResourceHead, VersionRow};
+use crate::store::{DbConnection, DbPool, StoreError};
+
+use super::blocking;
+
+/// How often a write is retried after losing a race to a concurrent writer of the same
+/// resource before answering 409.
+const MAX_WRITE_ATTEMPTS: usize = 16;
+
+/// A resource version as returned to a client.
+#[derive(Debug, Clone)]
+pub struct StoredResource {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+    pub meta: VersionMeta,
+    /// The stored JSON (decrypted).
+    pub json: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub resource: StoredResource,
+    /// True when this write created the resource (or re-created it after a deletion).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// A deletion version was written.
+    Deleted(VersionMeta),
+    /// The resource was already deleted; nothing was written.
+    AlreadyDeleted(VersionMeta),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HistoryQuery {
+    pub count: i64,
+    pub since: Option<i64>,
+    /// Paging cursor: only versions older than this one.
+    pub before_version: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub meta: VersionMeta,
+    pub method: String,
+    /// `None` for a deletion.
+    pub json: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// Versions matching the query without the cursor.
+    pub total: i64,
+    /// Cursor for the next (older) page, when there is one.
+    pub next_before_version: Option<i64>,
+}
+
+/// Services over stored resources. Cheap to clone.
+#[derive(Clone)]
+pub struct ResourceService {
+    pool: DbPool,
+    envelope: Arc<Envelope>,
+    types: Arc<ResourceTypes>,
+}
+
+/// What a write wants to do once it has seen the current state.
+enum WriteKind {
+    /// Content from a create (POST, always new) or an update (PUT).
+    Content { compact_json: String, method: &'static str },
+    Delete,
+}
+
+/// Failure inside a write transaction; `LostRace` rolls the transaction back and retries.
+#[derive(Debug)]
+enum TxError {
+    LostRace,
+    App(AppError),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(error: diesel::result::Error) -> Self {
+        Self::App(StoreError::classify(error).into())
+    }
+}
+
+impl From<AppError> for TxError {
+    fn from(error: AppError) -> Self {
+        Self::App(error)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(error: StoreError) -> Self {
+        Self::App(error.into())
+    }
+}
+
+impl ResourceService {
+    pub fn new(pool: DbPool, envelope: Arc<Envelope>, types: Arc<ResourceTypes>) -> Self {
+        Self { pool, envelope, types }
+    }
+
+    pub fn types(&self) -> &ResourceTypes {
+        &self.types
+    }
+
+    /// Resolves a type name from a URL.
+    pub fn resolve_type(&self, name: &str) -> Result<ResourceType, AppError> {
+        Ok(self.types.resolve(name)?)
+    }
+
+    /// `POST /{type}`: stores a new resource under a server-assigned id. An `id` in the body
+    /// is ignored, as R4 requires (http.html#create).
+    pub async fn create(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        body: Vec<u8>,
+    ) -> Result<WriteOutcome, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let validated = validate_resource(&this.types, &resource_type, &body)?;
+            let id = ResourceId::generate();
+            let kind = WriteKind::Content { compact_json: validated.compact_json, method: "POST" };
+            this.write(&resource_type, &id, None, kind)?
+                .ok_or_else(|| AppError::Internal("create wrote no content".into()))
+        })
+        .await
+    }
+
+    /// `PUT /{type}/{id}`: updates, or creates with the client's id (http.html#update).
+    pub async fn update(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+        body: Vec<u8>,
+        if_match: Option<i64>,
+    ) -> Result<WriteOutcome, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let validated = validate_resource(&this.types, &resource_type, &body)?;
+            match validated.id.as_deref() {
+                Some(body_id) if body_id == id.as_str() => {}
+                Some(_) => {
+                    return Err(AppError::BadRequest {
+                        message: format!("the id in the body does not match the id '{id}' in the URL"),
+                        expression: Some(format!("{resource_type}.id")),
+                    });
+                }
+                None => {
+                    return Err(AppError::BadRequest {
+                        message: "an update must carry the resource id in the body".into(),
+                        expression: Some(format!("{resource_type}.id")),
+                    });
+                }
+            }
+            let kind = WriteKind::Content { compact_json: validated.compact_json, method: "PUT" };
+            this.write(&resource_type, &id, if_match, kind)?
+                .ok_or_else(|| AppError::Internal("update wrote no content".into()))
+        })
+        .await
+    }
+
+    /// `DELETE /{type}/{id}`: writes a deletion version; deleting a deleted resource is a
+    /// no-op (http.html#delete).
+    pub async fn delete(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+        if_match: Option<i64>,
+    ) -> Result<DeleteOutcome, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            if let Some(head) = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
+                && head.deleted
+                && if_match.is_none_or(|v| v == head.current_version)
+            {
+                return Ok(DeleteOutcome::AlreadyDeleted(VersionMeta {
+                    version_id: head.current_version,
+                    last_updated: head.last_updated,
+                }));
+            }
+            drop(conn);
+            match this.write(&resource_type, &id, if_match, WriteKind::Delete)? {
+                Some(_) => Err(AppError::Internal("delete wrote content".into())),
+                None => this.current_meta(&resource_type, &id).map(DeleteOutcome::Deleted),
+            }
+        })
+        .await
+    }
+
+    /// `GET /{type}/{id}`.
+    pub async fn read(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+    ) -> Result<StoredResource, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
+                .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+            let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), head.current_version)?
+                .ok_or_else(|| AppError::Internal(format!("{resource_type}/{id} has no current version row")))?;
+            this.open_version(&resource_type, &id, &row)
+        })
+        .await
+    }
+
+    /// `GET /{type}/{id}/_history/{vid}`.
+    pub async fn vread(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+        version_id: i64,
+    ) -> Result<StoredResource, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), version_id)?
+                .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}")))?;
+            this.open_version(&resource_type, &id, &row)
+        })
+        .await
+    }
+
+    /// `GET /{type}/{id}/_history`: versions newest first.
+    pub async fn history(
+        &self,
+        _ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
+                return Err(AppError::NotFound(format!("{resource_type}/{id}")));
+            }
+            let total = rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
+            // One row more than the page tells whether a next page exists.
+            let window = HistoryWindow {
+                before_version: query.before_version,
+                since: query.since,
+                limit: query.count + 1,
+            };
+            let mut versions = rows::history(&mut conn, resource_type.as_str(), id.as_str(), window)?;
+            let has_more = versions.len() as i64 > query.count;
+            versions.truncate(usize::try_from(query.count).unwrap_or(0));
+            let next_before_version = if has_more { versions.last().map(|v| v.version_id) } else { None };
+            let entries = versions
+                .iter()
+                .map(|row| {
+                    let meta = VersionMeta { version_id: row.version_id, last_updated: row.last_updated };
+                    let json = if row.deleted {
+                        None
+                    } else {
+                        Some(this.open_version(&resource_type, &id, row)?.json)
+                    };
+                    Ok(HistoryEntry { meta, method: row.method.clone(), json })
+                })
+                .collect::<Result<Vec<_>, AppError>>()?;
+            Ok(HistoryPage { entries, total, next_before_version })
+        })
+        .await
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), AppError> {
+        let this = self.clone();
+        blocking(move || {
+            use diesel::RunQueryDsl as _;
+            let mut conn = this.connection()?;
+            diesel::sql_query("SELECT 1")
+                .execute(&mut *conn)
+                .map_err(|e| AppError::from(StoreError::classify(e)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
+        self.pool.get().map_err(|e| AppError::from(StoreError::from(e)))
+    }
+
+    fn current_meta(&self, resource_type: &ResourceType, id: &ResourceId) -> Result<VersionMeta, AppError> {
+        let mut conn = self.connection()?;
+        let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
+            .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+        Ok(VersionMeta { version_id: head.current_version, last_updated: head.last_updated })
+    }
+
+    /// Decrypts one version; a deletion answers 410 Gone.
+    fn open_version(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        row: &VersionRow,
+    ) -> Result<StoredResource, AppError> {
+        if row.deleted {
+            return Err(AppError::Gone {
+                resource: resource_type.to_string(),
+                id: id.to_string(),
+                version_id: row.version_id,
+            });
+        }
+        let integrity = || AppError::Integrity {
+            resource: resource_type.to_string(),
+            id: id.to_string(),
+            version_id: row.version_id,
+        };
+        let blob = row.blob().ok_or_else(integrity)?;
+        let binding = ResourceBinding {
+            resource_type: resource_type.as_str(),
+            id: id.as_str(),
+            version_id: row.version_id,
+        };
+        let plaintext = self.envelope.open(binding, &blob).map_err(|_| integrity())?;
+        let json = String::from_utf8(plaintext).map_err(|_| integrity())?;
+        Ok(StoredResource {
+            resource_type: resource_type.clone(),
+            id: id.clone(),
+            meta: VersionMeta { version_id: row.version_id, last_updated: row.last_updated },
+            json,
+        })
+    }
+
+    /// Writes the next version of a resource in one transaction, retrying when a concurrent
+    /// writer of the same resource got there first. Returns the written content (`None` for
+    /// a deletion).
+    fn write(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        if_match: Option<i64>,
+        kind: WriteKind,
+    ) -> Result<Option<WriteOutcome>, AppError> {
+        let mut conn = self.connection()?;
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            match conn.write_transaction(|tx| self.write_once(tx, resource_type, id, if_match, &kind)) {
+                Ok(outcome) => return Ok(outcome),
+                Err(TxError::LostRace) => continue,
+                Err(TxError::App(error)) => return Err(error),
+            }
+        }
+        Err(AppError::Conflict(format!(
+            "{resource_type}/{id} is being changed by other requests; retry"
+        )))
+    }
+
+    fn write_once(
+        &self,
+        tx: &mut DbConnection,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        if_match: Option<i64>,
+        kind: &WriteKind,
+    ) -> Result<Option<WriteOutcome>, TxError> {
+        let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
+        check_precondition(resource_type, id, head, if_match)?;
+        let version_id = head.map_or(1, |h| h.current_version + 1);
+        // lastUpdated never goes backwards within one resource, even if the clock does.
+        let last_updated = head.map_or(now_micros(), |h| now_micros().max(h.last_updated + 1));
+        let meta = VersionMeta { version_id, last_updated };
+
+        let (row, outcome) = match kind {
+            WriteKind::Content { compact_json, method } => {
+                let json = document::stamp(compact_json, resource_type, id, meta)
+                    .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;
+                let binding = ResourceBinding { resource_type: resource_type.as_str(), id: id.as_str(), version_id };
+                let blob = self.envelope.seal(binding, json.as_bytes());
+                let row = VersionRow::with_content(resource_type.as_str(), id.as_str(), version_id, last_updated, method, blob);
+                let outcome = WriteOutcome {
+                    resource: StoredResource { resource_type: resource_type.clone(), id: id.clone(), meta, json },
+                    created: head.is_none_or(|h| h.deleted),
+                };
+                (row, Some(outcome))
+            }
+            WriteKind::Delete => {
+                match head {
+                    None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
+                    // Raced with another delete: nothing more to write.
+                    Some(h) if h.deleted => return Ok(None),
+                    Some(_) => {}
+                }
+                (VersionRow::tombstone(resource_type.as_str(), id.as_str(), version_id, last_updated), None)
+            }
+        };
+
+        let won = match head {
+            None => match rows::insert_first(tx, &row) {
+                Ok(()) => true,
+                Err(StoreError::UniqueViolation) => false,
+                Err(other) => return Err(other.into()),
+            },
+            Some(h) => rows::advance(tx, h.current_version, &row)?,
+        };
+        if won { Ok(outcome) } else { Err(TxError::LostRace) }
+    }
+}
+
+/// `If-Match` (http.html#concurrency): the write applies only to the named current version.
+fn check_precondition(
+    resource_type: &ResourceType,
+    id: &ResourceId,
+    head: Option<ResourceHead>,
+    if_match: Option<i64>,
+) -> Result<(), AppError> {
+    let Some(expected) = if_match else { return Ok(()) };
+    match head {
+        Some(h) if h.current_version == expected => Ok(()),
+        Some(h) => Err(AppError::PreconditionFailed(format!(
+            "If-Match names version {expected} but the current version of {resource_type}/{id} is {}",
+            h.current_version
+        ))),
+        None => Err(AppError::PreconditionFailed(format!(
+            "If-Match names version {expected} but {resource_type}/{id} does not exist"
+        ))),
+    }
+}
+
+/// Microseconds since the Unix epoch, UTC.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}

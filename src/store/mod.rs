@@ -1,0 +1,11 @@
+//! Storage: the diesel schema, migrations, connections (PostgreSQL and SQLite through one
+//! [`DbConnection`]) and the queries. It handles ciphertext only, never plaintext content.
+//!
+//! Every function here is blocking; the service layer runs them on the blocking thread pool.
+
+pub mod connection;
+pub mod migrations;
+pub mod resources;
+pub mod schema;
+
+pub use connection::{Backend, DatabaseUrl, DbConnection, DbPool, PooledConnection, StoreError};

@@ -1,0 +1,206 @@
+//! Queries over the `resources` (one row per logical resource) and `resource_versions`
+//! (every version, sealed) tables. Callers pass the connection of their transaction.
+
+use diesel::prelude::*;
+
+use super::connection::{DbConnection, StoreError};
+use super::schema::{resource_versions, resources};
+use crate::crypto::EncryptedBlob;
+
+/// The current state of a logical resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = resources)]
+pub struct ResourceHead {
+    pub current_version: i64,
+    pub deleted: bool,
+    pub last_updated: i64,
+}
+
+/// One stored version as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = resource_versions)]
+pub struct VersionRow {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    /// The HTTP method that wrote this version (`POST`, `PUT` or `DELETE`).
+    pub method: String,
+    pub key_id: Option<String>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub nonce: Option<Vec<u8>>,
+    pub ciphertext: Option<Vec<u8>>,
+}
+
+impl VersionRow {
+    pub fn with_content(
+        resource_type: &str,
+        id: &str,
+        version_id: i64,
+        last_updated: i64,
+        method: &str,
+        blob: EncryptedBlob,
+    ) -> Self {
+        Self {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version_id,
+            last_updated,
+            deleted: false,
+            method: method.to_owned(),
+            key_id: Some(blob.key_id),
+            wrapped_key: Some(blob.wrapped_key),
+            nonce: Some(blob.nonce),
+            ciphertext: Some(blob.ciphertext),
+        }
+    }
+
+    pub fn tombstone(resource_type: &str, id: &str, version_id: i64, last_updated: i64) -> Self {
+        Self {
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            version_id,
+            last_updated,
+            deleted: true,
+            method: "DELETE".to_owned(),
+            key_id: None,
+            wrapped_key: None,
+            nonce: None,
+            ciphertext: None,
+        }
+    }
+
+    /// The sealed content, or `None` for a deletion. A content row with missing parts
+    /// (which the CHECK constraint forbids) reads as `None` too; the caller treats it as
+    /// an integrity failure.
+    pub fn blob(&self) -> Option<EncryptedBlob> {
+        Some(EncryptedBlob {
+            key_id: self.key_id.clone()?,
+            wrapped_key: self.wrapped_key.clone()?,
+            nonce: self.nonce.clone()?,
+            ciphertext: self.ciphertext.clone()?,
+        })
+    }
+}
+
+pub fn head(conn: &mut DbConnection, resource_type: &str, id: &str) -> Result<Option<ResourceHead>, StoreError> {
+    resources::table
+        .find((resource_type, id))
+        .select(ResourceHead::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+pub fn version(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+    version_id: i64,
+) -> Result<Option<VersionRow>, StoreError> {
+    resource_versions::table
+        .find((resource_type, id, version_id))
+        .select(VersionRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+/// Which versions of one resource a history page asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryWindow {
+    /// Only versions with a smaller version id (the paging cursor).
+    pub before_version: Option<i64>,
+    /// Only versions last updated at or after this instant (µs since the epoch).
+    pub since: Option<i64>,
+    pub limit: i64,
+}
+
+/// Versions newest first.
+pub fn history(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+    window: HistoryWindow,
+) -> Result<Vec<VersionRow>, StoreError> {
+    let mut query = resource_versions::table
+        .filter(resource_versions::resource_type.eq(resource_type))
+        .filter(resource_versions::id.eq(id))
+        .select(VersionRow::as_select())
+        .order(resource_versions::version_id.desc())
+        .limit(window.limit)
+        .into_boxed();
+    if let Some(before) = window.before_version {
+        query = query.filter(resource_versions::version_id.lt(before));
+    }
+    if let Some(since) = window.since {
+        query = query.filter(resource_versions::last_updated.ge(since));
+    }
+    query.load(conn).map_err(StoreError::classify)
+}
+
+/// How many versions a history without a cursor would cover.
+pub fn count_history(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+    since: Option<i64>,
+) -> Result<i64, StoreError> {
+    let mut query = resource_versions::table
+        .filter(resource_versions::resource_type.eq(resource_type))
+        .filter(resource_versions::id.eq(id))
+        .count()
+        .into_boxed();
+    if let Some(since) = since {
+        query = query.filter(resource_versions::last_updated.ge(since));
+    }
+    query.get_result(conn).map_err(StoreError::classify)
+}
+
+/// Records the first version of a resource. Fails with [`StoreError::UniqueViolation`] when
+/// another writer created the same resource first.
+pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<(), StoreError> {
+    diesel::insert_into(resources::table)
+        .values((
+            resources::resource_type.eq(&row.resource_type),
+            resources::id.eq(&row.id),
+            resources::current_version.eq(row.version_id),
+            resources::deleted.eq(row.deleted),
+            resources::last_updated.eq(row.last_updated),
+        ))
+        .execute(conn)
+        .map_err(StoreError::classify)?;
+    insert_version(conn, row)
+}
+
+/// Moves a resource from `expected_version` to `row.version_id`. Returns `false` (writing
+/// nothing) when the current version is no longer `expected_version`: another writer won
+/// the race, and the caller decides whether to retry.
+pub fn advance(conn: &mut DbConnection, expected_version: i64, row: &VersionRow) -> Result<bool, StoreError> {
+    let updated = diesel::update(
+        resources::table
+            .find((&row.resource_type, &row.id))
+            .filter(resources::current_version.eq(expected_version)),
+    )
+    .set((
+        resources::current_version.eq(row.version_id),
+        resources::deleted.eq(row.deleted),
+        resources::last_updated.eq(row.last_updated),
+    ))
+    .execute(conn)
+    .map_err(StoreError::classify)?;
+    if updated == 0 {
+        return Ok(false);
+    }
+    insert_version(conn, row)?;
+    Ok(true)
+}
+
+fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), StoreError> {
+    diesel::insert_into(resource_versions::table)
+        .values(row)
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}

@@ -1,0 +1,28 @@
+//! Diesel table definitions, shared by both backends (the migrations keep them identical).
+
+diesel::table! {
+    resources (resource_type, id) {
+        resource_type -> Text,
+        id -> Text,
+        current_version -> BigInt,
+        deleted -> Bool,
+        last_updated -> BigInt,
+    }
+}
+
+diesel::table! {
+    resource_versions (resource_type, id, version_id) {
+        resource_type -> Text,
+        id -> Text,
+        version_id -> BigInt,
+        last_updated -> BigInt,
+        deleted -> Bool,
+        method -> Text,
+        key_id -> Nullable<Text>,
+        wrapped_key -> Nullable<Binary>,
+        nonce -> Nullable<Binary>,
+        ciphertext -> Nullable<Binary>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(resources, resource_versions);

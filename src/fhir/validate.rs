@@ -153,7 +153,7 @@ fn round_trip<T: DeserializeOwned + Serialize>(root: &str, value: &Value) -> Res
         let message = e.into_inner().to_string();
         let code = if message.starts_with("missing field") {
             IssueCode::Required
-        } else if message.starts_with("unknown variant") {
+        } else if message.starts_with("unknown variant") || message.starts_with("Unknown value") {
             IssueCode::CodeInvalid
         } else {
             IssueCode::Value

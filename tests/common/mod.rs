@@ -1,0 +1,229 @@
+//! Test harness: a fresh database per test (a SQLite file in a temporary directory, or a
+//! PostgreSQL database created for the test and dropped after it), the application built on
+//! it, and small helpers to call it.
+#![allow(dead_code, reason = "each test crate uses a different part of the harness")]
+
+use std::path::{Path, PathBuf};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::http::header::HeaderMap;
+use actix_web::test::{self, TestRequest};
+use actix_web::web::Bytes;
+use diesel::{Connection as _, RunQueryDsl as _};
+use fhirledger::api::AppState;
+use fhirledger::crypto::MasterKey;
+use fhirledger::server::{StateOptions, prepare_state};
+use fhirledger::store::DatabaseUrl;
+use serde_json::Value;
+
+pub const BASE_URL: &str = "http://fhir.test";
+pub const PG_ENV: &str = "FHIRLEDGER_TEST_DATABASE_URL";
+
+/// Runs a test body once on SQLite and once on PostgreSQL, as `name::sqlite` and
+/// `name::postgres`. The PostgreSQL variant fails (it is never silently skipped) when
+/// `FHIRLEDGER_TEST_DATABASE_URL` is unset; deselect it with `cargo test -- --skip postgres`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[actix_web::test]
+            async fn sqlite() {
+                super::$name($crate::common::TestDb::sqlite()).await;
+            }
+            #[actix_web::test]
+            async fn postgres() {
+                super::$name($crate::common::TestDb::postgres()).await;
+            }
+        }
+    )*};
+}
+
+/// One test's private database.
+pub struct TestDb {
+    pub url: DatabaseUrl,
+    dir: Option<tempfile::TempDir>,
+    postgres: Option<PostgresDrop>,
+}
+
+struct PostgresDrop {
+    admin_url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = DatabaseUrl::sqlite_file(&dir.path().join("fhirledger.db"));
+        Self { url, dir: Some(dir), postgres: None }
+    }
+
+    pub fn postgres() -> Self {
+        let admin_url = std::env::var(PG_ENV).unwrap_or_else(|_| {
+            panic!(
+                "{PG_ENV} is not set: set it to a PostgreSQL URL whose user may create databases \
+                 (e.g. postgres://postgres@127.0.0.1:5432/postgres), or run `cargo test -- --skip postgres`"
+            )
+        });
+        let name = format!("fhirledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = diesel::PgConnection::establish(&admin_url)
+            .unwrap_or_else(|e| panic!("{PG_ENV}: cannot connect to PostgreSQL: {e}"));
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .expect("create test database");
+        let url = DatabaseUrl::parse(&with_database(&admin_url, &name)).expect("postgres URL");
+        Self { url, dir: None, postgres: Some(PostgresDrop { admin_url, name }) }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres.is_some()
+    }
+
+    pub fn postgres_name(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|p| p.name.as_str())
+    }
+
+    pub fn postgres_url(&self) -> Option<&str> {
+        match &self.url {
+            DatabaseUrl::Postgres(url) => Some(url),
+            DatabaseUrl::Sqlite(_) => None,
+        }
+    }
+
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        match &self.url {
+            DatabaseUrl::Sqlite(path) => Some(path.clone()),
+            DatabaseUrl::Postgres(_) => None,
+        }
+    }
+
+    /// Application state on this database with a fresh random master key.
+    pub fn state(&self) -> AppState {
+        self.state_with(MasterKey::generate(), 16 * 1024 * 1024)
+    }
+
+    pub fn state_with(&self, key: MasterKey, max_body_bytes: usize) -> AppState {
+        let options = StateOptions { base_url: BASE_URL.into(), max_body_bytes, pool_size: 8 };
+        prepare_state(&self.url, key, &options).expect("application state")
+    }
+
+    /// A direct connection, for tests that inspect or tamper with stored rows.
+    pub fn connect(&self) -> fhirledger::store::DbConnection {
+        fhirledger::store::connection::establish(&self.url).expect("database connection")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(pg) = &self.postgres
+            && let Ok(mut admin) = diesel::PgConnection::establish(&pg.admin_url)
+        {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg.name)).execute(&mut admin);
+        }
+        drop(self.dir.take());
+    }
+}
+
+/// Replaces the database name in a PostgreSQL URL, keeping credentials, host and options.
+fn with_database(url: &str, database: &str) -> String {
+    let (before_query, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = before_query.find("://").map_or(0, |i| i + 3);
+    let authority_end = before_query[scheme_end..].find('/').map_or(before_query.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &before_query[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// A response as the tests look at it.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().expect("header text").to_owned())
+    }
+
+    /// Asserts the body is an OperationOutcome and returns its first issue.
+    pub fn outcome_issue(&self) -> Value {
+        let body = self.json();
+        assert_eq!(body["resourceType"], "OperationOutcome", "body: {body}");
+        body["issue"][0].clone()
+    }
+}
+
+pub async fn call<S, B>(app: &S, request: TestRequest) -> Reply
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let response = test::call_service(app, request.to_request()).await;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = test::read_body(response).await;
+    Reply { status, headers, body }
+}
+
+pub fn fhir_json(request: TestRequest, body: &Value) -> TestRequest {
+    request
+        .insert_header(("Content-Type", "application/fhir+json"))
+        .set_payload(serde_json::to_vec(body).expect("serialize"))
+}
+
+pub fn post(path: &str, body: &Value) -> TestRequest {
+    fhir_json(TestRequest::post().uri(path), body)
+}
+
+pub fn put(path: &str, body: &Value) -> TestRequest {
+    fhir_json(TestRequest::put().uri(path), body)
+}
+
+pub fn get(path: &str) -> TestRequest {
+    TestRequest::get().uri(path)
+}
+
+/// `shared/fixtures/` beside the project root.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A resource without the server-owned `meta.versionId`/`meta.lastUpdated` (and without
+/// `meta` when nothing else is left in it), for comparing what was sent with what is read.
+pub fn without_server_meta(resource: &Value) -> Value {
+    let mut resource = resource.clone();
+    if let Some(object) = resource.as_object_mut() {
+        let mut drop_meta = false;
+        if let Some(Value::Object(meta)) = object.get_mut("meta") {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            drop_meta = meta.is_empty();
+        }
+        if drop_meta {
+            object.remove("meta");
+        }
+    }
+    resource
+}

@@ -28,7 +28,12 @@ use crate::store::DatabaseUrl;
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// Directory for the SQLite file and generated development keys.
-    #[arg(long, env = "FHIRLEDGER_DATA_DIR", default_value = "./data", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "FHIRLEDGER_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
     pub data_dir: PathBuf,
 
     /// `sqlite://PATH` or `postgres://…` (default: sqlite://$DATA_DIR/fhirledger.db).
@@ -70,7 +75,12 @@ pub struct ServeArgs {
     pub master_key_file: Option<PathBuf>,
 
     /// The base64 master key itself (prefer the file: environments leak).
-    #[arg(long, env = "FHIRLEDGER_MASTER_KEY", value_name = "BASE64", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FHIRLEDGER_MASTER_KEY",
+        value_name = "BASE64",
+        hide_env_values = true
+    )]
     pub master_key: Option<String>,
 
     /// Largest accepted request body in bytes.
@@ -93,7 +103,12 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fhirledger=debug`.
-    #[arg(long, env = "FHIRLEDGER_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(
+        long,
+        env = "FHIRLEDGER_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
     pub log: String,
 
     /// Log line format.
@@ -119,7 +134,9 @@ pub enum ConfigError {
 
 impl ServeArgs {
     pub fn resolved_base_url(&self) -> String {
-        self.base_url.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
     }
 
     /// Loads the master key: from the file or the variable when configured; on the embedded
@@ -158,9 +175,12 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), ConfigError> {
         use std::os::unix::fs::DirBuilderExt as _;
         builder.mode(0o700);
     }
-    builder
-        .create(dir)
-        .map_err(|e| ConfigError::Invalid(format!("FHIRLEDGER_DATA_DIR: cannot create {}: {e}", dir.display())))
+    builder.create(dir).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "FHIRLEDGER_DATA_DIR: cannot create {}: {e}",
+            dir.display()
+        ))
+    })
 }
 
 fn parse_database_url(text: &str) -> Result<DatabaseUrl, String> {
@@ -168,8 +188,9 @@ fn parse_database_url(text: &str) -> Result<DatabaseUrl, String> {
 }
 
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    text.parse()
-        .map_err(|_| format!("FHIRLEDGER_LISTEN must be an address with a port, such as 127.0.0.1:8080"))
+    text.parse().map_err(|_| {
+        "FHIRLEDGER_LISTEN must be an address with a port, such as 127.0.0.1:8080".to_owned()
+    })
 }
 
 fn parse_base_url(text: &str) -> Result<String, String> {
@@ -179,7 +200,9 @@ fn parse_base_url(text: &str) -> Result<String, String> {
         .or_else(|| trimmed.strip_prefix("https://"))
         .ok_or("FHIRLEDGER_BASE_URL must start with http:// or https://")?;
     if rest.is_empty() || rest.contains(['?', '#', ' ']) {
-        return Err("FHIRLEDGER_BASE_URL must be a URL with a host and no query or fragment".into());
+        return Err(
+            "FHIRLEDGER_BASE_URL must be a URL with a host and no query or fragment".into(),
+        );
     }
     Ok(trimmed.to_owned())
 }
@@ -218,12 +241,35 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_variable() {
-        assert!(parse_listen("nope").unwrap_err().contains("FHIRLEDGER_LISTEN"));
-        assert!(parse_base_url("ftp://x").unwrap_err().contains("FHIRLEDGER_BASE_URL"));
-        assert_eq!(parse_base_url("https://fhir.example.org/").unwrap(), "https://fhir.example.org");
-        assert!(parse_database_url("mysql://x").unwrap_err().contains("FHIRLEDGER_DATABASE_URL"));
-        assert!(parse_max_body("12").unwrap_err().contains("FHIRLEDGER_MAX_BODY_BYTES"));
-        assert!(parse_pool_size("0").unwrap_err().contains("FHIRLEDGER_DB_POOL_SIZE"));
+        assert!(
+            parse_listen("nope")
+                .unwrap_err()
+                .contains("FHIRLEDGER_LISTEN")
+        );
+        assert!(
+            parse_base_url("ftp://x")
+                .unwrap_err()
+                .contains("FHIRLEDGER_BASE_URL")
+        );
+        assert_eq!(
+            parse_base_url("https://fhir.example.org/").unwrap(),
+            "https://fhir.example.org"
+        );
+        assert!(
+            parse_database_url("mysql://x")
+                .unwrap_err()
+                .contains("FHIRLEDGER_DATABASE_URL")
+        );
+        assert!(
+            parse_max_body("12")
+                .unwrap_err()
+                .contains("FHIRLEDGER_MAX_BODY_BYTES")
+        );
+        assert!(
+            parse_pool_size("0")
+                .unwrap_err()
+                .contains("FHIRLEDGER_DB_POOL_SIZE")
+        );
         assert_eq!(parse_pool_size("8").unwrap(), 8);
     }
 }

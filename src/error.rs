@@ -15,7 +15,10 @@ pub enum AppError {
     Validation(#[from] ValidationError),
     /// A malformed request other than its resource body (header, parameter, id).
     #[error("{message}")]
-    BadRequest { message: String, expression: Option<String> },
+    BadRequest {
+        message: String,
+        expression: Option<String>,
+    },
     #[error(transparent)]
     InvalidId(#[from] InvalidId),
     #[error(transparent)]
@@ -23,7 +26,11 @@ pub enum AppError {
     #[error("{0} is not known")]
     NotFound(String),
     #[error("{resource}/{id} was deleted (version {version_id})")]
-    Gone { resource: String, id: String, version_id: i64 },
+    Gone {
+        resource: String,
+        id: String,
+        version_id: i64,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -43,14 +50,21 @@ pub enum AppError {
     Unavailable(String),
     /// Stored data failed authentication: tampering, a moved row, or a wrong key.
     #[error("integrity failure for {resource}/{id}/_history/{version_id}")]
-    Integrity { resource: String, id: String, version_id: i64 },
+    Integrity {
+        resource: String,
+        id: String,
+        version_id: i64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl AppError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::BadRequest { message: message.into(), expression: None }
+        Self::BadRequest {
+            message: message.into(),
+            expression: None,
+        }
     }
 }
 
@@ -58,7 +72,9 @@ impl From<StoreError> for AppError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Unavailable(detail) => Self::Unavailable(detail),
-            StoreError::UniqueViolation => Self::Conflict("the resource was changed concurrently; retry".into()),
+            StoreError::UniqueViolation => {
+                Self::Conflict("the resource was changed concurrently; retry".into())
+            }
             StoreError::Database(e) => Self::Internal(e.to_string()),
             StoreError::Migration(e) => Self::Internal(e),
         }

@@ -8,7 +8,11 @@ use fhirledger::store::{connection, migrations};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "fhirledger", version, about = "FHIR R4 server with encrypted storage")]
+#[command(
+    name = "fhirledger",
+    version,
+    about = "FHIR R4 server with encrypted storage"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     match origin {
         KeyOrigin::Configured => tracing::info!(key_id = %master_key.id(), "master key loaded"),
         KeyOrigin::DevelopmentGenerated | KeyOrigin::DevelopmentExisting => {
-            let verb = if origin == KeyOrigin::DevelopmentGenerated { "GENERATED" } else { "USING" };
+            let verb = if origin == KeyOrigin::DevelopmentGenerated {
+                "GENERATED"
+            } else {
+                "USING"
+            };
             tracing::warn!(
                 "{verb} A DEVELOPMENT MASTER KEY in {}: anyone who can read that directory can decrypt \
                  every record. Production deployments set FHIRLEDGER_MASTER_KEY_FILE to a key kept apart \
@@ -71,9 +79,12 @@ fn run_migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("FHIRLEDGER_LOG '{filter}' is not a valid tracing filter: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_new(filter).map_err(|e| {
+        anyhow::anyhow!("FHIRLEDGER_LOG '{filter}' is not a valid tracing filter: {e}")
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

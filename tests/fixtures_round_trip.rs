@@ -1,6 +1,12 @@
 //! Real-world examples (HL7's R4 examples and US Core) are stored with PUT and read back
 //! equal to what was sent, apart from the server-owned meta; the invalid US Core example
 //! is refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
 
 mod common;
 
@@ -33,7 +39,11 @@ async fn every_example_round_trips(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
     let mut resources = fixture_resources("fhir/us-core");
     resources.extend(fixture_resources("fhir/hl7-r4"));
-    assert!(resources.len() > 250, "expected the full fixture set, found {}", resources.len());
+    assert!(
+        resources.len() > 250,
+        "expected the full fixture set, found {}",
+        resources.len()
+    );
 
     let mut stored = 0;
     for (file, resource) in &resources {
@@ -42,9 +52,19 @@ async fn every_example_round_trips(db: TestDb) {
         let path = format!("/fhir/{resource_type}/{id}");
         let reply = call(&app, put(&path, resource)).await;
         if file == INVALID_US_CORE_EXAMPLE {
-            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{file} must be refused: {}", reply.text());
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{file} must be refused: {}",
+                reply.text()
+            );
             let issue = reply.outcome_issue();
-            assert!(issue["expression"][0].as_str().is_some_and(|e| e.contains("text")), "{issue}");
+            assert!(
+                issue["expression"][0]
+                    .as_str()
+                    .is_some_and(|e| e.contains("text")),
+                "{issue}"
+            );
             continue;
         }
         assert!(
@@ -56,9 +76,16 @@ async fn every_example_round_trips(db: TestDb) {
         let read = call(&app, get(&path)).await;
         assert_eq!(read.status, StatusCode::OK, "{file}: {}", read.text());
         let etag = read.header("etag").expect("etag");
-        let version = read.json()["meta"]["versionId"].as_str().expect("versionId").to_owned();
+        let version = read.json()["meta"]["versionId"]
+            .as_str()
+            .expect("versionId")
+            .to_owned();
         assert_eq!(etag, format!("W/\"{version}\""));
-        assert_eq!(without_server_meta(&read.json()), without_server_meta(resource), "{file} read back differently");
+        assert_eq!(
+            without_server_meta(&read.json()),
+            without_server_meta(resource),
+            "{file} read back differently"
+        );
         stored += 1;
     }
     // Examples sharing a type and id (US Core and HL7 both ship Patient/example) become

@@ -18,10 +18,17 @@ impl AppError {
     fn issue(&self) -> (IssueCode, String, Option<String>) {
         match self {
             Self::Validation(e) => (e.code, e.message.clone(), e.expression.clone()),
-            Self::BadRequest { message, expression } => (IssueCode::Invalid, message.clone(), expression.clone()),
+            Self::BadRequest {
+                message,
+                expression,
+            } => (IssueCode::Invalid, message.clone(), expression.clone()),
             Self::InvalidId(e) => (IssueCode::Value, e.to_string(), None),
-            Self::UnknownType(TypeError::Unknown(_)) => (IssueCode::NotFound, self.to_string(), None),
-            Self::UnknownType(TypeError::Unsupported(_)) => (IssueCode::NotSupported, self.to_string(), None),
+            Self::UnknownType(TypeError::Unknown(_)) => {
+                (IssueCode::NotFound, self.to_string(), None)
+            }
+            Self::UnknownType(TypeError::Unsupported(_)) => {
+                (IssueCode::NotSupported, self.to_string(), None)
+            }
             Self::NotFound(_) | Self::NoRoute(_) => (IssueCode::NotFound, self.to_string(), None),
             Self::Gone { .. } => (IssueCode::Deleted, self.to_string(), None),
             Self::Conflict(_) => (IssueCode::Conflict, self.to_string(), None),
@@ -45,7 +52,9 @@ impl AppError {
 impl ResponseError for AppError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Validation(_) | Self::BadRequest { .. } | Self::InvalidId(_) => StatusCode::BAD_REQUEST,
+            Self::Validation(_) | Self::BadRequest { .. } | Self::InvalidId(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UnknownType(_) | Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Gone { .. } => StatusCode::GONE,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -63,7 +72,9 @@ impl ResponseError for AppError {
         let status = self.status_code();
         match self {
             // Logged with row ids only: the content is what we could not trust.
-            Self::Integrity { .. } => tracing::error!(error = %self, "stored data failed its integrity check"),
+            Self::Integrity { .. } => {
+                tracing::error!(error = %self, "stored data failed its integrity check")
+            }
             Self::Internal(_) => tracing::error!(error = %self, "internal error"),
             Self::Unavailable(_) => tracing::warn!(error = %self, "answering 503"),
             _ => tracing::debug!(status = status.as_u16(), "request refused"),

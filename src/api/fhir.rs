@@ -9,13 +9,15 @@ use futures_util::StreamExt as _;
 
 use super::AppState;
 use super::negotiation::{ResponseFormat, require_json_body, response_format};
-use super::request::{QueryParams, ReturnPreference, if_match, parse_version_id, return_preference};
+use super::request::{
+    QueryParams, ReturnPreference, if_match, parse_version_id, return_preference,
+};
 use crate::access::RequestContext;
 use crate::error::AppError;
+use crate::fhir::ResourceId;
 use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link};
 use crate::fhir::document::{VersionMeta, format_instant};
 use crate::fhir::outcome::OperationOutcome;
-use crate::fhir::ResourceId;
 use crate::service::{DeleteOutcome, HistoryQuery, StoredResource, WriteOutcome};
 
 /// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
@@ -55,7 +57,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, AppError> {
-    Err(AppError::MethodNotAllowed(format!("{} is not supported on {}", req.method(), req.path())))
+    Err(AppError::MethodNotAllowed(format!(
+        "{} is not supported on {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 /// The server's CapabilityStatement.
@@ -65,12 +71,18 @@ async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, AppError> 
         (status = 200, description = "CapabilityStatement", body = super::openapi::Resource, content_type = "application/fhir+json"),
         (status = 406, description = "Unsupported format", body = OperationOutcome),
     ))]
-pub async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, AppError> {
+pub async fn metadata(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
     let query = QueryParams::parse(&req, &["_format", "_pretty", "mode"])?;
     let format = response_format(&req, query.get("_format"))?;
     if let Some(mode) = query.get("mode").filter(|m| *m != "full") {
         return Err(AppError::BadRequest {
-            message: format!("mode '{}' is not supported; only mode=full", mode.chars().take(32).collect::<String>()),
+            message: format!(
+                "mode '{}' is not supported; only mode=full",
+                mode.chars().take(32).collect::<String>()
+            ),
             expression: Some("mode".into()),
         });
     }
@@ -147,7 +159,10 @@ pub async fn update(
     let expected_version = if_match(&req)?;
     require_json_body(&req)?;
     let body = read_body(&req, payload, state.max_body_bytes).await?;
-    let outcome = state.resources.update(&ctx, resource_type, id, body, expected_version).await?;
+    let outcome = state
+        .resources
+        .update(&ctx, resource_type, id, body, expected_version)
+        .await?;
     Ok(write_response(&state, &req, format, &outcome))
 }
 
@@ -211,7 +226,10 @@ pub async fn vread(
     let version_id = parse_version_id(&vid)?;
     let query = QueryParams::parse(&req, COMMON_PARAMS)?;
     let format = response_format(&req, query.get("_format"))?;
-    let resource = state.resources.vread(&ctx, resource_type, id, version_id).await?;
+    let resource = state
+        .resources
+        .vread(&ctx, resource_type, id, version_id)
+        .await?;
     Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
 }
 
@@ -241,7 +259,11 @@ pub async fn delete(
     let query = QueryParams::parse(&req, COMMON_PARAMS)?;
     let format = response_format(&req, query.get("_format"))?;
     let expected_version = if_match(&req)?;
-    let meta = match state.resources.delete(&ctx, resource_type.clone(), id.clone(), expected_version).await? {
+    let meta = match state
+        .resources
+        .delete(&ctx, resource_type.clone(), id.clone(), expected_version)
+        .await?
+    {
         DeleteOutcome::Deleted(meta) | DeleteOutcome::AlreadyDeleted(meta) => meta,
     };
     let mut response = HttpResponse::NoContent();
@@ -285,9 +307,15 @@ pub async fn history(
     let history_query = HistoryQuery {
         count: parse_count(query.get("_count"))?,
         since: query.get("_since").map(parse_instant).transpose()?,
-        before_version: query.get("_before_version").map(parse_version_id).transpose()?,
+        before_version: query
+            .get("_before_version")
+            .map(parse_version_id)
+            .transpose()?,
     };
-    let page = state.resources.history(&ctx, resource_type.clone(), id.clone(), history_query).await?;
+    let page = state
+        .resources
+        .history(&ctx, resource_type.clone(), id.clone(), history_query)
+        .await?;
 
     let base = state.fhir_base();
     let self_url = format!("{base}/{resource_type}/{id}/_history");
@@ -298,17 +326,30 @@ pub async fn history(
     let with_params = |extra: Option<(&'static str, String)>| {
         let mut params = paging.clone();
         params.extend(extra);
-        format!("{self_url}?{}", serde_urlencoded::to_string(&params).unwrap_or_default())
+        format!(
+            "{self_url}?{}",
+            serde_urlencoded::to_string(&params).unwrap_or_default()
+        )
     };
     let mut links = vec![Link {
         relation: "self",
-        url: with_params(history_query.before_version.map(|v| ("_before_version", v.to_string()))),
+        url: with_params(
+            history_query
+                .before_version
+                .map(|v| ("_before_version", v.to_string())),
+        ),
     }];
     if history_query.before_version.is_some() {
-        links.push(Link { relation: "first", url: with_params(None) });
+        links.push(Link {
+            relation: "first",
+            url: with_params(None),
+        });
     }
     if let Some(next) = page.next_before_version {
-        links.push(Link { relation: "next", url: with_params(Some(("_before_version", next.to_string()))) });
+        links.push(Link {
+            relation: "next",
+            url: with_params(Some(("_before_version", next.to_string()))),
+        });
     }
 
     let entries = page
@@ -325,7 +366,10 @@ pub async fn history(
             Ok(Entry {
                 full_url: format!("{base}/{resource_type}/{id}"),
                 resource,
-                request: EntryRequest { method: entry.method, url },
+                request: EntryRequest {
+                    method: entry.method,
+                    url,
+                },
                 response: EntryResponse {
                     status: status.to_owned(),
                     etag: etag(entry.meta.version_id),
@@ -339,11 +383,17 @@ pub async fn history(
     let body = Bundle::history(now, page.total, links, entries)
         .to_json()
         .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
-    Ok(HttpResponse::Ok().insert_header((header::CONTENT_TYPE, format.content_type())).body(body))
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .body(body))
 }
 
 /// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, AppError> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Vec<u8>, AppError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -354,21 +404,34 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     }
     let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| AppError::bad_request(format!("the request body could not be read: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            AppError::bad_request(format!("the request body could not be read: {e}"))
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(AppError::PayloadTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
     }
     if body.is_empty() {
-        return Err(AppError::bad_request("the request has no body; send a FHIR resource"));
+        return Err(AppError::bad_request(
+            "the request has no body; send a FHIR resource",
+        ));
     }
     Ok(body)
 }
 
-fn write_response(state: &AppState, req: &HttpRequest, format: ResponseFormat, outcome: &WriteOutcome) -> HttpResponse {
+fn write_response(
+    state: &AppState,
+    req: &HttpRequest,
+    format: ResponseFormat,
+    outcome: &WriteOutcome,
+) -> HttpResponse {
     let resource = &outcome.resource;
-    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let location = format!(
         "{}/{}/{}/_history/{}",
         state.fhir_base(),
@@ -385,7 +448,11 @@ fn write_response(state: &AppState, req: &HttpRequest, format: ResponseFormat, o
             response.finish()
         }
         ReturnPreference::OperationOutcome => {
-            let verb = if outcome.created { "created" } else { "updated" };
+            let verb = if outcome.created {
+                "created"
+            } else {
+                "updated"
+            };
             let message = format!(
                 "{}/{} {verb}: version {}",
                 resource.resource_type, resource.id, resource.meta.version_id
@@ -396,7 +463,11 @@ fn write_response(state: &AppState, req: &HttpRequest, format: ResponseFormat, o
 }
 
 /// Sets the headers every response naming one resource version carries.
-fn resource_response(mut builder: HttpResponseBuilder, format: ResponseFormat, resource: &StoredResource) -> HttpResponseBuilder {
+fn resource_response(
+    mut builder: HttpResponseBuilder,
+    format: ResponseFormat,
+    resource: &StoredResource,
+) -> HttpResponseBuilder {
     builder
         .insert_header((header::CONTENT_TYPE, format.content_type()))
         .insert_header((header::ETAG, etag(resource.meta.version_id)))
@@ -414,7 +485,9 @@ fn http_date(meta: VersionMeta) -> HttpDate {
 }
 
 fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
-    let Some(text) = value else { return Ok(DEFAULT_HISTORY_COUNT) };
+    let Some(text) = value else {
+        return Ok(DEFAULT_HISTORY_COUNT);
+    };
     match text.parse::<i64>() {
         Ok(count) if (1..=MAX_HISTORY_COUNT).contains(&count) => Ok(count),
         _ => Err(AppError::BadRequest {
@@ -433,4 +506,3 @@ fn parse_instant(text: &str) -> Result<i64, AppError> {
             expression: Some("_since".into()),
         })
 }
-

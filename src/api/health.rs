@@ -14,7 +14,8 @@ pub struct Health {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz)).route("/readyz", web::get().to(readyz));
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
 }
 
 /// The process is up.
@@ -35,7 +36,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Ok(()) => HttpResponse::Ok().json(Health { status: "ready" }),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");
-            HttpResponse::ServiceUnavailable().json(Health { status: "unavailable" })
+            HttpResponse::ServiceUnavailable().json(Health {
+                status: "unavailable",
+            })
         }
     }
 }

@@ -29,7 +29,10 @@ impl ResponseFormat {
 
 /// Decides the response format from `_format` (which overrides `Accept`, http.html#mime-type)
 /// and the `Accept` header.
-pub fn response_format(req: &HttpRequest, format_param: Option<&str>) -> Result<ResponseFormat, AppError> {
+pub fn response_format(
+    req: &HttpRequest,
+    format_param: Option<&str>,
+) -> Result<ResponseFormat, AppError> {
     if let Some(format) = format_param {
         return match format.trim() {
             "json" | FHIR_JSON => Ok(ResponseFormat::FhirJson),
@@ -52,7 +55,8 @@ pub fn response_format(req: &HttpRequest, format_param: Option<&str>) -> Result<
         let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let refused = parts.any(|p| {
             let p = p.trim();
-            p.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            p.strip_prefix("q=")
+                .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
         });
         if refused {
             continue;

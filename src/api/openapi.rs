@@ -39,26 +39,71 @@ pub struct ApiDoc;
 
 /// The document as served (pretty-printed, ending with a newline, like the committed file).
 pub fn document_json() -> String {
-    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned());
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    declare_fhir_media_type(&mut document);
+    let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
 }
 
+/// utoipa labels every body `application/json`; bodies under `/fhir` are FHIR JSON.
+fn declare_fhir_media_type(document: &mut serde_json::Value) {
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for (path, operations) in paths.iter_mut() {
+        if !path.starts_with("/fhir") {
+            continue;
+        }
+        let Some(operations) = operations.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let mut bodies: Vec<&mut serde_json::Value> = Vec::new();
+            if let Some(operation) = operation.as_object_mut() {
+                for (key, value) in operation.iter_mut() {
+                    match key.as_str() {
+                        "requestBody" => bodies.push(value),
+                        "responses" => {
+                            if let Some(responses) = value.as_object_mut() {
+                                bodies.extend(responses.values_mut());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for body in bodies {
+                if let Some(content) = body.get_mut("content").and_then(|c| c.as_object_mut())
+                    && let Some(schema) = content.remove("application/json")
+                {
+                    content.insert(super::negotiation::FHIR_JSON.to_owned(), schema);
+                }
+            }
+        }
+    }
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/openapi.json", web::get().to(openapi_json)).route("/docs", web::get().to(docs));
+    cfg.route("/openapi.json", web::get().to(openapi_json))
+        .route("/docs", web::get().to(docs));
 }
 
 /// This OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
 pub async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok().insert_header((header::CONTENT_TYPE, "application/json")).body(document_json())
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "application/json"))
+        .body(document_json())
 }
 
 /// A page that renders `/openapi.json` with Redoc, loaded by the browser from its CDN at
 /// view time (nothing is downloaded at build or run time by the server).
 async fn docs() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(DOCS_PAGE)
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(DOCS_PAGE)
 }
 
 const DOCS_PAGE: &str = r#"<!doctype html>

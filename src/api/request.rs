@@ -61,13 +61,20 @@ impl FromRequest for RequestContext {
             .map(|id| id.0.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Authentication will establish the principal here.
-        ready(Ok(RequestContext { principal: Principal::Anonymous, request_id }))
+        ready(Ok(RequestContext {
+            principal: Principal::Anonymous,
+            request_id,
+        }))
     }
 }
 
 /// Default service: no route matched.
 pub async fn no_route(req: HttpRequest) -> Result<actix_web::HttpResponse, AppError> {
-    Err(AppError::NoRoute(format!("{} {}", req.method(), req.path())))
+    Err(AppError::NoRoute(format!(
+        "{} {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 /// Query parameters of a request, checked against the ones an interaction understands.
@@ -84,7 +91,9 @@ impl QueryParams {
             let shown: String = name.chars().take(64).collect();
             if !allowed.contains(&name.as_str()) {
                 return Err(AppError::BadRequest {
-                    message: format!("unknown or unsupported parameter '{shown}' for this interaction"),
+                    message: format!(
+                        "unknown or unsupported parameter '{shown}' for this interaction"
+                    ),
                     expression: Some(shown),
                 });
             }
@@ -99,7 +108,10 @@ impl QueryParams {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -113,7 +125,10 @@ pub enum ReturnPreference {
 
 pub fn return_preference(req: &HttpRequest) -> ReturnPreference {
     let mut preference = ReturnPreference::Representation;
-    for value in req.headers().get_all(header::HeaderName::from_static("prefer")) {
+    for value in req
+        .headers()
+        .get_all(header::HeaderName::from_static("prefer"))
+    {
         let Ok(text) = value.to_str() else { continue };
         for token in text.split([',', ';']) {
             match token.trim().to_ascii_lowercase().as_str() {
@@ -138,7 +153,10 @@ pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, AppError> {
     };
     let text = value.to_str().map_err(|_| invalid())?.trim();
     let text = text.strip_prefix("W/").unwrap_or(text);
-    let inner = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).ok_or_else(invalid)?;
+    let inner = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .ok_or_else(invalid)?;
     parse_version_id(inner).map(Some).map_err(|_| invalid())
 }
 
@@ -148,7 +166,10 @@ pub fn parse_version_id(text: &str) -> Result<i64, AppError> {
         .ok()
         .filter(|v| *v > 0 && !text.starts_with('+'))
         .ok_or_else(|| AppError::BadRequest {
-            message: format!("'{}' is not a version id of this server", text.chars().take(32).collect::<String>()),
+            message: format!(
+                "'{}' is not a version id of this server",
+                text.chars().take(32).collect::<String>()
+            ),
             expression: None,
         })
 }

@@ -127,8 +127,13 @@ impl Envelope {
             .as_slice()
             .try_into()
             .map_err(|_| IntegrityError("nonce has the wrong length"))?;
-        decrypt(data_key, nonce, &blob.ciphertext, &binding.associated_data("content"))
-            .ok_or(IntegrityError("content does not decrypt for this row"))
+        decrypt(
+            data_key,
+            nonce,
+            &blob.ciphertext,
+            &binding.associated_data("content"),
+        )
+        .ok_or(IntegrityError("content does not decrypt for this row"))
     }
 
     fn wrap_associated_data(&self, binding: ResourceBinding<'_>) -> Vec<u8> {
@@ -161,9 +166,16 @@ fn encrypt(key: &[u8; KEY_LEN], nonce: &[u8; NONCE_LEN], msg: &[u8], aad: &[u8])
         .unwrap_or_default()
 }
 
-fn decrypt(key: &[u8; KEY_LEN], nonce: &[u8; NONCE_LEN], msg: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+fn decrypt(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    msg: &[u8],
+    aad: &[u8],
+) -> Option<Vec<u8>> {
     let cipher = Aes256Gcm::new(key.into());
-    cipher.decrypt(Nonce::from_slice(nonce), Payload { msg, aad }).ok()
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+        .ok()
 }
 
 #[cfg(test)]
@@ -171,7 +183,11 @@ mod tests {
     use super::*;
 
     fn binding(id: &str, version_id: i64) -> ResourceBinding<'_> {
-        ResourceBinding { resource_type: "Patient", id, version_id }
+        ResourceBinding {
+            resource_type: "Patient",
+            id,
+            version_id,
+        }
     }
 
     #[test]
@@ -189,7 +205,11 @@ mod tests {
         let blob = envelope.seal(binding("a", 1), b"secret");
         assert!(envelope.open(binding("b", 1), &blob).is_err());
         assert!(envelope.open(binding("a", 2), &blob).is_err());
-        let other_type = ResourceBinding { resource_type: "Observation", id: "a", version_id: 1 };
+        let other_type = ResourceBinding {
+            resource_type: "Observation",
+            id: "a",
+            version_id: 1,
+        };
         assert!(envelope.open(other_type, &blob).is_err());
     }
 
@@ -205,7 +225,10 @@ mod tests {
                 _ => &mut tampered.nonce,
             };
             bytes[0] ^= 1;
-            assert!(envelope.open(binding("a", 1), &tampered).is_err(), "field {field}");
+            assert!(
+                envelope.open(binding("a", 1), &tampered).is_err(),
+                "field {field}"
+            );
         }
         let stranger = Envelope::new(MasterKey::generate());
         assert!(stranger.open(binding("a", 1), &blob).is_err());

@@ -21,11 +21,22 @@ pub const DEV_MASTER_KEY_FILE: &str = "master.key";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{source_name}: cannot read key file {path}: {error}")]
-    Read { source_name: &'static str, path: PathBuf, error: std::io::Error },
+    Read {
+        source_name: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{source_name}: cannot write key file {path}: {error}")]
-    Write { source_name: &'static str, path: PathBuf, error: std::io::Error },
+    Write {
+        source_name: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{source_name}: the key must be {KEY_LEN} bytes encoded as base64 ({detail})")]
-    Malformed { source_name: &'static str, detail: String },
+    Malformed {
+        source_name: &'static str,
+        detail: String,
+    },
 }
 
 /// Identifies a master key without revealing it: the first 8 bytes of
@@ -54,7 +65,9 @@ pub struct MasterKey {
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MasterKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("MasterKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,7 +78,10 @@ impl MasterKey {
             .chain_update(bytes)
             .finalize();
         let id = KeyId(digest.iter().take(8).map(|b| format!("{b:02x}")).collect());
-        Self { bytes: Zeroizing::new(bytes), id }
+        Self {
+            bytes: Zeroizing::new(bytes),
+            id,
+        }
     }
 
     /// A fresh random key (used for the development key and in tests).
@@ -78,15 +94,23 @@ impl MasterKey {
     /// Parses base64 text (surrounding whitespace ignored). `source_name` names the setting
     /// in error messages, e.g. `FHIRLEDGER_MASTER_KEY`.
     pub fn from_base64(text: &str, source_name: &'static str) -> Result<Self, KeyError> {
-        let decoded = Zeroizing::new(
-            BASE64
-                .decode(text.trim())
-                .map_err(|e| KeyError::Malformed { source_name, detail: e.to_string() })?,
-        );
-        let bytes: [u8; KEY_LEN] = decoded.as_slice().try_into().map_err(|_| KeyError::Malformed {
-            source_name,
-            detail: format!("decoded to {} bytes", decoded.len()),
-        })?;
+        let decoded =
+            Zeroizing::new(
+                BASE64
+                    .decode(text.trim())
+                    .map_err(|e| KeyError::Malformed {
+                        source_name,
+                        detail: e.to_string(),
+                    })?,
+            );
+        let bytes: [u8; KEY_LEN] =
+            decoded
+                .as_slice()
+                .try_into()
+                .map_err(|_| KeyError::Malformed {
+                    source_name,
+                    detail: format!("decoded to {} bytes", decoded.len()),
+                })?;
         Ok(Self::from_bytes(bytes))
     }
 
@@ -176,7 +200,10 @@ mod tests {
         let (second, generated_again) = MasterKey::load_or_generate_dev(dir.path()).unwrap();
         assert!(!generated_again);
         assert_eq!(first.id(), second.id());
-        let mode = fs::metadata(dir.path().join(DEV_MASTER_KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(DEV_MASTER_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -6,7 +6,14 @@ use serde_json::{Value, json};
 use super::resource_types::ResourceTypes;
 
 /// Interactions every supported type offers (http.html).
-const TYPE_INTERACTIONS: &[&str] = &["read", "vread", "update", "delete", "history-instance", "create"];
+const TYPE_INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "create",
+];
 
 pub struct CapabilityInputs<'a> {
     pub base_url: &'a str,
@@ -64,7 +71,11 @@ mod tests {
         let types = ResourceTypes::load().unwrap();
         let statement = capability_statement(
             &types,
-            &CapabilityInputs { base_url: "http://x", software_version: "0", date: "2026-01-01T00:00:00Z" },
+            &CapabilityInputs {
+                base_url: "http://x",
+                software_version: "0",
+                date: "2026-01-01T00:00:00Z",
+            },
         );
         assert_eq!(statement["fhirVersion"], "4.0.1");
         let listed: Vec<&str> = statement["rest"][0]["resource"]

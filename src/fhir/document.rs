@@ -41,11 +41,20 @@ pub fn stamp(
         },
         None => Map::new(),
     };
-    meta_object.insert("versionId".into(), Value::String(meta.version_id.to_string()));
-    meta_object.insert("lastUpdated".into(), Value::String(format_instant(meta.last_updated)));
+    meta_object.insert(
+        "versionId".into(),
+        Value::String(meta.version_id.to_string()),
+    );
+    meta_object.insert(
+        "lastUpdated".into(),
+        Value::String(format_instant(meta.last_updated)),
+    );
 
     let mut out: IndexMap<&str, Box<RawValue>> = IndexMap::with_capacity(elements.len() + 3);
-    out.insert("resourceType", serde_json::value::to_raw_value(resource_type.as_str())?);
+    out.insert(
+        "resourceType",
+        serde_json::value::to_raw_value(resource_type.as_str())?,
+    );
     out.insert("id", serde_json::value::to_raw_value(id.as_str())?);
     out.insert("meta", serde_json::value::to_raw_value(&meta_object)?);
     for (key, value) in &elements {
@@ -65,7 +74,16 @@ mod tests {
         let patient = types.resolve("Patient").unwrap();
         let id = ResourceId::parse("abc").unwrap();
         let body = r#"{"resourceType":"Patient","id":"old","meta":{"versionId":"9","profile":["http://p"]},"extension":[{"url":"u","valueDecimal":1.50}]}"#;
-        let stamped = stamp(body, &patient, &id, VersionMeta { version_id: 2, last_updated: 1_700_000_000_123_456 }).unwrap();
+        let stamped = stamp(
+            body,
+            &patient,
+            &id,
+            VersionMeta {
+                version_id: 2,
+                last_updated: 1_700_000_000_123_456,
+            },
+        )
+        .unwrap();
         assert_eq!(
             stamped,
             r#"{"resourceType":"Patient","id":"abc","meta":{"versionId":"2","profile":["http://p"],"lastUpdated":"2023-11-14T22:13:20.123456Z"},"extension":[{"url":"u","valueDecimal":1.50}]}"#

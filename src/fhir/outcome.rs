@@ -56,7 +56,12 @@ pub struct OperationOutcome {
 }
 
 impl OperationOutcome {
-    pub fn single(severity: Severity, code: IssueCode, diagnostics: impl Into<String>, expression: Option<String>) -> Self {
+    pub fn single(
+        severity: Severity,
+        code: IssueCode,
+        diagnostics: impl Into<String>,
+        expression: Option<String>,
+    ) -> Self {
         Self {
             resource_type: "OperationOutcome",
             issue: vec![Issue {
@@ -73,7 +78,12 @@ impl OperationOutcome {
     }
 
     pub fn information(diagnostics: impl Into<String>) -> Self {
-        Self::single(Severity::Information, IssueCode::Informational, diagnostics, None)
+        Self::single(
+            Severity::Information,
+            IssueCode::Informational,
+            diagnostics,
+            None,
+        )
     }
 
     pub fn to_json(&self) -> String {

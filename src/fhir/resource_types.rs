@@ -22,7 +22,9 @@ struct ResourceTypesFile {
 pub enum TypeError {
     #[error("unknown resource type '{0}'")]
     Unknown(String),
-    #[error("resource type '{0}' is not supported by this server (its R4 definition is not represented in the R4B model it validates against)")]
+    #[error(
+        "resource type '{0}' is not supported by this server (its R4 definition is not represented in the R4B model it validates against)"
+    )]
     Unsupported(String),
 }
 
@@ -40,7 +42,11 @@ impl ResourceTypes {
         let file: ResourceTypesFile = serde_json::from_str(RESOURCE_TYPES_JSON)?;
         Ok(Self {
             supported: file.supported.into_iter().collect(),
-            known_unsupported: file.removed_in_r4b.into_iter().chain(file.redefined_in_r4b).collect(),
+            known_unsupported: file
+                .removed_in_r4b
+                .into_iter()
+                .chain(file.redefined_in_r4b)
+                .collect(),
         })
     }
 
@@ -96,7 +102,9 @@ pub struct InvalidId(pub String);
 impl ResourceId {
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
         let valid = (1..=64).contains(&text.len())
-            && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         if valid {
             Ok(Self(text.to_owned()))
         } else {
@@ -134,10 +142,19 @@ mod tests {
             types.resolve("MedicinalProduct"),
             Err(TypeError::Unsupported("MedicinalProduct".into()))
         );
-        assert_eq!(types.resolve("Evidence"), Err(TypeError::Unsupported("Evidence".into())));
-        assert_eq!(types.resolve("Patients"), Err(TypeError::Unknown("Patients".into())));
+        assert_eq!(
+            types.resolve("Evidence"),
+            Err(TypeError::Unsupported("Evidence".into()))
+        );
+        assert_eq!(
+            types.resolve("Patients"),
+            Err(TypeError::Unknown("Patients".into()))
+        );
         // R4B-only types are not R4 types.
-        assert_eq!(types.resolve("Citation"), Err(TypeError::Unknown("Citation".into())));
+        assert_eq!(
+            types.resolve("Citation"),
+            Err(TypeError::Unknown("Citation".into()))
+        );
     }
 
     #[test]

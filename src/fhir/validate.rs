@@ -22,7 +22,11 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn new(code: IssueCode, expression: Option<String>, message: impl Into<String>) -> Self {
-        Self { code, expression, message: message.into() }
+        Self {
+            code,
+            expression,
+            message: message.into(),
+        }
     }
 }
 
@@ -42,13 +46,18 @@ pub fn validate_resource(
     expected: &ResourceType,
     body: &[u8],
 ) -> Result<ValidatedResource, ValidationError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ValidationError::new(IssueCode::Structure, None, "the body is not valid UTF-8"))?;
+    let text = std::str::from_utf8(body).map_err(|_| {
+        ValidationError::new(IssueCode::Structure, None, "the body is not valid UTF-8")
+    })?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         ValidationError::new(IssueCode::Structure, None, format!("malformed JSON: {e}"))
     })?;
     let Value::Object(object) = &value else {
-        return Err(ValidationError::new(IssueCode::Structure, None, "the body must be a JSON object"));
+        return Err(ValidationError::new(
+            IssueCode::Structure,
+            None,
+            "the body must be a JSON object",
+        ));
     };
     let declared = match object.get("resourceType") {
         Some(Value::String(name)) => name,
@@ -71,12 +80,19 @@ pub fn validate_resource(
         return Err(ValidationError::new(
             IssueCode::Invalid,
             Some("resourceType".into()),
-            format!("resourceType '{}' does not match the type '{expected}' in the URL", truncate(declared)),
+            format!(
+                "resourceType '{}' does not match the type '{expected}' in the URL",
+                truncate(declared)
+            ),
         ));
     }
-    let resource_type = types
-        .resolve(declared)
-        .map_err(|e| ValidationError::new(IssueCode::NotSupported, Some("resourceType".into()), e.to_string()))?;
+    let resource_type = types.resolve(declared).map_err(|e| {
+        ValidationError::new(
+            IssueCode::NotSupported,
+            Some("resourceType".into()),
+            e.to_string(),
+        )
+    })?;
 
     check_json_form(&value, expected.as_str())?;
     let normalized = round_trip_through_model(expected.as_str(), &value)?;
@@ -86,7 +102,11 @@ pub fn validate_resource(
         Some(Value::String(id)) => Some(id.clone()),
         _ => None,
     };
-    Ok(ValidatedResource { resource_type, id, compact_json: compact(text) })
+    Ok(ValidatedResource {
+        resource_type,
+        id,
+        compact_json: compact(text),
+    })
 }
 
 /// R4 JSON rules the model does not enforce: no empty strings, objects or arrays, and no
@@ -146,10 +166,17 @@ fn check_json_form(value: &Value, path: &str) -> Result<(), ValidationError> {
 }
 
 /// Deserializes into the model type and serializes back; returns what the model kept.
-fn round_trip<T: DeserializeOwned + Serialize>(root: &str, value: &Value) -> Result<Value, ValidationError> {
+fn round_trip<T: DeserializeOwned + Serialize>(
+    root: &str,
+    value: &Value,
+) -> Result<Value, ValidationError> {
     let model: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let expression = if path == "." { root.to_owned() } else { format!("{root}.{path}") };
+        let expression = if path == "." {
+            root.to_owned()
+        } else {
+            format!("{root}.{path}")
+        };
         let message = e.into_inner().to_string();
         let code = if message.starts_with("missing field") {
             IssueCode::Required
@@ -179,7 +206,11 @@ fn find_unknown_element(sent: &Value, kept: &Value, path: &str) -> Result<(), Va
     }
 }
 
-fn find_unknown_in_object(sent: &Map<String, Value>, kept: &Map<String, Value>, path: &str) -> Result<(), ValidationError> {
+fn find_unknown_in_object(
+    sent: &Map<String, Value>,
+    kept: &Map<String, Value>,
+    path: &str,
+) -> Result<(), ValidationError> {
     for (key, sent_child) in sent {
         let child_path = format!("{path}.{key}");
         match kept.get(key) {
@@ -188,7 +219,10 @@ fn find_unknown_in_object(sent: &Map<String, Value>, kept: &Map<String, Value>, 
                 return Err(ValidationError::new(
                     IssueCode::Structure,
                     Some(child_path),
-                    format!("unknown element '{}': the R4 definition has no such element here", truncate(key)),
+                    format!(
+                        "unknown element '{}': the R4 definition has no such element here",
+                        truncate(key)
+                    ),
                 ));
             }
         }
@@ -414,12 +448,17 @@ mod tests {
         let validated = check(body).unwrap();
         assert_eq!(validated.id.as_deref(), Some("p1"));
         assert!(validated.compact_json.contains("\"valueDecimal\":1.50"));
-        assert!(validated.compact_json.contains("\"given\":[\"Peter\",\"James\"]"));
+        assert!(
+            validated
+                .compact_json
+                .contains("\"given\":[\"Peter\",\"James\"]")
+        );
     }
 
     #[test]
     fn unknown_element_is_reported_with_its_path() {
-        let err = check(r#"{"resourceType":"Patient","name":[{"family":"X","nickname":"Y"}]}"#).unwrap_err();
+        let err = check(r#"{"resourceType":"Patient","name":[{"family":"X","nickname":"Y"}]}"#)
+            .unwrap_err();
         assert_eq!(err.expression.as_deref(), Some("Patient.name[0].nickname"));
         let err = check(r#"{"resourceType":"Patient","colour":"blue"}"#).unwrap_err();
         assert_eq!(err.expression.as_deref(), Some("Patient.colour"));
@@ -442,20 +481,26 @@ mod tests {
         assert!(check(r#"{"resourceType":"Patient""#).is_err());
         assert!(check(r#"[]"#).is_err());
         // null as an array placeholder beside a primitive extension is valid R4 JSON.
-        check(r#"{"resourceType":"Patient","name":[{"given":["A","B"],
-            "_given":[null,{"extension":[{"url":"http://e.org/x","valueString":"v"}]}]}]}"#)
+        check(
+            r#"{"resourceType":"Patient","name":[{"given":["A","B"],
+            "_given":[null,{"extension":[{"url":"http://e.org/x","valueString":"v"}]}]}]}"#,
+        )
         .unwrap();
     }
 
     #[test]
     fn resource_type_must_match() {
-        let err = check(r#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#).unwrap_err();
+        let err = check(r#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#)
+            .unwrap_err();
         assert_eq!(err.expression.as_deref(), Some("resourceType"));
         assert!(check(r#"{"id":"x"}"#).is_err());
     }
 
     #[test]
     fn compact_keeps_strings_and_numbers() {
-        assert_eq!(compact("{ \"a\" : \"b c\\\" d\" ,\n \"n\": 1.50 }"), "{\"a\":\"b c\\\" d\",\"n\":1.50}");
+        assert_eq!(
+            compact("{ \"a\" : \"b c\\\" d\" ,\n \"n\": 1.50 }"),
+            "{\"a\":\"b c\\\" d\",\"n\":1.50}"
+        );
     }
 }

@@ -4,7 +4,8 @@
 pub mod resources;
 
 pub use resources::{
-    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource, WriteOutcome,
+    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource,
+    WriteOutcome,
 };
 
 use crate::error::AppError;

@@ -78,7 +78,10 @@ pub struct ResourceService {
 /// What a write wants to do once it has seen the current state.
 enum WriteKind {
     /// Content from a create (POST, always new) or an update (PUT).
-    Content { compact_json: String, method: &'static str },
+    Content {
+        compact_json: String,
+        method: &'static str,
+    },
     Delete,
 }
 
@@ -109,7 +112,11 @@ impl From<StoreError> for TxError {
 
 impl ResourceService {
     pub fn new(pool: DbPool, envelope: Arc<Envelope>, types: Arc<ResourceTypes>) -> Self {
-        Self { pool, envelope, types }
+        Self {
+            pool,
+            envelope,
+            types,
+        }
     }
 
     pub fn types(&self) -> &ResourceTypes {
@@ -133,7 +140,10 @@ impl ResourceService {
         blocking(move || {
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             let id = ResourceId::generate();
-            let kind = WriteKind::Content { compact_json: validated.compact_json, method: "POST" };
+            let kind = WriteKind::Content {
+                compact_json: validated.compact_json,
+                method: "POST",
+            };
             this.write(&resource_type, &id, None, kind)?
                 .ok_or_else(|| AppError::Internal("create wrote no content".into()))
         })
@@ -156,7 +166,9 @@ impl ResourceService {
                 Some(body_id) if body_id == id.as_str() => {}
                 Some(_) => {
                     return Err(AppError::BadRequest {
-                        message: format!("the id in the body does not match the id '{id}' in the URL"),
+                        message: format!(
+                            "the id in the body does not match the id '{id}' in the URL"
+                        ),
                         expression: Some(format!("{resource_type}.id")),
                     });
                 }
@@ -167,7 +179,10 @@ impl ResourceService {
                     });
                 }
             }
-            let kind = WriteKind::Content { compact_json: validated.compact_json, method: "PUT" };
+            let kind = WriteKind::Content {
+                compact_json: validated.compact_json,
+                method: "PUT",
+            };
             this.write(&resource_type, &id, if_match, kind)?
                 .ok_or_else(|| AppError::Internal("update wrote no content".into()))
         })
@@ -198,7 +213,9 @@ impl ResourceService {
             drop(conn);
             match this.write(&resource_type, &id, if_match, WriteKind::Delete)? {
                 Some(_) => Err(AppError::Internal("delete wrote content".into())),
-                None => this.current_meta(&resource_type, &id).map(DeleteOutcome::Deleted),
+                None => this
+                    .current_meta(&resource_type, &id)
+                    .map(DeleteOutcome::Deleted),
             }
         })
         .await
@@ -216,8 +233,15 @@ impl ResourceService {
             let mut conn = this.connection()?;
             let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
                 .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
-            let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), head.current_version)?
-                .ok_or_else(|| AppError::Internal(format!("{resource_type}/{id} has no current version row")))?;
+            let row = rows::version(
+                &mut conn,
+                resource_type.as_str(),
+                id.as_str(),
+                head.current_version,
+            )?
+            .ok_or_else(|| {
+                AppError::Internal(format!("{resource_type}/{id} has no current version row"))
+            })?;
             this.open_version(&resource_type, &id, &row)
         })
         .await
@@ -235,7 +259,9 @@ impl ResourceService {
         blocking(move || {
             let mut conn = this.connection()?;
             let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), version_id)?
-                .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}")))?;
+                .ok_or_else(|| {
+                    AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
+                })?;
             this.open_version(&resource_type, &id, &row)
         })
         .await
@@ -255,30 +281,47 @@ impl ResourceService {
             if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
                 return Err(AppError::NotFound(format!("{resource_type}/{id}")));
             }
-            let total = rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
+            let total =
+                rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
             // One row more than the page tells whether a next page exists.
             let window = HistoryWindow {
                 before_version: query.before_version,
                 since: query.since,
                 limit: query.count + 1,
             };
-            let mut versions = rows::history(&mut conn, resource_type.as_str(), id.as_str(), window)?;
+            let mut versions =
+                rows::history(&mut conn, resource_type.as_str(), id.as_str(), window)?;
             let has_more = versions.len() as i64 > query.count;
             versions.truncate(usize::try_from(query.count).unwrap_or(0));
-            let next_before_version = if has_more { versions.last().map(|v| v.version_id) } else { None };
+            let next_before_version = if has_more {
+                versions.last().map(|v| v.version_id)
+            } else {
+                None
+            };
             let entries = versions
                 .iter()
                 .map(|row| {
-                    let meta = VersionMeta { version_id: row.version_id, last_updated: row.last_updated };
+                    let meta = VersionMeta {
+                        version_id: row.version_id,
+                        last_updated: row.last_updated,
+                    };
                     let json = if row.deleted {
                         None
                     } else {
                         Some(this.open_version(&resource_type, &id, row)?.json)
                     };
-                    Ok(HistoryEntry { meta, method: row.method.clone(), json })
+                    Ok(HistoryEntry {
+                        meta,
+                        method: row.method.clone(),
+                        json,
+                    })
                 })
                 .collect::<Result<Vec<_>, AppError>>()?;
-            Ok(HistoryPage { entries, total, next_before_version })
+            Ok(HistoryPage {
+                entries,
+                total,
+                next_before_version,
+            })
         })
         .await
     }
@@ -298,14 +341,23 @@ impl ResourceService {
     }
 
     fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
-        self.pool.get().map_err(|e| AppError::from(StoreError::from(e)))
+        self.pool
+            .get()
+            .map_err(|e| AppError::from(StoreError::from(e)))
     }
 
-    fn current_meta(&self, resource_type: &ResourceType, id: &ResourceId) -> Result<VersionMeta, AppError> {
+    fn current_meta(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<VersionMeta, AppError> {
         let mut conn = self.connection()?;
         let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
             .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
-        Ok(VersionMeta { version_id: head.current_version, last_updated: head.last_updated })
+        Ok(VersionMeta {
+            version_id: head.current_version,
+            last_updated: head.last_updated,
+        })
     }
 
     /// Decrypts one version; a deletion answers 410 Gone.
@@ -333,12 +385,18 @@ impl ResourceService {
             id: id.as_str(),
             version_id: row.version_id,
         };
-        let plaintext = self.envelope.open(binding, &blob).map_err(|_| integrity())?;
+        let plaintext = self
+            .envelope
+            .open(binding, &blob)
+            .map_err(|_| integrity())?;
         let json = String::from_utf8(plaintext).map_err(|_| integrity())?;
         Ok(StoredResource {
             resource_type: resource_type.clone(),
             id: id.clone(),
-            meta: VersionMeta { version_id: row.version_id, last_updated: row.last_updated },
+            meta: VersionMeta {
+                version_id: row.version_id,
+                last_updated: row.last_updated,
+            },
             json,
         })
     }
@@ -355,7 +413,9 @@ impl ResourceService {
     ) -> Result<Option<WriteOutcome>, AppError> {
         let mut conn = self.connection()?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            match conn.write_transaction(|tx| self.write_once(tx, resource_type, id, if_match, &kind)) {
+            match conn
+                .write_transaction(|tx| self.write_once(tx, resource_type, id, if_match, &kind))
+            {
                 Ok(outcome) => return Ok(outcome),
                 Err(TxError::LostRace) => continue,
                 Err(TxError::App(error)) => return Err(error),
@@ -379,17 +439,39 @@ impl ResourceService {
         let version_id = head.map_or(1, |h| h.current_version + 1);
         // lastUpdated never goes backwards within one resource, even if the clock does.
         let last_updated = head.map_or(now_micros(), |h| now_micros().max(h.last_updated + 1));
-        let meta = VersionMeta { version_id, last_updated };
+        let meta = VersionMeta {
+            version_id,
+            last_updated,
+        };
 
         let (row, outcome) = match kind {
-            WriteKind::Content { compact_json, method } => {
+            WriteKind::Content {
+                compact_json,
+                method,
+            } => {
                 let json = document::stamp(compact_json, resource_type, id, meta)
                     .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;
-                let binding = ResourceBinding { resource_type: resource_type.as_str(), id: id.as_str(), version_id };
+                let binding = ResourceBinding {
+                    resource_type: resource_type.as_str(),
+                    id: id.as_str(),
+                    version_id,
+                };
                 let blob = self.envelope.seal(binding, json.as_bytes());
-                let row = VersionRow::with_content(resource_type.as_str(), id.as_str(), version_id, last_updated, method, blob);
+                let row = VersionRow::with_content(
+                    resource_type.as_str(),
+                    id.as_str(),
+                    version_id,
+                    last_updated,
+                    method,
+                    blob,
+                );
                 let outcome = WriteOutcome {
-                    resource: StoredResource { resource_type: resource_type.clone(), id: id.clone(), meta, json },
+                    resource: StoredResource {
+                        resource_type: resource_type.clone(),
+                        id: id.clone(),
+                        meta,
+                        json,
+                    },
                     created: head.is_none_or(|h| h.deleted),
                 };
                 (row, Some(outcome))
@@ -401,7 +483,15 @@ impl ResourceService {
                     Some(h) if h.deleted => return Ok(None),
                     Some(_) => {}
                 }
-                (VersionRow::tombstone(resource_type.as_str(), id.as_str(), version_id, last_updated), None)
+                (
+                    VersionRow::tombstone(
+                        resource_type.as_str(),
+                        id.as_str(),
+                        version_id,
+                        last_updated,
+                    ),
+                    None,
+                )
             }
         };
 
@@ -413,7 +503,11 @@ impl ResourceService {
             },
             Some(h) => rows::advance(tx, h.current_version, &row)?,
         };
-        if won { Ok(outcome) } else { Err(TxError::LostRace) }
+        if won {
+            Ok(outcome)
+        } else {
+            Err(TxError::LostRace)
+        }
     }
 }
 
@@ -424,7 +518,9 @@ fn check_precondition(
     head: Option<ResourceHead>,
     if_match: Option<i64>,
 ) -> Result<(), AppError> {
-    let Some(expected) = if_match else { return Ok(()) };
+    let Some(expected) = if_match else {
+        return Ok(());
+    };
     match head {
         Some(h) if h.current_version == expected => Ok(()),
         Some(h) => Err(AppError::PreconditionFailed(format!(

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
-use diesel::r2d2;
 use diesel::pg::PgConnection;
+use diesel::r2d2;
 use diesel::result::{ConnectionError, DatabaseErrorKind, Error as DieselError};
 use diesel::sqlite::SqliteConnection;
 use diesel::{Connection as _, RunQueryDsl as _};
@@ -51,7 +51,9 @@ impl DatabaseUrl {
             Ok(Self::Postgres(text.to_owned()))
         } else if let Some(path) = text.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err("sqlite:// needs a file path, e.g. sqlite://./data/fhirledger.db".into());
+                return Err(
+                    "sqlite:// needs a file path, e.g. sqlite://./data/fhirledger.db".into(),
+                );
             }
             Ok(Self::Sqlite(PathBuf::from(path)))
         } else {
@@ -89,7 +91,9 @@ impl StoreError {
     /// Maps a diesel error, keeping the kinds callers act upon.
     pub fn classify(error: DieselError) -> Self {
         match error {
-            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => Self::UniqueViolation,
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                Self::UniqueViolation
+            }
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
                 Self::Unavailable(info.message().to_owned())
             }
@@ -173,8 +177,9 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
         && let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
+        })?;
     }
     r2d2::Pool::builder()
         .max_size(max_size)

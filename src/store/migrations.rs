@@ -14,13 +14,15 @@ const MIGRATION_LOCK_KEY: i64 = 0x6668_6972_6c65_6467; // "fhirledg"
 
 /// Applies every pending migration; returns how many were applied.
 pub fn run_pending(conn: &mut DbConnection) -> Result<usize, StoreError> {
-    let migration_error = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+    let migration_error =
+        |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
     match conn {
         DbConnection::Postgres(pg) => {
             pg.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
                 .map_err(StoreError::classify)?;
             let applied = pg.run_pending_migrations(POSTGRES).map(|v| v.len());
-            let unlocked = pg.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"));
+            let unlocked =
+                pg.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"));
             let applied = applied.map_err(migration_error)?;
             unlocked.map_err(StoreError::classify)?;
             Ok(applied)
@@ -34,7 +36,8 @@ pub fn run_pending(conn: &mut DbConnection) -> Result<usize, StoreError> {
 
 /// Reverts every applied migration (used by the test that keeps `down.sql` honest).
 pub fn revert_all(conn: &mut DbConnection) -> Result<usize, StoreError> {
-    let migration_error = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+    let migration_error =
+        |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
     match conn {
         DbConnection::Postgres(pg) => pg.revert_all_migrations(POSTGRES).map(|v| v.len()),
         DbConnection::Sqlite(sqlite) => sqlite.revert_all_migrations(SQLITE).map(|v| v.len()),

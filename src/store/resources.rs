@@ -84,7 +84,11 @@ impl VersionRow {
     }
 }
 
-pub fn head(conn: &mut DbConnection, resource_type: &str, id: &str) -> Result<Option<ResourceHead>, StoreError> {
+pub fn head(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<ResourceHead>, StoreError> {
     resources::table
         .find((resource_type, id))
         .select(ResourceHead::as_select())
@@ -177,7 +181,11 @@ pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<(), Sto
 /// Moves a resource from `expected_version` to `row.version_id`. Returns `false` (writing
 /// nothing) when the current version is no longer `expected_version`: another writer won
 /// the race, and the caller decides whether to retry.
-pub fn advance(conn: &mut DbConnection, expected_version: i64, row: &VersionRow) -> Result<bool, StoreError> {
+pub fn advance(
+    conn: &mut DbConnection,
+    expected_version: i64,
+    row: &VersionRow,
+) -> Result<bool, StoreError> {
     let updated = diesel::update(
         resources::table
             .find((&row.resource_type, &row.id))

@@ -1,7 +1,10 @@
 //! Test harness: a fresh database per test (a SQLite file in a temporary directory, or a
 //! PostgreSQL database created for the test and dropped after it), the application built on
 //! it, and small helpers to call it.
-#![allow(dead_code, reason = "each test crate uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test crate uses a different part of the harness"
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -56,7 +59,11 @@ impl TestDb {
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let url = DatabaseUrl::sqlite_file(&dir.path().join("fhirledger.db"));
-        Self { url, dir: Some(dir), postgres: None }
+        Self {
+            url,
+            dir: Some(dir),
+            postgres: None,
+        }
     }
 
     pub fn postgres() -> Self {
@@ -73,7 +80,11 @@ impl TestDb {
             .execute(&mut admin)
             .expect("create test database");
         let url = DatabaseUrl::parse(&with_database(&admin_url, &name)).expect("postgres URL");
-        Self { url, dir: None, postgres: Some(PostgresDrop { admin_url, name }) }
+        Self {
+            url,
+            dir: None,
+            postgres: Some(PostgresDrop { admin_url, name }),
+        }
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -104,7 +115,11 @@ impl TestDb {
     }
 
     pub fn state_with(&self, key: MasterKey, max_body_bytes: usize) -> AppState {
-        let options = StateOptions { base_url: BASE_URL.into(), max_body_bytes, pool_size: 8 };
+        let options = StateOptions {
+            base_url: BASE_URL.into(),
+            max_body_bytes,
+            pool_size: 8,
+        };
         prepare_state(&self.url, key, &options).expect("application state")
     }
 
@@ -119,7 +134,8 @@ impl Drop for TestDb {
         if let Some(pg) = &self.postgres
             && let Ok(mut admin) = diesel::PgConnection::establish(&pg.admin_url)
         {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg.name)).execute(&mut admin);
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg.name))
+                .execute(&mut admin);
         }
         drop(self.dir.take());
     }
@@ -132,7 +148,9 @@ fn with_database(url: &str, database: &str) -> String {
         None => (url, None),
     };
     let scheme_end = before_query.find("://").map_or(0, |i| i + 3);
-    let authority_end = before_query[scheme_end..].find('/').map_or(before_query.len(), |i| scheme_end + i);
+    let authority_end = before_query[scheme_end..]
+        .find('/')
+        .map_or(before_query.len(), |i| scheme_end + i);
     let mut out = format!("{}/{database}", &before_query[..authority_end]);
     if let Some(query) = query {
         out.push('?');
@@ -150,8 +168,12 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -159,7 +181,9 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().expect("header text").to_owned())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("header text").to_owned())
     }
 
     /// Asserts the body is an OperationOutcome and returns its first issue.
@@ -179,7 +203,11 @@ where
     let status = response.status();
     let headers = response.headers().clone();
     let body = test::read_body(response).await;
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub fn fhir_json(request: TestRequest, body: &Value) -> TestRequest {

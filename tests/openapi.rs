@@ -1,0 +1,56 @@
+//! The committed OpenAPI document is exactly what the server serves. After changing routes,
+//! regenerate it with `UPDATE_OPENAPI=1 cargo test --test openapi` and commit the result.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod common;
+
+use actix_web::test;
+use common::{TestDb, call, get};
+
+const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
+
+#[actix_web::test]
+async fn committed_document_matches_the_served_one() {
+    let db = TestDb::sqlite();
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let reply = call(&app, get("/openapi.json")).await;
+    assert_eq!(reply.status, actix_web::http::StatusCode::OK);
+    let served = reply.text();
+
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(COMMITTED, &served).expect("write openapi/openapi.json");
+    }
+    let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
+    assert!(
+        committed == served,
+        "openapi/openapi.json differs from GET /openapi.json; run UPDATE_OPENAPI=1 cargo test --test openapi"
+    );
+
+    // Every FHIR route is described, with OperationOutcome errors.
+    let document: serde_json::Value = serde_json::from_str(&served).unwrap();
+    let paths = document["paths"].as_object().unwrap();
+    for path in [
+        "/fhir/metadata",
+        "/fhir/{type}",
+        "/fhir/{type}/{id}",
+        "/fhir/{type}/{id}/_history",
+        "/fhir/{type}/{id}/_history/{vid}",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let read_404 = &document["paths"]["/fhir/{type}/{id}"]["get"]["responses"]["404"];
+    assert!(
+        read_404.to_string().contains("OperationOutcome"),
+        "{read_404}"
+    );
+}

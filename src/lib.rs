@@ -16,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fhir;
+pub mod ledger;
 pub mod server;
 pub mod service;
 pub mod store;

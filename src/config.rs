@@ -9,6 +9,11 @@
 //! | `FHIRLEDGER_BASE_URL` | `--base-url` | `http://$LISTEN` |
 //! | `FHIRLEDGER_MASTER_KEY_FILE` | `--master-key-file` | (SQLite only: generated `$DATA_DIR/master.key`) |
 //! | `FHIRLEDGER_MASTER_KEY` | `--master-key` | — (base64; prefer the file) |
+//! | `FHIRLEDGER_LEDGER_KEY_FILE` | `--ledger-key-file` | (SQLite only: generated `$DATA_DIR/ledger.key`) |
+//! | `FHIRLEDGER_LEDGER_KEY` | `--ledger-key` | — (base64 Ed25519 seed; prefer the file) |
+//! | `FHIRLEDGER_LEDGER_ORIGIN` | `--ledger-origin` | base URL without scheme, plus `/ledger` |
+//! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
+//! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `4096` |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
 //! | `FHIRLEDGER_DB_POOL_SIZE` | `--db-pool-size` | `16` |
 //! | `FHIRLEDGER_WORKERS` | `--workers` | number of CPUs |
@@ -22,6 +27,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::crypto::MasterKey;
+use crate::crypto::keys::decode_key_base64;
+use crate::ledger::LedgerKey;
 use crate::store::DatabaseUrl;
 
 /// Settings shared by every subcommand that opens the database.
@@ -83,6 +90,34 @@ pub struct ServeArgs {
     )]
     pub master_key: Option<String>,
 
+    /// File holding the base64 32-byte Ed25519 seed that signs ledger entries and checkpoints.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_KEY_FILE", value_name = "PATH")]
+    pub ledger_key_file: Option<PathBuf>,
+
+    /// The base64 ledger key itself (prefer the file).
+    #[arg(
+        long,
+        env = "FHIRLEDGER_LEDGER_KEY",
+        value_name = "BASE64",
+        hide_env_values = true
+    )]
+    pub ledger_key: Option<String>,
+
+    /// Checkpoint origin (the log's name in signed notes); default: base URL host and path + `/ledger`.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_ORIGIN", value_name = "ORIGIN", value_parser = parse_origin)]
+    pub ledger_origin: Option<String>,
+
+    /// Milliseconds between sequencer runs: bounds the time from an entry being durable to a
+    /// checkpoint covering it.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_INTERVAL_MS", default_value_t = 200, value_name = "MS",
+          value_parser = parse_interval)]
+    pub ledger_interval_ms: u64,
+
+    /// Most entries sequenced under one checkpoint.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_BATCH_SIZE", default_value_t = 4096, value_name = "N",
+          value_parser = parse_batch_size)]
+    pub ledger_batch_size: i64,
+
     /// Largest accepted request body in bytes.
     #[arg(long, env = "FHIRLEDGER_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024, value_name = "BYTES",
           value_parser = parse_max_body)]
@@ -137,6 +172,56 @@ impl ServeArgs {
         self.base_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// The checkpoint origin: configured, or derived from the base URL
+    /// (`https://fhir.example.org` → `fhir.example.org/ledger`).
+    pub fn resolved_ledger_origin(&self) -> String {
+        self.ledger_origin.clone().unwrap_or_else(|| {
+            let base = self.resolved_base_url();
+            let without_scheme = base
+                .split_once("://")
+                .map_or(base.as_str(), |(_, rest)| rest);
+            format!("{without_scheme}/ledger")
+        })
+    }
+
+    /// Loads the ledger signing key like the master key: configured, generated in the data
+    /// directory on the embedded SQLite default, required with PostgreSQL.
+    pub fn load_ledger_key(&self) -> Result<(LedgerKey, KeyOrigin), ConfigError> {
+        let origin = self.resolved_ledger_origin();
+        let invalid =
+            |detail: String| ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"));
+        match (&self.ledger_key_file, &self.ledger_key) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "set only one of FHIRLEDGER_LEDGER_KEY_FILE and FHIRLEDGER_LEDGER_KEY".into(),
+            )),
+            (Some(path), None) => Ok((
+                LedgerKey::from_file(path, &origin, "FHIRLEDGER_LEDGER_KEY_FILE")?,
+                KeyOrigin::Configured,
+            )),
+            (None, Some(text)) => {
+                let seed = decode_key_base64(text, "FHIRLEDGER_LEDGER_KEY")?;
+                Ok((LedgerKey::from_seed(*seed, &origin).map_err(invalid)?, KeyOrigin::Configured))
+            }
+            (None, None) => match self.database.resolved_database_url() {
+                DatabaseUrl::Postgres(_) => Err(ConfigError::Invalid(
+                    "FHIRLEDGER_LEDGER_KEY_FILE (or FHIRLEDGER_LEDGER_KEY) is required with PostgreSQL; \
+                     generate one with: head -c 32 /dev/urandom | base64"
+                        .into(),
+                )),
+                DatabaseUrl::Sqlite(_) => {
+                    ensure_private_dir(&self.database.data_dir)?;
+                    let (key, generated) = LedgerKey::load_or_generate_dev(&self.database.data_dir, &origin)?;
+                    let origin = if generated {
+                        KeyOrigin::DevelopmentGenerated
+                    } else {
+                        KeyOrigin::DevelopmentExisting
+                    };
+                    Ok((key, origin))
+                }
+            },
+        }
     }
 
     /// Loads the master key: from the file or the variable when configured; on the embedded
@@ -217,6 +302,22 @@ fn parse_bounded<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
         Ok(value) if value >= min && value <= max => Ok(value),
         _ => Err(format!("{name} must be a whole number from {min} to {max}")),
     }
+}
+
+fn parse_origin(text: &str) -> Result<String, String> {
+    if signed_note::is_key_name_valid(text) {
+        Ok(text.to_owned())
+    } else {
+        Err("FHIRLEDGER_LEDGER_ORIGIN must be non-empty, without '+' or whitespace".into())
+    }
+}
+
+fn parse_interval(text: &str) -> Result<u64, String> {
+    parse_bounded(text, "FHIRLEDGER_LEDGER_INTERVAL_MS", 10, 60_000)
+}
+
+fn parse_batch_size(text: &str) -> Result<i64, String> {
+    parse_bounded(text, "FHIRLEDGER_LEDGER_BATCH_SIZE", 1, 100_000)
 }
 
 fn parse_max_body(text: &str) -> Result<usize, String> {

@@ -48,6 +48,9 @@ pub enum AppError {
     /// This instance cannot serve now (database unreachable, pool exhausted, busy).
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The ledger cannot be written: the request fails closed, returning nothing.
+    #[error("ledger unavailable: {0}")]
+    LedgerUnavailable(String),
     /// Stored data failed authentication: tampering, a moved row, or a wrong key.
     #[error("integrity failure for {resource}/{id}/_history/{version_id}")]
     Integrity {

@@ -64,7 +64,27 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // actix-web's System runs the server; SIGTERM/SIGINT stop it after requests in flight.
     let system = actix_web::rt::System::new();
-    system.block_on(fhirledger::server::serve(args, master_key))
+    let (ledger_key, ledger_origin) = args.load_ledger_key()?;
+    match ledger_origin {
+        KeyOrigin::Configured => {
+            tracing::info!(
+                origin = ledger_key.name(),
+                key_id = format!("{:08x}", ledger_key.key_id()),
+                "ledger key loaded"
+            )
+        }
+        KeyOrigin::DevelopmentGenerated | KeyOrigin::DevelopmentExisting => tracing::warn!(
+            origin = ledger_key.name(),
+            "USING A DEVELOPMENT LEDGER KEY from {}: checkpoints it signs are only as trustworthy as that \
+             directory. Production deployments set FHIRLEDGER_LEDGER_KEY_FILE.",
+            args.database.data_dir.display()
+        ),
+    }
+    let keys = fhirledger::server::Keys {
+        master: master_key,
+        ledger: ledger_key,
+    };
+    system.block_on(fhirledger::server::serve(args, keys))
 }
 
 fn run_migrate(args: &DatabaseArgs) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! Start-up: open the database, run migrations, assemble the services and run the HTTP
-//! server until SIGTERM/SIGINT (actix finishes requests in flight first).
+//! Start-up: open the database, run migrations, assemble the services, start the ledger
+//! sequencer and run the HTTP server until SIGTERM/SIGINT (actix finishes requests in
+//! flight first).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +13,30 @@ use crate::crypto::{Envelope, MasterKey};
 use crate::fhir::ResourceTypes;
 use crate::fhir::capability::{CapabilityInputs, capability_statement};
 use crate::fhir::document::format_instant;
+use crate::ledger::LedgerKey;
 use crate::service::ResourceService;
+use crate::service::ledger::{LedgerService, SequencerOptions};
 use crate::store::{DatabaseUrl, connection, migrations};
 
-/// What the HTTP layer needs besides the database and key.
+/// What the services need besides the database and keys.
 #[derive(Debug, Clone)]
 pub struct StateOptions {
     pub base_url: String,
     pub max_body_bytes: usize,
     pub pool_size: u32,
+    pub ledger_batch_size: i64,
+}
+
+/// The keys a server runs with.
+pub struct Keys {
+    pub master: MasterKey,
+    pub ledger: LedgerKey,
 }
 
 /// Opens the database, applies pending migrations and assembles the application state.
 pub fn prepare_state(
     database_url: &DatabaseUrl,
-    master_key: MasterKey,
+    keys: Keys,
     options: &StateOptions,
 ) -> anyhow::Result<AppState> {
     let pool = connection::build_pool(database_url, options.pool_size)?;
@@ -43,28 +53,64 @@ pub fn prepare_state(
             date: &format_instant(crate::service::resources::now_micros()),
         },
     );
-    let resources = ResourceService::new(pool, Arc::new(Envelope::new(master_key)), types);
+    let ledger = LedgerService::new(
+        pool.clone(),
+        Arc::new(keys.ledger),
+        SequencerOptions {
+            batch_size: options.ledger_batch_size,
+        },
+    );
+    let resources = ResourceService::new(
+        pool,
+        Arc::new(Envelope::new(keys.master)),
+        types,
+        ledger.clone(),
+    );
     Ok(AppState {
         resources,
+        ledger,
         base_url: Arc::from(options.base_url.as_str()),
         max_body_bytes: options.max_body_bytes,
         capability_statement: Arc::from(statement.to_string()),
     })
 }
 
+/// Runs the sequencer every `interval` until the process ends. Several processes may run
+/// it against one database: the database lock lets one of them sequence at a time.
+pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
+    actix_web::rt::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let ledger = ledger.clone();
+            match tokio::task::spawn_blocking(move || ledger.sequence_pending()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "ledger sequencing failed; retrying"),
+                Err(error) => tracing::error!(%error, "ledger sequencer task failed"),
+            }
+        }
+    });
+}
+
 /// `fhirledger serve`.
-pub async fn serve(args: ServeArgs, master_key: MasterKey) -> anyhow::Result<()> {
+pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
     let database_url = args.database.resolved_database_url();
     let options = StateOptions {
         base_url: args.resolved_base_url(),
         max_body_bytes: args.max_body_bytes,
         pool_size: args.db_pool_size,
+        ledger_batch_size: args.ledger_batch_size,
     };
     let state = tokio::task::spawn_blocking({
         let database_url = database_url.clone();
-        move || prepare_state(&database_url, master_key, &options)
+        move || prepare_state(&database_url, keys, &options)
     })
     .await??;
+    spawn_sequencer(
+        state.ledger.clone(),
+        Duration::from_millis(args.ledger_interval_ms),
+    );
 
     let mut server = HttpServer::new(move || build_app(state.clone()))
         .shutdown_timeout(args.shutdown_timeout)

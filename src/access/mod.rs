@@ -4,4 +4,4 @@
 
 pub mod principal;
 
-pub use principal::{Principal, RequestContext};
+pub use principal::{Principal, ReceiptSlot, RequestContext};

@@ -37,7 +37,7 @@ impl AppError {
             Self::UnsupportedMediaType(_) | Self::NotAcceptable(_) | Self::MethodNotAllowed(_) => {
                 (IssueCode::NotSupported, self.to_string(), None)
             }
-            Self::Unavailable(_) => (
+            Self::Unavailable(_) | Self::LedgerUnavailable(_) => (
                 IssueCode::Transient,
                 "the server cannot handle the request right now; retry later".into(),
                 None,
@@ -63,7 +63,7 @@ impl ResponseError for AppError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Integrity { .. } | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,13 +77,16 @@ impl ResponseError for AppError {
             }
             Self::Internal(_) => tracing::error!(error = %self, "internal error"),
             Self::Unavailable(_) => tracing::warn!(error = %self, "answering 503"),
+            Self::LedgerUnavailable(_) => {
+                tracing::error!(error = %self, "ledger not writable: failing closed")
+            }
             _ => tracing::debug!(status = status.as_u16(), "request refused"),
         }
         let (code, diagnostics, expression) = self.issue();
         let outcome = OperationOutcome::single(Severity::Error, code, diagnostics, expression);
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
-        if let Self::Unavailable(_) = self {
+        if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
         if let Self::Gone { version_id, .. } = self {

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod fhir;
 pub mod health;
+pub mod ledger;
 pub mod negotiation;
 pub mod openapi;
 pub mod request;
@@ -16,11 +17,13 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, web};
 
 use crate::service::ResourceService;
+use crate::service::ledger::LedgerService;
 
 /// Shared state of the HTTP layer.
 #[derive(Clone)]
 pub struct AppState {
     pub resources: ResourceService,
+    pub ledger: LedgerService,
     /// Public base URL without a trailing slash, e.g. `https://fhir.example.org`.
     pub base_url: Arc<str>,
     pub max_body_bytes: usize,
@@ -54,5 +57,6 @@ pub fn build_app(
         .configure(health::routes)
         .configure(openapi::routes)
         .configure(fhir::routes)
+        .configure(ledger::routes)
         .default_service(web::to(request::no_route))
 }

@@ -5,7 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::{OpenApi, ToSchema};
 
-use super::{fhir, health};
+use super::{fhir, health, ledger};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 
 /// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
@@ -27,11 +27,18 @@ pub struct Resource {
     ),
     paths(
         fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::delete, fhir::history,
+        ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
+        ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,
     ),
-    components(schemas(Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health)),
+    components(schemas(
+        Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
+        ledger::LedgerKeyInfo, ledger::EntryView, ledger::EntriesPage, ledger::InclusionProof,
+        ledger::ConsistencyProof, ledger::ReceiptView,
+    )),
     tags(
         (name = "fhir", description = "FHIR R4 REST interactions (JSON only)"),
+        (name = "ledger", description = "The append-only Merkle ledger of every interaction: checkpoints, entries, receipts, proofs, tiles"),
         (name = "operations", description = "Health, readiness and this document"),
     ),
 )]

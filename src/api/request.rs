@@ -11,24 +11,29 @@ use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage as _, HttpRequest};
 use tracing::Instrument as _;
 
-use crate::access::{Principal, RequestContext};
+use crate::access::{Principal, ReceiptSlot, RequestContext};
 use crate::error::AppError;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// The receipt of the ledger entry a response produced (design.md, "Receipt").
+pub const LEDGER_ENTRY_HEADER: HeaderName = HeaderName::from_static("x-ledger-entry");
 
 /// The server-assigned id of the request being served (stored in request extensions).
 #[derive(Debug, Clone)]
 struct RequestId(String);
 
 /// Middleware: assigns the request id, runs the request inside a tracing span that carries
-/// it, echoes it in `X-Request-Id`, and logs one line per request. Only method, path and
+/// it, echoes it in `X-Request-Id`, returns the ledger receipt the request produced in
+/// `X-Ledger-Entry` (on errors too), and logs one line per request. Only method, path and
 /// status are logged: query strings and bodies may hold PHI.
 pub async fn request_context(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let request_id = uuid::Uuid::new_v4().to_string();
+    let receipt = ReceiptSlot::default();
     req.extensions_mut().insert(RequestId(request_id.clone()));
+    req.extensions_mut().insert(receipt.clone());
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,
@@ -39,6 +44,9 @@ pub async fn request_context(
     let mut response = next.call(req).instrument(span.clone()).await?;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    if let Some(value) = receipt.get().and_then(|r| HeaderValue::from_str(&r).ok()) {
+        response.headers_mut().insert(LEDGER_ENTRY_HEADER, value);
     }
     span.in_scope(|| {
         tracing::info!(
@@ -60,8 +68,14 @@ impl FromRequest for RequestContext {
             .get::<RequestId>()
             .map(|id| id.0.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let receipt = req
+            .extensions()
+            .get::<ReceiptSlot>()
+            .cloned()
+            .unwrap_or_default();
         // Authentication will establish the principal here.
         ready(Ok(RequestContext {
+            receipt,
             principal: Principal::Anonymous,
             request_id,
         }))

@@ -152,6 +152,30 @@ impl MasterKey {
     }
 }
 
+/// Decodes a base64 32-byte secret (surrounding whitespace ignored); errors name
+/// `source_name`.
+pub fn decode_key_base64(
+    text: &str,
+    source_name: &'static str,
+) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+    let decoded = Zeroizing::new(
+        BASE64
+            .decode(text.trim())
+            .map_err(|e| KeyError::Malformed {
+                source_name,
+                detail: e.to_string(),
+            })?,
+    );
+    let bytes: [u8; KEY_LEN] = decoded
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::Malformed {
+            source_name,
+            detail: format!("decoded to {} bytes", decoded.len()),
+        })?;
+    Ok(Zeroizing::new(bytes))
+}
+
 /// Writes a new file readable only by its owner; fails if the file already exists, so a
 /// racing second process never overwrites a key the first one is already using.
 pub fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod capability;
+pub mod compartment;
 pub mod document;
 pub mod outcome;
 pub mod resource_types;

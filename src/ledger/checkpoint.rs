@@ -24,20 +24,27 @@ pub fn sign_checkpoint(key: &LedgerKey, size: u64, root: Hash) -> Result<String,
     let body = Checkpoint::new(key.name(), size, root, "")
         .map_err(|_| LedgerError::Malformed("checkpoint origin is invalid".into()))?
         .to_bytes();
-    let mut note = Note::new(&body, &[]).map_err(|e| LedgerError::Malformed(format!("note: {e}")))?;
-    note.add_sigs(&[key]).map_err(|e| LedgerError::Malformed(format!("signing the note: {e}")))?;
-    String::from_utf8(note.to_bytes()).map_err(|_| LedgerError::Malformed("note is not UTF-8".into()))
+    let mut note =
+        Note::new(&body, &[]).map_err(|e| LedgerError::Malformed(format!("note: {e}")))?;
+    note.add_sigs(&[key])
+        .map_err(|e| LedgerError::Malformed(format!("signing the note: {e}")))?;
+    String::from_utf8(note.to_bytes())
+        .map_err(|_| LedgerError::Malformed("note is not UTF-8".into()))
 }
 
 /// Verifies a signed checkpoint against a verifier key (`name+id+key`); the origin must be
 /// the key's name.
 pub fn verify_checkpoint(note_text: &str, vkey: &str) -> Result<VerifiedCheckpoint, LedgerError> {
-    let verifier = StandardVerifier::new(vkey).map_err(|e| LedgerError::Malformed(format!("verifier key: {e}")))?;
+    let verifier = StandardVerifier::new(vkey)
+        .map_err(|e| LedgerError::Malformed(format!("verifier key: {e}")))?;
     let name = signed_note::Verifier::name(&verifier).to_owned();
-    let note = Note::from_bytes(note_text.as_bytes()).map_err(|e| LedgerError::Malformed(format!("note: {e}")))?;
+    let note = Note::from_bytes(note_text.as_bytes())
+        .map_err(|e| LedgerError::Malformed(format!("note: {e}")))?;
     let verifiers = VerifierList::new(vec![Box::new(verifier)]);
-    note.verify(&verifiers).map_err(|_| LedgerError::InvalidProof)?;
-    let checkpoint = Checkpoint::from_bytes(note.text()).map_err(|_| LedgerError::Malformed("checkpoint body".into()))?;
+    note.verify(&verifiers)
+        .map_err(|_| LedgerError::InvalidProof)?;
+    let checkpoint = Checkpoint::from_bytes(note.text())
+        .map_err(|_| LedgerError::Malformed("checkpoint body".into()))?;
     if checkpoint.origin() != name {
         return Err(LedgerError::Malformed(format!(
             "checkpoint origin '{}' is not the key name '{name}'",

@@ -87,7 +87,8 @@ struct WithSignature {
 }
 
 fn canonical<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
-    serde_json_canonicalizer::to_vec(value).map_err(|e| LedgerError::Malformed(format!("canonical JSON: {e}")))
+    serde_json_canonicalizer::to_vec(value)
+        .map_err(|e| LedgerError::Malformed(format!("canonical JSON: {e}")))
 }
 
 impl LedgerEntry {
@@ -103,10 +104,12 @@ impl LedgerEntry {
 
 /// Parses leaf bytes and checks that they are canonical and carry a valid signature.
 pub fn verify_entry(leaf_data: &[u8], key: &VerifyingKey) -> Result<LedgerEntry, LedgerError> {
-    let signed: WithSignature =
-        serde_json::from_slice(leaf_data).map_err(|e| LedgerError::Malformed(format!("entry JSON: {e}")))?;
+    let signed: WithSignature = serde_json::from_slice(leaf_data)
+        .map_err(|e| LedgerError::Malformed(format!("entry JSON: {e}")))?;
     if canonical(&signed)? != leaf_data {
-        return Err(LedgerError::Malformed("entry bytes are not in canonical (JCS) form".into()));
+        return Err(LedgerError::Malformed(
+            "entry bytes are not in canonical (JCS) form".into(),
+        ));
     }
     let sig_bytes: [u8; 64] = BASE64
         .decode(&signed.sig)
@@ -114,14 +117,18 @@ pub fn verify_entry(leaf_data: &[u8], key: &VerifyingKey) -> Result<LedgerEntry,
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| LedgerError::Malformed("sig is not a base64 Ed25519 signature".into()))?;
     let unsigned = canonical(&signed.entry)?;
-    key.verify(&unsigned, &Signature::from_bytes(&sig_bytes)).map_err(|_| LedgerError::InvalidProof)?;
+    key.verify(&unsigned, &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| LedgerError::InvalidProof)?;
     Ok(signed.entry)
 }
 
 /// Lowercase hex SHA-256, the form of `contentHash`.
 pub fn content_hash(ciphertext: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(ciphertext).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(ciphertext)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -133,7 +140,11 @@ mod tests {
             v: ENTRY_VERSION,
             id: "r-1".into(),
             time: "2026-11-21T22:00:00.000000Z".into(),
-            actor: Actor { subject: "anonymous".into(), client: None, role: "anonymous".into() },
+            actor: Actor {
+                subject: "anonymous".into(),
+                client: None,
+                role: "anonymous".into(),
+            },
             action: "create".into(),
             outcome: Outcome::Permit,
             reason: None,
@@ -156,18 +167,25 @@ mod tests {
         // Keys sorted, no whitespace.
         assert!(text.starts_with(r#"{"action":"create","actor":{"role":"anonymous","subject":"anonymous"},"id":"r-1","outcome":"permit","patient":"Patient/p","request":"req","resources":[{"contentHash":""#), "{text}");
         assert!(!text.contains(' '));
-        assert_eq!(verify_entry(&signed.leaf_data, &key.verifying_key()).unwrap(), sample());
+        assert_eq!(
+            verify_entry(&signed.leaf_data, &key.verifying_key()).unwrap(),
+            sample()
+        );
     }
 
     #[test]
     fn changed_entries_or_other_keys_fail() {
         let key = LedgerKey::generate("test/ledger").unwrap();
         let signed = sample().sign(&key).unwrap();
-        let tampered = String::from_utf8(signed.leaf_data.clone()).unwrap().replace("\"create\"", "\"delete\"");
+        let tampered = String::from_utf8(signed.leaf_data.clone())
+            .unwrap()
+            .replace("\"create\"", "\"delete\"");
         assert!(verify_entry(tampered.as_bytes(), &key.verifying_key()).is_err());
         let other = LedgerKey::generate("test/ledger").unwrap();
         assert!(verify_entry(&signed.leaf_data, &other.verifying_key()).is_err());
-        let spaced = String::from_utf8(signed.leaf_data).unwrap().replacen(',', ", ", 1);
+        let spaced = String::from_utf8(signed.leaf_data)
+            .unwrap()
+            .replacen(',', ", ", 1);
         assert!(verify_entry(spaced.as_bytes(), &key.verifying_key()).is_err());
     }
 }

@@ -11,7 +11,7 @@ use rand::RngCore as _;
 use zeroize::Zeroizing;
 
 use crate::crypto::KeyError;
-use crate::crypto::keys::write_secret_file;
+use crate::crypto::keys::{decode_key_base64, write_secret_file};
 
 /// File name of the generated development ledger key inside the data directory.
 pub const DEV_LEDGER_KEY_FILE: &str = "ledger.key";
@@ -29,7 +29,10 @@ pub struct LedgerKey {
 
 impl fmt::Debug for LedgerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LedgerKey").field("name", &self.name).field("key_id", &self.key_id()).finish_non_exhaustive()
+        f.debug_struct("LedgerKey")
+            .field("name", &self.name)
+            .field("key_id", &self.key_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -38,9 +41,14 @@ impl LedgerKey {
     /// must be a valid note key name (no `+`, no whitespace).
     pub fn from_seed(seed: [u8; 32], name: &str) -> Result<Self, String> {
         if !signed_note::is_key_name_valid(name) {
-            return Err(format!("'{name}' is not a valid note key name (no '+' and no whitespace)"));
+            return Err(format!(
+                "'{name}' is not a valid note key name (no '+' and no whitespace)"
+            ));
         }
-        Ok(Self { signing: SigningKey::from_bytes(&seed), name: name.to_owned() })
+        Ok(Self {
+            signing: SigningKey::from_bytes(&seed),
+            name: name.to_owned(),
+        })
     }
 
     pub fn generate(name: &str) -> Result<Self, String> {
@@ -51,21 +59,19 @@ impl LedgerKey {
 
     /// Reads a base64 seed from `path`.
     pub fn from_file(path: &Path, name: &str, source_name: &'static str) -> Result<Self, KeyError> {
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|error| KeyError::Read {
+        let text =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|error| KeyError::Read {
+                    source_name,
+                    path: path.to_owned(),
+                    error,
+                })?,
+            );
+        let seed = decode_key_base64(&text, source_name)?;
+        Self::from_seed(*seed, name).map_err(|detail| KeyError::Malformed {
             source_name,
-            path: path.to_owned(),
-            error,
-        })?);
-        let seed = Zeroizing::new(
-            BASE64
-                .decode(text.trim())
-                .map_err(|e| KeyError::Malformed { source_name, detail: e.to_string() })?,
-        );
-        let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| KeyError::Malformed {
-            source_name,
-            detail: format!("decoded to {} bytes", seed.len()),
-        })?;
-        Self::from_seed(seed, name).map_err(|detail| KeyError::Malformed { source_name, detail })
+            detail,
+        })
     }
 
     /// Loads `dir/ledger.key`, creating it (mode 0600) when absent; returns whether it was
@@ -73,9 +79,15 @@ impl LedgerKey {
     pub fn load_or_generate_dev(dir: &Path, name: &str) -> Result<(Self, bool), KeyError> {
         let path = dir.join(DEV_LEDGER_KEY_FILE);
         if path.exists() {
-            return Ok((Self::from_file(&path, name, "development ledger key")?, false));
+            return Ok((
+                Self::from_file(&path, name, "development ledger key")?,
+                false,
+            ));
         }
-        let key = Self::generate(name).map_err(|detail| KeyError::Malformed { source_name: "FHIRLEDGER_LEDGER_ORIGIN", detail })?;
+        let key = Self::generate(name).map_err(|detail| KeyError::Malformed {
+            source_name: "FHIRLEDGER_LEDGER_ORIGIN",
+            detail,
+        })?;
         let encoded = Zeroizing::new(BASE64.encode(key.signing.to_bytes()));
         write_secret_file(&path, &encoded).map_err(|error| KeyError::Write {
             source_name: "development ledger key",
@@ -134,12 +146,17 @@ pub fn parse_vkey(vkey: &str) -> Result<(String, VerifyingKey), String> {
     let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
         return Err("a verifier key has the form name+keyid+base64key".into());
     };
-    let bytes = BASE64.decode(key).map_err(|_| "the verifier key's key part is not base64".to_owned())?;
+    let bytes = BASE64
+        .decode(key)
+        .map_err(|_| "the verifier key's key part is not base64".to_owned())?;
     let Some((&ALG_ED25519, public)) = bytes.split_first() else {
         return Err("the verifier key is not an Ed25519 key".into());
     };
-    let public: [u8; 32] = public.try_into().map_err(|_| "the Ed25519 key must be 32 bytes".to_owned())?;
-    let verifying = VerifyingKey::from_bytes(&public).map_err(|_| "the Ed25519 key is invalid".to_owned())?;
+    let public: [u8; 32] = public
+        .try_into()
+        .map_err(|_| "the Ed25519 key must be 32 bytes".to_owned())?;
+    let verifying =
+        VerifyingKey::from_bytes(&public).map_err(|_| "the Ed25519 key is invalid".to_owned())?;
     let expected_id = format!("{:08x}", signed_note::key_id(name, &bytes));
     if id != expected_id {
         return Err("the verifier key's id does not match its name and key".into());
@@ -160,7 +177,10 @@ mod tests {
         assert_eq!(public, key.verifying_key());
         assert!(signed_note::StandardVerifier::new(&vkey).is_ok());
         let key_part = vkey.rsplit('+').next().unwrap();
-        let wrong_id = format!("fhir.example.org/ledger+{:08x}+{key_part}", key.key_id() ^ 1);
+        let wrong_id = format!(
+            "fhir.example.org/ledger+{:08x}+{key_part}",
+            key.key_id() ^ 1
+        );
         assert!(parse_vkey(&wrong_id).is_err());
         assert!(LedgerKey::generate("has space").is_err());
         assert!(!format!("{key:?}").contains(&BASE64.encode(key.signing.to_bytes())));

@@ -36,7 +36,10 @@ struct Reader<'a, S: HashStore + ?Sized> {
 
 impl<'a, S: HashStore + ?Sized> Reader<'a, S> {
     fn new(store: &'a S) -> Self {
-        Self { store, error: RefCell::new(None) }
+        Self {
+            store,
+            error: RefCell::new(None),
+        }
     }
 
     fn map_err(&self, error: tlog::Error) -> LedgerError {
@@ -53,7 +56,9 @@ impl<S: HashStore + ?Sized> HashReader for Reader<'_, S> {
             // tlog panics on a short answer; refuse it here instead.
             Ok(hashes) if hashes.len() == indexes.len() => Ok(hashes),
             Ok(_) => {
-                *self.error.borrow_mut() = Some(LedgerError::Storage("hash store returned the wrong number of hashes".into()));
+                *self.error.borrow_mut() = Some(LedgerError::Storage(
+                    "hash store returned the wrong number of hashes".into(),
+                ));
                 Err(tlog::Error::IndexesNotInTree)
             }
             Err(error) => {
@@ -76,7 +81,11 @@ pub fn stored_hash_index(level: u8, n: u64) -> u64 {
 
 /// The hashes that appending record `n` (with leaf data `data`) adds, starting at
 /// `stored_hash_index(0, n)`. The store must hold every hash of records `0..n`.
-pub fn hashes_for_append<S: HashStore + ?Sized>(store: &S, n: u64, data: &[u8]) -> Result<Vec<Hash>, LedgerError> {
+pub fn hashes_for_append<S: HashStore + ?Sized>(
+    store: &S,
+    n: u64,
+    data: &[u8],
+) -> Result<Vec<Hash>, LedgerError> {
     let reader = Reader::new(store);
     tlog::stored_hashes(n, data, &reader).map_err(|e| reader.map_err(e))
 }
@@ -88,18 +97,30 @@ pub fn root<S: HashStore + ?Sized>(store: &S, size: u64) -> Result<Hash, LedgerE
 }
 
 /// RFC 6962 §2.1.1 audit path of record `index` in the tree of `tree_size` records.
-pub fn inclusion_proof<S: HashStore + ?Sized>(store: &S, tree_size: u64, index: u64) -> Result<Vec<Hash>, LedgerError> {
+pub fn inclusion_proof<S: HashStore + ?Sized>(
+    store: &S,
+    tree_size: u64,
+    index: u64,
+) -> Result<Vec<Hash>, LedgerError> {
     if index >= tree_size {
-        return Err(LedgerError::OutOfRange(format!("index {index} is not below tree size {tree_size}")));
+        return Err(LedgerError::OutOfRange(format!(
+            "index {index} is not below tree size {tree_size}"
+        )));
     }
     let reader = Reader::new(store);
     tlog::prove_record(tree_size, index, &reader).map_err(|e| reader.map_err(e))
 }
 
 /// RFC 6962 §2.1.2 consistency proof between the trees of `first` and `second` records.
-pub fn consistency_proof<S: HashStore + ?Sized>(store: &S, first: u64, second: u64) -> Result<Vec<Hash>, LedgerError> {
+pub fn consistency_proof<S: HashStore + ?Sized>(
+    store: &S,
+    first: u64,
+    second: u64,
+) -> Result<Vec<Hash>, LedgerError> {
     if first > second {
-        return Err(LedgerError::OutOfRange(format!("first ({first}) is larger than second ({second})")));
+        return Err(LedgerError::OutOfRange(format!(
+            "first ({first}) is larger than second ({second})"
+        )));
     }
     if first == 0 || first == second {
         return Ok(Vec::new());
@@ -110,11 +131,18 @@ pub fn consistency_proof<S: HashStore + ?Sized>(store: &S, first: u64, second: u
 
 /// Checks an audit path: record `index` with leaf hash `leaf` is in the tree of
 /// `tree_size` records whose root is `root`.
-pub fn verify_inclusion(proof: &[Hash], tree_size: u64, root: Hash, index: u64, leaf: Hash) -> Result<(), LedgerError> {
+pub fn verify_inclusion(
+    proof: &[Hash],
+    tree_size: u64,
+    root: Hash,
+    index: u64,
+    leaf: Hash,
+) -> Result<(), LedgerError> {
     if index >= tree_size {
         return Err(LedgerError::InvalidProof);
     }
-    tlog::check_record(&proof.to_vec(), tree_size, root, index, leaf).map_err(|_| LedgerError::InvalidProof)
+    tlog::check_record(&proof.to_vec(), tree_size, root, index, leaf)
+        .map_err(|_| LedgerError::InvalidProof)
 }
 
 /// Checks that the tree (`second`, `second_root`) extends (`first`, `first_root`).
@@ -129,13 +157,22 @@ pub fn verify_consistency(
         return Err(LedgerError::InvalidProof);
     }
     if first == second {
-        return if proof.is_empty() && first_root == second_root { Ok(()) } else { Err(LedgerError::InvalidProof) };
+        return if proof.is_empty() && first_root == second_root {
+            Ok(())
+        } else {
+            Err(LedgerError::InvalidProof)
+        };
     }
     if first == 0 {
         // Every tree extends the empty tree (RFC 9162 §2.1.4: the proof is empty).
-        return if proof.is_empty() { Ok(()) } else { Err(LedgerError::InvalidProof) };
+        return if proof.is_empty() {
+            Ok(())
+        } else {
+            Err(LedgerError::InvalidProof)
+        };
     }
-    tlog::check_tree(&proof.to_vec(), second, second_root, first, first_root).map_err(|_| LedgerError::InvalidProof)
+    tlog::check_tree(&proof.to_vec(), second, second_root, first, first_root)
+        .map_err(|_| LedgerError::InvalidProof)
 }
 
 /// Stored hashes in memory, in stored-hash order (tests, the auditor, benchmarks).
@@ -153,7 +190,10 @@ impl MemoryHashStore {
     /// Appends one record; returns its leaf hash.
     pub fn append(&mut self, data: &[u8]) -> Result<Hash, LedgerError> {
         let added = hashes_for_append(self, self.size, data)?;
-        let leaf = added.first().copied().ok_or_else(|| LedgerError::Storage("append added no hash".into()))?;
+        let leaf = added
+            .first()
+            .copied()
+            .ok_or_else(|| LedgerError::Storage("append added no hash".into()))?;
         self.hashes.extend(added);
         self.size += 1;
         Ok(leaf)
@@ -182,26 +222,69 @@ impl HashStore for MemoryHashStore {
     }
 }
 
-/// Hashes added in memory on top of another store (a batch being sequenced).
+/// Hashes added in memory on top of another store (a batch being sequenced). Hashes read
+/// from the base store are cached: appending a batch keeps asking for the same few
+/// right-edge hashes of the tree as it was before the batch.
 pub struct OverlayHashStore<'a, S: HashStore + ?Sized> {
-    pub base: &'a S,
-    pub added: HashMap<u64, Hash>,
+    base: &'a S,
+    added: HashMap<u64, Hash>,
+    cache: RefCell<HashMap<u64, Hash>>,
+}
+
+impl<'a, S: HashStore + ?Sized> OverlayHashStore<'a, S> {
+    pub fn new(base: &'a S) -> Self {
+        Self {
+            base,
+            added: HashMap::new(),
+            cache: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Appends record `n`, which must be the next one; returns its leaf hash.
+    pub fn append(&mut self, n: u64, data: &[u8]) -> Result<Hash, LedgerError> {
+        let added = hashes_for_append(self, n, data)?;
+        let start = stored_hash_index(0, n);
+        let leaf = added
+            .first()
+            .copied()
+            .ok_or_else(|| LedgerError::Storage("append added no hash".into()))?;
+        for (offset, hash) in (0u64..).zip(added) {
+            self.added.insert(start + offset, hash);
+        }
+        Ok(leaf)
+    }
+
+    /// The hashes added on top of the base store, in stored-hash order.
+    pub fn into_added(self) -> Vec<(u64, Hash)> {
+        let mut added: Vec<(u64, Hash)> = self.added.into_iter().collect();
+        added.sort_unstable_by_key(|(index, _)| *index);
+        added
+    }
 }
 
 impl<S: HashStore + ?Sized> HashStore for OverlayHashStore<'_, S> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
-        let missing: Vec<u64> = indexes.iter().copied().filter(|i| !self.added.contains_key(i)).collect();
-        let from_base: HashMap<u64, Hash> = if missing.is_empty() {
-            HashMap::new()
-        } else {
-            missing.iter().copied().zip(self.base.read_hashes(&missing)?).collect()
+        let missing: Vec<u64> = {
+            let cache = self.cache.borrow();
+            indexes
+                .iter()
+                .copied()
+                .filter(|i| !self.added.contains_key(i) && !cache.contains_key(i))
+                .collect()
         };
+        if !missing.is_empty() {
+            let fetched = self.base.read_hashes(&missing)?;
+            self.cache
+                .borrow_mut()
+                .extend(missing.into_iter().zip(fetched));
+        }
+        let cache = self.cache.borrow();
         indexes
             .iter()
             .map(|i| {
                 self.added
                     .get(i)
-                    .or_else(|| from_base.get(i))
+                    .or_else(|| cache.get(i))
                     .copied()
                     .ok_or_else(|| LedgerError::Storage(format!("no stored hash {i}")))
             })
@@ -253,8 +336,12 @@ mod tests {
             let first_root = root(&store, first).unwrap();
             let proof = consistency_proof(&store, first, size).unwrap();
             verify_consistency(&proof, first, first_root, size, root_hash).unwrap();
-            assert!(verify_consistency(&proof, first, flip(first_root, bit), size, root_hash).is_err());
-            assert!(verify_consistency(&proof, first, first_root, size, flip(root_hash, bit)).is_err());
+            assert!(
+                verify_consistency(&proof, first, flip(first_root, bit), size, root_hash).is_err()
+            );
+            assert!(
+                verify_consistency(&proof, first, first_root, size, flip(root_hash, bit)).is_err()
+            );
             if !proof.is_empty() {
                 let mut bad = proof.clone();
                 let at = rng.gen_range(0..bad.len());
@@ -262,6 +349,27 @@ mod tests {
                 assert!(verify_consistency(&bad, first, first_root, size, root_hash).is_err());
             }
         }
+    }
+
+    #[test]
+    fn overlay_appends_match_a_single_store() {
+        let whole = store_of(40);
+        let first = store_of(25);
+        let mut overlay = OverlayHashStore::new(&first);
+        for i in 25..40u64 {
+            overlay.append(i, format!("entry {i}").as_bytes()).unwrap();
+        }
+        assert_eq!(root(&overlay, 40).unwrap(), root(&whole, 40).unwrap());
+        let added = overlay.into_added();
+        let start = usize::try_from(stored_hash_index(0, 25)).unwrap();
+        assert_eq!(added.first().unwrap().0, stored_hash_index(0, 25));
+        assert!(
+            added
+                .iter()
+                .zip(&whole.hashes()[start..])
+                .all(|((_, a), b)| a == b)
+        );
+        assert_eq!(added.len(), whole.hashes().len() - start);
     }
 
     #[test]

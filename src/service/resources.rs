@@ -5,13 +5,17 @@ use std::sync::Arc;
 use crate::access::RequestContext;
 use crate::crypto::{Envelope, ResourceBinding};
 use crate::error::AppError;
+use crate::fhir::compartment::patient_compartment;
 use crate::fhir::document::{self, VersionMeta};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
+use crate::ledger::EntryResource;
+use crate::ledger::entry::content_hash;
 use crate::store::resources::{self as rows, HistoryWindow, ResourceHead, VersionRow};
 use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
+use super::ledger::{LedgerEvent, LedgerService};
 
 /// How often a write is retried after losing a race to a concurrent writer of the same
 /// resource before answering 409.
@@ -73,6 +77,7 @@ pub struct ResourceService {
     pool: DbPool,
     envelope: Arc<Envelope>,
     types: Arc<ResourceTypes>,
+    ledger: LedgerService,
 }
 
 /// What a write wants to do once it has seen the current state.
@@ -111,12 +116,22 @@ impl From<StoreError> for TxError {
 }
 
 impl ResourceService {
-    pub fn new(pool: DbPool, envelope: Arc<Envelope>, types: Arc<ResourceTypes>) -> Self {
+    pub fn new(
+        pool: DbPool,
+        envelope: Arc<Envelope>,
+        types: Arc<ResourceTypes>,
+        ledger: LedgerService,
+    ) -> Self {
         Self {
             pool,
             envelope,
             types,
+            ledger,
         }
+    }
+
+    pub fn ledger(&self) -> &LedgerService {
+        &self.ledger
     }
 
     pub fn types(&self) -> &ResourceTypes {
@@ -132,11 +147,12 @@ impl ResourceService {
     /// is ignored, as R4 requires (http.html#create).
     pub async fn create(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         body: Vec<u8>,
     ) -> Result<WriteOutcome, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             let id = ResourceId::generate();
@@ -144,7 +160,7 @@ impl ResourceService {
                 compact_json: validated.compact_json,
                 method: "POST",
             };
-            this.write(&resource_type, &id, None, kind)?
+            this.write(&ctx, &resource_type, &id, None, kind)?
                 .ok_or_else(|| AppError::Internal("create wrote no content".into()))
         })
         .await
@@ -153,13 +169,14 @@ impl ResourceService {
     /// `PUT /{type}/{id}`: updates, or creates with the client's id (http.html#update).
     pub async fn update(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
         body: Vec<u8>,
         if_match: Option<i64>,
     ) -> Result<WriteOutcome, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             match validated.id.as_deref() {
@@ -183,7 +200,7 @@ impl ResourceService {
                 compact_json: validated.compact_json,
                 method: "PUT",
             };
-            this.write(&resource_type, &id, if_match, kind)?
+            this.write(&ctx, &resource_type, &id, if_match, kind)?
                 .ok_or_else(|| AppError::Internal("update wrote no content".into()))
         })
         .await
@@ -193,25 +210,33 @@ impl ResourceService {
     /// no-op (http.html#delete).
     pub async fn delete(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
         if_match: Option<i64>,
     ) -> Result<DeleteOutcome, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
             let mut conn = this.connection()?;
             if let Some(head) = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
                 && head.deleted
                 && if_match.is_none_or(|v| v == head.current_version)
             {
+                // Nothing changes, but the attempt is an interaction with the record.
+                let event = LedgerEvent::permit(
+                    "delete",
+                    vec![target(&resource_type, &id, Some(head.current_version))],
+                    None,
+                );
+                this.ledger.append(&ctx, event)?;
                 return Ok(DeleteOutcome::AlreadyDeleted(VersionMeta {
                     version_id: head.current_version,
                     last_updated: head.last_updated,
                 }));
             }
             drop(conn);
-            match this.write(&resource_type, &id, if_match, WriteKind::Delete)? {
+            match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
                 Some(_) => Err(AppError::Internal("delete wrote content".into())),
                 None => this
                     .current_meta(&resource_type, &id)
@@ -224,59 +249,111 @@ impl ResourceService {
     /// `GET /{type}/{id}`.
     pub async fn read(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
     ) -> Result<StoredResource, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
-            let mut conn = this.connection()?;
-            let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
-                .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
-            let row = rows::version(
-                &mut conn,
-                resource_type.as_str(),
-                id.as_str(),
-                head.current_version,
-            )?
-            .ok_or_else(|| {
-                AppError::Internal(format!("{resource_type}/{id} has no current version row"))
-            })?;
-            this.open_version(&resource_type, &id, &row)
+            let result = this.read_current(&resource_type, &id);
+            this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
         .await
+    }
+
+    fn read_current(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<StoredResource, AppError> {
+        let mut conn = self.connection()?;
+        let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
+            .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+        let row = rows::version(
+            &mut conn,
+            resource_type.as_str(),
+            id.as_str(),
+            head.current_version,
+        )?
+        .ok_or_else(|| {
+            AppError::Internal(format!("{resource_type}/{id} has no current version row"))
+        })?;
+        self.open_version(resource_type, id, &row)
     }
 
     /// `GET /{type}/{id}/_history/{vid}`.
     pub async fn vread(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
         version_id: i64,
     ) -> Result<StoredResource, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
-            let mut conn = this.connection()?;
-            let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), version_id)?
-                .ok_or_else(|| {
-                    AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
-                })?;
-            this.open_version(&resource_type, &id, &row)
+            let result = this.read_version(&resource_type, &id, version_id);
+            this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
         })
         .await
+    }
+
+    fn read_version(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: i64,
+    ) -> Result<StoredResource, AppError> {
+        let mut conn = self.connection()?;
+        let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), version_id)?
+            .ok_or_else(|| {
+                AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
+            })?;
+        self.open_version(resource_type, id, &row)
     }
 
     /// `GET /{type}/{id}/_history`: versions newest first.
     pub async fn history(
         &self,
-        _ctx: &RequestContext,
+        ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
         query: HistoryQuery,
     ) -> Result<HistoryPage, AppError> {
         let this = self.clone();
+        let ctx = ctx.clone();
         blocking(move || {
+            let result = this.history_page(&resource_type, &id, query);
+            match &result {
+                Ok(page) => {
+                    let disclosed = page
+                        .entries
+                        .iter()
+                        .filter(|e| e.json.is_some())
+                        .map(|e| target(&resource_type, &id, Some(e.meta.version_id)))
+                        .collect();
+                    let patient = patient_compartment(resource_type.as_str(), id.as_str(), "{}");
+                    this.ledger
+                        .append(&ctx, LedgerEvent::permit("history", disclosed, patient))?;
+                }
+                Err(error) => {
+                    this.record_refusal(&ctx, "history", &resource_type, &id, None, error)?
+                }
+            }
+            result
+        })
+        .await
+    }
+
+    fn history_page(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, AppError> {
+        let this = self;
+        {
             let mut conn = this.connection()?;
             if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
                 return Err(AppError::NotFound(format!("{resource_type}/{id}")));
@@ -308,7 +385,7 @@ impl ResourceService {
                     let json = if row.deleted {
                         None
                     } else {
-                        Some(this.open_version(&resource_type, &id, row)?.json)
+                        Some(this.open_version(resource_type, id, row)?.json)
                     };
                     Ok(HistoryEntry {
                         meta,
@@ -322,8 +399,7 @@ impl ResourceService {
                 total,
                 next_before_version,
             })
-        })
-        .await
+        }
     }
 
     /// Whether the database answers (for `/readyz`).
@@ -358,6 +434,52 @@ impl ResourceService {
             version_id: head.current_version,
             last_updated: head.last_updated,
         })
+    }
+
+    /// Ledgers a read-type interaction: a permit naming the disclosed version, or a deny
+    /// for a request that reached a resource and failed. Fails closed: if the entry cannot
+    /// be written, nothing is returned.
+    fn record_disclosure(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: Option<i64>,
+        result: Result<StoredResource, AppError>,
+    ) -> Result<StoredResource, AppError> {
+        match &result {
+            Ok(resource) => {
+                let patient =
+                    patient_compartment(resource_type.as_str(), id.as_str(), &resource.json);
+                let disclosed = vec![target(resource_type, id, Some(resource.meta.version_id))];
+                self.ledger
+                    .append(ctx, LedgerEvent::permit(action, disclosed, patient))?;
+            }
+            Err(error) => self.record_refusal(ctx, action, resource_type, id, version_id, error)?,
+        }
+        result
+    }
+
+    /// Ledgers a failed request that reached a resource (not found, gone, conflicts).
+    fn record_refusal(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: Option<i64>,
+        error: &AppError,
+    ) -> Result<(), AppError> {
+        let reason = match error {
+            AppError::NotFound(_) => "not-found",
+            AppError::Gone { .. } => "gone",
+            AppError::PreconditionFailed(_) => "precondition-failed",
+            AppError::Conflict(_) => "conflict",
+            _ => return Ok(()),
+        };
+        let event = LedgerEvent::deny(action, reason, vec![target(resource_type, id, version_id)]);
+        self.ledger.append(ctx, event).map(|_| ())
     }
 
     /// Decrypts one version; a deletion answers 410 Gone.
@@ -401,22 +523,50 @@ impl ResourceService {
         })
     }
 
-    /// Writes the next version of a resource in one transaction, retrying when a concurrent
-    /// writer of the same resource got there first. Returns the written content (`None` for
-    /// a deletion).
+    /// Writes the next version of a resource and its ledger entry in one transaction,
+    /// retrying when a concurrent writer of the same resource got there first. Returns the
+    /// written content (`None` for a deletion). Failures that reached the resource are
+    /// ledgered too.
     fn write(
         &self,
+        ctx: &RequestContext,
         resource_type: &ResourceType,
         id: &ResourceId,
         if_match: Option<i64>,
         kind: WriteKind,
     ) -> Result<Option<WriteOutcome>, AppError> {
+        let action = match &kind {
+            WriteKind::Content { method: "POST", .. } => "create",
+            WriteKind::Content { .. } => "update",
+            WriteKind::Delete => "delete",
+        };
+        let result = self.write_with_retries(ctx, resource_type, id, if_match, &kind);
+        match result {
+            Ok((outcome, receipt)) => {
+                ctx.receipt.set(receipt);
+                Ok(outcome)
+            }
+            Err(error) => {
+                self.record_refusal(ctx, action, resource_type, id, if_match, &error)?;
+                Err(error)
+            }
+        }
+    }
+
+    fn write_with_retries(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        if_match: Option<i64>,
+        kind: &WriteKind,
+    ) -> Result<(Option<WriteOutcome>, String), AppError> {
         let mut conn = self.connection()?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             match conn
-                .write_transaction(|tx| self.write_once(tx, resource_type, id, if_match, &kind))
+                .write_transaction(|tx| self.write_once(tx, ctx, resource_type, id, if_match, kind))
             {
-                Ok(outcome) => return Ok(outcome),
+                Ok(written) => return Ok(written),
                 Err(TxError::LostRace) => continue,
                 Err(TxError::App(error)) => return Err(error),
             }
@@ -429,11 +579,12 @@ impl ResourceService {
     fn write_once(
         &self,
         tx: &mut DbConnection,
+        ctx: &RequestContext,
         resource_type: &ResourceType,
         id: &ResourceId,
         if_match: Option<i64>,
         kind: &WriteKind,
-    ) -> Result<Option<WriteOutcome>, TxError> {
+    ) -> Result<(Option<WriteOutcome>, String), TxError> {
         let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
         check_precondition(resource_type, id, head, if_match)?;
         let version_id = head.map_or(1, |h| h.current_version + 1);
@@ -480,7 +631,14 @@ impl ResourceService {
                 match head {
                     None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
                     // Raced with another delete: nothing more to write.
-                    Some(h) if h.deleted => return Ok(None),
+                    Some(h) if h.deleted => {
+                        let event = LedgerEvent::permit(
+                            "delete",
+                            vec![target(resource_type, id, Some(h.current_version))],
+                            None,
+                        );
+                        return Ok((None, self.ledger.append_in(tx, ctx, event)?));
+                    }
                     Some(_) => {}
                 }
                 (
@@ -503,11 +661,42 @@ impl ResourceService {
             },
             Some(h) => rows::advance(tx, h.current_version, &row)?,
         };
-        if won {
-            Ok(outcome)
-        } else {
-            Err(TxError::LostRace)
+        if !won {
+            return Err(TxError::LostRace);
         }
+        let mut written = target(resource_type, id, Some(version_id));
+        written.content_hash = row.ciphertext.as_deref().map(content_hash);
+        let (action, patient) = match &outcome {
+            Some(written_content) => (
+                if written_content.created {
+                    "create"
+                } else {
+                    "update"
+                },
+                patient_compartment(
+                    resource_type.as_str(),
+                    id.as_str(),
+                    &written_content.resource.json,
+                ),
+            ),
+            None => (
+                "delete",
+                patient_compartment(resource_type.as_str(), id.as_str(), "{}"),
+            ),
+        };
+        let event = LedgerEvent::permit(action, vec![written], patient);
+        let receipt = self.ledger.append_in(tx, ctx, event)?;
+        Ok((outcome, receipt))
+    }
+}
+
+/// Names one resource (version) in a ledger entry.
+fn target(resource_type: &ResourceType, id: &ResourceId, version_id: Option<i64>) -> EntryResource {
+    EntryResource {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        version_id: version_id.map(|v| v.to_string()),
+        content_hash: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! Every function here is blocking; the service layer runs them on the blocking thread pool.
 
 pub mod connection;
+pub mod ledger;
 pub mod migrations;
 pub mod resources;
 pub mod schema;

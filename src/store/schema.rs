@@ -25,4 +25,39 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    ledger_entries (pending_seq) {
+        pending_seq -> BigInt,
+        receipt -> Text,
+        leaf_index -> Nullable<BigInt>,
+        leaf_hash -> Nullable<Binary>,
+        data -> Binary,
+        created_at -> BigInt,
+        sequenced_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    ledger_hashes (stored_index) {
+        stored_index -> BigInt,
+        hash -> Binary,
+    }
+}
+
+diesel::table! {
+    ledger_checkpoints (tree_size) {
+        tree_size -> BigInt,
+        root_hash -> Binary,
+        note -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    ledger_state (id) {
+        id -> Integer,
+        tree_size -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(resources, resource_versions);

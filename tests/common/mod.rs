@@ -17,7 +17,8 @@ use actix_web::web::Bytes;
 use diesel::{Connection as _, RunQueryDsl as _};
 use fhirledger::api::AppState;
 use fhirledger::crypto::MasterKey;
-use fhirledger::server::{StateOptions, prepare_state};
+use fhirledger::ledger::LedgerKey;
+use fhirledger::server::{Keys, StateOptions, prepare_state};
 use fhirledger::store::DatabaseUrl;
 use serde_json::Value;
 
@@ -109,18 +110,29 @@ impl TestDb {
         }
     }
 
-    /// Application state on this database with a fresh random master key.
+    /// Application state on this database with fresh random keys.
     pub fn state(&self) -> AppState {
         self.state_with(MasterKey::generate(), 16 * 1024 * 1024)
     }
 
     pub fn state_with(&self, key: MasterKey, max_body_bytes: usize) -> AppState {
+        self.state_with_keys(
+            Keys {
+                master: key,
+                ledger: ledger_key(),
+            },
+            max_body_bytes,
+        )
+    }
+
+    pub fn state_with_keys(&self, keys: Keys, max_body_bytes: usize) -> AppState {
         let options = StateOptions {
             base_url: BASE_URL.into(),
             max_body_bytes,
             pool_size: 8,
+            ledger_batch_size: 4096,
         };
-        prepare_state(&self.url, key, &options).expect("application state")
+        prepare_state(&self.url, keys, &options).expect("application state")
     }
 
     /// A direct connection, for tests that inspect or tamper with stored rows.
@@ -139,6 +151,13 @@ impl Drop for TestDb {
         }
         drop(self.dir.take());
     }
+}
+
+/// The checkpoint origin the tests use.
+pub const LEDGER_ORIGIN: &str = "fhir.test/ledger";
+
+pub fn ledger_key() -> LedgerKey {
+    LedgerKey::generate(LEDGER_ORIGIN).expect("ledger key")
 }
 
 /// Replaces the database name in a PostgreSQL URL, keeping credentials, host and options.

@@ -1,0 +1,362 @@
+//! The ledger API under `/ledger`: checkpoint, verifier key, entries, receipts, proofs and
+//! tiles. Everything here is public log data (entries carry no PHI).
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::request::QueryParams;
+use crate::error::AppError;
+use crate::fhir::outcome::OperationOutcome;
+use crate::ledger::checkpoint::{decode_hash, encode_hash};
+use crate::ledger::tiles::{TILE_WIDTH, parse_tile_path};
+use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry};
+
+/// Entries returned when `end` is not given.
+const DEFAULT_ENTRIES_PAGE: u64 = 100;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/ledger")
+            .route("/checkpoint", web::get().to(checkpoint))
+            .route("/key", web::get().to(key))
+            .route("/entries", web::get().to(entries))
+            .route("/entries/{index}", web::get().to(entry))
+            .route("/receipts/{receipt}", web::get().to(receipt))
+            .route("/proof/inclusion", web::get().to(inclusion_proof))
+            .route("/proof/consistency", web::get().to(consistency_proof))
+            .route("/tile/{tail:.*}", web::get().to(tile)),
+    );
+}
+
+/// The verifier key of the ledger.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerKeyInfo {
+    /// The log origin, which is also the note key name.
+    pub name: String,
+    /// C2SP signed-note verifier key: `name+keyid+base64(0x01 ‖ public key)`.
+    pub vkey: String,
+    /// The 4-byte note key id, hex.
+    pub key_id: String,
+    pub algorithm: &'static str,
+    /// The raw 32-byte Ed25519 public key, base64.
+    pub public_key: String,
+}
+
+/// One entry as served: `leaf_data` is the exact bytes the leaf hash covers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryView {
+    pub index: u64,
+    /// Base64 of the entry's canonical bytes: the RFC 6962 leaf is SHA-256(0x00 ‖ these).
+    pub leaf_data: String,
+    /// The same entry, parsed.
+    #[schema(value_type = Object)]
+    pub entry: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntriesPage {
+    pub entries: Vec<EntryView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InclusionProof {
+    pub leaf_index: u64,
+    pub tree_size: u64,
+    /// Base64 leaf hash.
+    pub leaf_hash: String,
+    /// Base64 hashes of the RFC 6962 audit path.
+    pub proof: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsistencyProof {
+    pub first: u64,
+    pub second: u64,
+    /// Base64 hashes of the RFC 6962 consistency proof.
+    pub proof: Vec<String>,
+}
+
+/// What a receipt resolves to.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReceiptView {
+    pub receipt: String,
+    /// The leaf index, once the sequencer has given it one (`null` while pending).
+    pub index: Option<u64>,
+    pub leaf_data: String,
+    #[schema(value_type = Object)]
+    pub entry: serde_json::Value,
+    /// Inclusion in the latest checkpoint, once sequenced.
+    pub inclusion: Option<InclusionProof>,
+    /// The latest checkpoint (signed note) the proof is against.
+    pub checkpoint: Option<String>,
+}
+
+fn view(entry: ServedEntry) -> Result<(Option<u64>, String, serde_json::Value), AppError> {
+    let parsed = serde_json::from_slice(&entry.leaf_data)
+        .map_err(|e| AppError::Internal(format!("stored ledger entry is not JSON: {e}")))?;
+    Ok((entry.index, BASE64.encode(&entry.leaf_data), parsed))
+}
+
+fn parse_u64(query: &QueryParams, name: &str) -> Result<Option<u64>, AppError> {
+    query
+        .get(name)
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| AppError::BadRequest {
+                message: format!("{name} must be a non-negative integer"),
+                expression: Some(name.to_owned()),
+            })
+        })
+        .transpose()
+}
+
+fn required_u64(query: &QueryParams, name: &str) -> Result<u64, AppError> {
+    parse_u64(query, name)?.ok_or_else(|| AppError::BadRequest {
+        message: format!("{name} is required"),
+        expression: Some(name.to_owned()),
+    })
+}
+
+/// The latest signed checkpoint (C2SP tlog-checkpoint in a signed note).
+#[utoipa::path(get, path = "/ledger/checkpoint", tag = "ledger",
+    responses(
+        (status = 200, description = "Signed checkpoint note", content_type = "text/plain", body = String),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn checkpoint(state: web::Data<AppState>) -> Result<HttpResponse, AppError> {
+    let current = state.ledger.checkpoint().await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(current.note))
+}
+
+/// The key that verifies checkpoints and entry signatures.
+#[utoipa::path(get, path = "/ledger/key", tag = "ledger",
+    responses((status = 200, description = "Verifier key", body = LedgerKeyInfo)))]
+pub async fn key(state: web::Data<AppState>) -> HttpResponse {
+    let key = state.ledger.key();
+    HttpResponse::Ok().json(LedgerKeyInfo {
+        name: key.name().to_owned(),
+        vkey: key.vkey(),
+        key_id: format!("{:08x}", key.key_id()),
+        algorithm: "Ed25519",
+        public_key: BASE64.encode(key.verifying_key().as_bytes()),
+    })
+}
+
+/// Sequenced entries with `start <= index < end`, in index order (at most 1000).
+#[utoipa::path(get, path = "/ledger/entries", tag = "ledger",
+    params(
+        ("start" = Option<u64>, Query, description = "First index (default 0)"),
+        ("end" = Option<u64>, Query, description = "Index after the last (default start+100; at most start+1000)"),
+    ),
+    responses(
+        (status = 200, description = "Entries", body = EntriesPage),
+        (status = 400, description = "Malformed or inverted range", body = OperationOutcome),
+    ))]
+pub async fn entries(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["start", "end"])?;
+    let start = parse_u64(&query, "start")?.unwrap_or(0);
+    let end = parse_u64(&query, "end")?.unwrap_or(start.saturating_add(DEFAULT_ENTRIES_PAGE));
+    if end < start {
+        return Err(AppError::BadRequest {
+            message: "end must not be below start".into(),
+            expression: Some("end".into()),
+        });
+    }
+    if end - start > MAX_ENTRIES_PAGE as u64 {
+        return Err(AppError::BadRequest {
+            message: format!("at most {MAX_ENTRIES_PAGE} entries per page"),
+            expression: Some("end".into()),
+        });
+    }
+    let served = state.ledger.entries(start, end).await?;
+    let entries = served
+        .into_iter()
+        .map(|e| {
+            let (index, leaf_data, entry) = view(e)?;
+            Ok(EntryView {
+                index: index.unwrap_or_default(),
+                leaf_data,
+                entry,
+            })
+        })
+        .collect::<Result<Vec<_>, AppError>>()?;
+    Ok(HttpResponse::Ok().json(EntriesPage { entries }))
+}
+
+/// One sequenced entry.
+#[utoipa::path(get, path = "/ledger/entries/{index}", tag = "ledger",
+    params(("index" = u64, Path, description = "Leaf index")),
+    responses(
+        (status = 200, description = "The entry", body = EntryView),
+        (status = 400, description = "Malformed index", body = OperationOutcome),
+        (status = 404, description = "No entry has that index yet", body = OperationOutcome),
+    ))]
+pub async fn entry(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, AppError> {
+    let index: u64 = path
+        .parse()
+        .map_err(|_| AppError::bad_request("index must be a non-negative integer"))?;
+    let served = state.ledger.entries(index, index.saturating_add(1)).await?;
+    let found = served
+        .into_iter()
+        .next()
+        .ok_or_else(|| AppError::NotFound(format!("ledger entry {index}")))?;
+    let (index, leaf_data, entry) = view(found)?;
+    Ok(HttpResponse::Ok().json(EntryView {
+        index: index.unwrap_or_default(),
+        leaf_data,
+        entry,
+    }))
+}
+
+/// Resolves the receipt from a response's `X-Ledger-Entry` header: the entry, its index
+/// once sequenced, and its inclusion proof in the latest checkpoint.
+#[utoipa::path(get, path = "/ledger/receipts/{receipt}", tag = "ledger",
+    params(("receipt" = String, Path, description = "Value of an X-Ledger-Entry header")),
+    responses(
+        (status = 200, description = "The entry and its proof", body = ReceiptView),
+        (status = 404, description = "Unknown receipt", body = OperationOutcome),
+    ))]
+pub async fn receipt(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, AppError> {
+    let served = state.ledger.entry_by_receipt(path.into_inner()).await?;
+    let receipt = served.receipt.clone();
+    let (index, leaf_data, entry) = view(served)?;
+    let (inclusion, checkpoint) = match index {
+        Some(index) => {
+            let current = state.ledger.checkpoint().await?;
+            let (leaf, proof) = state.ledger.inclusion_proof(index, current.size).await?;
+            let inclusion = InclusionProof {
+                leaf_index: index,
+                tree_size: current.size,
+                leaf_hash: encode_hash(&leaf),
+                proof: proof.iter().map(encode_hash).collect(),
+            };
+            (Some(inclusion), Some(current.note))
+        }
+        None => (None, None),
+    };
+    Ok(HttpResponse::Ok().json(ReceiptView {
+        receipt,
+        index,
+        leaf_data,
+        entry,
+        inclusion,
+        checkpoint,
+    }))
+}
+
+/// RFC 6962 audit path, by `index` or by `leaf_hash`.
+#[utoipa::path(get, path = "/ledger/proof/inclusion", tag = "ledger",
+    params(
+        ("index" = Option<u64>, Query, description = "Leaf index (or give leaf_hash)"),
+        ("leaf_hash" = Option<String>, Query, description = "Base64 leaf hash (or give index)"),
+        ("tree_size" = u64, Query, description = "Tree size of a checkpoint"),
+    ),
+    responses(
+        (status = 200, description = "Audit path", body = InclusionProof),
+        (status = 400, description = "Malformed or out-of-range parameters", body = OperationOutcome),
+        (status = 404, description = "No entry has that leaf hash", body = OperationOutcome),
+    ))]
+pub async fn inclusion_proof(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["index", "leaf_hash", "tree_size"])?;
+    let tree_size = required_u64(&query, "tree_size")?;
+    let index = match (parse_u64(&query, "index")?, query.get("leaf_hash")) {
+        (Some(index), None) => index,
+        (None, Some(text)) => {
+            let leaf = decode_hash(text).map_err(|e| AppError::BadRequest {
+                message: format!("leaf_hash: {e}"),
+                expression: Some("leaf_hash".into()),
+            })?;
+            state
+                .ledger
+                .entry_by_leaf_hash(leaf)
+                .await?
+                .index
+                .ok_or_else(|| AppError::NotFound("entry not sequenced".into()))?
+        }
+        _ => {
+            return Err(AppError::bad_request(
+                "give exactly one of index and leaf_hash",
+            ));
+        }
+    };
+    let (leaf, proof) = state.ledger.inclusion_proof(index, tree_size).await?;
+    Ok(HttpResponse::Ok().json(InclusionProof {
+        leaf_index: index,
+        tree_size,
+        leaf_hash: encode_hash(&leaf),
+        proof: proof.iter().map(encode_hash).collect(),
+    }))
+}
+
+/// RFC 6962 consistency proof between two tree sizes.
+#[utoipa::path(get, path = "/ledger/proof/consistency", tag = "ledger",
+    params(
+        ("first" = u64, Query, description = "Smaller tree size"),
+        ("second" = u64, Query, description = "Larger tree size (at most the latest checkpoint's)"),
+    ),
+    responses(
+        (status = 200, description = "Consistency proof", body = ConsistencyProof),
+        (status = 400, description = "Malformed or out-of-range parameters", body = OperationOutcome),
+    ))]
+pub async fn consistency_proof(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["first", "second"])?;
+    let first = required_u64(&query, "first")?;
+    let second = required_u64(&query, "second")?;
+    let proof = state.ledger.consistency_proof(first, second).await?;
+    Ok(HttpResponse::Ok().json(ConsistencyProof {
+        first,
+        second,
+        proof: proof.iter().map(encode_hash).collect(),
+    }))
+}
+
+/// A C2SP tlog-tiles hash tile: `tile/<L>/<N>` or partial `tile/<L>/<N>.p/<W>`.
+#[utoipa::path(get, path = "/ledger/tile/{L}/{N}", tag = "ledger",
+    params(
+        ("L" = u8, Path, description = "Tile level (0–7)"),
+        ("N" = String, Path, description = "Tile index in x-prefixed 3-digit groups, optionally with .p/<W>"),
+    ),
+    responses(
+        (status = 200, description = "Concatenated 32-byte hashes", content_type = "application/octet-stream"),
+        (status = 400, description = "Malformed tile path", body = OperationOutcome),
+        (status = 404, description = "The tile is not in the tree yet", body = OperationOutcome),
+    ))]
+pub async fn tile(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, AppError> {
+    let tile = parse_tile_path(&path).map_err(|e| AppError::bad_request(e.to_string()))?;
+    let data = state.ledger.tile(tile).await?;
+    // Full tiles never change; partial ones are replaced by wider ones as the log grows.
+    let cache = if tile.width == TILE_WIDTH {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+        .insert_header((header::CACHE_CONTROL, cache))
+        .body(data))
+}

@@ -1,0 +1,421 @@
+//! Recording interactions in the ledger and running the sequencer; read access to the log
+//! for the ledger API.
+
+use std::sync::Arc;
+
+use diesel::Connection as _;
+
+use crate::access::RequestContext;
+use crate::error::AppError;
+use crate::fhir::document::format_instant;
+use crate::ledger::checkpoint::sign_checkpoint;
+use crate::ledger::entry::{ENTRY_VERSION, EntryResource, LedgerEntry, Outcome};
+use crate::ledger::tiles::{TileRef, tile_data};
+use crate::ledger::tree::{self, OverlayHashStore};
+use crate::ledger::{Hash, LedgerError, LedgerKey};
+use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore, EntryRow};
+use crate::store::{DbConnection, DbPool, StoreError};
+
+use super::blocking;
+use super::resources::now_micros;
+
+/// Most entries one page of `GET /ledger/entries` returns.
+pub const MAX_ENTRIES_PAGE: i64 = 1000;
+
+/// What happened, to be recorded.
+#[derive(Debug, Clone)]
+pub struct LedgerEvent {
+    pub action: &'static str,
+    pub outcome: Outcome,
+    pub reason: Option<&'static str>,
+    pub resources: Vec<EntryResource>,
+    pub patient: Option<String>,
+}
+
+impl LedgerEvent {
+    pub fn permit(
+        action: &'static str,
+        resources: Vec<EntryResource>,
+        patient: Option<String>,
+    ) -> Self {
+        Self {
+            action,
+            outcome: Outcome::Permit,
+            reason: None,
+            resources,
+            patient,
+        }
+    }
+
+    pub fn deny(action: &'static str, reason: &'static str, resources: Vec<EntryResource>) -> Self {
+        Self {
+            action,
+            outcome: Outcome::Deny,
+            reason: Some(reason),
+            resources,
+            patient: None,
+        }
+    }
+}
+
+/// Knobs of the sequencer.
+#[derive(Debug, Clone, Copy)]
+pub struct SequencerOptions {
+    /// Most entries sequenced (and so covered by one checkpoint) per transaction.
+    pub batch_size: i64,
+}
+
+/// A sequenced entry as served.
+#[derive(Debug, Clone)]
+pub struct ServedEntry {
+    pub index: Option<u64>,
+    pub receipt: String,
+    pub leaf_data: Vec<u8>,
+}
+
+impl From<EntryRow> for ServedEntry {
+    fn from(row: EntryRow) -> Self {
+        Self {
+            index: row.leaf_index.and_then(|i| u64::try_from(i).ok()),
+            receipt: row.receipt,
+            leaf_data: row.data,
+        }
+    }
+}
+
+/// The latest checkpoint.
+#[derive(Debug, Clone)]
+pub struct CurrentCheckpoint {
+    pub size: u64,
+    pub root: Hash,
+    pub note: String,
+}
+
+#[derive(Clone)]
+pub struct LedgerService {
+    pool: DbPool,
+    key: Arc<LedgerKey>,
+    options: SequencerOptions,
+}
+
+/// Any failure to write the ledger: the request must fail closed (503).
+fn unavailable(error: impl std::fmt::Display) -> AppError {
+    AppError::LedgerUnavailable(error.to_string())
+}
+
+impl LedgerService {
+    pub fn new(pool: DbPool, key: Arc<LedgerKey>, options: SequencerOptions) -> Self {
+        Self { pool, key, options }
+    }
+
+    pub fn key(&self) -> &LedgerKey {
+        &self.key
+    }
+
+    /// Signs an entry for `event` and stores it as pending, inside the caller's transaction
+    /// (so a write and its entry commit together). Returns the receipt.
+    pub fn append_in(
+        &self,
+        conn: &mut DbConnection,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<String, AppError> {
+        let now = now_micros();
+        let entry = LedgerEntry {
+            v: ENTRY_VERSION,
+            id: uuid::Uuid::new_v4().to_string(),
+            time: format_instant(now),
+            actor: ctx.principal.ledger_actor(),
+            action: event.action.to_owned(),
+            outcome: event.outcome,
+            reason: event.reason.map(str::to_owned),
+            resources: event.resources,
+            patient: event.patient,
+            request: ctx.request_id.clone(),
+        };
+        let signed = entry.sign(&self.key).map_err(unavailable)?;
+        rows::insert_entry(conn, &signed.receipt, &signed.leaf_data, now).map_err(unavailable)?;
+        Ok(signed.receipt)
+    }
+
+    /// Records `event` in its own transaction; the entry is durable when this returns.
+    /// Sets the request's receipt.
+    pub fn append(&self, ctx: &RequestContext, event: LedgerEvent) -> Result<String, AppError> {
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| unavailable(StoreError::from(e)))?;
+        let receipt = conn
+            .transaction(|tx| self.append_in(tx, ctx, event).map_err(TxFail))
+            .map_err(|TxFail(e)| e)?;
+        ctx.receipt.set(receipt.clone());
+        Ok(receipt)
+    }
+
+    /// Sequences every pending entry, one batch (and one checkpoint) per transaction.
+    /// Returns how many entries were sequenced.
+    pub fn sequence_pending(&self) -> Result<u64, AppError> {
+        let mut total = 0;
+        loop {
+            let sequenced = self.sequence_batch()?;
+            total += sequenced;
+            if sequenced < u64::try_from(self.options.batch_size).unwrap_or(u64::MAX) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Gives the oldest pending entries the next leaf indexes, stores the new tree hashes and
+    /// signs a checkpoint, in one transaction under the sequencer lock.
+    fn sequence_batch(&self) -> Result<u64, AppError> {
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| AppError::from(StoreError::from(e)))?;
+        conn.write_transaction(|tx| {
+            if !rows::try_lock_sequencer(tx)? {
+                return Ok(0); // another process is sequencing
+            }
+            let size = u64::try_from(rows::tree_size(tx)?)
+                .map_err(|_| AppError::Internal("negative tree size".into()))?;
+            let pending = rows::pending_batch(tx, self.options.batch_size)?;
+            if pending.is_empty() {
+                if rows::latest_checkpoint(tx)?.is_none() {
+                    self.store_checkpoint(tx, size)?;
+                }
+                return Ok(0);
+            }
+
+            let (added, leaves, new_root) = {
+                let base = DbHashStore::new(tx);
+                let mut overlay = OverlayHashStore::new(&base);
+                let mut leaves = Vec::with_capacity(pending.len());
+                for (offset, (_, data)) in (0u64..).zip(&pending) {
+                    leaves.push(
+                        overlay
+                            .append(size + offset, data)
+                            .map_err(ledger_internal)?,
+                    );
+                }
+                let new_size = size + leaves.len() as u64;
+                let new_root = tree::root(&overlay, new_size).map_err(ledger_internal)?;
+                (overlay.into_added(), leaves, new_root)
+            };
+            let hashes: Vec<(i64, Vec<u8>)> = added
+                .into_iter()
+                .map(|(index, hash)| Ok((to_i64(index)?, hash.0.to_vec())))
+                .collect::<Result<_, AppError>>()?;
+            rows::insert_hashes(tx, &hashes)?;
+            let now = now_micros();
+            for (offset, ((pending_seq, _), leaf)) in (0u64..).zip(pending.iter().zip(&leaves)) {
+                rows::assign_index(tx, *pending_seq, to_i64(size + offset)?, &leaf.0, now)?;
+            }
+            let new_size = size + leaves.len() as u64;
+            self.sign_and_store(tx, new_size, new_root)?;
+            Ok(leaves.len() as u64)
+        })
+    }
+
+    fn store_checkpoint(&self, tx: &mut DbConnection, size: u64) -> Result<(), AppError> {
+        let root = tree::root(&DbHashStore::new(tx), size).map_err(ledger_internal)?;
+        self.sign_and_store(tx, size, root)
+    }
+
+    fn sign_and_store(&self, tx: &mut DbConnection, size: u64, root: Hash) -> Result<(), AppError> {
+        let note = sign_checkpoint(&self.key, size, root).map_err(ledger_internal)?;
+        rows::insert_checkpoint(
+            tx,
+            &CheckpointRow {
+                tree_size: to_i64(size)?,
+                root_hash: root.0.to_vec(),
+                note,
+                created_at: now_micros(),
+            },
+        )?;
+        rows::set_tree_size(tx, to_i64(size)?)?;
+        Ok(())
+    }
+
+    /// The latest signed checkpoint (signing the empty tree's first if there is none yet).
+    pub async fn checkpoint(&self) -> Result<CurrentCheckpoint, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            if let Some(current) = this.latest_checkpoint()? {
+                return Ok(current);
+            }
+            this.sequence_pending()?;
+            this.latest_checkpoint()?
+                .ok_or_else(|| AppError::Internal("no checkpoint after sequencing".into()))
+        })
+        .await
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<CurrentCheckpoint>, AppError> {
+        let mut conn = self.connection()?;
+        let Some(row) = rows::latest_checkpoint(&mut conn)? else {
+            return Ok(None);
+        };
+        let root: [u8; 32] = row
+            .root_hash
+            .try_into()
+            .map_err(|_| AppError::Internal("stored checkpoint root is not 32 bytes".into()))?;
+        Ok(Some(CurrentCheckpoint {
+            size: to_u64(row.tree_size)?,
+            root: Hash(root),
+            note: row.note,
+        }))
+    }
+
+    /// Sequenced entries with `start <= index < end` (bounded to [`MAX_ENTRIES_PAGE`]).
+    pub async fn entries(&self, start: u64, end: u64) -> Result<Vec<ServedEntry>, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let end = end.min(start.saturating_add(MAX_ENTRIES_PAGE as u64));
+            let mut conn = this.connection()?;
+            Ok(
+                rows::entries_range(&mut conn, to_i64(start)?, to_i64(end)?)?
+                    .into_iter()
+                    .map(ServedEntry::from)
+                    .collect(),
+            )
+        })
+        .await
+    }
+
+    pub async fn entry_by_receipt(&self, receipt: String) -> Result<ServedEntry, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            rows::entry_by_receipt(&mut conn, &receipt)?
+                .map(ServedEntry::from)
+                .ok_or_else(|| {
+                    AppError::NotFound(format!(
+                        "ledger receipt {}",
+                        receipt.chars().take(64).collect::<String>()
+                    ))
+                })
+        })
+        .await
+    }
+
+    pub async fn entry_by_leaf_hash(&self, leaf: Hash) -> Result<ServedEntry, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            rows::entry_by_leaf_hash(&mut conn, &leaf.0)?
+                .map(ServedEntry::from)
+                .ok_or_else(|| AppError::NotFound("no ledger entry has that leaf hash".into()))
+        })
+        .await
+    }
+
+    /// Audit path of `index` in the tree of `tree_size` (which must not exceed the latest
+    /// checkpoint), with the leaf hash.
+    pub async fn inclusion_proof(
+        &self,
+        index: u64,
+        tree_size: u64,
+    ) -> Result<(Hash, Vec<Hash>), AppError> {
+        let this = self.clone();
+        blocking(move || {
+            this.check_tree_size(tree_size)?;
+            if index >= tree_size {
+                return Err(out_of_range(format!(
+                    "index {index} is not below tree_size {tree_size}"
+                )));
+            }
+            let mut conn = this.connection()?;
+            let store = DbHashStore::new(&mut conn);
+            let leaf = tree::HashStore::read_hashes(&store, &[tree::stored_hash_index(0, index)])
+                .map_err(ledger_internal)?;
+            let proof = tree::inclusion_proof(&store, tree_size, index).map_err(ledger_internal)?;
+            Ok((
+                leaf.first()
+                    .copied()
+                    .ok_or_else(|| AppError::Internal("leaf hash missing".into()))?,
+                proof,
+            ))
+        })
+        .await
+    }
+
+    pub async fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            this.check_tree_size(second)?;
+            if first > second {
+                return Err(out_of_range(format!(
+                    "first ({first}) must not exceed second ({second})"
+                )));
+            }
+            let mut conn = this.connection()?;
+            tree::consistency_proof(&DbHashStore::new(&mut conn), first, second)
+                .map_err(ledger_internal)
+        })
+        .await
+    }
+
+    pub async fn tile(&self, tile: TileRef) -> Result<Vec<u8>, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let size = this.latest_checkpoint()?.map_or(0, |c| c.size);
+            let mut conn = this.connection()?;
+            tile_data(&DbHashStore::new(&mut conn), tile, size).map_err(|e| match e {
+                LedgerError::OutOfRange(message) => AppError::NotFound(message),
+                other => ledger_internal(other),
+            })
+        })
+        .await
+    }
+
+    fn check_tree_size(&self, tree_size: u64) -> Result<(), AppError> {
+        let current = self.latest_checkpoint()?.map_or(0, |c| c.size);
+        if tree_size > current {
+            return Err(out_of_range(format!(
+                "tree_size {tree_size} exceeds the latest checkpoint's size {current}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
+        self.pool
+            .get()
+            .map_err(|e| AppError::from(StoreError::from(e)))
+    }
+}
+
+/// Carries an [`AppError`] through diesel's transaction API.
+#[derive(Debug)]
+struct TxFail(AppError);
+
+impl From<diesel::result::Error> for TxFail {
+    fn from(error: diesel::result::Error) -> Self {
+        Self(unavailable(StoreError::classify(error)))
+    }
+}
+
+impl From<diesel::result::Error> for AppError {
+    fn from(error: diesel::result::Error) -> Self {
+        StoreError::classify(error).into()
+    }
+}
+
+fn ledger_internal(error: LedgerError) -> AppError {
+    AppError::Internal(format!("ledger: {error}"))
+}
+
+fn out_of_range(message: String) -> AppError {
+    AppError::BadRequest {
+        message,
+        expression: None,
+    }
+}
+
+fn to_i64(value: u64) -> Result<i64, AppError> {
+    i64::try_from(value).map_err(|_| out_of_range(format!("{value} is too large")))
+}
+
+fn to_u64(value: i64) -> Result<u64, AppError> {
+    u64::try_from(value).map_err(|_| AppError::Internal(format!("negative ledger value {value}")))
+}

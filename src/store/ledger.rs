@@ -1,0 +1,297 @@
+//! Queries over the ledger tables: pending entries, their sequencing, the stored tree
+//! hashes and the signed checkpoints.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+
+use super::connection::{DbConnection, StoreError};
+use super::schema::{ledger_checkpoints, ledger_entries, ledger_hashes, ledger_state};
+use crate::ledger::{Hash, HashStore, LedgerError};
+
+/// Lock key held (per transaction) by the one sequencer of a PostgreSQL database.
+const SEQUENCER_LOCK_KEY: i64 = 0x6668_6c65_6467_7371; // "fhledgsq"
+
+/// Most rows one INSERT carries (SQLite allows 32,766 bound parameters per statement).
+const INSERT_CHUNK: usize = 1000;
+
+/// A stored entry.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = ledger_entries)]
+pub struct EntryRow {
+    pub pending_seq: i64,
+    pub receipt: String,
+    pub leaf_index: Option<i64>,
+    pub leaf_hash: Option<Vec<u8>>,
+    pub data: Vec<u8>,
+    pub created_at: i64,
+    pub sequenced_at: Option<i64>,
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = ledger_checkpoints)]
+pub struct CheckpointRow {
+    pub tree_size: i64,
+    pub root_hash: Vec<u8>,
+    pub note: String,
+    pub created_at: i64,
+}
+
+pub fn insert_entry(
+    conn: &mut DbConnection,
+    receipt: &str,
+    data: &[u8],
+    created_at: i64,
+) -> Result<(), StoreError> {
+    diesel::insert_into(ledger_entries::table)
+        .values((
+            ledger_entries::receipt.eq(receipt),
+            ledger_entries::data.eq(data),
+            ledger_entries::created_at.eq(created_at),
+        ))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// Takes the sequencer lock for the current transaction. PostgreSQL: a transaction-scoped
+/// advisory lock, so that of several server processes exactly one sequences at a time
+/// (`false`: another process holds it). SQLite: the write transaction already excludes
+/// every other writer.
+pub fn try_lock_sequencer(conn: &mut DbConnection) -> Result<bool, StoreError> {
+    match conn {
+        DbConnection::Postgres(_) => {
+            #[derive(QueryableByName)]
+            struct Locked {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                locked: bool,
+            }
+            let row: Locked = diesel::sql_query(format!(
+                "SELECT pg_try_advisory_xact_lock({SEQUENCER_LOCK_KEY}) AS locked"
+            ))
+            .get_result(conn)
+            .map_err(StoreError::classify)?;
+            Ok(row.locked)
+        }
+        DbConnection::Sqlite(sqlite) => {
+            // Make sure this transaction holds the write lock before reading the state.
+            sqlite
+                .batch_execute("UPDATE ledger_state SET tree_size = tree_size WHERE id = 1")
+                .map_err(StoreError::classify)?;
+            Ok(true)
+        }
+    }
+}
+
+pub fn tree_size(conn: &mut DbConnection) -> Result<i64, StoreError> {
+    ledger_state::table
+        .find(1)
+        .select(ledger_state::tree_size)
+        .first(conn)
+        .map_err(StoreError::classify)
+}
+
+pub fn set_tree_size(conn: &mut DbConnection, size: i64) -> Result<(), StoreError> {
+    diesel::update(ledger_state::table.find(1))
+        .set(ledger_state::tree_size.eq(size))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// The oldest pending entries: (pending_seq, leaf data).
+pub fn pending_batch(
+    conn: &mut DbConnection,
+    limit: i64,
+) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_index.is_null())
+        .order(ledger_entries::pending_seq.asc())
+        .select((ledger_entries::pending_seq, ledger_entries::data))
+        .limit(limit)
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+pub fn assign_index(
+    conn: &mut DbConnection,
+    pending_seq: i64,
+    leaf_index: i64,
+    leaf_hash: &[u8],
+    now: i64,
+) -> Result<(), StoreError> {
+    let updated = diesel::update(
+        ledger_entries::table
+            .find(pending_seq)
+            .filter(ledger_entries::leaf_index.is_null()),
+    )
+    .set((
+        ledger_entries::leaf_index.eq(leaf_index),
+        ledger_entries::leaf_hash.eq(leaf_hash),
+        ledger_entries::sequenced_at.eq(now),
+    ))
+    .execute(conn)
+    .map_err(StoreError::classify)?;
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "pending entry {pending_seq} was sequenced concurrently"
+        )))
+    }
+}
+
+pub fn insert_hashes(conn: &mut DbConnection, hashes: &[(i64, Vec<u8>)]) -> Result<(), StoreError> {
+    for chunk in hashes.chunks(INSERT_CHUNK) {
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(index, hash)| {
+                (
+                    ledger_hashes::stored_index.eq(*index),
+                    ledger_hashes::hash.eq(hash),
+                )
+            })
+            .collect();
+        // Multi-row INSERT is backend-specific in diesel, so each backend runs its own.
+        let inserted = match conn {
+            DbConnection::Postgres(pg) => diesel::insert_into(ledger_hashes::table)
+                .values(rows)
+                .execute(pg),
+            DbConnection::Sqlite(sqlite) => diesel::insert_into(ledger_hashes::table)
+                .values(rows)
+                .execute(sqlite),
+        };
+        inserted.map_err(StoreError::classify)?;
+    }
+    Ok(())
+}
+
+pub fn insert_checkpoint(conn: &mut DbConnection, row: &CheckpointRow) -> Result<(), StoreError> {
+    diesel::insert_into(ledger_checkpoints::table)
+        .values((
+            ledger_checkpoints::tree_size.eq(row.tree_size),
+            ledger_checkpoints::root_hash.eq(&row.root_hash),
+            ledger_checkpoints::note.eq(&row.note),
+            ledger_checkpoints::created_at.eq(row.created_at),
+        ))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+pub fn latest_checkpoint(conn: &mut DbConnection) -> Result<Option<CheckpointRow>, StoreError> {
+    ledger_checkpoints::table
+        .order(ledger_checkpoints::tree_size.desc())
+        .select(CheckpointRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+/// Sequenced entries with `start <= leaf_index < end`, in index order.
+pub fn entries_range(
+    conn: &mut DbConnection,
+    start: i64,
+    end: i64,
+) -> Result<Vec<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_index.ge(start))
+        .filter(ledger_entries::leaf_index.lt(end))
+        .order(ledger_entries::leaf_index.asc())
+        .select(EntryRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+pub fn entry_by_leaf_hash(
+    conn: &mut DbConnection,
+    leaf_hash: &[u8],
+) -> Result<Option<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_hash.eq(leaf_hash))
+        .order(ledger_entries::leaf_index.asc())
+        .select(EntryRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+pub fn entry_by_receipt(
+    conn: &mut DbConnection,
+    receipt: &str,
+) -> Result<Option<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::receipt.eq(receipt))
+        .select(EntryRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+/// Entries not yet sequenced, oldest first (for the auditor).
+pub fn pending_entries(conn: &mut DbConnection) -> Result<Vec<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_index.is_null())
+        .order(ledger_entries::pending_seq.asc())
+        .select(EntryRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+pub fn read_hashes(conn: &mut DbConnection, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
+    let wanted: Vec<i64> = indexes
+        .iter()
+        .map(|&i| {
+            i64::try_from(i).map_err(|_| LedgerError::OutOfRange(format!("stored hash index {i}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut found: HashMap<i64, Hash> = HashMap::with_capacity(wanted.len());
+    for chunk in wanted.chunks(INSERT_CHUNK) {
+        let rows: Vec<(i64, Vec<u8>)> = ledger_hashes::table
+            .filter(ledger_hashes::stored_index.eq_any(chunk))
+            .select((ledger_hashes::stored_index, ledger_hashes::hash))
+            .load(conn)
+            .map_err(|e| LedgerError::Storage(StoreError::classify(e).to_string()))?;
+        for (index, bytes) in rows {
+            let hash: [u8; 32] = bytes.try_into().map_err(|_| {
+                LedgerError::Storage(format!("stored hash {index} is not 32 bytes"))
+            })?;
+            found.insert(index, Hash(hash));
+        }
+    }
+    wanted
+        .iter()
+        .map(|i| {
+            found
+                .get(i)
+                .copied()
+                .ok_or_else(|| LedgerError::Storage(format!("stored hash {i} is missing")))
+        })
+        .collect()
+}
+
+/// The stored hashes of one database connection as a [`HashStore`].
+pub struct DbHashStore<'a> {
+    conn: RefCell<&'a mut DbConnection>,
+}
+
+impl<'a> DbHashStore<'a> {
+    pub fn new(conn: &'a mut DbConnection) -> Self {
+        Self {
+            conn: RefCell::new(conn),
+        }
+    }
+}
+
+impl HashStore for DbHashStore<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
+        let mut conn = self
+            .conn
+            .try_borrow_mut()
+            .map_err(|_| LedgerError::Storage("connection busy".into()))?;
+        read_hashes(&mut conn, indexes)
+    }
+}

@@ -24,11 +24,49 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Check a database against its ledger: exit 0 when everything matches, 1 when
+    /// something was tampered with, 2 when the check could not be made.
+    Audit(AuditArgs),
+    /// Check a server's signed checkpoint, that its log only grew since the last run, and
+    /// optionally a receipt: exit 0 ok, 1 proof failed, 2 could not check.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    /// The ledger's verifier key (`name+keyid+base64key`, from GET /ledger/key). Default:
+    /// the development ledger key in the data directory.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_VKEY", value_name = "VKEY")]
+    vkey: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    /// Base URL of the server, e.g. https://fhir.example.org
+    #[arg(long, value_name = "URL")]
+    server: String,
+
+    /// The pinned verifier key (`name+keyid+base64key`), obtained out of band.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_VKEY", value_name = "VKEY")]
+    vkey: String,
+
+    /// File keeping the last verified checkpoint, to detect a rolled-back or forked log.
+    #[arg(long, value_name = "PATH")]
+    state: Option<std::path::PathBuf>,
+
+    /// A receipt (X-Ledger-Entry header) whose entry must be included in the log.
+    #[arg(long, value_name = "RECEIPT")]
+    receipt: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Audit(args) => return run_audit(&args),
+        Command::Verify(args) => return run_verify(args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
             init_logging("info", LogFormat::Text).and_then(|()| run_migrate(&args))
@@ -85,6 +123,99 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         ledger: ledger_key,
     };
     system.block_on(fhirledger::server::serve(args, keys))
+}
+
+fn run_audit(args: &AuditArgs) -> ExitCode {
+    use fhirledger::service::audit::audit;
+    let could_not_check = |message: String| {
+        eprintln!("fhirledger audit: could not check: {message}");
+        ExitCode::from(2)
+    };
+    let url = args.database.resolved_database_url();
+    let mut conn = match connection::establish(&url) {
+        Ok(conn) => conn,
+        Err(e) => return could_not_check(format!("cannot open the database: {e}")),
+    };
+    let key = match audit_key(args, &mut conn) {
+        Ok(key) => key,
+        Err(message) => return could_not_check(message),
+    };
+    let mut progress = |line: &str| eprintln!("audit: {line}");
+    let report = match audit(&mut conn, &key, &mut progress) {
+        Ok(report) => report,
+        Err(e) => return could_not_check(e.to_string()),
+    };
+    for finding in &report.findings {
+        println!("{:?}: {}", finding.kind, finding.detail);
+    }
+    println!(
+        "audited {} ledger entries ({} pending), {} checkpoints, {} resource versions: {}",
+        report.entries_checked,
+        report.pending_entries,
+        report.checkpoints_checked,
+        report.versions_checked,
+        if report.is_clean() {
+            "everything matches".to_owned()
+        } else {
+            format!("{} problems", report.findings.len())
+        }
+    );
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// The key entries and checkpoints are checked with: the given verifier key, or the
+/// development key in the data directory (named after the latest checkpoint's origin).
+fn audit_key(
+    args: &AuditArgs,
+    conn: &mut fhirledger::store::DbConnection,
+) -> Result<fhirledger::service::audit::AuditKey, String> {
+    use fhirledger::ledger::keys::{DEV_LEDGER_KEY_FILE, parse_vkey};
+    if let Some(vkey) = &args.vkey {
+        let (_, verifying_key) = parse_vkey(vkey).map_err(|e| format!("--vkey: {e}"))?;
+        return Ok(fhirledger::service::audit::AuditKey {
+            verifying_key,
+            vkey: vkey.clone(),
+        });
+    }
+    let origin = fhirledger::store::ledger::latest_checkpoint(conn)
+        .map_err(|e| e.to_string())?
+        .and_then(|c| c.note.lines().next().map(str::to_owned))
+        .ok_or("no checkpoint in the database and no --vkey given")?;
+    let path = args.database.data_dir.join(DEV_LEDGER_KEY_FILE);
+    let key = fhirledger::ledger::LedgerKey::from_file(&path, &origin, "development ledger key")
+        .map_err(|e| format!("{e}; give --vkey"))?;
+    Ok(fhirledger::service::audit::AuditKey {
+        verifying_key: key.verifying_key(),
+        vkey: key.vkey(),
+    })
+}
+
+fn run_verify(args: VerifyArgs) -> ExitCode {
+    use fhirledger::verifier::{VerifyError, VerifyOptions, verify};
+    let options = VerifyOptions {
+        server: args.server,
+        vkey: args.vkey,
+        state_file: args.state,
+        receipt: args.receipt,
+    };
+    match verify(&options, &mut |line| println!("ok: {line}")) {
+        Ok(()) => {
+            println!("verified");
+            ExitCode::SUCCESS
+        }
+        Err(error @ VerifyError::Failed(_)) => {
+            println!("{error}");
+            ExitCode::from(1)
+        }
+        Err(error @ VerifyError::CouldNotCheck(_)) => {
+            println!("{error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn run_migrate(args: &DatabaseArgs) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Use cases: one function per FHIR interaction, each validating, sealing or opening, and
 //! running one store transaction. Blocking work runs on tokio's blocking pool.
 
+pub mod audit;
 pub mod ledger;
 pub mod resources;
 

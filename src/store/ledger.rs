@@ -295,3 +295,41 @@ impl HashStore for DbHashStore<'_> {
         read_hashes(&mut conn, indexes)
     }
 }
+
+/// Stored hashes with `start <= stored_index < start + limit`, in order.
+pub fn hashes_page(
+    conn: &mut DbConnection,
+    start: i64,
+    limit: i64,
+) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    ledger_hashes::table
+        .filter(ledger_hashes::stored_index.ge(start))
+        .order(ledger_hashes::stored_index.asc())
+        .limit(limit)
+        .select((ledger_hashes::stored_index, ledger_hashes::hash))
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+pub fn all_checkpoints(conn: &mut DbConnection) -> Result<Vec<CheckpointRow>, StoreError> {
+    ledger_checkpoints::table
+        .order(ledger_checkpoints::tree_size.asc())
+        .select(CheckpointRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+/// Sequenced entries with `leaf_index >= start`, at most `limit`, in index order.
+pub fn entries_from(
+    conn: &mut DbConnection,
+    start: i64,
+    limit: i64,
+) -> Result<Vec<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_index.ge(start))
+        .order(ledger_entries::leaf_index.asc())
+        .limit(limit)
+        .select(EntryRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)
+}

@@ -212,3 +212,65 @@ fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), Store
         .map(|_| ())
         .map_err(StoreError::classify)
 }
+
+/// What the auditor needs of one stored version.
+#[derive(Debug, Clone, Queryable)]
+pub struct AuditedVersion {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub deleted: bool,
+    pub ciphertext: Option<Vec<u8>>,
+}
+
+/// One page of every stored version in key order, after `after` (keyset paging, so
+/// pages stay cheap on large tables).
+pub fn versions_page(
+    conn: &mut DbConnection,
+    after: Option<(&str, &str, i64)>,
+    limit: i64,
+) -> Result<Vec<AuditedVersion>, StoreError> {
+    use resource_versions::dsl as v;
+    let mut query = resource_versions::table
+        .select((
+            v::resource_type,
+            v::id,
+            v::version_id,
+            v::deleted,
+            v::ciphertext,
+        ))
+        .order((v::resource_type.asc(), v::id.asc(), v::version_id.asc()))
+        .limit(limit)
+        .into_boxed();
+    if let Some((resource_type, id, version_id)) = after {
+        query = query.filter(
+            v::resource_type
+                .gt(resource_type.to_owned())
+                .or(v::resource_type.eq(resource_type.to_owned()).and(
+                    v::id
+                        .gt(id.to_owned())
+                        .or(v::id.eq(id.to_owned()).and(v::version_id.gt(version_id))),
+                )),
+        );
+    }
+    query.load(conn).map_err(StoreError::classify)
+}
+
+pub fn count_versions(conn: &mut DbConnection) -> Result<i64, StoreError> {
+    resource_versions::table
+        .count()
+        .get_result(conn)
+        .map_err(StoreError::classify)
+}
+
+/// Every logical resource with its current version (type, id, current_version).
+pub fn all_heads(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)>, StoreError> {
+    resources::table
+        .select((
+            resources::resource_type,
+            resources::id,
+            resources::current_version,
+        ))
+        .load(conn)
+        .map_err(StoreError::classify)
+}

@@ -1,0 +1,188 @@
+//! `audit` against tampering by someone who writes to the database: each change is found
+//! and named, and an untouched database audits clean.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod common;
+
+use actix_web::test;
+use common::{TestDb, call, get, put};
+use diesel::RunQueryDsl as _;
+use fhirledger::service::audit::{AuditKey, AuditReport, FindingKind, audit};
+use serde_json::json;
+
+/// A database with a few patients written, read and updated, all sequenced.
+async fn populated(db: &TestDb) -> AuditKey {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    for id in ["a", "b", "c"] {
+        let body = json!({"resourceType": "Patient", "id": id, "name": [{"family": format!("Family{id}")}]});
+        call(&app, put(&format!("/fhir/Patient/{id}"), &body)).await;
+        call(&app, put(&format!("/fhir/Patient/{id}"), &body)).await;
+        call(&app, get(&format!("/fhir/Patient/{id}"))).await;
+    }
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || ledger.sequence_pending())
+        .await
+        .unwrap()
+        .unwrap();
+    let key = state.ledger.key();
+    AuditKey {
+        verifying_key: key.verifying_key(),
+        vkey: key.vkey(),
+    }
+}
+
+fn run(db: &TestDb, key: &AuditKey) -> AuditReport {
+    audit(&mut db.connect(), key, &mut |_| {}).unwrap()
+}
+
+fn kinds(report: &AuditReport) -> Vec<FindingKind> {
+    report.findings.iter().map(|f| f.kind).collect()
+}
+
+fn exec(db: &TestDb, sql: &str) -> usize {
+    diesel::sql_query(sql).execute(&mut db.connect()).unwrap()
+}
+
+async fn untouched_database_is_clean(db: TestDb) {
+    let key = populated(&db).await;
+    let report = run(&db, &key);
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert_eq!(report.entries_checked, 9);
+    assert_eq!(report.versions_checked, 6);
+    assert!(report.checkpoints_checked >= 1);
+}
+
+async fn changed_ciphertext_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    // Replace the ciphertext with other bytes of the same length.
+    let sql = if db.is_postgres() {
+        "UPDATE resource_versions SET ciphertext = set_byte(ciphertext, 3, get_byte(ciphertext, 3) # 1) WHERE id = 'b' AND version_id = 2"
+    } else {
+        "UPDATE resource_versions SET ciphertext = randomblob(length(ciphertext)) WHERE id = 'b' AND version_id = 2"
+    };
+    assert_eq!(exec(&db, sql), 1);
+    let report = run(&db, &key);
+    assert_eq!(
+        kinds(&report),
+        [FindingKind::VersionModified],
+        "{:?}",
+        report.findings
+    );
+    assert!(report.findings[0].detail.contains("Patient/b/_history/2"));
+}
+
+async fn swapped_ciphertext_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    exec(
+        &db,
+        "UPDATE resource_versions SET ciphertext = (SELECT ciphertext FROM resource_versions WHERE id = 'a' AND version_id = 1) WHERE id = 'c' AND version_id = 1",
+    );
+    let report = run(&db, &key);
+    assert_eq!(
+        kinds(&report),
+        [FindingKind::VersionSwapped],
+        "{:?}",
+        report.findings
+    );
+    assert!(report.findings[0].detail.contains("Patient/a/_history/1"));
+}
+
+async fn deleted_version_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    // Roll Patient/c back to version 1 and remove version 2.
+    exec(
+        &db,
+        "DELETE FROM resource_versions WHERE id = 'c' AND version_id = 2",
+    );
+    exec(
+        &db,
+        "UPDATE resources SET current_version = 1 WHERE id = 'c'",
+    );
+    let report = run(&db, &key);
+    let mut found = kinds(&report);
+    found.sort_by_key(|k| format!("{k:?}"));
+    assert_eq!(
+        found,
+        [FindingKind::HeadMismatch, FindingKind::VersionDeleted],
+        "{:?}",
+        report.findings
+    );
+}
+
+async fn unledgered_version_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    exec(
+        &db,
+        "INSERT INTO resource_versions (resource_type, id, version_id, last_updated, deleted, method, key_id, wrapped_key, nonce, ciphertext) \
+               SELECT resource_type, id, 3, last_updated, deleted, method, key_id, wrapped_key, nonce, ciphertext FROM resource_versions WHERE id = 'a' AND version_id = 2",
+    );
+    let report = run(&db, &key);
+    assert_eq!(
+        kinds(&report),
+        [FindingKind::VersionUnledgered],
+        "{:?}",
+        report.findings
+    );
+    assert!(report.findings[0].detail.contains("Patient/a/_history/3"));
+}
+
+async fn changed_entry_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    // Rewrite an entry's action: its signature and leaf hash no longer match.
+    let sql = if db.is_postgres() {
+        "UPDATE ledger_entries SET data = convert_to(replace(convert_from(data, 'UTF8'), '\"read\"', '\"vread\"'), 'UTF8') WHERE leaf_index = 2"
+    } else {
+        "UPDATE ledger_entries SET data = CAST(replace(CAST(data AS TEXT), '\"read\"', '\"vread\"') AS BLOB) WHERE leaf_index = 2"
+    };
+    assert_eq!(exec(&db, sql), 1);
+    let report = run(&db, &key);
+    let found = kinds(&report);
+    assert!(
+        found.contains(&FindingKind::EntryInvalid),
+        "{:?}",
+        report.findings
+    );
+    assert!(
+        found.contains(&FindingKind::TreeHash),
+        "{:?}",
+        report.findings
+    );
+    assert!(
+        found.contains(&FindingKind::Checkpoint),
+        "{:?}",
+        report.findings
+    );
+}
+
+async fn removed_entry_is_found(db: TestDb) {
+    let key = populated(&db).await;
+    exec(&db, "DELETE FROM ledger_entries WHERE leaf_index = 4");
+    let report = run(&db, &key);
+    let found = kinds(&report);
+    assert!(
+        found.contains(&FindingKind::IndexGap),
+        "{:?}",
+        report.findings
+    );
+    assert!(
+        found.contains(&FindingKind::VersionUnledgered),
+        "{:?}",
+        report.findings
+    );
+}
+
+on_both_backends!(
+    untouched_database_is_clean,
+    changed_ciphertext_is_found,
+    swapped_ciphertext_is_found,
+    deleted_version_is_found,
+    unledgered_version_is_found,
+    changed_entry_is_found,
+    removed_entry_is_found,
+);

@@ -25,6 +25,16 @@ fn free_port() -> u16 {
 
 /// A minimal HTTP/1.1 exchange; returns (status, body).
 fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    http_with_headers(port, method, path, body).map(|(status, _, body)| (status, body))
+}
+
+/// Like [`http`], also returning the response head (status line and headers).
+fn http_with_headers(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
@@ -40,11 +50,17 @@ fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Res
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+        .unwrap_or((response.as_str(), ""));
+    Ok((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        line.strip_prefix(&format!("{name}: "))
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 fn wait_until_healthy(port: u16, child: &mut Child) {
@@ -200,4 +216,187 @@ fn migrate_creates_the_schema() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(dir.path().join("data/fhirledger.db").exists());
+}
+
+/// A server on the embedded default in `dir`, sequencing every 20 ms.
+fn start_server(dir: &std::path::Path, port: u16) -> Child {
+    let mut child = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir)
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_LEDGER_INTERVAL_MS", "20")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_healthy(port, &mut child);
+    child
+}
+
+fn stop_server(mut child: Child) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(wait_for_exit(&mut child, Duration::from_secs(30)).success());
+}
+
+/// Creates a patient; returns the receipt once the sequencer has put it in the log.
+fn ledgered_write(port: u16) -> String {
+    let (status, head, body) = http_with_headers(
+        port,
+        "POST",
+        "/fhir/Patient",
+        Some(r#"{"resourceType":"Patient","active":true}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let receipt = header_value(&head, "x-ledger-entry").expect("receipt header");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http(port, "GET", &format!("/ledger/receipts/{receipt}"), None).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if value["index"].is_u64() {
+            return receipt;
+        }
+        assert!(Instant::now() < deadline, "entry never sequenced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_verify(
+    port: u16,
+    vkey: &str,
+    state: &std::path::Path,
+    receipt: Option<&str>,
+) -> (i32, String) {
+    let mut command = Command::new(BINARY);
+    command
+        .args([
+            "verify",
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+            "--vkey",
+            vkey,
+            "--state",
+        ])
+        .arg(state)
+        .env_clear();
+    if let Some(receipt) = receipt {
+        command.args(["--receipt", receipt]);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// Cuts the log back to `size` entries, as an operator rewriting history would.
+fn truncate_ledger(dir: &std::path::Path, size: i64) {
+    use diesel::RunQueryDsl as _;
+    let url = fhirledger::store::DatabaseUrl::sqlite_file(&dir.join("data/fhirledger.db"));
+    let mut conn = fhirledger::store::connection::establish(&url).unwrap();
+    let first_hash = fhirledger::ledger::tree::stored_hash_index(0, size as u64);
+    for sql in [
+        format!("DELETE FROM ledger_entries WHERE leaf_index >= {size} OR leaf_index IS NULL"),
+        format!("DELETE FROM ledger_hashes WHERE stored_index >= {first_hash}"),
+        format!("DELETE FROM ledger_checkpoints WHERE tree_size > {size}"),
+        format!("UPDATE ledger_state SET tree_size = {size}"),
+    ] {
+        diesel::sql_query(sql).execute(&mut conn).unwrap();
+    }
+}
+
+#[test]
+fn verify_checks_receipts_and_detects_rollback_and_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let state = dir.path().join("verify-state");
+    let key: serde_json::Value =
+        serde_json::from_str(&http(port, "GET", "/ledger/key", None).unwrap().1).unwrap();
+    let vkey = key["vkey"].as_str().unwrap().to_owned();
+
+    let first = ledgered_write(port);
+    ledgered_write(port);
+    let (code, out) = run_verify(port, &vkey, &state, Some(&first));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("is included"), "{out}");
+
+    // The log grows: consistent with the saved checkpoint.
+    for _ in 0..3 {
+        ledgered_write(port);
+    }
+    let (code, out) = run_verify(port, &vkey, &state, None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("consistent with the checkpoint"), "{out}");
+
+    // Rolled back to 2 entries: detected.
+    truncate_ledger(dir.path(), 2);
+    let (_, head, _) = http_with_headers(port, "GET", "/ledger/checkpoint", None).unwrap();
+    assert!(head.starts_with("http/1.1 200"));
+    let (code, out) = run_verify(port, &vkey, &state, None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+
+    // Regrown past the saved size with other entries: a fork, detected.
+    for _ in 0..6 {
+        ledgered_write(port);
+    }
+    let (code, out) = run_verify(port, &vkey, &state, None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("forked"), "{out}");
+
+    // A key that did not sign the checkpoint: failed. No server: could not check.
+    let other = fhirledger::ledger::LedgerKey::generate(key["name"].as_str().unwrap())
+        .unwrap()
+        .vkey();
+    let (code, out) = run_verify(port, &other, &dir.path().join("other-state"), None);
+    assert_eq!(code, 1, "{out}");
+    stop_server(server);
+    let (code, out) = run_verify(port, &vkey, &state, None);
+    assert_eq!(code, 2, "{out}");
+}
+
+#[test]
+fn audit_passes_then_finds_a_changed_ciphertext() {
+    use diesel::RunQueryDsl as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    ledgered_write(port);
+    ledgered_write(port);
+    stop_server(server);
+
+    let audit = || {
+        Command::new(BINARY)
+            .arg("audit")
+            .current_dir(dir.path())
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let clean = audit();
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+    assert!(String::from_utf8_lossy(&clean.stdout).contains("everything matches"));
+
+    let url = fhirledger::store::DatabaseUrl::sqlite_file(&dir.path().join("data/fhirledger.db"));
+    let mut conn = fhirledger::store::connection::establish(&url).unwrap();
+    diesel::sql_query(
+        "UPDATE resource_versions SET ciphertext = randomblob(length(ciphertext)) WHERE rowid = 1",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let tampered = audit();
+    let stdout = String::from_utf8_lossy(&tampered.stdout);
+    assert_eq!(tampered.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("VersionModified"), "{stdout}");
 }

@@ -83,3 +83,9 @@ impl From<StoreError> for AppError {
         }
     }
 }
+
+impl From<diesel::result::Error> for AppError {
+    fn from(error: diesel::result::Error) -> Self {
+        StoreError::classify(error).into()
+    }
+}

@@ -194,10 +194,34 @@ fn bad_settings_stop_start_up_with_their_name() {
         "FHIRLEDGER_MASTER_KEY_FILE",
     );
     assert_refused(&[("FHIRLEDGER_LOG", "[[[")], "FHIRLEDGER_LOG");
+    assert_refused(
+        &[("FHIRLEDGER_LEDGER_ORIGIN", "has space")],
+        "FHIRLEDGER_LEDGER_ORIGIN",
+    );
+    assert_refused(
+        &[("FHIRLEDGER_LEDGER_INTERVAL_MS", "0")],
+        "FHIRLEDGER_LEDGER_INTERVAL_MS",
+    );
+    assert_refused(
+        &[("FHIRLEDGER_LEDGER_BATCH_SIZE", "-3")],
+        "FHIRLEDGER_LEDGER_BATCH_SIZE",
+    );
+    assert_refused(
+        &[("FHIRLEDGER_LEDGER_KEY", "c2hvcnQ=")],
+        "FHIRLEDGER_LEDGER_KEY",
+    );
     // PostgreSQL needs an explicit key: processes sharing a database must share it.
     assert_refused(
         &[("FHIRLEDGER_DATABASE_URL", "postgres://127.0.0.1:1/x")],
         "FHIRLEDGER_MASTER_KEY_FILE",
+    );
+    let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    assert_refused(
+        &[
+            ("FHIRLEDGER_DATABASE_URL", "postgres://127.0.0.1:1/x"),
+            ("FHIRLEDGER_MASTER_KEY", key),
+        ],
+        "FHIRLEDGER_LEDGER_KEY_FILE",
     );
 }
 

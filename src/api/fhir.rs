@@ -56,6 +56,34 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// What every instance-level interaction (`/fhir/{type}/{id}…`) checks first, in the
+/// order that decides which error wins: type (404), id (400), parameters (400), format (406).
+struct Instance {
+    resource_type: crate::fhir::ResourceType,
+    id: ResourceId,
+    query: QueryParams,
+    format: ResponseFormat,
+}
+
+fn instance(
+    state: &AppState,
+    req: &HttpRequest,
+    type_name: &str,
+    id: &str,
+    allowed: &[&str],
+) -> Result<Instance, AppError> {
+    let resource_type = state.resources.resolve_type(type_name)?;
+    let id = ResourceId::parse(id)?;
+    let query = QueryParams::parse(req, allowed)?;
+    let format = response_format(req, query.get("_format"))?;
+    Ok(Instance {
+        resource_type,
+        id,
+        query,
+        format,
+    })
+}
+
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, AppError> {
     Err(AppError::MethodNotAllowed(format!(
         "{} is not supported on {}",
@@ -152,10 +180,12 @@ pub async fn update(
     payload: web::Payload,
 ) -> Result<HttpResponse, AppError> {
     let (type_name, id) = path.into_inner();
-    let resource_type = state.resources.resolve_type(&type_name)?;
-    let id = ResourceId::parse(&id)?;
-    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
+    let Instance {
+        resource_type,
+        id,
+        format,
+        ..
+    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
     let expected_version = if_match(&req)?;
     require_json_body(&req)?;
     let body = read_body(&req, payload, state.max_body_bytes).await?;
@@ -189,10 +219,12 @@ pub async fn read(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, AppError> {
     let (type_name, id) = path.into_inner();
-    let resource_type = state.resources.resolve_type(&type_name)?;
-    let id = ResourceId::parse(&id)?;
-    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
+    let Instance {
+        resource_type,
+        id,
+        format,
+        ..
+    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
     let resource = state.resources.read(&ctx, resource_type, id).await?;
     Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
 }
@@ -221,11 +253,13 @@ pub async fn vread(
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, AppError> {
     let (type_name, id, vid) = path.into_inner();
-    let resource_type = state.resources.resolve_type(&type_name)?;
-    let id = ResourceId::parse(&id)?;
+    let Instance {
+        resource_type,
+        id,
+        format,
+        ..
+    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
     let version_id = parse_version_id(&vid)?;
-    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
     let resource = state
         .resources
         .vread(&ctx, resource_type, id, version_id)
@@ -254,10 +288,12 @@ pub async fn delete(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, AppError> {
     let (type_name, id) = path.into_inner();
-    let resource_type = state.resources.resolve_type(&type_name)?;
-    let id = ResourceId::parse(&id)?;
-    let query = QueryParams::parse(&req, COMMON_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
+    let Instance {
+        resource_type,
+        id,
+        format,
+        ..
+    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
     let expected_version = if_match(&req)?;
     let meta = match state
         .resources
@@ -300,10 +336,12 @@ pub async fn history(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, AppError> {
     let (type_name, id) = path.into_inner();
-    let resource_type = state.resources.resolve_type(&type_name)?;
-    let id = ResourceId::parse(&id)?;
-    let query = QueryParams::parse(&req, HISTORY_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
+    let Instance {
+        resource_type,
+        id,
+        query,
+        format,
+    } = instance(&state, &req, &type_name, &id, HISTORY_PARAMS)?;
     let history_query = HistoryQuery {
         count: parse_count(query.get("_count"))?,
         since: query.get("_since").map(parse_instant).transpose()?,

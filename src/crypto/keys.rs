@@ -94,24 +94,7 @@ impl MasterKey {
     /// Parses base64 text (surrounding whitespace ignored). `source_name` names the setting
     /// in error messages, e.g. `FHIRLEDGER_MASTER_KEY`.
     pub fn from_base64(text: &str, source_name: &'static str) -> Result<Self, KeyError> {
-        let decoded =
-            Zeroizing::new(
-                BASE64
-                    .decode(text.trim())
-                    .map_err(|e| KeyError::Malformed {
-                        source_name,
-                        detail: e.to_string(),
-                    })?,
-            );
-        let bytes: [u8; KEY_LEN] =
-            decoded
-                .as_slice()
-                .try_into()
-                .map_err(|_| KeyError::Malformed {
-                    source_name,
-                    detail: format!("decoded to {} bytes", decoded.len()),
-                })?;
-        Ok(Self::from_bytes(bytes))
+        Ok(Self::from_bytes(*decode_key_base64(text, source_name)?))
     }
 
     pub fn from_file(path: &Path, source_name: &'static str) -> Result<Self, KeyError> {

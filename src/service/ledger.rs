@@ -3,8 +3,6 @@
 
 use std::sync::{Arc, mpsc};
 
-use diesel::Connection as _;
-
 use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
@@ -222,10 +220,13 @@ impl LedgerService {
                 .map(|(index, hash)| Ok((to_i64(index)?, hash.0.to_vec())))
                 .collect::<Result<_, AppError>>()?;
             rows::insert_hashes(tx, &hashes)?;
-            let now = now_micros();
-            for (offset, ((pending_seq, _), leaf)) in (0u64..).zip(pending.iter().zip(&leaves)) {
-                rows::assign_index(tx, *pending_seq, to_i64(size + offset)?, &leaf.0, now)?;
-            }
+            let assignments = (0u64..)
+                .zip(pending.iter().zip(&leaves))
+                .map(|(offset, ((pending_seq, _), leaf))| {
+                    Ok((*pending_seq, to_i64(size + offset)?, leaf.0.to_vec()))
+                })
+                .collect::<Result<Vec<_>, AppError>>()?;
+            rows::assign_indexes(tx, &assignments, now_micros())?;
             let new_size = size + leaves.len() as u64;
             self.sign_and_store(tx, new_size, new_root)?;
             Ok(leaves.len() as u64)
@@ -447,7 +448,7 @@ impl GroupCommitter {
 
     fn commit_group(pool: &DbPool, group: &[CommitJob]) -> Result<(), StoreError> {
         let mut conn = pool.get()?;
-        conn.transaction(|tx| {
+        conn.write_transaction(|tx| {
             for job in group {
                 rows::insert_entry(tx, &job.entry.receipt, &job.entry.leaf_data, job.created_at)?;
             }

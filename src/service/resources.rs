@@ -218,8 +218,12 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let mut conn = this.connection()?;
-            if let Some(head) = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
+            let head = rows::head(
+                &mut *this.connection()?,
+                resource_type.as_str(),
+                id.as_str(),
+            )?;
+            if let Some(head) = head
                 && head.deleted
                 && if_match.is_none_or(|v| v == head.current_version)
             {
@@ -235,7 +239,6 @@ impl ResourceService {
                     last_updated: head.last_updated,
                 }));
             }
-            drop(conn);
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
                 Some(_) => Err(AppError::Internal("delete wrote content".into())),
                 None => this
@@ -333,7 +336,13 @@ impl ResourceService {
                         .filter(|e| e.json.is_some())
                         .map(|e| target(&resource_type, &id, Some(e.meta.version_id)))
                         .collect();
-                    let patient = patient_compartment(resource_type.as_str(), id.as_str(), "{}");
+                    let patient = page
+                        .entries
+                        .iter()
+                        .find_map(|e| e.json.as_deref())
+                        .and_then(|json| {
+                            patient_compartment(resource_type.as_str(), id.as_str(), json)
+                        });
                     this.ledger
                         .append(&ctx, LedgerEvent::permit("history", disclosed, patient))?;
                 }
@@ -352,54 +361,51 @@ impl ResourceService {
         id: &ResourceId,
         query: HistoryQuery,
     ) -> Result<HistoryPage, AppError> {
-        let this = self;
-        {
-            let mut conn = this.connection()?;
-            if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
-                return Err(AppError::NotFound(format!("{resource_type}/{id}")));
-            }
-            let total =
-                rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
-            // One row more than the page tells whether a next page exists.
-            let window = HistoryWindow {
-                before_version: query.before_version,
-                since: query.since,
-                limit: query.count + 1,
-            };
-            let mut versions =
-                rows::history(&mut conn, resource_type.as_str(), id.as_str(), window)?;
-            let has_more = versions.len() as i64 > query.count;
-            versions.truncate(usize::try_from(query.count).unwrap_or(0));
-            let next_before_version = if has_more {
-                versions.last().map(|v| v.version_id)
-            } else {
-                None
-            };
-            let entries = versions
-                .iter()
-                .map(|row| {
-                    let meta = VersionMeta {
-                        version_id: row.version_id,
-                        last_updated: row.last_updated,
-                    };
-                    let json = if row.deleted {
-                        None
-                    } else {
-                        Some(this.open_version(resource_type, id, row)?.json)
-                    };
-                    Ok(HistoryEntry {
-                        meta,
-                        method: row.method.clone(),
-                        json,
-                    })
-                })
-                .collect::<Result<Vec<_>, AppError>>()?;
-            Ok(HistoryPage {
-                entries,
-                total,
-                next_before_version,
-            })
+        let mut conn = self.connection()?;
+        if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
+            return Err(AppError::NotFound(format!("{resource_type}/{id}")));
         }
+        let total =
+            rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
+        // One row more than the page tells whether a next page exists.
+        let window = HistoryWindow {
+            before_version: query.before_version,
+            since: query.since,
+            limit: query.count + 1,
+        };
+        let mut versions = rows::history(&mut conn, resource_type.as_str(), id.as_str(), window)?;
+        drop(conn);
+        let has_more = versions.len() as i64 > query.count;
+        versions.truncate(usize::try_from(query.count).unwrap_or(0));
+        let next_before_version = if has_more {
+            versions.last().map(|v| v.version_id)
+        } else {
+            None
+        };
+        let entries = versions
+            .iter()
+            .map(|row| {
+                let meta = VersionMeta {
+                    version_id: row.version_id,
+                    last_updated: row.last_updated,
+                };
+                let json = if row.deleted {
+                    None
+                } else {
+                    Some(self.open_version(resource_type, id, row)?.json)
+                };
+                Ok(HistoryEntry {
+                    meta,
+                    method: row.method.clone(),
+                    json,
+                })
+            })
+            .collect::<Result<Vec<_>, AppError>>()?;
+        Ok(HistoryPage {
+            entries,
+            total,
+            next_before_version,
+        })
     }
 
     /// Whether the database answers (for `/readyz`).

@@ -206,6 +206,10 @@ impl DbConnection {
     where
         E: From<DieselError>,
     {
+        // SQLite's own lock waits by polling with growing sleeps, so a busy writer can starve
+        // another (the sequencer) for seconds; queueing writers of this process in FIFO order
+        // first bounds every wait. The embedded database has one server process.
+        let _turn = matches!(self, DbConnection::Sqlite(_)).then(|| SQLITE_WRITERS.lock());
         self.transaction(|conn| {
             if let DbConnection::Sqlite(sqlite) = conn {
                 // A write statement that changes nothing still takes SQLite's write lock.
@@ -215,3 +219,6 @@ impl DbConnection {
         })
     }
 }
+
+/// The FIFO queue of this process's SQLite write transactions.
+static SQLITE_WRITERS: parking_lot::FairMutex<()> = parking_lot::FairMutex::new(());

@@ -116,31 +116,63 @@ pub fn pending_batch(
         .map_err(StoreError::classify)
 }
 
-pub fn assign_index(
+/// Gives pending entries their leaf index and leaf hash: `(pending_seq, leaf_index,
+/// leaf_hash)`. Fails if any of them was already sequenced (a second sequencer got in).
+pub fn assign_indexes(
     conn: &mut DbConnection,
-    pending_seq: i64,
-    leaf_index: i64,
-    leaf_hash: &[u8],
+    assignments: &[(i64, i64, Vec<u8>)],
     now: i64,
 ) -> Result<(), StoreError> {
-    let updated = diesel::update(
-        ledger_entries::table
-            .find(pending_seq)
-            .filter(ledger_entries::leaf_index.is_null()),
-    )
-    .set((
-        ledger_entries::leaf_index.eq(leaf_index),
-        ledger_entries::leaf_hash.eq(leaf_hash),
-        ledger_entries::sequenced_at.eq(now),
-    ))
-    .execute(conn)
-    .map_err(StoreError::classify)?;
-    if updated == 1 {
+    let updated = match conn {
+        // One statement for the whole batch: a round trip per entry would cap sequencing
+        // at a few thousand entries per second.
+        DbConnection::Postgres(pg) => {
+            use diesel::sql_types::{Array, BigInt, Binary};
+            let mut updated = 0;
+            for chunk in assignments.chunks(INSERT_CHUNK) {
+                let seqs: Vec<i64> = chunk.iter().map(|(seq, _, _)| *seq).collect();
+                let indexes: Vec<i64> = chunk.iter().map(|(_, index, _)| *index).collect();
+                let leaves: Vec<Vec<u8>> = chunk.iter().map(|(_, _, leaf)| leaf.clone()).collect();
+                updated += diesel::sql_query(
+                    "UPDATE ledger_entries AS e SET leaf_index = v.leaf_index, leaf_hash = v.leaf_hash, sequenced_at = $4 \
+                     FROM (SELECT unnest($1::bigint[]) AS pending_seq, unnest($2::bigint[]) AS leaf_index, \
+                                  unnest($3::bytea[]) AS leaf_hash) AS v \
+                     WHERE e.pending_seq = v.pending_seq AND e.leaf_index IS NULL",
+                )
+                .bind::<Array<BigInt>, _>(seqs)
+                .bind::<Array<BigInt>, _>(indexes)
+                .bind::<Array<Binary>, _>(leaves)
+                .bind::<BigInt, _>(now)
+                .execute(pg)
+                .map_err(StoreError::classify)?;
+            }
+            updated
+        }
+        DbConnection::Sqlite(sqlite) => {
+            let mut updated = 0;
+            for (pending_seq, leaf_index, leaf_hash) in assignments {
+                updated += diesel::update(
+                    ledger_entries::table
+                        .find(pending_seq)
+                        .filter(ledger_entries::leaf_index.is_null()),
+                )
+                .set((
+                    ledger_entries::leaf_index.eq(leaf_index),
+                    ledger_entries::leaf_hash.eq(leaf_hash),
+                    ledger_entries::sequenced_at.eq(now),
+                ))
+                .execute(sqlite)
+                .map_err(StoreError::classify)?;
+            }
+            updated
+        }
+    };
+    if updated == assignments.len() {
         Ok(())
     } else {
-        Err(StoreError::Unavailable(format!(
-            "pending entry {pending_seq} was sequenced concurrently"
-        )))
+        Err(StoreError::Unavailable(
+            "pending entries were sequenced concurrently".into(),
+        ))
     }
 }
 

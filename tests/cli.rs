@@ -168,48 +168,22 @@ fn assert_refused(env: &[(&str, &str)], named: &str) {
 
 #[test]
 fn bad_settings_stop_start_up_with_their_name() {
-    assert_refused(&[("FHIRLEDGER_LISTEN", "everywhere")], "FHIRLEDGER_LISTEN");
-    assert_refused(
-        &[("FHIRLEDGER_DATABASE_URL", "mysql://db/x")],
-        "FHIRLEDGER_DATABASE_URL",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_BASE_URL", "fhir.example.org")],
-        "FHIRLEDGER_BASE_URL",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_MAX_BODY_BYTES", "lots")],
-        "FHIRLEDGER_MAX_BODY_BYTES",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_DB_POOL_SIZE", "0")],
-        "FHIRLEDGER_DB_POOL_SIZE",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_MASTER_KEY", "dG9vIHNob3J0")],
-        "FHIRLEDGER_MASTER_KEY",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_MASTER_KEY_FILE", "/nonexistent/key")],
-        "FHIRLEDGER_MASTER_KEY_FILE",
-    );
-    assert_refused(&[("FHIRLEDGER_LOG", "[[[")], "FHIRLEDGER_LOG");
-    assert_refused(
-        &[("FHIRLEDGER_LEDGER_ORIGIN", "has space")],
-        "FHIRLEDGER_LEDGER_ORIGIN",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_LEDGER_INTERVAL_MS", "0")],
-        "FHIRLEDGER_LEDGER_INTERVAL_MS",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_LEDGER_BATCH_SIZE", "-3")],
-        "FHIRLEDGER_LEDGER_BATCH_SIZE",
-    );
-    assert_refused(
-        &[("FHIRLEDGER_LEDGER_KEY", "c2hvcnQ=")],
-        "FHIRLEDGER_LEDGER_KEY",
-    );
+    for (variable, value) in [
+        ("FHIRLEDGER_LISTEN", "everywhere"),
+        ("FHIRLEDGER_DATABASE_URL", "mysql://db/x"),
+        ("FHIRLEDGER_BASE_URL", "fhir.example.org"),
+        ("FHIRLEDGER_MAX_BODY_BYTES", "lots"),
+        ("FHIRLEDGER_DB_POOL_SIZE", "0"),
+        ("FHIRLEDGER_MASTER_KEY", "dG9vIHNob3J0"),
+        ("FHIRLEDGER_MASTER_KEY_FILE", "/nonexistent/key"),
+        ("FHIRLEDGER_LOG", "[[["),
+        ("FHIRLEDGER_LEDGER_ORIGIN", "has space"),
+        ("FHIRLEDGER_LEDGER_INTERVAL_MS", "0"),
+        ("FHIRLEDGER_LEDGER_BATCH_SIZE", "-3"),
+        ("FHIRLEDGER_LEDGER_KEY", "c2hvcnQ="),
+    ] {
+        assert_refused(&[(variable, value)], variable);
+    }
     // PostgreSQL needs an explicit key: processes sharing a database must share it.
     assert_refused(
         &[("FHIRLEDGER_DATABASE_URL", "postgres://127.0.0.1:1/x")],

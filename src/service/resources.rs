@@ -271,8 +271,7 @@ impl ResourceService {
         id: &ResourceId,
     ) -> Result<StoredResource, AppError> {
         let mut conn = self.connection()?;
-        let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
-            .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+        let head = existing_head(&mut conn, resource_type, id)?;
         let row = rows::version(
             &mut conn,
             resource_type.as_str(),
@@ -362,9 +361,7 @@ impl ResourceService {
         query: HistoryQuery,
     ) -> Result<HistoryPage, AppError> {
         let mut conn = self.connection()?;
-        if rows::head(&mut conn, resource_type.as_str(), id.as_str())?.is_none() {
-            return Err(AppError::NotFound(format!("{resource_type}/{id}")));
-        }
+        existing_head(&mut conn, resource_type, id)?;
         let total =
             rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
         // One row more than the page tells whether a next page exists.
@@ -434,8 +431,7 @@ impl ResourceService {
         id: &ResourceId,
     ) -> Result<VersionMeta, AppError> {
         let mut conn = self.connection()?;
-        let head = rows::head(&mut conn, resource_type.as_str(), id.as_str())?
-            .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+        let head = existing_head(&mut conn, resource_type, id)?;
         Ok(VersionMeta {
             version_id: head.current_version,
             last_updated: head.last_updated,
@@ -694,6 +690,16 @@ impl ResourceService {
         let receipt = self.ledger.append_in(tx, ctx, event)?;
         Ok((outcome, receipt))
     }
+}
+
+/// The current state of a resource that must exist (404 otherwise).
+fn existing_head(
+    conn: &mut DbConnection,
+    resource_type: &ResourceType,
+    id: &ResourceId,
+) -> Result<ResourceHead, AppError> {
+    rows::head(conn, resource_type.as_str(), id.as_str())?
+        .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))
 }
 
 /// Names one resource (version) in a ledger entry.

@@ -8,6 +8,7 @@ pub mod compartment;
 pub mod document;
 pub mod outcome;
 pub mod resource_types;
+pub mod search_params;
 pub mod validate;
 
 pub use outcome::{IssueCode, OperationOutcome};

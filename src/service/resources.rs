@@ -90,6 +90,23 @@ enum WriteKind {
     Delete,
 }
 
+/// What a write transaction did.
+enum Written {
+    Content(WriteOutcome),
+    Deleted(DeleteOutcome),
+}
+
+impl Written {
+    fn into_content(self) -> Result<WriteOutcome, AppError> {
+        match self {
+            Self::Content(outcome) => Ok(outcome),
+            Self::Deleted(_) => Err(AppError::Internal(
+                "a content write produced a deletion".into(),
+            )),
+        }
+    }
+}
+
 /// Failure inside a write transaction; `LostRace` rolls the transaction back and retries.
 #[derive(Debug)]
 enum TxError {
@@ -161,7 +178,7 @@ impl ResourceService {
                 method: "POST",
             };
             this.write(&ctx, &resource_type, &id, None, kind)?
-                .ok_or_else(|| AppError::Internal("create wrote no content".into()))
+                .into_content()
         })
         .await
     }
@@ -201,7 +218,7 @@ impl ResourceService {
                 method: "PUT",
             };
             this.write(&ctx, &resource_type, &id, if_match, kind)?
-                .ok_or_else(|| AppError::Internal("update wrote no content".into()))
+                .into_content()
         })
         .await
     }
@@ -218,32 +235,9 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let head = rows::head(
-                &mut *this.connection()?,
-                resource_type.as_str(),
-                id.as_str(),
-            )?;
-            if let Some(head) = head
-                && head.deleted
-                && if_match.is_none_or(|v| v == head.current_version)
-            {
-                // Nothing changes, but the attempt is an interaction with the record.
-                let event = LedgerEvent::permit(
-                    "delete",
-                    vec![target(&resource_type, &id, Some(head.current_version))],
-                    None,
-                );
-                this.ledger.append(&ctx, event)?;
-                return Ok(DeleteOutcome::AlreadyDeleted(VersionMeta {
-                    version_id: head.current_version,
-                    last_updated: head.last_updated,
-                }));
-            }
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
-                Some(_) => Err(AppError::Internal("delete wrote content".into())),
-                None => this
-                    .current_meta(&resource_type, &id)
-                    .map(DeleteOutcome::Deleted),
+                Written::Deleted(outcome) => Ok(outcome),
+                Written::Content(_) => Err(AppError::Internal("a deletion wrote content".into())),
             }
         })
         .await
@@ -425,19 +419,6 @@ impl ResourceService {
             .map_err(|e| AppError::from(StoreError::from(e)))
     }
 
-    fn current_meta(
-        &self,
-        resource_type: &ResourceType,
-        id: &ResourceId,
-    ) -> Result<VersionMeta, AppError> {
-        let mut conn = self.connection()?;
-        let head = existing_head(&mut conn, resource_type, id)?;
-        Ok(VersionMeta {
-            version_id: head.current_version,
-            last_updated: head.last_updated,
-        })
-    }
-
     /// Ledgers a read-type interaction: a permit naming the disclosed version, or a deny
     /// for a request that reached a resource and failed. Fails closed: if the entry cannot
     /// be written, nothing is returned.
@@ -526,9 +507,9 @@ impl ResourceService {
     }
 
     /// Writes the next version of a resource and its ledger entry in one transaction,
-    /// retrying when a concurrent writer of the same resource got there first. Returns the
-    /// written content (`None` for a deletion). Failures that reached the resource are
-    /// ledgered too.
+    /// retrying when a concurrent writer of the same resource got there first. Deleting a
+    /// deleted resource writes no version, only its ledger entry. Failures that reached the
+    /// resource are ledgered too.
     fn write(
         &self,
         ctx: &RequestContext,
@@ -536,7 +517,7 @@ impl ResourceService {
         id: &ResourceId,
         if_match: Option<i64>,
         kind: WriteKind,
-    ) -> Result<Option<WriteOutcome>, AppError> {
+    ) -> Result<Written, AppError> {
         let action = match &kind {
             WriteKind::Content { method: "POST", .. } => "create",
             WriteKind::Content { .. } => "update",
@@ -562,7 +543,7 @@ impl ResourceService {
         id: &ResourceId,
         if_match: Option<i64>,
         kind: &WriteKind,
-    ) -> Result<(Option<WriteOutcome>, String), AppError> {
+    ) -> Result<(Written, String), AppError> {
         let mut conn = self.connection()?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             match conn
@@ -586,7 +567,7 @@ impl ResourceService {
         id: &ResourceId,
         if_match: Option<i64>,
         kind: &WriteKind,
-    ) -> Result<(Option<WriteOutcome>, String), TxError> {
+    ) -> Result<(Written, String), TxError> {
         let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
         check_precondition(resource_type, id, head, if_match)?;
         let version_id = head.map_or(1, |h| h.current_version + 1);
@@ -627,19 +608,28 @@ impl ResourceService {
                     },
                     created: head.is_none_or(|h| h.deleted),
                 };
-                (row, Some(outcome))
+                (row, Written::Content(outcome))
             }
             WriteKind::Delete => {
                 match head {
                     None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
-                    // Raced with another delete: nothing more to write.
+                    // Already deleted: nothing changes, but the attempt is an interaction
+                    // with the record.
                     Some(h) if h.deleted => {
                         let event = LedgerEvent::permit(
                             "delete",
                             vec![target(resource_type, id, Some(h.current_version))],
                             None,
                         );
-                        return Ok((None, self.ledger.append_in(tx, ctx, event)?));
+                        let current = VersionMeta {
+                            version_id: h.current_version,
+                            last_updated: h.last_updated,
+                        };
+                        let receipt = self.ledger.append_in(tx, ctx, event)?;
+                        return Ok((
+                            Written::Deleted(DeleteOutcome::AlreadyDeleted(current)),
+                            receipt,
+                        ));
                     }
                     Some(_) => {}
                 }
@@ -650,7 +640,7 @@ impl ResourceService {
                         version_id,
                         last_updated,
                     ),
-                    None,
+                    Written::Deleted(DeleteOutcome::Deleted(meta)),
                 )
             }
         };
@@ -669,7 +659,7 @@ impl ResourceService {
         let mut written = target(resource_type, id, Some(version_id));
         written.content_hash = row.ciphertext.as_deref().map(content_hash);
         let (action, patient) = match &outcome {
-            Some(written_content) => (
+            Written::Content(written_content) => (
                 if written_content.created {
                     "create"
                 } else {
@@ -681,7 +671,7 @@ impl ResourceService {
                     &written_content.resource.json,
                 ),
             ),
-            None => (
+            Written::Deleted(_) => (
                 "delete",
                 patient_compartment(resource_type.as_str(), id.as_str(), "{}"),
             ),

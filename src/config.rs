@@ -27,8 +27,11 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::crypto::MasterKey;
-use crate::crypto::keys::decode_key_base64;
+use crate::crypto::keys::{
+    DEV_MASTER_KEY_FILE, Secret, decode_key_base64, load_or_create_secret_file, read_secret_file,
+};
 use crate::ledger::LedgerKey;
+use crate::ledger::keys::DEV_LEDGER_KEY_FILE;
 use crate::store::DatabaseUrl;
 
 /// Settings shared by every subcommand that opens the database.
@@ -151,7 +154,18 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
-/// Where the master key came from (decides whether to warn).
+/// One 32-byte secret setting: a file or the value itself, or on the embedded default a
+/// file generated in the data directory.
+struct SecretSetting<'a> {
+    file: Option<&'a Path>,
+    value: Option<&'a str>,
+    file_var: &'static str,
+    value_var: &'static str,
+    dev_file: &'static str,
+    dev_name: &'static str,
+}
+
+/// Where a key came from (decides whether to warn).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyOrigin {
     Configured,
@@ -186,65 +200,68 @@ impl ServeArgs {
         })
     }
 
-    /// Loads the ledger signing key like the master key: configured, generated in the data
-    /// directory on the embedded SQLite default, required with PostgreSQL.
+    /// Loads the master key: from the file or the variable when configured; on the embedded
+    /// SQLite default, generated in the data directory; PostgreSQL requires a configured key
+    /// (several processes must share one, and a key left on one host's disk would not be).
+    pub fn load_master_key(&self) -> Result<(MasterKey, KeyOrigin), ConfigError> {
+        let (secret, origin) = self.load_secret(SecretSetting {
+            file: self.master_key_file.as_deref(),
+            value: self.master_key.as_deref(),
+            file_var: "FHIRLEDGER_MASTER_KEY_FILE",
+            value_var: "FHIRLEDGER_MASTER_KEY",
+            dev_file: DEV_MASTER_KEY_FILE,
+            dev_name: "development master key",
+        })?;
+        Ok((MasterKey::from_bytes(*secret), origin))
+    }
+
+    /// Loads the ledger signing key (an Ed25519 seed) the same way as the master key.
     pub fn load_ledger_key(&self) -> Result<(LedgerKey, KeyOrigin), ConfigError> {
-        let origin = self.resolved_ledger_origin();
-        let invalid =
-            |detail: String| ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"));
-        match (&self.ledger_key_file, &self.ledger_key) {
-            (Some(_), Some(_)) => Err(ConfigError::Invalid(
-                "set only one of FHIRLEDGER_LEDGER_KEY_FILE and FHIRLEDGER_LEDGER_KEY".into(),
-            )),
-            (Some(path), None) => Ok((
-                LedgerKey::from_file(path, &origin, "FHIRLEDGER_LEDGER_KEY_FILE")?,
-                KeyOrigin::Configured,
-            )),
-            (None, Some(text)) => {
-                let seed = decode_key_base64(text, "FHIRLEDGER_LEDGER_KEY")?;
-                Ok((LedgerKey::from_seed(*seed, &origin).map_err(invalid)?, KeyOrigin::Configured))
-            }
+        let (seed, origin) = self.load_secret(SecretSetting {
+            file: self.ledger_key_file.as_deref(),
+            value: self.ledger_key.as_deref(),
+            file_var: "FHIRLEDGER_LEDGER_KEY_FILE",
+            value_var: "FHIRLEDGER_LEDGER_KEY",
+            dev_file: DEV_LEDGER_KEY_FILE,
+            dev_name: "development ledger key",
+        })?;
+        let key =
+            LedgerKey::from_seed(*seed, &self.resolved_ledger_origin()).map_err(|detail| {
+                ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"))
+            })?;
+        Ok((key, origin))
+    }
+
+    fn load_secret(&self, setting: SecretSetting<'_>) -> Result<(Secret, KeyOrigin), ConfigError> {
+        let SecretSetting {
+            file,
+            value,
+            file_var,
+            value_var,
+            dev_file,
+            dev_name,
+        } = setting;
+        match (file, value) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+                "set only one of {file_var} and {value_var}"
+            ))),
+            (Some(path), None) => Ok((read_secret_file(path, file_var)?, KeyOrigin::Configured)),
+            (None, Some(text)) => Ok((decode_key_base64(text, value_var)?, KeyOrigin::Configured)),
             (None, None) => match self.database.resolved_database_url() {
-                DatabaseUrl::Postgres(_) => Err(ConfigError::Invalid(
-                    "FHIRLEDGER_LEDGER_KEY_FILE (or FHIRLEDGER_LEDGER_KEY) is required with PostgreSQL; \
+                DatabaseUrl::Postgres(_) => Err(ConfigError::Invalid(format!(
+                    "{file_var} (or {value_var}) is required with PostgreSQL; \
                      generate one with: head -c 32 /dev/urandom | base64"
-                        .into(),
-                )),
+                ))),
                 DatabaseUrl::Sqlite(_) => {
                     ensure_private_dir(&self.database.data_dir)?;
-                    let (key, generated) = LedgerKey::load_or_generate_dev(&self.database.data_dir, &origin)?;
+                    let path = self.database.data_dir.join(dev_file);
+                    let (secret, generated) = load_or_create_secret_file(&path, dev_name)?;
                     let origin = if generated {
                         KeyOrigin::DevelopmentGenerated
                     } else {
                         KeyOrigin::DevelopmentExisting
                     };
-                    Ok((key, origin))
-                }
-            },
-        }
-    }
-
-    /// Loads the master key: from the file or the variable when configured; on the embedded
-    /// SQLite default, generated in the data directory; PostgreSQL requires a configured key
-    /// (several processes must share one, and a key left on one host's disk would not be).
-    pub fn load_master_key(&self) -> Result<(MasterKey, KeyOrigin), ConfigError> {
-        match (&self.master_key_file, &self.master_key) {
-            (Some(_), Some(_)) => Err(ConfigError::Invalid(
-                "set only one of FHIRLEDGER_MASTER_KEY_FILE and FHIRLEDGER_MASTER_KEY".into(),
-            )),
-            (Some(path), None) => Ok((MasterKey::from_file(path, "FHIRLEDGER_MASTER_KEY_FILE")?, KeyOrigin::Configured)),
-            (None, Some(text)) => Ok((MasterKey::from_base64(text, "FHIRLEDGER_MASTER_KEY")?, KeyOrigin::Configured)),
-            (None, None) => match self.database.resolved_database_url() {
-                DatabaseUrl::Postgres(_) => Err(ConfigError::Invalid(
-                    "FHIRLEDGER_MASTER_KEY_FILE (or FHIRLEDGER_MASTER_KEY) is required with PostgreSQL; \
-                     generate one with: head -c 32 /dev/urandom | base64"
-                        .into(),
-                )),
-                DatabaseUrl::Sqlite(_) => {
-                    ensure_private_dir(&self.database.data_dir)?;
-                    let (key, generated) = MasterKey::load_or_generate_dev(&self.database.data_dir)?;
-                    let origin = if generated { KeyOrigin::DevelopmentGenerated } else { KeyOrigin::DevelopmentExisting };
-                    Ok((key, origin))
+                    Ok((secret, origin))
                 }
             },
         }

@@ -186,8 +186,9 @@ fn audit_key(
         .and_then(|c| c.note.lines().next().map(str::to_owned))
         .ok_or("no checkpoint in the database and no --vkey given")?;
     let path = args.database.data_dir.join(DEV_LEDGER_KEY_FILE);
-    let key = fhirledger::ledger::LedgerKey::from_file(&path, &origin, "development ledger key")
+    let seed = fhirledger::crypto::keys::read_secret_file(&path, "development ledger key")
         .map_err(|e| format!("{e}; give --vkey"))?;
+    let key = fhirledger::ledger::LedgerKey::from_seed(*seed, &origin)?;
     Ok(fhirledger::service::audit::AuditKey {
         verifying_key: key.verifying_key(),
         vkey: key.vkey(),

@@ -1,5 +1,6 @@
-//! The master key (key-encryption key): loading it from configuration, or generating a
-//! development key in the data directory for the embedded default.
+//! The master key (key-encryption key), and the 32-byte secrets behind every key of the
+//! server: decoding them from configuration, reading them from files, and generating the
+//! development key files of the embedded default.
 
 use std::fmt;
 use std::fs;
@@ -91,37 +92,6 @@ impl MasterKey {
         Self::from_bytes(bytes)
     }
 
-    /// Parses base64 text (surrounding whitespace ignored). `source_name` names the setting
-    /// in error messages, e.g. `FHIRLEDGER_MASTER_KEY`.
-    pub fn from_base64(text: &str, source_name: &'static str) -> Result<Self, KeyError> {
-        Ok(Self::from_bytes(*decode_key_base64(text, source_name)?))
-    }
-
-    pub fn from_file(path: &Path, source_name: &'static str) -> Result<Self, KeyError> {
-        let text = Zeroizing::new(fs::read_to_string(path).map_err(|error| KeyError::Read {
-            source_name,
-            path: path.to_owned(),
-            error,
-        })?);
-        Self::from_base64(&text, source_name)
-    }
-
-    /// Loads `dir/master.key`, creating it (mode 0600) with a random key when absent.
-    /// Returns the key and whether it was generated now.
-    pub fn load_or_generate_dev(dir: &Path) -> Result<(Self, bool), KeyError> {
-        let path = dir.join(DEV_MASTER_KEY_FILE);
-        if path.exists() {
-            return Ok((Self::from_file(&path, "development master key")?, false));
-        }
-        let key = Self::generate();
-        write_secret_file(&path, &key.to_base64()).map_err(|error| KeyError::Write {
-            source_name: "development master key",
-            path: path.clone(),
-            error,
-        })?;
-        Ok((key, true))
-    }
-
     pub fn id(&self) -> &KeyId {
         &self.id
     }
@@ -129,18 +99,14 @@ impl MasterKey {
     pub(crate) fn bytes(&self) -> &[u8; KEY_LEN] {
         &self.bytes
     }
-
-    fn to_base64(&self) -> Zeroizing<String> {
-        Zeroizing::new(BASE64.encode(self.bytes.as_slice()))
-    }
 }
+
+/// A 32-byte secret (a key or a seed), zeroed on drop.
+pub type Secret = Zeroizing<[u8; KEY_LEN]>;
 
 /// Decodes a base64 32-byte secret (surrounding whitespace ignored); errors name
 /// `source_name`.
-pub fn decode_key_base64(
-    text: &str,
-    source_name: &'static str,
-) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+pub fn decode_key_base64(text: &str, source_name: &'static str) -> Result<Secret, KeyError> {
     let decoded = Zeroizing::new(
         BASE64
             .decode(text.trim())
@@ -159,9 +125,40 @@ pub fn decode_key_base64(
     Ok(Zeroizing::new(bytes))
 }
 
+/// Reads a base64 secret from a file; errors name `source_name`.
+pub fn read_secret_file(path: &Path, source_name: &'static str) -> Result<Secret, KeyError> {
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(|error| KeyError::Read {
+        source_name,
+        path: path.to_owned(),
+        error,
+    })?);
+    decode_key_base64(&text, source_name)
+}
+
+/// Reads the secret in `path`, or creates the file (mode 0600) with a random one when it is
+/// absent, as the embedded default does with its development keys. Returns the secret and
+/// whether it was generated now.
+pub fn load_or_create_secret_file(
+    path: &Path,
+    source_name: &'static str,
+) -> Result<(Secret, bool), KeyError> {
+    if path.exists() {
+        return Ok((read_secret_file(path, source_name)?, false));
+    }
+    let mut secret = Zeroizing::new([0u8; KEY_LEN]);
+    rand::rngs::OsRng.fill_bytes(secret.as_mut_slice());
+    let encoded = Zeroizing::new(BASE64.encode(secret.as_slice()));
+    write_secret_file(path, &encoded).map_err(|error| KeyError::Write {
+        source_name,
+        path: path.to_owned(),
+        error,
+    })?;
+    Ok((secret, true))
+}
+
 /// Writes a new file readable only by its owner; fails if the file already exists, so a
 /// racing second process never overwrites a key the first one is already using.
-pub fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -181,12 +178,15 @@ mod tests {
 
     #[test]
     fn base64_round_trip_and_length_check() {
-        let key = MasterKey::generate();
-        let again = MasterKey::from_base64(&key.to_base64(), "test").unwrap();
-        assert_eq!(key.id(), again.id());
-        let err = MasterKey::from_base64("c2hvcnQ=", "FHIRLEDGER_MASTER_KEY").unwrap_err();
+        let bytes = [9u8; KEY_LEN];
+        let decoded = decode_key_base64(&format!(" {}\n", BASE64.encode(bytes)), "test").unwrap();
+        assert_eq!(
+            MasterKey::from_bytes(*decoded).id(),
+            MasterKey::from_bytes(bytes).id()
+        );
+        let err = decode_key_base64("c2hvcnQ=", "FHIRLEDGER_MASTER_KEY").unwrap_err();
         assert!(err.to_string().contains("FHIRLEDGER_MASTER_KEY"), "{err}");
-        assert!(MasterKey::from_base64("not base64!", "x").is_err());
+        assert!(decode_key_base64("not base64!", "x").is_err());
     }
 
     #[test]
@@ -202,11 +202,12 @@ mod tests {
     fn dev_key_is_generated_once_with_mode_0600() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let (first, generated) = MasterKey::load_or_generate_dev(dir.path()).unwrap();
+        let path = dir.path().join(DEV_MASTER_KEY_FILE);
+        let (first, generated) = load_or_create_secret_file(&path, "test").unwrap();
         assert!(generated);
-        let (second, generated_again) = MasterKey::load_or_generate_dev(dir.path()).unwrap();
+        let (second, generated_again) = load_or_create_secret_file(&path, "test").unwrap();
         assert!(!generated_again);
-        assert_eq!(first.id(), second.id());
+        assert_eq!(*first, *second);
         let mode = fs::metadata(dir.path().join(DEV_MASTER_KEY_FILE))
             .unwrap()
             .permissions()

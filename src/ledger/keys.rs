@@ -2,16 +2,12 @@
 //! published forms (C2SP signed-note verifier key).
 
 use std::fmt;
-use std::path::Path;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use rand::RngCore as _;
 use zeroize::Zeroizing;
-
-use crate::crypto::KeyError;
-use crate::crypto::keys::{decode_key_base64, write_secret_file};
 
 /// File name of the generated development ledger key inside the data directory.
 pub const DEV_LEDGER_KEY_FILE: &str = "ledger.key";
@@ -55,46 +51,6 @@ impl LedgerKey {
         let mut seed = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(seed.as_mut_slice());
         Self::from_seed(*seed, name)
-    }
-
-    /// Reads a base64 seed from `path`.
-    pub fn from_file(path: &Path, name: &str, source_name: &'static str) -> Result<Self, KeyError> {
-        let text =
-            Zeroizing::new(
-                std::fs::read_to_string(path).map_err(|error| KeyError::Read {
-                    source_name,
-                    path: path.to_owned(),
-                    error,
-                })?,
-            );
-        let seed = decode_key_base64(&text, source_name)?;
-        Self::from_seed(*seed, name).map_err(|detail| KeyError::Malformed {
-            source_name,
-            detail,
-        })
-    }
-
-    /// Loads `dir/ledger.key`, creating it (mode 0600) when absent; returns whether it was
-    /// generated now.
-    pub fn load_or_generate_dev(dir: &Path, name: &str) -> Result<(Self, bool), KeyError> {
-        let path = dir.join(DEV_LEDGER_KEY_FILE);
-        if path.exists() {
-            return Ok((
-                Self::from_file(&path, name, "development ledger key")?,
-                false,
-            ));
-        }
-        let key = Self::generate(name).map_err(|detail| KeyError::Malformed {
-            source_name: "FHIRLEDGER_LEDGER_ORIGIN",
-            detail,
-        })?;
-        let encoded = Zeroizing::new(BASE64.encode(key.signing.to_bytes()));
-        write_secret_file(&path, &encoded).map_err(|error| KeyError::Write {
-            source_name: "development ledger key",
-            path: path.clone(),
-            error,
-        })?;
-        Ok((key, true))
     }
 
     pub fn name(&self) -> &str {

@@ -13,13 +13,6 @@ pub enum Principal {
 }
 
 impl Principal {
-    /// A short, PHI-free label for logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Anonymous => "anonymous",
-        }
-    }
-
     /// The actor recorded in ledger entries.
     pub fn ledger_actor(&self) -> Actor {
         match self {

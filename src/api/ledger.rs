@@ -12,6 +12,7 @@ use super::AppState;
 use super::request::QueryParams;
 use crate::error::AppError;
 use crate::fhir::outcome::OperationOutcome;
+use crate::ledger::Hash;
 use crate::ledger::checkpoint::{decode_hash, encode_hash};
 use crate::ledger::tiles::{TILE_WIDTH, parse_tile_path};
 use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry};
@@ -96,10 +97,34 @@ pub struct ReceiptView {
     pub checkpoint: Option<String>,
 }
 
+/// An entry's index (if sequenced), base64 leaf data, and parsed form.
 fn view(entry: ServedEntry) -> Result<(Option<u64>, String, serde_json::Value), AppError> {
     let parsed = serde_json::from_slice(&entry.leaf_data)
         .map_err(|e| AppError::Internal(format!("stored ledger entry is not JSON: {e}")))?;
     Ok((entry.index, BASE64.encode(&entry.leaf_data), parsed))
+}
+
+impl EntryView {
+    /// A sequenced entry (the entries endpoints serve no pending ones).
+    fn sequenced(entry: ServedEntry) -> Result<Self, AppError> {
+        let (index, leaf_data, entry) = view(entry)?;
+        Ok(Self {
+            index: index.unwrap_or_default(),
+            leaf_data,
+            entry,
+        })
+    }
+}
+
+impl InclusionProof {
+    fn new(leaf_index: u64, tree_size: u64, leaf: &Hash, proof: &[Hash]) -> Self {
+        Self {
+            leaf_index,
+            tree_size,
+            leaf_hash: encode_hash(leaf),
+            proof: proof.iter().map(encode_hash).collect(),
+        }
+    }
 }
 
 fn parse_u64(query: &QueryParams, name: &str) -> Result<Option<u64>, AppError> {
@@ -181,14 +206,7 @@ pub async fn entries(
     let served = state.ledger.entries(start, end).await?;
     let entries = served
         .into_iter()
-        .map(|e| {
-            let (index, leaf_data, entry) = view(e)?;
-            Ok(EntryView {
-                index: index.unwrap_or_default(),
-                leaf_data,
-                entry,
-            })
-        })
+        .map(EntryView::sequenced)
         .collect::<Result<Vec<_>, AppError>>()?;
     Ok(HttpResponse::Ok().json(EntriesPage { entries }))
 }
@@ -213,12 +231,7 @@ pub async fn entry(
         .into_iter()
         .next()
         .ok_or_else(|| AppError::NotFound(format!("ledger entry {index}")))?;
-    let (index, leaf_data, entry) = view(found)?;
-    Ok(HttpResponse::Ok().json(EntryView {
-        index: index.unwrap_or_default(),
-        leaf_data,
-        entry,
-    }))
+    Ok(HttpResponse::Ok().json(EntryView::sequenced(found)?))
 }
 
 /// Resolves the receipt from a response's `X-Ledger-Entry` header: the entry, its index
@@ -240,12 +253,7 @@ pub async fn receipt(
         Some(index) => {
             let current = state.ledger.checkpoint().await?;
             let (leaf, proof) = state.ledger.inclusion_proof(index, current.size).await?;
-            let inclusion = InclusionProof {
-                leaf_index: index,
-                tree_size: current.size,
-                leaf_hash: encode_hash(&leaf),
-                proof: proof.iter().map(encode_hash).collect(),
-            };
+            let inclusion = InclusionProof::new(index, current.size, &leaf, &proof);
             (Some(inclusion), Some(current.note))
         }
         None => (None, None),
@@ -299,12 +307,7 @@ pub async fn inclusion_proof(
         }
     };
     let (leaf, proof) = state.ledger.inclusion_proof(index, tree_size).await?;
-    Ok(HttpResponse::Ok().json(InclusionProof {
-        leaf_index: index,
-        tree_size,
-        leaf_hash: encode_hash(&leaf),
-        proof: proof.iter().map(encode_hash).collect(),
-    }))
+    Ok(HttpResponse::Ok().json(InclusionProof::new(index, tree_size, &leaf, &proof)))
 }
 
 /// RFC 6962 consistency proof between two tree sizes.

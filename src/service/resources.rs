@@ -147,14 +147,6 @@ impl ResourceService {
         }
     }
 
-    pub fn ledger(&self) -> &LedgerService {
-        &self.ledger
-    }
-
-    pub fn types(&self) -> &ResourceTypes {
-        &self.types
-    }
-
     /// Resolves a type name from a URL.
     pub fn resolve_type(&self, name: &str) -> Result<ResourceType, AppError> {
         Ok(self.types.resolve(name)?)

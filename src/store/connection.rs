@@ -189,13 +189,6 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
 }
 
 impl DbConnection {
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Postgres(_) => Backend::Postgres,
-            Self::Sqlite(_) => Backend::Sqlite,
-        }
-    }
-
     /// Runs `work` in one transaction that writes. On SQLite the transaction takes the write
     /// lock with its first statement: a deferred transaction that reads first and writes later
     /// fails with SQLITE_BUSY instead of waiting when another writer got in between.

@@ -92,10 +92,6 @@ impl TestDb {
         self.postgres.is_some()
     }
 
-    pub fn postgres_name(&self) -> Option<&str> {
-        self.postgres.as_ref().map(|p| p.name.as_str())
-    }
-
     pub fn postgres_url(&self) -> Option<&str> {
         match &self.url {
             DatabaseUrl::Postgres(url) => Some(url),

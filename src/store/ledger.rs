@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 
 use super::connection::{DbConnection, StoreError};
@@ -57,10 +56,11 @@ pub fn insert_entry(
         .map_err(StoreError::classify)
 }
 
-/// Takes the sequencer lock for the current transaction. PostgreSQL: a transaction-scoped
-/// advisory lock, so that of several server processes exactly one sequences at a time
-/// (`false`: another process holds it). SQLite: the write transaction already excludes
-/// every other writer.
+/// Takes the sequencer lock for the current write transaction
+/// ([`DbConnection::write_transaction`]). PostgreSQL: a transaction-scoped advisory lock,
+/// so that of several server processes exactly one sequences at a time (`false`: another
+/// process holds it). SQLite: the write transaction already holds the database's write
+/// lock, which excludes every other writer.
 pub fn try_lock_sequencer(conn: &mut DbConnection) -> Result<bool, StoreError> {
     match conn {
         DbConnection::Postgres(_) => {
@@ -76,13 +76,7 @@ pub fn try_lock_sequencer(conn: &mut DbConnection) -> Result<bool, StoreError> {
             .map_err(StoreError::classify)?;
             Ok(row.locked)
         }
-        DbConnection::Sqlite(sqlite) => {
-            // Make sure this transaction holds the write lock before reading the state.
-            sqlite
-                .batch_execute("UPDATE ledger_state SET tree_size = tree_size WHERE id = 1")
-                .map_err(StoreError::classify)?;
-            Ok(true)
-        }
+        DbConnection::Sqlite(_) => Ok(true),
     }
 }
 

@@ -6,9 +6,11 @@ pub mod bundle;
 pub mod capability;
 pub mod compartment;
 pub mod document;
+pub mod fhirpath;
 pub mod outcome;
 pub mod resource_types;
 pub mod search_params;
+pub mod search_values;
 pub mod validate;
 
 pub use outcome::{IssueCode, OperationOutcome};

@@ -444,7 +444,7 @@ fn days_in_month(year: i64, month: i64) -> i64 {
 }
 
 /// A fixed-width run of ASCII digits at the front of `text`.
-fn take_digits<'t>(text: &'t str, width: usize) -> Option<(i64, &'t str)> {
+fn take_digits(text: &str, width: usize) -> Option<(i64, &str)> {
     let digits = text.get(..width)?;
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -672,7 +672,7 @@ mod tests {
             ]
         );
         let example = SearchValue::Reference("Patient/example".to_owned());
-        assert_eq!(values("subject"), [example.clone()]);
+        assert_eq!(values("subject"), std::slice::from_ref(&example));
         assert_eq!(values("patient"), [example]);
         assert_eq!(
             values("value-quantity"),

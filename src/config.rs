@@ -11,6 +11,8 @@
 //! | `FHIRLEDGER_MASTER_KEY` | `--master-key` | — (base64; prefer the file) |
 //! | `FHIRLEDGER_LEDGER_KEY_FILE` | `--ledger-key-file` | (SQLite only: generated `$DATA_DIR/ledger.key`) |
 //! | `FHIRLEDGER_LEDGER_KEY` | `--ledger-key` | — (base64 Ed25519 seed; prefer the file) |
+//! | `FHIRLEDGER_INDEX_KEY_FILE` | `--index-key-file` | (SQLite only: generated `$DATA_DIR/index.key`) |
+//! | `FHIRLEDGER_INDEX_KEY` | `--index-key` | — (base64; prefer the file) |
 //! | `FHIRLEDGER_LEDGER_ORIGIN` | `--ledger-origin` | base URL without scheme, plus `/ledger` |
 //! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `4096` |
@@ -26,10 +28,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use crate::crypto::MasterKey;
+use crate::crypto::blind_index::DEV_INDEX_KEY_FILE;
 use crate::crypto::keys::{
     DEV_MASTER_KEY_FILE, Secret, decode_key_base64, load_or_create_secret_file, read_secret_file,
 };
+use crate::crypto::{BlindIndexKey, MasterKey};
 use crate::ledger::LedgerKey;
 use crate::ledger::keys::DEV_LEDGER_KEY_FILE;
 use crate::store::DatabaseUrl;
@@ -105,6 +108,20 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub ledger_key: Option<String>,
+
+    /// File holding the base64 32-byte key of the search blind index (HMAC-SHA-256), kept
+    /// apart from the master key.
+    #[arg(long, env = "FHIRLEDGER_INDEX_KEY_FILE", value_name = "PATH")]
+    pub index_key_file: Option<PathBuf>,
+
+    /// The base64 index key itself (prefer the file).
+    #[arg(
+        long,
+        env = "FHIRLEDGER_INDEX_KEY",
+        value_name = "BASE64",
+        hide_env_values = true
+    )]
+    pub index_key: Option<String>,
 
     /// Checkpoint origin (the log's name in signed notes); default: base URL host and path + `/ledger`.
     #[arg(long, env = "FHIRLEDGER_LEDGER_ORIGIN", value_name = "ORIGIN", value_parser = parse_origin)]
@@ -230,6 +247,19 @@ impl ServeArgs {
                 ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"))
             })?;
         Ok((key, origin))
+    }
+
+    /// Loads the blind-index key the same way as the master key.
+    pub fn load_index_key(&self) -> Result<(BlindIndexKey, KeyOrigin), ConfigError> {
+        let (secret, origin) = self.load_secret(SecretSetting {
+            file: self.index_key_file.as_deref(),
+            value: self.index_key.as_deref(),
+            file_var: "FHIRLEDGER_INDEX_KEY_FILE",
+            value_var: "FHIRLEDGER_INDEX_KEY",
+            dev_file: DEV_INDEX_KEY_FILE,
+            dev_name: "development index key",
+        })?;
+        Ok((BlindIndexKey::from_bytes(*secret), origin))
     }
 
     fn load_secret(&self, setting: SecretSetting<'_>) -> Result<(Secret, KeyOrigin), ConfigError> {

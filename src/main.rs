@@ -118,9 +118,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             args.database.data_dir.display()
         ),
     }
+    let (index_key, index_origin) = args.load_index_key()?;
+    if index_origin != KeyOrigin::Configured {
+        tracing::warn!(
+            "USING A DEVELOPMENT INDEX KEY from {}: with it, search index digests can be tested against \
+             guessed values. Production deployments set FHIRLEDGER_INDEX_KEY_FILE.",
+            args.database.data_dir.display()
+        );
+    }
     let keys = fhirledger::server::Keys {
         master: master_key,
         ledger: ledger_key,
+        index: index_key,
     };
     system.block_on(fhirledger::server::serve(args, keys))
 }

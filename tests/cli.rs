@@ -181,6 +181,8 @@ fn bad_settings_stop_start_up_with_their_name() {
         ("FHIRLEDGER_LEDGER_INTERVAL_MS", "0"),
         ("FHIRLEDGER_LEDGER_BATCH_SIZE", "-3"),
         ("FHIRLEDGER_LEDGER_KEY", "c2hvcnQ="),
+        ("FHIRLEDGER_INDEX_KEY", "c2hvcnQ="),
+        ("FHIRLEDGER_INDEX_KEY_FILE", "/nonexistent/key"),
     ] {
         assert_refused(&[(variable, value)], variable);
     }
@@ -196,6 +198,14 @@ fn bad_settings_stop_start_up_with_their_name() {
             ("FHIRLEDGER_MASTER_KEY", key),
         ],
         "FHIRLEDGER_LEDGER_KEY_FILE",
+    );
+    assert_refused(
+        &[
+            ("FHIRLEDGER_DATABASE_URL", "postgres://127.0.0.1:1/x"),
+            ("FHIRLEDGER_MASTER_KEY", key),
+            ("FHIRLEDGER_LEDGER_KEY", key),
+        ],
+        "FHIRLEDGER_INDEX_KEY_FILE",
     );
 }
 

@@ -56,6 +56,7 @@ fn start(db_url: &str, master: &str, ledger: &str) -> (Child, u16, tempfile::Tem
         .env("FHIRLEDGER_DATABASE_URL", db_url)
         .env("FHIRLEDGER_MASTER_KEY", master)
         .env("FHIRLEDGER_LEDGER_KEY", ledger)
+        .env("FHIRLEDGER_INDEX_KEY", BASE64.encode([3u8; 32]))
         .env("FHIRLEDGER_LEDGER_ORIGIN", common::LEDGER_ORIGIN)
         .env("FHIRLEDGER_LEDGER_INTERVAL_MS", "10")
         .env("FHIRLEDGER_LEDGER_BATCH_SIZE", "7")

@@ -1,0 +1,229 @@
+//! Blind indexes: keyed HMAC-SHA-256 digests of normalized search values, so the database
+//! can match equal values without holding them. The index key is separate from the
+//! master key: a leaked index key lets an attacker confirm guesses, never decrypt.
+//!
+//! Every digest is bound to the resource type, the search parameter and the kind of value,
+//! so equal text under different parameters (a family name and a city) hashes differently
+//! and frequencies do not correlate across parameters.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use unicode_normalization::UnicodeNormalization as _;
+use unicode_normalization::char::is_combining_mark;
+use zeroize::Zeroizing;
+
+use super::keys::KEY_LEN;
+
+/// File name of the generated development index key inside the data directory.
+pub const DEV_INDEX_KEY_FILE: &str = "index.key";
+
+/// Length of the stored digests. 16 bytes (128 bits) keeps the index small while making
+/// accidental collisions between distinct values negligible.
+pub const DIGEST_LEN: usize = 16;
+
+/// Strings are indexed by every normalized prefix up to this many characters, so that
+/// FHIR's default "starts with" string search needs no plaintext. Longer search terms
+/// match on this prefix in the database and are checked in full after decryption.
+pub const MAX_PREFIX_CHARS: usize = 12;
+
+/// What a digest stands for; part of the HMAC input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// The parameter has at least one value (for `:missing`).
+    Present,
+    /// A normalized string prefix of exactly n characters (n ≤ [`MAX_PREFIX_CHARS`]).
+    Prefix,
+    /// A whole normalized string (default string match of a term no longer than the prefix
+    /// bound is covered by `Prefix`; this is for whole-value equality).
+    Normalized,
+    /// A string exactly as written (`:exact`).
+    Exact,
+    /// Token `system|code`.
+    SystemCode,
+    /// Token `code` in any system.
+    Code,
+    /// Token code with no system (`|code`).
+    CodeWithoutSystem,
+    /// Token `system|` (any code).
+    System,
+    /// Reference as `Type/id` or absolute URL.
+    Reference,
+    /// Reference by id alone (`subject=123`).
+    ReferenceId,
+    /// A uri, exactly.
+    Uri,
+    /// Unit of a quantity: `system|code`.
+    UnitSystemCode,
+    /// Unit of a quantity by code or unit text alone.
+    UnitCode,
+}
+
+impl ValueKind {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Self::Present => b"present",
+            Self::Prefix => b"prefix",
+            Self::Normalized => b"normalized",
+            Self::Exact => b"exact",
+            Self::SystemCode => b"system-code",
+            Self::Code => b"code",
+            Self::CodeWithoutSystem => b"code-no-system",
+            Self::System => b"system",
+            Self::Reference => b"reference",
+            Self::ReferenceId => b"reference-id",
+            Self::Uri => b"uri",
+            Self::UnitSystemCode => b"unit-system-code",
+            Self::UnitCode => b"unit-code",
+        }
+    }
+}
+
+/// The HMAC key of the blind index. Never printed; zeroed on drop.
+pub struct BlindIndexKey {
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+}
+
+impl fmt::Debug for BlindIndexKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlindIndexKey").finish_non_exhaustive()
+    }
+}
+
+pub type Digest = [u8; DIGEST_LEN];
+
+impl BlindIndexKey {
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self {
+            bytes: Zeroizing::new(bytes),
+        }
+    }
+
+    /// A fresh random key (tests).
+    pub fn generate() -> Self {
+        use rand::RngCore as _;
+        let mut bytes = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        Self::from_bytes(bytes)
+    }
+
+    /// The digest of one value of `param` on `resource_type`. Fields are length-prefixed so
+    /// no two different inputs share an encoding.
+    pub fn digest(&self, resource_type: &str, param: &str, kind: ValueKind, value: &str) -> Digest {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.bytes.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        for field in [
+            resource_type.as_bytes(),
+            param.as_bytes(),
+            kind.tag(),
+            value.as_bytes(),
+        ] {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        let full = mac.finalize().into_bytes();
+        let mut digest = [0u8; DIGEST_LEN];
+        digest.copy_from_slice(&full[..DIGEST_LEN]);
+        digest
+    }
+}
+
+/// FHIR string matching is case- and accent-insensitive (search.html#string): lower case,
+/// canonical decomposition with combining marks removed, runs of whitespace and
+/// punctuation folded to one space, trimmed.
+pub fn normalize_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
+    for c in text.nfd().filter(|c| !is_combining_mark(*c)) {
+        if c.is_alphanumeric() {
+            if pending_space && !out.is_empty() {
+                out.push(' ');
+            }
+            pending_space = false;
+            out.extend(c.to_lowercase());
+        } else {
+            pending_space = true;
+        }
+    }
+    out
+}
+
+/// The prefixes of a normalized string that the index stores: 1 to
+/// [`MAX_PREFIX_CHARS`] characters.
+pub fn prefixes(normalized: &str) -> impl Iterator<Item = &str> {
+    normalized
+        .char_indices()
+        .skip(1)
+        .map(|(i, _)| i)
+        .chain(std::iter::once(normalized.len()))
+        .take(MAX_PREFIX_CHARS)
+        .filter(|_| !normalized.is_empty())
+        .map(move |end| &normalized[..end])
+}
+
+/// The longest prefix of a normalized search term the index can answer.
+pub fn bounded_prefix(normalized: &str) -> &str {
+    match normalized.char_indices().nth(MAX_PREFIX_CHARS) {
+        Some((end, _)) => &normalized[..end],
+        None => normalized,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_folds_case_accents_and_punctuation() {
+        assert_eq!(
+            normalize_string("  Müller-Lüdenscheidt "),
+            "muller ludenscheidt"
+        );
+        assert_eq!(normalize_string("ÉMILE"), "emile");
+        assert_eq!(normalize_string("O'Brien"), "o brien");
+        assert_eq!(normalize_string("..."), "");
+    }
+
+    #[test]
+    fn prefixes_are_bounded_and_char_safe() {
+        let all: Vec<&str> = prefixes("zoë").collect();
+        assert_eq!(all, vec!["z", "zo", "zoë"]);
+        assert_eq!(prefixes("abcdefghijklmnopq").count(), MAX_PREFIX_CHARS);
+        assert_eq!(prefixes("").count(), 0);
+        assert_eq!(bounded_prefix("abcdefghijklmnopq"), "abcdefghijkl");
+        assert_eq!(bounded_prefix("ab"), "ab");
+    }
+
+    #[test]
+    fn digests_bind_type_parameter_kind_and_key() {
+        let key = BlindIndexKey::from_bytes([1; KEY_LEN]);
+        let base = key.digest("Patient", "family", ValueKind::Prefix, "chal");
+        assert_eq!(
+            base,
+            key.digest("Patient", "family", ValueKind::Prefix, "chal")
+        );
+        assert_ne!(
+            base,
+            key.digest("Patient", "given", ValueKind::Prefix, "chal")
+        );
+        assert_ne!(
+            base,
+            key.digest("Practitioner", "family", ValueKind::Prefix, "chal")
+        );
+        assert_ne!(
+            base,
+            key.digest("Patient", "family", ValueKind::Exact, "chal")
+        );
+        // Length prefixes keep field boundaries apart.
+        assert_ne!(
+            key.digest("Patient", "ab", ValueKind::Code, "c"),
+            key.digest("Patient", "a", ValueKind::Code, "bc")
+        );
+        let other = BlindIndexKey::from_bytes([2; KEY_LEN]);
+        assert_ne!(
+            base,
+            other.digest("Patient", "family", ValueKind::Prefix, "chal")
+        );
+    }
+}

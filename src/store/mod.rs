@@ -8,5 +8,6 @@ pub mod ledger;
 pub mod migrations;
 pub mod resources;
 pub mod schema;
+pub mod search;
 
 pub use connection::{Backend, DatabaseUrl, DbConnection, DbPool, PooledConnection, StoreError};

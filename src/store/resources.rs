@@ -14,6 +14,8 @@ pub struct ResourceHead {
     pub current_version: i64,
     pub deleted: bool,
     pub last_updated: i64,
+    /// Stable number of the logical resource (search order, index rows).
+    pub seq: i64,
 }
 
 /// One stored version as the database holds it.
@@ -162,9 +164,9 @@ pub fn count_history(
     query.get_result(conn).map_err(StoreError::classify)
 }
 
-/// Records the first version of a resource. Fails with [`StoreError::UniqueViolation`] when
-/// another writer created the same resource first.
-pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<(), StoreError> {
+/// Records the first version of a resource and returns its `seq`. Fails with
+/// [`StoreError::UniqueViolation`] when another writer created the same resource first.
+pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<i64, StoreError> {
     diesel::insert_into(resources::table)
         .values((
             resources::resource_type.eq(&row.resource_type),
@@ -175,7 +177,12 @@ pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<(), Sto
         ))
         .execute(conn)
         .map_err(StoreError::classify)?;
-    insert_version(conn, row)
+    insert_version(conn, row)?;
+    resources::table
+        .find((&row.resource_type, &row.id))
+        .select(resources::seq)
+        .first(conn)
+        .map_err(StoreError::classify)
 }
 
 /// Moves a resource from `expected_version` to `row.version_id`. Returns `false` (writing

@@ -7,6 +7,8 @@ diesel::table! {
         current_version -> BigInt,
         deleted -> Bool,
         last_updated -> BigInt,
+        /// Stable order of creation; search results page by it.
+        seq -> BigInt,
     }
 }
 
@@ -57,6 +59,34 @@ diesel::table! {
     ledger_state (id) {
         id -> Integer,
         tree_size -> BigInt,
+    }
+}
+
+diesel::table! {
+    search_hashes (hash, resource_seq) {
+        hash -> Binary,
+        resource_seq -> BigInt,
+    }
+}
+
+diesel::table! {
+    search_dates (resource_seq, param, low) {
+        resource_seq -> BigInt,
+        resource_type -> Text,
+        param -> Text,
+        low -> BigInt,
+        high -> BigInt,
+    }
+}
+
+diesel::table! {
+    search_numbers (resource_seq, param, value) {
+        resource_seq -> BigInt,
+        resource_type -> Text,
+        param -> Text,
+        value -> Double,
+        unit_system_code -> Nullable<Binary>,
+        unit_code -> Nullable<Binary>,
     }
 }
 

@@ -1,0 +1,50 @@
+-- A stable number per logical resource: search results are ordered and paged by it, so
+-- a cursor stays valid while resources are added or changed; index rows refer to it.
+-- SQLite cannot add an autoincrement column, so the table is rebuilt with one.
+CREATE TABLE resources_with_seq (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    resource_type   TEXT    NOT NULL,
+    id              TEXT    NOT NULL,
+    current_version BIGINT  NOT NULL,
+    deleted         BOOLEAN NOT NULL,
+    last_updated    BIGINT  NOT NULL, -- microseconds since the Unix epoch, UTC
+    UNIQUE (resource_type, id)
+);
+INSERT INTO resources_with_seq (resource_type, id, current_version, deleted, last_updated)
+    SELECT resource_type, id, current_version, deleted, last_updated FROM resources ORDER BY rowid;
+DROP TABLE resources;
+ALTER TABLE resources_with_seq RENAME TO resources;
+CREATE INDEX resources_type_seq ON resources (resource_type, seq);
+
+-- Blind index of string, token, reference and uri values of current versions:
+-- HMAC-SHA-256 (index key) of type, parameter, kind and normalized value. No plaintext.
+CREATE TABLE search_hashes (
+    hash         BLOB  NOT NULL,
+    resource_seq BIGINT NOT NULL,
+    PRIMARY KEY (hash, resource_seq)
+) WITHOUT ROWID;
+CREATE INDEX search_hashes_resource ON search_hashes (resource_seq);
+
+-- Date values as the range they cover at their precision (µs since the epoch, UTC,
+-- [low, high)). In clear, as the README's threat model says.
+CREATE TABLE search_dates (
+    resource_seq  BIGINT NOT NULL,
+    resource_type TEXT   NOT NULL,
+    param         TEXT   NOT NULL,
+    low           BIGINT NOT NULL,
+    high          BIGINT NOT NULL
+);
+CREATE INDEX search_dates_lookup ON search_dates (resource_type, param, low);
+CREATE INDEX search_dates_resource ON search_dates (resource_seq, param);
+
+-- Number and quantity values in clear; the unit only as blind-index digests.
+CREATE TABLE search_numbers (
+    resource_seq     BIGINT           NOT NULL,
+    resource_type    TEXT             NOT NULL,
+    param            TEXT             NOT NULL,
+    value            REAL             NOT NULL,
+    unit_system_code BLOB,
+    unit_code        BLOB
+);
+CREATE INDEX search_numbers_lookup ON search_numbers (resource_type, param, value);
+CREATE INDEX search_numbers_resource ON search_numbers (resource_seq, param);

@@ -1,0 +1,882 @@
+//! The search index tables (`search_hashes`, `search_dates`, `search_numbers`) and the SQL
+//! of a search. Callers hand in digests and ranges already computed: this module never
+//! sees a plaintext value.
+//!
+//! Searches are built as SQL text with bound parameters (the number of conditions varies
+//! per request); the only text spliced into SQL is produced here, never taken from a
+//! request.
+
+use diesel::backend::Backend as DieselBackend;
+use diesel::pg::{Pg, PgConnection};
+use diesel::prelude::*;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, Binary, Double, HasSqlType, Nullable, Text};
+use diesel::sqlite::{Sqlite, SqliteConnection};
+
+use super::connection::{DbConnection, StoreError};
+use super::schema::{search_dates, search_hashes, search_numbers};
+use crate::crypto::blind_index::Digest;
+
+/// Rows per multi-row INSERT (well under both backends' bound-parameter limits).
+const INSERT_CHUNK: usize = 500;
+
+/// The index rows of one resource's current version.
+#[derive(Debug, Clone, Default)]
+pub struct IndexRows {
+    pub hashes: Vec<Digest>,
+    pub dates: Vec<DateRow>,
+    pub numbers: Vec<NumberRow>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DateRow {
+    pub param: String,
+    pub low: i64,
+    pub high: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NumberRow {
+    pub param: String,
+    pub value: f64,
+    pub unit_system_code: Option<Digest>,
+    pub unit_code: Option<Digest>,
+}
+
+/// Replaces the index rows of resource `seq` (of `resource_type`) with `rows`; empty rows
+/// (a deletion) just remove them.
+pub fn replace_index(
+    conn: &mut DbConnection,
+    seq: i64,
+    resource_type: &str,
+    rows: &IndexRows,
+) -> Result<(), StoreError> {
+    let classify = StoreError::classify;
+    diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
+        .execute(conn)
+        .map_err(classify)?;
+    diesel::delete(search_dates::table.filter(search_dates::resource_seq.eq(seq)))
+        .execute(conn)
+        .map_err(classify)?;
+    diesel::delete(search_numbers::table.filter(search_numbers::resource_seq.eq(seq)))
+        .execute(conn)
+        .map_err(classify)?;
+
+    let backend = SqlBuilder::for_connection(conn);
+    for chunk in rows.hashes.chunks(INSERT_CHUNK) {
+        let mut sql = backend.start("INSERT INTO search_hashes (hash, resource_seq) VALUES ");
+        for (i, digest) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Bytes(digest.to_vec()));
+            sql.push(", ");
+            sql.bind(Bind::BigInt(seq));
+            sql.push(")");
+        }
+        sql.push(" ON CONFLICT DO NOTHING");
+        sql.execute(conn)?;
+    }
+    for chunk in rows.dates.chunks(INSERT_CHUNK) {
+        let mut sql = backend.start(
+            "INSERT INTO search_dates (resource_seq, resource_type, param, low, high) VALUES ",
+        );
+        for (i, row) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::BigInt(seq));
+            sql.push(", ");
+            sql.bind(Bind::Text(resource_type.to_owned()));
+            sql.push(", ");
+            sql.bind(Bind::Text(row.param.clone()));
+            sql.push(", ");
+            sql.bind(Bind::BigInt(row.low));
+            sql.push(", ");
+            sql.bind(Bind::BigInt(row.high));
+            sql.push(")");
+        }
+        sql.execute(conn)?;
+    }
+    for chunk in rows.numbers.chunks(INSERT_CHUNK) {
+        let mut sql = backend.start(
+            "INSERT INTO search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code) VALUES ",
+        );
+        for (i, row) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::BigInt(seq));
+            sql.push(", ");
+            sql.bind(Bind::Text(resource_type.to_owned()));
+            sql.push(", ");
+            sql.bind(Bind::Text(row.param.clone()));
+            sql.push(", ");
+            sql.bind(Bind::Double(row.value));
+            sql.push(", ");
+            sql.bind(Bind::OptionalBytes(
+                row.unit_system_code.map(|d| d.to_vec()),
+            ));
+            sql.push(", ");
+            sql.bind(Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())));
+            sql.push(")");
+        }
+        sql.execute(conn)?;
+    }
+    Ok(())
+}
+
+/// How a stored range relates to a searched one (search.html#prefix). For dates both are
+/// ranges; for numbers the stored value is a point (`low == high`) and the searched range
+/// is the implicit precision range of the search value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeOp {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    StartsAfter,
+    EndsBefore,
+    /// Approximately: overlapping the searched range (already widened by the caller).
+    Approximately,
+}
+
+/// One comparison of a stored value with a searched one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RangeTest<T> {
+    pub op: RangeOp,
+    /// The searched range, `[low, high)`.
+    pub low: T,
+    pub high: T,
+}
+
+/// A condition a resource must satisfy. A search is the conjunction of its conditions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    /// The resource has at least one of these digests.
+    HasAny(Vec<Digest>),
+    /// The resource has none of these digests.
+    HasNone(Vec<Digest>),
+    /// A date of `param` passes any of the tests.
+    Date {
+        param: String,
+        tests: Vec<RangeTest<i64>>,
+    },
+    /// A number or quantity of `param` passes any of the tests (with the unit, if given).
+    Number {
+        param: String,
+        tests: Vec<NumberTest>,
+    },
+    LastUpdated(Vec<RangeTest<i64>>),
+    /// The logical id is one of these.
+    Id(Vec<String>),
+    /// Any of the conditions holds.
+    AnyOf(Vec<Condition>),
+    /// Matches nothing (e.g. a chain whose target search found nothing).
+    Nothing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NumberTest {
+    pub range: RangeTest<f64>,
+    /// The exact value written in the search (for gt/lt/ge/le).
+    pub value: f64,
+    pub unit: Option<UnitMatch>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UnitMatch {
+    SystemCode(Digest),
+    Code(Digest),
+}
+
+/// What results are ordered by.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortKey {
+    LastUpdated,
+    Id,
+    /// Earliest start (ascending) or latest end (descending) of a date parameter.
+    Date(String),
+    /// Smallest (ascending) or largest (descending) value of a number/quantity parameter.
+    Number(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SortBy {
+    pub key: SortKey,
+    pub descending: bool,
+}
+
+/// A value of a sort key, as carried by a paging cursor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SortValue {
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// A position in a result list: the sort values and `seq` of the last row of a page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub values: Vec<SortValue>,
+    pub seq: i64,
+}
+
+/// One search as the database runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchSql {
+    /// Resource types searched; empty means every type.
+    pub resource_types: Vec<String>,
+    pub conditions: Vec<Condition>,
+    pub sort: Vec<SortBy>,
+    /// Only rows after this position (before it, when `backward`).
+    pub after: Option<Position>,
+    /// Walk the order in reverse (for `previous` pages); rows come back reversed.
+    pub backward: bool,
+}
+
+/// A current version that matched, with its sealed content.
+#[derive(Debug, Clone)]
+pub struct MatchedRow {
+    pub seq: i64,
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub method: String,
+    pub key_id: Option<String>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub nonce: Option<Vec<u8>>,
+    pub ciphertext: Option<Vec<u8>>,
+    pub position: Position,
+}
+
+#[derive(QueryableByName)]
+struct MatchedSqlRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    resource_type: String,
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = BigInt)]
+    version_id: i64,
+    #[diesel(sql_type = BigInt)]
+    last_updated: i64,
+    #[diesel(sql_type = Text)]
+    method: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    key_id: Option<String>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    wrapped_key: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    nonce: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    ciphertext: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sort_int_0: Option<i64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    sort_float_0: Option<f64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    sort_text_0: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sort_int_1: Option<i64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    sort_float_1: Option<f64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    sort_text_1: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sort_int_2: Option<i64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    sort_float_2: Option<f64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    sort_text_2: Option<String>,
+}
+
+/// Sort keys a search may combine (the query parser refuses more).
+pub const MAX_SORT_KEYS: usize = 3;
+
+/// Missing sort values sort last in either direction.
+const MISSING_INT_ASC: i64 = i64::MAX;
+const MISSING_INT_DESC: i64 = i64::MIN;
+const MISSING_FLOAT_ASC: f64 = f64::MAX;
+const MISSING_FLOAT_DESC: f64 = f64::MIN;
+
+/// The current versions matching `search`, in order, at most `limit`.
+pub fn search(
+    conn: &mut DbConnection,
+    search: &SearchSql,
+    limit: i64,
+) -> Result<Vec<MatchedRow>, StoreError> {
+    let mut sql = SqlBuilder::for_connection(conn).start(
+        "SELECT r.seq AS seq, r.resource_type AS resource_type, r.id AS id, \
+         v.version_id AS version_id, v.last_updated AS last_updated, v.method AS method, \
+         v.key_id AS key_id, v.wrapped_key AS wrapped_key, v.nonce AS nonce, \
+         v.ciphertext AS ciphertext",
+    );
+    for slot in 0..MAX_SORT_KEYS {
+        let key = search.sort.get(slot);
+        for (column, kind) in [
+            ("int", Kind::Int),
+            ("float", Kind::Float),
+            ("text", Kind::Text),
+        ] {
+            sql.push(", ");
+            match key {
+                Some(sort) if sort.kind() == kind => sort_expression(&mut sql, sort),
+                _ => sql.push("NULL"),
+            }
+            sql.push(&format!(" AS sort_{column}_{slot}"));
+        }
+    }
+    sql.push(
+        " FROM resources r JOIN resource_versions v ON v.resource_type = r.resource_type \
+         AND v.id = r.id AND v.version_id = r.current_version",
+    );
+    where_clause(&mut sql, search);
+    sql.push(" ORDER BY ");
+    for sort in &search.sort {
+        sort_expression(&mut sql, sort);
+        sql.push(if sort.descending != search.backward {
+            " DESC, "
+        } else {
+            " ASC, "
+        });
+    }
+    sql.push(if search.backward {
+        "r.seq DESC LIMIT "
+    } else {
+        "r.seq ASC LIMIT "
+    });
+    sql.bind(Bind::BigInt(limit));
+
+    let rows: Vec<MatchedSqlRow> = sql.load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let values = search
+                .sort
+                .iter()
+                .enumerate()
+                .map(|(slot, sort)| row.sort_value(slot, sort.kind()))
+                .collect();
+            MatchedRow {
+                position: Position {
+                    values,
+                    seq: row.seq,
+                },
+                seq: row.seq,
+                resource_type: row.resource_type,
+                id: row.id,
+                version_id: row.version_id,
+                last_updated: row.last_updated,
+                method: row.method,
+                key_id: row.key_id,
+                wrapped_key: row.wrapped_key,
+                nonce: row.nonce,
+                ciphertext: row.ciphertext,
+            }
+        })
+        .collect())
+}
+
+/// How many current versions match `search` (its `after` position ignored).
+pub fn count(conn: &mut DbConnection, search: &SearchSql) -> Result<i64, StoreError> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let mut sql = SqlBuilder::for_connection(conn).start("SELECT COUNT(*) AS n FROM resources r");
+    let without_position = SearchSql {
+        after: None,
+        ..search.clone()
+    };
+    where_clause(&mut sql, &without_position);
+    let rows: Vec<Count> = sql.load(conn)?;
+    Ok(rows.first().map_or(0, |c| c.n))
+}
+
+/// The `(type, id)` of every current resource holding any of `digests` (reverse includes,
+/// compartments), at most `limit`, in `seq` order.
+pub fn holders_of(
+    conn: &mut DbConnection,
+    digests: &[Digest],
+    limit: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    if digests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let search = SearchSql {
+        resource_types: Vec::new(),
+        conditions: vec![Condition::HasAny(digests.to_vec())],
+        sort: Vec::new(),
+        after: None,
+        backward: false,
+    };
+    #[derive(QueryableByName)]
+    struct Holder {
+        #[diesel(sql_type = Text)]
+        resource_type: String,
+        #[diesel(sql_type = Text)]
+        id: String,
+    }
+    let mut sql = SqlBuilder::for_connection(conn)
+        .start("SELECT r.resource_type AS resource_type, r.id AS id FROM resources r");
+    where_clause(&mut sql, &search);
+    sql.push(" ORDER BY r.seq LIMIT ");
+    sql.bind(Bind::BigInt(limit));
+    let rows: Vec<Holder> = sql.load(conn)?;
+    Ok(rows.into_iter().map(|h| (h.resource_type, h.id)).collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Int,
+    Float,
+    Text,
+}
+
+impl SortBy {
+    fn kind(&self) -> Kind {
+        match self.key {
+            SortKey::LastUpdated | SortKey::Date(_) => Kind::Int,
+            SortKey::Number(_) => Kind::Float,
+            SortKey::Id => Kind::Text,
+        }
+    }
+}
+
+impl MatchedSqlRow {
+    fn sort_value(&self, slot: usize, kind: Kind) -> SortValue {
+        let (int, float, text) = match slot {
+            0 => (self.sort_int_0, self.sort_float_0, &self.sort_text_0),
+            1 => (self.sort_int_1, self.sort_float_1, &self.sort_text_1),
+            _ => (self.sort_int_2, self.sort_float_2, &self.sort_text_2),
+        };
+        match kind {
+            Kind::Int => SortValue::Int(int.unwrap_or_default()),
+            Kind::Float => SortValue::Float(float.unwrap_or_default()),
+            Kind::Text => SortValue::Text(text.clone().unwrap_or_default()),
+        }
+    }
+}
+
+/// The SQL value a sort key orders by; missing values become a sentinel that sorts last.
+fn sort_expression(sql: &mut Sql, sort: &SortBy) {
+    match &sort.key {
+        SortKey::LastUpdated => sql.push("r.last_updated"),
+        SortKey::Id => sql.push("r.id"),
+        SortKey::Date(param) => {
+            let (aggregate, missing) = if sort.descending {
+                ("MAX(d.high)", MISSING_INT_DESC)
+            } else {
+                ("MIN(d.low)", MISSING_INT_ASC)
+            };
+            sql.push(&format!(
+                "COALESCE((SELECT {aggregate} FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = "
+            ));
+            sql.bind(Bind::Text(param.clone()));
+            sql.push("), ");
+            sql.bind(Bind::BigInt(missing));
+            sql.push(")");
+        }
+        SortKey::Number(param) => {
+            let (aggregate, missing) = if sort.descending {
+                ("MAX(n.value)", MISSING_FLOAT_DESC)
+            } else {
+                ("MIN(n.value)", MISSING_FLOAT_ASC)
+            };
+            sql.push(&format!(
+                "COALESCE((SELECT {aggregate} FROM search_numbers n WHERE n.resource_seq = r.seq AND n.param = "
+            ));
+            sql.bind(Bind::Text(param.clone()));
+            sql.push("), ");
+            sql.bind(Bind::Double(missing));
+            sql.push(")");
+        }
+    }
+}
+
+fn where_clause(sql: &mut Sql, search: &SearchSql) {
+    sql.push(" WHERE NOT r.deleted");
+    if !search.resource_types.is_empty() {
+        sql.push(" AND r.resource_type IN (");
+        for (i, resource_type) in search.resource_types.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(Bind::Text(resource_type.clone()));
+        }
+        sql.push(")");
+    }
+    for condition in &search.conditions {
+        sql.push(" AND ");
+        condition_sql(sql, condition);
+    }
+    if let Some(after) = &search.after {
+        sql.push(" AND ");
+        after_sql(sql, &search.sort, after, search.backward);
+    }
+}
+
+/// Keyset paging: rows strictly after `after` in the order (sort keys…, seq), or strictly
+/// before it when walking `backward`.
+fn after_sql(sql: &mut Sql, sort: &[SortBy], after: &Position, backward: bool) {
+    // (k1 > c1) OR (k1 = c1 AND k2 > c2) OR … OR (k1 = c1 AND … AND seq > s)
+    sql.push("(");
+    let keys = sort.len().min(after.values.len());
+    for last in 0..=keys {
+        if last > 0 {
+            sql.push(" OR ");
+        }
+        sql.push("(");
+        for (i, key) in sort.iter().take(last).enumerate() {
+            sort_expression(sql, key);
+            sql.push(" = ");
+            bind_sort_value(sql, &after.values[i]);
+            sql.push(" AND ");
+        }
+        if last < keys {
+            let key = &sort[last];
+            sort_expression(sql, key);
+            sql.push(if key.descending != backward {
+                " < "
+            } else {
+                " > "
+            });
+            bind_sort_value(sql, &after.values[last]);
+        } else {
+            sql.push(if backward { "r.seq < " } else { "r.seq > " });
+            sql.bind(Bind::BigInt(after.seq));
+        }
+        sql.push(")");
+    }
+    sql.push(")");
+}
+
+fn bind_sort_value(sql: &mut Sql, value: &SortValue) {
+    match value {
+        SortValue::Int(v) => sql.bind(Bind::BigInt(*v)),
+        SortValue::Float(v) => sql.bind(Bind::Double(*v)),
+        SortValue::Text(v) => sql.bind(Bind::Text(v.clone())),
+    }
+}
+
+fn condition_sql(sql: &mut Sql, condition: &Condition) {
+    match condition {
+        Condition::HasAny(digests) | Condition::HasNone(digests) => {
+            if digests.is_empty() {
+                sql.push(if matches!(condition, Condition::HasAny(_)) {
+                    "1 = 0"
+                } else {
+                    "1 = 1"
+                });
+                return;
+            }
+            if matches!(condition, Condition::HasNone(_)) {
+                sql.push("NOT ");
+            }
+            sql.push("r.seq IN (SELECT h.resource_seq FROM search_hashes h WHERE h.hash IN (");
+            for (i, digest) in digests.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(Bind::Bytes(digest.to_vec()));
+            }
+            sql.push("))");
+        }
+        Condition::Date { param, tests } => {
+            sql.push("r.seq IN (SELECT d.resource_seq FROM search_dates d WHERE d.resource_type = r.resource_type AND d.param = ");
+            sql.bind(Bind::Text(param.clone()));
+            sql.push(" AND (");
+            for (i, test) in tests.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                range_sql(sql, "d.low", "d.high", test);
+            }
+            sql.push("))");
+        }
+        Condition::Number { param, tests } => {
+            sql.push("r.seq IN (SELECT n.resource_seq FROM search_numbers n WHERE n.resource_type = r.resource_type AND n.param = ");
+            sql.bind(Bind::Text(param.clone()));
+            sql.push(" AND (");
+            for (i, test) in tests.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                sql.push("(");
+                number_sql(sql, test);
+                match test.unit {
+                    Some(UnitMatch::SystemCode(digest)) => {
+                        sql.push(" AND n.unit_system_code = ");
+                        sql.bind(Bind::Bytes(digest.to_vec()));
+                    }
+                    Some(UnitMatch::Code(digest)) => {
+                        sql.push(" AND n.unit_code = ");
+                        sql.bind(Bind::Bytes(digest.to_vec()));
+                    }
+                    None => {}
+                }
+                sql.push(")");
+            }
+            sql.push("))");
+        }
+        Condition::LastUpdated(tests) => {
+            sql.push("(");
+            for (i, test) in tests.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                // An instant is a one-microsecond range.
+                range_sql(sql, "r.last_updated", "(r.last_updated + 1)", test);
+            }
+            sql.push(")");
+        }
+        Condition::Id(ids) => {
+            if ids.is_empty() {
+                sql.push("1 = 0");
+                return;
+            }
+            sql.push("r.id IN (");
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(Bind::Text(id.clone()));
+            }
+            sql.push(")");
+        }
+        Condition::AnyOf(conditions) => {
+            if conditions.is_empty() {
+                sql.push("1 = 0");
+                return;
+            }
+            sql.push("(");
+            for (i, condition) in conditions.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                condition_sql(sql, condition);
+            }
+            sql.push(")");
+        }
+        Condition::Nothing => sql.push("1 = 0"),
+    }
+}
+
+/// A stored range `[low_col, high_col)` against a searched range (search.html#prefix).
+fn range_sql(sql: &mut Sql, low_col: &str, high_col: &str, test: &RangeTest<i64>) {
+    let cmp = |sql: &mut Sql, column: &str, op: &str, value: i64| {
+        sql.push(&format!("{column} {op} "));
+        sql.bind(Bind::BigInt(value));
+    };
+    sql.push("(");
+    match test.op {
+        // The stored range lies within the searched one.
+        RangeOp::Eq => {
+            cmp(sql, low_col, ">=", test.low);
+            sql.push(" AND ");
+            cmp(sql, high_col, "<=", test.high);
+        }
+        RangeOp::Ne => {
+            cmp(sql, low_col, "<", test.low);
+            sql.push(" OR ");
+            cmp(sql, high_col, ">", test.high);
+        }
+        // Some of the stored range lies above (below) the searched one.
+        RangeOp::Gt => cmp(sql, high_col, ">", test.high),
+        RangeOp::Lt => cmp(sql, low_col, "<", test.low),
+        RangeOp::Ge => {
+            cmp(sql, high_col, ">", test.high);
+            sql.push(" OR (");
+            cmp(sql, low_col, ">=", test.low);
+            sql.push(" AND ");
+            cmp(sql, high_col, "<=", test.high);
+            sql.push(")");
+        }
+        RangeOp::Le => {
+            cmp(sql, low_col, "<", test.low);
+            sql.push(" OR (");
+            cmp(sql, low_col, ">=", test.low);
+            sql.push(" AND ");
+            cmp(sql, high_col, "<=", test.high);
+            sql.push(")");
+        }
+        RangeOp::StartsAfter => cmp(sql, low_col, ">=", test.high),
+        RangeOp::EndsBefore => cmp(sql, high_col, "<=", test.low),
+        RangeOp::Approximately => {
+            cmp(sql, low_col, "<", test.high);
+            sql.push(" AND ");
+            cmp(sql, high_col, ">", test.low);
+        }
+    }
+    sql.push(")");
+}
+
+/// A stored number (a point) against a searched number.
+fn number_sql(sql: &mut Sql, test: &NumberTest) {
+    let cmp = |sql: &mut Sql, op: &str, value: f64| {
+        sql.push(&format!("n.value {op} "));
+        sql.bind(Bind::Double(value));
+    };
+    let range = test.range;
+    match range.op {
+        RangeOp::Eq => {
+            cmp(sql, ">=", range.low);
+            sql.push(" AND ");
+            cmp(sql, "<", range.high);
+        }
+        RangeOp::Ne => {
+            sql.push("(");
+            cmp(sql, "<", range.low);
+            sql.push(" OR ");
+            cmp(sql, ">=", range.high);
+            sql.push(")");
+        }
+        RangeOp::Gt | RangeOp::StartsAfter => cmp(sql, ">", test.value),
+        RangeOp::Lt | RangeOp::EndsBefore => cmp(sql, "<", test.value),
+        RangeOp::Ge => cmp(sql, ">=", test.value),
+        RangeOp::Le => cmp(sql, "<=", test.value),
+        RangeOp::Approximately => {
+            cmp(sql, ">=", range.low);
+            sql.push(" AND ");
+            cmp(sql, "<=", range.high);
+        }
+    }
+}
+
+/// A bound parameter.
+#[derive(Debug, Clone)]
+enum Bind {
+    Text(String),
+    BigInt(i64),
+    Double(f64),
+    Bytes(Vec<u8>),
+    OptionalBytes(Option<Vec<u8>>),
+}
+
+/// Which placeholder syntax to emit.
+#[derive(Debug, Clone, Copy)]
+struct SqlBuilder {
+    postgres: bool,
+}
+
+impl SqlBuilder {
+    fn for_connection(conn: &DbConnection) -> Self {
+        Self {
+            postgres: matches!(conn, DbConnection::Postgres(_)),
+        }
+    }
+
+    fn start(self, text: &str) -> Sql {
+        Sql {
+            text: text.to_owned(),
+            binds: Vec::new(),
+            postgres: self.postgres,
+        }
+    }
+}
+
+/// SQL text with its bound values, for one backend's placeholder syntax.
+#[derive(Debug)]
+struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+    postgres: bool,
+}
+
+impl Sql {
+    fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    fn bind(&mut self, value: Bind) {
+        self.binds.push(value);
+        if self.postgres {
+            // Casts keep PostgreSQL from guessing parameter types in expressions such as
+            // `COALESCE(…, $n)`.
+            let cast = match self.binds.last() {
+                Some(Bind::Text(_)) => "::text",
+                Some(Bind::BigInt(_)) => "::bigint",
+                Some(Bind::Double(_)) => "::float8",
+                _ => "::bytea",
+            };
+            self.text.push_str(&format!("${}{cast}", self.binds.len()));
+        } else {
+            self.text.push('?');
+        }
+    }
+
+    fn execute(self, conn: &mut DbConnection) -> Result<usize, StoreError> {
+        match conn {
+            DbConnection::Postgres(pg) => bound::<Pg>(&self.text, self.binds).execute(pg),
+            DbConnection::Sqlite(sqlite) => bound::<Sqlite>(&self.text, self.binds).execute(sqlite),
+        }
+        .map_err(StoreError::classify)
+    }
+
+    fn load<Row>(self, conn: &mut DbConnection) -> Result<Vec<Row>, StoreError>
+    where
+        Row: QueryableByName<Pg> + QueryableByName<Sqlite> + 'static,
+    {
+        match conn {
+            DbConnection::Postgres(pg) => {
+                load_on::<Pg, PgConnection, Row>(pg, &self.text, self.binds)
+            }
+            DbConnection::Sqlite(sqlite) => {
+                load_on::<Sqlite, SqliteConnection, Row>(sqlite, &self.text, self.binds)
+            }
+        }
+        .map_err(StoreError::classify)
+    }
+}
+
+fn load_on<DB, C, Row>(
+    conn: &mut C,
+    text: &str,
+    binds: Vec<Bind>,
+) -> Result<Vec<Row>, diesel::result::Error>
+where
+    DB: DieselBackend
+        + HasSqlType<Text>
+        + HasSqlType<BigInt>
+        + HasSqlType<Double>
+        + HasSqlType<Binary>
+        + 'static,
+    C: Connection<Backend = DB> + diesel::connection::LoadConnection,
+    String: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+    f64: ToSql<Double, DB>,
+    Vec<u8>: ToSql<Binary, DB>,
+    Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
+    Row: QueryableByName<DB> + 'static,
+    for<'a> BoxedSqlQuery<'a, DB, SqlQuery>: diesel::query_dsl::LoadQuery<'a, C, Row>,
+{
+    bound::<DB>(text, binds).load(conn)
+}
+
+fn bound<DB>(text: &str, binds: Vec<Bind>) -> BoxedSqlQuery<'static, DB, SqlQuery>
+where
+    DB: DieselBackend
+        + HasSqlType<Text>
+        + HasSqlType<BigInt>
+        + HasSqlType<Double>
+        + HasSqlType<Binary>
+        + 'static,
+    String: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+    f64: ToSql<Double, DB>,
+    Vec<u8>: ToSql<Binary, DB>,
+    Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
+{
+    binds.into_iter().fold(
+        diesel::sql_query(text).into_boxed::<DB>(),
+        |query, value| match value {
+            Bind::Text(v) => query.bind::<Text, _>(v),
+            Bind::BigInt(v) => query.bind::<BigInt, _>(v),
+            Bind::Double(v) => query.bind::<Double, _>(v),
+            Bind::Bytes(v) => query.bind::<Binary, _>(v),
+            Bind::OptionalBytes(v) => query.bind::<Nullable<Binary>, _>(v),
+        },
+    )
+}

@@ -9,13 +9,15 @@ use actix_web::HttpServer;
 
 use crate::api::{AppState, build_app};
 use crate::config::ServeArgs;
-use crate::crypto::{Envelope, MasterKey};
+use crate::crypto::{BlindIndexKey, Envelope, MasterKey};
 use crate::fhir::ResourceTypes;
 use crate::fhir::capability::{CapabilityInputs, capability_statement};
 use crate::fhir::document::format_instant;
+use crate::fhir::search_params::SearchParamRegistry;
 use crate::ledger::LedgerKey;
 use crate::service::ResourceService;
 use crate::service::ledger::{LedgerService, SequencerOptions};
+use crate::service::search::SearchIndex;
 use crate::store::{DatabaseUrl, connection, migrations};
 
 /// What the services need besides the database and keys.
@@ -31,6 +33,8 @@ pub struct StateOptions {
 pub struct Keys {
     pub master: MasterKey,
     pub ledger: LedgerKey,
+    /// Key of the search blind index.
+    pub index: BlindIndexKey,
 }
 
 /// Opens the database, applies pending migrations and assembles the application state.
@@ -60,11 +64,17 @@ pub fn prepare_state(
             batch_size: options.ledger_batch_size,
         },
     );
+    let search = SearchIndex::new(
+        SearchParamRegistry::load()?,
+        keys.index,
+        format!("{}/fhir", options.base_url),
+    );
     let resources = ResourceService::new(
         pool,
         Arc::new(Envelope::new(keys.master)),
         types,
         ledger.clone(),
+        Arc::new(search),
     );
     Ok(AppState {
         resources,

@@ -32,8 +32,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::scope("/fhir")
             .route("/metadata", web::get().to(metadata))
             .service(
+                web::resource("")
+                    .route(web::get().to(super::search::search_system))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
                 web::resource("/{type}")
+                    .route(web::get().to(super::search::search_type))
                     .route(web::post().to(create))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/{type}/_search")
+                    .route(web::post().to(super::search::search_type_post))
                     .default_service(web::to(method_not_allowed)),
             )
             .service(

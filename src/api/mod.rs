@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod negotiation;
 pub mod openapi;
 pub mod request;
+pub mod search;
 
 use std::sync::Arc;
 

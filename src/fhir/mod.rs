@@ -1,5 +1,6 @@
 //! FHIR semantics without HTTP types or SQL: the supported resource types, validation of
-//! incoming resources, the stored JSON form, Bundles, the CapabilityStatement and
+//! incoming resources, the stored JSON form, search parameter definitions, value
+//! extraction (a FHIRPath subset) and query parsing, Bundles, the CapabilityStatement and
 //! OperationOutcome.
 
 pub mod bundle;
@@ -10,7 +11,9 @@ pub mod fhirpath;
 pub mod outcome;
 pub mod resource_types;
 pub mod search_params;
+pub mod search_query;
 pub mod search_values;
+pub mod searchset;
 pub mod validate;
 
 pub use outcome::{IssueCode, OperationOutcome};

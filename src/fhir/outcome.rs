@@ -86,6 +86,15 @@ impl OperationOutcome {
         )
     }
 
+    pub fn warning(diagnostics: impl Into<String>) -> Self {
+        Self::single(
+            Severity::Warning,
+            IssueCode::NotSupported,
+            diagnostics,
+            None,
+        )
+    }
+
     pub fn to_json(&self) -> String {
         // Serializing plain strings and enums cannot fail; an empty object is a safe fallback.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())

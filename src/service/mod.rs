@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod ledger;
 pub mod resources;
+pub mod search;
 
 pub use resources::{
     DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource,

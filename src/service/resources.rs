@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::access::RequestContext;
-use crate::crypto::{Envelope, ResourceBinding};
+use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::compartment::patient_compartment;
 use crate::fhir::document::{self, VersionMeta};
@@ -12,10 +12,12 @@ use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
 use crate::ledger::entry::content_hash;
 use crate::store::resources::{self as rows, HistoryWindow, ResourceHead, VersionRow};
+use crate::store::search::{self as search_rows, IndexRows};
 use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
 use super::ledger::{LedgerEvent, LedgerService};
+use super::search::SearchIndex;
 
 /// How often a write is retried after losing a race to a concurrent writer of the same
 /// resource before answering 409.
@@ -78,6 +80,7 @@ pub struct ResourceService {
     envelope: Arc<Envelope>,
     types: Arc<ResourceTypes>,
     ledger: LedgerService,
+    search: Arc<SearchIndex>,
 }
 
 /// What a write wants to do once it has seen the current state.
@@ -138,13 +141,23 @@ impl ResourceService {
         envelope: Arc<Envelope>,
         types: Arc<ResourceTypes>,
         ledger: LedgerService,
+        search: Arc<SearchIndex>,
     ) -> Self {
         Self {
             pool,
             envelope,
             types,
             ledger,
+            search,
         }
+    }
+
+    pub(crate) fn search_index(&self) -> &SearchIndex {
+        &self.search
+    }
+
+    pub(crate) fn ledger(&self) -> &LedgerService {
+        &self.ledger
     }
 
     /// Resolves a type name from a URL.
@@ -405,7 +418,7 @@ impl ResourceService {
         .await
     }
 
-    fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
+    pub(crate) fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
         self.pool
             .get()
             .map_err(|e| AppError::from(StoreError::from(e)))
@@ -471,16 +484,32 @@ impl ResourceService {
                 version_id: row.version_id,
             });
         }
-        let integrity = || AppError::Integrity {
+        let blob = row.blob().ok_or_else(|| AppError::Integrity {
             resource: resource_type.to_string(),
             id: id.to_string(),
             version_id: row.version_id,
+        })?;
+        self.open_sealed(resource_type, id, row.version_id, row.last_updated, blob)
+    }
+
+    /// Decrypts sealed content; any failure is an integrity error naming the row.
+    pub(crate) fn open_sealed(
+        &self,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: i64,
+        last_updated: i64,
+        blob: EncryptedBlob,
+    ) -> Result<StoredResource, AppError> {
+        let integrity = || AppError::Integrity {
+            resource: resource_type.to_string(),
+            id: id.to_string(),
+            version_id,
         };
-        let blob = row.blob().ok_or_else(integrity)?;
         let binding = ResourceBinding {
             resource_type: resource_type.as_str(),
             id: id.as_str(),
-            version_id: row.version_id,
+            version_id,
         };
         let plaintext = self
             .envelope
@@ -491,8 +520,8 @@ impl ResourceService {
             resource_type: resource_type.clone(),
             id: id.clone(),
             meta: VersionMeta {
-                version_id: row.version_id,
-                last_updated: row.last_updated,
+                version_id,
+                last_updated,
             },
             json,
         })
@@ -637,17 +666,25 @@ impl ResourceService {
             }
         };
 
-        let won = match head {
+        let seq = match head {
             None => match rows::insert_first(tx, &row) {
-                Ok(()) => true,
-                Err(StoreError::UniqueViolation) => false,
+                Ok(seq) => seq,
+                Err(StoreError::UniqueViolation) => return Err(TxError::LostRace),
                 Err(other) => return Err(other.into()),
             },
-            Some(h) => rows::advance(tx, h.current_version, &row)?,
+            Some(h) if rows::advance(tx, h.current_version, &row)? => h.seq,
+            Some(_) => return Err(TxError::LostRace),
         };
-        if !won {
-            return Err(TxError::LostRace);
-        }
+        // The index always describes the current version; a deletion leaves none.
+        let index_rows = match &outcome {
+            Written::Content(content) => {
+                let parsed: serde_json::Value = serde_json::from_str(&content.resource.json)
+                    .map_err(|e| AppError::Internal(format!("stored JSON does not parse: {e}")))?;
+                self.search.rows(resource_type.as_str(), &parsed)
+            }
+            Written::Deleted(_) => IndexRows::default(),
+        };
+        search_rows::replace_index(tx, seq, resource_type.as_str(), &index_rows)?;
         let mut written = target(resource_type, id, Some(version_id));
         written.content_hash = row.ciphertext.as_deref().map(content_hash);
         let (action, patient) = match &outcome {
@@ -685,7 +722,11 @@ fn existing_head(
 }
 
 /// Names one resource (version) in a ledger entry.
-fn target(resource_type: &ResourceType, id: &ResourceId, version_id: Option<i64>) -> EntryResource {
+pub(crate) fn target(
+    resource_type: &ResourceType,
+    id: &ResourceId,
+    version_id: Option<i64>,
+) -> EntryResource {
     EntryResource {
         resource_type: resource_type.to_string(),
         id: id.to_string(),

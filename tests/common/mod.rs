@@ -16,7 +16,7 @@ use actix_web::test::{self, TestRequest};
 use actix_web::web::Bytes;
 use diesel::{Connection as _, RunQueryDsl as _};
 use fhirledger::api::AppState;
-use fhirledger::crypto::MasterKey;
+use fhirledger::crypto::{BlindIndexKey, MasterKey};
 use fhirledger::ledger::LedgerKey;
 use fhirledger::server::{Keys, StateOptions, prepare_state};
 use fhirledger::store::DatabaseUrl;
@@ -116,6 +116,7 @@ impl TestDb {
             Keys {
                 master: key,
                 ledger: ledger_key(),
+                index: BlindIndexKey::generate(),
             },
             max_body_bytes,
         )

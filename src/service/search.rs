@@ -1,0 +1,966 @@
+//! Search over encrypted data: turning index values into blind-index rows at write time,
+//! and a parsed [`SearchRequest`] into SQL conditions over those rows at search time; then
+//! paging, decryption of what is returned, `_include`/`_revinclude`, and the ledger entry
+//! naming every resource a search disclosed.
+
+use std::collections::{BTreeSet, HashSet};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
+use serde_json::Value;
+
+use crate::access::RequestContext;
+use crate::crypto::blind_index::{
+    BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes,
+};
+use crate::error::AppError;
+use crate::fhir::ResourceId;
+use crate::fhir::compartment::patient_compartment;
+use crate::fhir::search_params::{ParamType, SearchParamRegistry};
+use crate::fhir::search_query::{
+    Criterion, Filter, FilterValue, Include, Modifier, Prefix, SearchError, SearchRequest, Summary,
+    SupportedParams, TotalMode,
+};
+use crate::fhir::search_values::{IndexPlan, SearchValue};
+use crate::store::DbConnection;
+use crate::store::search::{
+    self as index, Condition, DateRow, IndexRows, MatchedRow, NumberRow, NumberTest, Position,
+    RangeOp, RangeTest, SearchSql, SortBy, SortKey, UnitMatch,
+};
+
+use super::ledger::LedgerEvent;
+use super::resources::{ResourceService, StoredResource, target};
+
+/// Most resources a chain or `_has` may resolve to before the search is refused as too
+/// broad (their ids become conditions of the outer search).
+pub const MAX_INNER_MATCHES: i64 = 1000;
+/// Most resources `_include`/`_revinclude` add to one page.
+pub const MAX_INCLUDED: i64 = 1000;
+/// Candidate rows fetched per round when long string terms need checking after decryption.
+const CHECK_BATCH: i64 = 200;
+
+/// The index plan and key: everything that turns resource content into index rows and
+/// search terms into digests.
+pub struct SearchIndex {
+    plan: IndexPlan,
+    registry: SearchParamRegistry,
+    key: BlindIndexKey,
+    /// The server's FHIR base (`…/fhir`): absolute references to it index as relative.
+    fhir_base: String,
+}
+
+impl SupportedParams for SearchIndex {
+    fn supported(&self, resource_type: &str, code: &str) -> Option<ParamType> {
+        if !self.plan.is_indexed(resource_type, code) {
+            return None;
+        }
+        self.registry
+            .get(resource_type, code)
+            .map(|def| def.param_type)
+    }
+}
+
+impl SearchIndex {
+    pub fn new(registry: SearchParamRegistry, key: BlindIndexKey, fhir_base: String) -> Self {
+        Self {
+            plan: IndexPlan::new(&registry),
+            registry,
+            key,
+            fhir_base,
+        }
+    }
+
+    pub fn registry(&self) -> &SearchParamRegistry {
+        &self.registry
+    }
+
+    pub fn plan(&self) -> &IndexPlan {
+        &self.plan
+    }
+
+    /// The index rows of one resource version.
+    pub fn rows(&self, resource_type: &str, resource: &Value) -> IndexRows {
+        let mut hashes = BTreeSet::new();
+        let mut rows = IndexRows::default();
+        let digest = |code: &str, kind: ValueKind, value: &str| {
+            self.key.digest(resource_type, code, kind, value)
+        };
+        for (code, value) in self.plan.extract(resource_type, resource) {
+            hashes.insert(digest(&code, ValueKind::Present, ""));
+            match value {
+                SearchValue::String(text) => {
+                    let normalized = normalize_string(&text);
+                    for prefix in prefixes(&normalized) {
+                        hashes.insert(digest(&code, ValueKind::Prefix, prefix));
+                    }
+                    hashes.insert(digest(&code, ValueKind::Exact, &text));
+                }
+                SearchValue::Token {
+                    system,
+                    code: token,
+                } => {
+                    if let Some(token) = &token {
+                        hashes.insert(digest(&code, ValueKind::Code, token));
+                        match &system {
+                            Some(system) => hashes.insert(digest(
+                                &code,
+                                ValueKind::SystemCode,
+                                &format!("{system}|{token}"),
+                            )),
+                            None => {
+                                hashes.insert(digest(&code, ValueKind::CodeWithoutSystem, token))
+                            }
+                        };
+                    }
+                    if let Some(system) = &system {
+                        hashes.insert(digest(&code, ValueKind::System, system));
+                    }
+                }
+                SearchValue::Reference(reference) => match self.reference_target(&reference) {
+                    ReferenceTarget::Local {
+                        resource_type: t,
+                        id,
+                    } => {
+                        hashes.insert(digest(&code, ValueKind::Reference, &format!("{t}/{id}")));
+                        hashes.insert(digest(&code, ValueKind::ReferenceId, &id));
+                    }
+                    ReferenceTarget::External(url) => {
+                        hashes.insert(digest(&code, ValueKind::Reference, &url));
+                    }
+                    ReferenceTarget::Unusable => {}
+                },
+                SearchValue::Uri(uri) => {
+                    hashes.insert(digest(&code, ValueKind::Uri, &uri));
+                }
+                SearchValue::Date { low, high } => rows.dates.push(DateRow {
+                    param: code.clone(),
+                    low,
+                    high,
+                }),
+                SearchValue::Number(value) => rows.numbers.push(NumberRow {
+                    param: code.clone(),
+                    value,
+                    unit_system_code: None,
+                    unit_code: None,
+                }),
+                SearchValue::Quantity {
+                    value,
+                    system,
+                    code: unit_code,
+                    unit,
+                } => rows.numbers.push(NumberRow {
+                    param: code.clone(),
+                    value,
+                    unit_system_code: system.as_deref().zip(unit_code.as_deref()).map(|(s, c)| {
+                        digest(&code, ValueKind::UnitSystemCode, &format!("{s}|{c}"))
+                    }),
+                    unit_code: unit_code
+                        .as_deref()
+                        .or(unit.as_deref())
+                        .map(|c| digest(&code, ValueKind::UnitCode, c)),
+                }),
+            }
+        }
+        rows.hashes = hashes.into_iter().collect();
+        rows
+    }
+
+    /// What a literal reference points at, relative to this server.
+    pub fn reference_target(&self, reference: &str) -> ReferenceTarget {
+        let local = reference
+            .strip_prefix(&self.fhir_base)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(reference);
+        if local.starts_with('#') || local.starts_with("urn:") {
+            return ReferenceTarget::Unusable;
+        }
+        if local.contains("://") {
+            return ReferenceTarget::External(reference.to_owned());
+        }
+        let mut parts = local.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(id), None | Some("_history"))
+                if looks_like_type(t) && ResourceId::parse(id).is_ok() =>
+            {
+                ReferenceTarget::Local {
+                    resource_type: t.to_owned(),
+                    id: id.to_owned(),
+                }
+            }
+            _ => ReferenceTarget::Unusable,
+        }
+    }
+
+    fn digest(&self, resource_type: &str, code: &str, kind: ValueKind, value: &str) -> Digest {
+        self.key.digest(resource_type, code, kind, value)
+    }
+
+    /// Digests of a reference search value on each searched type.
+    fn reference_digests(
+        &self,
+        resource_types: &[String],
+        code: &str,
+        value: &str,
+        target_type: Option<&str>,
+    ) -> Vec<Digest> {
+        let (kind, text) = match self.reference_target(value) {
+            ReferenceTarget::Local { resource_type, id } => {
+                if target_type.is_some_and(|t| t != resource_type) {
+                    return Vec::new();
+                }
+                (ValueKind::Reference, format!("{resource_type}/{id}"))
+            }
+            ReferenceTarget::External(url) => (ValueKind::Reference, url),
+            ReferenceTarget::Unusable => match target_type {
+                Some(t) => (ValueKind::Reference, format!("{t}/{value}")),
+                None => (ValueKind::ReferenceId, value.to_owned()),
+            },
+        };
+        resource_types
+            .iter()
+            .map(|t| self.digest(t, code, kind, &text))
+            .collect()
+    }
+}
+
+/// Whether a reference's first segment can be a resource type name (`Patient`), as
+/// opposed to a path on another server.
+fn looks_like_type(segment: &str) -> bool {
+    segment
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase())
+        && segment.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// A literal reference resolved against this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceTarget {
+    Local {
+        resource_type: String,
+        id: String,
+    },
+    External(String),
+    /// Contained (`#…`), `urn:` or malformed.
+    Unusable,
+}
+
+/// A page of search results.
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    pub matches: Vec<StoredResource>,
+    pub included: Vec<StoredResource>,
+    pub total: Option<i64>,
+    /// Cursor of the next page, when there is one.
+    pub next: Option<String>,
+    /// Cursor of the previous page, when this is not the first.
+    pub previous: Option<String>,
+}
+
+/// A string term longer than the index's prefix bound, checked after decryption.
+#[derive(Debug, Clone)]
+struct LongTermCheck {
+    code: String,
+    /// Normalized alternatives; a resource passes if any value of `code` starts with one.
+    terms: Vec<String>,
+}
+
+/// Paging direction and position, carried in `_cursor`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Cursor {
+    /// `true`: the page before `position`; `false`: the page after it.
+    #[serde(rename = "b")]
+    backward: bool,
+    #[serde(rename = "p")]
+    position: Position,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        BASE64URL.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(text: &str, sort_keys: usize) -> Result<Self, AppError> {
+        let bad = || AppError::BadRequest {
+            message: "_cursor is not a cursor from this search's links".into(),
+            expression: Some("_cursor".into()),
+        };
+        let bytes = BASE64URL.decode(text).map_err(|_| bad())?;
+        let cursor: Self = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        if cursor.position.values.len() != sort_keys {
+            return Err(bad());
+        }
+        Ok(cursor)
+    }
+}
+
+impl From<SearchError> for AppError {
+    fn from(error: SearchError) -> Self {
+        AppError::BadRequest {
+            message: error.message,
+            expression: Some(error.parameter),
+        }
+    }
+}
+
+impl ResourceService {
+    /// Runs a parsed search: one page of matches, includes, and one ledger entry naming
+    /// every disclosed resource.
+    pub async fn search(
+        &self,
+        ctx: &RequestContext,
+        request: SearchRequest,
+    ) -> Result<SearchPage, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        super::blocking(move || {
+            let mut conn = this.connection()?;
+            let page = this.search_page(&mut conn, &request)?;
+            drop(conn);
+            let disclosed: Vec<_> = page
+                .matches
+                .iter()
+                .chain(&page.included)
+                .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
+                .collect();
+            let patient = single_compartment(page.matches.iter().chain(&page.included));
+            this.ledger()
+                .append(&ctx, LedgerEvent::permit("search", disclosed, patient))?;
+            Ok(page)
+        })
+        .await
+    }
+
+    /// The current resources matching `request` (no paging, no ledger entry), at most
+    /// `limit`; for conditional interactions and transaction processing, inside the
+    /// caller's transaction.
+    pub(crate) fn matching_in(
+        &self,
+        conn: &mut DbConnection,
+        request: &SearchRequest,
+        limit: i64,
+    ) -> Result<Vec<StoredResource>, AppError> {
+        let (sql, checks) = self.search_sql(conn, request, None)?;
+        self.fetch_checked(conn, &sql, &checks, limit)
+    }
+
+    fn search_page(
+        &self,
+        conn: &mut DbConnection,
+        request: &SearchRequest,
+    ) -> Result<SearchPage, AppError> {
+        let cursor = request
+            .cursor
+            .as_deref()
+            .map(|text| Cursor::decode(text, request.sort.len()))
+            .transpose()?;
+        let (mut sql, checks) = self.search_sql(conn, request, cursor.as_ref())?;
+        let total = match (request.total, request.summary) {
+            (_, Summary::Count) | (TotalMode::Accurate, _) if checks.is_empty() => {
+                Some(index::count(conn, &sql)?)
+            }
+            _ => None,
+        };
+        if request.summary == Summary::Count {
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total,
+                next: None,
+                previous: None,
+            });
+        }
+        let count = i64::try_from(request.count).unwrap_or(i64::MAX);
+        let backward = cursor.as_ref().is_some_and(|c| c.backward);
+        sql.backward = backward;
+        let mut rows = self.fetch_rows(conn, &mut sql, &checks, count + 1)?;
+        let has_more = rows.len() as i64 > count;
+        rows.truncate(request.count);
+        if backward {
+            rows.reverse();
+        }
+        let (next, previous) = {
+            let first = rows.first().map(|(row, _)| row.position.clone());
+            let last = rows.last().map(|(row, _)| row.position.clone());
+            let encode = |backward: bool, position: Option<Position>| {
+                position.map(|position| Cursor { backward, position }.encode())
+            };
+            if backward {
+                // Came from a later page: there is always a next one; a previous one if the
+                // backward fetch found more.
+                (
+                    encode(false, last),
+                    if has_more { encode(true, first) } else { None },
+                )
+            } else {
+                (
+                    if has_more { encode(false, last) } else { None },
+                    if cursor.is_some() {
+                        encode(true, first)
+                    } else {
+                        None
+                    },
+                )
+            }
+        };
+        let matches: Vec<StoredResource> = rows.into_iter().map(|(_, r)| r).collect();
+        let included = self.includes(conn, request, &matches)?;
+        Ok(SearchPage {
+            matches,
+            included,
+            total,
+            next,
+            previous,
+        })
+    }
+
+    /// Fetches up to `limit` matching rows after the cursor, decrypting them and applying
+    /// long-term checks (which may need several rounds).
+    fn fetch_rows(
+        &self,
+        conn: &mut DbConnection,
+        sql: &mut SearchSql,
+        checks: &[LongTermCheck],
+        limit: i64,
+    ) -> Result<Vec<(MatchedRow, StoredResource)>, AppError> {
+        let mut found = Vec::new();
+        loop {
+            let batch = if checks.is_empty() {
+                limit
+            } else {
+                CHECK_BATCH.max(limit)
+            };
+            let rows = index::search(conn, sql, batch)?;
+            let exhausted = (rows.len() as i64) < batch;
+            let last_position = rows.last().map(|r| r.position.clone());
+            for row in rows {
+                let resource = self.open_matched(&row)?;
+                if self.passes_checks(&resource, checks) {
+                    found.push((row, resource));
+                    if found.len() as i64 >= limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if exhausted || checks.is_empty() {
+                return Ok(found);
+            }
+            sql.after = last_position;
+        }
+    }
+
+    fn fetch_checked(
+        &self,
+        conn: &mut DbConnection,
+        sql: &SearchSql,
+        checks: &[LongTermCheck],
+        limit: i64,
+    ) -> Result<Vec<StoredResource>, AppError> {
+        let mut sql = sql.clone();
+        Ok(self
+            .fetch_rows(conn, &mut sql, checks, limit)?
+            .into_iter()
+            .map(|(_, resource)| resource)
+            .collect())
+    }
+
+    fn passes_checks(&self, resource: &StoredResource, checks: &[LongTermCheck]) -> bool {
+        if checks.is_empty() {
+            return true;
+        }
+        let Ok(json) = serde_json::from_str::<Value>(&resource.json) else {
+            return false;
+        };
+        checks.iter().all(|check| {
+            self.search_index()
+                .plan()
+                .extract_param(resource.resource_type.as_str(), &check.code, &json)
+                .iter()
+                .any(|value| match value {
+                    SearchValue::String(text) => {
+                        let normalized = normalize_string(text);
+                        check
+                            .terms
+                            .iter()
+                            .any(|term| normalized.starts_with(term.as_str()))
+                    }
+                    _ => false,
+                })
+        })
+    }
+
+    fn open_matched(&self, row: &MatchedRow) -> Result<StoredResource, AppError> {
+        let resource_type = self.resolve_type(&row.resource_type)?;
+        let id = ResourceId::parse(&row.id).map_err(|_| {
+            AppError::Internal(format!("stored id of {} is malformed", row.resource_type))
+        })?;
+        self.open_sealed(
+            &resource_type,
+            &id,
+            row.version_id,
+            row.last_updated,
+            crate::crypto::EncryptedBlob {
+                key_id: row.key_id.clone().unwrap_or_default(),
+                wrapped_key: row.wrapped_key.clone().unwrap_or_default(),
+                nonce: row.nonce.clone().unwrap_or_default(),
+                ciphertext: row.ciphertext.clone().unwrap_or_default(),
+            },
+        )
+    }
+
+    /// The SQL of a search, plus checks to apply after decryption.
+    fn search_sql(
+        &self,
+        conn: &mut DbConnection,
+        request: &SearchRequest,
+        cursor: Option<&Cursor>,
+    ) -> Result<(SearchSql, Vec<LongTermCheck>), AppError> {
+        let mut conditions = Vec::new();
+        let mut checks = Vec::new();
+        for criterion in &request.criteria {
+            conditions.push(self.condition(
+                conn,
+                &request.resource_types,
+                criterion,
+                &mut checks,
+            )?);
+        }
+        let sort = request
+            .sort
+            .iter()
+            .map(|s| {
+                let key = match (s.code.as_str(), s.param_type) {
+                    ("_lastUpdated", _) => SortKey::LastUpdated,
+                    ("_id", _) => SortKey::Id,
+                    (code, Some(ParamType::Date)) => SortKey::Date(code.to_owned()),
+                    (code, Some(ParamType::Number | ParamType::Quantity)) => {
+                        SortKey::Number(code.to_owned())
+                    }
+                    (code, _) => {
+                        return Err(AppError::BadRequest {
+                            message: format!(
+                                "cannot sort by '{code}': its values are stored only as keyed digests, \
+                                 which have no order; sort by a date, number or quantity parameter, \
+                                 _lastUpdated or _id"
+                            ),
+                            expression: Some("_sort".into()),
+                        });
+                    }
+                };
+                Ok(SortBy {
+                    key,
+                    descending: s.descending,
+                })
+            })
+            .collect::<Result<Vec<_>, AppError>>()?;
+        Ok((
+            SearchSql {
+                resource_types: request.resource_types.clone(),
+                conditions,
+                sort,
+                after: cursor.map(|c| c.position.clone()),
+                backward: false,
+            },
+            checks,
+        ))
+    }
+
+    fn condition(
+        &self,
+        conn: &mut DbConnection,
+        resource_types: &[String],
+        criterion: &Criterion,
+        checks: &mut Vec<LongTermCheck>,
+    ) -> Result<Condition, AppError> {
+        let index = self.search_index();
+        Ok(match criterion {
+            Criterion::Id(ids) => Condition::Id(ids.clone()),
+            Criterion::LastUpdated(values) => {
+                Condition::LastUpdated(values.iter().filter_map(date_test).collect())
+            }
+            Criterion::Filter(filter) => filter_condition(index, resource_types, filter, checks),
+            Criterion::Chain {
+                reference,
+                target_types,
+                inner,
+            } => {
+                let inner_request = inner_search(target_types.clone(), inner);
+                let targets = self.matching_in(conn, &inner_request, MAX_INNER_MATCHES + 1)?;
+                if targets.len() as i64 > MAX_INNER_MATCHES {
+                    return Err(too_broad(reference));
+                }
+                let digests = targets
+                    .iter()
+                    .flat_map(|t| {
+                        let text = format!("{}/{}", t.resource_type, t.id);
+                        resource_types
+                            .iter()
+                            .map(move |rt| index.digest(rt, reference, ValueKind::Reference, &text))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                Condition::HasAny(digests)
+            }
+            Criterion::Has {
+                source_type,
+                reference,
+                inner,
+            } => {
+                let inner_request = inner_search(vec![source_type.clone()], inner);
+                let sources = self.matching_in(conn, &inner_request, MAX_INNER_MATCHES + 1)?;
+                if sources.len() as i64 > MAX_INNER_MATCHES {
+                    return Err(too_broad(&format!("_has:{source_type}:{reference}")));
+                }
+                let mut ids = BTreeSet::new();
+                for source in &sources {
+                    for (target_type, id) in self.references_of(source, reference) {
+                        if resource_types.contains(&target_type) {
+                            ids.insert(id);
+                        }
+                    }
+                }
+                Condition::Id(ids.into_iter().collect())
+            }
+        })
+    }
+
+    /// The local `(type, id)` targets of reference parameter `code` in a resource.
+    fn references_of(&self, resource: &StoredResource, code: &str) -> Vec<(String, String)> {
+        let Ok(json) = serde_json::from_str::<Value>(&resource.json) else {
+            return Vec::new();
+        };
+        self.search_index()
+            .plan()
+            .extract_param(resource.resource_type.as_str(), code, &json)
+            .into_iter()
+            .filter_map(|value| match value {
+                SearchValue::Reference(reference) => {
+                    match self.search_index().reference_target(&reference) {
+                        ReferenceTarget::Local { resource_type, id } => Some((resource_type, id)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `_include` and `_revinclude` for one page of matches.
+    fn includes(
+        &self,
+        conn: &mut DbConnection,
+        request: &SearchRequest,
+        matches: &[StoredResource],
+    ) -> Result<Vec<StoredResource>, AppError> {
+        let mut seen: HashSet<(String, String)> = matches
+            .iter()
+            .map(|m| (m.resource_type.to_string(), m.id.to_string()))
+            .collect();
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for include in &request.includes {
+            for source in matches
+                .iter()
+                .filter(|m| m.resource_type.as_str() == include.source_type)
+            {
+                for (target_type, id) in self.references_of(source, &include.param) {
+                    if include
+                        .target_type
+                        .as_ref()
+                        .is_none_or(|t| *t == target_type)
+                    {
+                        wanted.push((target_type, id));
+                    }
+                }
+            }
+        }
+        for Include {
+            source_type,
+            param,
+            target_type,
+        } in &request.revincludes
+        {
+            let digests: Vec<Digest> = matches
+                .iter()
+                .filter(|m| {
+                    target_type
+                        .as_ref()
+                        .is_none_or(|t| t == m.resource_type.as_str())
+                })
+                .map(|m| {
+                    self.search_index().digest(
+                        source_type,
+                        param,
+                        ValueKind::Reference,
+                        &format!("{}/{}", m.resource_type, m.id),
+                    )
+                })
+                .collect();
+            wanted.extend(index::holders_of(conn, &digests, MAX_INCLUDED)?);
+        }
+        wanted.retain(|key| seen.insert(key.clone()));
+        wanted.truncate(usize::try_from(MAX_INCLUDED).unwrap_or(usize::MAX));
+        self.current_versions(conn, &wanted)
+    }
+
+    /// The current versions of the named resources that exist and are not deleted.
+    pub(crate) fn current_versions(
+        &self,
+        conn: &mut DbConnection,
+        wanted: &[(String, String)],
+    ) -> Result<Vec<StoredResource>, AppError> {
+        let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (resource_type, id) in wanted {
+            if self.resolve_type(resource_type).is_ok() {
+                by_type.entry(resource_type).or_default().push(id.clone());
+            }
+        }
+        let mut found = Vec::new();
+        for (resource_type, ids) in by_type {
+            let sql = SearchSql {
+                resource_types: vec![resource_type.to_owned()],
+                conditions: vec![Condition::Id(ids)],
+                sort: Vec::new(),
+                after: None,
+                backward: false,
+            };
+            for row in index::search(conn, &sql, MAX_INCLUDED)? {
+                found.push(self.open_matched(&row)?);
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn too_broad(parameter: &str) -> AppError {
+    AppError::BadRequest {
+        message: format!(
+            "'{parameter}' matches more than {MAX_INNER_MATCHES} resources; narrow the inner search"
+        ),
+        expression: Some(parameter.to_owned()),
+    }
+}
+
+/// A search on `resource_types` with one criterion, for chains and `_has`.
+fn inner_search(resource_types: Vec<String>, criterion: &Criterion) -> SearchRequest {
+    SearchRequest {
+        resource_types,
+        criteria: vec![criterion.clone()],
+        count: usize::try_from(MAX_INNER_MATCHES).unwrap_or(1000),
+        sort: Vec::new(),
+        total: TotalMode::None,
+        summary: Summary::False,
+        elements: Vec::new(),
+        includes: Vec::new(),
+        revincludes: Vec::new(),
+        cursor: None,
+        link_params: Vec::new(),
+        ignored: Vec::new(),
+    }
+}
+
+/// The patient compartment shared by every disclosed resource, if there is exactly one.
+fn single_compartment<'a>(resources: impl Iterator<Item = &'a StoredResource>) -> Option<String> {
+    let mut compartments =
+        resources.map(|r| patient_compartment(r.resource_type.as_str(), r.id.as_str(), &r.json));
+    let first = compartments.next()??;
+    compartments
+        .all(|c| c.as_deref() == Some(first.as_str()))
+        .then_some(first)
+}
+
+fn filter_condition(
+    index: &SearchIndex,
+    resource_types: &[String],
+    filter: &Filter,
+    checks: &mut Vec<LongTermCheck>,
+) -> Condition {
+    let code = filter.code.as_str();
+    let digests_for = |kind: ValueKind, text: &str| -> Vec<Digest> {
+        resource_types
+            .iter()
+            .map(|t| index.digest(t, code, kind, text))
+            .collect()
+    };
+    if filter.modifier == Modifier::Missing {
+        let present = digests_for(ValueKind::Present, "");
+        return match filter.values.first() {
+            Some(FilterValue::Missing(true)) => Condition::HasNone(present),
+            _ => Condition::HasAny(present),
+        };
+    }
+    match filter.param_type {
+        ParamType::Date => Condition::Date {
+            param: code.to_owned(),
+            tests: filter.values.iter().filter_map(date_test).collect(),
+        },
+        ParamType::Number | ParamType::Quantity => Condition::Number {
+            param: code.to_owned(),
+            tests: filter
+                .values
+                .iter()
+                .filter_map(|value| number_test(index, resource_types, code, value))
+                .collect(),
+        },
+        _ => {
+            let mut digests = Vec::new();
+            let mut long_terms = Vec::new();
+            for value in &filter.values {
+                match value {
+                    FilterValue::String(text) if filter.modifier == Modifier::Exact => {
+                        digests.extend(digests_for(ValueKind::Exact, text));
+                    }
+                    FilterValue::String(text) => {
+                        let normalized = normalize_string(text);
+                        let prefix = bounded_prefix(&normalized);
+                        if prefix.len() < normalized.len() {
+                            long_terms.push(normalized.clone());
+                        }
+                        if !normalized.is_empty() {
+                            digests.extend(digests_for(ValueKind::Prefix, prefix));
+                        }
+                    }
+                    FilterValue::Token {
+                        system,
+                        code: token,
+                    } => match (system.as_deref(), token) {
+                        (None, Some(token)) => digests.extend(digests_for(ValueKind::Code, token)),
+                        (Some(""), Some(token)) => {
+                            digests.extend(digests_for(ValueKind::CodeWithoutSystem, token))
+                        }
+                        (Some(system), Some(token)) => digests.extend(digests_for(
+                            ValueKind::SystemCode,
+                            &format!("{system}|{token}"),
+                        )),
+                        (Some(system), None) => {
+                            digests.extend(digests_for(ValueKind::System, system))
+                        }
+                        (None, None) => {}
+                    },
+                    FilterValue::Reference(reference) => digests.extend(index.reference_digests(
+                        resource_types,
+                        code,
+                        reference,
+                        filter.target_type.as_deref(),
+                    )),
+                    FilterValue::Uri(uri) => digests.extend(digests_for(ValueKind::Uri, uri)),
+                    _ => {}
+                }
+            }
+            if !long_terms.is_empty() {
+                // Terms within the bound need no check: every alternative must be long
+                // for the check to be exact, so short ones are kept as full terms too.
+                let terms = filter
+                    .values
+                    .iter()
+                    .filter_map(|v| match v {
+                        FilterValue::String(text) => Some(normalize_string(text)),
+                        _ => None,
+                    })
+                    .collect();
+                checks.push(LongTermCheck {
+                    code: code.to_owned(),
+                    terms,
+                });
+            }
+            if filter.modifier == Modifier::Not {
+                Condition::HasNone(digests)
+            } else {
+                Condition::HasAny(digests)
+            }
+        }
+    }
+}
+
+fn range_op(prefix: Prefix) -> RangeOp {
+    match prefix {
+        Prefix::Eq => RangeOp::Eq,
+        Prefix::Ne => RangeOp::Ne,
+        Prefix::Gt => RangeOp::Gt,
+        Prefix::Lt => RangeOp::Lt,
+        Prefix::Ge => RangeOp::Ge,
+        Prefix::Le => RangeOp::Le,
+        Prefix::Sa => RangeOp::StartsAfter,
+        Prefix::Eb => RangeOp::EndsBefore,
+        Prefix::Ap => RangeOp::Approximately,
+    }
+}
+
+fn date_test(value: &FilterValue) -> Option<RangeTest<i64>> {
+    let FilterValue::Date { prefix, low, high } = *value else {
+        return None;
+    };
+    let (low, high) = if prefix == Prefix::Ap {
+        // "Approximately": 10% of the distance from now, at least the value's own range
+        // (search.html#prefix leaves the amount to the server).
+        let now = super::resources::now_micros();
+        let gap = (now - low).abs().max((now - high).abs()) / 10;
+        (low.saturating_sub(gap), high.saturating_add(gap))
+    } else {
+        (low, high)
+    };
+    Some(RangeTest {
+        op: range_op(prefix),
+        low,
+        high,
+    })
+}
+
+fn number_test(
+    index: &SearchIndex,
+    resource_types: &[String],
+    code: &str,
+    value: &FilterValue,
+) -> Option<NumberTest> {
+    let (prefix, number, low, high, unit) = match value {
+        FilterValue::Number {
+            prefix,
+            value,
+            low,
+            high,
+        } => (*prefix, *value, *low, *high, None),
+        FilterValue::Quantity {
+            prefix,
+            value,
+            low,
+            high,
+            system,
+            code: unit_code,
+        } => {
+            // Units are per type; a quantity parameter searched on several types would need
+            // one test per type, which `_type` searches do not offer for quantities.
+            let resource_type = resource_types.first()?;
+            let unit = match (system, unit_code) {
+                (Some(s), Some(c)) => Some(UnitMatch::SystemCode(index.digest(
+                    resource_type,
+                    code,
+                    ValueKind::UnitSystemCode,
+                    &format!("{s}|{c}"),
+                ))),
+                (None, Some(c)) => Some(UnitMatch::Code(index.digest(
+                    resource_type,
+                    code,
+                    ValueKind::UnitCode,
+                    c,
+                ))),
+                _ => None,
+            };
+            (*prefix, *value, *low, *high, unit)
+        }
+        _ => return None,
+    };
+    let (low, high) = if prefix == Prefix::Ap {
+        let margin = (number * 0.1).abs();
+        (number - margin, number + margin)
+    } else {
+        (low, high)
+    };
+    Some(NumberTest {
+        range: RangeTest {
+            op: range_op(prefix),
+            low,
+            high,
+        },
+        value: number,
+        unit,
+    })
+}

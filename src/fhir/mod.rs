@@ -7,6 +7,7 @@ pub mod capability;
 pub mod compartment;
 pub mod document;
 pub mod outcome;
+pub mod patch;
 pub mod resource_types;
 pub mod search_params;
 pub mod validate;

@@ -6,8 +6,8 @@ pub mod ledger;
 pub mod resources;
 
 pub use resources::{
-    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource,
-    WriteOutcome,
+    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, HistoryScanPage, HistoryScanQuery,
+    ResourceService, ScannedEntry, StoredResource, WriteOutcome,
 };
 
 use crate::error::AppError;

@@ -635,7 +635,10 @@ fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
     let mut next = || parts.next().ok_or_else(invalid);
     let last_updated = next()?.parse::<i64>().map_err(|_| invalid())?;
     let version_id = parse_version_id(next()?).map_err(|_| invalid())?;
-    let resource_type = state.resources.resolve_type(next()?).map_err(|_| invalid())?;
+    let resource_type = state
+        .resources
+        .resolve_type(next()?)
+        .map_err(|_| invalid())?;
     let id = ResourceId::parse(next()?).map_err(|_| invalid())?;
     Ok(VersionKey {
         last_updated,

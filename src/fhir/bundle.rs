@@ -52,7 +52,12 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    pub fn history(timestamp: String, total: Option<i64>, link: Vec<Link>, entry: Vec<Entry>) -> Self {
+    pub fn history(
+        timestamp: String,
+        total: Option<i64>,
+        link: Vec<Link>,
+        entry: Vec<Entry>,
+    ) -> Self {
         Self {
             resource_type: "Bundle",
             id: uuid::Uuid::new_v4().to_string(),

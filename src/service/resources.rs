@@ -118,7 +118,9 @@ enum WriteKind {
     },
     Delete,
     /// A JSON Patch, applied inside the write transaction to the version it reads there.
-    Patch { patch: json_patch::Patch },
+    Patch {
+        patch: json_patch::Patch,
+    },
 }
 
 /// What a write transaction did.
@@ -265,8 +267,14 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let patch = parse_json_patch(&body)?;
-            this.write(&ctx, &resource_type, &id, if_match, WriteKind::Patch { patch })?
-                .into_content()
+            this.write(
+                &ctx,
+                &resource_type,
+                &id,
+                if_match,
+                WriteKind::Patch { patch },
+            )?
+            .into_content()
         })
         .await
     }
@@ -510,8 +518,12 @@ impl ResourceService {
         let entries = versions
             .iter()
             .map(|row| {
-                let stored = || AppError::Internal("a stored version has an invalid type or id".into());
-                let resource_type = self.types.resolve(&row.resource_type).map_err(|_| stored())?;
+                let stored =
+                    || AppError::Internal("a stored version has an invalid type or id".into());
+                let resource_type = self
+                    .types
+                    .resolve(&row.resource_type)
+                    .map_err(|_| stored())?;
                 let id = ResourceId::parse(&row.id).map_err(|_| stored())?;
                 let json = if row.deleted {
                     None
@@ -770,7 +782,9 @@ impl ResourceService {
                 (row, Written::Content(outcome))
             }
             WriteKind::Patch { .. } => {
-                return Err(AppError::Internal("a patch reached the write unapplied".into()).into());
+                return Err(
+                    AppError::Internal("a patch reached the write unapplied".into()).into(),
+                );
             }
             WriteKind::Delete => {
                 match head {
@@ -855,10 +869,15 @@ impl ResourceService {
         base: ResourceHead,
         patch: &json_patch::Patch,
     ) -> Result<String, AppError> {
-        let row = rows::version(tx, resource_type.as_str(), id.as_str(), base.current_version)?
-            .ok_or_else(|| {
-                AppError::Internal(format!("{resource_type}/{id} has no current version row"))
-            })?;
+        let row = rows::version(
+            tx,
+            resource_type.as_str(),
+            id.as_str(),
+            base.current_version,
+        )?
+        .ok_or_else(|| {
+            AppError::Internal(format!("{resource_type}/{id} has no current version row"))
+        })?;
         let current = self.open_version(resource_type, id, &row)?;
         let patched = patch_resource(&self.types, resource_type, id, &current.json, patch)?;
         Ok(patched.compact_json)

@@ -203,14 +203,16 @@ pub fn history_scan(
     if let Some(after) = window.after {
         let (t, i) = (after.resource_type.clone(), after.id.clone());
         query = query.filter(
-            v::last_updated.lt(after.last_updated).or(v::last_updated
-                .eq(after.last_updated)
-                .and(
-                    v::resource_type.lt(t.clone()).or(v::resource_type.eq(t).and(
-                        v::id
-                            .lt(i.clone())
-                            .or(v::id.eq(i).and(v::version_id.lt(after.version_id))),
-                    )),
+            v::last_updated
+                .lt(after.last_updated)
+                .or(v::last_updated.eq(after.last_updated).and(
+                    v::resource_type
+                        .lt(t.clone())
+                        .or(v::resource_type.eq(t).and(
+                            v::id
+                                .lt(i.clone())
+                                .or(v::id.eq(i).and(v::version_id.lt(after.version_id))),
+                        )),
                 )),
         );
     }

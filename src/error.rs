@@ -6,6 +6,7 @@
 //! client sees of each (status, OperationOutcome issue code, message).
 
 use crate::fhir::ValidationError;
+use crate::fhir::patch::PatchError;
 use crate::fhir::resource_types::{InvalidId, TypeError};
 use crate::store::StoreError;
 
@@ -31,6 +32,10 @@ pub enum AppError {
         id: String,
         version_id: i64,
     },
+    /// A well-formed request the server cannot carry out on the resource as it is (a
+    /// PATCH that fails or yields an invalid resource, http.html#patch): 422.
+    #[error(transparent)]
+    Unprocessable(ValidationError),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -80,6 +85,18 @@ impl From<StoreError> for AppError {
             }
             StoreError::Database(e) => Self::Internal(e.to_string()),
             StoreError::Migration(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<PatchError> for AppError {
+    fn from(error: PatchError) -> Self {
+        match error {
+            PatchError::Malformed(message) => Self::BadRequest {
+                message,
+                expression: None,
+            },
+            PatchError::Unprocessable(error) => Self::Unprocessable(error),
         }
     }
 }

@@ -551,7 +551,7 @@ async fn error_cases(db: TestDb) {
     expect(
         &call(
             &app,
-            TestRequest::patch().uri(&format!("/fhir/Patient/{id}")),
+            TestRequest::post().uri(&format!("/fhir/Patient/{id}")),
         )
         .await,
         StatusCode::METHOD_NOT_ALLOWED,

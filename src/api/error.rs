@@ -17,7 +17,9 @@ const RETRY_AFTER_SECONDS: &str = "5";
 impl AppError {
     fn issue(&self) -> (IssueCode, String, Option<String>) {
         match self {
-            Self::Validation(e) => (e.code, e.message.clone(), e.expression.clone()),
+            Self::Validation(e) | Self::Unprocessable(e) => {
+                (e.code, e.message.clone(), e.expression.clone())
+            }
             Self::BadRequest {
                 message,
                 expression,
@@ -57,6 +59,7 @@ impl ResponseError for AppError {
             }
             Self::UnknownType(_) | Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Gone { .. } => StatusCode::GONE,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

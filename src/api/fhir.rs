@@ -8,7 +8,9 @@ use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use futures_util::StreamExt as _;
 
 use super::AppState;
-use super::negotiation::{ResponseFormat, require_json_body, response_format};
+use super::negotiation::{
+    ResponseFormat, require_json_body, require_json_patch_body, response_format,
+};
 use super::request::{
     QueryParams, ReturnPreference, if_match, parse_version_id, return_preference,
 };
@@ -18,12 +20,16 @@ use crate::fhir::ResourceId;
 use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link};
 use crate::fhir::document::{VersionMeta, format_instant};
 use crate::fhir::outcome::OperationOutcome;
-use crate::service::{DeleteOutcome, HistoryQuery, StoredResource, WriteOutcome};
+use crate::service::{
+    DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry, StoredResource, WriteOutcome,
+};
+use crate::store::resources::VersionKey;
 
 /// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
 /// presentation hint this server does not act on.
 const COMMON_PARAMS: &[&str] = &["_format", "_pretty"];
 const HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_before_version"];
+const SCAN_HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_cursor"];
 const DEFAULT_HISTORY_COUNT: i64 = 50;
 pub const MAX_HISTORY_COUNT: i64 = 1000;
 
@@ -31,6 +37,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/fhir")
             .route("/metadata", web::get().to(metadata))
+            // Before `/{type}` and `/{type}/{id}`, which would otherwise take `_history`
+            // as a type or an id.
+            .service(
+                web::resource("/_history")
+                    .route(web::get().to(system_history))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/{type}/_history")
+                    .route(web::get().to(type_history))
+                    .default_service(web::to(method_not_allowed)),
+            )
             .service(
                 web::resource("")
                     .route(web::get().to(super::search::search_system))
@@ -51,6 +69,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 web::resource("/{type}/{id}")
                     .route(web::get().to(read))
                     .route(web::put().to(update))
+                    .route(web::patch().to(patch))
                     .route(web::delete().to(delete))
                     .default_service(web::to(method_not_allowed)),
             )
@@ -203,6 +222,53 @@ pub async fn update(
     let outcome = state
         .resources
         .update(&ctx, resource_type, id, body, expected_version)
+        .await?;
+    Ok(write_response(&state, &req, format, &outcome))
+}
+
+/// Patch a resource with a JSON Patch document (RFC 6902, http.html#patch).
+#[utoipa::path(patch, path = "/fhir/{type}/{id}", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("id" = String, Path, description = "Logical id"),
+        ("If-Match" = Option<String>, Header, description = "Version the patch applies to, e.g. W/\"2\""),
+        ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
+    ),
+    request_body(content = Vec<Object>, content_type = "application/json-patch+json",
+        description = "JSON Patch operations (RFC 6902), applied to the current version"),
+    responses(
+        (status = 200, description = "Patched: the new version", body = super::openapi::Resource),
+        (status = 400, description = "Malformed JSON Patch document, id or If-Match", body = OperationOutcome),
+        (status = 404, description = "Unknown type or resource", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 409, description = "Too much concurrent change to apply the patch", body = OperationOutcome),
+        (status = 410, description = "The resource was deleted", body = OperationOutcome),
+        (status = 412, description = "If-Match does not name the current version", body = OperationOutcome),
+        (status = 413, description = "Body over the size limit", body = OperationOutcome),
+        (status = 415, description = "Body is not application/json-patch+json (FHIRPath Patch is not supported)", body = OperationOutcome),
+        (status = 422, description = "The patch could not be applied (failed test, missing path) or its result is not a valid resource with the same type and id", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn patch(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let (type_name, id) = path.into_inner();
+    let Instance {
+        resource_type,
+        id,
+        format,
+        ..
+    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
+    let expected_version = if_match(&req)?;
+    require_json_patch_body(&req)?;
+    let body = read_body(&req, payload, state.max_body_bytes).await?;
+    let outcome = state
+        .resources
+        .patch(&ctx, resource_type, id, body, expected_version)
         .await?;
     Ok(write_response(&state, &req, format, &outcome))
 }
@@ -366,75 +432,231 @@ pub async fn history(
         .history(&ctx, resource_type.clone(), id.clone(), history_query)
         .await?;
 
-    let base = state.fhir_base();
-    let self_url = format!("{base}/{resource_type}/{id}/_history");
-    let mut paging = vec![("_count", history_query.count.to_string())];
-    if let Some(since) = query.get("_since") {
+    let links = HistoryLinks {
+        self_url: format!("{}/{resource_type}/{id}/_history", state.fhir_base()),
+        paging: history_paging(history_query.count, query.get("_since")),
+        cursor: history_query
+            .before_version
+            .map(|v| ("_before_version", v.to_string())),
+        next: page
+            .next_before_version
+            .map(|v| ("_before_version", v.to_string())),
+    };
+    let entries = page.entries.into_iter().map(|entry| ScannedEntry {
+        resource_type: resource_type.clone(),
+        id: id.clone(),
+        entry,
+    });
+    let body = history_bundle(&state, links, Some(page.total), entries)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .body(body))
+}
+
+/// The versions of every resource of one type, newest first, as a `history` Bundle.
+#[utoipa::path(get, path = "/fhir/{type}/_history", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Resource type"),
+        ("_count" = Option<i64>, Query, description = "Page size (1 to 1000, default 50)"),
+        ("_since" = Option<String>, Query, description = "Only versions updated at or after this instant"),
+        ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
+    ),
+    responses(
+        (status = 200, description = "history Bundle (without `total`)", body = super::openapi::Resource),
+        (status = 400, description = "Malformed or unknown parameter", body = OperationOutcome),
+        (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn type_history(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, AppError> {
+    let resource_type = state.resources.resolve_type(&path)?;
+    scan_history(&state, &ctx, &req, Some(resource_type)).await
+}
+
+/// The versions of every resource on the server, newest first, as a `history` Bundle.
+#[utoipa::path(get, path = "/fhir/_history", tag = "fhir",
+    params(
+        ("_count" = Option<i64>, Query, description = "Page size (1 to 1000, default 50)"),
+        ("_since" = Option<String>, Query, description = "Only versions updated at or after this instant"),
+        ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
+    ),
+    responses(
+        (status = 200, description = "history Bundle (without `total`)", body = super::openapi::Resource),
+        (status = 400, description = "Malformed or unknown parameter", body = OperationOutcome),
+        (status = 406, description = "Unsupported response format", body = OperationOutcome),
+        (status = 503, description = "Database unavailable", body = OperationOutcome),
+    ))]
+pub async fn system_history(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
+    scan_history(&state, &ctx, &req, None).await
+}
+
+/// Type- and system-level history (http.html#history). `total` is left out: counting every
+/// version of a type on each page would cost a scan per page.
+async fn scan_history(
+    state: &AppState,
+    ctx: &RequestContext,
+    req: &HttpRequest,
+    resource_type: Option<crate::fhir::ResourceType>,
+) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(req, SCAN_HISTORY_PARAMS)?;
+    let format = response_format(req, query.get("_format"))?;
+    let scan = HistoryScanQuery {
+        resource_type: resource_type.clone(),
+        count: parse_count(query.get("_count"))?,
+        since: query.get("_since").map(parse_instant).transpose()?,
+        after: query
+            .get("_cursor")
+            .map(|text| parse_cursor(state, text))
+            .transpose()?,
+    };
+    let page = state.resources.history_scan(ctx, scan.clone()).await?;
+    let self_url = match &resource_type {
+        Some(resource_type) => format!("{}/{resource_type}/_history", state.fhir_base()),
+        None => format!("{}/_history", state.fhir_base()),
+    };
+    let links = HistoryLinks {
+        self_url,
+        paging: history_paging(scan.count, query.get("_since")),
+        cursor: scan.after.as_ref().map(|key| ("_cursor", cursor_text(key))),
+        next: page.next.as_ref().map(|key| ("_cursor", cursor_text(key))),
+    };
+    let body = history_bundle(state, links, None, page.entries)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .body(body))
+}
+
+/// The links of one history page: every link repeats `paging` (`_count`, `_since`); `self`
+/// adds the cursor the page was asked with, `next` the cursor of the following page, and a
+/// page after the first links back to the `first`.
+struct HistoryLinks {
+    self_url: String,
+    paging: Vec<(&'static str, String)>,
+    cursor: Option<(&'static str, String)>,
+    next: Option<(&'static str, String)>,
+}
+
+fn history_paging(count: i64, since: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut paging = vec![("_count", count.to_string())];
+    if let Some(since) = since {
         paging.push(("_since", since.to_owned()));
     }
+    paging
+}
+
+/// Builds a `history` Bundle (instance, type or system level) from versions newest first.
+fn history_bundle(
+    state: &AppState,
+    links: HistoryLinks,
+    total: Option<i64>,
+    entries: impl IntoIterator<Item = ScannedEntry>,
+) -> Result<String, AppError> {
+    let base = state.fhir_base();
     let with_params = |extra: Option<(&'static str, String)>| {
-        let mut params = paging.clone();
+        let mut params = links.paging.clone();
         params.extend(extra);
         format!(
-            "{self_url}?{}",
+            "{}?{}",
+            links.self_url,
             serde_urlencoded::to_string(&params).unwrap_or_default()
         )
     };
-    let mut links = vec![Link {
+    let mut link = vec![Link {
         relation: "self",
-        url: with_params(
-            history_query
-                .before_version
-                .map(|v| ("_before_version", v.to_string())),
-        ),
+        url: with_params(links.cursor.clone()),
     }];
-    if history_query.before_version.is_some() {
-        links.push(Link {
+    if links.cursor.is_some() {
+        link.push(Link {
             relation: "first",
             url: with_params(None),
         });
     }
-    if let Some(next) = page.next_before_version {
-        links.push(Link {
+    if let Some(next) = links.next.clone() {
+        link.push(Link {
             relation: "next",
-            url: with_params(Some(("_before_version", next.to_string()))),
+            url: with_params(Some(next)),
         });
     }
 
-    let entries = page
-        .entries
+    let entries = entries
         .into_iter()
-        .map(|entry| {
-            let resource = entry.json.map(bundle::raw_resource).transpose()?;
-            let (status, url) = match entry.method.as_str() {
-                "POST" => ("201 Created", resource_type.to_string()),
-                "DELETE" => ("204 No Content", format!("{resource_type}/{id}")),
-                _ if entry.meta.version_id == 1 => ("201 Created", format!("{resource_type}/{id}")),
-                _ => ("200 OK", format!("{resource_type}/{id}")),
-            };
-            Ok(Entry {
-                full_url: format!("{base}/{resource_type}/{id}"),
-                resource,
-                request: EntryRequest {
-                    method: entry.method,
-                    url,
-                },
-                response: EntryResponse {
-                    status: status.to_owned(),
-                    etag: etag(entry.meta.version_id),
-                    last_modified: format_instant(entry.meta.last_updated),
-                },
-            })
-        })
+        .map(
+            |ScannedEntry {
+                 resource_type,
+                 id,
+                 entry,
+             }| {
+                let resource = entry.json.map(bundle::raw_resource).transpose()?;
+                let (status, url) = match entry.method.as_str() {
+                    "POST" => ("201 Created", resource_type.to_string()),
+                    "DELETE" => ("204 No Content", format!("{resource_type}/{id}")),
+                    _ if entry.meta.version_id == 1 => {
+                        ("201 Created", format!("{resource_type}/{id}"))
+                    }
+                    // PUT and PATCH that wrote a later version.
+                    _ => ("200 OK", format!("{resource_type}/{id}")),
+                };
+                Ok(Entry {
+                    full_url: format!("{base}/{resource_type}/{id}"),
+                    resource,
+                    request: EntryRequest {
+                        method: entry.method,
+                        url,
+                    },
+                    response: EntryResponse {
+                        status: status.to_owned(),
+                        etag: etag(entry.meta.version_id),
+                        last_modified: format_instant(entry.meta.last_updated),
+                    },
+                })
+            },
+        )
         .collect::<Result<Vec<_>, serde_json::Error>>()
         .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
     let now = format_instant(crate::service::resources::now_micros());
-    let body = Bundle::history(now, page.total, links, entries)
+    Bundle::history(now, total, link, entries)
         .to_json()
-        .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, format.content_type()))
-        .body(body))
+        .map_err(|e| AppError::Internal(format!("history bundle: {e}")))
+}
+
+/// The `_cursor` of type and system history: `{lastUpdated µs}_{versionId}_{type}_{id}`.
+/// `_` occurs in no type name or id, so the text splits back unambiguously.
+fn cursor_text(key: &VersionKey) -> String {
+    format!(
+        "{}_{}_{}_{}",
+        key.last_updated, key.version_id, key.resource_type, key.id
+    )
+}
+
+fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
+    let invalid = || AppError::BadRequest {
+        message: "_cursor is not a cursor from a next link of this server".into(),
+        expression: Some("_cursor".into()),
+    };
+    let mut parts = text.splitn(4, '_');
+    let mut next = || parts.next().ok_or_else(invalid);
+    let last_updated = next()?.parse::<i64>().map_err(|_| invalid())?;
+    let version_id = parse_version_id(next()?).map_err(|_| invalid())?;
+    let resource_type = state
+        .resources
+        .resolve_type(next()?)
+        .map_err(|_| invalid())?;
+    let id = ResourceId::parse(next()?).map_err(|_| invalid())?;
+    Ok(VersionKey {
+        last_updated,
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        version_id,
+    })
 }
 
 /// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.

@@ -5,6 +5,7 @@ use actix_web::HttpRequest;
 use actix_web::http::header;
 
 use crate::error::AppError;
+use crate::fhir::patch::JSON_PATCH;
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 pub const FHIR_JSON_UTF8: &str = "application/fhir+json; charset=utf-8";
@@ -97,4 +98,36 @@ pub fn require_json_body(req: &HttpRequest) -> Result<(), AppError> {
             media.chars().take(64).collect::<String>()
         )))
     }
+}
+
+/// Checks that a PATCH body is a JSON Patch document (http.html#patch). FHIRPath Patch (a
+/// `Parameters` resource sent as FHIR JSON) and XML Patch are not supported: 415 naming the
+/// one type that is.
+pub fn require_json_patch_body(req: &HttpRequest) -> Result<(), AppError> {
+    let media = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if media == JSON_PATCH {
+        return Ok(());
+    }
+    let sent = if media.is_empty() {
+        "no Content-Type".to_owned()
+    } else {
+        format!(
+            "Content-Type '{}'",
+            media.chars().take(64).collect::<String>()
+        )
+    };
+    let hint = if media == FHIR_JSON || media == "application/json" {
+        " (FHIRPath Patch is not supported)"
+    } else {
+        ""
+    };
+    Err(AppError::UnsupportedMediaType(format!(
+        "PATCH with {sent} is not supported{hint}; send a JSON Patch document as {JSON_PATCH}"
+    )))
 }

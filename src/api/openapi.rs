@@ -26,7 +26,8 @@ pub struct Resource {
         license(name = "Apache-2.0"),
     ),
     paths(
-        fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::delete, fhir::history,
+        fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::patch, fhir::delete, fhir::history,
+        fhir::type_history, fhir::system_history,
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,

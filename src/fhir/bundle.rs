@@ -43,14 +43,21 @@ pub struct Bundle {
     #[serde(rename = "type")]
     pub bundle_type: &'static str,
     pub timestamp: String,
-    pub total: i64,
+    /// Omitted where counting would cost a scan per page (type and system history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
     pub link: Vec<Link>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub entry: Vec<Entry>,
 }
 
 impl Bundle {
-    pub fn history(timestamp: String, total: i64, link: Vec<Link>, entry: Vec<Entry>) -> Self {
+    pub fn history(
+        timestamp: String,
+        total: Option<i64>,
+        link: Vec<Link>,
+        entry: Vec<Entry>,
+    ) -> Self {
         Self {
             resource_type: "Bundle",
             id: uuid::Uuid::new_v4().to_string(),

@@ -10,8 +10,10 @@ const TYPE_INTERACTIONS: &[&str] = &[
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
+    "history-type",
     "create",
 ];
 
@@ -56,8 +58,9 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Resources are stored encrypted (AES-256-GCM). JSON only.",
+            "documentation": "Resources are stored encrypted (AES-256-GCM). JSON only. PATCH takes JSON Patch (application/json-patch+json).",
             "resource": resources,
+            "interaction": [{"code": "history-system"}],
         }],
     })
 }

@@ -9,6 +9,7 @@ pub mod compartment;
 pub mod document;
 pub mod fhirpath;
 pub mod outcome;
+pub mod patch;
 pub mod resource_types;
 pub mod search_params;
 pub mod search_query;

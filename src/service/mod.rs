@@ -7,8 +7,8 @@ pub mod resources;
 pub mod search;
 
 pub use resources::{
-    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, ResourceService, StoredResource,
-    WriteOutcome,
+    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, HistoryScanPage, HistoryScanQuery,
+    ResourceService, ScannedEntry, StoredResource, WriteOutcome,
 };
 
 use crate::error::AppError;

@@ -1,4 +1,5 @@
-//! Create, read, vread, update, delete and instance history of resources.
+//! Create, read, vread, update, patch, delete and history (instance, type and system) of
+//! resources.
 
 use std::sync::Arc;
 
@@ -7,11 +8,14 @@ use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::compartment::patient_compartment;
 use crate::fhir::document::{self, VersionMeta};
+use crate::fhir::patch::{parse_json_patch, patch_resource};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
 use crate::ledger::entry::content_hash;
-use crate::store::resources::{self as rows, HistoryWindow, ResourceHead, VersionRow};
+use crate::store::resources::{
+    self as rows, HistoryWindow, ResourceHead, ScanWindow, VersionKey, VersionRow,
+};
 use crate::store::search::{self as search_rows, IndexRows};
 use crate::store::{DbConnection, DbPool, StoreError};
 
@@ -64,6 +68,31 @@ pub struct HistoryEntry {
     pub json: Option<String>,
 }
 
+/// A type-level (`resource_type` set) or system-level history page (http.html#history).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryScanQuery {
+    pub resource_type: Option<ResourceType>,
+    pub count: i64,
+    pub since: Option<i64>,
+    /// Paging cursor: only versions after this one in history order.
+    pub after: Option<VersionKey>,
+}
+
+/// One version of some resource, in a type- or system-level history.
+#[derive(Debug, Clone)]
+pub struct ScannedEntry {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+    pub entry: HistoryEntry,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryScanPage {
+    pub entries: Vec<ScannedEntry>,
+    /// Cursor for the next (older) page, when there is one.
+    pub next: Option<VersionKey>,
+}
+
 #[derive(Debug, Clone)]
 pub struct HistoryPage {
     pub entries: Vec<HistoryEntry>,
@@ -91,6 +120,10 @@ enum WriteKind {
         method: &'static str,
     },
     Delete,
+    /// A JSON Patch, applied inside the write transaction to the version it reads there.
+    Patch {
+        patch: json_patch::Patch,
+    },
 }
 
 /// What a write transaction did.
@@ -224,6 +257,37 @@ impl ResourceService {
             };
             this.write(&ctx, &resource_type, &id, if_match, kind)?
                 .into_content()
+        })
+        .await
+    }
+
+    /// `PATCH /{type}/{id}` with a JSON Patch document (http.html#patch). The patch is
+    /// applied to the current version inside the write transaction, so a patch is never
+    /// written on top of a version it was not computed from: if another writer gets in first,
+    /// the transaction rolls back and the patch is applied again to the new version. The
+    /// result is validated like the body of an update and stored as the next version with
+    /// method `PATCH`; it is ledgered as an `update` (a new content version, which is what
+    /// `audit` and other verifiers match write entries against).
+    pub async fn patch(
+        &self,
+        ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: ResourceId,
+        body: Vec<u8>,
+        if_match: Option<i64>,
+    ) -> Result<WriteOutcome, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        blocking(move || {
+            let patch = parse_json_patch(&body)?;
+            this.write(
+                &ctx,
+                &resource_type,
+                &id,
+                if_match,
+                WriteKind::Patch { patch },
+            )?
+            .into_content()
         })
         .await
     }
@@ -404,6 +468,99 @@ impl ResourceService {
         })
     }
 
+    /// `GET /{type}/_history` and `GET /_history`: versions of many resources, newest first,
+    /// one page per call. The page is ledgered as one `history` entry naming every version
+    /// it disclosed (deletions disclose nothing).
+    pub async fn history_scan(
+        &self,
+        ctx: &RequestContext,
+        query: HistoryScanQuery,
+    ) -> Result<HistoryScanPage, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        blocking(move || {
+            let page = this.history_scan_page(&query)?;
+            let disclosed: Vec<_> = page
+                .entries
+                .iter()
+                .filter(|e| e.entry.json.is_some())
+                .map(|e| target(&e.resource_type, &e.id, Some(e.entry.meta.version_id)))
+                .collect();
+            // The entry has room for one compartment: name it when every disclosed version
+            // belongs to the same patient; a page spanning patients names none (its
+            // resources still identify every version disclosed).
+            let mut compartments = page.entries.iter().filter_map(|e| {
+                let json = e.entry.json.as_deref()?;
+                Some(patient_compartment(
+                    e.resource_type.as_str(),
+                    e.id.as_str(),
+                    json,
+                ))
+            });
+            let first = compartments.next().flatten();
+            let patient = if compartments.all(|c| c == first) {
+                first
+            } else {
+                None
+            };
+            this.ledger
+                .append(&ctx, LedgerEvent::permit("history", disclosed, patient))?;
+            Ok(page)
+        })
+        .await
+    }
+
+    fn history_scan_page(&self, query: &HistoryScanQuery) -> Result<HistoryScanPage, AppError> {
+        let mut conn = self.connection()?;
+        // One row more than the page tells whether a next page exists.
+        let window = ScanWindow {
+            resource_type: query.resource_type.as_ref().map(ResourceType::as_str),
+            since: query.since,
+            after: query.after.as_ref(),
+            limit: query.count + 1,
+        };
+        let mut versions = rows::history_scan(&mut conn, window)?;
+        drop(conn);
+        let has_more = versions.len() as i64 > query.count;
+        versions.truncate(usize::try_from(query.count).unwrap_or(0));
+        let next = if has_more {
+            versions.last().map(VersionRow::key)
+        } else {
+            None
+        };
+        let entries = versions
+            .iter()
+            .map(|row| {
+                let stored =
+                    || AppError::Internal("a stored version has an invalid type or id".into());
+                let resource_type = self
+                    .types
+                    .resolve(&row.resource_type)
+                    .map_err(|_| stored())?;
+                let id = ResourceId::parse(&row.id).map_err(|_| stored())?;
+                let json = if row.deleted {
+                    None
+                } else {
+                    Some(self.open_version(&resource_type, &id, row)?.json)
+                };
+                let entry = HistoryEntry {
+                    meta: VersionMeta {
+                        version_id: row.version_id,
+                        last_updated: row.last_updated,
+                    },
+                    method: row.method.clone(),
+                    json,
+                };
+                Ok(ScannedEntry {
+                    resource_type,
+                    id,
+                    entry,
+                })
+            })
+            .collect::<Result<Vec<_>, AppError>>()?;
+        Ok(HistoryScanPage { entries, next })
+    }
+
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), AppError> {
         let this = self.clone();
@@ -464,6 +621,9 @@ impl ResourceService {
             AppError::Gone { .. } => "gone",
             AppError::PreconditionFailed(_) => "precondition-failed",
             AppError::Conflict(_) => "conflict",
+            // A patch that failed on the stored content (e.g. a `test` op): it was
+            // evaluated against the record, so the attempt is evidence too.
+            AppError::Unprocessable(_) => "unprocessable",
             _ => return Ok(()),
         };
         let event = LedgerEvent::deny(action, reason, vec![target(resource_type, id, version_id)]);
@@ -541,7 +701,7 @@ impl ResourceService {
     ) -> Result<Written, AppError> {
         let action = match &kind {
             WriteKind::Content { method: "POST", .. } => "create",
-            WriteKind::Content { .. } => "update",
+            WriteKind::Content { .. } | WriteKind::Patch { .. } => "update",
             WriteKind::Delete => "delete",
         };
         let result = self.write_with_retries(ctx, resource_type, id, if_match, &kind);
@@ -590,6 +750,11 @@ impl ResourceService {
         kind: &WriteKind,
     ) -> Result<(Written, String), TxError> {
         let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
+        // A patch needs a resource to patch: 404 or 410 before If-Match is looked at.
+        let patch_base = match kind {
+            WriteKind::Patch { .. } => Some(patch_target(resource_type, id, head)?),
+            _ => None,
+        };
         check_precondition(resource_type, id, head, if_match)?;
         let version_id = head.map_or(1, |h| h.current_version + 1);
         // lastUpdated never goes backwards within one resource, even if the clock does.
@@ -597,6 +762,20 @@ impl ResourceService {
         let meta = VersionMeta {
             version_id,
             last_updated,
+        };
+
+        // A patch becomes content computed from the version this transaction read; if that
+        // version is replaced before commit, `advance` below fails and we start again.
+        let patched;
+        let kind = match (kind, patch_base) {
+            (WriteKind::Patch { patch }, Some(base)) => {
+                patched = WriteKind::Content {
+                    compact_json: self.apply_patch(tx, resource_type, id, base, patch)?,
+                    method: "PATCH",
+                };
+                &patched
+            }
+            (other, _) => other,
         };
 
         let (row, outcome) = match kind {
@@ -630,6 +809,11 @@ impl ResourceService {
                     created: head.is_none_or(|h| h.deleted),
                 };
                 (row, Written::Content(outcome))
+            }
+            WriteKind::Patch { .. } => {
+                return Err(
+                    AppError::Internal("a patch reached the write unapplied".into()).into(),
+                );
             }
             WriteKind::Delete => {
                 match head {
@@ -708,6 +892,49 @@ impl ResourceService {
         let event = LedgerEvent::permit(action, vec![written], patient);
         let receipt = self.ledger.append_in(tx, ctx, event)?;
         Ok((outcome, receipt))
+    }
+}
+
+impl ResourceService {
+    /// Applies a patch to the current version `base` of a resource, read (and decrypted)
+    /// in the write transaction `tx`, and returns the validated result.
+    fn apply_patch(
+        &self,
+        tx: &mut DbConnection,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        base: ResourceHead,
+        patch: &json_patch::Patch,
+    ) -> Result<String, AppError> {
+        let row = rows::version(
+            tx,
+            resource_type.as_str(),
+            id.as_str(),
+            base.current_version,
+        )?
+        .ok_or_else(|| {
+            AppError::Internal(format!("{resource_type}/{id} has no current version row"))
+        })?;
+        let current = self.open_version(resource_type, id, &row)?;
+        let patched = patch_resource(&self.types, resource_type, id, &current.json, patch)?;
+        Ok(patched.compact_json)
+    }
+}
+
+/// The resource a patch applies to: it must exist (404) and not be deleted (410).
+fn patch_target(
+    resource_type: &ResourceType,
+    id: &ResourceId,
+    head: Option<ResourceHead>,
+) -> Result<ResourceHead, AppError> {
+    match head {
+        None => Err(AppError::NotFound(format!("{resource_type}/{id}"))),
+        Some(h) if h.deleted => Err(AppError::Gone {
+            resource: resource_type.to_string(),
+            id: id.to_string(),
+            version_id: h.current_version,
+        }),
+        Some(h) => Ok(h),
     }
 }
 

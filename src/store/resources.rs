@@ -146,6 +146,81 @@ pub fn history(
     query.load(conn).map_err(StoreError::classify)
 }
 
+/// A version's place in type- and system-level history order: newest `last_updated` first,
+/// ties broken by `resource_type`, `id` and `version_id` (all descending), so the order is
+/// total and a page can start strictly after the last version of the previous one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionKey {
+    pub last_updated: i64,
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: i64,
+}
+
+impl VersionRow {
+    pub fn key(&self) -> VersionKey {
+        VersionKey {
+            last_updated: self.last_updated,
+            resource_type: self.resource_type.clone(),
+            id: self.id.clone(),
+            version_id: self.version_id,
+        }
+    }
+}
+
+/// Which versions a type-level (`resource_type` set) or system-level history page asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanWindow<'a> {
+    pub resource_type: Option<&'a str>,
+    /// Only versions last updated at or after this instant (µs since the epoch).
+    pub since: Option<i64>,
+    /// Only versions after this one in [`VersionKey`] order (keyset paging: versions written
+    /// while a client pages sort before the cursor, so they neither shift nor repeat rows).
+    pub after: Option<&'a VersionKey>,
+    pub limit: i64,
+}
+
+/// Versions of every resource (of one type), newest first in [`VersionKey`] order.
+pub fn history_scan(
+    conn: &mut DbConnection,
+    window: ScanWindow<'_>,
+) -> Result<Vec<VersionRow>, StoreError> {
+    use resource_versions::dsl as v;
+    let mut query = resource_versions::table
+        .select(VersionRow::as_select())
+        .order((
+            v::last_updated.desc(),
+            v::resource_type.desc(),
+            v::id.desc(),
+            v::version_id.desc(),
+        ))
+        .limit(window.limit)
+        .into_boxed();
+    if let Some(resource_type) = window.resource_type {
+        query = query.filter(v::resource_type.eq(resource_type.to_owned()));
+    }
+    if let Some(since) = window.since {
+        query = query.filter(v::last_updated.ge(since));
+    }
+    if let Some(after) = window.after {
+        let (t, i) = (after.resource_type.clone(), after.id.clone());
+        query = query.filter(
+            v::last_updated
+                .lt(after.last_updated)
+                .or(v::last_updated.eq(after.last_updated).and(
+                    v::resource_type
+                        .lt(t.clone())
+                        .or(v::resource_type.eq(t).and(
+                            v::id
+                                .lt(i.clone())
+                                .or(v::id.eq(i).and(v::version_id.lt(after.version_id))),
+                        )),
+                )),
+        );
+    }
+    query.load(conn).map_err(StoreError::classify)
+}
+
 /// How many versions a history without a cursor would cover.
 pub fn count_history(
     conn: &mut DbConnection,

@@ -36,3 +36,6 @@ CREATE TABLE search_numbers (
 );
 CREATE INDEX search_numbers_lookup ON search_numbers (resource_type, param, value);
 CREATE INDEX search_numbers_resource ON search_numbers (resource_seq, param);
+
+-- Type- and system-level history read versions newest first across resources.
+CREATE INDEX resource_versions_last_updated ON resource_versions (last_updated);

@@ -51,6 +51,14 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The OperationOutcome a client sees for this error (also inside Bundle responses).
+    pub fn outcome(&self) -> OperationOutcome {
+        let (code, diagnostics, expression) = self.issue();
+        OperationOutcome::single(Severity::Error, code, diagnostics, expression)
+    }
+}
+
 impl ResponseError for AppError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -85,8 +93,7 @@ impl ResponseError for AppError {
             }
             _ => tracing::debug!(status = status.as_u16(), "request refused"),
         }
-        let (code, diagnostics, expression) = self.issue();
-        let outcome = OperationOutcome::single(Severity::Error, code, diagnostics, expression);
+        let outcome = self.outcome();
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
         if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {

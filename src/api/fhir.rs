@@ -52,12 +52,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("")
                     .route(web::get().to(super::search::search_system))
+                    .route(web::post().to(super::bundle::process))
                     .default_service(web::to(method_not_allowed)),
             )
             .service(
                 web::resource("/{type}")
                     .route(web::get().to(super::search::search_type))
                     .route(web::post().to(create))
+                    .route(web::put().to(super::bundle::conditional_update))
+                    .route(web::delete().to(super::bundle::conditional_delete))
                     .default_service(web::to(method_not_allowed)),
             )
             .service(
@@ -177,6 +180,16 @@ pub async fn create(
     let format = response_format(&req, query.get("_format"))?;
     require_json_body(&req)?;
     let body = read_body(&req, payload, state.max_body_bytes).await?;
+    if req.headers().contains_key("if-none-exist") {
+        return super::bundle::conditional_create(
+            &state,
+            &ctx,
+            &req,
+            resource_type.as_str(),
+            &body,
+        )
+        .await;
+    }
     let outcome = state.resources.create(&ctx, resource_type, body).await?;
     Ok(write_response(&state, &req, format, &outcome))
 }
@@ -660,7 +673,7 @@ fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
 }
 
 /// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
-async fn read_body(
+pub(super) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -691,7 +704,7 @@ async fn read_body(
     Ok(body)
 }
 
-fn write_response(
+pub(super) fn write_response(
     state: &AppState,
     req: &HttpRequest,
     format: ResponseFormat,
@@ -734,7 +747,7 @@ fn write_response(
 }
 
 /// Sets the headers every response naming one resource version carries.
-fn resource_response(
+pub(super) fn resource_response(
     mut builder: HttpResponseBuilder,
     format: ResponseFormat,
     resource: &StoredResource,
@@ -746,11 +759,11 @@ fn resource_response(
     builder
 }
 
-fn etag(version_id: i64) -> String {
+pub(super) fn etag(version_id: i64) -> String {
     format!("W/\"{version_id}\"")
 }
 
-fn http_date(meta: VersionMeta) -> HttpDate {
+pub(super) fn http_date(meta: VersionMeta) -> HttpDate {
     let micros = u64::try_from(meta.last_updated).unwrap_or(0);
     HttpDate::from(UNIX_EPOCH + Duration::from_micros(micros))
 }

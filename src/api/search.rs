@@ -5,7 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
-use super::negotiation::{ResponseFormat, response_format};
+use super::negotiation::response_format;
 use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::outcome::OperationOutcome;
@@ -147,7 +147,7 @@ fn query_pairs(text: &str) -> Result<Vec<(String, String)>, AppError> {
 }
 
 /// `Prefer: handling=lenient` (search.html#errors).
-fn handling(req: &HttpRequest) -> Handling {
+pub(super) fn handling(req: &HttpRequest) -> Handling {
     let lenient = req
         .headers()
         .get_all(header::HeaderName::from_static("prefer"))
@@ -187,17 +187,21 @@ async fn run(
         handling(req),
     )?;
     let page = state.resources.search(ctx, request.clone()).await?;
-    render(state, format, &request, &page, &self_base, type_link)
+    let body = searchset_json(state, &request, &page, &self_base, type_link)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, format.content_type()))
+        .body(body))
 }
 
-fn render(
+/// Renders one page of results as a searchset Bundle with its `self`/`next`/`previous`
+/// links (also used for search entries of batch and transaction Bundles).
+pub(super) fn searchset_json(
     state: &AppState,
-    format: ResponseFormat,
     request: &SearchRequest,
     page: &SearchPage,
     self_base: &str,
     type_filter: Option<(String, String)>,
-) -> Result<HttpResponse, AppError> {
+) -> Result<String, AppError> {
     let base = state.fhir_base();
     let link_params: Vec<(String, String)> = type_filter
         .into_iter()
@@ -247,13 +251,10 @@ fn render(
             mode: SearchMode::Outcome,
         });
     }
-    let body = searchset::bundle_json(
+    searchset::bundle_json(
         &crate::fhir::document::format_instant(now_micros()),
         page.total,
         &links,
         entries,
-    )?;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, format.content_type()))
-        .body(body))
+    )
 }

@@ -4,12 +4,14 @@
 //! OperationOutcome.
 
 pub mod bundle;
+pub mod bundle_request;
 pub mod capability;
 pub mod compartment;
 pub mod document;
 pub mod fhirpath;
 pub mod outcome;
 pub mod patch;
+pub mod references;
 pub mod resource_types;
 pub mod search_params;
 pub mod search_query;

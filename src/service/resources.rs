@@ -113,7 +113,7 @@ pub struct ResourceService {
 }
 
 /// What a write wants to do once it has seen the current state.
-enum WriteKind {
+pub(super) enum WriteKind {
     /// Content from a create (POST, always new) or an update (PUT).
     Content {
         compact_json: String,
@@ -127,13 +127,13 @@ enum WriteKind {
 }
 
 /// What a write transaction did.
-enum Written {
+pub(super) enum Written {
     Content(WriteOutcome),
     Deleted(DeleteOutcome),
 }
 
 impl Written {
-    fn into_content(self) -> Result<WriteOutcome, AppError> {
+    pub(super) fn into_content(self) -> Result<WriteOutcome, AppError> {
         match self {
             Self::Content(outcome) => Ok(outcome),
             Self::Deleted(_) => Err(AppError::Internal(
@@ -145,7 +145,7 @@ impl Written {
 
 /// Failure inside a write transaction; `LostRace` rolls the transaction back and retries.
 #[derive(Debug)]
-enum TxError {
+pub(super) enum TxError {
     LostRace,
     App(AppError),
 }
@@ -607,7 +607,7 @@ impl ResourceService {
     }
 
     /// Ledgers a failed request that reached a resource (not found, gone, conflicts).
-    fn record_refusal(
+    pub(super) fn record_refusal(
         &self,
         ctx: &RequestContext,
         action: &'static str,
@@ -631,7 +631,7 @@ impl ResourceService {
     }
 
     /// Decrypts one version; a deletion answers 410 Gone.
-    fn open_version(
+    pub(super) fn open_version(
         &self,
         resource_type: &ResourceType,
         id: &ResourceId,
@@ -725,22 +725,36 @@ impl ResourceService {
         if_match: Option<i64>,
         kind: &WriteKind,
     ) -> Result<(Written, String), AppError> {
+        self.transact(&format!("{resource_type}/{id}"), |tx| {
+            self.write_once(tx, ctx, resource_type, id, if_match, kind)
+        })
+    }
+
+    /// Runs `work` in a write transaction, again from the start when it lost a race to a
+    /// concurrent writer; `what` names the contended resource(s) in the 409 given up with.
+    pub(super) fn transact<T>(
+        &self,
+        what: &str,
+        mut work: impl FnMut(&mut DbConnection) -> Result<T, TxError>,
+    ) -> Result<T, AppError> {
         let mut conn = self.connection()?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            match conn
-                .write_transaction(|tx| self.write_once(tx, ctx, resource_type, id, if_match, kind))
-            {
-                Ok(written) => return Ok(written),
+            match conn.write_transaction(&mut work) {
+                Ok(done) => return Ok(done),
                 Err(TxError::LostRace) => continue,
                 Err(TxError::App(error)) => return Err(error),
             }
         }
         Err(AppError::Conflict(format!(
-            "{resource_type}/{id} is being changed by other requests; retry"
+            "{what} is being changed by other requests; retry"
         )))
     }
 
-    fn write_once(
+    pub(super) fn types(&self) -> &ResourceTypes {
+        &self.types
+    }
+
+    pub(super) fn write_once(
         &self,
         tx: &mut DbConnection,
         ctx: &RequestContext,
@@ -939,7 +953,7 @@ fn patch_target(
 }
 
 /// The current state of a resource that must exist (404 otherwise).
-fn existing_head(
+pub(super) fn existing_head(
     conn: &mut DbConnection,
     resource_type: &ResourceType,
     id: &ResourceId,

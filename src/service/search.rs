@@ -317,18 +317,24 @@ impl ResourceService {
             let mut conn = this.connection()?;
             let page = this.search_page(&mut conn, &request)?;
             drop(conn);
-            let disclosed: Vec<_> = page
-                .matches
-                .iter()
-                .chain(&page.included)
-                .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
-                .collect();
-            let patient = single_compartment(page.matches.iter().chain(&page.included));
-            this.ledger()
-                .append(&ctx, LedgerEvent::permit("search", disclosed, patient))?;
+            this.ledger().append(&ctx, search_event(&page))?;
             Ok(page)
         })
         .await
+    }
+
+    /// A search inside the caller's transaction (Bundle entries): one page and its ledger
+    /// entry, which commits with the transaction.
+    pub(super) fn search_in(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        request: &SearchRequest,
+    ) -> Result<(SearchPage, String), AppError> {
+        let page = self.search_page(tx, request)?;
+        let event = search_event(&page);
+        let receipt = self.ledger().append_in(tx, ctx, event)?;
+        Ok((page, receipt))
     }
 
     /// The current resources matching `request` (no paging, no ledger entry), at most
@@ -756,6 +762,18 @@ fn inner_search(resource_types: Vec<String>, criterion: &Criterion) -> SearchReq
         link_params: Vec::new(),
         ignored: Vec::new(),
     }
+}
+
+/// The ledger entry of a search: every resource it disclosed.
+fn search_event(page: &SearchPage) -> LedgerEvent {
+    let disclosed: Vec<_> = page
+        .matches
+        .iter()
+        .chain(&page.included)
+        .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
+        .collect();
+    let patient = single_compartment(page.matches.iter().chain(&page.included));
+    LedgerEvent::permit("search", disclosed, patient)
 }
 
 /// The patient compartment shared by every disclosed resource, if there is exactly one.

@@ -121,6 +121,19 @@ pub fn replace_index(
     Ok(())
 }
 
+/// Takes a transaction-scoped lock on `key`, so that conditional writes with the same
+/// criteria run one after the other (PostgreSQL advisory lock; SQLite's write transaction
+/// already excludes every other writer).
+pub fn lock_condition(conn: &mut DbConnection, key: i64) -> Result<(), StoreError> {
+    if let DbConnection::Postgres(pg) = conn {
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+            .bind::<BigInt, _>(key)
+            .execute(pg)
+            .map_err(StoreError::classify)?;
+    }
+    Ok(())
+}
+
 /// How a stored range relates to a searched one (search.html#prefix). For dates both are
 /// ranges; for numbers the stored value is a point (`low == high`) and the searched range
 /// is the implicit precision range of the search value.

@@ -1,0 +1,951 @@
+//! Transactions, batches and conditional interactions (http.html#transaction,
+//! http.html#cond-update): planning each request, resolving conditional targets and
+//! references (`urn:uuid:` full URLs, `Type?query`) inside the write transaction, and running
+//! the entries in the order the spec gives. A transaction is one database transaction: its
+//! ledger entries commit with it or not at all.
+
+use std::collections::HashMap;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::access::RequestContext;
+use crate::error::AppError;
+use crate::fhir::bundle_request::{BundleKind, BundleRequest, Method, RequestEntry};
+use crate::fhir::document::VersionMeta;
+use crate::fhir::patch::parse_json_patch;
+use crate::fhir::references::rewrite_references;
+use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
+use crate::fhir::validate::validate_resource;
+use crate::fhir::{ResourceId, ResourceType};
+use crate::store::DbConnection;
+use crate::store::resources as rows;
+use crate::store::search::lock_condition;
+
+use super::blocking;
+use super::ledger::LedgerEvent;
+use super::resources::{
+    DeleteOutcome, ResourceService, StoredResource, TxError, WriteKind, Written, existing_head,
+    target,
+};
+use super::search::SearchPage;
+
+/// Most entries one Bundle may hold.
+pub const MAX_BUNDLE_ENTRIES: usize = 10_000;
+
+/// Which resource a write applies to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Id(ResourceId),
+    /// Conditional: the single current resource matching the search.
+    Matching(Box<SearchRequest>),
+}
+
+/// One request, checked and ready to run.
+#[derive(Debug, Clone)]
+pub enum Operation {
+    Create {
+        resource_type: ResourceType,
+        compact_json: String,
+        if_none_exist: Option<SearchRequest>,
+    },
+    Update {
+        resource_type: ResourceType,
+        target: Target,
+        compact_json: String,
+        /// The id in the body, if any.
+        body_id: Option<String>,
+        if_match: Option<i64>,
+    },
+    Patch {
+        resource_type: ResourceType,
+        id: ResourceId,
+        patch: json_patch::Patch,
+        if_match: Option<i64>,
+    },
+    Delete {
+        resource_type: ResourceType,
+        target: Target,
+        if_match: Option<i64>,
+    },
+    Read {
+        resource_type: ResourceType,
+        id: ResourceId,
+        version: Option<i64>,
+        if_none_match: Option<i64>,
+    },
+    Search(SearchRequest),
+}
+
+/// What one operation did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A version was written (201 when `created`, else 200).
+    Written {
+        resource: StoredResource,
+        created: bool,
+    },
+    /// Conditional create found the resource already there (200, nothing written).
+    Existing(StoredResource),
+    /// A deletion (204); `None` when a conditional delete matched nothing.
+    Deleted(Option<(ResourceType, ResourceId, VersionMeta)>),
+    Read(StoredResource),
+    /// Conditional read: the client's version is current (304).
+    NotModified(VersionMeta),
+    Searched {
+        page: Box<SearchPage>,
+        request: Box<SearchRequest>,
+    },
+}
+
+/// A failed entry of a Bundle: its index and the error.
+#[derive(Debug)]
+pub struct EntryError {
+    pub index: usize,
+    pub error: AppError,
+}
+
+impl ResourceService {
+    /// Turns one request into an [`Operation`]: validates the resource and parses searches.
+    pub fn plan(
+        &self,
+        method: Method,
+        url: &crate::fhir::bundle_request::EntryUrl,
+        resource: Option<&[u8]>,
+        headers: ConditionalHeaders<'_>,
+        handling: Handling,
+    ) -> Result<Operation, AppError> {
+        let resource_type = self.resolve_type(&url.resource_type)?;
+        let search = |query: &[(String, String)]| -> Result<SearchRequest, AppError> {
+            let index = self.search_index();
+            Ok(parse_search(
+                index.registry(),
+                index,
+                vec![resource_type.to_string()],
+                query,
+                handling,
+            )?)
+        };
+        let condition = |query: &[(String, String)]| -> Result<SearchRequest, AppError> {
+            if query.is_empty() {
+                return Err(AppError::bad_request(
+                    "a conditional request needs search parameters",
+                ));
+            }
+            // Conditions are never lenient: ignoring a criterion would widen the match.
+            let index = self.search_index();
+            Ok(parse_search(
+                index.registry(),
+                index,
+                vec![resource_type.to_string()],
+                query,
+                Handling::Strict,
+            )?)
+        };
+        let id = url.id.as_deref().map(ResourceId::parse).transpose()?;
+        let if_match = headers.if_match.map(parse_etag).transpose()?;
+        let body = |what: &str| {
+            resource.ok_or_else(|| AppError::bad_request(format!("{what} needs a resource")))
+        };
+        Ok(match (method, id) {
+            (Method::Post, None) if url.query.is_empty() => {
+                let validated = validate_resource(self.types(), &resource_type, body("a create")?)?;
+                let if_none_exist = headers
+                    .if_none_exist
+                    .map(|query| {
+                        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(
+                            query.trim_start_matches('?'),
+                        )
+                        .map_err(|_| AppError::BadRequest {
+                            message: "If-None-Exist must be a search query".into(),
+                            expression: Some("If-None-Exist".into()),
+                        })?;
+                        condition(&pairs)
+                    })
+                    .transpose()?;
+                Operation::Create {
+                    resource_type,
+                    compact_json: validated.compact_json,
+                    if_none_exist,
+                }
+            }
+            (Method::Put, id) => {
+                let validated =
+                    validate_resource(self.types(), &resource_type, body("an update")?)?;
+                let target = match id {
+                    Some(id) => {
+                        if validated.id.as_deref() != Some(id.as_str()) {
+                            return Err(AppError::BadRequest {
+                                message: format!(
+                                    "an update must carry the id '{id}' of its URL in the body"
+                                ),
+                                expression: Some(format!("{resource_type}.id")),
+                            });
+                        }
+                        Target::Id(id)
+                    }
+                    None => Target::Matching(Box::new(condition(&url.query)?)),
+                };
+                Operation::Update {
+                    resource_type,
+                    target,
+                    body_id: validated.id,
+                    compact_json: validated.compact_json,
+                    if_match,
+                }
+            }
+            (Method::Patch, Some(id)) => Operation::Patch {
+                resource_type,
+                id,
+                patch: parse_json_patch(body("a patch")?)?,
+                if_match,
+            },
+            (Method::Delete, id) => Operation::Delete {
+                target: match id {
+                    Some(id) => Target::Id(id),
+                    None => Target::Matching(Box::new(condition(&url.query)?)),
+                },
+                resource_type,
+                if_match,
+            },
+            (Method::Get, Some(id)) => Operation::Read {
+                resource_type,
+                id,
+                version: url
+                    .version
+                    .as_deref()
+                    .map(|v| {
+                        v.parse::<i64>()
+                            .ok()
+                            .filter(|v| *v > 0)
+                            .ok_or_else(|| AppError::bad_request("not a version id of this server"))
+                    })
+                    .transpose()?,
+                if_none_match: headers.if_none_match.map(parse_etag).transpose()?,
+            },
+            (Method::Get, None) => Operation::Search(search(&url.query)?),
+            _ => {
+                return Err(AppError::bad_request(
+                    "this combination of method and URL is not supported",
+                ));
+            }
+        })
+    }
+
+    /// Runs one operation in its own transaction (conditional interactions, batch entries).
+    pub async fn execute(
+        &self,
+        ctx: &RequestContext,
+        operation: Operation,
+    ) -> Result<Outcome, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        blocking(move || {
+            let result = this.transact(describe(&operation), |tx| {
+                let resolved = this.resolve(tx, &operation)?;
+                let operation = this.rewrite(tx, &operation, &Resolution::default())?;
+                let (outcome, receipt) = this.run_in(tx, &ctx, &operation, resolved)?;
+                Ok((outcome, receipt))
+            });
+            match result {
+                Ok((outcome, receipt)) => {
+                    ctx.receipt.set(receipt);
+                    Ok(outcome)
+                }
+                Err(error) => {
+                    this.record_failed(&ctx, &operation, &error)?;
+                    Err(error)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Processes a transaction (all or nothing) or a batch (each entry on its own).
+    /// A transaction's error names the entry that failed.
+    pub async fn process_bundle(
+        &self,
+        ctx: &RequestContext,
+        bundle: BundleRequest,
+        handling: Handling,
+    ) -> Result<Vec<Result<Outcome, AppError>>, EntryError> {
+        if bundle.entries.len() > MAX_BUNDLE_ENTRIES {
+            return Err(EntryError {
+                index: MAX_BUNDLE_ENTRIES,
+                error: AppError::bad_request(format!(
+                    "a Bundle may hold at most {MAX_BUNDLE_ENTRIES} entries"
+                )),
+            });
+        }
+        let this = self.clone();
+        let ctx = ctx.clone();
+        let outcome = blocking(move || {
+            Ok(match bundle.kind {
+                BundleKind::Batch => Ok(this.batch(&ctx, &bundle.entries, handling)),
+                BundleKind::Transaction => this.transaction(&ctx, &bundle.entries, handling),
+            })
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(error) => Err(EntryError { index: 0, error }),
+        }
+    }
+
+    fn plan_entry(&self, entry: &RequestEntry, handling: Handling) -> Result<Operation, AppError> {
+        let patch_body;
+        let resource = match (entry.method, entry.resource.as_deref()) {
+            // In a Bundle a JSON Patch travels as a Binary (http.html#patch).
+            (Method::Patch, Some(binary)) => {
+                patch_body = binary_patch(binary)?;
+                Some(patch_body.as_slice())
+            }
+            (_, resource) => resource.map(str::as_bytes),
+        };
+        self.plan(
+            entry.method,
+            &entry.url,
+            resource,
+            ConditionalHeaders {
+                if_match: entry.if_match.as_deref(),
+                if_none_exist: entry.if_none_exist.as_deref(),
+                if_none_match: entry.if_none_match.as_deref(),
+            },
+            handling,
+        )
+    }
+
+    fn batch(
+        &self,
+        ctx: &RequestContext,
+        entries: &[RequestEntry],
+        handling: Handling,
+    ) -> Vec<Result<Outcome, AppError>> {
+        entries
+            .iter()
+            .map(|entry| {
+                let operation = self.plan_entry(entry, handling)?;
+                let result = self.transact(describe(&operation), |tx| {
+                    let resolved = self.resolve(tx, &operation)?;
+                    let operation = self.rewrite(tx, &operation, &Resolution::default())?;
+                    self.run_in(tx, ctx, &operation, resolved)
+                });
+                match result {
+                    Ok((outcome, receipt)) => {
+                        ctx.receipt.set(receipt);
+                        Ok(outcome)
+                    }
+                    Err(error) => {
+                        self.record_failed(ctx, &operation, &error)?;
+                        Err(error)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn transaction(
+        &self,
+        ctx: &RequestContext,
+        entries: &[RequestEntry],
+        handling: Handling,
+    ) -> Result<Vec<Result<Outcome, AppError>>, EntryError> {
+        let operations = entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                self.plan_entry(entry, handling)
+                    .map_err(|error| EntryError { index, error })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| entries[i].method.transaction_rank());
+
+        let mut failed_at = 0;
+        let result = self.transact("the resources of this transaction", |tx| {
+            // Resolve every target first, so references to entries' full URLs can be
+            // rewritten before anything is written.
+            let mut resolution = Resolution::default();
+            let mut resolved = vec![Resolved::Nothing; entries.len()];
+            for &index in &order {
+                failed_at = index;
+                resolved[index] = self.resolve(tx, &operations[index])?;
+                if let (Some(full_url), Some(reference)) =
+                    (&entries[index].full_url, resolved[index].reference())
+                {
+                    resolution.full_urls.insert(full_url.clone(), reference);
+                }
+            }
+            let mut outcomes: Vec<Option<Outcome>> = vec![None; entries.len()];
+            let mut last_receipt = None;
+            for &index in &order {
+                failed_at = index;
+                let operation = self.rewrite(tx, &operations[index], &resolution)?;
+                let (outcome, receipt) =
+                    self.run_in(tx, ctx, &operation, resolved[index].clone())?;
+                last_receipt = Some(receipt);
+                outcomes[index] = Some(outcome);
+            }
+            Ok((outcomes, last_receipt))
+        });
+        match result {
+            Ok((outcomes, receipt)) => {
+                if let Some(receipt) = receipt {
+                    ctx.receipt.set(receipt);
+                }
+                Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.ok_or_else(|| AppError::Internal("an entry was not run".into())))
+                    .collect())
+            }
+            Err(error) => {
+                // Nothing was written; the refused attempt is still evidence.
+                if let Err(ledger_error) = self.record_failed(ctx, &operations[failed_at], &error) {
+                    return Err(EntryError {
+                        index: failed_at,
+                        error: ledger_error,
+                    });
+                }
+                Err(EntryError {
+                    index: failed_at,
+                    error,
+                })
+            }
+        }
+    }
+
+    /// Decides which resource an operation applies to (conditional matches, new ids).
+    fn resolve(&self, tx: &mut DbConnection, operation: &Operation) -> Result<Resolved, TxError> {
+        Ok(match operation {
+            Operation::Create {
+                resource_type,
+                if_none_exist,
+                ..
+            } => match if_none_exist {
+                None => Resolved::New(resource_type.clone(), ResourceId::generate()),
+                Some(condition) => match self.single_match(tx, condition, "If-None-Exist")? {
+                    Some(existing) => Resolved::Existing(existing),
+                    None => Resolved::New(resource_type.clone(), ResourceId::generate()),
+                },
+            },
+            Operation::Update {
+                resource_type,
+                target,
+                body_id,
+                ..
+            } => match target {
+                Target::Id(id) => Resolved::Id(resource_type.clone(), id.clone()),
+                Target::Matching(condition) => {
+                    match self.single_match(tx, condition, "conditional update")? {
+                        Some(existing) => {
+                            if body_id
+                                .as_deref()
+                                .is_some_and(|b| b != existing.id.as_str())
+                            {
+                                return Err(AppError::BadRequest {
+                                    message: format!(
+                                        "the id in the body does not match the resource the condition found ({}/{})",
+                                        existing.resource_type, existing.id
+                                    ),
+                                    expression: Some(format!("{resource_type}.id")),
+                                }
+                                .into());
+                            }
+                            Resolved::Id(resource_type.clone(), existing.id)
+                        }
+                        None => match body_id {
+                            Some(id) => Resolved::Id(
+                                resource_type.clone(),
+                                ResourceId::parse(id).map_err(AppError::from)?,
+                            ),
+                            None => Resolved::New(resource_type.clone(), ResourceId::generate()),
+                        },
+                    }
+                }
+            },
+            Operation::Delete {
+                resource_type,
+                target,
+                ..
+            } => match target {
+                Target::Id(id) => Resolved::Id(resource_type.clone(), id.clone()),
+                Target::Matching(condition) => {
+                    match self.single_match(tx, condition, "conditional delete")? {
+                        Some(existing) => Resolved::Id(resource_type.clone(), existing.id),
+                        None => Resolved::Nothing,
+                    }
+                }
+            },
+            Operation::Patch {
+                resource_type, id, ..
+            }
+            | Operation::Read {
+                resource_type, id, ..
+            } => Resolved::Id(resource_type.clone(), id.clone()),
+            Operation::Search(_) => Resolved::Nothing,
+        })
+    }
+
+    /// The one current resource matching a condition, none, or 412 for several
+    /// (http.html#cond-update). Concurrent conditional writes with the same condition are
+    /// serialized so two of them cannot both find nothing and both create.
+    fn single_match(
+        &self,
+        tx: &mut DbConnection,
+        condition: &SearchRequest,
+        what: &str,
+    ) -> Result<Option<StoredResource>, TxError> {
+        lock_condition(tx, condition_lock_key(condition))?;
+        let mut matches = self.matching_in(tx, condition, 2)?;
+        if matches.len() > 1 {
+            return Err(AppError::PreconditionFailed(format!(
+                "the {what} criteria match more than one resource"
+            ))
+            .into());
+        }
+        Ok(matches.pop())
+    }
+
+    /// The operation with references rewritten: full URLs of the Bundle's entries to the
+    /// resources they became, conditional references (`Type?query`) to the one resource
+    /// they match.
+    fn rewrite(
+        &self,
+        tx: &mut DbConnection,
+        operation: &Operation,
+        resolution: &Resolution,
+    ) -> Result<Operation, TxError> {
+        let compact_json = match operation {
+            Operation::Create { compact_json, .. } | Operation::Update { compact_json, .. } => {
+                compact_json
+            }
+            _ => return Ok(operation.clone()),
+        };
+        let mut failure: Option<AppError> = None;
+        let mut conditional: HashMap<String, Option<String>> = HashMap::new();
+        let rewritten = rewrite_references(compact_json, |reference| {
+            if failure.is_some() {
+                return None;
+            }
+            if let Some(local) = resolution.full_urls.get(reference) {
+                return Some(local.clone());
+            }
+            if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
+                failure = Some(AppError::BadRequest {
+                    message: format!(
+                        "reference '{}' names no entry of this Bundle",
+                        reference.chars().take(80).collect::<String>()
+                    ),
+                    expression: None,
+                });
+                return None;
+            }
+            let (type_name, query) = reference.split_once('?')?;
+            if let Some(cached) = conditional.get(reference) {
+                return cached.clone();
+            }
+            let resolved = self.resolve_conditional_reference(tx, type_name, query);
+            match resolved {
+                Ok(local) => {
+                    conditional.insert(reference.to_owned(), Some(local.clone()));
+                    Some(local)
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            }
+        })
+        .map_err(|e| AppError::Internal(format!("reference rewriting: {e}")))?;
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+        Ok(match operation.clone() {
+            Operation::Create {
+                resource_type,
+                if_none_exist,
+                ..
+            } => Operation::Create {
+                resource_type,
+                compact_json: rewritten,
+                if_none_exist,
+            },
+            Operation::Update {
+                resource_type,
+                target,
+                body_id,
+                if_match,
+                ..
+            } => Operation::Update {
+                resource_type,
+                target,
+                compact_json: rewritten,
+                body_id,
+                if_match,
+            },
+            other => other,
+        })
+    }
+
+    /// `Type?query` in a reference: exactly one match, or the request fails
+    /// (transaction.html#cond-references).
+    fn resolve_conditional_reference(
+        &self,
+        tx: &mut DbConnection,
+        type_name: &str,
+        query: &str,
+    ) -> Result<String, AppError> {
+        let shown: String = format!("{type_name}?{query}").chars().take(120).collect();
+        let resource_type = self.resolve_type(type_name)?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| {
+            AppError::bad_request(format!("conditional reference '{shown}' is malformed"))
+        })?;
+        let index = self.search_index();
+        let request = parse_search(
+            index.registry(),
+            index,
+            vec![resource_type.to_string()],
+            &pairs,
+            Handling::Strict,
+        )?;
+        let matches = self.matching_in(tx, &request, 2)?;
+        match matches.as_slice() {
+            [only] => Ok(format!("{}/{}", only.resource_type, only.id)),
+            [] => Err(AppError::PreconditionFailed(format!(
+                "conditional reference '{shown}' matches no resource"
+            ))),
+            _ => Err(AppError::PreconditionFailed(format!(
+                "conditional reference '{shown}' matches more than one resource"
+            ))),
+        }
+    }
+
+    /// Runs a resolved operation inside the transaction; returns its outcome and the
+    /// receipt of its ledger entry.
+    fn run_in(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        operation: &Operation,
+        resolved: Resolved,
+    ) -> Result<(Outcome, String), TxError> {
+        match (operation, resolved) {
+            (_, Resolved::Existing(existing)) => {
+                let event = LedgerEvent::permit(
+                    "search",
+                    vec![target(
+                        &existing.resource_type,
+                        &existing.id,
+                        Some(existing.meta.version_id),
+                    )],
+                    crate::fhir::compartment::patient_compartment(
+                        existing.resource_type.as_str(),
+                        existing.id.as_str(),
+                        &existing.json,
+                    ),
+                );
+                let receipt = self.ledger().append_in(tx, ctx, event)?;
+                Ok((Outcome::Existing(existing), receipt))
+            }
+            (Operation::Create { compact_json, .. }, Resolved::New(resource_type, id)) => {
+                let kind = WriteKind::Content {
+                    compact_json: compact_json.clone(),
+                    method: "POST",
+                };
+                let (written, receipt) =
+                    self.write_once(tx, ctx, &resource_type, &id, None, &kind)?;
+                let outcome = written.into_content()?;
+                Ok((
+                    Outcome::Written {
+                        resource: outcome.resource,
+                        created: outcome.created,
+                    },
+                    receipt,
+                ))
+            }
+            (
+                Operation::Update {
+                    compact_json,
+                    if_match,
+                    ..
+                },
+                Resolved::Id(resource_type, id) | Resolved::New(resource_type, id),
+            ) => {
+                // Without an id in the body (conditional update), stamping puts it in.
+                let kind = WriteKind::Content {
+                    compact_json: compact_json.clone(),
+                    method: "PUT",
+                };
+                let (written, receipt) =
+                    self.write_once(tx, ctx, &resource_type, &id, *if_match, &kind)?;
+                let outcome = written.into_content()?;
+                Ok((
+                    Outcome::Written {
+                        resource: outcome.resource,
+                        created: outcome.created,
+                    },
+                    receipt,
+                ))
+            }
+            (
+                Operation::Patch {
+                    patch, if_match, ..
+                },
+                Resolved::Id(resource_type, id),
+            ) => {
+                let kind = WriteKind::Patch {
+                    patch: patch.clone(),
+                };
+                let (written, receipt) =
+                    self.write_once(tx, ctx, &resource_type, &id, *if_match, &kind)?;
+                let outcome = written.into_content()?;
+                Ok((
+                    Outcome::Written {
+                        resource: outcome.resource,
+                        created: false,
+                    },
+                    receipt,
+                ))
+            }
+            (Operation::Delete { if_match, .. }, Resolved::Id(resource_type, id)) => {
+                let (written, receipt) =
+                    self.write_once(tx, ctx, &resource_type, &id, *if_match, &WriteKind::Delete)?;
+                let meta = match written {
+                    Written::Deleted(DeleteOutcome::Deleted(meta))
+                    | Written::Deleted(DeleteOutcome::AlreadyDeleted(meta)) => meta,
+                    Written::Content(_) => {
+                        return Err(AppError::Internal("a deletion wrote content".into()).into());
+                    }
+                };
+                Ok((Outcome::Deleted(Some((resource_type, id, meta))), receipt))
+            }
+            (Operation::Delete { resource_type, .. }, Resolved::Nothing) => {
+                // A conditional delete that matched nothing: the attempt is still ledgered.
+                let event = LedgerEvent::permit(
+                    "delete",
+                    vec![crate::ledger::EntryResource {
+                        resource_type: resource_type.to_string(),
+                        id: String::new(),
+                        version_id: None,
+                        content_hash: None,
+                    }],
+                    None,
+                );
+                let receipt = self.ledger().append_in(tx, ctx, event)?;
+                Ok((Outcome::Deleted(None), receipt))
+            }
+            (
+                Operation::Read {
+                    version,
+                    if_none_match,
+                    ..
+                },
+                Resolved::Id(resource_type, id),
+            ) => {
+                let head = existing_head(tx, &resource_type, &id)?;
+                let version_id = version.unwrap_or(head.current_version);
+                if version.is_none()
+                    && *if_none_match == Some(head.current_version)
+                    && !head.deleted
+                {
+                    let meta = VersionMeta {
+                        version_id: head.current_version,
+                        last_updated: head.last_updated,
+                    };
+                    let event = LedgerEvent::permit(
+                        "read",
+                        vec![target(&resource_type, &id, Some(head.current_version))],
+                        None,
+                    );
+                    let receipt = self.ledger().append_in(tx, ctx, event)?;
+                    return Ok((Outcome::NotModified(meta), receipt));
+                }
+                let row = rows::version(tx, resource_type.as_str(), id.as_str(), version_id)?
+                    .ok_or_else(|| {
+                        AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
+                    })?;
+                let resource = self.open_version(&resource_type, &id, &row)?;
+                let event = LedgerEvent::permit(
+                    if version.is_some() { "vread" } else { "read" },
+                    vec![target(&resource_type, &id, Some(version_id))],
+                    crate::fhir::compartment::patient_compartment(
+                        resource_type.as_str(),
+                        id.as_str(),
+                        &resource.json,
+                    ),
+                );
+                let receipt = self.ledger().append_in(tx, ctx, event)?;
+                Ok((Outcome::Read(resource), receipt))
+            }
+            (Operation::Search(request), _) => {
+                let (page, receipt) = self.search_in(tx, ctx, request)?;
+                Ok((
+                    Outcome::Searched {
+                        page: Box::new(page),
+                        request: Box::new(request.clone()),
+                    },
+                    receipt,
+                ))
+            }
+            _ => Err(AppError::Internal("an operation was resolved inconsistently".into()).into()),
+        }
+    }
+
+    /// Ledgers a refused operation that reached resources (not found, gone, precondition).
+    fn record_failed(
+        &self,
+        ctx: &RequestContext,
+        operation: &Operation,
+        error: &AppError,
+    ) -> Result<(), AppError> {
+        let (action, resource_type, id) = match operation {
+            Operation::Create { resource_type, .. } => ("create", resource_type, None),
+            Operation::Update {
+                resource_type,
+                target,
+                ..
+            } => ("update", resource_type, target_id(target)),
+            Operation::Patch {
+                resource_type, id, ..
+            } => ("update", resource_type, Some(id)),
+            Operation::Delete {
+                resource_type,
+                target,
+                ..
+            } => ("delete", resource_type, target_id(target)),
+            Operation::Read {
+                resource_type, id, ..
+            } => ("read", resource_type, Some(id)),
+            Operation::Search(_) => return Ok(()),
+        };
+        match id {
+            Some(id) => self.record_refusal(ctx, action, resource_type, id, None, error),
+            None => {
+                let reason = match error {
+                    AppError::PreconditionFailed(_) => "precondition-failed",
+                    AppError::NotFound(_) => "not-found",
+                    AppError::Conflict(_) => "conflict",
+                    _ => return Ok(()),
+                };
+                let event = LedgerEvent::deny(
+                    action,
+                    reason,
+                    vec![crate::ledger::EntryResource {
+                        resource_type: resource_type.to_string(),
+                        id: String::new(),
+                        version_id: None,
+                        content_hash: None,
+                    }],
+                );
+                self.ledger().append(ctx, event).map(|_| ())
+            }
+        }
+    }
+}
+
+fn target_id(target: &Target) -> Option<&ResourceId> {
+    match target {
+        Target::Id(id) => Some(id),
+        Target::Matching(_) => None,
+    }
+}
+
+/// The conditional headers of a request (or a Bundle entry's request).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConditionalHeaders<'a> {
+    pub if_match: Option<&'a str>,
+    pub if_none_exist: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+}
+
+/// Which resource an operation turned out to apply to.
+#[derive(Debug, Clone)]
+enum Resolved {
+    /// A new resource under this id.
+    New(ResourceType, ResourceId),
+    /// An existing (or client-named) resource.
+    Id(ResourceType, ResourceId),
+    /// Conditional create matched: nothing to write.
+    Existing(StoredResource),
+    Nothing,
+}
+
+impl Resolved {
+    /// `Type/id` for references to the entry.
+    fn reference(&self) -> Option<String> {
+        match self {
+            Self::New(t, id) | Self::Id(t, id) => Some(format!("{t}/{id}")),
+            Self::Existing(r) => Some(format!("{}/{}", r.resource_type, r.id)),
+            Self::Nothing => None,
+        }
+    }
+}
+
+/// Full URLs of a Bundle's entries and the local references they resolve to.
+#[derive(Debug, Default)]
+struct Resolution {
+    full_urls: HashMap<String, String>,
+}
+
+fn describe(operation: &Operation) -> &'static str {
+    match operation {
+        Operation::Create { .. } => "the created resource",
+        Operation::Update { .. } | Operation::Patch { .. } => "the updated resource",
+        Operation::Delete { .. } => "the deleted resource",
+        Operation::Read { .. } | Operation::Search(_) => "the resource",
+    }
+}
+
+/// A lock key for a condition: conditional writes with the same criteria on the same type
+/// run one at a time.
+fn condition_lock_key(condition: &SearchRequest) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(condition.resource_types.join(",").as_bytes());
+    let mut params = condition.link_params.clone();
+    params.sort();
+    for (name, value) in params {
+        hasher.update([0]);
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// `W/"3"` or `"3"` → 3.
+fn parse_etag(text: &str) -> Result<i64, AppError> {
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_prefix("W/").unwrap_or(trimmed);
+    trimmed
+        .trim_matches('"')
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| AppError::bad_request("an ETag must look like W/\"3\""))
+}
+
+/// The JSON Patch carried by a Binary resource in a Bundle entry.
+fn binary_patch(binary: &str) -> Result<Vec<u8>, AppError> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Binary {
+        resource_type: String,
+        content_type: Option<String>,
+        data: Option<String>,
+    }
+    let binary: Binary = serde_json::from_str(binary)
+        .map_err(|_| AppError::bad_request("a PATCH entry's resource must be a Binary"))?;
+    if binary.resource_type != "Binary"
+        || binary.content_type.as_deref() != Some("application/json-patch+json")
+    {
+        return Err(AppError::UnsupportedMediaType(
+            "a PATCH entry carries a Binary with contentType application/json-patch+json".into(),
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(binary.data.unwrap_or_default())
+        .map_err(|_| AppError::bad_request("the Binary's data is not base64"))
+}

@@ -442,6 +442,9 @@ fn spread<T: Clone>(items: &BTreeSet<T>, n: usize) -> Vec<T> {
 // ---------------------------------------------------------------------------------------
 // Queries
 
+/// Whether a resource has a value for a parameter (for `:missing`).
+type Presence = Box<dyn Fn(&Value) -> bool>;
+
 struct Case {
     kind: &'static str,
     url: String,
@@ -714,6 +717,18 @@ fn cases(corpus: &Corpus) -> Vec<Case> {
                     corpus.ids(resource_type, |r| token_matches(&tokens(r, path), &query)),
                 );
             }
+            if let Some(system) = system.as_deref().filter(|s| plain(s)) {
+                let query = format!("{system}|{code}");
+                add(
+                    "token:not",
+                    format!(
+                        "/fhir/{resource_type}?{param}:not={}|{}",
+                        enc(system),
+                        enc(&code)
+                    ),
+                    corpus.ids(resource_type, |r| !token_matches(&tokens(r, path), &query)),
+                );
+            }
             add(
                 "token:not",
                 format!("/fhir/{resource_type}?{param}:not={}", enc(&code)),
@@ -774,7 +789,7 @@ fn cases(corpus: &Corpus) -> Vec<Case> {
     }
 
     // ---- :missing
-    let missing: [(&str, &str, Box<dyn Fn(&Value) -> bool>); 9] = [
+    let missing: [(&str, &str, Presence); 9] = [
         (
             "Patient",
             "birthdate",
@@ -884,6 +899,21 @@ fn cases(corpus: &Corpus) -> Vec<Case> {
             corpus.ids("Condition", |c| {
                 patient_matches(c, &|p: &Value| {
                     string_matches(&name_parts(p, &["name"]), &term)
+                })
+            }),
+        );
+    }
+    // Without a type: every type `subject` may refer to that has `family` (search.html#chaining).
+    for term in spread(&family_heads, 4) {
+        add(
+            "chain",
+            format!("/fhir/Observation?subject.family={}", enc(&term)),
+            corpus.ids("Observation", |o| {
+                references(o, &["subject"]).iter().any(|(t, id)| {
+                    t == "Patient"
+                        && corpus
+                            .get(t, id)
+                            .is_some_and(|p| string_matches(&texts(p, &["name", "family"]), &term))
                 })
             }),
         );

@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod capability;
 pub mod compartment;
+pub mod compartment_definition;
 pub mod document;
 pub mod fhirpath;
 pub mod outcome;

@@ -3,6 +3,7 @@
 //! service function, and build the response.
 
 pub mod error;
+pub mod everything;
 pub mod fhir;
 pub mod health;
 pub mod ledger;

@@ -5,7 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::{OpenApi, ToSchema};
 
-use super::{fhir, health, ledger, search};
+use super::{everything, fhir, health, ledger, search};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 
 /// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
@@ -29,6 +29,7 @@ pub struct Resource {
         fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::patch, fhir::delete, fhir::history,
         fhir::type_history, fhir::system_history,
         search::search_type, search::search_type_post, search::search_system,
+        everything::everything,
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,

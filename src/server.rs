@@ -11,7 +11,7 @@ use crate::api::{AppState, build_app};
 use crate::config::ServeArgs;
 use crate::crypto::{BlindIndexKey, Envelope, MasterKey};
 use crate::fhir::ResourceTypes;
-use crate::fhir::capability::{CapabilityInputs, capability_statement};
+use crate::fhir::capability::{CapabilityInputs, capability_statement, describe_search};
 use crate::fhir::document::format_instant;
 use crate::fhir::search_params::SearchParamRegistry;
 use crate::ledger::LedgerKey;
@@ -49,7 +49,7 @@ pub fn prepare_state(
         tracing::info!(applied, "database migrations applied");
     }
     let types = Arc::new(ResourceTypes::load()?);
-    let statement = capability_statement(
+    let mut statement = capability_statement(
         &types,
         &CapabilityInputs {
             base_url: &options.base_url,
@@ -69,6 +69,7 @@ pub fn prepare_state(
         keys.index,
         format!("{}/fhir", options.base_url),
     );
+    describe_search(&mut statement, search.registry(), search.plan());
     let resources = ResourceService::new(
         pool,
         Arc::new(Envelope::new(keys.master)),

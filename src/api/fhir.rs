@@ -68,6 +68,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::post().to(super::search::search_type_post))
                     .default_service(web::to(method_not_allowed)),
             )
+            // Before `/{type}/{id}`: an operation on an instance (operations.html).
+            .service(
+                web::resource("/{type}/{id}/$everything")
+                    .route(web::get().to(super::everything::everything))
+                    .default_service(web::to(method_not_allowed)),
+            )
             .service(
                 web::resource("/{type}/{id}")
                     .route(web::get().to(read))
@@ -768,7 +774,7 @@ pub(super) fn http_date(meta: VersionMeta) -> HttpDate {
     HttpDate::from(UNIX_EPOCH + Duration::from_micros(micros))
 }
 
-fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
+pub(super) fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
     let Some(text) = value else {
         return Ok(DEFAULT_HISTORY_COUNT);
     };
@@ -782,7 +788,7 @@ fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
 }
 
 /// Parses a FHIR `instant` (RFC 3339 with a time zone) into µs since the epoch.
-fn parse_instant(text: &str) -> Result<i64, AppError> {
+pub(super) fn parse_instant(text: &str) -> Result<i64, AppError> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_micros())
         .map_err(|_| AppError::BadRequest {

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod error;
+pub mod everything;
 pub mod fhir;
 pub mod health;
 pub mod ledger;

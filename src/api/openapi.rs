@@ -5,7 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::{OpenApi, ToSchema};
 
-use super::{bundle, fhir, health, ledger, search};
+use super::{bundle, everything, fhir, health, ledger, search};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 
 /// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
@@ -30,6 +30,7 @@ pub struct Resource {
         fhir::type_history, fhir::system_history,
         search::search_type, search::search_type_post, search::search_system,
         bundle::process, bundle::conditional_update, bundle::conditional_delete,
+        everything::everything,
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,

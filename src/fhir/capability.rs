@@ -4,6 +4,8 @@
 use serde_json::{Value, json};
 
 use super::resource_types::ResourceTypes;
+use super::search_params::{ParamType, SearchParamRegistry};
+use super::search_values::IndexPlan;
 
 /// Interactions every supported type offers (http.html).
 const TYPE_INTERACTIONS: &[&str] = &[
@@ -65,6 +67,130 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
     })
 }
 
+/// The definition of Patient `$everything` (patient-operation-everything.html).
+pub const PATIENT_EVERYTHING_DEFINITION: &str =
+    "http://hl7.org/fhir/OperationDefinition/Patient-everything";
+
+/// Adds what search serves to a statement from [`capability_statement`]: per type the
+/// `search-type` interaction, a `searchParam` for each parameter the index answers (`_id`,
+/// `_lastUpdated` and [`IndexPlan::params`]; composite and special ones are not indexed and
+/// so not listed), and the `Type:param` references usable with `_include`/`_revinclude`;
+/// at rest level `search-system` with `_id` and `_lastUpdated`; and Patient `$everything`.
+/// Result controls (`_count`, `_sort`, …) are not search parameters and are not listed.
+pub fn describe_search(statement: &mut Value, registry: &SearchParamRegistry, plan: &IndexPlan) {
+    let Some(rest) = statement
+        .get_mut("rest")
+        .and_then(|r| r.get_mut(0))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let Some(resources) = rest.get_mut("resource").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let types: Vec<String> = resources
+        .iter()
+        .filter_map(|r| r["type"].as_str().map(str::to_owned))
+        .collect();
+    // `_revinclude` sources of each target type: every indexed reference parameter of any
+    // type, under each type it may point at.
+    let mut revincludes: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for source in &types {
+        for (code, _) in reference_params(plan, source) {
+            let Some(def) = registry.get(source, code) else {
+                continue;
+            };
+            for target in &types {
+                if def.target.iter().any(|t| t == target || t == "Resource") {
+                    revincludes
+                        .entry(target.as_str())
+                        .or_default()
+                        .push(format!("{source}:{code}"));
+                }
+            }
+        }
+    }
+    for resource in resources.iter_mut() {
+        let Some(name) = resource["type"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(object) = resource.as_object_mut() else {
+            continue;
+        };
+        if let Some(interactions) = object.get_mut("interaction").and_then(Value::as_array_mut) {
+            interactions.push(json!({"code": "search-type"}));
+        }
+        let params: Vec<Value> = plan
+            .params(&name)
+            .filter_map(|(code, param_type)| search_param(registry, &name, code, param_type))
+            .collect();
+        object.insert("searchParam".into(), Value::Array(params));
+        let includes: Vec<String> = reference_params(plan, &name)
+            .map(|(code, _)| format!("{name}:{code}"))
+            .collect();
+        object.insert("searchInclude".into(), json!(includes));
+        object.insert(
+            "searchRevInclude".into(),
+            json!(revincludes.remove(name.as_str()).unwrap_or_default()),
+        );
+        if name == "Patient" {
+            object.insert(
+                "operation".into(),
+                json!([{"name": "everything", "definition": PATIENT_EVERYTHING_DEFINITION}]),
+            );
+        }
+    }
+    if let Some(interactions) = rest.get_mut("interaction").and_then(Value::as_array_mut) {
+        interactions.push(json!({"code": "search-system"}));
+    }
+    let system_params: Vec<Value> = ["_id", "_lastUpdated"]
+        .into_iter()
+        .filter_map(|code| {
+            let def = registry.get("Resource", code)?;
+            search_param(registry, "Resource", code, def.param_type)
+        })
+        .collect();
+    rest.insert("searchParam".into(), Value::Array(system_params));
+}
+
+fn reference_params<'a>(
+    plan: &'a IndexPlan,
+    resource_type: &str,
+) -> impl Iterator<Item = (&'a str, ParamType)> {
+    plan.params(resource_type)
+        .filter(|(_, param_type)| *param_type == ParamType::Reference)
+}
+
+/// One `rest.resource.searchParam` (or `rest.searchParam`) entry.
+fn search_param(
+    registry: &SearchParamRegistry,
+    resource_type: &str,
+    code: &str,
+    param_type: ParamType,
+) -> Option<Value> {
+    let def = registry.get(resource_type, code)?;
+    Some(json!({
+        "name": code,
+        "definition": def.url,
+        "type": param_type_code(param_type),
+    }))
+}
+
+/// The `SearchParamType` code (valueset-search-param-type).
+fn param_type_code(param_type: ParamType) -> &'static str {
+    match param_type {
+        ParamType::Number => "number",
+        ParamType::Date => "date",
+        ParamType::String => "string",
+        ParamType::Token => "token",
+        ParamType::Reference => "reference",
+        ParamType::Composite => "composite",
+        ParamType::Quantity => "quantity",
+        ParamType::Uri => "uri",
+        ParamType::Special => "special",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +216,104 @@ mod tests {
         assert_eq!(listed, types.iter().collect::<Vec<_>>());
         assert!(!listed.contains(&"MedicinalProduct"));
         assert!(!listed.contains(&"EffectEvidenceSynthesis"));
+    }
+
+    #[test]
+    fn lists_exactly_the_indexed_search_parameters() {
+        let types = ResourceTypes::load().unwrap();
+        let registry = SearchParamRegistry::load().unwrap();
+        let plan = IndexPlan::new(&registry);
+        let mut statement = capability_statement(
+            &types,
+            &CapabilityInputs {
+                base_url: "http://x",
+                software_version: "0",
+                date: "2026-01-01T00:00:00Z",
+            },
+        );
+        describe_search(&mut statement, &registry, &plan);
+        let rest = &statement["rest"][0];
+        let resource = |name: &str| {
+            rest["resource"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["type"] == name)
+                .unwrap()
+                .clone()
+        };
+        let names = |resource: &Value| -> Vec<String> {
+            resource["searchParam"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let patient = resource("Patient");
+        let listed = names(&patient);
+        for name in ["_id", "_lastUpdated", "family", "birthdate", "identifier"] {
+            assert!(listed.iter().any(|n| n == name), "{name}: {listed:?}");
+        }
+        let birthdate = patient["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "birthdate")
+            .unwrap();
+        assert_eq!(birthdate["type"], "date");
+        assert_eq!(
+            birthdate["definition"],
+            "http://hl7.org/fhir/SearchParameter/individual-birthdate"
+        );
+        // Controls are not parameters; `_text`/`_content` are not indexed.
+        for name in ["_count", "_sort", "_include", "_text", "_content"] {
+            assert!(!listed.iter().any(|n| n == name), "{name}");
+        }
+        // No composite or special parameter on any type.
+        for resource in rest["resource"].as_array().unwrap() {
+            let name = resource["type"].as_str().unwrap();
+            for param in resource["searchParam"].as_array().unwrap() {
+                assert!(
+                    !matches!(param["type"].as_str(), Some("composite" | "special")),
+                    "{name}: {param}"
+                );
+                let code = param["name"].as_str().unwrap();
+                let def = registry.get(name, code).unwrap();
+                assert!(
+                    !matches!(def.param_type, ParamType::Composite | ParamType::Special),
+                    "{name}.{code}"
+                );
+            }
+            assert!(
+                resource["interaction"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!({"code": "search-type"}))
+            );
+        }
+        let observation = names(&resource("Observation"));
+        assert!(!observation.iter().any(|n| n == "code-value-quantity"));
+        assert!(observation.iter().any(|n| n == "code"));
+        let includes = resource("Observation")["searchInclude"].clone();
+        assert!(
+            includes
+                .as_array()
+                .unwrap()
+                .contains(&json!("Observation:subject"))
+        );
+        let revincludes = patient["searchRevInclude"].as_array().unwrap();
+        assert!(revincludes.contains(&json!("Observation:subject")));
+        assert!(revincludes.contains(&json!("AllergyIntolerance:patient")));
+        assert_eq!(
+            patient["operation"][0]["definition"],
+            PATIENT_EVERYTHING_DEFINITION
+        );
+        assert!(
+            rest["interaction"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"code": "search-system"}))
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod bundle_request;
 pub mod capability;
 pub mod compartment;
+pub mod compartment_definition;
 pub mod document;
 pub mod fhirpath;
 pub mod outcome;

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod bundles;
+pub mod everything;
 pub mod ledger;
 pub mod resources;
 pub mod search;

@@ -191,7 +191,13 @@ impl SearchIndex {
         }
     }
 
-    fn digest(&self, resource_type: &str, code: &str, kind: ValueKind, value: &str) -> Digest {
+    pub(crate) fn digest(
+        &self,
+        resource_type: &str,
+        code: &str,
+        kind: ValueKind,
+        value: &str,
+    ) -> Digest {
         self.key.digest(resource_type, code, kind, value)
     }
 
@@ -495,7 +501,7 @@ impl ResourceService {
         })
     }
 
-    fn open_matched(&self, row: &MatchedRow) -> Result<StoredResource, AppError> {
+    pub(crate) fn open_matched(&self, row: &MatchedRow) -> Result<StoredResource, AppError> {
         let resource_type = self.resolve_type(&row.resource_type)?;
         let id = ResourceId::parse(&row.id).map_err(|_| {
             AppError::Internal(format!("stored id of {} is malformed", row.resource_type))

@@ -1,0 +1,268 @@
+//! `Patient/{id}/$everything` (<https://hl7.org/fhir/R4/patient-operation-everything.html>):
+//! the patient and every current resource in its compartment, paged by cursor, with one
+//! ledger entry per page naming every resource it disclosed.
+//!
+//! Membership follows the R4 Patient CompartmentDefinition
+//! ([`crate::fhir::compartment_definition`]): a resource is in the compartment when one of the
+//! definition's reference parameters for its type holds `Patient/{id}`. The index holds those
+//! references as keyed digests, so the whole compartment is one search for "any of these
+//! digests" over the compartment's types, in storage order (`seq`), which pages stably while
+//! resources are added.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
+
+use crate::access::RequestContext;
+use crate::crypto::blind_index::{Digest, ValueKind};
+use crate::error::AppError;
+use crate::fhir::ResourceId;
+use crate::fhir::compartment_definition::PATIENT_COMPARTMENT;
+use crate::store::DbConnection;
+use crate::store::resources as rows;
+use crate::store::search::{self as index, Condition, Position, RangeOp, RangeTest, SearchSql};
+
+use super::ledger::LedgerEvent;
+use super::resources::{ResourceService, StoredResource, target};
+
+/// The ledger action of `$everything`: a read, told apart from a search because it discloses
+/// a whole record at once (`fhirledger audit` counts only create/update/delete as writes).
+pub const EVERYTHING_ACTION: &str = "everything";
+
+/// One `$everything` request.
+#[derive(Debug, Clone)]
+pub struct EverythingQuery {
+    pub patient: ResourceId,
+    /// `_type`: only these types (validated by the caller); `None` for every type.
+    pub types: Option<Vec<String>>,
+    /// `_since`: only resources last updated at or after this instant (µs since the epoch).
+    pub since: Option<i64>,
+    /// `_count`: page size, at least 1.
+    pub count: i64,
+    /// `_cursor` from a `next` link.
+    pub cursor: Option<String>,
+}
+
+/// One page: the patient first (on the first page, when it passes `_type` and `_since`),
+/// then compartment members in storage order.
+#[derive(Debug, Clone)]
+pub struct EverythingPage {
+    pub resources: Vec<StoredResource>,
+    /// Cursor of the next page, when there is one.
+    pub next: Option<String>,
+}
+
+impl ResourceService {
+    /// Runs `$everything` for one patient: 404 if it never existed, 410 if it is deleted
+    /// (both ledgered as denials), else one page and a permit entry naming each disclosed
+    /// version, with `patient` = `Patient/{id}`.
+    pub async fn patient_everything(
+        &self,
+        ctx: &RequestContext,
+        query: EverythingQuery,
+    ) -> Result<EverythingPage, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        super::blocking(move || {
+            let patient_type = this.resolve_type("Patient")?;
+            let mut conn = this.connection()?;
+            let page = this.everything_page(&mut conn, &query);
+            drop(conn);
+            let patient = format!("Patient/{}", query.patient);
+            match page {
+                Ok(page) => {
+                    let disclosed = page
+                        .resources
+                        .iter()
+                        .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
+                        .collect();
+                    this.ledger().append(
+                        &ctx,
+                        LedgerEvent::permit(EVERYTHING_ACTION, disclosed, Some(patient)),
+                    )?;
+                    Ok(page)
+                }
+                Err(error) => {
+                    let reason = match &error {
+                        AppError::NotFound(_) => "not-found",
+                        AppError::Gone { .. } => "gone",
+                        _ => return Err(error),
+                    };
+                    let version = match &error {
+                        AppError::Gone { version_id, .. } => Some(*version_id),
+                        _ => None,
+                    };
+                    let event = LedgerEvent::deny(
+                        EVERYTHING_ACTION,
+                        reason,
+                        vec![target(&patient_type, &query.patient, version)],
+                    );
+                    this.ledger().append(&ctx, event)?;
+                    Err(error)
+                }
+            }
+        })
+        .await
+    }
+
+    fn everything_page(
+        &self,
+        conn: &mut DbConnection,
+        query: &EverythingQuery,
+    ) -> Result<EverythingPage, AppError> {
+        let patient_type = self.resolve_type("Patient")?;
+        let id = &query.patient;
+        let head = rows::head(conn, "Patient", id.as_str())?
+            .ok_or_else(|| AppError::NotFound(format!("Patient/{id}")))?;
+        if head.deleted {
+            return Err(AppError::Gone {
+                resource: "Patient".into(),
+                id: id.to_string(),
+                version_id: head.current_version,
+            });
+        }
+        let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let wanted = |t: &str| {
+            query
+                .types
+                .as_ref()
+                .is_none_or(|types| types.iter().any(|w| w == t))
+        };
+        let since_ok = |last_updated: i64| query.since.is_none_or(|since| last_updated >= since);
+
+        let mut resources = Vec::new();
+        if after.is_none() && wanted("Patient") && since_ok(head.last_updated) {
+            let row = rows::version(conn, "Patient", id.as_str(), head.current_version)?
+                .ok_or_else(|| {
+                    AppError::Internal(format!("Patient/{id} has no current version row"))
+                })?;
+            let blob = row.blob().ok_or_else(|| AppError::Integrity {
+                resource: "Patient".into(),
+                id: id.to_string(),
+                version_id: row.version_id,
+            })?;
+            resources.push(self.open_sealed(
+                &patient_type,
+                id,
+                row.version_id,
+                row.last_updated,
+                blob,
+            )?);
+        }
+
+        let (member_types, digests) = self.compartment_digests(id, &wanted);
+        if member_types.is_empty() {
+            return Ok(EverythingPage {
+                resources,
+                next: None,
+            });
+        }
+        let mut conditions = vec![Condition::HasAny(digests)];
+        if let Some(since) = query.since {
+            // An instant is a one-microsecond range; "starts at or after `since`".
+            conditions.push(Condition::LastUpdated(vec![RangeTest {
+                op: RangeOp::StartsAfter,
+                low: since,
+                high: since,
+            }]));
+        }
+        let sql = SearchSql {
+            resource_types: member_types,
+            conditions,
+            sort: Vec::new(),
+            after: after.clone(),
+            backward: false,
+        };
+        // The patient counts towards the first page's size.
+        let limit = (query.count - resources.len() as i64).max(0);
+        let mut matched = index::search(conn, &sql, limit + 1)?;
+        let has_more = matched.len() as i64 > limit;
+        matched.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next = has_more.then(|| {
+            encode_cursor(&matched.last().map_or_else(
+                // Nothing fitted on this page (the patient filled it): start from the top.
+                || Position {
+                    values: Vec::new(),
+                    seq: i64::MIN,
+                },
+                |row| row.position.clone(),
+            ))
+        });
+        for row in &matched {
+            // A Patient whose `link` names itself is already on the first page.
+            if row.resource_type == "Patient" && row.id == id.as_str() {
+                continue;
+            }
+            resources.push(self.open_matched(row)?);
+        }
+        Ok(EverythingPage { resources, next })
+    }
+
+    /// The supported compartment types that `wanted` admits and that have at least one
+    /// indexed linking parameter, and the digests of `Patient/{id}` under each of those
+    /// parameters (a digest is keyed by type and parameter, so one list serves all types).
+    fn compartment_digests(
+        &self,
+        id: &ResourceId,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> (Vec<String>, Vec<Digest>) {
+        let index = self.search_index();
+        let reference = format!("Patient/{id}");
+        let mut types = Vec::new();
+        let mut digests = Vec::new();
+        for (resource_type, params) in PATIENT_COMPARTMENT {
+            if !wanted(resource_type) || self.resolve_type(resource_type).is_err() {
+                continue;
+            }
+            let before = digests.len();
+            digests.extend(
+                params
+                    .iter()
+                    .filter(|param| index.plan().is_indexed(resource_type, param))
+                    .map(|param| {
+                        index.digest(resource_type, param, ValueKind::Reference, &reference)
+                    }),
+            );
+            if digests.len() > before {
+                types.push((*resource_type).to_owned());
+            }
+        }
+        (types, digests)
+    }
+}
+
+fn encode_cursor(position: &Position) -> String {
+    BASE64URL.encode(serde_json::to_vec(position).unwrap_or_default())
+}
+
+fn decode_cursor(text: &str) -> Result<Position, AppError> {
+    let bad = || AppError::BadRequest {
+        message: "_cursor is not a cursor from this operation's links".into(),
+        expression: Some("_cursor".into()),
+    };
+    let bytes = BASE64URL.decode(text).map_err(|_| bad())?;
+    let position: Position = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    if !position.values.is_empty() {
+        return Err(bad());
+    }
+    Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let position = Position {
+            values: Vec::new(),
+            seq: 42,
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&position)).unwrap(), position);
+        assert!(decode_cursor("not base64!").is_err());
+        let with_sort = Position {
+            values: vec![crate::store::search::SortValue::Int(1)],
+            seq: 1,
+        };
+        assert!(decode_cursor(&encode_cursor(&with_sort)).is_err());
+    }
+}

@@ -882,7 +882,10 @@ impl ResourceService {
             }
             Written::Deleted(_) => IndexRows::default(),
         };
-        search_rows::replace_index(tx, seq, resource_type.as_str(), &index_rows)?;
+        if head.is_some() {
+            search_rows::clear_index(tx, seq)?;
+        }
+        search_rows::insert_index(tx, seq, resource_type.as_str(), &index_rows)?;
         let mut written = target(resource_type, id, Some(version_id));
         written.content_hash = row.ciphertext.as_deref().map(content_hash);
         let (action, patient) = match &outcome {

@@ -44,14 +44,8 @@ pub struct NumberRow {
     pub unit_code: Option<Digest>,
 }
 
-/// Replaces the index rows of resource `seq` (of `resource_type`) with `rows`; empty rows
-/// (a deletion) just remove them.
-pub fn replace_index(
-    conn: &mut DbConnection,
-    seq: i64,
-    resource_type: &str,
-    rows: &IndexRows,
-) -> Result<(), StoreError> {
+/// Removes the index rows of resource `seq` (before its new version's rows go in).
+pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
     let classify = StoreError::classify;
     diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
         .execute(conn)
@@ -62,7 +56,16 @@ pub fn replace_index(
     diesel::delete(search_numbers::table.filter(search_numbers::resource_seq.eq(seq)))
         .execute(conn)
         .map_err(classify)?;
+    Ok(())
+}
 
+/// Adds the index rows of resource `seq` (of `resource_type`).
+pub fn insert_index(
+    conn: &mut DbConnection,
+    seq: i64,
+    resource_type: &str,
+    rows: &IndexRows,
+) -> Result<(), StoreError> {
     let backend = SqlBuilder::for_connection(conn);
     for chunk in rows.hashes.chunks(INSERT_CHUNK) {
         let mut sql = backend.start("INSERT INTO search_hashes (hash, resource_seq) VALUES ");

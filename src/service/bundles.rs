@@ -718,18 +718,10 @@ impl ResourceService {
                 };
                 Ok((Outcome::Deleted(Some((resource_type, id, meta))), receipt))
             }
-            (Operation::Delete { resource_type, .. }, Resolved::Nothing) => {
-                // A conditional delete that matched nothing: the attempt is still ledgered.
-                let event = LedgerEvent::permit(
-                    "delete",
-                    vec![crate::ledger::EntryResource {
-                        resource_type: resource_type.to_string(),
-                        id: String::new(),
-                        version_id: None,
-                        content_hash: None,
-                    }],
-                    None,
-                );
+            (Operation::Delete { .. }, Resolved::Nothing) => {
+                // A conditional delete that matched nothing: the attempt is still ledgered,
+                // naming no resource since none was touched.
+                let event = LedgerEvent::permit("delete", Vec::new(), None);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Deleted(None), receipt))
             }
@@ -826,16 +818,8 @@ impl ResourceService {
                     AppError::Conflict(_) => "conflict",
                     _ => return Ok(()),
                 };
-                let event = LedgerEvent::deny(
-                    action,
-                    reason,
-                    vec![crate::ledger::EntryResource {
-                        resource_type: resource_type.to_string(),
-                        id: String::new(),
-                        version_id: None,
-                        content_hash: None,
-                    }],
-                );
+                // No single resource was reached (a condition matched several, or none).
+                let event = LedgerEvent::deny(action, reason, Vec::new());
                 self.ledger().append(ctx, event).map(|_| ())
             }
         }

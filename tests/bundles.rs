@@ -16,21 +16,8 @@ use std::collections::BTreeMap;
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
-use common::{TestDb, call, fixtures_dir, get, post, put, read_json};
+use common::{TestDb, call, fixtures_dir, get, post, put, read_json, searchset_ids};
 use serde_json::{Value, json};
-
-fn searchset_ids(bundle: &Value) -> Vec<String> {
-    bundle["entry"]
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .filter(|e| e["search"]["mode"] == "match")
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn statuses(bundle: &Value) -> Vec<String> {
     bundle["entry"]

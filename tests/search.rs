@@ -14,23 +14,8 @@ use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
-use common::{TestDb, call, get, put};
+use common::{TestDb, call, get, put, searchset_ids};
 use serde_json::{Value, json};
-
-/// Ids of the `match` entries of a searchset, in order.
-fn match_ids(bundle: &Value) -> Vec<String> {
-    assert_eq!(bundle["type"], "searchset", "{bundle}");
-    bundle["entry"]
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .filter(|e| e["search"]["mode"] == "match")
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn included(bundle: &Value) -> BTreeSet<String> {
     bundle["entry"]
@@ -211,7 +196,7 @@ async fn parameter_types(db: TestDb) {
         let reply = call(&app, get(query)).await;
         assert_eq!(reply.status, StatusCode::OK, "{query}: {}", reply.text());
         let bundle = reply.json();
-        let mut found = match_ids(&bundle);
+        let mut found = searchset_ids(&bundle);
         found.sort();
         assert_eq!(found, *expected, "{query}");
         // Terms longer than the index's prefix bound are checked after decryption, and
@@ -253,7 +238,7 @@ async fn includes_sorting_and_controls(db: TestDb) {
     )
     .await
     .json();
-    assert_eq!(match_ids(&bundle), ["p1"]);
+    assert_eq!(searchset_ids(&bundle), ["p1"]);
     assert_eq!(
         included(&bundle),
         BTreeSet::from(["Observation/o1".to_owned(), "Observation/o2".to_owned()])
@@ -262,17 +247,17 @@ async fn includes_sorting_and_controls(db: TestDb) {
     let bundle = call(&app, get("/fhir/Patient?_sort=birthdate"))
         .await
         .json();
-    assert_eq!(match_ids(&bundle), ["p1", "p2", "p3"]);
+    assert_eq!(searchset_ids(&bundle), ["p1", "p2", "p3"]);
     let bundle = call(&app, get("/fhir/Patient?_sort=-birthdate"))
         .await
         .json();
-    assert_eq!(match_ids(&bundle), ["p3", "p2", "p1"]);
+    assert_eq!(searchset_ids(&bundle), ["p3", "p2", "p1"]);
     let bundle = call(&app, get("/fhir/Observation?_sort=-value-quantity,_id"))
         .await
         .json();
-    assert_eq!(match_ids(&bundle), ["o2", "o3", "o1"]);
+    assert_eq!(searchset_ids(&bundle), ["o2", "o3", "o1"]);
     let bundle = call(&app, get("/fhir/Patient?_sort=-_id")).await.json();
-    assert_eq!(match_ids(&bundle), ["p3", "p2", "p1"]);
+    assert_eq!(searchset_ids(&bundle), ["p3", "p2", "p1"]);
 
     let bundle = call(&app, get("/fhir/Patient?_summary=count")).await.json();
     assert_eq!(bundle["total"], 3);
@@ -290,7 +275,7 @@ async fn includes_sorting_and_controls(db: TestDb) {
     let bundle = call(&app, get("/fhir?_type=Patient,Practitioner&_id=dr1,p2"))
         .await
         .json();
-    let mut ids = match_ids(&bundle);
+    let mut ids = searchset_ids(&bundle);
     ids.sort();
     assert_eq!(ids, ["dr1", "p2"]);
     assert!(
@@ -309,7 +294,7 @@ async fn includes_sorting_and_controls(db: TestDb) {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_eq!(match_ids(&reply.json()), ["p1"]);
+    assert_eq!(searchset_ids(&reply.json()), ["p1"]);
 }
 
 async fn paging_by_cursor_survives_changes(db: TestDb) {
@@ -332,7 +317,7 @@ async fn paging_by_cursor_survives_changes(db: TestDb) {
             let bundle = call(&app, get(&url)).await.json();
             let created_late = !sort.is_empty() || pages > 0;
             assert_eq!(bundle["total"], 7 + usize::from(created_late), "{url}");
-            seen.extend(match_ids(&bundle));
+            seen.extend(searchset_ids(&bundle));
             if pages == 0 {
                 assert!(link(&bundle, "previous").is_none());
                 // A resource created after the first page appears once, at the end.
@@ -343,11 +328,11 @@ async fn paging_by_cursor_survives_changes(db: TestDb) {
             } else {
                 let previous = link(&bundle, "previous").expect("previous link");
                 let before = call(&app, get(&local(&previous))).await.json();
-                let before_ids = match_ids(&before);
+                let before_ids = searchset_ids(&before);
                 assert_eq!(before_ids.len(), 3, "{previous}");
                 assert_eq!(
                     before_ids.last(),
-                    seen.iter().rev().nth(match_ids(&bundle).len()),
+                    seen.iter().rev().nth(searchset_ids(&bundle).len()),
                     "{previous}"
                 );
             }
@@ -429,7 +414,7 @@ async fn strict_and_lenient_errors(db: TestDb) {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let bundle = reply.json();
-    let mut ids = match_ids(&bundle);
+    let mut ids = searchset_ids(&bundle);
     ids.sort();
     assert_eq!(ids, ["p1", "p3"]);
     let self_link = link(&bundle, "self").unwrap();
@@ -507,11 +492,11 @@ async fn updates_and_deletes_keep_the_index_current(db: TestDb) {
         StatusCode::OK
     );
     assert_eq!(
-        match_ids(&call(&app, get("/fhir/Patient?family=chalk")).await.json()),
+        searchset_ids(&call(&app, get("/fhir/Patient?family=chalk")).await.json()),
         Vec::<String>::new()
     );
     assert_eq!(
-        match_ids(&call(&app, get("/fhir/Patient?family=renamed")).await.json()),
+        searchset_ids(&call(&app, get("/fhir/Patient?family=renamed")).await.json()),
         ["p3"]
     );
     assert_eq!(
@@ -521,7 +506,7 @@ async fn updates_and_deletes_keep_the_index_current(db: TestDb) {
         StatusCode::NO_CONTENT
     );
     assert_eq!(
-        match_ids(&call(&app, get("/fhir/Patient?family=renamed")).await.json()),
+        searchset_ids(&call(&app, get("/fhir/Patient?family=renamed")).await.json()),
         Vec::<String>::new()
     );
     assert_eq!(
@@ -534,7 +519,7 @@ async fn updates_and_deletes_keep_the_index_current(db: TestDb) {
         StatusCode::CREATED
     );
     assert_eq!(
-        match_ids(&call(&app, get("/fhir/Patient?family=back")).await.json()),
+        searchset_ids(&call(&app, get("/fhir/Patient?family=back")).await.json()),
         ["p3"]
     );
 }

@@ -1243,23 +1243,13 @@ fn cases(corpus: &Corpus) -> Vec<Case> {
 
 /// Ids of the `match` entries of a searchset (asserting it is a single page).
 fn match_ids(bundle: &Value, url: &str) -> BTreeSet<String> {
-    assert_eq!(bundle["type"], "searchset", "{url}: {bundle}");
     if let Some(links) = bundle["link"].as_array() {
         assert!(
             !links.iter().any(|l| l["relation"] == "next"),
             "{url}: more than one page"
         );
     }
-    bundle["entry"]
-        .as_array()
-        .map(|entries| {
-            entries
-                .iter()
-                .filter(|e| e["search"]["mode"] == "match")
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    common::searchset_ids(bundle).into_iter().collect()
 }
 
 fn with_count(url: &str, count: usize) -> String {

@@ -66,59 +66,72 @@ pub fn insert_index(
     resource_type: &str,
     rows: &IndexRows,
 ) -> Result<(), StoreError> {
+    let hashes = rows
+        .hashes
+        .iter()
+        .map(|digest| vec![Bind::Bytes(digest.to_vec()), Bind::BigInt(seq)]);
+    insert_rows(
+        conn,
+        "search_hashes (hash, resource_seq)",
+        " ON CONFLICT DO NOTHING",
+        hashes,
+    )?;
+    let dates = rows.dates.iter().map(|row| {
+        vec![
+            Bind::BigInt(seq),
+            Bind::Text(resource_type.to_owned()),
+            Bind::Text(row.param.clone()),
+            Bind::BigInt(row.low),
+            Bind::BigInt(row.high),
+        ]
+    });
+    insert_rows(
+        conn,
+        "search_dates (resource_seq, resource_type, param, low, high)",
+        "",
+        dates,
+    )?;
+    let numbers = rows.numbers.iter().map(|row| {
+        vec![
+            Bind::BigInt(seq),
+            Bind::Text(resource_type.to_owned()),
+            Bind::Text(row.param.clone()),
+            Bind::Double(row.value),
+            Bind::OptionalBytes(row.unit_system_code.map(|d| d.to_vec())),
+            Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())),
+        ]
+    });
+    insert_rows(
+        conn,
+        "search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code)",
+        "",
+        numbers,
+    )
+}
+
+/// Multi-row `INSERT INTO {target} VALUES (…), (…){suffix}`, [`INSERT_CHUNK`] rows per
+/// statement.
+fn insert_rows(
+    conn: &mut DbConnection,
+    target: &str,
+    suffix: &str,
+    rows: impl Iterator<Item = Vec<Bind>>,
+) -> Result<(), StoreError> {
     let backend = SqlBuilder::for_connection(conn);
-    for chunk in rows.hashes.chunks(INSERT_CHUNK) {
-        let mut sql = backend.start("INSERT INTO search_hashes (hash, resource_seq) VALUES ");
-        for (i, digest) in chunk.iter().enumerate() {
+    let mut rows = rows.peekable();
+    while rows.peek().is_some() {
+        let mut sql = backend.start(&format!("INSERT INTO {target} VALUES "));
+        for (i, row) in rows.by_ref().take(INSERT_CHUNK).enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind(Bind::Bytes(digest.to_vec()));
-            sql.push(", ");
-            sql.bind(Bind::BigInt(seq));
+            for (j, value) in row.into_iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(value);
+            }
             sql.push(")");
         }
-        sql.push(" ON CONFLICT DO NOTHING");
-        sql.execute(conn)?;
-    }
-    for chunk in rows.dates.chunks(INSERT_CHUNK) {
-        let mut sql = backend.start(
-            "INSERT INTO search_dates (resource_seq, resource_type, param, low, high) VALUES ",
-        );
-        for (i, row) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind(Bind::BigInt(seq));
-            sql.push(", ");
-            sql.bind(Bind::Text(resource_type.to_owned()));
-            sql.push(", ");
-            sql.bind(Bind::Text(row.param.clone()));
-            sql.push(", ");
-            sql.bind(Bind::BigInt(row.low));
-            sql.push(", ");
-            sql.bind(Bind::BigInt(row.high));
-            sql.push(")");
-        }
-        sql.execute(conn)?;
-    }
-    for chunk in rows.numbers.chunks(INSERT_CHUNK) {
-        let mut sql = backend.start(
-            "INSERT INTO search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code) VALUES ",
-        );
-        for (i, row) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind(Bind::BigInt(seq));
-            sql.push(", ");
-            sql.bind(Bind::Text(resource_type.to_owned()));
-            sql.push(", ");
-            sql.bind(Bind::Text(row.param.clone()));
-            sql.push(", ");
-            sql.bind(Bind::Double(row.value));
-            sql.push(", ");
-            sql.bind(Bind::OptionalBytes(
-                row.unit_system_code.map(|d| d.to_vec()),
-            ));
-            sql.push(", ");
-            sql.bind(Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())));
-            sql.push(")");
-        }
+        sql.push(suffix);
         sql.execute(conn)?;
     }
     Ok(())

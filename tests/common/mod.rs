@@ -271,3 +271,18 @@ pub fn without_server_meta(resource: &Value) -> Value {
     }
     resource
 }
+
+/// Ids of the `match` entries of a searchset Bundle, in order.
+pub fn searchset_ids(bundle: &Value) -> Vec<String> {
+    assert_eq!(bundle["type"], "searchset", "{bundle}");
+    bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| e["resource"]["id"].as_str().expect("id").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -750,6 +750,10 @@ impl ResourceService {
         )))
     }
 
+    pub(super) fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
     pub(super) fn types(&self) -> &ResourceTypes {
         &self.types
     }

@@ -13,19 +13,20 @@ use crate::access::RequestContext;
 use crate::crypto::blind_index::{
     BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes,
 };
+use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::compartment::patient_compartment;
 use crate::fhir::search_params::{ParamType, SearchParamRegistry};
 use crate::fhir::search_query::{
-    Criterion, Filter, FilterValue, Include, Modifier, Prefix, SearchError, SearchRequest, Summary,
-    SupportedParams, TotalMode,
+    Criterion, Filter, FilterValue, Include, Modifier, Prefix, SearchError, SearchRequest,
+    SortParam, Summary, SupportedParams, TotalMode,
 };
 use crate::fhir::search_values::{IndexPlan, SearchValue};
 use crate::store::DbConnection;
 use crate::store::search::{
     self as index, Condition, DateRow, IndexRows, MatchedRow, NumberRow, NumberTest, Position,
-    RangeOp, RangeTest, SearchSql, SortBy, SortKey, UnitMatch,
+    RangeOp, RangeTest, SearchSql, SortBy, SortKey, SortValue, UnitMatch,
 };
 
 use super::ledger::LedgerEvent;
@@ -36,6 +37,9 @@ use super::resources::{ResourceService, StoredResource, target};
 pub const MAX_INNER_MATCHES: i64 = 1000;
 /// Most resources `_include`/`_revinclude` add to one page.
 pub const MAX_INCLUDED: i64 = 1000;
+/// Most matches a search sorted by a digest-only parameter may have (all are decrypted
+/// to be sorted).
+pub const MAX_SORTED_IN_MEMORY: i64 = 5_000;
 /// Candidate rows fetched per round when long string terms need checking after decryption.
 const CHECK_BATCH: i64 = 200;
 
@@ -271,32 +275,100 @@ struct LongTermCheck {
     terms: Vec<String>,
 }
 
-/// Paging direction and position, carried in `_cursor`.
+/// Paging direction and position, carried in `_cursor`. Sealed with the master key
+/// (AES-GCM): a position may hold a sort value taken from resource content, such as a
+/// family name, which must not travel in URLs in clear; sealing also makes cursors
+/// tamper-proof.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Cursor {
-    /// `true`: the page before `position`; `false`: the page after it.
+    /// `true`: the page before the position; `false`: the page after it.
     #[serde(rename = "b")]
     backward: bool,
-    #[serde(rename = "p")]
-    position: Position,
+    /// Sort values of the row at the position (`None`: the row had no value).
+    #[serde(rename = "v")]
+    values: Vec<Option<SortValue>>,
+    #[serde(rename = "s")]
+    seq: i64,
 }
 
+/// What cursors are sealed as (a binding no resource version can have).
+const CURSOR_BINDING: ResourceBinding<'static> = ResourceBinding {
+    resource_type: "search-cursor",
+    id: "-",
+    version_id: 0,
+};
+
 impl Cursor {
-    fn encode(&self) -> String {
-        BASE64URL.encode(serde_json::to_vec(self).unwrap_or_default())
+    fn at(backward: bool, values: Vec<Option<SortValue>>, seq: i64) -> Self {
+        Self {
+            backward,
+            values,
+            seq,
+        }
     }
 
-    fn decode(text: &str, sort_keys: usize) -> Result<Self, AppError> {
+    fn encode(&self, envelope: &Envelope) -> String {
+        let plaintext = serde_json::to_vec(self).unwrap_or_default();
+        let blob = envelope.seal(CURSOR_BINDING, &plaintext);
+        let mut bytes = Vec::new();
+        for part in [
+            blob.key_id.as_bytes(),
+            &blob.wrapped_key,
+            &blob.nonce,
+            &blob.ciphertext,
+        ] {
+            bytes.extend_from_slice(&u32::try_from(part.len()).unwrap_or(0).to_be_bytes());
+            bytes.extend_from_slice(part);
+        }
+        BASE64URL.encode(bytes)
+    }
+
+    fn decode(text: &str, envelope: &Envelope, sort_keys: usize) -> Result<Self, AppError> {
         let bad = || AppError::BadRequest {
             message: "_cursor is not a cursor from this search's links".into(),
             expression: Some("_cursor".into()),
         };
         let bytes = BASE64URL.decode(text).map_err(|_| bad())?;
-        let cursor: Self = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-        if cursor.position.values.len() != sort_keys {
+        let mut parts = Vec::with_capacity(4);
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let (length, tail) = rest.split_at_checked(4).ok_or_else(bad)?;
+            let length = u32::from_be_bytes(length.try_into().map_err(|_| bad())?) as usize;
+            let (part, tail) = tail.split_at_checked(length).ok_or_else(bad)?;
+            parts.push(part.to_vec());
+            rest = tail;
+        }
+        let [key_id, wrapped_key, nonce, ciphertext]: [Vec<u8>; 4] =
+            parts.try_into().map_err(|_| bad())?;
+        let blob = EncryptedBlob {
+            key_id: String::from_utf8(key_id).map_err(|_| bad())?,
+            wrapped_key,
+            nonce,
+            ciphertext,
+        };
+        let plaintext = envelope.open(CURSOR_BINDING, &blob).map_err(|_| bad())?;
+        let cursor: Self = serde_json::from_slice(&plaintext).map_err(|_| bad())?;
+        if cursor.values.len() != sort_keys {
             return Err(bad());
         }
         Ok(cursor)
+    }
+
+    /// The position for database keyset paging, whose sort values are never missing.
+    fn position(&self) -> Result<Position, AppError> {
+        let values = self
+            .values
+            .iter()
+            .cloned()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| AppError::BadRequest {
+                message: "_cursor is not a cursor from this search's links".into(),
+                expression: Some("_cursor".into()),
+            })?;
+        Ok(Position {
+            values,
+            seq: self.seq,
+        })
     }
 }
 
@@ -364,9 +436,13 @@ impl ResourceService {
         let cursor = request
             .cursor
             .as_deref()
-            .map(|text| Cursor::decode(text, request.sort.len()))
+            .map(|text| Cursor::decode(text, self.envelope(), request.sort.len()))
             .transpose()?;
-        let (mut sql, checks) = self.search_sql(conn, request, cursor.as_ref())?;
+        if request.sort.iter().any(sorted_after_decryption) {
+            return self.search_page_sorted_in_memory(conn, request, cursor.as_ref());
+        }
+        let position = cursor.as_ref().map(Cursor::position).transpose()?;
+        let (mut sql, checks) = self.search_sql(conn, request, position)?;
         let total = match (request.total, request.summary) {
             (_, Summary::Count) | (TotalMode::Accurate, _) if checks.is_empty() => {
                 Some(index::count(conn, &sql)?)
@@ -395,7 +471,10 @@ impl ResourceService {
             let first = rows.first().map(|(row, _)| row.position.clone());
             let last = rows.last().map(|(row, _)| row.position.clone());
             let encode = |backward: bool, position: Option<Position>| {
-                position.map(|position| Cursor { backward, position }.encode())
+                position.map(|position| {
+                    let values = position.values.into_iter().map(Some).collect();
+                    Cursor::at(backward, values, position.seq).encode(self.envelope())
+                })
             };
             if backward {
                 // Came from a later page: there is always a next one; a previous one if the
@@ -424,6 +503,136 @@ impl ResourceService {
             next,
             previous,
         })
+    }
+
+    /// A page of a search sorted by a parameter the database holds only as digests
+    /// (string, token, reference, uri): every match is decrypted (at most
+    /// [`MAX_SORTED_IN_MEMORY`]), sorted by the values in the resources, and the page taken
+    /// after the cursor's position, so paging stays exact while data changes.
+    fn search_page_sorted_in_memory(
+        &self,
+        conn: &mut DbConnection,
+        request: &SearchRequest,
+        cursor: Option<&Cursor>,
+    ) -> Result<SearchPage, AppError> {
+        let (mut sql, checks) = self.search_sql(conn, request, None)?;
+        let rows = self.fetch_rows(conn, &mut sql, &checks, MAX_SORTED_IN_MEMORY + 1)?;
+        if rows.len() as i64 > MAX_SORTED_IN_MEMORY {
+            return Err(AppError::BadRequest {
+                message: format!(
+                    "this search matches more than {MAX_SORTED_IN_MEMORY} resources, too many to sort by a \
+                     parameter held only as keyed digests (string, token, reference, uri); narrow it, or sort \
+                     by a date, number or quantity parameter, _lastUpdated or _id"
+                ),
+                expression: Some("_sort".into()),
+            });
+        }
+        let mut keyed: Vec<(Vec<Option<SortValue>>, i64, StoredResource)> = rows
+            .into_iter()
+            .map(|(row, resource)| (self.sort_values(request, &resource), row.seq, resource))
+            .collect();
+        let order = |a: (&[Option<SortValue>], i64), b: (&[Option<SortValue>], i64)| {
+            compare_sort_values(a.0, b.0, &request.sort).then(a.1.cmp(&b.1))
+        };
+        keyed.sort_by(|a, b| order((&a.0, a.1), (&b.0, b.1)));
+        let total = (request.total == TotalMode::Accurate || request.summary == Summary::Count)
+            .then_some(keyed.len() as i64);
+        if request.summary == Summary::Count {
+            return Ok(SearchPage {
+                matches: Vec::new(),
+                included: Vec::new(),
+                total,
+                next: None,
+                previous: None,
+            });
+        }
+        let (start, end) = match cursor {
+            None => (0, request.count.min(keyed.len())),
+            Some(cursor) => {
+                let at = (cursor.values.as_slice(), cursor.seq);
+                let split = keyed
+                    .iter()
+                    .position(|k| order((&k.0, k.1), at) == std::cmp::Ordering::Greater)
+                    .unwrap_or(keyed.len());
+                if cursor.backward {
+                    // Rows before the position: everything up to the first row not before it.
+                    let before = keyed
+                        .iter()
+                        .position(|k| order((&k.0, k.1), at) != std::cmp::Ordering::Less)
+                        .unwrap_or(keyed.len());
+                    (before.saturating_sub(request.count), before)
+                } else {
+                    (split, (split + request.count).min(keyed.len()))
+                }
+            }
+        };
+        let cursor_at = |index: usize, backward: bool| {
+            keyed.get(index).map(|(values, seq, _)| {
+                Cursor::at(backward, values.clone(), *seq).encode(self.envelope())
+            })
+        };
+        let next = (end < keyed.len() && end > start)
+            .then(|| cursor_at(end - 1, false))
+            .flatten();
+        let previous = (start > 0).then(|| cursor_at(start, true)).flatten();
+        let matches: Vec<StoredResource> = keyed
+            .drain(start..end)
+            .map(|(_, _, resource)| resource)
+            .collect();
+        let included = self.includes(conn, request, &matches)?;
+        Ok(SearchPage {
+            matches,
+            included,
+            total,
+            next,
+            previous,
+        })
+    }
+
+    /// The values a resource sorts by, one per sort key (search.html#sort: the lowest value
+    /// ascending, the highest descending).
+    fn sort_values(
+        &self,
+        request: &SearchRequest,
+        resource: &StoredResource,
+    ) -> Vec<Option<SortValue>> {
+        let json: Option<Value> = serde_json::from_str(&resource.json).ok();
+        request
+            .sort
+            .iter()
+            .map(|key| match key.code.as_str() {
+                "_id" => Some(SortValue::Text(resource.id.to_string())),
+                "_lastUpdated" => Some(SortValue::Int(resource.meta.last_updated)),
+                code => {
+                    let json = json.as_ref()?;
+                    let values = self
+                        .search_index()
+                        .plan()
+                        .extract_param(resource.resource_type.as_str(), code, json)
+                        .into_iter()
+                        .filter_map(|value| match value {
+                            SearchValue::String(text) => {
+                                Some(SortValue::Text(normalize_string(&text)))
+                            }
+                            SearchValue::Token { code, .. } => code.map(SortValue::Text),
+                            SearchValue::Reference(text) | SearchValue::Uri(text) => {
+                                Some(SortValue::Text(text))
+                            }
+                            SearchValue::Date { low, high } => {
+                                Some(SortValue::Int(if key.descending { high } else { low }))
+                            }
+                            SearchValue::Number(value) | SearchValue::Quantity { value, .. } => {
+                                Some(SortValue::Float(value))
+                            }
+                        });
+                    if key.descending {
+                        values.max_by(compare_sort_value)
+                    } else {
+                        values.min_by(compare_sort_value)
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Fetches up to `limit` matching rows after the cursor, decrypting them and applying
@@ -525,7 +734,7 @@ impl ResourceService {
         &self,
         conn: &mut DbConnection,
         request: &SearchRequest,
-        cursor: Option<&Cursor>,
+        position: Option<Position>,
     ) -> Result<(SearchSql, Vec<LongTermCheck>), AppError> {
         let mut conditions = Vec::new();
         let mut checks = Vec::new();
@@ -537,9 +746,13 @@ impl ResourceService {
                 &mut checks,
             )?);
         }
+        // Sorts by digest-only parameters happen after decryption
+        // (search_page_sorted_in_memory); the database then returns matches in storage order.
+        let in_memory = request.sort.iter().any(sorted_after_decryption);
         let sort = request
             .sort
             .iter()
+            .filter(|_| !in_memory)
             .map(|s| {
                 let key = match (s.code.as_str(), s.param_type) {
                     ("_lastUpdated", _) => SortKey::LastUpdated,
@@ -549,14 +762,9 @@ impl ResourceService {
                         SortKey::Number(code.to_owned())
                     }
                     (code, _) => {
-                        return Err(AppError::BadRequest {
-                            message: format!(
-                                "cannot sort by '{code}': its values are stored only as keyed digests, \
-                                 which have no order; sort by a date, number or quantity parameter, \
-                                 _lastUpdated or _id"
-                            ),
-                            expression: Some("_sort".into()),
-                        });
+                        return Err(AppError::Internal(format!(
+                            "sort key '{code}' cannot be sorted in the database"
+                        )));
                     }
                 };
                 Ok(SortBy {
@@ -570,7 +778,7 @@ impl ResourceService {
                 resource_types: request.resource_types.clone(),
                 conditions,
                 sort,
-                after: cursor.map(|c| c.position.clone()),
+                after: position,
                 backward: false,
             },
             checks,
@@ -741,6 +949,49 @@ impl ResourceService {
         }
         Ok(found)
     }
+}
+
+/// Whether a sort key can only be ordered after decryption.
+fn sorted_after_decryption(key: &SortParam) -> bool {
+    matches!(
+        key.param_type,
+        Some(ParamType::String | ParamType::Token | ParamType::Reference | ParamType::Uri)
+    )
+}
+
+fn compare_sort_value(a: &SortValue, b: &SortValue) -> std::cmp::Ordering {
+    match (a, b) {
+        (SortValue::Int(a), SortValue::Int(b)) => a.cmp(b),
+        (SortValue::Float(a), SortValue::Float(b)) => a.total_cmp(b),
+        (SortValue::Text(a), SortValue::Text(b)) => a.cmp(b),
+        // One key always yields one kind; order kinds arbitrarily but consistently.
+        (SortValue::Int(_), _) | (SortValue::Float(_), SortValue::Text(_)) => {
+            std::cmp::Ordering::Less
+        }
+        _ => std::cmp::Ordering::Greater,
+    }
+}
+
+/// Orders two rows' sort values by the keys' directions; missing values sort last either way.
+fn compare_sort_values(
+    a: &[Option<SortValue>],
+    b: &[Option<SortValue>],
+    keys: &[SortParam],
+) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for ((a, b), key) in a.iter().zip(b).zip(keys) {
+        let ordering = match (a, b) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(a), Some(b)) if key.descending => compare_sort_value(b, a),
+            (Some(a), Some(b)) => compare_sort_value(a, b),
+        };
+        if ordering != Ordering::Equal {
+            return ordering;
+        }
+    }
+    Ordering::Equal
 }
 
 fn too_broad(parameter: &str) -> AppError {

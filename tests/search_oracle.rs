@@ -1671,7 +1671,19 @@ fn insert_marker(db: &TestDb) {
 
 async fn nothing_is_stored_in_clear(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
-    let corpus = load(&app).await;
+    let mut corpus = load(&app).await;
+    // And both Synthea patients, through transaction Bundles.
+    for file in [
+        "Clemente_Kreiger_1484a42d-0eaf-4654-9cbf-6b050a5cd73b.json",
+        "Luigi_Wiegand_e27d88b0-c5e5-4042-ad49-184f6a900ee3.json",
+    ] {
+        let bundle = read_json(&fixtures_dir().join("fhir/synthea").join(file));
+        let reply = call(&app, common::post("/fhir", &bundle)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{file}");
+        for entry in bundle["entry"].as_array().unwrap() {
+            corpus.stored.push(entry["resource"].clone());
+        }
+    }
     // Searches write ledger entries too: run a few with PHI in their terms.
     for query in [
         "/fhir/Patient?family=chalmers",
@@ -1682,7 +1694,9 @@ async fn nothing_is_stored_in_clear(db: TestDb) {
     }
     let (needles, excluded) = phi_needles(&corpus);
     assert!(needles.len() > 500, "{} needles", needles.len());
-    for sure in ["Chalmers", "chalmers", "Peter", "29463-7"] {
+    for sure in [
+        "Chalmers", "chalmers", "Peter", "29463-7", "Kreiger", "Wiegand",
+    ] {
         assert!(needles.contains(sure), "{sure} is a needle");
     }
     let mut with_marker = needles.clone();

@@ -614,7 +614,9 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             sql.push("))");
         }
         Condition::Date { param, tests } => {
-            sql.push("r.seq IN (SELECT d.resource_seq FROM search_dates d WHERE d.resource_type = r.resource_type AND d.param = ");
+            // Probed per candidate through (resource_seq, param): the other conditions
+            // (a patient's reference, say) usually narrow the candidates far more.
+            sql.push("EXISTS (SELECT 1 FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = ");
             sql.bind(Bind::Text(param.clone()));
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {
@@ -626,7 +628,7 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             sql.push("))");
         }
         Condition::Number { param, tests } => {
-            sql.push("r.seq IN (SELECT n.resource_seq FROM search_numbers n WHERE n.resource_type = r.resource_type AND n.param = ");
+            sql.push("EXISTS (SELECT 1 FROM search_numbers n WHERE n.resource_seq = r.seq AND n.param = ");
             sql.bind(Bind::Text(param.clone()));
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {

@@ -34,7 +34,7 @@ CREATE TABLE search_dates (
     low           BIGINT NOT NULL,
     high          BIGINT NOT NULL
 );
-CREATE INDEX search_dates_lookup ON search_dates (resource_type, param, low);
+-- Searched per candidate resource (EXISTS … WHERE resource_seq = r.seq AND param = …).
 CREATE INDEX search_dates_resource ON search_dates (resource_seq, param);
 
 -- Number and quantity values in clear; the unit only as blind-index digests.
@@ -46,7 +46,6 @@ CREATE TABLE search_numbers (
     unit_system_code BLOB,
     unit_code        BLOB
 );
-CREATE INDEX search_numbers_lookup ON search_numbers (resource_type, param, value);
 CREATE INDEX search_numbers_resource ON search_numbers (resource_seq, param);
 
 -- Type- and system-level history read versions newest first across resources.

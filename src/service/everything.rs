@@ -9,9 +9,6 @@
 //! digests" over the compartment's types, in storage order (`seq`), which pages stably while
 //! resources are added.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
-
 use crate::access::RequestContext;
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
@@ -19,10 +16,11 @@ use crate::fhir::ResourceId;
 use crate::fhir::compartment_definition::PATIENT_COMPARTMENT;
 use crate::store::DbConnection;
 use crate::store::resources as rows;
-use crate::store::search::{self as index, Condition, Position, RangeOp, RangeTest, SearchSql};
+use crate::store::search::{self as index, Condition, RangeOp, RangeTest, SearchSql};
 
 use super::ledger::LedgerEvent;
 use super::resources::{ResourceService, StoredResource, target};
+use super::search::Cursor;
 
 /// The ledger action of `$everything`: a read, told apart from a search because it discloses
 /// a whole record at once (`fhirledger audit` counts only create/update/delete as writes).
@@ -120,7 +118,11 @@ impl ResourceService {
                 version_id: head.current_version,
             });
         }
-        let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let after = query
+            .cursor
+            .as_deref()
+            .map(|text| Cursor::decode(text, self.envelope(), 0)?.position())
+            .transpose()?;
         let wanted = |t: &str| {
             query
                 .types
@@ -135,18 +137,7 @@ impl ResourceService {
                 .ok_or_else(|| {
                     AppError::Internal(format!("Patient/{id} has no current version row"))
                 })?;
-            let blob = row.blob().ok_or_else(|| AppError::Integrity {
-                resource: "Patient".into(),
-                id: id.to_string(),
-                version_id: row.version_id,
-            })?;
-            resources.push(self.open_sealed(
-                &patient_type,
-                id,
-                row.version_id,
-                row.last_updated,
-                blob,
-            )?);
+            resources.push(self.open_version(&patient_type, id, &row)?);
         }
 
         let (member_types, digests) = self.compartment_digests(id, &wanted);
@@ -178,14 +169,9 @@ impl ResourceService {
         let has_more = matched.len() as i64 > limit;
         matched.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next = has_more.then(|| {
-            encode_cursor(&matched.last().map_or_else(
-                // Nothing fitted on this page (the patient filled it): start from the top.
-                || Position {
-                    values: Vec::new(),
-                    seq: i64::MIN,
-                },
-                |row| row.position.clone(),
-            ))
+            // Nothing fitted on this page (the patient filled it): start from the top.
+            let seq = matched.last().map_or(i64::MIN, |row| row.position.seq);
+            Cursor::at(false, Vec::new(), seq).encode(self.envelope())
         });
         for row in &matched {
             // A Patient whose `link` names itself is already on the first page.
@@ -230,39 +216,31 @@ impl ResourceService {
     }
 }
 
-fn encode_cursor(position: &Position) -> String {
-    BASE64URL.encode(serde_json::to_vec(position).unwrap_or_default())
-}
-
-fn decode_cursor(text: &str) -> Result<Position, AppError> {
-    let bad = || AppError::BadRequest {
-        message: "_cursor is not a cursor from this operation's links".into(),
-        expression: Some("_cursor".into()),
-    };
-    let bytes = BASE64URL.decode(text).map_err(|_| bad())?;
-    let position: Position = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    if !position.values.is_empty() {
-        return Err(bad());
-    }
-    Ok(position)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{Envelope, MasterKey};
+    use crate::store::search::Position;
 
     #[test]
     fn cursors_round_trip_and_foreign_ones_are_refused() {
-        let position = Position {
-            values: Vec::new(),
-            seq: 42,
-        };
-        assert_eq!(decode_cursor(&encode_cursor(&position)).unwrap(), position);
-        assert!(decode_cursor("not base64!").is_err());
-        let with_sort = Position {
-            values: vec![crate::store::search::SortValue::Int(1)],
-            seq: 1,
-        };
-        assert!(decode_cursor(&encode_cursor(&with_sort)).is_err());
+        let envelope = Envelope::new(MasterKey::generate());
+        let text = Cursor::at(false, Vec::new(), 42).encode(&envelope);
+        assert_eq!(
+            Cursor::decode(&text, &envelope, 0)
+                .unwrap()
+                .position()
+                .unwrap(),
+            Position {
+                values: Vec::new(),
+                seq: 42
+            }
+        );
+        assert!(Cursor::decode("not base64!", &envelope, 0).is_err());
+        // Sealed under another key, or with sort values: not a cursor of $everything.
+        let other = Envelope::new(MasterKey::generate());
+        assert!(Cursor::decode(&text, &other, 0).is_err());
+        let sorted = Cursor::at(false, vec![None], 1).encode(&envelope);
+        assert!(Cursor::decode(&sorted, &envelope, 0).is_err());
     }
 }

@@ -280,7 +280,7 @@ struct LongTermCheck {
 /// family name, which must not travel in URLs in clear; sealing also makes cursors
 /// tamper-proof.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Cursor {
+pub(super) struct Cursor {
     /// `true`: the page before the position; `false`: the page after it.
     #[serde(rename = "b")]
     backward: bool,
@@ -299,7 +299,7 @@ const CURSOR_BINDING: ResourceBinding<'static> = ResourceBinding {
 };
 
 impl Cursor {
-    fn at(backward: bool, values: Vec<Option<SortValue>>, seq: i64) -> Self {
+    pub(super) fn at(backward: bool, values: Vec<Option<SortValue>>, seq: i64) -> Self {
         Self {
             backward,
             values,
@@ -307,7 +307,7 @@ impl Cursor {
         }
     }
 
-    fn encode(&self, envelope: &Envelope) -> String {
+    pub(super) fn encode(&self, envelope: &Envelope) -> String {
         let plaintext = serde_json::to_vec(self).unwrap_or_default();
         let blob = envelope.seal(CURSOR_BINDING, &plaintext);
         let mut bytes = Vec::new();
@@ -323,7 +323,13 @@ impl Cursor {
         BASE64URL.encode(bytes)
     }
 
-    fn decode(text: &str, envelope: &Envelope, sort_keys: usize) -> Result<Self, AppError> {
+    /// Opens a cursor from a link; refused (400) unless sealed by this server for a search
+    /// with `sort_keys` sort keys.
+    pub(super) fn decode(
+        text: &str,
+        envelope: &Envelope,
+        sort_keys: usize,
+    ) -> Result<Self, AppError> {
         let bad = || AppError::BadRequest {
             message: "_cursor is not a cursor from this search's links".into(),
             expression: Some("_cursor".into()),
@@ -355,7 +361,7 @@ impl Cursor {
     }
 
     /// The position for database keyset paging, whose sort values are never missing.
-    fn position(&self) -> Result<Position, AppError> {
+    pub(super) fn position(&self) -> Result<Position, AppError> {
         let values = self
             .values
             .iter()

@@ -616,7 +616,9 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
         Condition::Date { param, tests } => {
             // Probed per candidate through (resource_seq, param): the other conditions
             // (a patient's reference, say) usually narrow the candidates far more.
-            sql.push("EXISTS (SELECT 1 FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = ");
+            sql.push(
+                "EXISTS (SELECT 1 FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = ",
+            );
             sql.bind(Bind::Text(param.clone()));
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
-use common::{TestDb, call, get, put};
+use common::{TestDb, call, get, link, local, put};
 use serde_json::{Value, json};
 
 /// `Type/id` of every entry, in order.
@@ -37,18 +37,6 @@ fn entry_keys(bundle: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn link(bundle: &Value, relation: &str) -> Option<String> {
-    bundle["link"]
-        .as_array()?
-        .iter()
-        .find(|l| l["relation"] == relation)
-        .map(|l| l["url"].as_str().unwrap().to_owned())
-}
-
-fn local(url: &str) -> String {
-    url.strip_prefix(common::BASE_URL).unwrap().to_owned()
 }
 
 fn set(keys: &[&str]) -> BTreeSet<String> {

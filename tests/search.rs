@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
-use common::{TestDb, call, get, put, searchset_ids};
+use common::{TestDb, call, get, link, local, put, searchset_ids};
 use serde_json::{Value, json};
 
 fn included(bundle: &Value) -> BTreeSet<String> {
@@ -34,19 +34,6 @@ fn included(bundle: &Value) -> BTreeSet<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn link(bundle: &Value, relation: &str) -> Option<String> {
-    bundle["link"]
-        .as_array()?
-        .iter()
-        .find(|l| l["relation"] == relation)
-        .map(|l| l["url"].as_str().unwrap().to_owned())
-}
-
-/// Path and query of a link, for calling the test app.
-fn local(url: &str) -> String {
-    url.strip_prefix(common::BASE_URL).unwrap().to_owned()
 }
 
 async fn seed<S, B>(app: &S)

@@ -267,6 +267,19 @@ pub struct SearchPage {
     pub previous: Option<String>,
 }
 
+impl SearchPage {
+    /// `_summary=count`: the total and nothing else.
+    fn count_only(total: Option<i64>) -> Self {
+        Self {
+            matches: Vec::new(),
+            included: Vec::new(),
+            total,
+            next: None,
+            previous: None,
+        }
+    }
+}
+
 /// A string term longer than the index's prefix bound, checked after decryption.
 #[derive(Debug, Clone)]
 struct LongTermCheck {
@@ -456,13 +469,7 @@ impl ResourceService {
             _ => None,
         };
         if request.summary == Summary::Count {
-            return Ok(SearchPage {
-                matches: Vec::new(),
-                included: Vec::new(),
-                total,
-                next: None,
-                previous: None,
-            });
+            return Ok(SearchPage::count_only(total));
         }
         let count = i64::try_from(request.count).unwrap_or(i64::MAX);
         let backward = cursor.as_ref().is_some_and(|c| c.backward);
@@ -544,13 +551,7 @@ impl ResourceService {
         let total = (request.total == TotalMode::Accurate || request.summary == Summary::Count)
             .then_some(keyed.len() as i64);
         if request.summary == Summary::Count {
-            return Ok(SearchPage {
-                matches: Vec::new(),
-                included: Vec::new(),
-                total,
-                next: None,
-                previous: None,
-            });
+            return Ok(SearchPage::count_only(total));
         }
         let (start, end) = match cursor {
             None => (0, request.count.min(keyed.len())),

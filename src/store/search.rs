@@ -496,33 +496,32 @@ fn sort_expression(sql: &mut Sql, sort: &SortBy) {
         SortKey::Id => sql.push("r.id"),
         SortKey::Date(param) => {
             let (aggregate, missing) = if sort.descending {
-                ("MAX(d.high)", MISSING_INT_DESC)
+                ("MAX(high)", Bind::BigInt(MISSING_INT_DESC))
             } else {
-                ("MIN(d.low)", MISSING_INT_ASC)
+                ("MIN(low)", Bind::BigInt(MISSING_INT_ASC))
             };
-            sql.push(&format!(
-                "COALESCE((SELECT {aggregate} FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = "
-            ));
-            sql.bind(Bind::Text(param.clone()));
-            sql.push("), ");
-            sql.bind(Bind::BigInt(missing));
-            sql.push(")");
+            aggregate_of(sql, aggregate, "search_dates", param, missing);
         }
         SortKey::Number(param) => {
             let (aggregate, missing) = if sort.descending {
-                ("MAX(n.value)", MISSING_FLOAT_DESC)
+                ("MAX(value)", Bind::Double(MISSING_FLOAT_DESC))
             } else {
-                ("MIN(n.value)", MISSING_FLOAT_ASC)
+                ("MIN(value)", Bind::Double(MISSING_FLOAT_ASC))
             };
-            sql.push(&format!(
-                "COALESCE((SELECT {aggregate} FROM search_numbers n WHERE n.resource_seq = r.seq AND n.param = "
-            ));
-            sql.bind(Bind::Text(param.clone()));
-            sql.push("), ");
-            sql.bind(Bind::Double(missing));
-            sql.push(")");
+            aggregate_of(sql, aggregate, "search_numbers", param, missing);
         }
     }
+}
+
+/// `COALESCE((SELECT {aggregate} FROM {table} WHERE resource_seq = r.seq AND param = …), missing)`.
+fn aggregate_of(sql: &mut Sql, aggregate: &str, table: &str, param: &str, missing: Bind) {
+    sql.push(&format!(
+        "COALESCE((SELECT {aggregate} FROM {table} x WHERE x.resource_seq = r.seq AND x.param = "
+    ));
+    sql.bind(Bind::Text(param.to_owned()));
+    sql.push("), ");
+    sql.bind(missing);
+    sql.push(")");
 }
 
 fn where_clause(sql: &mut Sql, search: &SearchSql) {

@@ -286,3 +286,19 @@ pub fn searchset_ids(bundle: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The URL of a Bundle link.
+pub fn link(bundle: &Value, relation: &str) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == relation)
+        .map(|l| l["url"].as_str().expect("url").to_owned())
+}
+
+/// Path and query of a link, for calling the test app.
+pub fn local(url: &str) -> String {
+    url.strip_prefix(BASE_URL)
+        .expect("a link of this server")
+        .to_owned()
+}

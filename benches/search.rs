@@ -11,11 +11,13 @@
 //!   rendering), one thread, random targets among the loaded patients: identifier, family
 //!   name prefix, one patient's observations in a date range, one patient's observations,
 //!   and two multi-patient searches for context. `FHIRLEDGER_BENCH_QUERIES` (default 2,000)
-//!   sets the queries per kind; each kind also stops after 60 s.
+//!   sets the queries per kind; each kind also stops after 60 s, and a kind whose median
+//!   was over 1 s at 10,000 is skipped at the full size.
 //!
-//! SQLite always; PostgreSQL too when `FHIRLEDGER_BENCH_DATABASE_URL` names a server whose
-//! user may create databases (a scratch database is created and dropped). The ledger
-//! sequencer does not run: search and write entries stay pending.
+//! SQLite unless `FHIRLEDGER_BENCH_SQLITE=0`; PostgreSQL too when
+//! `FHIRLEDGER_BENCH_DATABASE_URL` names a server whose user may create databases (a scratch
+//! database is created and dropped). The ledger sequencer does not run: search and write
+//! entries stay pending.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -50,6 +52,9 @@ const LOAD_THREADS: usize = 2;
 const FIRST_STOP: usize = 10_000;
 /// Each search kind stops after this long, whatever the query count.
 const KIND_BUDGET: Duration = Duration::from_secs(60);
+/// A kind whose median query took longer than this is skipped at the next, larger size (a
+/// single query there could run for many minutes).
+const SKIP_AFTER_MS: f64 = 1000.0;
 
 // ---------------------------------------------------------------------------------------
 // Bundle templates
@@ -380,6 +385,20 @@ struct Latency {
     hit_rate: f64,
 }
 
+impl Latency {
+    fn skipped(kind: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            queries: 0,
+            p50: f64::NAN,
+            p99: f64::NAN,
+            max: f64::NAN,
+            average_matches: f64::NAN,
+            hit_rate: f64::NAN,
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -390,13 +409,24 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs up to `queries` searches of one kind (stopping after [`KIND_BUDGET`]), one thread.
 fn measure(
-    state: &AppState,
-    rt: &tokio::runtime::Runtime,
+    bench: &Bench<'_>,
     kind: &str,
     resource_type: &str,
     queries: usize,
     mut params: impl FnMut() -> Vec<(String, String)>,
 ) -> Latency {
+    let Bench {
+        state,
+        rt,
+        skip,
+        size,
+    } = bench;
+    if skip.iter().any(|k| k == kind) {
+        println!(
+            "  at {size}: {kind}: skipped (median over {SKIP_AFTER_MS} ms at the previous size)"
+        );
+        return Latency::skipped(kind);
+    }
     let ctx = RequestContext::internal("bench-search");
     let index = state.resources.search_index();
     let mut ms = Vec::with_capacity(queries);
@@ -423,6 +453,11 @@ fn measure(
     }
     let n = ms.len();
     ms.sort_by(f64::total_cmp);
+    println!(
+        "  at {size}: {kind}: p50 {:.2} ms, p99 {:.2} ms ({n} queries)",
+        percentile(&ms, 50.0),
+        percentile(&ms, 99.0)
+    );
     Latency {
         kind: kind.to_owned(),
         queries: n,
@@ -434,9 +469,18 @@ fn measure(
     }
 }
 
+/// What every measurement of one round needs.
+struct Bench<'a> {
+    state: &'a AppState,
+    rt: &'a tokio::runtime::Runtime,
+    /// Kinds too slow at the previous size.
+    skip: Vec<String>,
+    /// Resources in the database.
+    size: usize,
+}
+
 fn searches(
-    state: &AppState,
-    rt: &tokio::runtime::Runtime,
+    bench: &Bench<'_>,
     templates: &[Template],
     patients: &[Loaded],
     queries: usize,
@@ -444,7 +488,7 @@ fn searches(
     let mut rng = rand::thread_rng();
     let pick = || &patients[rand::thread_rng().gen_range(0..patients.len())];
     let single = [
-        measure(state, rt, "identifier", "Patient", queries, || {
+        measure(bench, "identifier", "Patient", queries, || {
             let p = pick();
             vec![(
                 "identifier".into(),
@@ -454,8 +498,7 @@ fn searches(
         // The base name plus four letters of the unique suffix: a prefix match (the value is
         // not a whole family name) that finds about one patient.
         measure(
-            state,
-            rt,
+            bench,
             "family prefix (~1 patient)",
             "Patient",
             queries,
@@ -470,8 +513,7 @@ fn searches(
             },
         ),
         measure(
-            state,
-            rt,
+            bench,
             "Observation subject + date range",
             "Observation",
             queries,
@@ -492,8 +534,7 @@ fn searches(
             },
         ),
         measure(
-            state,
-            rt,
+            bench,
             "Observation subject (page 50)",
             "Observation",
             queries,
@@ -503,7 +544,7 @@ fn searches(
             },
         ),
     ];
-    for latency in &single {
+    for latency in single.iter().filter(|l| l.queries > 0) {
         assert!(
             latency.hit_rate >= 0.9,
             "{}: only {:.0}% of queries matched anything",
@@ -524,8 +565,7 @@ fn searches(
     let short: String = base.chars().take(4).collect();
     let mut all: Vec<Latency> = single.into_iter().collect();
     all.push(measure(
-        state,
-        rt,
+        bench,
         &format!("Observation code={code} _count=50 (context)"),
         "Observation",
         broad,
@@ -537,8 +577,7 @@ fn searches(
         },
     ));
     all.push(measure(
-        state,
-        rt,
+        bench,
         &format!("Patient family={short} (context)"),
         "Patient",
         broad,
@@ -602,6 +641,13 @@ fn print_report(report: &Report) {
             "hit %"
         );
         for l in latencies {
+            if l.queries == 0 {
+                println!(
+                    "  {:<48} skipped: median over {SKIP_AFTER_MS} ms at the previous size",
+                    l.kind
+                );
+                continue;
+            }
             println!(
                 "  {:<48} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6.0}",
                 l.kind,
@@ -673,6 +719,7 @@ fn run(
         stops.push(total);
     }
     let mut from = 0;
+    let mut skip = Vec::new();
     for stop in stops {
         let stats = load(&state, &rt, templates, stop, &loaded, &patients);
         let in_db = count(url, "SELECT COUNT(*) AS n FROM resources WHERE NOT deleted");
@@ -685,13 +732,18 @@ fn run(
         report.loads.push((format!("{from} → {in_db}"), stats));
         from = in_db as usize;
         let patients = patients.lock().unwrap();
-        let latencies = searches(&state, &rt, templates, &patients, queries);
-        for l in &latencies {
-            println!(
-                "  at {in_db}: {}: p50 {:.2} ms, p99 {:.2} ms ({} queries)",
-                l.kind, l.p50, l.p99, l.queries
-            );
-        }
+        let bench = Bench {
+            state: &state,
+            rt: &rt,
+            skip,
+            size: in_db as usize,
+        };
+        let latencies = searches(&bench, templates, &patients, queries);
+        skip = latencies
+            .iter()
+            .filter(|l| l.queries == 0 || l.p50 > SKIP_AFTER_MS)
+            .map(|l| l.kind.clone())
+            .collect();
         report.searches.push((in_db as usize, latencies));
     }
     report.pending_ledger_entries = count(
@@ -722,14 +774,19 @@ fn main() {
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let mut reports = vec![run(
-        "SQLite",
-        &DatabaseUrl::sqlite_file(&dir.path().join("bench.db")),
-        &templates,
-        total,
-        queries,
-    )];
-    println!("SQLite done after {:.0} s", started.elapsed().as_secs_f64());
+    let mut reports = Vec::new();
+    if std::env::var("FHIRLEDGER_BENCH_SQLITE").as_deref() == Ok("0") {
+        println!("SQLite: skipped (FHIRLEDGER_BENCH_SQLITE=0)");
+    } else {
+        reports.push(run(
+            "SQLite",
+            &DatabaseUrl::sqlite_file(&dir.path().join("bench.db")),
+            &templates,
+            total,
+            queries,
+        ));
+        println!("SQLite done after {:.0} s", started.elapsed().as_secs_f64());
+    }
 
     if let Ok(admin) = std::env::var("FHIRLEDGER_BENCH_DATABASE_URL") {
         let name = format!("fhirledger_bench_{}", uuid::Uuid::new_v4().simple());

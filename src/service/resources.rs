@@ -185,7 +185,7 @@ impl ResourceService {
         }
     }
 
-    pub(crate) fn search_index(&self) -> &SearchIndex {
+    pub fn search_index(&self) -> &SearchIndex {
         &self.search
     }
 

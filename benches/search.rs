@@ -730,6 +730,11 @@ fn run(
             stats.resources as f64 / stats.seconds
         );
         report.loads.push((format!("{from} → {in_db}"), stats));
+        // Planner statistics, as a database's autovacuum (or SQLite's `PRAGMA optimize`)
+        // would have them after a bulk load; this machine's PostgreSQL runs without
+        // autovacuum.
+        let mut conn = fhirledger::store::connection::establish(url).unwrap();
+        diesel::sql_query("ANALYZE").execute(&mut conn).unwrap();
         from = in_db as usize;
         let patients = patients.lock().unwrap();
         let bench = Bench {

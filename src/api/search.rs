@@ -35,17 +35,7 @@ pub async fn search_type(
 ) -> Result<HttpResponse, AppError> {
     let resource_type = state.resources.resolve_type(&path)?;
     let params = query_pairs(req.query_string())?;
-    let self_base = format!("{}/{resource_type}", state.fhir_base());
-    run(
-        &state,
-        &ctx,
-        &req,
-        vec![resource_type.to_string()],
-        params,
-        self_base,
-        None,
-    )
-    .await
+    search_one_type(&state, &ctx, &req, &resource_type, params).await
 }
 
 /// Search one type with the parameters in a form body.
@@ -82,17 +72,7 @@ pub async fn search_type_post(
             .map_err(|_| AppError::bad_request("the form body is not UTF-8"))?;
         params.extend(query_pairs(text)?);
     }
-    let self_base = format!("{}/{resource_type}", state.fhir_base());
-    run(
-        &state,
-        &ctx,
-        &req,
-        vec![resource_type.to_string()],
-        params,
-        self_base,
-        None,
-    )
-    .await
+    search_one_type(&state, &ctx, &req, &resource_type, params).await
 }
 
 /// Search across types: `_type` names them; without it only `_id` and `_lastUpdated` apply.
@@ -159,6 +139,19 @@ pub(super) fn handling(req: &HttpRequest) -> Handling {
     } else {
         Handling::Strict
     }
+}
+
+/// A type-level search, whose links point at `{base}/{type}`.
+async fn search_one_type(
+    state: &AppState,
+    ctx: &RequestContext,
+    req: &HttpRequest,
+    resource_type: &crate::fhir::ResourceType,
+    params: Vec<(String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let self_base = format!("{}/{resource_type}", state.fhir_base());
+    let types = vec![resource_type.to_string()];
+    run(state, ctx, req, types, params, self_base, None).await
 }
 
 /// Parses, runs and renders one search; `type_link` is the `_type` parameter of a

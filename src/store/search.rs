@@ -123,12 +123,7 @@ fn insert_rows(
         let mut sql = backend.start(&format!("INSERT INTO {target} VALUES "));
         for (i, row) in rows.by_ref().take(INSERT_CHUNK).enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, value) in row.into_iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(value);
-            }
+            sql.bind_list(row);
             sql.push(")");
         }
         sql.push(suffix);
@@ -528,12 +523,7 @@ fn where_clause(sql: &mut Sql, search: &SearchSql) {
     sql.push(" WHERE NOT r.deleted");
     if !search.resource_types.is_empty() {
         sql.push(" AND r.resource_type IN (");
-        for (i, resource_type) in search.resource_types.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(Bind::Text(resource_type.clone()));
-        }
+        sql.bind_list(search.resource_types.iter().map(|t| Bind::Text(t.clone())));
         sql.push(")");
     }
     for condition in &search.conditions {
@@ -604,12 +594,7 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
                 sql.push("NOT ");
             }
             sql.push("r.seq IN (SELECT h.resource_seq FROM search_hashes h WHERE h.hash IN (");
-            for (i, digest) in digests.iter().enumerate() {
-                if i > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(Bind::Bytes(digest.to_vec()));
-            }
+            sql.bind_list(digests.iter().map(|digest| Bind::Bytes(digest.to_vec())));
             sql.push("))");
         }
         Condition::Date { param, tests } => {
@@ -670,12 +655,7 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
                 return;
             }
             sql.push("r.id IN (");
-            for (i, id) in ids.iter().enumerate() {
-                if i > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(Bind::Text(id.clone()));
-            }
+            sql.bind_list(ids.iter().map(|id| Bind::Text(id.clone())));
             sql.push(")");
         }
         Condition::AnyOf(conditions) => {
@@ -836,6 +816,16 @@ impl Sql {
             self.text.push_str(&format!("${}{cast}", self.binds.len()));
         } else {
             self.text.push('?');
+        }
+    }
+
+    /// Binds the values, comma-separated.
+    fn bind_list(&mut self, values: impl IntoIterator<Item = Bind>) {
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(value);
         }
     }
 

@@ -25,7 +25,7 @@ use super::blocking;
 use super::ledger::LedgerEvent;
 use super::resources::{
     DeleteOutcome, ResourceService, StoredResource, TxError, WriteKind, Written, existing_head,
-    target,
+    refusal_reason, target,
 };
 use super::search::SearchPage;
 
@@ -812,11 +812,8 @@ impl ResourceService {
         match id {
             Some(id) => self.record_refusal(ctx, action, resource_type, id, None, error),
             None => {
-                let reason = match error {
-                    AppError::PreconditionFailed(_) => "precondition-failed",
-                    AppError::NotFound(_) => "not-found",
-                    AppError::Conflict(_) => "conflict",
-                    _ => return Ok(()),
+                let Some(reason) = refusal_reason(error) else {
+                    return Ok(());
                 };
                 // No single resource was reached (a condition matched several, or none).
                 let event = LedgerEvent::deny(action, reason, Vec::new());

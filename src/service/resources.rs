@@ -616,15 +616,8 @@ impl ResourceService {
         version_id: Option<i64>,
         error: &AppError,
     ) -> Result<(), AppError> {
-        let reason = match error {
-            AppError::NotFound(_) => "not-found",
-            AppError::Gone { .. } => "gone",
-            AppError::PreconditionFailed(_) => "precondition-failed",
-            AppError::Conflict(_) => "conflict",
-            // A patch that failed on the stored content (e.g. a `test` op): it was
-            // evaluated against the record, so the attempt is evidence too.
-            AppError::Unprocessable(_) => "unprocessable",
-            _ => return Ok(()),
+        let Some(reason) = refusal_reason(error) else {
+            return Ok(());
         };
         let event = LedgerEvent::deny(action, reason, vec![target(resource_type, id, version_id)]);
         self.ledger.append(ctx, event).map(|_| ())
@@ -967,6 +960,21 @@ pub(super) fn existing_head(
 ) -> Result<ResourceHead, AppError> {
     rows::head(conn, resource_type.as_str(), id.as_str())?
         .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))
+}
+
+/// The ledger reason of a refusal that reached a record, or `None` for errors that did
+/// not (malformed requests, server failures), which are not ledgered.
+pub(super) fn refusal_reason(error: &AppError) -> Option<&'static str> {
+    Some(match error {
+        AppError::NotFound(_) => "not-found",
+        AppError::Gone { .. } => "gone",
+        AppError::PreconditionFailed(_) => "precondition-failed",
+        AppError::Conflict(_) => "conflict",
+        // A patch that failed on the stored content (e.g. a `test` op): it was evaluated
+        // against the record, so the attempt is evidence too.
+        AppError::Unprocessable(_) => "unprocessable",
+        _ => return None,
+    })
 }
 
 /// Names one resource (version) in a ledger entry.

@@ -65,10 +65,11 @@ const CURRENCY_SYSTEM: &str = "urn:iso:std:iso:4217";
 /// numbers must be matched on the same node.
 const LEFT_OUT_COMPOSITES: &[&str] = &["context-type-quantity"];
 
-/// Component expressions R4 published wrongly, with the correction R5 made: the
-/// DocumentReference `relationship` components pair the reference definition (`relatesto`)
-/// with `code` and the token one (`relation`) with `target`, so as published neither could
-/// ever match. `(composite URL, component index, expression)`.
+/// Component expressions R4 published wrongly, corrected: the DocumentReference
+/// `relationship` components pair the reference definition (`relatesto`) with `code` and the
+/// token one (`relation`) with `target`, so as published neither could ever match; each is
+/// paired here with the element its definition names (`relatesTo.target`, `relatesTo.code`).
+/// `(composite URL, component index, expression)`.
 const COMPONENT_ERRATA: &[(&str, usize, &str)] = &[
     (
         "http://hl7.org/fhir/SearchParameter/DocumentReference-relationship",

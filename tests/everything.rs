@@ -369,12 +369,14 @@ async fn everything_is_ledgered_with_every_disclosed_resource(db: TestDb) {
 
 /// Every parameter `/metadata` lists for Patient and Observation is accepted by a search
 /// (`:missing` applies to every parameter type; `_id` and `_lastUpdated`, answered from
-/// columns and never missing, take a value), so the statement lists only what works.
+/// columns and never missing, take a value; composites also take a tuple of their shape),
+/// so the statement lists only what works.
 async fn every_listed_search_parameter_is_accepted(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
     seed(&app).await;
     let statement = call(&app, get("/fhir/metadata")).await.json();
     let resources = statement["rest"][0]["resource"].as_array().unwrap();
+    let mut composites = 0;
     for type_name in ["Patient", "Observation"] {
         let resource = resources.iter().find(|r| r["type"] == type_name).unwrap();
         let params = resource["searchParam"].as_array().unwrap();
@@ -393,6 +395,16 @@ async fn every_listed_search_parameter_is_accepted(db: TestDb) {
                 "{type_name}?{query}: {}",
                 reply.text()
             );
+            if param["type"] == "composite" {
+                composites += 1;
+                let value = match name.rsplit('-').next() {
+                    Some("quantity") => "http://loinc.org|8480-6$gt100",
+                    Some("date") => "http://loinc.org|8480-6$ge2020-01",
+                    _ => "http://loinc.org|8480-6$text",
+                };
+                let reply = call(&app, get(&format!("/fhir/{type_name}?{name}={value}"))).await;
+                assert_eq!(reply.status, StatusCode::OK, "{name}: {}", reply.text());
+            }
         }
         for include in resource["searchInclude"].as_array().unwrap() {
             let query =
@@ -418,6 +430,8 @@ async fn every_listed_search_parameter_is_accepted(db: TestDb) {
             );
         }
     }
+    // Observation's eight composites.
+    assert_eq!(composites, 8);
 }
 
 on_both_backends!(

@@ -538,6 +538,283 @@ async fn updates_and_deletes_keep_the_index_current(db: TestDb) {
     );
 }
 
+/// Composite parameters (search.html#composite): the components must hold on the same node
+/// (the same `Observation.component`), `$` separates them, `\$` is a literal `$`, commas OR
+/// whole tuples, repeated parameters AND them, and modifiers other than `:missing` are refused.
+async fn composite_parameters(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    seed(&app).await;
+    let loinc = |code: &str| json!({"coding": [{"system": "http://loinc.org", "code": code}]});
+    let mm_hg = |value: i64| {
+        json!({"value": value, "unit": "mmHg",
+        "system": "http://unitsofmeasure.org", "code": "mm[Hg]"})
+    };
+    let resources = [
+        json!({"resourceType": "Observation", "id": "bp", "status": "final",
+               "code": loinc("85354-9"), "subject": {"reference": "Patient/p3"},
+               "component": [
+                   {"code": loinc("8480-6"), "valueQuantity": mm_hg(120)},
+                   {"code": loinc("8462-4"), "valueQuantity": mm_hg(80)}]}),
+        json!({"resourceType": "Observation", "id": "abo", "status": "final",
+               "code": loinc("883-9"),
+               "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "112144000"}]},
+               "component": [
+                   {"code": {"coding": [{"system": "urn:c", "code": "a"}]},
+                    "valueCodeableConcept": {"coding": [{"system": "urn:v", "code": "x"}]}},
+                   {"code": {"coding": [{"system": "urn:c", "code": "b"}]},
+                    "valueCodeableConcept": {"coding": [{"system": "urn:v", "code": "y"}]}}]}),
+        json!({"resourceType": "Observation", "id": "born", "status": "final",
+               "code": loinc("21112-8"), "valueDateTime": "2019-05-04"}),
+        json!({"resourceType": "Observation", "id": "colour", "status": "final",
+               "code": loinc("5778-6"), "valueString": "Yellow"}),
+        json!({"resourceType": "Observation", "id": "clarity", "status": "final",
+               "code": loinc("5767-9"), "valueString": "Slightly cloudy with sediment"}),
+        json!({"resourceType": "Observation", "id": "dollar", "status": "final",
+               "code": {"coding": [{"system": "urn:x", "code": "a$b"}]}, "valueString": "z"}),
+        json!({"resourceType": "DocumentReference", "id": "d1", "status": "current",
+               "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/d0"}}],
+               "content": [{"attachment": {"contentType": "text/plain"}}]}),
+    ];
+    for resource in resources {
+        let path = format!(
+            "/fhir/{}/{}",
+            resource["resourceType"].as_str().unwrap(),
+            resource["id"].as_str().unwrap()
+        );
+        let reply = call(&app, put(&path, &resource)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    }
+    let all_observations = [
+        "abo", "born", "bp", "clarity", "colour", "dollar", "o1", "o2", "o3",
+    ];
+    let cases: &[(&str, &[&str])] = &[
+        // token$quantity within one component, never across two
+        (
+            "/fhir/Observation?component-code-value-quantity=http://loinc.org|8480-6$gt100",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=http://loinc.org|8462-4$gt100",
+            &[],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=8462-4$lt100",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=8480-6$120|http://unitsofmeasure.org|mm%5BHg%5D",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=8480-6$120||kg",
+            &[],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=|8480-6$120",
+            &[],
+        ),
+        // the panel has no value of its own
+        ("/fhir/Observation?code-value-quantity=85354-9$gt0", &[]),
+        (
+            "/fhir/Observation?code-value-quantity=http://loinc.org|29463-7$gt80",
+            &["o3"],
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=29463-7$ne90",
+            &["o1"],
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=29463-7$le90|http://unitsofmeasure.org|kg",
+            &["o1", "o3"],
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=http://loinc.org|$gt100",
+            &["o2"],
+        ),
+        ("/fhir/Observation?code-value-quantity=8480-6$gt100", &[]),
+        // combo-: the Observation and each of its components
+        (
+            "/fhir/Observation?combo-code-value-quantity=8480-6$gt100",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?combo-code-value-quantity=29463-7$gt80",
+            &["o3"],
+        ),
+        // OR of whole tuples; AND of repeated parameters
+        (
+            "/fhir/Observation?code-value-quantity=29463-7$lt80,8302-2$gt100",
+            &["o1", "o2"],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=8480-6$gt100&component-code-value-quantity=8462-4$lt90",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?component-code-value-quantity=8480-6$gt100&component-code-value-quantity=8462-4$gt90",
+            &[],
+        ),
+        // token$token
+        (
+            "/fhir/Observation?code-value-concept=http://loinc.org|883-9$http://snomed.info/sct|112144000",
+            &["abo"],
+        ),
+        (
+            "/fhir/Observation?code-value-concept=883-9$112144000",
+            &["abo"],
+        ),
+        ("/fhir/Observation?code-value-concept=883-9$|112144000", &[]),
+        (
+            "/fhir/Observation?code-value-concept=883-9$http://snomed.info/sct|112149005",
+            &[],
+        ),
+        (
+            "/fhir/Observation?component-code-value-concept=a$x",
+            &["abo"],
+        ),
+        ("/fhir/Observation?component-code-value-concept=a$y", &[]),
+        (
+            "/fhir/Observation?component-code-value-concept=urn:c|b$urn:v|y,a$y",
+            &["abo"],
+        ),
+        (
+            "/fhir/Observation?combo-code-value-concept=883-9$112144000",
+            &["abo"],
+        ),
+        ("/fhir/Observation?combo-code-value-concept=b$y", &["abo"]),
+        // token$date
+        (
+            "/fhir/Observation?code-value-date=http://loinc.org|21112-8$2019-05",
+            &["born"],
+        ),
+        (
+            "/fhir/Observation?code-value-date=21112-8$lt2020",
+            &["born"],
+        ),
+        ("/fhir/Observation?code-value-date=21112-8$ge2020", &[]),
+        ("/fhir/Observation?code-value-date=29463-7$2019", &[]),
+        // token$string: prefix, case-insensitive; long terms checked after decryption
+        (
+            "/fhir/Observation?code-value-string=5778-6$yel",
+            &["colour"],
+        ),
+        (
+            "/fhir/Observation?code-value-string=5778-6$YELLOW",
+            &["colour"],
+        ),
+        ("/fhir/Observation?code-value-string=5778-6$green", &[]),
+        ("/fhir/Observation?code-value-string=5767-9$yel", &[]),
+        (
+            "/fhir/Observation?code-value-string=5767-9$slightly%20cloudy%20w",
+            &["clarity"],
+        ),
+        (
+            "/fhir/Observation?code-value-string=5767-9$slightly%20cloudy%20x",
+            &[],
+        ),
+        (
+            "/fhir/Observation?code-value-string=5778-6$slightly%20cloudy%20w",
+            &[],
+        ),
+        // `\$` is a `$` inside a component
+        (
+            "/fhir/Observation?code-value-string=urn:x|a%5C$b$z",
+            &["dollar"],
+        ),
+        ("/fhir/Observation?code-value-string=a%5C$b$z", &["dollar"]),
+        // :missing, _has and reference$token
+        (
+            "/fhir/Observation?component-code-value-quantity:missing=false",
+            &["bp"],
+        ),
+        (
+            "/fhir/Observation?code-value-string:missing=true",
+            &["abo", "born", "bp", "o1", "o2", "o3"],
+        ),
+        (
+            "/fhir/Patient?_has:Observation:subject:component-code-value-quantity=8480-6$gt100",
+            &["p3"],
+        ),
+        (
+            "/fhir/DocumentReference?relationship=DocumentReference/d0$replaces",
+            &["d1"],
+        ),
+        ("/fhir/DocumentReference?relationship=d0$replaces", &["d1"]),
+        (
+            "/fhir/DocumentReference?relationship=DocumentReference/d0$appends",
+            &[],
+        ),
+    ];
+    for (query, expected) in cases {
+        let reply = call(&app, get(query)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{query}: {}", reply.text());
+        let bundle = reply.json();
+        let mut found = searchset_ids(&bundle);
+        found.sort();
+        assert_eq!(found, *expected, "{query}");
+        if !query.contains("cloudy") {
+            assert_eq!(bundle["total"], expected.len(), "{query}");
+        }
+    }
+    let everything = call(&app, get("/fhir/Observation?_count=100")).await.json();
+    let mut ids = searchset_ids(&everything);
+    ids.sort();
+    assert_eq!(ids, all_observations);
+
+    let errors = [
+        (
+            "/fhir/Observation?component-code-value-quantity:exact=8480-6$gt100",
+            "component-code-value-quantity:exact",
+        ),
+        (
+            "/fhir/Observation?code-value-concept:not=883-9$112144000",
+            "code-value-concept:not",
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=8480-6$gt100$3",
+            "code-value-quantity",
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=8480-6",
+            "code-value-quantity",
+        ),
+        (
+            "/fhir/Observation?code-value-quantity=8480-6$abc",
+            "code-value-quantity",
+        ),
+        (
+            "/fhir/Observation?code-value-date=21112-8$yesterday",
+            "code-value-date",
+        ),
+        (
+            "/fhir/Observation?code-value-date=21112-8$",
+            "code-value-date",
+        ),
+        ("/fhir/Observation?_sort=code-value-quantity", "_sort"),
+        // a Range cannot be matched by the number index; the parameter is not offered
+        (
+            "/fhir/ValueSet?context-type-quantity=age$gt10",
+            "context-type-quantity",
+        ),
+    ];
+    for (query, parameter) in errors {
+        for prefer in ["handling=strict", "handling=lenient"] {
+            if prefer == "handling=lenient" && parameter == "context-type-quantity" {
+                continue;
+            }
+            let reply = call(&app, get(query).insert_header(("Prefer", prefer))).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{query} {prefer}: {}",
+                reply.text()
+            );
+            let issue = reply.outcome_issue();
+            assert_eq!(issue["expression"][0], parameter, "{query}: {issue}");
+        }
+    }
+}
+
 on_both_backends!(
     parameter_types,
     includes_sorting_and_controls,
@@ -545,4 +822,5 @@ on_both_backends!(
     strict_and_lenient_errors,
     search_is_ledgered_with_every_disclosed_resource,
     updates_and_deletes_keep_the_index_current,
+    composite_parameters,
 );

@@ -28,6 +28,10 @@ pub const DIGEST_LEN: usize = 16;
 /// match on this prefix in the database and are checked in full after decryption.
 pub const MAX_PREFIX_CHARS: usize = 12;
 
+/// The kind field of a composite tuple's digest (search.html#composite). No [`ValueKind`] tag
+/// is spelled this way, so a tuple never shares an encoding with a single value.
+const TUPLE_TAG: &[u8] = b"composite-tuple";
+
 /// What a digest stands for; part of the HMAC input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueKind {
@@ -111,8 +115,7 @@ impl BlindIndexKey {
     /// The digest of one value of `param` on `resource_type`. Fields are length-prefixed so
     /// no two different inputs share an encoding.
     pub fn digest(&self, resource_type: &str, param: &str, kind: ValueKind, value: &str) -> Digest {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.bytes.as_slice())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        let mut mac = self.mac();
         for field in [
             resource_type.as_bytes(),
             param.as_bytes(),
@@ -122,11 +125,49 @@ impl BlindIndexKey {
             mac.update(&(field.len() as u64).to_be_bytes());
             mac.update(field);
         }
-        let full = mac.finalize().into_bytes();
-        let mut digest = [0u8; DIGEST_LEN];
-        digest.copy_from_slice(&full[..DIGEST_LEN]);
-        digest
+        truncate(mac)
     }
+
+    /// The digest of one tuple of a composite parameter: one `(kind, value)` per component,
+    /// in order, as the single values of those components would be hashed. Every field is
+    /// length-prefixed and the count of components is hashed too, so no component value
+    /// (a `$` in a code, say) can move a boundary between components, and no tuple collides
+    /// with a single value (its kind field is [`TUPLE_TAG`]).
+    pub fn digest_tuple(
+        &self,
+        resource_type: &str,
+        param: &str,
+        components: &[(ValueKind, &str)],
+    ) -> Digest {
+        let mut mac = self.mac();
+        let count = (components.len() as u64).to_be_bytes();
+        let head = [
+            resource_type.as_bytes(),
+            param.as_bytes(),
+            TUPLE_TAG,
+            &count,
+        ];
+        let tail = components
+            .iter()
+            .flat_map(|(kind, value)| [kind.tag(), value.as_bytes()]);
+        for field in head.into_iter().chain(tail) {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        truncate(mac)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(self.bytes.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
+    }
+}
+
+fn truncate(mac: Hmac<Sha256>) -> Digest {
+    let full = mac.finalize().into_bytes();
+    let mut digest = [0u8; DIGEST_LEN];
+    digest.copy_from_slice(&full[..DIGEST_LEN]);
+    digest
 }
 
 /// FHIR string matching is case- and accent-insensitive (search.html#string): lower case,
@@ -224,6 +265,74 @@ mod tests {
         assert_ne!(
             base,
             other.digest("Patient", "family", ValueKind::Prefix, "chal")
+        );
+    }
+
+    #[test]
+    fn tuple_digests_keep_components_apart() {
+        let key = BlindIndexKey::from_bytes([1; KEY_LEN]);
+        let tuple = |parts: &[(ValueKind, &str)]| key.digest_tuple("Observation", "p", parts);
+        let base = tuple(&[(ValueKind::Code, "a"), (ValueKind::Code, "b")]);
+        assert_eq!(
+            base,
+            tuple(&[(ValueKind::Code, "a"), (ValueKind::Code, "b")])
+        );
+        // A boundary cannot move, whatever the values hold.
+        assert_ne!(
+            base,
+            tuple(&[(ValueKind::Code, "a$"), (ValueKind::Code, "b")])
+        );
+        assert_ne!(
+            base,
+            tuple(&[(ValueKind::Code, "ab"), (ValueKind::Code, "")])
+        );
+        assert_ne!(
+            base,
+            tuple(&[(ValueKind::Code, "b"), (ValueKind::Code, "a")])
+        );
+        assert_ne!(
+            base,
+            tuple(&[(ValueKind::Code, "a"), (ValueKind::SystemCode, "b")])
+        );
+        assert_ne!(base, tuple(&[(ValueKind::Code, "a")]));
+        assert_ne!(
+            base,
+            tuple(&[
+                (ValueKind::Code, "a"),
+                (ValueKind::Code, "b"),
+                (ValueKind::Code, "")
+            ])
+        );
+        // A one-component tuple is not the single value.
+        assert_ne!(
+            tuple(&[(ValueKind::Code, "a")]),
+            key.digest("Observation", "p", ValueKind::Code, "a")
+        );
+        for kind in [
+            ValueKind::Present,
+            ValueKind::Prefix,
+            ValueKind::Normalized,
+            ValueKind::Exact,
+            ValueKind::SystemCode,
+            ValueKind::Code,
+            ValueKind::CodeWithoutSystem,
+            ValueKind::System,
+            ValueKind::Reference,
+            ValueKind::ReferenceId,
+            ValueKind::Uri,
+            ValueKind::UnitSystemCode,
+            ValueKind::UnitCode,
+        ] {
+            assert_ne!(kind.tag(), TUPLE_TAG);
+        }
+        let other = BlindIndexKey::from_bytes([2; KEY_LEN]);
+        assert_ne!(
+            base,
+            other.digest_tuple(
+                "Observation",
+                "p",
+                &[(ValueKind::Code, "a"), (ValueKind::Code, "b")]
+            )
         );
     }
 }

@@ -59,10 +59,12 @@ struct SearchParametersFile {
     search_parameters: Vec<SearchParamDef>,
 }
 
-/// Definitions by base type and code.
+/// Definitions by base type and code, and by canonical URL (composite components name
+/// their parameter by URL).
 #[derive(Debug, Clone)]
 pub struct SearchParamRegistry {
     by_base: BTreeMap<String, BTreeMap<String, SearchParamDef>>,
+    by_url: BTreeMap<String, SearchParamDef>,
 }
 
 impl SearchParamRegistry {
@@ -70,7 +72,9 @@ impl SearchParamRegistry {
     pub fn load() -> Result<Self, serde_json::Error> {
         let file: SearchParametersFile = serde_json::from_str(SEARCH_PARAMETERS_JSON)?;
         let mut by_base: BTreeMap<String, BTreeMap<String, SearchParamDef>> = BTreeMap::new();
+        let mut by_url = BTreeMap::new();
         for definition in file.search_parameters {
+            by_url.insert(definition.url.clone(), definition.clone());
             for base in &definition.base {
                 by_base
                     .entry(base.clone())
@@ -78,7 +82,12 @@ impl SearchParamRegistry {
                     .insert(definition.code.clone(), definition.clone());
             }
         }
-        Ok(Self { by_base })
+        Ok(Self { by_base, by_url })
+    }
+
+    /// The definition with canonical URL `url` (a composite component's `definition`).
+    pub fn by_url(&self, url: &str) -> Option<&SearchParamDef> {
+        self.by_url.get(url)
     }
 
     /// The definition of `code` for `resource_type`, its own or inherited.
@@ -166,5 +175,16 @@ mod tests {
             ParamType::Date
         );
         assert!(registry.get("Patient", "no-such-parameter").is_none());
+        let value = registry
+            .by_url("http://hl7.org/fhir/SearchParameter/Observation-value-quantity")
+            .unwrap();
+        assert_eq!(value.param_type, ParamType::Quantity);
+        // Every component of every composite names a definition the registry holds.
+        for definition in registry.by_base.values().flat_map(BTreeMap::values) {
+            for component in &definition.component {
+                let url = component.definition.as_deref().unwrap();
+                assert!(registry.by_url(url).is_some(), "{}: {url}", definition.url);
+            }
+        }
     }
 }

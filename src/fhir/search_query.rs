@@ -32,6 +32,10 @@ const RESULT_PARAMS: &[&str] = &[
 pub trait SupportedParams {
     /// The type of parameter `code` on `resource_type`, if the server indexes it.
     fn supported(&self, resource_type: &str, code: &str) -> Option<ParamType>;
+
+    /// The component types of composite `code` on `resource_type`, in order, if the server
+    /// indexes it.
+    fn components(&self, resource_type: &str, code: &str) -> Option<Vec<ParamType>>;
 }
 
 /// A malformed or unsupported search.
@@ -99,6 +103,9 @@ pub enum FilterValue {
     },
     /// `:missing=true|false`.
     Missing(bool),
+    /// A composite's tuple (search.html#composite): one value per component, in order,
+    /// that must all hold on the same node.
+    Composite(Vec<FilterValue>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -531,6 +538,17 @@ fn parse_criterion(
             "false" => vec![FilterValue::Missing(false)],
             _ => return Err(malformed(name, ":missing takes true or false")),
         }
+    } else if param_type == ParamType::Composite {
+        let components = components_on(supported, resource_types, code).ok_or_else(|| {
+            unsupported(
+                name,
+                format!("'{code}' is not the same composite on every searched type"),
+            )
+        })?;
+        split_unescaped(value, ',')
+            .iter()
+            .map(|tuple| parse_tuple(name, &components, tuple))
+            .collect::<Result<_, _>>()?
     } else {
         split_values(value)
             .into_iter()
@@ -546,6 +564,47 @@ fn parse_criterion(
     }))
 }
 
+/// The composite's component types on every searched type (they must agree).
+fn components_on(
+    supported: &dyn SupportedParams,
+    resource_types: &[String],
+    code: &str,
+) -> Option<Vec<ParamType>> {
+    let mut found: Option<Vec<ParamType>> = None;
+    for resource_type in resource_types {
+        let components = supported.components(resource_type, code)?;
+        if found.as_ref().is_some_and(|f| *f != components) {
+            return None;
+        }
+        found = Some(components);
+    }
+    found
+}
+
+/// One alternative of a composite, `a$b` with `\$` for a literal `$`
+/// (search.html#composite, #escaping): each component parsed as a value of its own type, so
+/// a prefix can only lead a date, number or quantity component.
+fn parse_tuple(name: &str, components: &[ParamType], tuple: &str) -> Result<FilterValue, Refusal> {
+    let parts = split_unescaped(tuple, '$');
+    if parts.len() != components.len() {
+        return Err(malformed(
+            name,
+            format!(
+                "'{name}' is a composite of {} components separated by '$' \
+                 (write '\\$' for a '$' inside a value); this value has {} components",
+                components.len(),
+                parts.len()
+            ),
+        ));
+    }
+    parts
+        .iter()
+        .zip(components)
+        .map(|(part, param_type)| parse_value(name, *param_type, unescape(part)))
+        .collect::<Result<_, _>>()
+        .map(FilterValue::Composite)
+}
+
 fn parse_modifier(
     registry: &SearchParamRegistry,
     resource_types: &[String],
@@ -559,6 +618,13 @@ fn parse_modifier(
     };
     let parsed = match (modifier, param_type) {
         ("missing", _) => Modifier::Missing,
+        // search.html#composite: "Modifiers are not supported on composite parameters".
+        (_, ParamType::Composite) => {
+            return Err(malformed(
+                name,
+                format!("composite parameter '{code}' takes no modifier other than :missing"),
+            ));
+        }
         ("exact", ParamType::String) => Modifier::Exact,
         ("not", ParamType::Token) => Modifier::Not,
         ("contains", ParamType::String) => {
@@ -710,6 +776,12 @@ fn parse_sort_key(
             },
         ));
     };
+    if param_type == ParamType::Composite {
+        return Err(SearchError::new(
+            "_sort",
+            format!("cannot sort by '{code}': a composite has no order"),
+        ));
+    }
     Ok(SortParam {
         code: code.to_owned(),
         param_type: Some(param_type),
@@ -771,37 +843,52 @@ fn parse_include(
 
 /// Splits alternatives at unescaped commas and removes `\` escapes (search.html#escaping).
 pub fn split_values(value: &str) -> Vec<String> {
-    let mut values = vec![String::new()];
+    split_unescaped(value, ',')
+        .iter()
+        .map(|part| unescape(part))
+        .collect()
+}
+
+/// Splits at every `separator` not escaped by `\`, keeping the escapes for a later split
+/// (a composite's `$` inside its `,` alternatives) or [`unescape`].
+fn split_unescaped(value: &str, separator: char) -> Vec<String> {
+    let mut parts = vec![String::new()];
     let mut chars = value.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some(next @ (',' | '$' | '|' | '\\')) => {
-                    if let Some(last) = values.last_mut() {
-                        last.push(next);
-                    }
-                }
-                Some(other) => {
-                    if let Some(last) = values.last_mut() {
-                        last.push('\\');
-                        last.push(other);
-                    }
-                }
-                None => {
-                    if let Some(last) = values.last_mut() {
-                        last.push('\\');
-                    }
-                }
-            },
-            ',' => values.push(String::new()),
-            other => {
-                if let Some(last) = values.last_mut() {
-                    last.push(other);
-                }
-            }
+        if c == separator {
+            parts.push(String::new());
+            continue;
+        }
+        let Some(last) = parts.last_mut() else {
+            continue;
+        };
+        last.push(c);
+        if c == '\\' {
+            last.extend(chars.next());
         }
     }
-    values
+    parts
+}
+
+/// Removes the `\` before `,` `$` `|` and `\`; any other backslash stays as written.
+fn unescape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(next @ (',' | '$' | '|' | '\\')) => out.push(next),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// Splits `a|b` at the first unescaped-by-now `|` (values are already unescaped; escaped
@@ -881,6 +968,7 @@ fn parse_value(name: &str, param_type: ParamType, value: String) -> Result<Filte
                 code: code.filter(|c| !c.is_empty()).map(str::to_owned),
             }
         }
+        // A composite's components are values of other types; a component cannot be one.
         ParamType::Composite | ParamType::Special => {
             return Err(unsupported(
                 name,
@@ -937,4 +1025,68 @@ fn split_prefix<'v>(name: &str, value: &'v str) -> Result<(Prefix, &'v str), Ref
 /// Whether `name` is a result parameter (not a filter).
 pub fn is_result_param(name: &str) -> bool {
     RESULT_PARAMS.contains(&name) || name.starts_with("_include") || name.starts_with("_revinclude")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_survive_until_the_split_they_belong_to() {
+        assert_eq!(split_values(r"a\,b,c\$d\|e\\f\x"), [r"a,b", r"c$d|e\f\x"]);
+        assert_eq!(split_values(r"end\"), [r"end\"]);
+        // A composite splits at `,` then `$`, and only then removes the escapes.
+        let alternatives = split_unescaped(r"urn:x|a\$b$z\,y,c$d", ',');
+        assert_eq!(alternatives, [r"urn:x|a\$b$z\,y", "c$d"]);
+        let parts = split_unescaped(&alternatives[0], '$');
+        assert_eq!(parts, [r"urn:x|a\$b", r"z\,y"]);
+        assert_eq!(unescape(&parts[0]), "urn:x|a$b");
+        assert_eq!(unescape(&parts[1]), "z,y");
+    }
+
+    #[test]
+    fn composite_tuples_parse_each_component_as_its_type() {
+        let tuple = parse_tuple(
+            "code-value-quantity",
+            &[ParamType::Token, ParamType::Quantity],
+            "http://loinc.org|8480-6$gt100|http://unitsofmeasure.org|mm[Hg]",
+        );
+        let Ok(FilterValue::Composite(parts)) = tuple else {
+            panic!("{:?}", tuple.err().map(|_| ()));
+        };
+        assert_eq!(
+            parts[0],
+            FilterValue::Token {
+                system: Some("http://loinc.org".to_owned()),
+                code: Some("8480-6".to_owned())
+            }
+        );
+        assert!(matches!(
+            &parts[1],
+            FilterValue::Quantity { prefix: Prefix::Gt, value, code: Some(code), .. }
+                if *value == 100.0 && code == "mm[Hg]"
+        ));
+        // A prefix on a token component is just part of the code.
+        let Ok(FilterValue::Composite(parts)) =
+            parse_tuple("p", &[ParamType::Token, ParamType::Token], "gt5$x")
+        else {
+            panic!("token tuple");
+        };
+        assert_eq!(
+            parts[0],
+            FilterValue::Token {
+                system: None,
+                code: Some("gt5".to_owned())
+            }
+        );
+        for bad in ["a", "a$b$c", "a$", "a$yesterday"] {
+            assert!(
+                matches!(
+                    parse_tuple("p", &[ParamType::Token, ParamType::Date], bad),
+                    Err(Refusal::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Typed search values extracted from resources at write time (search.html#ptypes): the
 //! [`IndexPlan`] compiles every indexable SearchParameter expression once and turns the nodes
-//! they select into plain [`SearchValue`]s. Hashing and normalising them for the blind index is
+//! they select into plain [`SearchValue`]s, and the nodes a composite selects into tuples of
+//! its components' values taken from that same node (search.html#composite). Hashing and normalising them for the blind index is
 //! the search engine's job; [`date_range`] and [`number_range`] are shared with its parser so a
 //! stored value and a query value mean the same range.
 
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::fhir::fhirpath::{Expression, Node};
-use crate::fhir::search_params::{ParamType, SearchParamDef, SearchParamRegistry};
+use crate::fhir::search_params::{
+    CompositeComponent, ParamType, SearchParamDef, SearchParamRegistry,
+};
 
 /// Parameters the engine answers from columns (`_id`, `_lastUpdated`) or that are not value
 /// searches at all (search.html#all); they are never indexed.
@@ -53,6 +56,38 @@ const STRING_PARTS: &[&str] = &[
 /// ISO 4217, the system of `Money.currency` when a Money is searched as a quantity.
 const CURRENCY_SYSTEM: &str = "urn:iso:std:iso:4217";
 
+/// Composites left out of the index, and why:
+/// - `context-type-quantity`: its value may be a Range, which the number index (points, not
+///   ranges) cannot hold; indexing only the Quantity values would silently miss the Ranges.
+///
+/// The four MolecularSequence coordinates (token$number$number) are left out by the shape
+/// rule in [`composite_components`]: a row of the number index holds one number, and both
+/// numbers must be matched on the same node.
+const LEFT_OUT_COMPOSITES: &[&str] = &["context-type-quantity"];
+
+/// Component expressions R4 published wrongly, corrected: the DocumentReference
+/// `relationship` components pair the reference definition (`relatesto`) with `code` and the
+/// token one (`relation`) with `target`, so as published neither could ever match; each is
+/// paired here with the element its definition names (`relatesTo.target`, `relatesTo.code`).
+/// `(composite URL, component index, expression)`.
+const COMPONENT_ERRATA: &[(&str, usize, &str)] = &[
+    (
+        "http://hl7.org/fhir/SearchParameter/DocumentReference-relationship",
+        0,
+        "target",
+    ),
+    (
+        "http://hl7.org/fhir/SearchParameter/DocumentReference-relationship",
+        1,
+        "code",
+    ),
+];
+
+/// Most tuples one node of a composite gives (the product of its components' values, e.g.
+/// codings × codings); beyond that the node is not indexed, so a crafted resource cannot
+/// make one write store millions of rows.
+const MAX_TUPLES_PER_NODE: usize = 256;
+
 /// One value of one search parameter, as the index stores it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SearchValue {
@@ -80,6 +115,9 @@ pub enum SearchValue {
         code: Option<String>,
         unit: Option<String>,
     },
+    /// One tuple of a composite: a value of each component, in order, all from the same
+    /// node (the same `Observation.component`, say).
+    Composite(Vec<SearchValue>),
 }
 
 #[derive(Debug)]
@@ -87,7 +125,18 @@ struct PlanEntry {
     code: String,
     param_type: ParamType,
     expression: Arc<Expression>,
+    /// A composite's components, each evaluated relative to a node `expression` selects;
+    /// empty for every other type.
+    components: Vec<Component>,
 }
+
+#[derive(Debug)]
+struct Component {
+    param_type: ParamType,
+    expression: Arc<Expression>,
+}
+
+type Compiled = HashMap<String, Option<Arc<Expression>>>;
 
 /// The compiled, indexable search parameters of every resource type.
 #[derive(Debug)]
@@ -99,16 +148,17 @@ pub struct IndexPlan {
 }
 
 impl IndexPlan {
-    /// Compiles every indexable parameter once. Composite and special parameters, those in
-    /// [`NOT_INDEXED`] and expressions outside the FHIRPath subset are skipped (the last with a
-    /// warning; none of R4's are).
+    /// Compiles every indexable parameter once. Special parameters, those in
+    /// [`NOT_INDEXED`], composites the index cannot answer (see [`LEFT_OUT_COMPOSITES`] and
+    /// [`composite_components`]) and expressions outside the FHIRPath subset are skipped (the
+    /// last with a warning; none of R4's are).
     pub fn new(registry: &SearchParamRegistry) -> Self {
-        let mut compiled: HashMap<String, Option<Arc<Expression>>> = HashMap::new();
+        let mut compiled = Compiled::new();
         let mut plan_for = |resource_type: &str| -> Vec<PlanEntry> {
             registry
                 .for_type(resource_type)
                 .into_values()
-                .filter_map(|definition| plan_entry(definition, &mut compiled))
+                .filter_map(|definition| plan_entry(registry, definition, &mut compiled))
                 .collect()
         };
         let inherited = plan_for("Resource");
@@ -139,7 +189,8 @@ impl IndexPlan {
     }
 
     /// Whether `code` is in the index for `resource_type` (false for `_id` and `_lastUpdated`,
-    /// which the engine answers from columns, and for composite and special parameters).
+    /// which the engine answers from columns, for special parameters and for the composites
+    /// left out).
     pub fn is_indexed(&self, resource_type: &str, code: &str) -> bool {
         self.entry(resource_type, code).is_some()
     }
@@ -169,6 +220,14 @@ impl IndexPlan {
         values
     }
 
+    /// The component types of composite `code` on `resource_type`, in order; `None` when it
+    /// is not an indexed composite.
+    pub fn components(&self, resource_type: &str, code: &str) -> Option<Vec<ParamType>> {
+        let entry = self.entry(resource_type, code)?;
+        (entry.param_type == ParamType::Composite)
+            .then(|| entry.components.iter().map(|c| c.param_type).collect())
+    }
+
     fn entry(&self, resource_type: &str, code: &str) -> Option<&PlanEntry> {
         let entries = self.entries(resource_type);
         entries
@@ -179,32 +238,96 @@ impl IndexPlan {
 }
 
 fn plan_entry(
+    registry: &SearchParamRegistry,
     definition: &SearchParamDef,
-    compiled: &mut HashMap<String, Option<Arc<Expression>>>,
+    compiled: &mut Compiled,
 ) -> Option<PlanEntry> {
-    if matches!(
-        definition.param_type,
-        ParamType::Composite | ParamType::Special
-    ) || NOT_INDEXED.contains(&definition.code.as_str())
+    if definition.param_type == ParamType::Special
+        || NOT_INDEXED.contains(&definition.code.as_str())
     {
         return None;
     }
     let source = definition.expression.as_deref()?;
-    let expression = compiled
-        .entry(source.to_owned())
-        .or_insert_with(|| match Expression::compile(source) {
-            Ok(expression) => Some(Arc::new(expression)),
-            Err(error) => {
-                tracing::warn!(url = %definition.url, %error, "search parameter not indexed");
-                None
-            }
-        })
-        .clone()?;
+    let expression = compile(compiled, &definition.url, source)?;
+    let components = if definition.param_type == ParamType::Composite {
+        composite_components(registry, definition, compiled)?
+    } else {
+        Vec::new()
+    };
     Some(PlanEntry {
         code: definition.code.clone(),
         param_type: definition.param_type,
         expression,
+        components,
     })
+}
+
+fn compile(compiled: &mut Compiled, url: &str, source: &str) -> Option<Arc<Expression>> {
+    compiled
+        .entry(source.to_owned())
+        .or_insert_with(|| match Expression::compile(source) {
+            Ok(expression) => Some(Arc::new(expression)),
+            Err(error) => {
+                tracing::warn!(%url, %error, "search parameter not indexed");
+                None
+            }
+        })
+        .clone()
+}
+
+/// The components of a composite the index can answer, or `None`. Every component but the
+/// last must be hashable (token, string, reference, uri): their tuple becomes one blind-index
+/// digest. The last may instead be a date, number or quantity, stored as a range or number
+/// row carrying the digest of the leading components; a second such component would need
+/// two numbers in one row, so those composites are left out.
+fn composite_components(
+    registry: &SearchParamRegistry,
+    definition: &SearchParamDef,
+    compiled: &mut Compiled,
+) -> Option<Vec<Component>> {
+    if LEFT_OUT_COMPOSITES.contains(&definition.code.as_str()) || definition.component.len() < 2 {
+        return None;
+    }
+    let component_type = |component: &CompositeComponent| {
+        Some(
+            registry
+                .by_url(component.definition.as_deref()?)?
+                .param_type,
+        )
+    };
+    let types: Option<Vec<ParamType>> = definition.component.iter().map(component_type).collect();
+    let types = types?;
+    // A string term beyond the prefix bound is checked after decryption against whole
+    // tuples of hashable values; no R4 composite pairs a string with a date or number.
+    if types.contains(&ParamType::String)
+        && types
+            .iter()
+            .any(|t| matches!(t, ParamType::Date | ParamType::Number | ParamType::Quantity))
+    {
+        return None;
+    }
+    let mut components = Vec::with_capacity(definition.component.len());
+    for (index, (component, param_type)) in definition.component.iter().zip(types).enumerate() {
+        let last = index + 1 == definition.component.len();
+        let fits = match param_type {
+            ParamType::Token | ParamType::String | ParamType::Reference | ParamType::Uri => true,
+            ParamType::Date | ParamType::Number | ParamType::Quantity => last,
+            ParamType::Composite | ParamType::Special => false,
+        };
+        if !fits {
+            return None;
+        }
+        let corrected = COMPONENT_ERRATA
+            .iter()
+            .find(|(url, at, _)| *url == definition.url && *at == index)
+            .map(|(_, _, expression)| *expression);
+        let source = corrected.or(component.expression.as_deref())?;
+        components.push(Component {
+            param_type,
+            expression: compile(compiled, &definition.url, source)?,
+        });
+    }
+    Some(components)
 }
 
 /// Appends the entry's values for `resource` to `out` (which must start empty), deduplicated.
@@ -216,7 +339,11 @@ fn entry_values(
 ) {
     for node in entry.expression.evaluate(resource_type, resource) {
         let start = out.len();
-        node_values(entry.param_type, node, out);
+        if entry.param_type == ParamType::Composite {
+            tuples(entry, resource_type, resource, node, out);
+        } else {
+            node_values(entry.param_type, node, out);
+        }
         // Values per parameter are few; a linear check beats hashing floats.
         let mut index = start;
         while index < out.len() {
@@ -230,6 +357,48 @@ fn entry_values(
             }
         }
     }
+}
+
+/// The tuples of one node of a composite: every combination of its components' values,
+/// each component evaluated relative to the node. A node lacking a component gives none.
+fn tuples<'a>(
+    entry: &'a PlanEntry,
+    resource_type: &str,
+    resource: &'a Value,
+    node: Node<'a>,
+    out: &mut Vec<SearchValue>,
+) {
+    let mut combinations: Vec<Vec<SearchValue>> = vec![Vec::new()];
+    for component in &entry.components {
+        let mut values = Vec::new();
+        for value_node in component
+            .expression
+            .evaluate_on(resource_type, resource, node)
+        {
+            node_values(component.param_type, value_node, &mut values);
+        }
+        if values.is_empty() || combinations.len() * values.len() > MAX_TUPLES_PER_NODE {
+            if !values.is_empty() {
+                tracing::warn!(
+                    resource_type,
+                    param = %entry.code,
+                    "composite node has too many value combinations; not indexed"
+                );
+            }
+            return;
+        }
+        combinations = combinations
+            .into_iter()
+            .flat_map(|head| {
+                values.iter().map(move |value| {
+                    let mut tuple = head.clone();
+                    tuple.push(value.clone());
+                    tuple
+                })
+            })
+            .collect();
+    }
+    out.extend(combinations.into_iter().map(SearchValue::Composite));
 }
 
 fn node_values(param_type: ParamType, node: Node<'_>, out: &mut Vec<SearchValue>) {
@@ -687,7 +856,136 @@ mod tests {
         assert!(values("value-concept").is_empty());
         assert!(values("value-date").is_empty());
         assert!(values("combo-code").contains(&token(loinc, "29463-7")));
-        assert!(!plan.is_indexed("Observation", "code-value-quantity"));
+        // One tuple per coding of the code, each with the one value.
+        let tuples = values("code-value-quantity");
+        assert_eq!(tuples.len(), 4);
+        assert!(tuples.contains(&SearchValue::Composite(vec![
+            token(loinc, "29463-7"),
+            values("value-quantity")[0].clone()
+        ])));
+        assert!(values("component-code-value-quantity").is_empty());
+        assert!(values("code-value-concept").is_empty());
+    }
+
+    #[test]
+    fn composite_components_come_from_the_same_node() {
+        let plan = plan();
+        let pressure = fixture("hl7-r4/Observation-blood-pressure.json");
+        let values = |code| plan.extract_param("Observation", code, &pressure);
+        let loinc = Some("http://loinc.org");
+        let mm_hg = |value: f64| SearchValue::Quantity {
+            value,
+            system: Some("http://unitsofmeasure.org".to_owned()),
+            code: Some("mm[Hg]".to_owned()),
+            unit: Some("mmHg".to_owned()),
+        };
+        let pair = |code, value| SearchValue::Composite(vec![token(loinc, code), mm_hg(value)]);
+        let tuples = values("component-code-value-quantity");
+        // Systolic has three codings, diastolic one: four tuples, never crossed.
+        assert_eq!(tuples.len(), 4, "{tuples:?}");
+        assert!(tuples.contains(&pair("8480-6", 107.0)));
+        assert!(tuples.contains(&pair("8462-4", 60.0)));
+        assert!(!tuples.contains(&pair("8480-6", 60.0)));
+        assert!(!tuples.contains(&pair("8462-4", 107.0)));
+        // The panel itself has no value: combo- gives the components' tuples alone.
+        assert_eq!(values("combo-code-value-quantity"), tuples);
+        assert!(values("code-value-quantity").is_empty());
+        assert_eq!(
+            plan.components("Observation", "component-code-value-quantity"),
+            Some(vec![ParamType::Token, ParamType::Quantity])
+        );
+        assert_eq!(plan.components("Observation", "code"), None);
+
+        let observation = json!({"resourceType": "Observation",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "1"}]},
+            "valuePeriod": {"start": "2020-01", "end": "2020-02"},
+            "component": [{"code": {"coding": [{"code": "c"}]},
+                           "valueCodeableConcept": {"coding": [{"system": "urn:v", "code": "v"}]}}]});
+        let values = |code| plan.extract_param("Observation", code, &observation);
+        assert_eq!(
+            values("code-value-date"),
+            [SearchValue::Composite(vec![
+                token(loinc, "1"),
+                SearchValue::Date {
+                    low: micros("2020-01-01T00:00:00Z"),
+                    high: micros("2020-03-01T00:00:00Z")
+                }
+            ])]
+        );
+        assert_eq!(
+            values("component-code-value-concept"),
+            [SearchValue::Composite(vec![
+                token(None, "c"),
+                token(Some("urn:v"), "v")
+            ])]
+        );
+        assert!(values("code-value-concept").is_empty());
+        let string = json!({"resourceType": "Observation", "code": {"coding": [{"code": "x"}]},
+            "valueString": "Trace"});
+        assert_eq!(
+            plan.extract_param("Observation", "code-value-string", &string),
+            [SearchValue::Composite(vec![
+                token(None, "x"),
+                SearchValue::String("Trace".to_owned())
+            ])]
+        );
+    }
+
+    #[test]
+    fn composites_left_out_and_corrected() {
+        let plan = plan();
+        for code in [
+            "chromosome-variant-coordinate",
+            "chromosome-window-coordinate",
+            "referenceseqid-variant-coordinate",
+            "referenceseqid-window-coordinate",
+        ] {
+            assert!(!plan.is_indexed("MolecularSequence", code), "{code}");
+        }
+        assert!(!plan.is_indexed("Measure", "context-type-quantity"));
+        assert!(!plan.is_indexed("ValueSet", "context-type-quantity"));
+        assert!(plan.is_indexed("ValueSet", "context-type-value"));
+        assert!(plan.is_indexed("Group", "characteristic-value"));
+        // The R4 relationship components are swapped; the corrected ones match.
+        let document = json!({"resourceType": "DocumentReference", "relatesTo": [
+            {"code": "replaces", "target": {"reference": "DocumentReference/old"}},
+            {"code": "appends", "target": {"reference": "DocumentReference/other"}}]});
+        let tuples = plan.extract_param("DocumentReference", "relationship", &document);
+        assert_eq!(
+            tuples,
+            [
+                SearchValue::Composite(vec![
+                    SearchValue::Reference("DocumentReference/old".to_owned()),
+                    token(None, "replaces")
+                ]),
+                SearchValue::Composite(vec![
+                    SearchValue::Reference("DocumentReference/other".to_owned()),
+                    token(None, "appends")
+                ]),
+            ]
+        );
+        assert_eq!(
+            plan.components("DocumentReference", "relationship"),
+            Some(vec![ParamType::Reference, ParamType::Token])
+        );
+    }
+
+    #[test]
+    fn a_crafted_composite_cannot_explode() {
+        let plan = plan();
+        let codings: Vec<Value> = (0..100)
+            .map(|i| json!({"system": "urn:s", "code": i.to_string()}))
+            .collect();
+        let group = json!({"resourceType": "Group", "characteristic": [
+            {"code": {"coding": codings}, "valueCodeableConcept": {"coding": codings}},
+            {"code": {"coding": [{"code": "a"}]}, "valueCodeableConcept": {"coding": [{"code": "b"}]}}]});
+        assert_eq!(
+            plan.extract_param("Group", "characteristic-value", &group),
+            [SearchValue::Composite(vec![
+                token(None, "a"),
+                token(None, "b")
+            ])]
+        );
     }
 
     #[test]
@@ -803,6 +1101,7 @@ mod tests {
         assert!(!plan.is_indexed("Patient", "_text"));
         assert!(!plan.is_indexed("Patient", "no-such"));
         assert!(!plan.is_indexed("Location", "near"));
+        assert!(plan.is_indexed("Observation", "code-value-quantity"));
         let params: Vec<_> = plan.params("Patient").collect();
         assert!(params.contains(&("_id", ParamType::Token)));
         assert!(params.contains(&("_lastUpdated", ParamType::Date)));

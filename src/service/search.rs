@@ -62,6 +62,10 @@ impl SupportedParams for SearchIndex {
             .get(resource_type, code)
             .map(|def| def.param_type)
     }
+
+    fn components(&self, resource_type: &str, code: &str) -> Option<Vec<ParamType>> {
+        self.plan.components(resource_type, code)
+    }
 }
 
 impl SearchIndex {
@@ -86,87 +90,212 @@ impl SearchIndex {
     pub fn rows(&self, resource_type: &str, resource: &Value) -> IndexRows {
         let mut hashes = BTreeSet::new();
         let mut rows = IndexRows::default();
-        let digest = |code: &str, kind: ValueKind, value: &str| {
-            self.key.digest(resource_type, code, kind, value)
-        };
         for (code, value) in self.plan.extract(resource_type, resource) {
-            hashes.insert(digest(&code, ValueKind::Present, ""));
+            hashes.insert(self.digest(resource_type, &code, ValueKind::Present, ""));
             match value {
-                SearchValue::String(text) => {
-                    let normalized = normalize_string(&text);
-                    for prefix in prefixes(&normalized) {
-                        hashes.insert(digest(&code, ValueKind::Prefix, prefix));
-                    }
-                    hashes.insert(digest(&code, ValueKind::Exact, &text));
+                SearchValue::Composite(parts) => {
+                    self.composite_rows(resource_type, &code, &parts, &mut hashes, &mut rows);
                 }
-                SearchValue::Token {
-                    system,
-                    code: token,
-                } => {
-                    if let Some(token) = &token {
-                        hashes.insert(digest(&code, ValueKind::Code, token));
-                        match &system {
-                            Some(system) => hashes.insert(digest(
-                                &code,
-                                ValueKind::SystemCode,
-                                &format!("{system}|{token}"),
-                            )),
-                            None => {
-                                hashes.insert(digest(&code, ValueKind::CodeWithoutSystem, token))
-                            }
-                        };
-                    }
-                    if let Some(system) = &system {
-                        hashes.insert(digest(&code, ValueKind::System, system));
-                    }
-                }
-                SearchValue::Reference(reference) => match self.reference_target(&reference) {
-                    ReferenceTarget::Local {
-                        resource_type: t,
-                        id,
-                    } => {
-                        hashes.insert(digest(&code, ValueKind::Reference, &format!("{t}/{id}")));
-                        hashes.insert(digest(&code, ValueKind::ReferenceId, &id));
-                    }
-                    ReferenceTarget::External(url) => {
-                        hashes.insert(digest(&code, ValueKind::Reference, &url));
-                    }
-                    ReferenceTarget::Unusable => {}
+                value => match self.range_row(resource_type, &code, &value, None) {
+                    Some(row) => row.push_to(&mut rows),
+                    None => hashes.extend(
+                        self.stored_forms(&value)
+                            .iter()
+                            .map(|(kind, text)| self.digest(resource_type, &code, *kind, text)),
+                    ),
                 },
-                SearchValue::Uri(uri) => {
-                    hashes.insert(digest(&code, ValueKind::Uri, &uri));
-                }
-                SearchValue::Date { low, high } => rows.dates.push(DateRow {
-                    param: code.clone(),
-                    low,
-                    high,
-                }),
-                SearchValue::Number(value) => rows.numbers.push(NumberRow {
-                    param: code.clone(),
-                    value,
-                    unit_system_code: None,
-                    unit_code: None,
-                }),
-                SearchValue::Quantity {
-                    value,
-                    system,
-                    code: unit_code,
-                    unit,
-                } => rows.numbers.push(NumberRow {
-                    param: code.clone(),
-                    value,
-                    unit_system_code: system.as_deref().zip(unit_code.as_deref()).map(|(s, c)| {
-                        digest(&code, ValueKind::UnitSystemCode, &format!("{s}|{c}"))
-                    }),
-                    unit_code: unit_code
-                        .as_deref()
-                        .or(unit.as_deref())
-                        .map(|c| digest(&code, ValueKind::UnitCode, c)),
-                }),
             }
         }
         rows.hashes = hashes.into_iter().collect();
         rows
+    }
+
+    /// The rows of one composite tuple (search.html#composite). When every component is
+    /// hashable: one digest per combination of the components' searchable forms
+    /// (`system|code`, `code`, … of a token; every prefix of a string). Otherwise the last
+    /// component's date or number row, once per combination of the leading components' forms,
+    /// carrying that combination's digest.
+    fn composite_rows(
+        &self,
+        resource_type: &str,
+        code: &str,
+        parts: &[SearchValue],
+        hashes: &mut BTreeSet<Digest>,
+        rows: &mut IndexRows,
+    ) {
+        let Some((last, leading)) = parts.split_last() else {
+            return;
+        };
+        // A composite query takes no `:exact`, so whole-text forms would never be asked for.
+        let forms = |value: &SearchValue| -> Vec<(ValueKind, String)> {
+            self.stored_forms(value)
+                .into_iter()
+                .filter(|(kind, _)| *kind != ValueKind::Exact)
+                .collect()
+        };
+        let mut lists: Vec<_> = leading.iter().map(forms).collect();
+        let ranged = matches!(
+            last,
+            SearchValue::Date { .. } | SearchValue::Number(_) | SearchValue::Quantity { .. }
+        );
+        if !ranged {
+            lists.push(forms(last));
+            for tuple in combinations(&lists) {
+                hashes.insert(self.digest_tuple(resource_type, code, &tuple));
+            }
+            return;
+        }
+        for tuple in combinations(&lists) {
+            let lead = self.digest_tuple(resource_type, code, &tuple);
+            if let Some(row) = self.range_row(resource_type, code, last, Some(lead)) {
+                row.push_to(rows);
+            }
+        }
+    }
+
+    /// The date or number row of a date, number or quantity value (`None` for the others,
+    /// which are hashed).
+    fn range_row(
+        &self,
+        resource_type: &str,
+        code: &str,
+        value: &SearchValue,
+        lead: Option<Digest>,
+    ) -> Option<RangeRow> {
+        let param = code.to_owned();
+        Some(match value {
+            SearchValue::Date { low, high } => RangeRow::Date(DateRow {
+                param,
+                low: *low,
+                high: *high,
+                lead,
+            }),
+            SearchValue::Number(value) => RangeRow::Number(NumberRow {
+                param,
+                value: *value,
+                unit_system_code: None,
+                unit_code: None,
+                lead,
+            }),
+            SearchValue::Quantity {
+                value,
+                system,
+                code: unit_code,
+                unit,
+            } => RangeRow::Number(NumberRow {
+                param,
+                value: *value,
+                unit_system_code: system.as_deref().zip(unit_code.as_deref()).map(|(s, c)| {
+                    self.digest(
+                        resource_type,
+                        code,
+                        ValueKind::UnitSystemCode,
+                        &format!("{s}|{c}"),
+                    )
+                }),
+                unit_code: unit_code
+                    .as_deref()
+                    .or(unit.as_deref())
+                    .map(|c| self.digest(resource_type, code, ValueKind::UnitCode, c)),
+                lead,
+            }),
+            _ => return None,
+        })
+    }
+
+    /// The forms under which a stored string, token, reference or uri value is found
+    /// (search.html#string, #token, #reference): every normalized prefix and the exact text;
+    /// `code`, `system|code` or `|code`, and `system|`; `Type/id` and the id; the uri.
+    fn stored_forms(&self, value: &SearchValue) -> Vec<(ValueKind, String)> {
+        let mut forms = Vec::new();
+        match value {
+            SearchValue::String(text) => {
+                let normalized = normalize_string(text);
+                forms.extend(
+                    prefixes(&normalized).map(|prefix| (ValueKind::Prefix, prefix.to_owned())),
+                );
+                forms.push((ValueKind::Exact, text.clone()));
+            }
+            SearchValue::Token { system, code } => {
+                if let Some(code) = code {
+                    forms.push((ValueKind::Code, code.clone()));
+                    forms.push(match system {
+                        Some(system) => (ValueKind::SystemCode, format!("{system}|{code}")),
+                        None => (ValueKind::CodeWithoutSystem, code.clone()),
+                    });
+                }
+                if let Some(system) = system {
+                    forms.push((ValueKind::System, system.clone()));
+                }
+            }
+            SearchValue::Reference(reference) => match self.reference_target(reference) {
+                ReferenceTarget::Local { resource_type, id } => {
+                    forms.push((ValueKind::Reference, format!("{resource_type}/{id}")));
+                    forms.push((ValueKind::ReferenceId, id));
+                }
+                ReferenceTarget::External(url) => forms.push((ValueKind::Reference, url)),
+                ReferenceTarget::Unusable => {}
+            },
+            SearchValue::Uri(uri) => forms.push((ValueKind::Uri, uri.clone())),
+            SearchValue::Date { .. }
+            | SearchValue::Number(_)
+            | SearchValue::Quantity { .. }
+            | SearchValue::Composite(_) => {}
+        }
+        forms
+    }
+
+    /// The one form a search value of a string, token, reference or uri is looked up by;
+    /// `None` when it can match nothing. Strings give their prefix within the index's bound.
+    fn query_form(
+        &self,
+        value: &FilterValue,
+        target_type: Option<&str>,
+    ) -> Option<(ValueKind, String)> {
+        Some(match value {
+            FilterValue::String(text) => {
+                let normalized = normalize_string(text);
+                if normalized.is_empty() {
+                    return None;
+                }
+                (ValueKind::Prefix, bounded_prefix(&normalized).to_owned())
+            }
+            FilterValue::Token { system, code } => match (system.as_deref(), code) {
+                (None, Some(code)) => (ValueKind::Code, code.clone()),
+                (Some(""), Some(code)) => (ValueKind::CodeWithoutSystem, code.clone()),
+                (Some(system), Some(code)) => (ValueKind::SystemCode, format!("{system}|{code}")),
+                (Some(system), None) => (ValueKind::System, system.to_owned()),
+                (None, None) => return None,
+            },
+            FilterValue::Reference(value) => match self.reference_target(value) {
+                ReferenceTarget::Local { resource_type, id } => {
+                    if target_type.is_some_and(|t| t != resource_type) {
+                        return None;
+                    }
+                    (ValueKind::Reference, format!("{resource_type}/{id}"))
+                }
+                ReferenceTarget::External(url) => (ValueKind::Reference, url),
+                ReferenceTarget::Unusable => match target_type {
+                    Some(t) => (ValueKind::Reference, format!("{t}/{value}")),
+                    None => (ValueKind::ReferenceId, value.clone()),
+                },
+            },
+            FilterValue::Uri(uri) => (ValueKind::Uri, uri.clone()),
+            _ => return None,
+        })
+    }
+
+    fn digest_tuple(
+        &self,
+        resource_type: &str,
+        code: &str,
+        tuple: &[(ValueKind, String)],
+    ) -> Digest {
+        let parts: Vec<(ValueKind, &str)> = tuple
+            .iter()
+            .map(|(kind, text)| (*kind, text.as_str()))
+            .collect();
+        self.key.digest_tuple(resource_type, code, &parts)
     }
 
     /// What a literal reference points at, relative to this server.
@@ -205,32 +334,51 @@ impl SearchIndex {
         self.key.digest(resource_type, code, kind, value)
     }
 
-    /// Digests of a reference search value on each searched type.
-    fn reference_digests(
-        &self,
-        resource_types: &[String],
-        code: &str,
-        value: &str,
-        target_type: Option<&str>,
-    ) -> Vec<Digest> {
-        let (kind, text) = match self.reference_target(value) {
-            ReferenceTarget::Local { resource_type, id } => {
-                if target_type.is_some_and(|t| t != resource_type) {
-                    return Vec::new();
-                }
-                (ValueKind::Reference, format!("{resource_type}/{id}"))
-            }
-            ReferenceTarget::External(url) => (ValueKind::Reference, url),
-            ReferenceTarget::Unusable => match target_type {
-                Some(t) => (ValueKind::Reference, format!("{t}/{value}")),
-                None => (ValueKind::ReferenceId, value.to_owned()),
+    /// Whether a stored component value passes a component of a composite alternative
+    /// (after decryption, for string terms beyond the index's prefix bound).
+    fn component_passes(&self, check: &ComponentCheck, stored: &SearchValue) -> bool {
+        match check {
+            ComponentCheck::StartsWith(term) => match stored {
+                SearchValue::String(text) => normalize_string(text).starts_with(term.as_str()),
+                _ => false,
             },
-        };
-        resource_types
-            .iter()
-            .map(|t| self.digest(t, code, kind, &text))
-            .collect()
+            ComponentCheck::Form(value) => self
+                .query_form(value, None)
+                .is_some_and(|form| self.stored_forms(stored).contains(&form)),
+            ComponentCheck::Matched => true,
+        }
     }
+}
+
+/// A date or number row of the index.
+enum RangeRow {
+    Date(DateRow),
+    Number(NumberRow),
+}
+
+impl RangeRow {
+    fn push_to(self, rows: &mut IndexRows) {
+        match self {
+            Self::Date(row) => rows.dates.push(row),
+            Self::Number(row) => rows.numbers.push(row),
+        }
+    }
+}
+
+/// Every way to pick one item from each list, in order (none when a list is empty).
+fn combinations<T: Clone>(lists: &[Vec<T>]) -> Vec<Vec<T>> {
+    lists.iter().fold(vec![Vec::new()], |heads, list| {
+        heads
+            .iter()
+            .flat_map(|head| {
+                list.iter().map(move |item| {
+                    let mut next = head.clone();
+                    next.push(item.clone());
+                    next
+                })
+            })
+            .collect()
+    })
 }
 
 /// Whether a reference's first segment can be a resource type name (`Patient`), as
@@ -282,10 +430,43 @@ impl SearchPage {
 
 /// A string term longer than the index's prefix bound, checked after decryption.
 #[derive(Debug, Clone)]
-struct LongTermCheck {
-    code: String,
-    /// Normalized alternatives; a resource passes if any value of `code` starts with one.
-    terms: Vec<String>,
+enum LongTermCheck {
+    Strings {
+        code: String,
+        /// Normalized alternatives; a resource passes if any value of `code` starts with one.
+        terms: Vec<String>,
+    },
+    /// A composite with a string component: a resource passes if one of its tuples of
+    /// `code` matches one of these alternatives in every component.
+    Tuples {
+        code: String,
+        tuples: Vec<Vec<ComponentCheck>>,
+    },
+}
+
+/// One component of a composite alternative, as checked after decryption.
+#[derive(Debug, Clone)]
+enum ComponentCheck {
+    /// A normalized string term: the stored text must start with it.
+    StartsWith(String),
+    /// A token (or other hashable) value: the stored value must have this form.
+    Form(FilterValue),
+    /// A date or number, already matched by the database on the same row (a composite
+    /// with a string component has no date or number component: the index plan refuses
+    /// that shape).
+    Matched,
+}
+
+impl ComponentCheck {
+    fn of(value: &FilterValue) -> Self {
+        match value {
+            FilterValue::String(text) => Self::StartsWith(normalize_string(text)),
+            FilterValue::Token { .. } | FilterValue::Reference(_) | FilterValue::Uri(_) => {
+                Self::Form(value.clone())
+            }
+            _ => Self::Matched,
+        }
+    }
 }
 
 /// Paging direction and position, carried in `_cursor`. Sealed with the master key
@@ -631,6 +812,8 @@ impl ResourceService {
                             SearchValue::Number(value) | SearchValue::Quantity { value, .. } => {
                                 Some(SortValue::Float(value))
                             }
+                            // Composites are refused as sort keys.
+                            SearchValue::Composite(_) => None,
                         });
                     if key.descending {
                         values.max_by(compare_sort_value)
@@ -699,21 +882,34 @@ impl ResourceService {
         let Ok(json) = serde_json::from_str::<Value>(&resource.json) else {
             return false;
         };
-        checks.iter().all(|check| {
-            self.search_index()
+        let index = self.search_index();
+        let values = |code: &str| {
+            index
                 .plan()
-                .extract_param(resource.resource_type.as_str(), &check.code, &json)
-                .iter()
-                .any(|value| match value {
-                    SearchValue::String(text) => {
-                        let normalized = normalize_string(text);
-                        check
-                            .terms
+                .extract_param(resource.resource_type.as_str(), code, &json)
+        };
+        checks.iter().all(|check| match check {
+            LongTermCheck::Strings { code, terms } => values(code).iter().any(|value| {
+                let SearchValue::String(text) = value else {
+                    return false;
+                };
+                let normalized = normalize_string(text);
+                terms
+                    .iter()
+                    .any(|term| normalized.starts_with(term.as_str()))
+            }),
+            LongTermCheck::Tuples { code, tuples } => values(code).iter().any(|value| {
+                let SearchValue::Composite(parts) = value else {
+                    return false;
+                };
+                tuples.iter().any(|tuple| {
+                    tuple.len() == parts.len()
+                        && tuple
                             .iter()
-                            .any(|term| normalized.starts_with(term.as_str()))
-                    }
-                    _ => false,
+                            .zip(parts)
+                            .all(|(check, part)| index.component_passes(check, part))
                 })
+            }),
         })
     }
 
@@ -1073,62 +1269,36 @@ fn filter_condition(
     match filter.param_type {
         ParamType::Date => Condition::Date {
             param: code.to_owned(),
+            lead: None,
             tests: filter.values.iter().filter_map(date_test).collect(),
         },
         ParamType::Number | ParamType::Quantity => Condition::Number {
             param: code.to_owned(),
+            lead: None,
             tests: filter
                 .values
                 .iter()
                 .filter_map(|value| number_test(index, resource_types, code, value))
                 .collect(),
         },
+        ParamType::Composite => composite_condition(index, resource_types, filter, checks),
         _ => {
             let mut digests = Vec::new();
-            let mut long_terms = Vec::new();
+            let mut long_terms = false;
             for value in &filter.values {
-                match value {
-                    FilterValue::String(text) if filter.modifier == Modifier::Exact => {
+                if let FilterValue::String(text) = value {
+                    if filter.modifier == Modifier::Exact {
                         digests.extend(digests_for(ValueKind::Exact, text));
+                        continue;
                     }
-                    FilterValue::String(text) => {
-                        let normalized = normalize_string(text);
-                        let prefix = bounded_prefix(&normalized);
-                        if prefix.len() < normalized.len() {
-                            long_terms.push(normalized.clone());
-                        }
-                        if !normalized.is_empty() {
-                            digests.extend(digests_for(ValueKind::Prefix, prefix));
-                        }
-                    }
-                    FilterValue::Token {
-                        system,
-                        code: token,
-                    } => match (system.as_deref(), token) {
-                        (None, Some(token)) => digests.extend(digests_for(ValueKind::Code, token)),
-                        (Some(""), Some(token)) => {
-                            digests.extend(digests_for(ValueKind::CodeWithoutSystem, token))
-                        }
-                        (Some(system), Some(token)) => digests.extend(digests_for(
-                            ValueKind::SystemCode,
-                            &format!("{system}|{token}"),
-                        )),
-                        (Some(system), None) => {
-                            digests.extend(digests_for(ValueKind::System, system))
-                        }
-                        (None, None) => {}
-                    },
-                    FilterValue::Reference(reference) => digests.extend(index.reference_digests(
-                        resource_types,
-                        code,
-                        reference,
-                        filter.target_type.as_deref(),
-                    )),
-                    FilterValue::Uri(uri) => digests.extend(digests_for(ValueKind::Uri, uri)),
-                    _ => {}
+                    let normalized = normalize_string(text);
+                    long_terms |= bounded_prefix(&normalized).len() < normalized.len();
+                }
+                if let Some((kind, text)) = index.query_form(value, filter.target_type.as_deref()) {
+                    digests.extend(digests_for(kind, &text));
                 }
             }
-            if !long_terms.is_empty() {
+            if long_terms {
                 // Terms within the bound need no check: every alternative must be long
                 // for the check to be exact, so short ones are kept as full terms too.
                 let terms = filter
@@ -1139,7 +1309,7 @@ fn filter_condition(
                         _ => None,
                     })
                     .collect();
-                checks.push(LongTermCheck {
+                checks.push(LongTermCheck::Strings {
                     code: code.to_owned(),
                     terms,
                 });
@@ -1150,6 +1320,82 @@ fn filter_condition(
                 Condition::HasAny(digests)
             }
         }
+    }
+}
+
+/// A composite's alternatives (search.html#composite): tuples of hashable components match
+/// one digest each; a tuple ending in a date, number or quantity matches a row of that
+/// value carrying the leading components' digest. A string component longer than the
+/// index's prefix bound is checked in full after decryption.
+fn composite_condition(
+    index: &SearchIndex,
+    resource_types: &[String],
+    filter: &Filter,
+    checks: &mut Vec<LongTermCheck>,
+) -> Condition {
+    let code = filter.code.as_str();
+    let tuple_digests = |forms: &[(ValueKind, String)]| -> Vec<Digest> {
+        resource_types
+            .iter()
+            .map(|t| index.digest_tuple(t, code, forms))
+            .collect()
+    };
+    let mut digests = Vec::new();
+    let mut ranges = Vec::new();
+    let mut long_terms = false;
+    let mut tuples = Vec::new();
+    for value in &filter.values {
+        let FilterValue::Composite(parts) = value else {
+            continue;
+        };
+        let Some((last, leading)) = parts.split_last() else {
+            continue;
+        };
+        let forms: Option<Vec<_>> = leading.iter().map(|p| index.query_form(p, None)).collect();
+        // A component that can match nothing (an empty string) makes the tuple match nothing.
+        let Some(mut forms) = forms else {
+            continue;
+        };
+        tuples.push(parts.iter().map(ComponentCheck::of).collect());
+        match last {
+            FilterValue::Date { .. } => {
+                ranges.extend(date_test(last).map(|test| Condition::Date {
+                    param: code.to_owned(),
+                    lead: Some(tuple_digests(&forms)),
+                    tests: vec![test],
+                }))
+            }
+            FilterValue::Number { .. } | FilterValue::Quantity { .. } => {
+                ranges.extend(number_test(index, resource_types, code, last).map(|test| {
+                    Condition::Number {
+                        param: code.to_owned(),
+                        lead: Some(tuple_digests(&forms)),
+                        tests: vec![test],
+                    }
+                }))
+            }
+            hashable => {
+                if let FilterValue::String(text) = hashable {
+                    let normalized = normalize_string(text);
+                    long_terms |= bounded_prefix(&normalized).len() < normalized.len();
+                }
+                if let Some(form) = index.query_form(hashable, None) {
+                    forms.push(form);
+                    digests.extend(tuple_digests(&forms));
+                }
+            }
+        }
+    }
+    if long_terms {
+        checks.push(LongTermCheck::Tuples {
+            code: code.to_owned(),
+            tuples,
+        });
+    }
+    if ranges.is_empty() {
+        Condition::HasAny(digests)
+    } else {
+        Condition::AnyOf(ranges)
     }
 }
 

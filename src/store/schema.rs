@@ -76,6 +76,7 @@ diesel::table! {
         param -> Text,
         low -> BigInt,
         high -> BigInt,
+        lead -> Nullable<Binary>,
     }
 }
 
@@ -87,6 +88,7 @@ diesel::table! {
         value -> Double,
         unit_system_code -> Nullable<Binary>,
         unit_code -> Nullable<Binary>,
+        lead -> Nullable<Binary>,
     }
 }
 

@@ -34,6 +34,8 @@ pub struct DateRow {
     pub param: String,
     pub low: i64,
     pub high: i64,
+    /// For a composite: the digest of its leading components' value on the same node.
+    pub lead: Option<Digest>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +44,8 @@ pub struct NumberRow {
     pub value: f64,
     pub unit_system_code: Option<Digest>,
     pub unit_code: Option<Digest>,
+    /// For a composite: the digest of its leading components' value on the same node.
+    pub lead: Option<Digest>,
 }
 
 /// Removes the index rows of resource `seq` (before its new version's rows go in).
@@ -83,11 +87,12 @@ pub fn insert_index(
             Bind::Text(row.param.clone()),
             Bind::BigInt(row.low),
             Bind::BigInt(row.high),
+            Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
         ]
     });
     insert_rows(
         conn,
-        "search_dates (resource_seq, resource_type, param, low, high)",
+        "search_dates (resource_seq, resource_type, param, low, high, lead)",
         "",
         dates,
     )?;
@@ -99,11 +104,12 @@ pub fn insert_index(
             Bind::Double(row.value),
             Bind::OptionalBytes(row.unit_system_code.map(|d| d.to_vec())),
             Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())),
+            Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
         ]
     });
     insert_rows(
         conn,
-        "search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code)",
+        "search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code, lead)",
         "",
         numbers,
     )
@@ -178,14 +184,18 @@ pub enum Condition {
     HasAny(Vec<Digest>),
     /// The resource has none of these digests.
     HasNone(Vec<Digest>),
-    /// A date of `param` passes any of the tests.
+    /// A date of `param` passes any of the tests; with `lead`, a date whose row carries one
+    /// of those digests (a composite's leading components on the same node).
     Date {
         param: String,
+        lead: Option<Vec<Digest>>,
         tests: Vec<RangeTest<i64>>,
     },
-    /// A number or quantity of `param` passes any of the tests (with the unit, if given).
+    /// A number or quantity of `param` passes any of the tests (with the unit, if given);
+    /// `lead` as for dates.
     Number {
         param: String,
+        lead: Option<Vec<Digest>>,
         tests: Vec<NumberTest>,
     },
     LastUpdated(Vec<RangeTest<i64>>),
@@ -597,13 +607,14 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             sql.bind_list(digests.iter().map(|digest| Bind::Bytes(digest.to_vec())));
             sql.push("))");
         }
-        Condition::Date { param, tests } => {
-            // Probed per candidate through (resource_seq, param): the other conditions
+        Condition::Date { param, lead, tests } => {
+            // Probed per candidate through (resource_seq, param, lead): the other conditions
             // (a patient's reference, say) usually narrow the candidates far more.
             sql.push(
                 "EXISTS (SELECT 1 FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = ",
             );
             sql.bind(Bind::Text(param.clone()));
+            lead_sql(sql, "d.lead", lead.as_deref());
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {
                 if i > 0 {
@@ -613,9 +624,10 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             }
             sql.push("))");
         }
-        Condition::Number { param, tests } => {
+        Condition::Number { param, lead, tests } => {
             sql.push("EXISTS (SELECT 1 FROM search_numbers n WHERE n.resource_seq = r.seq AND n.param = ");
             sql.bind(Bind::Text(param.clone()));
+            lead_sql(sql, "n.lead", lead.as_deref());
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {
                 if i > 0 {
@@ -674,6 +686,20 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
         }
         Condition::Nothing => sql.push("1 = 0"),
     }
+}
+
+/// ` AND {column} IN (…)` when the condition names leading-component digests.
+fn lead_sql(sql: &mut Sql, column: &str, lead: Option<&[Digest]>) {
+    let Some(lead) = lead else {
+        return;
+    };
+    if lead.is_empty() {
+        sql.push(" AND 1 = 0");
+        return;
+    }
+    sql.push(&format!(" AND {column} IN ("));
+    sql.bind_list(lead.iter().map(|digest| Bind::Bytes(digest.to_vec())));
+    sql.push(")");
 }
 
 /// A stored range `[low_col, high_col)` against a searched range (search.html#prefix).

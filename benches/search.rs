@@ -729,6 +729,15 @@ fn run(
             stats.seconds,
             stats.resources as f64 / stats.seconds
         );
+        let per_resource = |table: &str| {
+            count(url, &format!("SELECT COUNT(*) AS n FROM {table}")) as f64 / in_db as f64
+        };
+        println!(
+            "  index rows per resource: {:.1} digests, {:.1} dates, {:.1} numbers",
+            per_resource("search_hashes"),
+            per_resource("search_dates"),
+            per_resource("search_numbers")
+        );
         report.loads.push((format!("{from} → {in_db}"), stats));
         // Planner statistics, as a database's autovacuum (or SQLite's `PRAGMA optimize`)
         // would have them after a bulk load; this machine's PostgreSQL runs without

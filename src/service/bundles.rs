@@ -4,7 +4,7 @@
 //! the entries in the order the spec gives. A transaction is one database transaction: its
 //! ledger entries commit with it or not at all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest as _, Sha256};
 
@@ -241,9 +241,9 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let result = this.transact(describe(&operation), |tx| {
-                let resolved = this.resolve(tx, &operation)?;
+                let resolved = this.resolve(tx, &operation, None)?;
                 let operation = this.rewrite(tx, &operation, &Resolution::default())?;
-                let (outcome, receipt) = this.run_in(tx, &ctx, &operation, resolved)?;
+                let (outcome, receipt) = this.run_in(tx, &ctx, &operation, resolved, None)?;
                 Ok((outcome, receipt))
             });
             match result {
@@ -325,9 +325,9 @@ impl ResourceService {
             .map(|entry| {
                 let operation = self.plan_entry(entry, handling)?;
                 let result = self.transact(describe(&operation), |tx| {
-                    let resolved = self.resolve(tx, &operation)?;
+                    let resolved = self.resolve(tx, &operation, None)?;
                     let operation = self.rewrite(tx, &operation, &Resolution::default())?;
-                    self.run_in(tx, ctx, &operation, resolved)
+                    self.run_in(tx, ctx, &operation, resolved, None)
                 });
                 match result {
                     Ok((outcome, receipt)) => {
@@ -359,6 +359,20 @@ impl ResourceService {
             .collect::<Result<Vec<_>, _>>()?;
         let mut order: Vec<usize> = (0..entries.len()).collect();
         order.sort_by_key(|&i| entries[i].method.transaction_rank());
+        let fresh_ids: Vec<Option<ResourceId>> = operations
+            .iter()
+            .map(|operation| {
+                matches!(
+                    operation,
+                    Operation::Create {
+                        if_none_exist: None,
+                        ..
+                    }
+                )
+                .then(ResourceId::generate)
+            })
+            .collect();
+        let prepared = self.prepare_creates(ctx, entries, &operations, &fresh_ids);
 
         let mut failed_at = 0;
         let result = self.transact("the resources of this transaction", |tx| {
@@ -368,7 +382,8 @@ impl ResourceService {
             let mut resolved = vec![Resolved::Nothing; entries.len()];
             for &index in &order {
                 failed_at = index;
-                resolved[index] = self.resolve(tx, &operations[index])?;
+                resolved[index] =
+                    self.resolve(tx, &operations[index], fresh_ids[index].as_ref())?;
                 if let (Some(full_url), Some(reference)) =
                     (&entries[index].full_url, resolved[index].reference())
                 {
@@ -379,9 +394,20 @@ impl ResourceService {
             let mut last_receipt = None;
             for &index in &order {
                 failed_at = index;
-                let operation = self.rewrite(tx, &operations[index], &resolution)?;
-                let (outcome, receipt) =
-                    self.run_in(tx, ctx, &operation, resolved[index].clone())?;
+                let (outcome, receipt) = match &prepared[index] {
+                    // Its references were rewritten when it was prepared.
+                    Some(kind) => self.run_in(
+                        tx,
+                        ctx,
+                        &operations[index],
+                        resolved[index].clone(),
+                        Some(kind),
+                    )?,
+                    None => {
+                        let operation = self.rewrite(tx, &operations[index], &resolution)?;
+                        self.run_in(tx, ctx, &operation, resolved[index].clone(), None)?
+                    }
+                };
                 last_receipt = Some(receipt);
                 outcomes[index] = Some(outcome);
             }
@@ -413,15 +439,89 @@ impl ResourceService {
         }
     }
 
+    /// Prepares, before the transaction takes the write lock, the creates of a transaction
+    /// whose ids are fresh (`fresh_ids`) and whose references all resolve without the
+    /// database: to other entries whose targets are known up front (fresh ids, `Type/id`
+    /// URLs) or to nothing in the Bundle. The rest are prepared inside the transaction.
+    fn prepare_creates(
+        &self,
+        ctx: &RequestContext,
+        entries: &[RequestEntry],
+        operations: &[Operation],
+        fresh_ids: &[Option<ResourceId>],
+    ) -> Vec<Option<WriteKind>> {
+        let mut known: HashMap<&str, String> = HashMap::new();
+        let mut unknown: HashSet<&str> = HashSet::new();
+        for ((entry, operation), fresh_id) in entries.iter().zip(operations).zip(fresh_ids) {
+            let Some(full_url) = entry.full_url.as_deref() else {
+                continue;
+            };
+            match known_target(operation, fresh_id.as_ref()) {
+                Some(Some(reference)) => {
+                    known.insert(full_url, reference);
+                }
+                Some(None) => {}
+                None => {
+                    unknown.insert(full_url);
+                }
+            }
+        }
+        operations
+            .iter()
+            .zip(fresh_ids)
+            .map(|(operation, fresh_id)| {
+                let (
+                    Operation::Create {
+                        resource_type,
+                        compact_json,
+                        ..
+                    },
+                    Some(id),
+                ) = (operation, fresh_id)
+                else {
+                    return None;
+                };
+                let mut needs_database = false;
+                let rewritten = rewrite_references(compact_json, |reference| {
+                    if let Some(local) = known.get(reference) {
+                        return Some(local.clone());
+                    }
+                    needs_database |= unknown.contains(reference)
+                        || reference.starts_with("urn:")
+                        || reference.contains('?');
+                    None
+                })
+                .ok()?;
+                if needs_database {
+                    return None;
+                }
+                // A failure here is met again, and reported, inside the transaction.
+                let prepared = self
+                    .prepare_create(ctx, resource_type, id, &rewritten)
+                    .ok()?;
+                Some(WriteKind::Prepared(Box::new(prepared)))
+            })
+            .collect()
+    }
+
     /// Decides which resource an operation applies to (conditional matches, new ids).
-    fn resolve(&self, tx: &mut DbConnection, operation: &Operation) -> Result<Resolved, TxError> {
+    /// A create without a condition takes `fresh_id` when given one.
+    fn resolve(
+        &self,
+        tx: &mut DbConnection,
+        operation: &Operation,
+        fresh_id: Option<&ResourceId>,
+    ) -> Result<Resolved, TxError> {
         Ok(match operation {
             Operation::Create {
                 resource_type,
                 if_none_exist,
                 ..
             } => match if_none_exist {
-                None => Resolved::New(resource_type.clone(), ResourceId::generate()),
+                None => Resolved::New(
+                    resource_type.clone(),
+                    fresh_id.cloned().unwrap_or_else(ResourceId::generate),
+                ),
                 Some(condition) => match self.single_match(tx, condition, "If-None-Exist")? {
                     Some(existing) => Resolved::Existing(existing),
                     None => Resolved::New(resource_type.clone(), ResourceId::generate()),
@@ -627,6 +727,7 @@ impl ResourceService {
         ctx: &RequestContext,
         operation: &Operation,
         resolved: Resolved,
+        prepared: Option<&WriteKind>,
     ) -> Result<(Outcome, String), TxError> {
         match (operation, resolved) {
             (_, Resolved::Existing(existing)) => {
@@ -647,12 +748,19 @@ impl ResourceService {
                 Ok((Outcome::Existing(existing), receipt))
             }
             (Operation::Create { compact_json, .. }, Resolved::New(resource_type, id)) => {
-                let kind = WriteKind::Content {
-                    compact_json: compact_json.clone(),
-                    method: "POST",
+                let content;
+                let kind = match prepared {
+                    Some(prepared) => prepared,
+                    None => {
+                        content = WriteKind::Content {
+                            compact_json: compact_json.clone(),
+                            method: "POST",
+                        };
+                        &content
+                    }
                 };
                 let (written, receipt) =
-                    self.write_once(tx, ctx, &resource_type, &id, None, &kind)?;
+                    self.write_once(tx, ctx, &resource_type, &id, None, kind)?;
                 let outcome = written.into_content()?;
                 Ok((
                     Outcome::Written {
@@ -820,6 +928,35 @@ impl ResourceService {
                 self.ledger().append(ctx, event).map(|_| ())
             }
         }
+    }
+}
+
+/// The local reference an operation's entry will resolve to, when that is known before the
+/// transaction: `Some(None)` when it resolves to nothing, `None` when only the database can
+/// tell (conditional targets). Must agree with [`ResourceService::resolve`].
+fn known_target(operation: &Operation, fresh_id: Option<&ResourceId>) -> Option<Option<String>> {
+    match operation {
+        Operation::Create { resource_type, .. } => {
+            fresh_id.map(|id| Some(format!("{resource_type}/{id}")))
+        }
+        Operation::Update {
+            resource_type,
+            target: Target::Id(id),
+            ..
+        }
+        | Operation::Delete {
+            resource_type,
+            target: Target::Id(id),
+            ..
+        }
+        | Operation::Patch {
+            resource_type, id, ..
+        }
+        | Operation::Read {
+            resource_type, id, ..
+        } => Some(Some(format!("{resource_type}/{id}"))),
+        Operation::Search(_) => Some(None),
+        Operation::Update { .. } | Operation::Delete { .. } => None,
     }
 }
 

@@ -20,6 +20,14 @@ use super::resources::now_micros;
 /// Most entries one page of `GET /ledger/entries` returns.
 pub const MAX_ENTRIES_PAGE: i64 = 1000;
 
+/// A signed entry not yet stored: what [`LedgerService::store_in`] writes.
+#[derive(Debug, Clone)]
+pub struct PendingEntry {
+    entry: SignedEntry,
+    /// When it was signed (µs since the epoch), the pending row's `created_at`.
+    signed_at: i64,
+}
+
 /// What happened, to be recorded.
 #[derive(Debug, Clone)]
 pub struct LedgerEvent {
@@ -125,9 +133,30 @@ impl LedgerService {
         ctx: &RequestContext,
         event: LedgerEvent,
     ) -> Result<String, AppError> {
-        let (signed, now) = self.sign(ctx, event)?;
-        rows::insert_entry(conn, &signed.receipt, &signed.leaf_data, now).map_err(unavailable)?;
-        Ok(signed.receipt)
+        let signed = self.sign_event(ctx, event)?;
+        Self::store_in(conn, &signed)
+    }
+
+    /// Builds and signs the entry for `event` without storing it: a write signs its entry
+    /// before taking the database's write lock, and stores it with [`Self::store_in`].
+    pub(crate) fn sign_event(
+        &self,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<PendingEntry, AppError> {
+        let (entry, signed_at) = self.sign(ctx, event)?;
+        Ok(PendingEntry { entry, signed_at })
+    }
+
+    /// Stores a signed entry as pending inside the caller's transaction. Returns the receipt.
+    pub(crate) fn store_in(
+        conn: &mut DbConnection,
+        pending: &PendingEntry,
+    ) -> Result<String, AppError> {
+        let PendingEntry { entry, signed_at } = pending;
+        rows::insert_entry(conn, &entry.receipt, &entry.leaf_data, *signed_at)
+            .map_err(unavailable)?;
+        Ok(entry.receipt.clone())
     }
 
     /// Builds and signs the entry for `event`.

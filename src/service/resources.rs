@@ -20,7 +20,7 @@ use crate::store::search::{self as search_rows, IndexRows};
 use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
-use super::ledger::{LedgerEvent, LedgerService};
+use super::ledger::{LedgerEvent, LedgerService, PendingEntry};
 use super::search::SearchIndex;
 
 /// How often a write is retried after losing a race to a concurrent writer of the same
@@ -124,6 +124,23 @@ pub(super) enum WriteKind {
     Patch {
         patch: json_patch::Patch,
     },
+    /// Content prepared as the first version of a new resource before the transaction
+    /// began; written as plain content if the resource exists by then.
+    Prepared(Box<PreparedVersion>),
+}
+
+impl WriteKind {
+    /// The content to write and the method writing it; `None` for a delete or a patch.
+    fn content(&self) -> Option<(&str, &'static str)> {
+        match self {
+            Self::Content {
+                compact_json,
+                method,
+            } => Some((compact_json, method)),
+            Self::Prepared(prepared) => Some((&prepared.compact_json, prepared.method)),
+            Self::Delete | Self::Patch { .. } => None,
+        }
+    }
 }
 
 /// What a write transaction did.
@@ -211,10 +228,9 @@ impl ResourceService {
         blocking(move || {
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             let id = ResourceId::generate();
-            let kind = WriteKind::Content {
-                compact_json: validated.compact_json,
-                method: "POST",
-            };
+            let prepared =
+                this.prepare_create(&ctx, &resource_type, &id, &validated.compact_json)?;
+            let kind = WriteKind::Prepared(Box::new(prepared));
             this.write(&ctx, &resource_type, &id, None, kind)?
                 .into_content()
         })
@@ -693,7 +709,7 @@ impl ResourceService {
         kind: WriteKind,
     ) -> Result<Written, AppError> {
         let action = match &kind {
-            WriteKind::Content { method: "POST", .. } => "create",
+            WriteKind::Content { method: "POST", .. } | WriteKind::Prepared(_) => "create",
             WriteKind::Content { .. } | WriteKind::Patch { .. } => "update",
             WriteKind::Delete => "delete",
         };
@@ -789,124 +805,188 @@ impl ResourceService {
             (other, _) => other,
         };
 
-        let (row, outcome) = match kind {
-            WriteKind::Content {
-                compact_json,
-                method,
-            } => {
-                let json = document::stamp(compact_json, resource_type, id, meta)
-                    .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;
-                let binding = ResourceBinding {
-                    resource_type: resource_type.as_str(),
-                    id: id.as_str(),
-                    version_id,
-                };
-                let blob = self.envelope.seal(binding, json.as_bytes());
-                let row = VersionRow::with_content(
-                    resource_type.as_str(),
-                    id.as_str(),
-                    version_id,
-                    last_updated,
-                    method,
-                    blob,
-                );
-                let outcome = WriteOutcome {
-                    resource: StoredResource {
-                        resource_type: resource_type.clone(),
-                        id: id.clone(),
-                        meta,
-                        json,
-                    },
-                    created: head.is_none_or(|h| h.deleted),
-                };
-                (row, Written::Content(outcome))
-            }
-            WriteKind::Patch { .. } => {
-                return Err(
-                    AppError::Internal("a patch reached the write unapplied".into()).into(),
-                );
-            }
+        let prepared_here;
+        let prepared = match kind {
+            // Prepared for a first version: usable only if the resource is still new.
+            WriteKind::Prepared(prepared) if head.is_none() => prepared.as_ref(),
             WriteKind::Delete => {
-                match head {
-                    None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
-                    // Already deleted: nothing changes, but the attempt is an interaction
-                    // with the record.
-                    Some(h) if h.deleted => {
-                        let event = LedgerEvent::permit(
-                            "delete",
-                            vec![target(resource_type, id, Some(h.current_version))],
-                            None,
-                        );
-                        let current = VersionMeta {
-                            version_id: h.current_version,
-                            last_updated: h.last_updated,
-                        };
-                        let receipt = self.ledger.append_in(tx, ctx, event)?;
-                        return Ok((
-                            Written::Deleted(DeleteOutcome::AlreadyDeleted(current)),
-                            receipt,
-                        ));
-                    }
-                    Some(_) => {}
-                }
-                (
-                    VersionRow::tombstone(
-                        resource_type.as_str(),
-                        id.as_str(),
-                        version_id,
-                        last_updated,
-                    ),
-                    Written::Deleted(DeleteOutcome::Deleted(meta)),
-                )
+                return self.delete_once(tx, ctx, resource_type, id, head, meta);
+            }
+            other => {
+                let Some((compact_json, method)) = other.content() else {
+                    return Err(
+                        AppError::Internal("a patch reached the write unapplied".into()).into(),
+                    );
+                };
+                let created = head.is_none_or(|h| h.deleted);
+                prepared_here = self.prepare_version(
+                    ctx,
+                    resource_type,
+                    id,
+                    meta,
+                    compact_json,
+                    method,
+                    created,
+                )?;
+                &prepared_here
             }
         };
 
         let seq = match head {
-            None => match rows::insert_first(tx, &row) {
+            None => match rows::insert_first(tx, &prepared.row) {
                 Ok(seq) => seq,
                 Err(StoreError::UniqueViolation) => return Err(TxError::LostRace),
                 Err(other) => return Err(other.into()),
             },
-            Some(h) if rows::advance(tx, h.current_version, &row)? => h.seq,
+            Some(h) if rows::advance(tx, h.current_version, &prepared.row)? => h.seq,
             Some(_) => return Err(TxError::LostRace),
         };
-        // The index always describes the current version; a deletion leaves none.
-        let index_rows = match &outcome {
-            Written::Content(content) => {
-                let parsed: serde_json::Value = serde_json::from_str(&content.resource.json)
-                    .map_err(|e| AppError::Internal(format!("stored JSON does not parse: {e}")))?;
-                self.search.rows(resource_type.as_str(), &parsed)
-            }
-            Written::Deleted(_) => IndexRows::default(),
-        };
+        // The index always describes the current version.
         if head.is_some() {
             search_rows::clear_index(tx, seq)?;
         }
-        search_rows::insert_index(tx, seq, resource_type.as_str(), &index_rows)?;
-        let mut written = target(resource_type, id, Some(version_id));
-        written.content_hash = row.ciphertext.as_deref().map(content_hash);
-        let (action, patient) = match &outcome {
-            Written::Content(written_content) => (
-                if written_content.created {
-                    "create"
-                } else {
-                    "update"
-                },
-                patient_compartment(
-                    resource_type.as_str(),
-                    id.as_str(),
-                    &written_content.resource.json,
-                ),
-            ),
-            Written::Deleted(_) => (
-                "delete",
-                patient_compartment(resource_type.as_str(), id.as_str(), "{}"),
-            ),
-        };
-        let event = LedgerEvent::permit(action, vec![written], patient);
-        let receipt = self.ledger.append_in(tx, ctx, event)?;
-        Ok((outcome, receipt))
+        search_rows::insert_index(tx, seq, resource_type.as_str(), &prepared.index_rows)?;
+        let receipt = LedgerService::store_in(tx, &prepared.entry)?;
+        Ok((Written::Content(prepared.outcome.clone()), receipt))
     }
+
+    /// The deletion half of [`Self::write_once`]: a tombstone version, no index rows.
+    fn delete_once(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        head: Option<ResourceHead>,
+        meta: VersionMeta,
+    ) -> Result<(Written, String), TxError> {
+        let head = match head {
+            None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
+            // Already deleted: nothing changes, but the attempt is an interaction with the
+            // record.
+            Some(h) if h.deleted => {
+                let event = LedgerEvent::permit(
+                    "delete",
+                    vec![target(resource_type, id, Some(h.current_version))],
+                    None,
+                );
+                let current = VersionMeta {
+                    version_id: h.current_version,
+                    last_updated: h.last_updated,
+                };
+                let receipt = self.ledger.append_in(tx, ctx, event)?;
+                return Ok((
+                    Written::Deleted(DeleteOutcome::AlreadyDeleted(current)),
+                    receipt,
+                ));
+            }
+            Some(h) => h,
+        };
+        let row = VersionRow::tombstone(
+            resource_type.as_str(),
+            id.as_str(),
+            meta.version_id,
+            meta.last_updated,
+        );
+        if !rows::advance(tx, head.current_version, &row)? {
+            return Err(TxError::LostRace);
+        }
+        search_rows::clear_index(tx, head.seq)?;
+        let event = LedgerEvent::permit(
+            "delete",
+            vec![target(resource_type, id, Some(meta.version_id))],
+            patient_compartment(resource_type.as_str(), id.as_str(), "{}"),
+        );
+        let receipt = self.ledger.append_in(tx, ctx, event)?;
+        Ok((Written::Deleted(DeleteOutcome::Deleted(meta)), receipt))
+    }
+
+    /// The CPU-heavy half of writing content, which needs no database: stamping `meta` into
+    /// the resource, sealing it, extracting its index rows and signing its ledger entry.
+    /// Creates with server-assigned ids do this before taking the write lock
+    /// ([`WriteKind::Prepared`]); other writes do it inside their transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prepare_version(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        meta: VersionMeta,
+        compact_json: &str,
+        method: &'static str,
+        created: bool,
+    ) -> Result<PreparedVersion, AppError> {
+        let json = document::stamp(compact_json, resource_type, id, meta)
+            .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;
+        let binding = ResourceBinding {
+            resource_type: resource_type.as_str(),
+            id: id.as_str(),
+            version_id: meta.version_id,
+        };
+        let blob = self.envelope.seal(binding, json.as_bytes());
+        let row = VersionRow::with_content(
+            resource_type.as_str(),
+            id.as_str(),
+            meta.version_id,
+            meta.last_updated,
+            method,
+            blob,
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| AppError::Internal(format!("stamped JSON does not parse: {e}")))?;
+        let index_rows = self.search.rows(resource_type.as_str(), &parsed);
+        let mut written = target(resource_type, id, Some(meta.version_id));
+        written.content_hash = row.ciphertext.as_deref().map(content_hash);
+        let patient = patient_compartment(resource_type.as_str(), id.as_str(), &json);
+        let action = if created { "create" } else { "update" };
+        let entry = self
+            .ledger
+            .sign_event(ctx, LedgerEvent::permit(action, vec![written], patient))?;
+        Ok(PreparedVersion {
+            compact_json: compact_json.to_owned(),
+            method,
+            row,
+            outcome: WriteOutcome {
+                resource: StoredResource {
+                    resource_type: resource_type.clone(),
+                    id: id.clone(),
+                    meta,
+                    json,
+                },
+                created,
+            },
+            index_rows,
+            entry,
+        })
+    }
+
+    /// Prepares the first version of a resource about to be created under a fresh id,
+    /// outside any transaction (see [`Self::prepare_version`]).
+    pub(super) fn prepare_create(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        compact_json: &str,
+    ) -> Result<PreparedVersion, AppError> {
+        let meta = VersionMeta {
+            version_id: 1,
+            last_updated: now_micros(),
+        };
+        self.prepare_version(ctx, resource_type, id, meta, compact_json, "POST", true)
+    }
+}
+
+/// A version ready to store: see [`ResourceService::prepare_version`].
+#[derive(Debug, Clone)]
+pub(super) struct PreparedVersion {
+    /// What it was prepared from, to prepare again if the assumptions no longer hold.
+    compact_json: String,
+    method: &'static str,
+    row: VersionRow,
+    outcome: WriteOutcome,
+    index_rows: IndexRows,
+    entry: PendingEntry,
 }
 
 impl ResourceService {

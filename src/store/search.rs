@@ -70,6 +70,9 @@ pub fn insert_index(
     resource_type: &str,
     rows: &IndexRows,
 ) -> Result<(), StoreError> {
+    if let DbConnection::Sqlite(sqlite) = conn {
+        return insert_index_by_row(sqlite, seq, resource_type, rows).map_err(StoreError::classify);
+    }
     let hashes = rows
         .hashes
         .iter()
@@ -113,6 +116,53 @@ pub fn insert_index(
         "",
         numbers,
     )
+}
+
+/// SQLite: one INSERT per row through a prepared statement diesel caches per table. There
+/// are no round trips to save, and parsing a fresh multi-row INSERT for every resource cost
+/// more than the rows' own B-tree work while holding the database's one write lock.
+fn insert_index_by_row(
+    conn: &mut SqliteConnection,
+    seq: i64,
+    resource_type: &str,
+    rows: &IndexRows,
+) -> QueryResult<()> {
+    for digest in &rows.hashes {
+        diesel::insert_into(search_hashes::table)
+            .values((
+                search_hashes::hash.eq(digest.as_slice()),
+                search_hashes::resource_seq.eq(seq),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)?;
+    }
+    for row in &rows.dates {
+        diesel::insert_into(search_dates::table)
+            .values((
+                search_dates::resource_seq.eq(seq),
+                search_dates::resource_type.eq(resource_type),
+                search_dates::param.eq(&row.param),
+                search_dates::low.eq(row.low),
+                search_dates::high.eq(row.high),
+                search_dates::lead.eq(row.lead.as_ref().map(|d| d.as_slice())),
+            ))
+            .execute(conn)?;
+    }
+    for row in &rows.numbers {
+        diesel::insert_into(search_numbers::table)
+            .values((
+                search_numbers::resource_seq.eq(seq),
+                search_numbers::resource_type.eq(resource_type),
+                search_numbers::param.eq(&row.param),
+                search_numbers::value.eq(row.value),
+                search_numbers::unit_system_code
+                    .eq(row.unit_system_code.as_ref().map(|d| d.as_slice())),
+                search_numbers::unit_code.eq(row.unit_code.as_ref().map(|d| d.as_slice())),
+                search_numbers::lead.eq(row.lead.as_ref().map(|d| d.as_slice())),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
 }
 
 /// Multi-row `INSERT INTO {target} VALUES (…), (…){suffix}`, [`INSERT_CHUNK`] rows per

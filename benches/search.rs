@@ -692,12 +692,14 @@ fn run(
             master: MasterKey::generate(),
             ledger: LedgerKey::generate("fhir.bench/ledger").unwrap(),
             index: BlindIndexKey::generate(),
+            local_issuer: None,
         },
         &StateOptions {
             base_url: BASE_URL.into(),
             max_body_bytes: 16 * 1024 * 1024,
             pool_size: 8,
             ledger_batch_size: 4096,
+            trusted_issuers: Vec::new(),
         },
     )
     .unwrap();

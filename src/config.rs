@@ -7,6 +7,8 @@
 //! | `FHIRLEDGER_DATA_DIR` | `--data-dir` | `./data` |
 //! | `FHIRLEDGER_DATABASE_URL` | `--database-url` | `sqlite://$DATA_DIR/fhirledger.db` |
 //! | `FHIRLEDGER_BASE_URL` | `--base-url` | `http://$LISTEN` |
+//! | `FHIRLEDGER_LOCAL_ISSUER` | `--local-issuer` | `true` (trust tokens of `fhirledger token`) |
+//! | `FHIRLEDGER_TRUSTED_ISSUERS` | `--trusted-issuers` | — (`ISSUER=JWKS` pairs, comma-separated) |
 //! | `FHIRLEDGER_MASTER_KEY_FILE` | `--master-key-file` | (SQLite only: generated `$DATA_DIR/master.key`) |
 //! | `FHIRLEDGER_MASTER_KEY` | `--master-key` | — (base64; prefer the file) |
 //! | `FHIRLEDGER_LEDGER_KEY_FILE` | `--ledger-key-file` | (SQLite only: generated `$DATA_DIR/ledger.key`) |
@@ -28,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
+use crate::access::local_issuer::LocalIssuer;
 use crate::crypto::blind_index::DEV_INDEX_KEY_FILE;
 use crate::crypto::keys::{
     DEV_MASTER_KEY_FILE, Secret, decode_key_base64, load_or_create_secret_file, read_secret_file,
@@ -36,6 +39,7 @@ use crate::crypto::{BlindIndexKey, MasterKey};
 use crate::ledger::LedgerKey;
 use crate::ledger::keys::DEV_LEDGER_KEY_FILE;
 use crate::store::DatabaseUrl;
+use jsonwebtoken::jwk::JwkSet;
 
 /// Settings shared by every subcommand that opens the database.
 #[derive(Debug, Clone, Args)]
@@ -69,19 +73,47 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the server is reached: `serve` listens there, and `token` names it as the
+/// audience of the tokens it mints.
 #[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
+pub struct AddressArgs {
     /// Address to listen on.
     #[arg(long, env = "FHIRLEDGER_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR",
           value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-
     /// Public base URL used in Location headers and Bundle links (default: http://$LISTEN).
     #[arg(long, env = "FHIRLEDGER_BASE_URL", value_name = "URL", value_parser = parse_base_url)]
     pub base_url: Option<String>,
+}
+
+impl AddressArgs {
+    pub fn resolved_base_url(&self) -> String {
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub address: AddressArgs,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Trust tokens from the local issuer, whose key is generated in the data directory
+    /// (`fhirledger token` mints them). Production deployments set it to false.
+    #[arg(long, env = "FHIRLEDGER_LOCAL_ISSUER", default_value_t = true, value_name = "BOOL",
+          action = clap::ArgAction::Set, value_parser = parse_local_issuer)]
+    pub local_issuer: bool,
+
+    /// Further trusted token issuers: comma-separated `ISSUER=JWKS` pairs, where JWKS is a
+    /// file or an https:// URL of the issuer's JSON Web Key Set (fetched at start-up).
+    #[arg(long, env = "FHIRLEDGER_TRUSTED_ISSUERS", value_name = "ISSUER=JWKS,…",
+          value_parser = parse_trusted_issuers)]
+    pub trusted_issuers: Option<TrustedIssuers>,
 
     /// File holding the base64 master key (32 bytes).
     #[arg(long, env = "FHIRLEDGER_MASTER_KEY_FILE", value_name = "PATH")]
@@ -200,9 +232,54 @@ pub enum ConfigError {
 
 impl ServeArgs {
     pub fn resolved_base_url(&self) -> String {
-        self.base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+        self.address.resolved_base_url()
+    }
+
+    /// The trusted issuers' key sets, read or fetched now: a server must not start
+    /// trusting an issuer whose keys it cannot load.
+    pub fn load_trusted_issuers(&self) -> Result<Vec<(String, JwkSet)>, ConfigError> {
+        let Some(issuers) = &self.trusted_issuers else {
+            return Ok(Vec::new());
+        };
+        issuers
+            .0
+            .iter()
+            .map(|(issuer, location)| {
+                let text = if location.starts_with("http://") {
+                    Err("key sets are fetched over https:// only".to_owned())
+                } else if location.starts_with("https://") {
+                    ureq::get(location)
+                        .call()
+                        .and_then(|mut response| response.body_mut().read_to_string())
+                        .map_err(|e| format!("cannot fetch {location}: {e}"))
+                } else {
+                    std::fs::read_to_string(location)
+                        .map_err(|e| format!("cannot read {location}: {e}"))
+                };
+                let jwks = text.and_then(|text| {
+                    serde_json::from_str::<JwkSet>(&text)
+                        .map_err(|e| format!("{location} is not a JSON Web Key Set: {e}"))
+                });
+                jwks.map(|jwks| (issuer.clone(), jwks)).map_err(|detail| {
+                    ConfigError::Invalid(format!(
+                        "FHIRLEDGER_TRUSTED_ISSUERS: issuer {issuer}: {detail}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The local issuer, when it is on: its key is generated in the data directory on
+    /// first use. Returns whether the key was generated now.
+    pub fn load_local_issuer(&self) -> Result<Option<(LocalIssuer, bool)>, ConfigError> {
+        if !self.local_issuer {
+            return Ok(None);
+        }
+        ensure_private_dir(&self.database.data_dir)?;
+        Ok(Some(LocalIssuer::load_or_create(
+            &self.database.data_dir,
+            &self.resolved_base_url(),
+        )?))
     }
 
     /// The checkpoint origin: configured, or derived from the base URL
@@ -317,6 +394,40 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), ConfigError> {
 
 fn parse_database_url(text: &str) -> Result<DatabaseUrl, String> {
     DatabaseUrl::parse(text).map_err(|e| format!("FHIRLEDGER_DATABASE_URL {e}"))
+}
+
+/// Trusted issuers and where their key sets are: `ISSUER=JWKS` pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedIssuers(pub Vec<(String, String)>);
+
+fn parse_trusted_issuers(text: &str) -> Result<TrustedIssuers, String> {
+    let pairs = text
+        .split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (issuer, location) = pair.split_once('=').ok_or_else(|| {
+                format!("FHIRLEDGER_TRUSTED_ISSUERS: '{pair}' is not ISSUER=JWKS (a file or URL)")
+            })?;
+            if issuer.trim().is_empty() || location.trim().is_empty() {
+                return Err(format!(
+                    "FHIRLEDGER_TRUSTED_ISSUERS: '{pair}' has an empty side"
+                ));
+            }
+            Ok((issuer.trim().to_owned(), location.trim().to_owned()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(TrustedIssuers(pairs))
+}
+
+fn parse_local_issuer(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "FHIRLEDGER_LOCAL_ISSUER must be true or false, not '{text}'"
+        )),
+    }
 }
 
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {

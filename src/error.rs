@@ -24,6 +24,12 @@ pub enum AppError {
     InvalidId(#[from] InvalidId),
     #[error(transparent)]
     UnknownType(#[from] TypeError),
+    /// No valid bearer token: 401 with `WWW-Authenticate`.
+    #[error(transparent)]
+    Unauthenticated(#[from] crate::access::AuthError),
+    /// The token may not do this: 403, naming the rule that refused.
+    #[error("{message} (rule: {rule})")]
+    Forbidden { rule: &'static str, message: String },
     #[error("{0} is not known")]
     NotFound(String),
     #[error("{resource}/{id} was deleted (version {version_id})")]

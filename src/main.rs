@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fhirledger::config::{DatabaseArgs, KeyOrigin, LogFormat, ServeArgs};
+use fhirledger::config::{AddressArgs, DatabaseArgs, KeyOrigin, LogFormat, ServeArgs};
 use fhirledger::store::{connection, migrations};
 use tracing_subscriber::EnvFilter;
 
@@ -27,6 +27,9 @@ enum Command {
     /// Check a database against its ledger: exit 0 when everything matches, 1 when
     /// something was tampered with, 2 when the check could not be made.
     Audit(AuditArgs),
+    /// Print a token signed by the local issuer (the key in the data directory), which the
+    /// server trusts unless FHIRLEDGER_LOCAL_ISSUER=false.
+    Token(TokenArgs),
     /// Check a server's signed checkpoint, that its log only grew since the last run, and
     /// optionally a receipt: exit 0 ok, 1 proof failed, 2 could not check.
     Verify(VerifyArgs),
@@ -41,6 +44,43 @@ struct AuditArgs {
     /// the development ledger key in the data directory.
     #[arg(long, env = "FHIRLEDGER_LEDGER_VKEY", value_name = "VKEY")]
     vkey: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    address: AddressArgs,
+
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    /// The token's subject (`sub`): who the bearer is.
+    #[arg(long, value_name = "ID")]
+    sub: String,
+
+    /// Space-separated SMART scopes, e.g. "system/*.cruds ledger.read".
+    #[arg(long, value_name = "SCOPES")]
+    scope: String,
+
+    /// The launch patient's id (`patient` claim), for patient/ scopes.
+    #[arg(long, value_name = "ID")]
+    patient: Option<String>,
+
+    /// The user's FHIR resource (`fhirUser` claim), e.g. Practitioner/123.
+    #[arg(long, value_name = "REFERENCE")]
+    fhir_user: Option<String>,
+
+    /// The client (`client_id` claim).
+    #[arg(long, value_name = "ID", default_value = "fhirledger-cli")]
+    client_id: String,
+
+    /// Purpose of use (`purpose_of_use` claim), e.g. ETREAT for break-the-glass.
+    #[arg(long, value_name = "CODE")]
+    purpose_of_use: Option<String>,
+
+    /// Lifetime in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    ttl: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +100,16 @@ struct VerifyArgs {
     /// A receipt (X-Ledger-Entry header) whose entry must be included in the log.
     #[arg(long, value_name = "RECEIPT")]
     receipt: Option<String>,
+
+    /// A bearer token with the `ledger.read` scope: the server answers proofs and receipts
+    /// only to such tokens.
+    #[arg(
+        long,
+        env = "FHIRLEDGER_TOKEN",
+        value_name = "JWT",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +117,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Audit(args) => return run_audit(&args),
         Command::Verify(args) => return run_verify(args),
+        Command::Token(args) => run_token(&args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
             init_logging("info", LogFormat::Text).and_then(|()| run_migrate(&args))
@@ -126,12 +177,50 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             args.database.data_dir.display()
         );
     }
+    let local_issuer = match args.load_local_issuer()? {
+        Some((issuer, generated)) => {
+            tracing::warn!(
+                issuer = issuer.issuer(),
+                "{} THE LOCAL TOKEN ISSUER: anyone who can read {} can mint any token this server accepts. \
+                 Production deployments set FHIRLEDGER_LOCAL_ISSUER=false and FHIRLEDGER_TRUSTED_ISSUERS.",
+                if generated {
+                    "GENERATED A KEY FOR"
+                } else {
+                    "TRUSTING"
+                },
+                args.database.data_dir.display()
+            );
+            Some(issuer)
+        }
+        None => None,
+    };
     let keys = fhirledger::server::Keys {
         master: master_key,
         ledger: ledger_key,
         index: index_key,
+        local_issuer,
     };
     system.block_on(fhirledger::server::serve(args, keys))
+}
+
+fn run_token(args: &TokenArgs) -> anyhow::Result<()> {
+    use fhirledger::access::local_issuer::{LocalIssuer, TokenRequest};
+    fhirledger::config::ensure_private_dir(&args.database.data_dir)?;
+    let (issuer, _) =
+        LocalIssuer::load_or_create(&args.database.data_dir, &args.address.resolved_base_url())?;
+    let token = issuer
+        .mint(&TokenRequest {
+            subject: args.sub.clone(),
+            scope: args.scope.clone(),
+            client_id: Some(args.client_id.clone()),
+            patient: args.patient.clone(),
+            fhir_user: args.fhir_user.clone(),
+            purpose_of_use: args.purpose_of_use.clone(),
+            ttl_seconds: args.ttl,
+        })
+        .map_err(|e| anyhow::anyhow!("cannot mint the token: {e}"))?;
+    println!("{token}");
+    Ok(())
 }
 
 fn run_audit(args: &AuditArgs) -> ExitCode {
@@ -211,6 +300,7 @@ fn run_verify(args: VerifyArgs) -> ExitCode {
         vkey: args.vkey,
         state_file: args.state,
         receipt: args.receipt,
+        token: args.token,
     };
     match verify(&options, &mut |line| println!("ok: {line}")) {
         Ok(()) => {

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use actix_web::HttpServer;
 
+use jsonwebtoken::jwk::JwkSet;
+
+use crate::access::TokenVerifier;
+use crate::access::local_issuer::LocalIssuer;
 use crate::api::{AppState, build_app};
 use crate::config::ServeArgs;
 use crate::crypto::{BlindIndexKey, Envelope, MasterKey};
@@ -27,6 +31,8 @@ pub struct StateOptions {
     pub max_body_bytes: usize,
     pub pool_size: u32,
     pub ledger_batch_size: i64,
+    /// Issuers whose tokens are accepted, with their published keys.
+    pub trusted_issuers: Vec<(String, JwkSet)>,
 }
 
 /// The keys a server runs with.
@@ -35,6 +41,8 @@ pub struct Keys {
     pub ledger: LedgerKey,
     /// Key of the search blind index.
     pub index: BlindIndexKey,
+    /// The local token issuer, when the server trusts it.
+    pub local_issuer: Option<LocalIssuer>,
 }
 
 /// Opens the database, applies pending migrations and assembles the application state.
@@ -77,13 +85,42 @@ pub fn prepare_state(
         ledger.clone(),
         Arc::new(search),
     );
+    let (tokens, local_jwks) = token_verifier(options, keys.local_issuer.as_ref())?;
     Ok(AppState {
+        tokens: Arc::new(tokens),
+        local_jwks,
         resources,
         ledger,
         base_url: Arc::from(options.base_url.as_str()),
         max_body_bytes: options.max_body_bytes,
         capability_statement: Arc::from(statement.to_string()),
     })
+}
+
+/// The token verifier: tokens are meant for the base URL or the FHIR base under it, and
+/// come from a configured issuer or the local one.
+fn token_verifier(
+    options: &StateOptions,
+    local_issuer: Option<&LocalIssuer>,
+) -> anyhow::Result<(TokenVerifier, Option<Arc<str>>)> {
+    let base = options.base_url.trim_end_matches('/');
+    let mut verifier = TokenVerifier::new(vec![base.to_owned(), format!("{base}/fhir")]);
+    for (issuer, jwks) in &options.trusted_issuers {
+        verifier
+            .trust(issuer, jwks)
+            .map_err(|e| anyhow::anyhow!("FHIRLEDGER_TRUSTED_ISSUERS: {e}"))?;
+    }
+    let local_jwks = match local_issuer {
+        Some(local) => {
+            let jwks = local.jwks();
+            verifier
+                .trust(local.issuer(), &jwks)
+                .map_err(|e| anyhow::anyhow!("local issuer: {e}"))?;
+            Some(Arc::from(serde_json::to_string(&jwks)?.as_str()))
+        }
+        None => None,
+    };
+    Ok((verifier, local_jwks))
 }
 
 /// Runs the sequencer every `interval` until the process ends. Several processes may run
@@ -112,6 +149,7 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         pool_size: args.db_pool_size,
         ledger_batch_size: args.ledger_batch_size,
+        trusted_issuers: args.load_trusted_issuers()?,
     };
     let state = tokio::task::spawn_blocking({
         let database_url = database_url.clone();
@@ -129,10 +167,13 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
     if let Some(workers) = args.workers {
         server = server.workers(workers);
     }
-    let server = server
-        .bind(args.listen)
-        .map_err(|e| anyhow::anyhow!("FHIRLEDGER_LISTEN: cannot listen on {}: {e}", args.listen))?;
-    tracing::info!(listen = %args.listen, backend = ?database_url.backend(), "fhirledger serving FHIR R4 at /fhir");
+    let server = server.bind(args.address.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "FHIRLEDGER_LISTEN: cannot listen on {}: {e}",
+            args.address.listen
+        )
+    })?;
+    tracing::info!(listen = %args.address.listen, backend = ?database_url.backend(), "fhirledger serving FHIR R4 at /fhir");
     server.run().await?;
     tracing::info!("fhirledger stopped");
     Ok(())

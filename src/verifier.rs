@@ -35,6 +35,8 @@ pub struct VerifyOptions {
     /// Where the last verified checkpoint is kept between runs.
     pub state_file: Option<PathBuf>,
     pub receipt: Option<String>,
+    /// A bearer token with the `ledger.read` scope (proofs and receipts need one).
+    pub token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -53,16 +55,22 @@ struct ReceiptBody {
 struct Client {
     agent: ureq::Agent,
     base: String,
+    token: Option<String>,
 }
 
 impl Client {
     fn get(&self, path: &str) -> Result<String, VerifyError> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| VerifyError::CouldNotCheck(format!("GET {url}: {e}")))?;
+        let mut request = self.agent.get(&url);
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().map_err(|e| match e {
+            ureq::Error::StatusCode(401 | 403) => VerifyError::CouldNotCheck(format!(
+                "GET {url}: refused; proofs and receipts need a token with the ledger.read scope (--token)"
+            )),
+            e => VerifyError::CouldNotCheck(format!("GET {url}: {e}")),
+        })?;
         response
             .body_mut()
             .read_to_string()
@@ -93,6 +101,7 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
             .build()
             .into(),
         base: options.server.trim_end_matches('/').to_owned(),
+        token: options.token.clone(),
     };
 
     let note = client.get("/ledger/checkpoint")?;

@@ -23,14 +23,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A minimal HTTP/1.1 exchange; returns (status, body).
+/// A minimal HTTP/1.1 exchange without credentials; returns (status, body).
 fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
-    http_with_headers(port, method, path, body).map(|(status, _, body)| (status, body))
+    http_with_headers(port, None, method, path, body).map(|(status, _, body)| (status, body))
 }
 
-/// Like [`http`], also returning the response head (status line and headers).
+/// Like [`http`] with an optional bearer token, also returning the response head (status
+/// line and headers, lowercased).
 fn http_with_headers(
     port: u16,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<&str>,
@@ -38,9 +40,10 @@ fn http_with_headers(
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{authorization}\
          Content-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
@@ -61,6 +64,23 @@ fn header_value(head: &str, name: &str) -> Option<String> {
         line.strip_prefix(&format!("{name}: "))
             .map(|v| v.trim().to_owned())
     })
+}
+
+/// Mints a token with `fhirledger token` for the server started in `dir` on `port`.
+fn mint_token(dir: &std::path::Path, port: u16, scope: &str) -> String {
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", "cli-test", "--scope", scope])
+        .current_dir(dir)
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 fn wait_until_healthy(port: u16, child: &mut Child) {
@@ -103,14 +123,17 @@ fn serve_with_no_configuration_uses_the_embedded_default_and_stops_on_sigterm() 
         .unwrap();
     wait_until_healthy(port, &mut child);
 
-    let (status, body) = http(
-        port,
-        "POST",
-        "/fhir/Patient",
-        Some(r#"{"resourceType":"Patient","active":true}"#),
-    )
-    .unwrap();
+    // Without a token: 401 with a challenge. With one from `fhirledger token`: created.
+    let patient = r#"{"resourceType":"Patient","active":true}"#;
+    let (status, head, _) =
+        http_with_headers(port, None, "POST", "/fhir/Patient", Some(patient)).unwrap();
+    assert_eq!(status, 401);
+    assert!(header_value(&head, "www-authenticate").is_some_and(|v| v.starts_with("bearer")));
+    let token = mint_token(dir.path(), port, "system/Patient.c");
+    let (status, _, body) =
+        http_with_headers(port, Some(&token), "POST", "/fhir/Patient", Some(patient)).unwrap();
     assert_eq!(status, 201, "{body}");
+    assert!(dir.path().join("data/local-issuer.key").exists());
     assert_eq!(http(port, "GET", "/readyz", None).unwrap().0, 200);
 
     // The embedded default: SQLite and a generated key in ./data, the key private.
@@ -183,6 +206,16 @@ fn bad_settings_stop_start_up_with_their_name() {
         ("FHIRLEDGER_LEDGER_KEY", "c2hvcnQ="),
         ("FHIRLEDGER_INDEX_KEY", "c2hvcnQ="),
         ("FHIRLEDGER_INDEX_KEY_FILE", "/nonexistent/key"),
+        ("FHIRLEDGER_LOCAL_ISSUER", "maybe"),
+        ("FHIRLEDGER_TRUSTED_ISSUERS", "https://idp.example.org"),
+        (
+            "FHIRLEDGER_TRUSTED_ISSUERS",
+            "https://idp.example.org=/nonexistent/jwks.json",
+        ),
+        (
+            "FHIRLEDGER_TRUSTED_ISSUERS",
+            "https://idp.example.org=http://idp.example.org/jwks",
+        ),
     ] {
         assert_refused(&[(variable, value)], variable);
     }
@@ -252,9 +285,10 @@ fn stop_server(mut child: Child) {
 }
 
 /// Creates a patient; returns the receipt once the sequencer has put it in the log.
-fn ledgered_write(port: u16) -> String {
+fn ledgered_write(port: u16, token: &str) -> String {
     let (status, head, body) = http_with_headers(
         port,
+        Some(token),
         "POST",
         "/fhir/Patient",
         Some(r#"{"resourceType":"Patient","active":true}"#),
@@ -264,7 +298,8 @@ fn ledgered_write(port: u16) -> String {
     let receipt = header_value(&head, "x-ledger-entry").expect("receipt header");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, body) = http(port, "GET", &format!("/ledger/receipts/{receipt}"), None).unwrap();
+        let path = format!("/ledger/receipts/{receipt}");
+        let (_, _, body) = http_with_headers(port, Some(token), "GET", &path, None).unwrap();
         let value: serde_json::Value = serde_json::from_str(&body).unwrap();
         if value["index"].is_u64() {
             return receipt;
@@ -279,6 +314,7 @@ fn run_verify(
     vkey: &str,
     state: &std::path::Path,
     receipt: Option<&str>,
+    token: &str,
 ) -> (i32, String) {
     let mut command = Command::new(BINARY);
     command
@@ -291,7 +327,8 @@ fn run_verify(
             "--state",
         ])
         .arg(state)
-        .env_clear();
+        .env_clear()
+        .env("FHIRLEDGER_TOKEN", token);
     if let Some(receipt) = receipt {
         command.args(["--receipt", receipt]);
     }
@@ -327,34 +364,47 @@ fn verify_checks_receipts_and_detects_rollback_and_fork() {
     let key: serde_json::Value =
         serde_json::from_str(&http(port, "GET", "/ledger/key", None).unwrap().1).unwrap();
     let vkey = key["vkey"].as_str().unwrap().to_owned();
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    let token = token.as_str();
 
-    let first = ledgered_write(port);
-    ledgered_write(port);
-    let (code, out) = run_verify(port, &vkey, &state, Some(&first));
+    let first = ledgered_write(port, token);
+    ledgered_write(port, token);
+    // Proofs need `ledger.read`: a token without it cannot check (exit 2, saying why).
+    let writer = mint_token(dir.path(), port, "system/Patient.c");
+    let (code, out) = run_verify(
+        port,
+        &vkey,
+        &dir.path().join("unprivileged"),
+        Some(&first),
+        &writer,
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("ledger.read"), "{out}");
+    let (code, out) = run_verify(port, &vkey, &state, Some(&first), token);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("is included"), "{out}");
 
     // The log grows: consistent with the saved checkpoint.
     for _ in 0..3 {
-        ledgered_write(port);
+        ledgered_write(port, token);
     }
-    let (code, out) = run_verify(port, &vkey, &state, None);
+    let (code, out) = run_verify(port, &vkey, &state, None, token);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("consistent with the checkpoint"), "{out}");
 
     // Rolled back to 2 entries: detected.
     truncate_ledger(dir.path(), 2);
-    let (_, head, _) = http_with_headers(port, "GET", "/ledger/checkpoint", None).unwrap();
+    let (_, head, _) = http_with_headers(port, None, "GET", "/ledger/checkpoint", None).unwrap();
     assert!(head.starts_with("http/1.1 200"));
-    let (code, out) = run_verify(port, &vkey, &state, None);
+    let (code, out) = run_verify(port, &vkey, &state, None, token);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("rolled back"), "{out}");
 
     // Regrown past the saved size with other entries: a fork, detected.
     for _ in 0..6 {
-        ledgered_write(port);
+        ledgered_write(port, token);
     }
-    let (code, out) = run_verify(port, &vkey, &state, None);
+    let (code, out) = run_verify(port, &vkey, &state, None, token);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("forked"), "{out}");
 
@@ -362,10 +412,10 @@ fn verify_checks_receipts_and_detects_rollback_and_fork() {
     let other = fhirledger::ledger::LedgerKey::generate(key["name"].as_str().unwrap())
         .unwrap()
         .vkey();
-    let (code, out) = run_verify(port, &other, &dir.path().join("other-state"), None);
+    let (code, out) = run_verify(port, &other, &dir.path().join("other-state"), None, token);
     assert_eq!(code, 1, "{out}");
     stop_server(server);
-    let (code, out) = run_verify(port, &vkey, &state, None);
+    let (code, out) = run_verify(port, &vkey, &state, None, token);
     assert_eq!(code, 2, "{out}");
 }
 
@@ -375,8 +425,10 @@ fn audit_passes_then_finds_a_changed_ciphertext() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let server = start_server(dir.path(), port);
-    ledgered_write(port);
-    ledgered_write(port);
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    let token = token.as_str();
+    ledgered_write(port, token);
+    ledgered_write(port, token);
     stop_server(server);
 
     let audit = || {

@@ -24,12 +24,12 @@ use fhirledger::ledger::tree::{self, MemoryHashStore};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fhirledger");
 
-fn post_patient(port: u16) -> u16 {
+fn post_patient(port: u16, token: &str) -> u16 {
     let body = r#"{"resourceType":"Patient","active":true}"#;
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         stream,
-        "POST /fhir/Patient HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /fhir/Patient HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -48,11 +48,23 @@ fn start(db_url: &str, master: &str, ledger: &str) -> (Child, u16, tempfile::Tem
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
+    // Both processes trust the test issuer through its published key set, as servers
+    // sharing one database trust one identity provider; their own local issuers are off.
+    let jwks = dir.path().join("issuer-jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::to_string(&common::local_issuer().jwks()).unwrap(),
+    )
+    .unwrap();
+    let trusted = format!("{}={}", common::local_issuer().issuer(), jwks.display());
     let mut child = Command::new(BINARY)
         .arg("serve")
         .current_dir(dir.path())
         .env_clear()
         .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_BASE_URL", common::BASE_URL)
+        .env("FHIRLEDGER_LOCAL_ISSUER", "false")
+        .env("FHIRLEDGER_TRUSTED_ISSUERS", trusted)
         .env("FHIRLEDGER_DATABASE_URL", db_url)
         .env("FHIRLEDGER_MASTER_KEY", master)
         .env("FHIRLEDGER_LEDGER_KEY", ledger)
@@ -97,10 +109,16 @@ fn postgres_two_servers_share_one_linear_log() {
     let (mut first, first_port, _first_dir) = start(&url, &master, &ledger);
     let (mut second, second_port, _second_dir) = start(&url, &master, &ledger);
 
+    let token = common::token_with("system/Patient.c", None, None);
     let writers: Vec<_> = (0..6)
         .map(|w| {
             let port = if w % 2 == 0 { first_port } else { second_port };
-            std::thread::spawn(move || (0..25).filter(|_| post_patient(port) == 201).count())
+            let token = token.clone();
+            std::thread::spawn(move || {
+                (0..25)
+                    .filter(|_| post_patient(port, &token) == 201)
+                    .count()
+            })
         })
         .collect();
     let written: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();

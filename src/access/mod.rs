@@ -1,7 +1,14 @@
-//! Who is asking. Until authentication exists every request is made by the anonymous
-//! principal; the access-control work fills [`Principal`] in from the bearer token and
-//! decides authorization here, in one place.
+//! Who is asking and what they may do: bearer tokens verified against trusted issuers
+//! ([`tokens`]), the local issuer of the embedded default ([`local_issuer`]), SMART scopes
+//! ([`scopes`]) and the decisions made from them ([`policy`]). Every decision is made here
+//! and ledgered by the caller, permits and refusals alike.
 
+pub mod local_issuer;
+pub mod policy;
 pub mod principal;
+pub mod scopes;
+pub mod tokens;
 
-pub use principal::{Principal, ReceiptSlot, RequestContext};
+pub use principal::{Principal, ReceiptSlot, RequestContext, Slot, TokenIdentity};
+pub use scopes::{Permission, Scopes};
+pub use tokens::{AuthError, TokenVerifier};

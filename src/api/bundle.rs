@@ -68,11 +68,13 @@ pub async fn process(
                     );
                 }
             }
-            return Ok(
-                HttpResponse::build(actix_web::ResponseError::status_code(&failed.error))
-                    .insert_header((header::CONTENT_TYPE, format.content_type()))
-                    .body(outcome.to_json()),
-            );
+            let mut response =
+                HttpResponse::build(actix_web::ResponseError::status_code(&failed.error));
+            response.insert_header((header::CONTENT_TYPE, format.content_type()));
+            if let Some(challenge) = failed.error.bearer_challenge() {
+                response.insert_header((header::WWW_AUTHENTICATE, challenge));
+            }
+            return Ok(response.body(outcome.to_json()));
         }
     };
     let minimal = return_preference(&req) == ReturnPreference::Minimal;

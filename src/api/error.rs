@@ -7,6 +7,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, ResponseError};
 
 use super::negotiation::FHIR_JSON_UTF8;
+use crate::access::AuthError;
 use crate::error::AppError;
 use crate::fhir::outcome::{IssueCode, OperationOutcome, Severity};
 use crate::fhir::resource_types::TypeError;
@@ -31,6 +32,8 @@ impl AppError {
             Self::UnknownType(TypeError::Unsupported(_)) => {
                 (IssueCode::NotSupported, self.to_string(), None)
             }
+            Self::Unauthenticated(_) => (IssueCode::Login, self.to_string(), None),
+            Self::Forbidden { .. } => (IssueCode::Forbidden, self.to_string(), None),
             Self::NotFound(_) | Self::NoRoute(_) => (IssueCode::NotFound, self.to_string(), None),
             Self::Gone { .. } => (IssueCode::Deleted, self.to_string(), None),
             Self::Conflict(_) => (IssueCode::Conflict, self.to_string(), None),
@@ -59,12 +62,30 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The `WWW-Authenticate` challenge of a 401 or 403 (RFC 6750, section 3).
+    pub(crate) fn bearer_challenge(&self) -> Option<String> {
+        const REALM: &str = "Bearer realm=\"fhirledger\"";
+        match self {
+            Self::Unauthenticated(AuthError::Missing) => Some(REALM.into()),
+            Self::Unauthenticated(error) => Some(format!(
+                "{REALM}, error=\"invalid_token\", error_description=\"{}\"",
+                error.to_string().replace(['"', '\\'], "'")
+            )),
+            Self::Forbidden { .. } => Some(format!("{REALM}, error=\"insufficient_scope\"")),
+            _ => None,
+        }
+    }
+}
+
 impl ResponseError for AppError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::Validation(_) | Self::BadRequest { .. } | Self::InvalidId(_) => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::UnknownType(_) | Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Gone { .. } => StatusCode::GONE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -98,6 +119,9 @@ impl ResponseError for AppError {
         response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
         if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        if let Some(challenge) = self.bearer_challenge() {
+            response.insert_header((header::WWW_AUTHENTICATE, challenge));
         }
         if let Self::Gone { version_id, .. } = self {
             response.insert_header((header::ETAG, format!("W/\"{version_id}\"")));

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::request::QueryParams;
+use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::outcome::OperationOutcome;
 use crate::ledger::Hash;
@@ -186,8 +187,10 @@ pub async fn key(state: web::Data<AppState>) -> HttpResponse {
     ))]
 pub async fn entries(
     state: web::Data<AppState>,
+    ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
+    state.ledger.authorize_read(&ctx, "ledger-read").await?;
     let query = QueryParams::parse(&req, &["start", "end"])?;
     let start = parse_u64(&query, "start")?.unwrap_or(0);
     let end = parse_u64(&query, "end")?.unwrap_or(start.saturating_add(DEFAULT_ENTRIES_PAGE));
@@ -221,8 +224,10 @@ pub async fn entries(
     ))]
 pub async fn entry(
     state: web::Data<AppState>,
+    ctx: RequestContext,
     path: web::Path<String>,
 ) -> Result<HttpResponse, AppError> {
+    state.ledger.authorize_read(&ctx, "ledger-read").await?;
     let index: u64 = path
         .parse()
         .map_err(|_| AppError::bad_request("index must be a non-negative integer"))?;
@@ -244,8 +249,10 @@ pub async fn entry(
     ))]
 pub async fn receipt(
     state: web::Data<AppState>,
+    ctx: RequestContext,
     path: web::Path<String>,
 ) -> Result<HttpResponse, AppError> {
+    state.ledger.authorize_read(&ctx, "ledger-read").await?;
     let served = state.ledger.entry_by_receipt(path.into_inner()).await?;
     let receipt = served.receipt.clone();
     let (index, leaf_data, entry) = view(served)?;
@@ -282,8 +289,10 @@ pub async fn receipt(
     ))]
 pub async fn inclusion_proof(
     state: web::Data<AppState>,
+    ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
+    state.ledger.authorize_read(&ctx, "ledger-read").await?;
     let query = QueryParams::parse(&req, &["index", "leaf_hash", "tree_size"])?;
     let tree_size = required_u64(&query, "tree_size")?;
     let index = match (parse_u64(&query, "index")?, query.get("leaf_hash")) {
@@ -322,8 +331,10 @@ pub async fn inclusion_proof(
     ))]
 pub async fn consistency_proof(
     state: web::Data<AppState>,
+    ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
+    state.ledger.authorize_read(&ctx, "ledger-read").await?;
     let query = QueryParams::parse(&req, &["first", "second"])?;
     let first = required_u64(&query, "first")?;
     let second = required_u64(&query, "second")?;

@@ -12,6 +12,7 @@ pub mod negotiation;
 pub mod openapi;
 pub mod request;
 pub mod search;
+pub mod smart;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::{App, web};
 
+use crate::access::TokenVerifier;
 use crate::service::ResourceService;
 use crate::service::ledger::LedgerService;
 
@@ -32,6 +34,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability_statement: Arc<str>,
+    /// Verifies bearer tokens against the trusted issuers.
+    pub tokens: Arc<TokenVerifier>,
+    /// The local issuer's public keys (`/.well-known/jwks.json`), when it is on.
+    pub local_jwks: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -61,5 +67,6 @@ pub fn build_app(
         .configure(openapi::routes)
         .configure(fhir::routes)
         .configure(ledger::routes)
+        .configure(smart::routes)
         .default_service(web::to(request::no_route))
 }

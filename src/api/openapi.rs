@@ -5,7 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::{OpenApi, ToSchema};
 
-use super::{bundle, everything, fhir, health, ledger, search};
+use super::{bundle, everything, fhir, health, ledger, search, smart};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 
 /// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
@@ -34,6 +34,7 @@ pub struct Resource {
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,
+        smart::smart_configuration, smart::jwks,
     ),
     components(schemas(
         Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
@@ -44,6 +45,7 @@ pub struct Resource {
         (name = "fhir", description = "FHIR R4 REST interactions (JSON only)"),
         (name = "ledger", description = "The append-only Merkle ledger of every interaction: checkpoints, entries, receipts, proofs, tiles"),
         (name = "operations", description = "Health, readiness and this document"),
+        (name = "access", description = "Discovery documents for SMART clients; every other operation marked with the bearer scheme needs a token"),
     ),
 )]
 pub struct ApiDoc;
@@ -52,6 +54,7 @@ pub struct ApiDoc;
 pub fn document_json() -> String {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     declare_fhir_media_type(&mut document);
+    declare_bearer_authentication(&mut document);
     let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
@@ -91,6 +94,56 @@ fn declare_fhir_media_type(document: &mut serde_json::Value) {
                     content.insert(super::negotiation::FHIR_JSON.to_owned(), schema);
                 }
             }
+        }
+    }
+}
+
+/// Paths served without a token.
+const PUBLIC_PATHS: &[&str] = &[
+    "/fhir/metadata",
+    "/ledger/checkpoint",
+    "/ledger/key",
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+];
+
+/// Declares the bearer scheme, and on every operation that needs a token, the scheme and
+/// its 401 and 403 answers.
+fn declare_bearer_authentication(document: &mut serde_json::Value) {
+    document["components"]["securitySchemes"]["bearer"] = serde_json::json!({
+        "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+        "description": "A JWT from a trusted issuer: SMART scopes decide what it may do; the ledger API needs 'ledger.read'",
+    });
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for (path, operations) in paths.iter_mut() {
+        let public = PUBLIC_PATHS.contains(&path.as_str())
+            || path.starts_with("/ledger/tile")
+            || path.starts_with("/.well-known/");
+        let Some(operations) = operations.as_object_mut().filter(|_| !public) else {
+            continue;
+        };
+        let media_type = if path.starts_with("/fhir") {
+            super::negotiation::FHIR_JSON
+        } else {
+            "application/json"
+        };
+        let outcome = |description: &str| {
+            serde_json::json!({
+                "description": description,
+                "content": {media_type: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
+            })
+        };
+        for operation in operations.values_mut() {
+            operation["security"] = serde_json::json!([{"bearer": []}]);
+            operation["responses"]["401"] = outcome(
+                "No valid bearer token (missing, malformed, expired, wrong issuer or audience, bad signature); WWW-Authenticate says why",
+            );
+            operation["responses"]["403"] = outcome(
+                "The token's scopes do not allow this; the OperationOutcome names the rule",
+            );
         }
     }
 }

@@ -1,17 +1,19 @@
 //! Per-request plumbing: the request id and [`RequestContext`] (the one place a request's
 //! identity is established), access logging, query parameters, `Prefer` and `If-Match`.
 
-use std::future::{Ready, ready};
+use std::future::ready;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpMessage as _, HttpRequest};
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest, web};
+use futures_util::future::LocalBoxFuture;
 use tracing::Instrument as _;
 
-use crate::access::{Principal, ReceiptSlot, RequestContext};
+use super::AppState;
+use crate::access::{AuthError, Principal, ReceiptSlot, RequestContext, Slot};
 use crate::error::AppError;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -58,9 +60,13 @@ pub async fn request_context(
     Ok(response)
 }
 
+/// Authentication: every handler that takes a [`RequestContext`] needs a valid bearer
+/// token; the public endpoints (metadata, checkpoint, key, tiles, SMART configuration,
+/// health, OpenAPI) do not take one. A request without valid credentials is ledgered as a
+/// refusal and answered 401 before its handler runs.
 impl FromRequest for RequestContext {
-    type Error = actix_web::Error;
-    type Future = Ready<Result<Self, Self::Error>>;
+    type Error = AppError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
         let request_id = req
@@ -73,13 +79,46 @@ impl FromRequest for RequestContext {
             .get::<ReceiptSlot>()
             .cloned()
             .unwrap_or_default();
-        // Authentication will establish the principal here.
-        ready(Ok(RequestContext {
+        let mut ctx = RequestContext {
             receipt,
             principal: Principal::Anonymous,
             request_id,
-        }))
+            rule: Slot::default(),
+        };
+        let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+            return Box::pin(ready(Err(AppError::Internal(
+                "application state missing".into(),
+            ))));
+        };
+        match bearer_token(req).and_then(|token| state.tokens.verify(token)) {
+            Ok(identity) => {
+                ctx.principal = Principal::Token(identity);
+                Box::pin(ready(Ok(ctx)))
+            }
+            Err(error) => {
+                Box::pin(async move { Err(state.ledger.refuse_unauthenticated(&ctx, error).await) })
+            }
+        }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme is
+/// case-insensitive, RFC 6750 section 2.1).
+fn bearer_token(req: &HttpRequest) -> Result<&str, AuthError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?;
+    let text = value.to_str().map_err(|_| AuthError::NotBearer)?;
+    let (scheme, token) = text.split_once(' ').ok_or(AuthError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::NotBearer);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
 }
 
 /// Default service: no route matched.

@@ -22,6 +22,8 @@ pub enum IssueCode {
     Timeout,
     Processing,
     Security,
+    Login,
+    Forbidden,
     Informational,
 }
 

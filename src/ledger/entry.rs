@@ -17,12 +17,38 @@ pub const ENTRY_VERSION: u32 = 1;
 
 /// Who acted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Actor {
-    /// The authenticated subject (`anonymous` before authentication exists).
+    /// The token's subject; `anonymous` for a request without valid credentials,
+    /// `internal` for the server's own tools.
     pub subject: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// `patient`, `user`, `system` (the widest scope context), `auditor`, …
     pub role: String,
+    /// The token's issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The user's FHIR resource (`Practitioner/123`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    /// The purpose of use the token asserted (`ETREAT`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+}
+
+impl Actor {
+    /// An actor known by name and role only.
+    pub fn named(subject: &str, role: &str) -> Self {
+        Self {
+            subject: subject.into(),
+            client: None,
+            role: role.into(),
+            issuer: None,
+            fhir_user: None,
+            purpose: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +89,13 @@ pub struct LedgerEntry {
     /// `conflict`), when `outcome` is `deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The access rule that decided (`scope:system`, `scope`, `authentication`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// How many resources a search or history matched but withheld because the token may
+    /// not see them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<u64>,
     pub resources: Vec<EntryResource>,
     /// The patient compartment (`Patient/<id>`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,14 +173,12 @@ mod tests {
             v: ENTRY_VERSION,
             id: "r-1".into(),
             time: "2026-11-21T22:00:00.000000Z".into(),
-            actor: Actor {
-                subject: "anonymous".into(),
-                client: None,
-                role: "anonymous".into(),
-            },
+            actor: Actor::named("anonymous", "anonymous"),
             action: "create".into(),
             outcome: Outcome::Permit,
             reason: None,
+            rule: None,
+            withheld: None,
             resources: vec![EntryResource {
                 resource_type: "Patient".into(),
                 id: "p".into(),

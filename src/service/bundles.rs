@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::access::RequestContext;
+use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
 use crate::fhir::bundle_request::{BundleKind, BundleRequest, Method, RequestEntry};
 use crate::fhir::document::VersionMeta;
@@ -240,6 +240,7 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            this.authorize_operation(&ctx, &operation)?;
             let result = this.transact(describe(&operation), |tx| {
                 let resolved = this.resolve(tx, &operation, None)?;
                 let operation = this.rewrite(tx, &operation, &Resolution::default())?;
@@ -291,6 +292,70 @@ impl ResourceService {
         }
     }
 
+    /// Asks the access policy for what `operation` needs: its own permission, and search
+    /// on the type when a condition selects its target. Refusals are ledgered.
+    fn authorize_operation(
+        &self,
+        ctx: &RequestContext,
+        operation: &Operation,
+    ) -> Result<(), AppError> {
+        let conditional = |target: &Target| matches!(target, Target::Matching(_));
+        let (permission, resource_type, action, searches) = match operation {
+            Operation::Create {
+                resource_type,
+                if_none_exist,
+                ..
+            } => (
+                Permission::Create,
+                resource_type,
+                "create",
+                if_none_exist.is_some(),
+            ),
+            Operation::Update {
+                resource_type,
+                target,
+                ..
+            } => (
+                Permission::Update,
+                resource_type,
+                "update",
+                conditional(target),
+            ),
+            Operation::Patch { resource_type, .. } => {
+                (Permission::Update, resource_type, "update", false)
+            }
+            Operation::Delete {
+                resource_type,
+                target,
+                ..
+            } => (
+                Permission::Delete,
+                resource_type,
+                "delete",
+                conditional(target),
+            ),
+            Operation::Read {
+                resource_type,
+                version,
+                ..
+            } => {
+                let action = if version.is_some() { "vread" } else { "read" };
+                (Permission::Read, resource_type, action, false)
+            }
+            Operation::Search(request) => return self.authorize_search(ctx, request),
+        };
+        if searches {
+            self.authorize(
+                ctx,
+                Permission::Search,
+                resource_type.as_str(),
+                action,
+                Vec::new(),
+            )?;
+        }
+        self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())
+    }
+
     fn plan_entry(&self, entry: &RequestEntry, handling: Handling) -> Result<Operation, AppError> {
         let patch_body;
         let resource = match (entry.method, entry.resource.as_deref()) {
@@ -324,6 +389,7 @@ impl ResourceService {
             .iter()
             .map(|entry| {
                 let operation = self.plan_entry(entry, handling)?;
+                self.authorize_operation(ctx, &operation)?;
                 let result = self.transact(describe(&operation), |tx| {
                     let resolved = self.resolve(tx, &operation, None)?;
                     let operation = self.rewrite(tx, &operation, &Resolution::default())?;
@@ -357,6 +423,11 @@ impl ResourceService {
                     .map_err(|error| EntryError { index, error })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Every entry is authorized before anything runs: one refusal refuses it all.
+        for (index, operation) in operations.iter().enumerate() {
+            self.authorize_operation(ctx, operation)
+                .map_err(|error| EntryError { index, error })?;
+        }
         let mut order: Vec<usize> = (0..entries.len()).collect();
         order.sort_by_key(|&i| entries[i].method.transaction_rank());
         let fresh_ids: Vec<Option<ResourceId>> = operations

@@ -9,7 +9,7 @@
 //! digests" over the compartment's types, in storage order (`seq`), which pages stably while
 //! resources are added.
 
-use crate::access::RequestContext;
+use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
@@ -62,12 +62,19 @@ impl ResourceService {
         let ctx = ctx.clone();
         super::blocking(move || {
             let patient_type = this.resolve_type("Patient")?;
+            let asked = vec![target(&patient_type, &query.patient, None)];
+            this.authorize(&ctx, Permission::Read, "Patient", EVERYTHING_ACTION, asked)?;
             let mut conn = this.connection()?;
             let page = this.everything_page(&mut conn, &query);
             drop(conn);
             let patient = format!("Patient/{}", query.patient);
             match page {
-                Ok(page) => {
+                Ok(mut page) => {
+                    // Compartment members of types the token may not see are withheld.
+                    let before = page.resources.len();
+                    page.resources
+                        .retain(|r| this.may_see(&ctx, r.resource_type.as_str()));
+                    let withheld = (before - page.resources.len()) as u64;
                     let disclosed = page
                         .resources
                         .iter()
@@ -75,7 +82,8 @@ impl ResourceService {
                         .collect();
                     this.ledger().append(
                         &ctx,
-                        LedgerEvent::permit(EVERYTHING_ACTION, disclosed, Some(patient)),
+                        LedgerEvent::permit(EVERYTHING_ACTION, disclosed, Some(patient))
+                            .withholding(withheld),
                     )?;
                     Ok(page)
                 }

@@ -3,7 +3,8 @@
 
 use std::sync::{Arc, mpsc};
 
-use crate::access::RequestContext;
+use crate::access::policy::{self, Refusal};
+use crate::access::{AuthError, RequestContext};
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
 use crate::ledger::checkpoint::sign_checkpoint;
@@ -34,6 +35,10 @@ pub struct LedgerEvent {
     pub action: &'static str,
     pub outcome: Outcome,
     pub reason: Option<&'static str>,
+    /// The access rule that decided, when one did.
+    pub rule: Option<&'static str>,
+    /// Resources matched but withheld from the token (searches, histories).
+    pub withheld: Option<u64>,
     pub resources: Vec<EntryResource>,
     pub patient: Option<String>,
 }
@@ -48,6 +53,8 @@ impl LedgerEvent {
             action,
             outcome: Outcome::Permit,
             reason: None,
+            rule: None,
+            withheld: None,
             resources,
             patient,
         }
@@ -58,9 +65,23 @@ impl LedgerEvent {
             action,
             outcome: Outcome::Deny,
             reason: Some(reason),
+            rule: None,
+            withheld: None,
             resources,
             patient: None,
         }
+    }
+
+    /// Names the access rule that decided.
+    pub fn decided_by(mut self, rule: &'static str) -> Self {
+        self.rule = Some(rule);
+        self
+    }
+
+    /// Records how many matches were withheld from the token (none: nothing recorded).
+    pub fn withholding(mut self, withheld: u64) -> Self {
+        self.withheld = (withheld > 0).then_some(withheld);
+        self
     }
 }
 
@@ -174,6 +195,8 @@ impl LedgerService {
             action: event.action.to_owned(),
             outcome: event.outcome,
             reason: event.reason.map(str::to_owned),
+            rule: event.rule.or_else(|| ctx.rule.get()).map(str::to_owned),
+            withheld: event.withheld,
             resources: event.resources,
             patient: event.patient,
             request: ctx.request_id.clone(),
@@ -193,6 +216,60 @@ impl LedgerService {
         self.committer.commit(signed, now)?;
         ctx.receipt.set(receipt.clone());
         Ok(receipt)
+    }
+
+    /// Ledgers a refusal by the access policy (durably, before the answer) and returns the
+    /// 403 to send.
+    pub fn refuse(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resources: Vec<EntryResource>,
+        refusal: Refusal,
+    ) -> AppError {
+        let event = LedgerEvent::deny(action, "forbidden", resources).decided_by(refusal.rule);
+        match self.append(ctx, event) {
+            Ok(_) => AppError::Forbidden {
+                rule: refusal.rule,
+                message: refusal.message,
+            },
+            Err(error) => error,
+        }
+    }
+
+    /// Ledger reads beyond the public endpoints need `ledger.read`; a refusal is ledgered.
+    pub async fn authorize_read(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+    ) -> Result<(), AppError> {
+        match policy::authorize_ledger_read(&ctx.principal) {
+            Ok(rule) => {
+                ctx.rule.set(rule);
+                Ok(())
+            }
+            Err(refusal) => {
+                let (this, ctx) = (self.clone(), ctx.clone());
+                Err(blocking(move || Ok(this.refuse(&ctx, action, Vec::new(), refusal))).await?)
+            }
+        }
+    }
+
+    /// Ledgers a request refused for want of valid credentials (the actor is anonymous: an
+    /// unverified token names nobody) and returns the 401 to send.
+    pub async fn refuse_unauthenticated(&self, ctx: &RequestContext, error: AuthError) -> AppError {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        let reason = error.reason();
+        let recorded = blocking(move || {
+            let event = LedgerEvent::deny("authenticate", reason, Vec::new())
+                .decided_by(policy::RULE_AUTHENTICATION);
+            this.append(&ctx, event)
+        })
+        .await;
+        match recorded {
+            Ok(_) => AppError::Unauthenticated(error),
+            Err(failure) => failure,
+        }
     }
 
     /// Sequences every pending entry, one batch (and one checkpoint) per transaction.

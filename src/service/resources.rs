@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::access::RequestContext;
+use crate::access::policy;
+use crate::access::{Permission, RequestContext};
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::compartment::patient_compartment;
@@ -210,6 +211,33 @@ impl ResourceService {
         &self.ledger
     }
 
+    /// Asks the access policy whether the request may do `permission` on `resource_type`,
+    /// before anything is read. A refusal is ledgered under `action`, naming `resources`
+    /// (what was asked for, never content), and returned as 403; a permit's rule is named
+    /// by the request's ledger entries.
+    pub(crate) fn authorize(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &str,
+        action: &'static str,
+        resources: Vec<EntryResource>,
+    ) -> Result<(), AppError> {
+        match policy::authorize(&ctx.principal, permission, resource_type) {
+            Ok(rule) => {
+                ctx.rule.set(rule);
+                Ok(())
+            }
+            Err(refusal) => Err(self.ledger.refuse(ctx, action, resources, refusal)),
+        }
+    }
+
+    /// Whether the request may see resources of `resource_type` it did not ask for by type
+    /// (includes, `$everything`, system history): what it may not see is withheld.
+    pub(crate) fn may_see(&self, ctx: &RequestContext, resource_type: &str) -> bool {
+        policy::authorize(&ctx.principal, Permission::Read, resource_type).is_ok()
+    }
+
     /// Resolves a type name from a URL.
     pub fn resolve_type(&self, name: &str) -> Result<ResourceType, AppError> {
         Ok(self.types.resolve(name)?)
@@ -226,6 +254,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            this.authorize(
+                &ctx,
+                Permission::Create,
+                resource_type.as_str(),
+                "create",
+                Vec::new(),
+            )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             let id = ResourceId::generate();
             let prepared =
@@ -249,6 +284,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, None)];
+            this.authorize(
+                &ctx,
+                Permission::Update,
+                resource_type.as_str(),
+                "update",
+                asked,
+            )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             match validated.id.as_deref() {
                 Some(body_id) if body_id == id.as_str() => {}
@@ -295,6 +338,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, None)];
+            this.authorize(
+                &ctx,
+                Permission::Update,
+                resource_type.as_str(),
+                "update",
+                asked,
+            )?;
             let patch = parse_json_patch(&body)?;
             this.write(
                 &ctx,
@@ -320,6 +371,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, None)];
+            this.authorize(
+                &ctx,
+                Permission::Delete,
+                resource_type.as_str(),
+                "delete",
+                asked,
+            )?;
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
                 Written::Deleted(outcome) => Ok(outcome),
                 Written::Content(_) => Err(AppError::Internal("a deletion wrote content".into())),
@@ -338,6 +397,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, None)];
+            this.authorize(
+                &ctx,
+                Permission::Read,
+                resource_type.as_str(),
+                "read",
+                asked,
+            )?;
             let result = this.read_current(&resource_type, &id);
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
@@ -374,6 +441,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, Some(version_id))];
+            this.authorize(
+                &ctx,
+                Permission::Read,
+                resource_type.as_str(),
+                "vread",
+                asked,
+            )?;
             let result = this.read_version(&resource_type, &id, version_id);
             this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
         })
@@ -405,6 +480,14 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
+            let asked = vec![target(&resource_type, &id, None)];
+            this.authorize(
+                &ctx,
+                Permission::Read,
+                resource_type.as_str(),
+                "history",
+                asked,
+            )?;
             let result = this.history_page(&resource_type, &id, query);
             match &result {
                 Ok(page) => {
@@ -495,7 +578,23 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let page = this.history_scan_page(&query)?;
+            // A type's history is searched like the type; the system's history withholds
+            // the versions of types the token may not see.
+            match &query.resource_type {
+                Some(resource_type) => this.authorize(
+                    &ctx,
+                    Permission::Search,
+                    resource_type.as_str(),
+                    "history",
+                    Vec::new(),
+                )?,
+                None => ctx.rule.set(policy::RULE_PER_TYPE),
+            }
+            let mut page = this.history_scan_page(&query)?;
+            let before = page.entries.len();
+            page.entries
+                .retain(|e| this.may_see(&ctx, e.resource_type.as_str()));
+            let withheld = (before - page.entries.len()) as u64;
             let disclosed: Vec<_> = page
                 .entries
                 .iter()
@@ -519,8 +618,8 @@ impl ResourceService {
             } else {
                 None
             };
-            this.ledger
-                .append(&ctx, LedgerEvent::permit("history", disclosed, patient))?;
+            let event = LedgerEvent::permit("history", disclosed, patient).withholding(withheld);
+            this.ledger.append(&ctx, event)?;
             Ok(page)
         })
         .await

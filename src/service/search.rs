@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
 
-use crate::access::RequestContext;
+use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{
     BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes,
 };
@@ -592,10 +592,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         super::blocking(move || {
+            this.authorize_search(&ctx, &request)?;
             let mut conn = this.connection()?;
-            let page = this.search_page(&mut conn, &request)?;
+            let mut page = this.search_page(&mut conn, &request)?;
             drop(conn);
-            this.ledger().append(&ctx, search_event(&page))?;
+            let withheld = this.withhold_unseen(&ctx, &mut page);
+            this.ledger()
+                .append(&ctx, search_event(&page).withholding(withheld))?;
             Ok(page)
         })
         .await
@@ -609,10 +612,35 @@ impl ResourceService {
         ctx: &RequestContext,
         request: &SearchRequest,
     ) -> Result<(SearchPage, String), AppError> {
-        let page = self.search_page(tx, request)?;
-        let event = search_event(&page);
+        let mut page = self.search_page(tx, request)?;
+        let withheld = self.withhold_unseen(ctx, &mut page);
+        let event = search_event(&page).withholding(withheld);
         let receipt = self.ledger().append_in(tx, ctx, event)?;
         Ok((page, receipt))
+    }
+
+    /// A search needs the search permission on every type it names (every type, for a
+    /// search across all of them). Refusals are ledgered.
+    pub(super) fn authorize_search(
+        &self,
+        ctx: &RequestContext,
+        request: &SearchRequest,
+    ) -> Result<(), AppError> {
+        if request.resource_types.is_empty() {
+            return self.authorize(ctx, Permission::Search, "*", "search", Vec::new());
+        }
+        for resource_type in &request.resource_types {
+            self.authorize(ctx, Permission::Search, resource_type, "search", Vec::new())?;
+        }
+        Ok(())
+    }
+
+    /// Drops included resources of types the token may not see; returns how many.
+    fn withhold_unseen(&self, ctx: &RequestContext, page: &mut SearchPage) -> u64 {
+        let before = page.included.len();
+        page.included
+            .retain(|r| self.may_see(ctx, r.resource_type.as_str()));
+        (before - page.included.len()) as u64
     }
 
     /// The current resources matching `request` (no paging, no ledger entry), at most

@@ -7,7 +7,9 @@
 )]
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
+use actix_web::HttpMessage as _;
 use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::StatusCode;
@@ -15,11 +17,13 @@ use actix_web::http::header::HeaderMap;
 use actix_web::test::{self, TestRequest};
 use actix_web::web::Bytes;
 use diesel::{Connection as _, RunQueryDsl as _};
+use fhirledger::access::local_issuer::{LocalIssuer, TokenRequest};
 use fhirledger::api::AppState;
 use fhirledger::crypto::{BlindIndexKey, MasterKey};
 use fhirledger::ledger::LedgerKey;
 use fhirledger::server::{Keys, StateOptions, prepare_state};
 use fhirledger::store::DatabaseUrl;
+use jsonwebtoken::jwk::JwkSet;
 use serde_json::Value;
 
 pub const BASE_URL: &str = "http://fhir.test";
@@ -117,17 +121,39 @@ impl TestDb {
                 master: key,
                 ledger: ledger_key(),
                 index: BlindIndexKey::generate(),
+                local_issuer: Some(local_issuer()),
             },
             max_body_bytes,
         )
     }
 
     pub fn state_with_keys(&self, keys: Keys, max_body_bytes: usize) -> AppState {
+        self.state_with_options(keys, max_body_bytes, Vec::new())
+    }
+
+    /// Application state that also trusts `issuers` (besides the local test issuer).
+    pub fn state_trusting(&self, issuers: Vec<(String, JwkSet)>) -> AppState {
+        let keys = Keys {
+            master: MasterKey::generate(),
+            ledger: ledger_key(),
+            index: BlindIndexKey::generate(),
+            local_issuer: Some(local_issuer()),
+        };
+        self.state_with_options(keys, 16 * 1024 * 1024, issuers)
+    }
+
+    fn state_with_options(
+        &self,
+        keys: Keys,
+        max_body_bytes: usize,
+        trusted_issuers: Vec<(String, JwkSet)>,
+    ) -> AppState {
         let options = StateOptions {
             base_url: BASE_URL.into(),
             max_body_bytes,
             pool_size: 8,
             ledger_batch_size: 4096,
+            trusted_issuers,
         };
         prepare_state(&self.url, keys, &options).expect("application state")
     }
@@ -210,12 +236,69 @@ impl Reply {
     }
 }
 
+/// The local issuer every test server trusts (one key per test process).
+pub fn local_issuer() -> LocalIssuer {
+    static SEED: OnceLock<[u8; 32]> = OnceLock::new();
+    let seed = SEED.get_or_init(rand::random);
+    LocalIssuer::from_seed(seed, BASE_URL).expect("local issuer")
+}
+
+/// A token from the test issuer with `scope`, valid for an hour.
+pub fn token_with(scope: &str, patient: Option<&str>, fhir_user: Option<&str>) -> String {
+    local_issuer()
+        .mint(&TokenRequest {
+            subject: "test-user".into(),
+            scope: scope.into(),
+            client_id: Some("test-client".into()),
+            patient: patient.map(str::to_owned),
+            fhir_user: fhir_user.map(str::to_owned),
+            purpose_of_use: None,
+            ttl_seconds: 3600,
+        })
+        .expect("mint a token")
+}
+
+/// The scopes of the token [`call`] sends: everything a backend administrator may do.
+pub const ADMIN_SCOPES: &str = "system/*.cruds ledger.read";
+
+fn admin_token() -> &'static str {
+    static TOKEN: OnceLock<String> = OnceLock::new();
+    TOKEN.get_or_init(|| token_with(ADMIN_SCOPES, None, None))
+}
+
+/// Calls the app as an administrator: a request without an `Authorization` header gets the
+/// [`ADMIN_SCOPES`] token.
 pub async fn call<S, B>(app: &S, request: TestRequest) -> Reply
 where
     S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody,
 {
-    let response = test::call_service(app, request.to_request()).await;
+    let mut request = request.to_request();
+    if !request.headers().contains_key("authorization") {
+        let value = format!("Bearer {}", admin_token());
+        request.headers_mut().insert(
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::HeaderValue::from_str(&value).expect("header"),
+        );
+    }
+    send(app, request).await
+}
+
+/// Calls the app with exactly the request's headers (no token added).
+pub async fn call_as_is<S, B>(app: &S, request: TestRequest) -> Reply
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    send(app, request.to_request()).await
+}
+
+async fn send<S, B>(app: &S, request: actix_http::Request) -> Reply
+where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let response = test::call_service(app, request).await;
     let status = response.status();
     let headers = response.headers().clone();
     let body = test::read_body(response).await;

@@ -1,0 +1,479 @@
+//! Authentication and authorization end to end: every way a token can be wrong is refused
+//! with 401 and a `WWW-Authenticate` challenge, every scope refusal with 403 naming its
+//! rule; each refusal is a ledger entry, and no refusal carries resource content. Permitted
+//! requests are ledgered with the token's actor and the rule that permitted them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod common;
+
+use actix_web::http::StatusCode;
+use actix_web::test::{self, TestRequest};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{BASE_URL, Reply, TestDb, call, call_as_is, get, post, token_with};
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+/// An identity provider the test server trusts through its JWKS, whose tokens the tests
+/// forge at will.
+struct Provider {
+    issuer: String,
+    kid: String,
+    key: SigningKey,
+}
+
+impl Provider {
+    fn new(issuer: &str) -> Self {
+        Self {
+            issuer: issuer.into(),
+            kid: "k1".into(),
+            key: SigningKey::from_bytes(&rand::random()),
+        }
+    }
+
+    fn jwks(&self) -> JwkSet {
+        let x = URL_SAFE_NO_PAD.encode(self.key.verifying_key().to_bytes());
+        serde_json::from_value(json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "use": "sig"}
+        ]}))
+        .unwrap()
+    }
+
+    fn claims(&self, scope: &str) -> Value {
+        let now = jsonwebtoken::get_current_timestamp();
+        json!({
+            "iss": self.issuer, "aud": BASE_URL, "sub": "nurse-7", "client_id": "ward-app",
+            "scope": scope, "iat": now, "exp": now + 600, "fhirUser": "Practitioner/p7",
+        })
+    }
+
+    fn sign(&self, header: &Header, claims: &Value) -> String {
+        let der = self.key.to_pkcs8_der().unwrap();
+        jsonwebtoken::encode(header, claims, &EncodingKey::from_ed_der(der.as_bytes())).unwrap()
+    }
+
+    fn header(&self) -> Header {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        header
+    }
+
+    fn token(&self, claims: &Value) -> String {
+        self.sign(&self.header(), claims)
+    }
+}
+
+const FAMILY: &str = "Quintavalle";
+
+fn with_token(request: TestRequest, token: &str) -> TestRequest {
+    request.insert_header(("Authorization", format!("Bearer {token}")))
+}
+
+/// The ledger entry a response's receipt names (read with the administrator's token).
+async fn entry_of<S, B>(app: &S, reply: &Reply) -> Value
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let receipt = reply
+        .header("x-ledger-entry")
+        .unwrap_or_else(|| panic!("no receipt on {}: {}", reply.status, reply.text()));
+    let resolved = call(app, get(&format!("/ledger/receipts/{receipt}"))).await;
+    assert_eq!(resolved.status, StatusCode::OK, "{}", resolved.text());
+    resolved.json()["entry"].clone()
+}
+
+/// A refusal carries an OperationOutcome and nothing of the stored patient.
+fn assert_refusal(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.outcome_issue()["code"], code, "{}", reply.text());
+    assert!(!reply.text().contains(FAMILY), "{}", reply.text());
+    assert!(reply.header("www-authenticate").is_some());
+}
+
+async fn authentication_failures_are_refused_and_ledgered(db: TestDb) {
+    let provider = Provider::new("https://idp.test");
+    let state = db.state_trusting(vec![(provider.issuer.clone(), provider.jwks())]);
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let created = call(
+        &app,
+        post(
+            "/fhir/Patient",
+            &json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let path = format!("/fhir/Patient/{}", created.json()["id"].as_str().unwrap());
+
+    // A good token from the provider reads; the entry names the actor and the rule.
+    let good = provider.token(&provider.claims("system/Patient.r"));
+    let read = call(&app, with_token(get(&path), &good)).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    let entry = entry_of(&app, &read).await;
+    assert_eq!(entry["outcome"], "permit");
+    assert_eq!(entry["rule"], "scope:system");
+    assert_eq!(entry["actor"]["subject"], "nurse-7");
+    assert_eq!(entry["actor"]["client"], "ward-app");
+    assert_eq!(entry["actor"]["issuer"], "https://idp.test");
+    assert_eq!(entry["actor"]["fhirUser"], "Practitioner/p7");
+    assert_eq!(entry["actor"]["role"], "system");
+
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = provider.claims("system/Patient.r");
+    let altered = |field: &str, value: Value| {
+        let mut claims = claims.clone();
+        claims[field] = value;
+        provider.token(&claims)
+    };
+    let impostor = Provider::new("https://idp.test");
+    let header_json = |alg: &str| {
+        URL_SAFE_NO_PAD.encode(json!({"alg": alg, "kid": "k1", "typ": "JWT"}).to_string())
+    };
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let public_key = provider.key.verifying_key().to_bytes();
+    let mut hs256 = Header::new(Algorithm::HS256);
+    hs256.kid = Some("k1".into());
+    let mut unknown_kid = provider.header();
+    unknown_kid.kid = Some("k2".into());
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("no token", None, "no-token"),
+        (
+            "not bearer",
+            Some("Basic dXNlcjpwYXNz".into()),
+            "malformed-token",
+        ),
+        (
+            "malformed",
+            Some("Bearer not.a-jwt".into()),
+            "malformed-token",
+        ),
+        (
+            "expired",
+            Some(altered("exp", json!(now - 3600))),
+            "token-expired",
+        ),
+        (
+            "not yet valid",
+            Some(altered("nbf", json!(now + 3600))),
+            "token-not-yet-valid",
+        ),
+        (
+            "wrong issuer",
+            Some(altered("iss", json!("https://evil.test"))),
+            "unknown-issuer",
+        ),
+        (
+            "wrong audience",
+            Some(altered("aud", json!("https://other-server.test"))),
+            "wrong-audience",
+        ),
+        (
+            "bad signature",
+            Some(impostor.token(&claims)),
+            "bad-signature",
+        ),
+        (
+            "alg none",
+            Some(format!("{}.{payload}.", header_json("none"))),
+            "algorithm-refused",
+        ),
+        (
+            "HS256 keyed with the public key",
+            Some(
+                jsonwebtoken::encode(
+                    &hs256,
+                    &claims,
+                    &EncodingKey::from_secret(&public_key).unwrap(),
+                )
+                .unwrap(),
+            ),
+            "algorithm-refused",
+        ),
+        (
+            "unknown kid",
+            Some(provider.sign(&unknown_kid, &claims)),
+            "unknown-key",
+        ),
+        (
+            "no subject",
+            Some({
+                let mut claims = claims.clone();
+                claims.as_object_mut().unwrap().remove("sub");
+                provider.token(&claims)
+            }),
+            "missing-claim",
+        ),
+    ];
+    for (name, credential, reason) in cases {
+        let mut request = get(&path);
+        if let Some(credential) = &credential {
+            let value = if credential.contains(' ') {
+                credential.clone()
+            } else {
+                format!("Bearer {credential}")
+            };
+            request = request.insert_header(("Authorization", value));
+        }
+        let reply = call_as_is(&app, request).await;
+        assert_refusal(&reply, StatusCode::UNAUTHORIZED, "login");
+        let challenge = reply.header("www-authenticate").unwrap();
+        assert!(
+            challenge.starts_with("Bearer realm=\"fhirledger\""),
+            "{name}: {challenge}"
+        );
+        assert_eq!(
+            challenge.contains("error=\"invalid_token\""),
+            credential.is_some(),
+            "{name}: {challenge}"
+        );
+        let entry = entry_of(&app, &reply).await;
+        assert_eq!(entry["outcome"], "deny", "{name}");
+        assert_eq!(entry["reason"], reason, "{name}");
+        assert_eq!(entry["rule"], "authentication", "{name}");
+        assert_eq!(entry["actor"]["subject"], "anonymous", "{name}");
+    }
+
+    // The public endpoints need no token.
+    for public in [
+        "/fhir/metadata",
+        "/ledger/checkpoint",
+        "/ledger/key",
+        "/.well-known/smart-configuration",
+        "/.well-known/jwks.json",
+        "/healthz",
+    ] {
+        let reply = call_as_is(&app, get(public)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{public}: {}", reply.text());
+    }
+    let smart = call_as_is(&app, get("/.well-known/smart-configuration"))
+        .await
+        .json();
+    assert_eq!(
+        smart["jwks_uri"],
+        format!("{BASE_URL}/.well-known/jwks.json")
+    );
+    // The local issuer's published key verifies the tokens it mints.
+    let jwks = call_as_is(&app, get("/.well-known/jwks.json")).await.json();
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    assert!(
+        jwks["keys"][0].get("d").is_none(),
+        "the private key is never served"
+    );
+}
+
+async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let patient = call(
+        &app,
+        post(
+            "/fhir/Patient",
+            &json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+        ),
+    )
+    .await
+    .json();
+    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    let observation = call(
+        &app,
+        post(
+            "/fhir/Observation",
+            &json!({"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+                    "subject": {"reference": format!("Patient/{patient_id}")}}),
+        ),
+    )
+    .await
+    .json();
+    let observation_id = observation["id"].as_str().unwrap().to_owned();
+    let patient_path = format!("/fhir/Patient/{patient_id}");
+
+    let observations_only = token_with("system/Observation.rs", None, None);
+    let read_only = token_with("system/Patient.rs", None, None);
+    let patient_app = token_with("patient/*.rs", Some(&patient_id), None);
+    let clinician = token_with("user/*.cruds", None, Some("Practitioner/p1"));
+    let auditor = token_with("ledger.read", None, None);
+    let writer = token_with("system/*.cruds", None, None);
+    let new_patient = json!({"resourceType": "Patient", "active": true});
+
+    let refusals: Vec<(&str, TestRequest, &str, &str)> = vec![
+        (
+            "scope for another type",
+            with_token(get(&patient_path), &observations_only),
+            "scope",
+            "read",
+        ),
+        (
+            "read-only scope writing",
+            with_token(post("/fhir/Patient", &new_patient), &read_only),
+            "scope",
+            "create",
+        ),
+        (
+            "read-only scope deleting",
+            with_token(TestRequest::delete().uri(&patient_path), &read_only),
+            "scope",
+            "delete",
+        ),
+        (
+            "patient scopes (compartments not enforced yet)",
+            with_token(get(&patient_path), &patient_app),
+            "scope-context-not-honoured",
+            "read",
+        ),
+        (
+            "user scopes (Consent not enforced yet)",
+            with_token(get("/fhir/Observation?code=29463-7"), &clinician),
+            "scope-context-not-honoured",
+            "search",
+        ),
+        (
+            "auditor reading a Patient",
+            with_token(get(&patient_path), &auditor),
+            "scope",
+            "read",
+        ),
+        (
+            "auditor searching",
+            with_token(get("/fhir/Patient"), &auditor),
+            "scope",
+            "search",
+        ),
+        (
+            "history of a type not in scope",
+            with_token(get("/fhir/Patient/_history"), &observations_only),
+            "scope",
+            "history",
+        ),
+        (
+            "$everything without Patient read",
+            with_token(
+                get(&format!("{patient_path}/$everything")),
+                &observations_only,
+            ),
+            "scope",
+            "everything",
+        ),
+        (
+            "creating an AuditEvent",
+            with_token(
+                post("/fhir/AuditEvent", &json!({"resourceType": "AuditEvent"})),
+                &writer,
+            ),
+            "audit-events-read-only",
+            "create",
+        ),
+        (
+            "ledger entries without ledger.read",
+            with_token(get("/ledger/entries"), &writer),
+            "scope:ledger.read",
+            "ledger-read",
+        ),
+    ];
+    for (name, request, rule, action) in refusals {
+        let reply = call_as_is(&app, request).await;
+        assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+        assert!(reply.text().contains(rule), "{name}: {}", reply.text());
+        let entry = entry_of(&app, &reply).await;
+        assert_eq!(entry["outcome"], "deny", "{name}");
+        assert_eq!(entry["reason"], "forbidden", "{name}");
+        assert_eq!(entry["rule"], rule, "{name}");
+        assert_eq!(entry["action"], action, "{name}");
+    }
+
+    // A transaction with one entry the token may not do changes nothing.
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Observation", "status": "final",
+                      "code": {"text": "x"}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": new_patient, "request": {"method": "POST", "url": "Patient"}},
+    ]});
+    let before = call(&app, get("/fhir/Observation?_summary=count"))
+        .await
+        .json()["total"]
+        .clone();
+    let refused = call_as_is(&app, with_token(post("/fhir", &bundle), &observations_only)).await;
+    assert_refusal(&refused, StatusCode::FORBIDDEN, "forbidden");
+    let after = call(&app, get("/fhir/Observation?_summary=count"))
+        .await
+        .json()["total"]
+        .clone();
+    assert_eq!(before, after, "the refused transaction wrote nothing");
+    // In a batch, only the refused entry fails.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": format!("Observation/{observation_id}")}},
+        {"request": {"method": "GET", "url": format!("Patient/{patient_id}")}},
+    ]});
+    let reply = call_as_is(&app, with_token(post("/fhir", &batch), &observations_only)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let entries = reply.json()["entry"].clone();
+    assert_eq!(entries[0]["response"]["status"], "200 OK");
+    assert!(
+        entries[1]["response"]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("403")
+    );
+    assert!(!reply.text().contains(FAMILY));
+
+    // Includes of types the token may not see are withheld, and the entry says how many.
+    let search = call_as_is(
+        &app,
+        with_token(
+            get(&format!(
+                "/fhir/Observation?_id={observation_id}&_include=Observation:subject"
+            )),
+            &observations_only,
+        ),
+    )
+    .await;
+    assert_eq!(search.status, StatusCode::OK, "{}", search.text());
+    let bundle = search.json();
+    assert_eq!(common::searchset_ids(&bundle), vec![observation_id.clone()]);
+    assert_eq!(bundle["entry"].as_array().unwrap().len(), 1, "{bundle}");
+    assert!(!search.text().contains(FAMILY));
+    let entry = entry_of(&app, &search).await;
+    assert_eq!(entry["outcome"], "permit");
+    assert_eq!(entry["withheld"], 1);
+    assert_eq!(entry["rule"], "scope:system");
+
+    // The system history withholds the Patient's versions from an Observation-only token.
+    let history = call_as_is(&app, with_token(get("/fhir/_history"), &observations_only)).await;
+    assert_eq!(history.status, StatusCode::OK, "{}", history.text());
+    let types: Vec<String> = history.json()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["resource"]["resourceType"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned()
+        })
+        .collect();
+    assert!(types.iter().all(|t| t == "Observation"), "{types:?}");
+    assert!(!types.is_empty());
+    assert!(entry_of(&app, &history).await["withheld"].as_u64().unwrap() >= 1);
+
+    // The auditor reads the ledger; permitted.
+    let entries = call_as_is(&app, with_token(get("/ledger/entries"), &auditor)).await;
+    assert_eq!(entries.status, StatusCode::OK, "{}", entries.text());
+}
+
+on_both_backends!(
+    authentication_failures_are_refused_and_ledgered,
+    scopes_decide_interactions_and_refusals_are_ledgered,
+);

@@ -303,7 +303,7 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
 
     let observations_only = token_with("system/Observation.rs", None, None);
     let read_only = token_with("system/Patient.rs", None, None);
-    let patient_app = token_with("patient/*.rs", Some(&patient_id), None);
+    let unclaimed = token_with("patient/*.rs", None, None);
     let clinician = token_with("user/*.cruds", None, Some("Practitioner/p1"));
     let auditor = token_with("ledger.read", None, None);
     let writer = token_with("system/*.cruds", None, None);
@@ -329,15 +329,15 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
             "delete",
         ),
         (
-            "patient scopes (compartments not enforced yet)",
-            with_token(get(&patient_path), &patient_app),
-            "scope-context-not-honoured",
+            "patient scope without a patient claim",
+            with_token(get(&patient_path), &unclaimed),
+            "patient-claim-missing",
             "read",
         ),
         (
             "user scopes (Consent not enforced yet)",
             with_token(get("/fhir/Observation?code=29463-7"), &clinician),
-            "scope-context-not-honoured",
+            "user-scope-not-honoured",
             "search",
         ),
         (
@@ -473,7 +473,219 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
     assert_eq!(entries.status, StatusCode::OK, "{}", entries.text());
 }
 
+/// Creates `resource` as the administrator; returns its id.
+async fn create<S, B>(app: &S, resource: Value) -> String
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let path = format!("/fhir/{}", resource["resourceType"].as_str().unwrap());
+    let reply = call(app, post(&path, &resource)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()["id"].as_str().unwrap().to_owned()
+}
+
+fn observation(patient: &str, text: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final", "code": {"text": text},
+           "subject": {"reference": format!("Patient/{patient}")}})
+}
+
+fn ids_of(reply: &Reply) -> Vec<String> {
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let mut ids: Vec<String> = reply.json()["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| e["resource"]["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+async fn patient_scopes_stay_inside_their_patients_compartment(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let alice = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
+    )
+    .await;
+    let bob = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+    )
+    .await;
+    let alice_obs = create(&app, observation(&alice, "alice-glucose")).await;
+    let bob_obs = create(&app, observation(&bob, "bob-secret")).await;
+    let doctor = create(
+        &app,
+        json!({"resourceType": "Practitioner", "active": true}),
+    )
+    .await;
+
+    let token = token_with("patient/*.cruds", Some(&alice), None);
+    let as_alice = |request: TestRequest| with_token(request, &token);
+
+    // Reads: her own record and shared resources; Bob's are refused and ledgered.
+    for path in [
+        format!("/fhir/Patient/{alice}"),
+        format!("/fhir/Observation/{alice_obs}"),
+        format!("/fhir/Observation/{alice_obs}/_history/1"),
+        format!("/fhir/Practitioner/{doctor}"),
+    ] {
+        let reply = call_as_is(&app, as_alice(get(&path))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+        assert_eq!(
+            entry_of(&app, &reply).await["rule"],
+            "scope:patient",
+            "{path}"
+        );
+    }
+    for path in [
+        format!("/fhir/Patient/{bob}"),
+        format!("/fhir/Observation/{bob_obs}"),
+        format!("/fhir/Observation/{bob_obs}/_history/1"),
+        format!("/fhir/Patient/{bob}/$everything"),
+    ] {
+        let reply = call_as_is(&app, as_alice(get(&path))).await;
+        assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+        assert!(!reply.text().contains("bob-secret"));
+        let entry = entry_of(&app, &reply).await;
+        assert_eq!(entry["outcome"], "deny", "{path}");
+        assert_eq!(entry["rule"], "compartment", "{path}");
+    }
+
+    // Searches, includes and histories return her compartment only.
+    let search = |query: &str| call_as_is(&app, as_alice(get(query)));
+    assert_eq!(
+        ids_of(&search("/fhir/Observation").await),
+        vec![alice_obs.clone()]
+    );
+    assert_eq!(
+        ids_of(&search(&format!("/fhir/Observation?subject=Patient/{bob}")).await),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids_of(&search("/fhir/Patient").await), vec![alice.clone()]);
+    let reply = search(&format!(
+        "/fhir/Patient?_id={alice},{bob}&_revinclude=Observation:subject"
+    ))
+    .await;
+    assert_eq!(
+        ids_of(&reply),
+        sorted(vec![alice.clone(), alice_obs.clone()])
+    );
+    assert!(!reply.text().contains("bob-secret"));
+    let reply = search("/fhir/Observation?_include=Observation:subject").await;
+    assert_eq!(
+        ids_of(&reply),
+        sorted(vec![alice.clone(), alice_obs.clone()])
+    );
+    let reply = search("/fhir/Observation/_history").await;
+    assert_eq!(ids_of(&reply), vec![alice_obs.clone()]);
+    assert_eq!(entry_of(&app, &reply).await["withheld"], 1);
+    let reply = search("/fhir/_history").await;
+    assert_eq!(
+        ids_of(&reply),
+        sorted(vec![alice.clone(), alice_obs.clone(), doctor.clone()])
+    );
+    assert!(!reply.text().contains("bob-secret"));
+    let reply = search(&format!("/fhir/Patient/{alice}/$everything")).await;
+    assert_eq!(
+        ids_of(&reply),
+        sorted(vec![alice.clone(), alice_obs.clone()])
+    );
+    // A search that cannot be confined in one condition is refused.
+    let reply = search("/fhir?_type=Observation,Patient").await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+
+    // Writes: into her compartment only.
+    let reply = call_as_is(
+        &app,
+        as_alice(post("/fhir/Observation", &observation(&alice, "mine"))),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let count = || async {
+        call(&app, get("/fhir/Observation?_summary=count"))
+            .await
+            .json()["total"]
+            .clone()
+    };
+    let before = count().await;
+    let mut moved = observation(&bob, "moved");
+    moved["id"] = json!(alice_obs);
+    let mut bobs = observation(&bob, "overwritten");
+    bobs["id"] = json!(bob_obs);
+    let writes: Vec<(&str, TestRequest)> = vec![
+        (
+            "create in Bob's compartment",
+            post("/fhir/Observation", &observation(&bob, "planted")),
+        ),
+        (
+            "move her observation to Bob",
+            common::put(&format!("/fhir/Observation/{alice_obs}"), &moved),
+        ),
+        (
+            "overwrite Bob's observation",
+            common::put(&format!("/fhir/Observation/{bob_obs}"), &bobs),
+        ),
+        (
+            "delete Bob's observation",
+            TestRequest::delete().uri(&format!("/fhir/Observation/{bob_obs}")),
+        ),
+        (
+            "create another patient",
+            post("/fhir/Patient", &json!({"resourceType": "Patient"})),
+        ),
+    ];
+    for (name, request) in writes {
+        let reply = call_as_is(&app, as_alice(request)).await;
+        assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+        let entry = entry_of(&app, &reply).await;
+        assert_eq!(entry["rule"], "compartment", "{name}");
+        assert_eq!(entry["outcome"], "deny", "{name}");
+    }
+    assert_eq!(count().await, before, "no refused write changed anything");
+    let bob_read = call(&app, get(&format!("/fhir/Observation/{bob_obs}")))
+        .await
+        .json();
+    assert_eq!(bob_read["code"]["text"], "bob-secret");
+    assert_eq!(bob_read["meta"]["versionId"], "1");
+
+    // In a batch, Bob's entry is refused and hers is served.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": format!("Observation/{alice_obs}")}},
+        {"request": {"method": "GET", "url": format!("Observation/{bob_obs}")}},
+        {"request": {"method": "GET", "url": format!("Observation?subject=Patient/{bob}")}},
+    ]});
+    let reply = call_as_is(&app, as_alice(post("/fhir", &batch))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let entries = reply.json()["entry"].clone();
+    assert_eq!(entries[0]["response"]["status"], "200 OK");
+    assert!(
+        entries[1]["response"]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("403")
+    );
+    assert_eq!(entries[2]["resource"]["total"], 0, "{}", entries[2]);
+    assert!(!reply.text().contains("bob-secret"));
+}
+
 on_both_backends!(
     authentication_failures_are_refused_and_ledgered,
     scopes_decide_interactions_and_refusals_are_ledgered,
+    patient_scopes_stay_inside_their_patients_compartment,
 );

@@ -23,8 +23,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     responses((status = 200, description = "SMART configuration", body = Object)))]
 pub async fn smart_configuration(state: web::Data<AppState>) -> HttpResponse {
     let mut document = json!({
-        "capabilities": ["permission-v1", "permission-v2"],
-        "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write", LEDGER_READ_SCOPE],
+        "capabilities": ["permission-v1", "permission-v2", "permission-patient", "context-standalone-patient"],
+        "scopes_supported": [
+            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write",
+            "patient/*.cruds", "patient/*.rs", "patient/*.read", "patient/*.write",
+            LEDGER_READ_SCOPE,
+        ],
         "token_endpoint_auth_methods_supported": [],
         "code_challenge_methods_supported": ["S256"],
     });

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
 use crate::fhir::bundle_request::{BundleKind, BundleRequest, Method, RequestEntry};
@@ -25,7 +26,7 @@ use super::blocking;
 use super::ledger::LedgerEvent;
 use super::resources::{
     DeleteOutcome, ResourceService, StoredResource, TxError, WriteKind, Written, existing_head,
-    refusal_reason, target,
+    refusal_event, target,
 };
 use super::search::SearchPage;
 
@@ -240,7 +241,8 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            this.authorize_operation(&ctx, &operation)?;
+            let mut operation = operation;
+            this.authorize_operation(&ctx, &mut operation)?;
             let result = this.transact(describe(&operation), |tx| {
                 let resolved = this.resolve(tx, &operation, None)?;
                 let operation = this.rewrite(tx, &operation, &Resolution::default())?;
@@ -293,14 +295,15 @@ impl ResourceService {
     }
 
     /// Asks the access policy for what `operation` needs: its own permission, and search
-    /// on the type when a condition selects its target. Refusals are ledgered.
+    /// on the type when a condition selects its target. Refusals are ledgered. A token
+    /// confined to a patient's compartment has its searches and conditions confined too;
+    /// its reads and writes are checked against the compartment where they run.
     fn authorize_operation(
         &self,
         ctx: &RequestContext,
-        operation: &Operation,
+        operation: &mut Operation,
     ) -> Result<(), AppError> {
-        let conditional = |target: &Target| matches!(target, Target::Matching(_));
-        let (permission, resource_type, action, searches) = match operation {
+        let (permission, resource_type, action, condition) = match operation {
             Operation::Create {
                 resource_type,
                 if_none_exist,
@@ -309,7 +312,7 @@ impl ResourceService {
                 Permission::Create,
                 resource_type,
                 "create",
-                if_none_exist.is_some(),
+                if_none_exist.as_mut(),
             ),
             Operation::Update {
                 resource_type,
@@ -319,10 +322,10 @@ impl ResourceService {
                 Permission::Update,
                 resource_type,
                 "update",
-                conditional(target),
+                matching(target),
             ),
             Operation::Patch { resource_type, .. } => {
-                (Permission::Update, resource_type, "update", false)
+                (Permission::Update, resource_type, "update", None)
             }
             Operation::Delete {
                 resource_type,
@@ -332,7 +335,7 @@ impl ResourceService {
                 Permission::Delete,
                 resource_type,
                 "delete",
-                conditional(target),
+                matching(target),
             ),
             Operation::Read {
                 resource_type,
@@ -340,20 +343,15 @@ impl ResourceService {
                 ..
             } => {
                 let action = if version.is_some() { "vread" } else { "read" };
-                (Permission::Read, resource_type, action, false)
+                (Permission::Read, resource_type, action, None)
             }
             Operation::Search(request) => return self.authorize_search(ctx, request),
         };
-        if searches {
-            self.authorize(
-                ctx,
-                Permission::Search,
-                resource_type.as_str(),
-                action,
-                Vec::new(),
-            )?;
+        if let Some(condition) = condition {
+            self.authorize_search(ctx, condition)?;
         }
         self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())
+            .map(|_| ())
     }
 
     fn plan_entry(&self, entry: &RequestEntry, handling: Handling) -> Result<Operation, AppError> {
@@ -388,8 +386,8 @@ impl ResourceService {
         entries
             .iter()
             .map(|entry| {
-                let operation = self.plan_entry(entry, handling)?;
-                self.authorize_operation(ctx, &operation)?;
+                let mut operation = self.plan_entry(entry, handling)?;
+                self.authorize_operation(ctx, &mut operation)?;
                 let result = self.transact(describe(&operation), |tx| {
                     let resolved = self.resolve(tx, &operation, None)?;
                     let operation = self.rewrite(tx, &operation, &Resolution::default())?;
@@ -415,7 +413,7 @@ impl ResourceService {
         entries: &[RequestEntry],
         handling: Handling,
     ) -> Result<Vec<Result<Outcome, AppError>>, EntryError> {
-        let operations = entries
+        let mut operations = entries
             .iter()
             .enumerate()
             .map(|(index, entry)| {
@@ -424,7 +422,7 @@ impl ResourceService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Every entry is authorized before anything runs: one refusal refuses it all.
-        for (index, operation) in operations.iter().enumerate() {
+        for (index, operation) in operations.iter_mut().enumerate() {
             self.authorize_operation(ctx, operation)
                 .map_err(|error| EntryError { index, error })?;
         }
@@ -914,9 +912,15 @@ impl ResourceService {
             ) => {
                 let head = existing_head(tx, &resource_type, &id)?;
                 let version_id = version.unwrap_or(head.current_version);
+                // A token confined to a compartment learns nothing of a resource before the
+                // compartment check below, not even that its version is current.
+                let confined =
+                    policy::authorize(&ctx.principal, Permission::Read, resource_type.as_str())
+                        .is_ok_and(|grant| grant.compartment.is_some());
                 if version.is_none()
                     && *if_none_match == Some(head.current_version)
                     && !head.deleted
+                    && !confined
                 {
                     let meta = VersionMeta {
                         version_id: head.current_version,
@@ -935,6 +939,19 @@ impl ResourceService {
                         AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
                     })?;
                 let resource = self.open_version(&resource_type, &id, &row)?;
+                if !self.may_see(
+                    ctx,
+                    resource_type.as_str(),
+                    id.as_str(),
+                    Some(&resource.json),
+                ) {
+                    let patient =
+                        policy::authorize(&ctx.principal, Permission::Read, resource_type.as_str())
+                            .ok()
+                            .and_then(|grant| grant.compartment)
+                            .unwrap_or_default();
+                    return Err(AppError::from(policy::outside_compartment(&patient)).into());
+                }
                 let event = LedgerEvent::permit(
                     if version.is_some() { "vread" } else { "read" },
                     vec![target(&resource_type, &id, Some(version_id))],
@@ -991,11 +1008,10 @@ impl ResourceService {
         match id {
             Some(id) => self.record_refusal(ctx, action, resource_type, id, None, error),
             None => {
-                let Some(reason) = refusal_reason(error) else {
+                // No single resource was reached (a condition matched several, or none).
+                let Some(event) = refusal_event(action, error, Vec::new()) else {
                     return Ok(());
                 };
-                // No single resource was reached (a condition matched several, or none).
-                let event = LedgerEvent::deny(action, reason, Vec::new());
                 self.ledger().append(ctx, event).map(|_| ())
             }
         }
@@ -1005,6 +1021,14 @@ impl ResourceService {
 /// The local reference an operation's entry will resolve to, when that is known before the
 /// transaction: `Some(None)` when it resolves to nothing, `None` when only the database can
 /// tell (conditional targets). Must agree with [`ResourceService::resolve`].
+/// The condition of a conditional target.
+fn matching(target: &mut Target) -> Option<&mut SearchRequest> {
+    match target {
+        Target::Matching(condition) => Some(condition),
+        Target::Id(_) => None,
+    }
+}
+
 fn known_target(operation: &Operation, fresh_id: Option<&ResourceId>) -> Option<Option<String>> {
     match operation {
         Operation::Create { resource_type, .. } => {

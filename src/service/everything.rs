@@ -9,6 +9,7 @@
 //! digests" over the compartment's types, in storage order (`seq`), which pages stably while
 //! resources are added.
 
+use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
@@ -63,7 +64,22 @@ impl ResourceService {
         super::blocking(move || {
             let patient_type = this.resolve_type("Patient")?;
             let asked = vec![target(&patient_type, &query.patient, None)];
-            this.authorize(&ctx, Permission::Read, "Patient", EVERYTHING_ACTION, asked)?;
+            let grant = this.authorize(
+                &ctx,
+                Permission::Read,
+                "Patient",
+                EVERYTHING_ACTION,
+                asked.clone(),
+            )?;
+            // A patient/ token opens its own patient's record only.
+            if let Some(patient) = grant.compartment
+                && patient != query.patient.as_str()
+            {
+                let refusal = policy::outside_compartment(&patient);
+                return Err(this
+                    .ledger()
+                    .refuse(&ctx, EVERYTHING_ACTION, asked, refusal));
+            }
             let mut conn = this.connection()?;
             let page = this.everything_page(&mut conn, &query);
             drop(conn);
@@ -72,8 +88,9 @@ impl ResourceService {
                 Ok(mut page) => {
                     // Compartment members of types the token may not see are withheld.
                     let before = page.resources.len();
-                    page.resources
-                        .retain(|r| this.may_see(&ctx, r.resource_type.as_str()));
+                    page.resources.retain(|r| {
+                        this.may_see(&ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
+                    });
                     let withheld = (before - page.resources.len()) as u64;
                     let disclosed = page
                         .resources

@@ -229,10 +229,7 @@ impl LedgerService {
     ) -> AppError {
         let event = LedgerEvent::deny(action, "forbidden", resources).decided_by(refusal.rule);
         match self.append(ctx, event) {
-            Ok(_) => AppError::Forbidden {
-                rule: refusal.rule,
-                message: refusal.message,
-            },
+            Ok(_) => refusal.into(),
             Err(error) => error,
         }
     }
@@ -244,8 +241,8 @@ impl LedgerService {
         action: &'static str,
     ) -> Result<(), AppError> {
         match policy::authorize_ledger_read(&ctx.principal) {
-            Ok(rule) => {
-                ctx.rule.set(rule);
+            Ok(grant) => {
+                ctx.rule.set(grant.rule);
                 Ok(())
             }
             Err(refusal) => {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::access::policy;
+use crate::access::policy::{self, Grant};
 use crate::access::{Permission, RequestContext};
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
@@ -222,20 +222,126 @@ impl ResourceService {
         resource_type: &str,
         action: &'static str,
         resources: Vec<EntryResource>,
-    ) -> Result<(), AppError> {
+    ) -> Result<Grant, AppError> {
         match policy::authorize(&ctx.principal, permission, resource_type) {
-            Ok(rule) => {
-                ctx.rule.set(rule);
-                Ok(())
+            Ok(grant) => {
+                ctx.rule.set(grant.rule);
+                Ok(grant)
             }
             Err(refusal) => Err(self.ledger.refuse(ctx, action, resources, refusal)),
         }
     }
 
-    /// Whether the request may see resources of `resource_type` it did not ask for by type
-    /// (includes, `$everything`, system history): what it may not see is withheld.
-    pub(crate) fn may_see(&self, ctx: &RequestContext, resource_type: &str) -> bool {
-        policy::authorize(&ctx.principal, Permission::Read, resource_type).is_ok()
+    /// Whether the request may see a resource version it did not ask for by type and id
+    /// (includes, `$everything`, histories): the token must be allowed to read its type,
+    /// and a token confined to a patient's compartment sees only what is in it. A deletion
+    /// (`json` absent) of a type that belongs to compartments cannot be placed in one, so a
+    /// confined token does not see it. What it may not see is withheld.
+    pub(crate) fn may_see(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        json: Option<&str>,
+    ) -> bool {
+        match policy::authorize(&ctx.principal, Permission::Read, resource_type) {
+            Err(_) => false,
+            Ok(Grant {
+                compartment: None, ..
+            }) => true,
+            Ok(Grant {
+                compartment: Some(patient),
+                ..
+            }) => match json {
+                Some(json) => self
+                    .search
+                    .in_compartment(resource_type, id, json, &patient),
+                None => !self.search.has_compartments(resource_type),
+            },
+        }
+    }
+
+    /// A read of one resource by a token confined to a compartment: the resource must be in
+    /// it. The check reads the resource but discloses nothing: a resource outside is refused.
+    fn confine_read(
+        &self,
+        grant: &Grant,
+        result: Result<StoredResource, AppError>,
+    ) -> Result<StoredResource, AppError> {
+        match (result, &grant.compartment) {
+            (Ok(resource), Some(patient))
+                if !self.search.in_compartment(
+                    resource.resource_type.as_str(),
+                    resource.id.as_str(),
+                    &resource.json,
+                    patient,
+                ) =>
+            {
+                Err(policy::outside_compartment(patient).into())
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// A `patient/` token writes only inside its patient's compartment: the version it
+    /// replaces or deletes must be in it, and what it writes must belong to that patient and
+    /// to no other (a resource of a type outside compartments, such as a Practitioner,
+    /// belongs to none).
+    fn confine_write(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        head: Option<ResourceHead>,
+        kind: &WriteKind,
+    ) -> Result<(), TxError> {
+        let permission = match kind {
+            WriteKind::Delete => Permission::Delete,
+            WriteKind::Prepared(_) | WriteKind::Content { method: "POST", .. } => {
+                Permission::Create
+            }
+            _ => Permission::Update,
+        };
+        let Ok(Grant {
+            compartment: Some(patient),
+            ..
+        }) = policy::authorize(&ctx.principal, permission, resource_type.as_str())
+        else {
+            return Ok(());
+        };
+        if let Some(head) = head.filter(|h| !h.deleted) {
+            let row = rows::version(
+                tx,
+                resource_type.as_str(),
+                id.as_str(),
+                head.current_version,
+            )?
+            .ok_or_else(|| {
+                AppError::Internal(format!("{resource_type}/{id} has no current version row"))
+            })?;
+            let current = self.open_version(resource_type, id, &row)?;
+            if !self.search.in_compartment(
+                resource_type.as_str(),
+                id.as_str(),
+                &current.json,
+                &patient,
+            ) {
+                return Err(AppError::from(policy::outside_compartment(&patient)).into());
+            }
+        }
+        if let Some((json, _)) = kind.content() {
+            let value: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| AppError::Internal(format!("validated JSON did not parse: {e}")))?;
+            if let Some(patients) =
+                self.search
+                    .compartments(resource_type.as_str(), id.as_str(), &value)
+                && (patients.len() != 1 || !patients.contains(&patient))
+            {
+                return Err(AppError::from(policy::outside_compartment(&patient)).into());
+            }
+        }
+        Ok(())
     }
 
     /// Resolves a type name from a URL.
@@ -398,14 +504,14 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
+            let grant = this.authorize(
                 &ctx,
                 Permission::Read,
                 resource_type.as_str(),
                 "read",
                 asked,
             )?;
-            let result = this.read_current(&resource_type, &id);
+            let result = this.confine_read(&grant, this.read_current(&resource_type, &id));
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
         .await
@@ -442,14 +548,15 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let asked = vec![target(&resource_type, &id, Some(version_id))];
-            this.authorize(
+            let grant = this.authorize(
                 &ctx,
                 Permission::Read,
                 resource_type.as_str(),
                 "vread",
                 asked,
             )?;
-            let result = this.read_version(&resource_type, &id, version_id);
+            let result =
+                this.confine_read(&grant, this.read_version(&resource_type, &id, version_id));
             this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
         })
         .await
@@ -488,9 +595,14 @@ impl ResourceService {
                 "history",
                 asked,
             )?;
-            let result = this.history_page(&resource_type, &id, query);
-            match &result {
+            let mut result = this.history_page(&resource_type, &id, query);
+            match &mut result {
                 Ok(page) => {
+                    let before = page.entries.len();
+                    page.entries.retain(|e| {
+                        this.may_see(&ctx, resource_type.as_str(), id.as_str(), e.json.as_deref())
+                    });
+                    let withheld = (before - page.entries.len()) as u64;
                     let disclosed = page
                         .entries
                         .iter()
@@ -504,8 +616,9 @@ impl ResourceService {
                         .and_then(|json| {
                             patient_compartment(resource_type.as_str(), id.as_str(), json)
                         });
-                    this.ledger
-                        .append(&ctx, LedgerEvent::permit("history", disclosed, patient))?;
+                    let event =
+                        LedgerEvent::permit("history", disclosed, patient).withholding(withheld);
+                    this.ledger.append(&ctx, event)?;
                 }
                 Err(error) => {
                     this.record_refusal(&ctx, "history", &resource_type, &id, None, error)?
@@ -581,19 +694,27 @@ impl ResourceService {
             // A type's history is searched like the type; the system's history withholds
             // the versions of types the token may not see.
             match &query.resource_type {
-                Some(resource_type) => this.authorize(
-                    &ctx,
-                    Permission::Search,
-                    resource_type.as_str(),
-                    "history",
-                    Vec::new(),
-                )?,
+                Some(resource_type) => {
+                    this.authorize(
+                        &ctx,
+                        Permission::Search,
+                        resource_type.as_str(),
+                        "history",
+                        Vec::new(),
+                    )?;
+                }
                 None => ctx.rule.set(policy::RULE_PER_TYPE),
             }
             let mut page = this.history_scan_page(&query)?;
             let before = page.entries.len();
-            page.entries
-                .retain(|e| this.may_see(&ctx, e.resource_type.as_str()));
+            page.entries.retain(|e| {
+                this.may_see(
+                    &ctx,
+                    e.resource_type.as_str(),
+                    e.id.as_str(),
+                    e.entry.json.as_deref(),
+                )
+            });
             let withheld = (before - page.entries.len()) as u64;
             let disclosed: Vec<_> = page
                 .entries
@@ -731,10 +852,10 @@ impl ResourceService {
         version_id: Option<i64>,
         error: &AppError,
     ) -> Result<(), AppError> {
-        let Some(reason) = refusal_reason(error) else {
+        let resources = vec![target(resource_type, id, version_id)];
+        let Some(event) = refusal_event(action, error, resources) else {
             return Ok(());
         };
-        let event = LedgerEvent::deny(action, reason, vec![target(resource_type, id, version_id)]);
         self.ledger.append(ctx, event).map(|_| ())
     }
 
@@ -903,6 +1024,7 @@ impl ResourceService {
             }
             (other, _) => other,
         };
+        self.confine_write(tx, ctx, resource_type, id, head, kind)?;
 
         let prepared_here;
         let prepared = match kind {
@@ -1143,8 +1265,23 @@ pub(super) fn existing_head(
 
 /// The ledger reason of a refusal that reached a record, or `None` for errors that did
 /// not (malformed requests, server failures), which are not ledgered.
-pub(super) fn refusal_reason(error: &AppError) -> Option<&'static str> {
+/// The deny entry of a failed request, when the failure is evidence of an interaction with
+/// a record; a refusal by the access policy names its rule.
+pub(super) fn refusal_event(
+    action: &'static str,
+    error: &AppError,
+    resources: Vec<EntryResource>,
+) -> Option<LedgerEvent> {
+    let mut event = LedgerEvent::deny(action, refusal_reason(error)?, resources);
+    if let AppError::Forbidden { rule, .. } = error {
+        event.rule = Some(rule);
+    }
+    Some(event)
+}
+
+fn refusal_reason(error: &AppError) -> Option<&'static str> {
     Some(match error {
+        AppError::Forbidden { .. } => "forbidden",
         AppError::NotFound(_) => "not-found",
         AppError::Gone { .. } => "gone",
         AppError::PreconditionFailed(_) => "precondition-failed",

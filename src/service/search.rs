@@ -9,6 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
 
+use crate::access::policy::{self, Refusal};
 use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{
     BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes,
@@ -17,6 +18,7 @@ use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::compartment::patient_compartment;
+use crate::fhir::compartment_definition::patient_compartment_params;
 use crate::fhir::search_params::{ParamType, SearchParamRegistry};
 use crate::fhir::search_query::{
     Criterion, Filter, FilterValue, Include, Modifier, Prefix, SearchError, SearchRequest,
@@ -283,6 +285,108 @@ impl SearchIndex {
             FilterValue::Uri(uri) => (ValueKind::Uri, uri.clone()),
             _ => return None,
         })
+    }
+
+    /// Whether resources of `resource_type` belong to patient compartments (R4 Patient
+    /// CompartmentDefinition); Practitioners, Medications and the like belong to none.
+    pub fn has_compartments(&self, resource_type: &str) -> bool {
+        resource_type == "Patient" || !patient_compartment_params(resource_type).is_empty()
+    }
+
+    /// The ids of the patients whose compartments hold this resource: a Patient is in its
+    /// own and in those its `link`s name; another resource in that of every Patient its
+    /// compartment parameters reference. `None` for a type outside compartments.
+    pub fn compartments(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: &Value,
+    ) -> Option<BTreeSet<String>> {
+        if !self.has_compartments(resource_type) {
+            return None;
+        }
+        let mut patients = BTreeSet::new();
+        if resource_type == "Patient" {
+            patients.insert(id.to_owned());
+        }
+        for param in patient_compartment_params(resource_type) {
+            for value in self.plan.extract_param(resource_type, param, resource) {
+                if let SearchValue::Reference(reference) = value
+                    && let ReferenceTarget::Local {
+                        resource_type: target_type,
+                        id,
+                    } = self.reference_target(&reference)
+                    && target_type == "Patient"
+                {
+                    patients.insert(id);
+                }
+            }
+        }
+        Some(patients)
+    }
+
+    /// Whether a stored resource is in `patient`'s compartment (or belongs to none).
+    pub fn in_compartment(&self, resource_type: &str, id: &str, json: &str, patient: &str) -> bool {
+        let Ok(value) = serde_json::from_str::<Value>(json) else {
+            return false;
+        };
+        self.compartments(resource_type, id, &value)
+            .is_none_or(|patients| patients.contains(patient))
+    }
+
+    /// The condition confining a search over `resource_types` to `patient`'s compartment,
+    /// through the same reference digests a search by those parameters uses; `None` when
+    /// the types belong to no compartment. A search across all types, or mixing Patient or
+    /// types outside compartments with others, cannot be confined in one condition and is
+    /// refused.
+    pub fn compartment_condition(
+        &self,
+        resource_types: &[String],
+        patient: &str,
+    ) -> Result<Option<Condition>, Refusal> {
+        let unconfinable = |why: &str| Refusal {
+            rule: policy::RULE_COMPARTMENT,
+            message: format!(
+                "a search confined to a patient's compartment must {why}; search one type at a time"
+            ),
+        };
+        if resource_types.is_empty() {
+            return Err(unconfinable("name its types"));
+        }
+        let members = resource_types
+            .iter()
+            .filter(|t| self.has_compartments(t))
+            .count();
+        if members == 0 {
+            return Ok(None);
+        }
+        if members < resource_types.len()
+            || (resource_types.len() > 1 && resource_types.iter().any(|t| t == "Patient"))
+        {
+            return Err(unconfinable(
+                "not mix types of the compartment with Patient or with types outside it",
+            ));
+        }
+        let reference = format!("Patient/{patient}");
+        let digests: Vec<Digest> = resource_types
+            .iter()
+            .flat_map(|t| {
+                patient_compartment_params(t)
+                    .iter()
+                    .filter(|param| self.plan.is_indexed(t, param))
+                    .map(|param| self.digest(t, param, ValueKind::Reference, &reference))
+            })
+            .collect();
+        let linked = if digests.is_empty() {
+            Condition::Nothing
+        } else {
+            Condition::HasAny(digests)
+        };
+        Ok(Some(if resource_types.iter().any(|t| t == "Patient") {
+            Condition::AnyOf(vec![Condition::Id(vec![patient.to_owned()]), linked])
+        } else {
+            linked
+        }))
     }
 
     fn digest_tuple(
@@ -592,7 +696,8 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         super::blocking(move || {
-            this.authorize_search(&ctx, &request)?;
+            let mut request = request;
+            this.authorize_search(&ctx, &mut request)?;
             let mut conn = this.connection()?;
             let mut page = this.search_page(&mut conn, &request)?;
             drop(conn);
@@ -624,14 +729,30 @@ impl ResourceService {
     pub(super) fn authorize_search(
         &self,
         ctx: &RequestContext,
-        request: &SearchRequest,
+        request: &mut SearchRequest,
     ) -> Result<(), AppError> {
-        if request.resource_types.is_empty() {
-            return self.authorize(ctx, Permission::Search, "*", "search", Vec::new());
+        let all = ["*".to_owned()];
+        let types = if request.resource_types.is_empty() {
+            &all[..]
+        } else {
+            &request.resource_types[..]
+        };
+        let mut compartment = None;
+        for resource_type in types {
+            let grant =
+                self.authorize(ctx, Permission::Search, resource_type, "search", Vec::new())?;
+            compartment = compartment.or(grant.compartment);
         }
-        for resource_type in &request.resource_types {
-            self.authorize(ctx, Permission::Search, resource_type, "search", Vec::new())?;
+        // One confined type confines the whole search (conservative when scopes differ by
+        // type); a search that cannot be confined is refused.
+        if let Some(patient) = &compartment
+            && let Err(refusal) = self
+                .search_index()
+                .compartment_condition(&request.resource_types, patient)
+        {
+            return Err(self.ledger().refuse(ctx, "search", Vec::new(), refusal));
         }
+        request.compartment = compartment;
         Ok(())
     }
 
@@ -639,7 +760,7 @@ impl ResourceService {
     fn withhold_unseen(&self, ctx: &RequestContext, page: &mut SearchPage) -> u64 {
         let before = page.included.len();
         page.included
-            .retain(|r| self.may_see(ctx, r.resource_type.as_str()));
+            .retain(|r| self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json)));
         (before - page.included.len()) as u64
     }
 
@@ -969,6 +1090,14 @@ impl ResourceService {
     ) -> Result<(SearchSql, Vec<LongTermCheck>), AppError> {
         let mut conditions = Vec::new();
         let mut checks = Vec::new();
+        if let Some(patient) = &request.compartment
+            && let Some(confined) = self
+                .search_index()
+                .compartment_condition(&request.resource_types, patient)
+                .map_err(AppError::from)?
+        {
+            conditions.push(confined);
+        }
         for criterion in &request.criteria {
             conditions.push(self.condition(
                 conn,
@@ -1249,6 +1378,7 @@ fn inner_search(resource_types: Vec<String>, criterion: &Criterion) -> SearchReq
         cursor: None,
         link_params: Vec::new(),
         ignored: Vec::new(),
+        compartment: None,
     }
 }
 

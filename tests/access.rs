@@ -304,6 +304,7 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
     let observations_only = token_with("system/Observation.rs", None, None);
     let read_only = token_with("system/Patient.rs", None, None);
     let unclaimed = token_with("patient/*.rs", None, None);
+    let anonymous_user = token_with("user/*.rs", None, None);
     let clinician = token_with("user/*.cruds", None, Some("Practitioner/p1"));
     let auditor = token_with("ledger.read", None, None);
     let writer = token_with("system/*.cruds", None, None);
@@ -335,9 +336,18 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
             "read",
         ),
         (
-            "user scopes (Consent not enforced yet)",
-            with_token(get("/fhir/Observation?code=29463-7"), &clinician),
-            "user-scope-not-honoured",
+            "a practitioner without Consent",
+            with_token(
+                get(&format!("/fhir/Observation/{observation_id}")),
+                &clinician,
+            ),
+            "consent",
+            "read",
+        ),
+        (
+            "user scope without a fhirUser claim",
+            with_token(get("/fhir/Observation"), &anonymous_user),
+            "fhir-user-claim-missing",
             "search",
         ),
         (
@@ -684,7 +694,159 @@ async fn patient_scopes_stay_inside_their_patients_compartment(db: TestDb) {
     assert!(!reply.text().contains("bob-secret"));
 }
 
+fn consent(patient: &str, scope: &str, kind: &str, actor: Option<&str>) -> Value {
+    let mut provision = json!({"type": kind});
+    if let Some(actor) = actor {
+        provision["actor"] = json!([{
+            "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]},
+            "reference": {"reference": actor},
+        }]);
+    }
+    json!({
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": scope}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": format!("Patient/{patient}")},
+        "provision": provision,
+    })
+}
+
+async fn consent_decides_what_clinicians_and_researchers_see(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let alice = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
+    )
+    .await;
+    let bob = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+    )
+    .await;
+    let alice_obs = create(&app, observation(&alice, "alice-glucose")).await;
+    let bob_obs = create(&app, observation(&bob, "bob-secret")).await;
+    let alice_path = format!("/fhir/Observation/{alice_obs}");
+    let bob_path = format!("/fhir/Observation/{bob_obs}");
+
+    let clinician = token_with("user/*.cruds", None, Some("Practitioner/p1"));
+    let as_clinician = |request: TestRequest| with_token(request, &clinician);
+    let read = |path: String| call_as_is(&app, as_clinician(get(&path)));
+
+    // No Consent: nothing, and the refusal says which rule.
+    let reply = read(alice_path.clone()).await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(entry_of(&app, &reply).await["rule"], "consent");
+    assert_eq!(
+        ids_of(&call_as_is(&app, as_clinician(get("/fhir/Observation"))).await),
+        Vec::<String>::new()
+    );
+
+    // Alice permits Practitioner/p1: her record opens, Bob's stays shut.
+    let permit = create(
+        &app,
+        consent(&alice, "patient-privacy", "permit", Some("Practitioner/p1")),
+    )
+    .await;
+    let reply = read(alice_path.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let entry = entry_of(&app, &reply).await;
+    assert_eq!(entry["rule"], "consent:treatment");
+    assert_eq!(entry["actor"]["fhirUser"], "Practitioner/p1");
+    assert_refusal(
+        &read(bob_path.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let reply = call_as_is(
+        &app,
+        as_clinician(get("/fhir/Observation?_include=Observation:subject")),
+    )
+    .await;
+    assert_eq!(
+        ids_of(&reply),
+        sorted(vec![alice.clone(), alice_obs.clone()])
+    );
+    assert!(!reply.text().contains("bob-secret"));
+    // Writes follow the same compartments.
+    let reply = call_as_is(
+        &app,
+        as_clinician(post("/fhir/Observation", &observation(&alice, "note"))),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let reply = call_as_is(
+        &app,
+        as_clinician(post("/fhir/Observation", &observation(&bob, "note"))),
+    )
+    .await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+    // Another practitioner is not named by the Consent.
+    let other = token_with("user/*.rs", None, Some("Practitioner/p2"));
+    assert_refusal(
+        &call_as_is(&app, with_token(get(&alice_path), &other)).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+
+    // A deny wins over the permit.
+    let deny = create(
+        &app,
+        consent(&alice, "patient-privacy", "deny", Some("Practitioner/p1")),
+    )
+    .await;
+    assert_refusal(
+        &read(alice_path.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    let reply = call(
+        &app,
+        TestRequest::delete().uri(&format!("/fhir/Consent/{deny}")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(read(alice_path.clone()).await.status, StatusCode::OK);
+
+    // Revoking the permit takes effect on the next request.
+    let mut revoked = consent(&alice, "patient-privacy", "permit", Some("Practitioner/p1"));
+    revoked["id"] = json!(permit);
+    revoked["status"] = json!("inactive");
+    let reply = call(
+        &app,
+        common::put(&format!("/fhir/Consent/{permit}"), &revoked),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_refusal(
+        &read(alice_path.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+
+    // Break-the-glass: an emergency opens Bob's record, and the entry is flagged for review.
+    let emergency =
+        common::token_for_purpose("user/*.rs", None, Some("Practitioner/p1"), Some("ETREAT"));
+    let reply = call_as_is(&app, with_token(get(&bob_path), &emergency)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let entry = entry_of(&app, &reply).await;
+    assert_eq!(entry["rule"], "break-the-glass");
+    assert_eq!(entry["actor"]["purpose"], "ETREAT");
+
+    // A research client sees only patients whose research Consent permits it.
+    let researcher = common::token_for_purpose("system/Observation.rs", None, None, Some("HRESCH"));
+    let search = || call_as_is(&app, with_token(get("/fhir/Observation"), &researcher));
+    assert_eq!(ids_of(&search().await), Vec::<String>::new());
+    create(&app, consent(&bob, "research", "permit", None)).await;
+    let reply = search().await;
+    assert_eq!(ids_of(&reply), vec![bob_obs.clone()]);
+    assert_eq!(entry_of(&app, &reply).await["rule"], "consent:research");
+    let reply = call_as_is(&app, with_token(get(&alice_path), &researcher)).await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+}
+
 on_both_backends!(
+    consent_decides_what_clinicians_and_researchers_see,
     authentication_failures_are_refused_and_ledgered,
     scopes_decide_interactions_and_refusals_are_ledgered,
     patient_scopes_stay_inside_their_patients_compartment,

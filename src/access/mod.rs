@@ -3,6 +3,7 @@
 //! ([`scopes`]) and the decisions made from them ([`policy`]). Every decision is made here
 //! and ledgered by the caller, permits and refusals alike.
 
+pub mod consent;
 pub mod local_issuer;
 pub mod policy;
 pub mod principal;

@@ -2,7 +2,10 @@
 //! service call, which asks [`super::policy`] what it may do and turns it into the actor of
 //! each ledger entry.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+
+use super::policy::Confinement;
 
 use super::scopes::Scopes;
 use crate::ledger::Actor;
@@ -113,6 +116,9 @@ pub struct RequestContext {
     /// The access rule that permitted the request's latest authorized step, which its
     /// ledger entries name.
     pub rule: Slot<&'static str>,
+    /// The patients a confinement opens, resolved once per request (a Consent-based one
+    /// reads every active Consent).
+    pub confined: Slot<(Confinement, Arc<BTreeSet<String>>)>,
 }
 
 impl RequestContext {
@@ -124,6 +130,7 @@ impl RequestContext {
             request_id: request_id.into(),
             receipt: ReceiptSlot::default(),
             rule: Slot::default(),
+            confined: Slot::default(),
         }
     }
 }

@@ -84,6 +84,7 @@ impl FromRequest for RequestContext {
             principal: Principal::Anonymous,
             request_id,
             rule: Slot::default(),
+            confined: Slot::default(),
         };
         let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
             return Box::pin(ready(Err(AppError::Internal(

@@ -23,7 +23,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     responses((status = 200, description = "SMART configuration", body = Object)))]
 pub async fn smart_configuration(state: web::Data<AppState>) -> HttpResponse {
     let mut document = json!({
-        "capabilities": ["permission-v1", "permission-v2", "permission-patient", "context-standalone-patient"],
+        "capabilities": ["permission-v1", "permission-v2", "permission-patient"],
         "scopes_supported": [
             "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write",
             "patient/*.cruds", "patient/*.rs", "patient/*.read", "patient/*.write",

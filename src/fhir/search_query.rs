@@ -201,9 +201,9 @@ pub struct SearchRequest {
     pub link_params: Vec<(String, String)>,
     /// Parameters ignored in lenient mode.
     pub ignored: Vec<String>,
-    /// The patient whose compartment the search is confined to: set by the service from
-    /// the token's grant (a `patient/` scope), never by the query.
-    pub compartment: Option<String>,
+    /// The patients whose compartments the search is confined to: set by the service from
+    /// the token's grant (a `patient/` scope, Consent), never by the query.
+    pub compartments: Option<Vec<String>>,
 }
 
 /// How strictly to treat parameters the server does not support.
@@ -235,7 +235,7 @@ pub fn parse_search(
         cursor: None,
         link_params: Vec::new(),
         ignored: Vec::new(),
-        compartment: None,
+        compartments: None,
     };
     for (name, value) in params {
         let keep = match name.as_str() {

@@ -916,7 +916,7 @@ impl ResourceService {
                 // compartment check below, not even that its version is current.
                 let confined =
                     policy::authorize(&ctx.principal, Permission::Read, resource_type.as_str())
-                        .is_ok_and(|grant| grant.compartment.is_some());
+                        .is_ok_and(|grant| grant.confinement.is_some());
                 if version.is_none()
                     && *if_none_match == Some(head.current_version)
                     && !head.deleted
@@ -939,19 +939,12 @@ impl ResourceService {
                         AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
                     })?;
                 let resource = self.open_version(&resource_type, &id, &row)?;
-                if !self.may_see(
+                self.visible(
                     ctx,
                     resource_type.as_str(),
                     id.as_str(),
                     Some(&resource.json),
-                ) {
-                    let patient =
-                        policy::authorize(&ctx.principal, Permission::Read, resource_type.as_str())
-                            .ok()
-                            .and_then(|grant| grant.compartment)
-                            .unwrap_or_default();
-                    return Err(AppError::from(policy::outside_compartment(&patient)).into());
-                }
+                )?;
                 let event = LedgerEvent::permit(
                     if version.is_some() { "vread" } else { "read" },
                     vec![target(&resource_type, &id, Some(version_id))],

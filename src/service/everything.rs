@@ -9,7 +9,6 @@
 //! digests" over the compartment's types, in storage order (`seq`), which pages stably while
 //! resources are added.
 
-use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
@@ -71,11 +70,11 @@ impl ResourceService {
                 EVERYTHING_ACTION,
                 asked.clone(),
             )?;
-            // A patient/ token opens its own patient's record only.
-            if let Some(patient) = grant.compartment
-                && patient != query.patient.as_str()
+            // A confined token opens only the records of the patients its grant reaches.
+            if let Some(confined) = this.confined(None, &ctx, &grant)?
+                && !confined.patients.contains(query.patient.as_str())
             {
-                let refusal = policy::outside_compartment(&patient);
+                let refusal = confined.confinement.refusal();
                 return Err(this
                     .ledger()
                     .refuse(&ctx, EVERYTHING_ACTION, asked, refusal));

@@ -1,15 +1,19 @@
 //! Create, read, vread, update, patch, delete and history (instance, type and system) of
 //! resources.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::access::policy::{self, Grant};
+use crate::access::Principal;
+use crate::access::consent::{ConsentKind, ConsentRequest, permitted_patients};
+use crate::access::policy::{self, Confinement, Grant};
 use crate::access::{Permission, RequestContext};
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::compartment::patient_compartment;
 use crate::fhir::document::{self, VersionMeta};
 use crate::fhir::patch::{parse_json_patch, patch_resource};
+use crate::fhir::search_query::{Handling, parse_search};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
@@ -37,6 +41,16 @@ pub struct StoredResource {
     /// The stored JSON (decrypted).
     pub json: String,
 }
+
+/// A confined grant resolved: the patients whose compartments it opens.
+#[derive(Debug, Clone)]
+pub struct Confined {
+    pub confinement: Confinement,
+    pub patients: Arc<BTreeSet<String>>,
+}
+
+/// Most active Consents evaluated for one request.
+const MAX_ACTIVE_CONSENTS: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
@@ -232,9 +246,96 @@ impl ResourceService {
         }
     }
 
+    /// The patients whose compartments a grant opens (`None`: it is not confined). Resolved
+    /// once per request and kept in its context: a Consent-based confinement reads every
+    /// active Consent (through `conn`, or a pooled connection when none is given).
+    pub(crate) fn confined(
+        &self,
+        conn: Option<&mut DbConnection>,
+        ctx: &RequestContext,
+        grant: &Grant,
+    ) -> Result<Option<Confined>, AppError> {
+        let Some(confinement) = &grant.confinement else {
+            return Ok(None);
+        };
+        if let Some((resolved_for, patients)) = ctx.confined.get()
+            && resolved_for == *confinement
+        {
+            return Ok(Some(Confined {
+                confinement: confinement.clone(),
+                patients,
+            }));
+        }
+        let consent = match confinement {
+            Confinement::Patient(_) => None,
+            Confinement::Treatment { actor } => {
+                Some((ConsentKind::Treatment, Some(actor.as_str())))
+            }
+            Confinement::Research { actor } => Some((ConsentKind::Research, actor.as_deref())),
+        };
+        let patients = match (confinement, consent) {
+            (Confinement::Patient(patient), _) => BTreeSet::from([patient.clone()]),
+            (_, Some((kind, actor))) => {
+                let purpose = match &ctx.principal {
+                    Principal::Token(identity) => identity.purpose_of_use.as_deref(),
+                    _ => None,
+                };
+                match conn {
+                    Some(conn) => self.consented_patients(conn, kind, actor, purpose)?,
+                    None => {
+                        self.consented_patients(&mut *self.connection()?, kind, actor, purpose)?
+                    }
+                }
+            }
+            (_, None) => BTreeSet::new(),
+        };
+        let patients = Arc::new(patients);
+        ctx.confined.set((confinement.clone(), patients.clone()));
+        Ok(Some(Confined {
+            confinement: confinement.clone(),
+            patients,
+        }))
+    }
+
+    /// The patients whose active Consents permit `actor` (see [`crate::access::consent`]).
+    fn consented_patients(
+        &self,
+        conn: &mut DbConnection,
+        kind: ConsentKind,
+        actor: Option<&str>,
+        purpose: Option<&str>,
+    ) -> Result<BTreeSet<String>, AppError> {
+        let index = self.search_index();
+        let query = [("status".to_owned(), "active".to_owned())];
+        let request = parse_search(
+            index.registry(),
+            index,
+            vec!["Consent".to_owned()],
+            &query,
+            Handling::Strict,
+        )?;
+        let consents = self.matching_in(conn, &request, MAX_ACTIVE_CONSENTS + 1)?;
+        if consents.len() as i64 > MAX_ACTIVE_CONSENTS {
+            return Err(AppError::Unavailable(format!(
+                "more than {MAX_ACTIVE_CONSENTS} active Consents: too many to evaluate per request"
+            )));
+        }
+        let parsed: Vec<serde_json::Value> = consents
+            .iter()
+            .filter_map(|c| serde_json::from_str(&c.json).ok())
+            .collect();
+        let request = ConsentRequest {
+            kind,
+            actor,
+            purpose,
+            now: now_micros(),
+        };
+        Ok(permitted_patients(&parsed, &request))
+    }
+
     /// Whether the request may see a resource version it did not ask for by type and id
     /// (includes, `$everything`, histories): the token must be allowed to read its type,
-    /// and a token confined to a patient's compartment sees only what is in it. A deletion
+    /// and a confined token sees only what is in the compartments it opens. A deletion
     /// (`json` absent) of a type that belongs to compartments cannot be placed in one, so a
     /// confined token does not see it. What it may not see is withheld.
     pub(crate) fn may_see(
@@ -244,49 +345,56 @@ impl ResourceService {
         id: &str,
         json: Option<&str>,
     ) -> bool {
-        match policy::authorize(&ctx.principal, Permission::Read, resource_type) {
-            Err(_) => false,
-            Ok(Grant {
-                compartment: None, ..
-            }) => true,
-            Ok(Grant {
-                compartment: Some(patient),
-                ..
-            }) => match json {
-                Some(json) => self
-                    .search
-                    .in_compartment(resource_type, id, json, &patient),
-                None => !self.search.has_compartments(resource_type),
-            },
+        self.visible(ctx, resource_type, id, json).is_ok()
+    }
+
+    /// [`Self::may_see`], with the refusal when it may not.
+    pub(crate) fn visible(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        json: Option<&str>,
+    ) -> Result<(), AppError> {
+        let grant = policy::authorize(&ctx.principal, Permission::Read, resource_type)?;
+        let Some(confined) = self.confined(None, ctx, &grant)? else {
+            return Ok(());
+        };
+        let inside = match json {
+            Some(json) => self
+                .search
+                .in_compartments(resource_type, id, json, &confined.patients),
+            None => !self.search.has_compartments(resource_type),
+        };
+        if inside {
+            Ok(())
+        } else {
+            Err(confined.confinement.refusal().into())
         }
     }
 
-    /// A read of one resource by a token confined to a compartment: the resource must be in
-    /// it. The check reads the resource but discloses nothing: a resource outside is refused.
+    /// A read of one resource by a confined token: the resource must be in its
+    /// compartments. The check reads the resource but discloses nothing: a resource outside
+    /// is refused.
     fn confine_read(
         &self,
-        grant: &Grant,
+        ctx: &RequestContext,
         result: Result<StoredResource, AppError>,
     ) -> Result<StoredResource, AppError> {
-        match (result, &grant.compartment) {
-            (Ok(resource), Some(patient))
-                if !self.search.in_compartment(
-                    resource.resource_type.as_str(),
-                    resource.id.as_str(),
-                    &resource.json,
-                    patient,
-                ) =>
-            {
-                Err(policy::outside_compartment(patient).into())
-            }
-            (result, _) => result,
-        }
+        let resource = result?;
+        self.visible(
+            ctx,
+            resource.resource_type.as_str(),
+            resource.id.as_str(),
+            Some(&resource.json),
+        )?;
+        Ok(resource)
     }
 
-    /// A `patient/` token writes only inside its patient's compartment: the version it
-    /// replaces or deletes must be in it, and what it writes must belong to that patient and
-    /// to no other (a resource of a type outside compartments, such as a Practitioner,
-    /// belongs to none).
+    /// A confined token writes only inside the compartments it opens: the version it
+    /// replaces or deletes must be in one, and what it writes must belong to those patients
+    /// only (a resource of a type outside compartments, such as a Practitioner, belongs to
+    /// none).
     fn confine_write(
         &self,
         tx: &mut DbConnection,
@@ -303,13 +411,12 @@ impl ResourceService {
             }
             _ => Permission::Update,
         };
-        let Ok(Grant {
-            compartment: Some(patient),
-            ..
-        }) = policy::authorize(&ctx.principal, permission, resource_type.as_str())
-        else {
+        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())
+            .map_err(AppError::from)?;
+        let Some(confined) = self.confined(Some(tx), ctx, &grant)? else {
             return Ok(());
         };
+        let outside = || TxError::from(AppError::from(confined.confinement.refusal()));
         if let Some(head) = head.filter(|h| !h.deleted) {
             let row = rows::version(
                 tx,
@@ -321,13 +428,13 @@ impl ResourceService {
                 AppError::Internal(format!("{resource_type}/{id} has no current version row"))
             })?;
             let current = self.open_version(resource_type, id, &row)?;
-            if !self.search.in_compartment(
+            if !self.search.in_compartments(
                 resource_type.as_str(),
                 id.as_str(),
                 &current.json,
-                &patient,
+                &confined.patients,
             ) {
-                return Err(AppError::from(policy::outside_compartment(&patient)).into());
+                return Err(outside());
             }
         }
         if let Some((json, _)) = kind.content() {
@@ -336,9 +443,9 @@ impl ResourceService {
             if let Some(patients) =
                 self.search
                     .compartments(resource_type.as_str(), id.as_str(), &value)
-                && (patients.len() != 1 || !patients.contains(&patient))
+                && (patients.is_empty() || !patients.is_subset(&confined.patients))
             {
-                return Err(AppError::from(policy::outside_compartment(&patient)).into());
+                return Err(outside());
             }
         }
         Ok(())
@@ -504,14 +611,14 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let asked = vec![target(&resource_type, &id, None)];
-            let grant = this.authorize(
+            this.authorize(
                 &ctx,
                 Permission::Read,
                 resource_type.as_str(),
                 "read",
                 asked,
             )?;
-            let result = this.confine_read(&grant, this.read_current(&resource_type, &id));
+            let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
         .await
@@ -548,7 +655,7 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             let asked = vec![target(&resource_type, &id, Some(version_id))];
-            let grant = this.authorize(
+            this.authorize(
                 &ctx,
                 Permission::Read,
                 resource_type.as_str(),
@@ -556,7 +663,7 @@ impl ResourceService {
                 asked,
             )?;
             let result =
-                this.confine_read(&grant, this.read_version(&resource_type, &id, version_id));
+                this.confine_read(&ctx, this.read_version(&resource_type, &id, version_id));
             this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
         })
         .await

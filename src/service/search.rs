@@ -325,16 +325,22 @@ impl SearchIndex {
         Some(patients)
     }
 
-    /// Whether a stored resource is in `patient`'s compartment (or belongs to none).
-    pub fn in_compartment(&self, resource_type: &str, id: &str, json: &str, patient: &str) -> bool {
+    /// Whether a stored resource is in one of `patients`' compartments (or belongs to none).
+    pub fn in_compartments(
+        &self,
+        resource_type: &str,
+        id: &str,
+        json: &str,
+        patients: &BTreeSet<String>,
+    ) -> bool {
         let Ok(value) = serde_json::from_str::<Value>(json) else {
             return false;
         };
         self.compartments(resource_type, id, &value)
-            .is_none_or(|patients| patients.contains(patient))
+            .is_none_or(|members| !members.is_disjoint(patients))
     }
 
-    /// The condition confining a search over `resource_types` to `patient`'s compartment,
+    /// The condition confining a search over `resource_types` to `patients`' compartments,
     /// through the same reference digests a search by those parameters uses; `None` when
     /// the types belong to no compartment. A search across all types, or mixing Patient or
     /// types outside compartments with others, cannot be confined in one condition and is
@@ -342,7 +348,7 @@ impl SearchIndex {
     pub fn compartment_condition(
         &self,
         resource_types: &[String],
-        patient: &str,
+        patients: &[String],
     ) -> Result<Option<Condition>, Refusal> {
         let unconfinable = |why: &str| Refusal {
             rule: policy::RULE_COMPARTMENT,
@@ -367,14 +373,18 @@ impl SearchIndex {
                 "not mix types of the compartment with Patient or with types outside it",
             ));
         }
-        let reference = format!("Patient/{patient}");
+        let references: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
         let digests: Vec<Digest> = resource_types
             .iter()
             .flat_map(|t| {
                 patient_compartment_params(t)
                     .iter()
                     .filter(|param| self.plan.is_indexed(t, param))
-                    .map(|param| self.digest(t, param, ValueKind::Reference, &reference))
+                    .flat_map(|param| {
+                        references
+                            .iter()
+                            .map(|r| self.digest(t, param, ValueKind::Reference, r))
+                    })
             })
             .collect();
         let linked = if digests.is_empty() {
@@ -383,7 +393,7 @@ impl SearchIndex {
             Condition::HasAny(digests)
         };
         Ok(Some(if resource_types.iter().any(|t| t == "Patient") {
-            Condition::AnyOf(vec![Condition::Id(vec![patient.to_owned()]), linked])
+            Condition::AnyOf(vec![Condition::Id(patients.to_vec()), linked])
         } else {
             linked
         }))
@@ -737,22 +747,26 @@ impl ResourceService {
         } else {
             &request.resource_types[..]
         };
-        let mut compartment = None;
+        let mut confined = None;
         for resource_type in types {
             let grant =
                 self.authorize(ctx, Permission::Search, resource_type, "search", Vec::new())?;
-            compartment = compartment.or(grant.compartment);
+            if confined.is_none() {
+                confined = self.confined(None, ctx, &grant)?;
+            }
         }
         // One confined type confines the whole search (conservative when scopes differ by
         // type); a search that cannot be confined is refused.
-        if let Some(patient) = &compartment
-            && let Err(refusal) = self
+        if let Some(confined) = confined {
+            let patients: Vec<String> = confined.patients.iter().cloned().collect();
+            if let Err(refusal) = self
                 .search_index()
-                .compartment_condition(&request.resource_types, patient)
-        {
-            return Err(self.ledger().refuse(ctx, "search", Vec::new(), refusal));
+                .compartment_condition(&request.resource_types, &patients)
+            {
+                return Err(self.ledger().refuse(ctx, "search", Vec::new(), refusal));
+            }
+            request.compartments = Some(patients);
         }
-        request.compartment = compartment;
         Ok(())
     }
 
@@ -1090,10 +1104,10 @@ impl ResourceService {
     ) -> Result<(SearchSql, Vec<LongTermCheck>), AppError> {
         let mut conditions = Vec::new();
         let mut checks = Vec::new();
-        if let Some(patient) = &request.compartment
+        if let Some(patients) = &request.compartments
             && let Some(confined) = self
                 .search_index()
-                .compartment_condition(&request.resource_types, patient)
+                .compartment_condition(&request.resource_types, patients)
                 .map_err(AppError::from)?
         {
             conditions.push(confined);
@@ -1378,7 +1392,7 @@ fn inner_search(resource_types: Vec<String>, criterion: &Criterion) -> SearchReq
         cursor: None,
         link_params: Vec::new(),
         ignored: Vec::new(),
-        compartment: None,
+        compartments: None,
     }
 }
 

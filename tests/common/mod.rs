@@ -245,6 +245,16 @@ pub fn local_issuer() -> LocalIssuer {
 
 /// A token from the test issuer with `scope`, valid for an hour.
 pub fn token_with(scope: &str, patient: Option<&str>, fhir_user: Option<&str>) -> String {
+    token_for_purpose(scope, patient, fhir_user, None)
+}
+
+/// [`token_with`], also asserting a purpose of use (`ETREAT`, `HRESCH`).
+pub fn token_for_purpose(
+    scope: &str,
+    patient: Option<&str>,
+    fhir_user: Option<&str>,
+    purpose_of_use: Option<&str>,
+) -> String {
     local_issuer()
         .mint(&TokenRequest {
             subject: "test-user".into(),
@@ -252,7 +262,7 @@ pub fn token_with(scope: &str, patient: Option<&str>, fhir_user: Option<&str>) -
             client_id: Some("test-client".into()),
             patient: patient.map(str::to_owned),
             fhir_user: fhir_user.map(str::to_owned),
-            purpose_of_use: None,
+            purpose_of_use: purpose_of_use.map(str::to_owned),
             ttl_seconds: 3600,
         })
         .expect("mint a token")

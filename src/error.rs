@@ -27,9 +27,15 @@ pub enum AppError {
     /// No valid bearer token: 401 with `WWW-Authenticate`.
     #[error(transparent)]
     Unauthenticated(#[from] crate::access::AuthError),
-    /// The token may not do this: 403, naming the rule that refused.
+    /// The token may not do this: 403, naming the rule that refused. `patients` are the
+    /// compartments (`Patient/<id>`) of a resource refused after it was read for the check,
+    /// so that the refusal appears in those patients' views of the ledger.
     #[error("{message} (rule: {rule})")]
-    Forbidden { rule: &'static str, message: String },
+    Forbidden {
+        rule: &'static str,
+        message: String,
+        patients: Vec<String>,
+    },
     #[error("{0} is not known")]
     NotFound(String),
     #[error("{resource}/{id} was deleted (version {version_id})")]

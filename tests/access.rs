@@ -845,7 +845,274 @@ async fn consent_decides_what_clinicians_and_researchers_see(db: TestDb) {
     assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
 }
 
+fn receipt(reply: &Reply) -> String {
+    reply.header("x-ledger-entry").expect("receipt")
+}
+
+/// A sub-extension of an AuditEvent's ledger-entry extension, every value of `url`.
+fn ledger_part<'a>(event: &'a Value, url: &str) -> Vec<&'a Value> {
+    event["extension"][0]["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|part| part["url"] == url)
+        .collect()
+}
+
+async fn patients_see_who_touched_their_record_with_proofs(db: TestDb) {
+    use std::collections::BTreeSet;
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let mut alices = BTreeSet::new();
+    let created = |reply: Reply| {
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        (
+            reply.json()["id"].as_str().unwrap().to_owned(),
+            receipt(&reply),
+        )
+    };
+    let (alice, r) = created(
+        call(
+            &app,
+            post(
+                "/fhir/Patient",
+                &json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
+            ),
+        )
+        .await,
+    );
+    alices.insert(r);
+    let (bob, _) = created(
+        call(
+            &app,
+            post(
+                "/fhir/Patient",
+                &json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+            ),
+        )
+        .await,
+    );
+    let (alice_obs, r) = created(
+        call(
+            &app,
+            post("/fhir/Observation", &observation(&alice, "alice-glucose")),
+        )
+        .await,
+    );
+    alices.insert(r);
+    let (bob_obs, _) = created(
+        call(
+            &app,
+            post("/fhir/Observation", &observation(&bob, "bob-secret")),
+        )
+        .await,
+    );
+    let (_, r) = created(
+        call(
+            &app,
+            post(
+                "/fhir/Consent",
+                &consent(&alice, "patient-privacy", "permit", Some("Practitioner/p1")),
+            ),
+        )
+        .await,
+    );
+    alices.insert(r);
+
+    // A clinician under Alice's Consent reads and searches; Bob's app tries her record.
+    let clinician = token_with("user/*.rs", None, Some("Practitioner/p1"));
+    let reply = call_as_is(
+        &app,
+        with_token(get(&format!("/fhir/Observation/{alice_obs}")), &clinician),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    alices.insert(receipt(&reply));
+    let reply = call_as_is(&app, with_token(get("/fhir/Observation"), &clinician)).await;
+    assert_eq!(ids_of(&reply), vec![alice_obs.clone()]);
+    alices.insert(receipt(&reply));
+    let bobs_app = token_with("patient/*.rs", Some(&bob), None);
+    let reply = call_as_is(
+        &app,
+        with_token(get(&format!("/fhir/Observation/{alice_obs}")), &bobs_app),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    alices.insert(receipt(&reply));
+    // Bob's own reads are not Alice's business.
+    let reply = call_as_is(
+        &app,
+        with_token(get(&format!("/fhir/Observation/{bob_obs}")), &bobs_app),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || ledger.sequence_pending())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Alice's app lists exactly those accesses, newest first, each with a proof that verifies.
+    let alices_app = token_with("patient/*.rs", Some(&alice), None);
+    let view = |query: &str| {
+        call_as_is(
+            &app,
+            with_token(get(&format!("/fhir/AuditEvent{query}")), &alices_app),
+        )
+    };
+    let reply = view("").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let bundle = reply.json();
+    let events: Vec<Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].clone())
+        .collect();
+    let listed: BTreeSet<String> = events
+        .iter()
+        .map(|e| {
+            ledger_part(e, "receipt")[0]["valueString"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(listed, alices);
+    assert!(
+        !reply.text().contains(&bob_obs),
+        "nothing of Bob's: {}",
+        reply.text()
+    );
+    let key = call_as_is(&app, get("/ledger/key")).await.json()["vkey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut previous = i64::MAX;
+    for event in &events {
+        assert_eq!(event["resourceType"], "AuditEvent");
+        let index: i64 = ledger_part(event, "index")[0]["valueString"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(index < previous, "newest first");
+        previous = index;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(
+                ledger_part(event, "leafData")[0]["valueBase64Binary"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        let note = ledger_part(event, "checkpoint")[0]["valueString"]
+            .as_str()
+            .unwrap();
+        let checkpoint = fhirledger::ledger::checkpoint::verify_checkpoint(note, &key).unwrap();
+        let proof: Vec<_> = ledger_part(event, "inclusionProof")
+            .iter()
+            .map(|p| {
+                fhirledger::ledger::checkpoint::decode_hash(p["valueString"].as_str().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        fhirledger::ledger::tree::verify_inclusion(
+            &proof,
+            checkpoint.size,
+            checkpoint.root,
+            u64::try_from(index).unwrap(),
+            fhirledger::ledger::tree::leaf_hash(&data),
+        )
+        .unwrap();
+    }
+    let by_clinician: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["agent"][0]["who"]["reference"] == "Practitioner/p1")
+        .collect();
+    assert_eq!(by_clinician.len(), 2);
+    let attempt = events
+        .iter()
+        .find(|e| e["outcome"] == "4")
+        .expect("Bob's refused attempt is listed");
+    assert!(
+        attempt["outcomeDesc"]
+            .as_str()
+            .unwrap()
+            .contains("compartment"),
+        "{attempt}"
+    );
+
+    // Filters and paging.
+    assert_eq!(
+        view("?agent=Practitioner/p1").await.json()["entry"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let reply = view(&format!("?entity=Observation/{alice_obs}&_count=1")).await;
+    assert_eq!(reply.json()["entry"].as_array().unwrap().len(), 1);
+    let next = common::link(&reply.json(), "next").expect("a next page");
+    let page_two = call_as_is(&app, with_token(get(&common::local(&next)), &alices_app)).await;
+    assert_eq!(page_two.status, StatusCode::OK, "{}", page_two.text());
+    assert!(!page_two.json()["entry"].as_array().unwrap().is_empty());
+    assert_eq!(
+        view("?date=ge2999-01-01").await.json()["entry"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    for bad in ["?date=soon", "?_count=0", "?patient=Patient/a/b", "?code=x"] {
+        assert_eq!(view(bad).await.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+
+    // Alice cannot list Bob's; the auditor can; nobody writes AuditEvents.
+    let reply = view(&format!("?patient=Patient/{bob}")).await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+    let auditor = token_with("ledger.read", None, None);
+    let reply = call_as_is(
+        &app,
+        with_token(get(&format!("/fhir/AuditEvent?patient={bob}")), &auditor),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(reply.text().contains(&bob_obs));
+    let reply = call_as_is(
+        &app,
+        with_token(
+            post("/fhir/AuditEvent", &json!({"resourceType": "AuditEvent"})),
+            &alices_app,
+        ),
+    )
+    .await;
+    assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+
+    // The CapabilityStatement says exactly that.
+    let metadata = call_as_is(&app, get("/fhir/metadata")).await.json();
+    let audit = metadata["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "AuditEvent")
+        .unwrap()
+        .clone();
+    assert_eq!(audit["interaction"], json!([{"code": "search-type"}]));
+    let params: Vec<&str> = audit["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["patient", "entity", "agent", "date"]);
+    assert_eq!(
+        metadata["rest"][0]["security"]["service"][0]["coding"][0]["code"],
+        "SMART-on-FHIR"
+    );
+}
+
 on_both_backends!(
+    patients_see_who_touched_their_record_with_proofs,
     consent_decides_what_clinicians_and_researchers_see,
     authentication_failures_are_refused_and_ledgered,
     scopes_decide_interactions_and_refusals_are_ledgered,

@@ -115,6 +115,7 @@ impl From<Refusal> for AppError {
         AppError::Forbidden {
             rule: refusal.rule,
             message: refusal.message,
+            patients: Vec::new(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! OpenAPI document. No SQL and no crypto here: handlers parse the request, call one
 //! service function, and build the response.
 
+pub mod audit_events;
 pub mod bundle;
 pub mod error;
 pub mod everything;

@@ -149,6 +149,10 @@ async fn search_one_type(
     resource_type: &crate::fhir::ResourceType,
     params: Vec<(String, String)>,
 ) -> Result<HttpResponse, AppError> {
+    // AuditEvents are generated from the ledger, not stored: their own view answers.
+    if resource_type.as_str() == "AuditEvent" {
+        return super::audit_events::search(state, ctx, req, params).await;
+    }
     let self_base = format!("{}/{resource_type}", state.fhir_base());
     let types = vec![resource_type.to_string()];
     run(state, ctx, req, types, params, self_base, None).await

@@ -61,6 +61,13 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         "rest": [{
             "mode": "server",
             "documentation": "Resources are stored encrypted (AES-256-GCM); search runs over keyed blind indexes. JSON only. PATCH takes JSON Patch (application/json-patch+json). Conditional create, update and delete; transaction and batch Bundles resolve urn:uuid and conditional (Type?query) references.",
+            "security": {
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR",
+                }]}],
+                "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
+            },
             "resource": resources,
             "interaction": [
                 {"code": "transaction"},
@@ -99,7 +106,7 @@ pub fn describe_search(statement: &mut Value, registry: &SearchParamRegistry, pl
     // `_revinclude` sources of each target type: every indexed reference parameter of any
     // type, under each type it may point at.
     let mut revincludes: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
-    for source in &types {
+    for source in types.iter().filter(|t| *t != AUDIT_EVENT) {
         for (code, _) in reference_params(plan, source) {
             let Some(def) = registry.get(source, code) else {
                 continue;
@@ -121,6 +128,10 @@ pub fn describe_search(statement: &mut Value, registry: &SearchParamRegistry, pl
         let Some(object) = resource.as_object_mut() else {
             continue;
         };
+        if name == AUDIT_EVENT {
+            describe_audit_events(object, registry);
+            continue;
+        }
         if let Some(interactions) = object.get_mut("interaction").and_then(Value::as_array_mut) {
             interactions.push(json!({"code": "search-type"}));
         }
@@ -155,6 +166,46 @@ pub fn describe_search(statement: &mut Value, registry: &SearchParamRegistry, pl
         })
         .collect();
     rest.insert("searchParam".into(), Value::Array(system_params));
+}
+
+const AUDIT_EVENT: &str = "AuditEvent";
+
+/// AuditEvents are generated from the ledger: searched through their own parameters only,
+/// never read by id, written or included.
+fn describe_audit_events(
+    object: &mut serde_json::Map<String, Value>,
+    registry: &SearchParamRegistry,
+) {
+    object.insert("interaction".into(), json!([{"code": "search-type"}]));
+    object.insert(
+        "documentation".into(),
+        json!(
+            "Generated from the ledger: the accesses to a patient's compartment, each with its \
+               ledger entry and inclusion proof (extension ledger-entry). Read-only."
+        ),
+    );
+    let params: Vec<Value> = [
+        ("patient", ParamType::Reference),
+        ("entity", ParamType::Reference),
+        ("agent", ParamType::Reference),
+        ("date", ParamType::Date),
+    ]
+    .into_iter()
+    .filter_map(|(code, param_type)| search_param(registry, AUDIT_EVENT, code, param_type))
+    .collect();
+    object.insert("searchParam".into(), Value::Array(params));
+    object.insert("searchInclude".into(), json!([]));
+    object.insert("searchRevInclude".into(), json!([]));
+    for unsupported in [
+        "versioning",
+        "conditionalCreate",
+        "conditionalUpdate",
+        "conditionalDelete",
+        "readHistory",
+        "updateCreate",
+    ] {
+        object.remove(unsupported);
+    }
 }
 
 fn reference_params<'a>(

@@ -100,6 +100,10 @@ pub struct LedgerEntry {
     /// The patient compartment (`Patient/<id>`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patient: Option<String>,
+    /// Every patient compartment (`Patient/<id>`) the entry's resources belong to, when
+    /// there is more than one (a search or history page spanning patients).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<String>,
     /// The server-assigned request id.
     pub request: String,
 }
@@ -125,6 +129,22 @@ fn canonical<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
 }
 
 impl LedgerEntry {
+    /// The ids of the patients whose compartments the entry touched: its `patient` and
+    /// `patients`, and every Patient among its resources.
+    pub fn patient_ids(&self) -> std::collections::BTreeSet<String> {
+        let named = self
+            .patient
+            .iter()
+            .chain(&self.patients)
+            .filter_map(|reference| reference.strip_prefix("Patient/"));
+        let resources = self
+            .resources
+            .iter()
+            .filter(|r| r.resource_type == "Patient")
+            .map(|r| r.id.as_str());
+        named.chain(resources).map(str::to_owned).collect()
+    }
+
     /// Signs the entry: `sig` is Ed25519 over the JCS bytes of the entry without `sig`.
     pub fn sign(self, key: &LedgerKey) -> Result<SignedEntry, LedgerError> {
         let unsigned = canonical(&self)?;
@@ -186,6 +206,7 @@ mod tests {
                 content_hash: Some(content_hash(b"x")),
             }],
             patient: Some("Patient/p".into()),
+            patients: Vec::new(),
             request: "req".into(),
         }
     }

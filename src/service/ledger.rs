@@ -41,6 +41,8 @@ pub struct LedgerEvent {
     pub withheld: Option<u64>,
     pub resources: Vec<EntryResource>,
     pub patient: Option<String>,
+    /// Every compartment the resources belong to, when more than one.
+    pub patients: Vec<String>,
 }
 
 impl LedgerEvent {
@@ -57,7 +59,19 @@ impl LedgerEvent {
             withheld: None,
             resources,
             patient,
+            patients: Vec::new(),
         }
+    }
+
+    /// Names the compartments of the disclosed resources: one as `patient`, several as
+    /// `patients`.
+    pub fn in_compartments(mut self, compartments: std::collections::BTreeSet<String>) -> Self {
+        if compartments.len() == 1 {
+            self.patient = compartments.into_iter().next();
+        } else {
+            self.patients = compartments.into_iter().collect();
+        }
+        self
     }
 
     pub fn deny(action: &'static str, reason: &'static str, resources: Vec<EntryResource>) -> Self {
@@ -69,6 +83,7 @@ impl LedgerEvent {
             withheld: None,
             resources,
             patient: None,
+            patients: Vec::new(),
         }
     }
 
@@ -83,6 +98,43 @@ impl LedgerEvent {
         self.withheld = (withheld > 0).then_some(withheld);
         self
     }
+}
+
+/// Most entries indexed by patient per sequencer transaction: entries sequenced before the
+/// index existed are caught up over several runs.
+const PATIENT_INDEX_CHUNK: i64 = 10_000;
+
+/// Records which patients' compartments the sequenced entries not yet indexed touched
+/// (for the patients' AuditEvent view), inside the sequencer's transaction.
+fn index_patients(tx: &mut DbConnection) -> Result<(), AppError> {
+    let size = rows::tree_size(tx)?;
+    let from = rows::patient_index_size(tx)?;
+    if from >= size {
+        return Ok(());
+    }
+    let to = size.min(from + PATIENT_INDEX_CHUNK);
+    let mut pairs = Vec::new();
+    for row in rows::entries_range(tx, from, to)? {
+        let (Some(index), Ok(entry)) = (
+            row.leaf_index,
+            serde_json::from_slice::<LedgerEntry>(&row.data),
+        ) else {
+            // `fhirledger audit` reports an entry that does not parse.
+            tracing::warn!(
+                pending_seq = row.pending_seq,
+                "ledger entry not indexed by patient"
+            );
+            continue;
+        };
+        pairs.extend(
+            entry
+                .patient_ids()
+                .into_iter()
+                .map(|patient| (patient, index)),
+        );
+    }
+    rows::index_patients(tx, &pairs, to)?;
+    Ok(())
 }
 
 /// Knobs of the sequencer.
@@ -199,6 +251,7 @@ impl LedgerService {
             withheld: event.withheld,
             resources: event.resources,
             patient: event.patient,
+            patients: event.patients,
             request: ctx.request_id.clone(),
         };
         Ok((entry.sign(&self.key).map_err(unavailable)?, now))
@@ -300,6 +353,7 @@ impl LedgerService {
                 if rows::latest_checkpoint(tx)?.is_none() {
                     self.store_checkpoint(tx, size)?;
                 }
+                index_patients(tx)?;
                 return Ok(0);
             }
 
@@ -332,6 +386,7 @@ impl LedgerService {
             rows::assign_indexes(tx, &assignments, now_micros())?;
             let new_size = size + leaves.len() as u64;
             self.sign_and_store(tx, new_size, new_root)?;
+            index_patients(tx)?;
             Ok(leaves.len() as u64)
         })
     }

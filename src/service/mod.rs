@@ -2,6 +2,7 @@
 //! running one store transaction. Blocking work runs on tokio's blocking pool.
 
 pub mod audit;
+pub mod audit_events;
 pub mod bundles;
 pub mod everything;
 pub mod ledger;

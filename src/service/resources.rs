@@ -369,8 +369,22 @@ impl ResourceService {
         if inside {
             Ok(())
         } else {
-            Err(confined.confinement.refusal().into())
+            let patients = json.map_or_else(BTreeSet::new, |json| {
+                self.compartments_of(resource_type, id, json)
+            });
+            Err(outside(&confined, patients))
         }
+    }
+
+    /// The compartments (`Patient/<id>`) of a stored resource.
+    fn compartments_of(&self, resource_type: &str, id: &str, json: &str) -> BTreeSet<String> {
+        serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|value| self.search.compartments(resource_type, id, &value))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|patient| format!("Patient/{patient}"))
+            .collect()
     }
 
     /// A read of one resource by a confined token: the resource must be in its
@@ -416,7 +430,8 @@ impl ResourceService {
         let Some(confined) = self.confined(Some(tx), ctx, &grant)? else {
             return Ok(());
         };
-        let outside = || TxError::from(AppError::from(confined.confinement.refusal()));
+        // The refusal names the compartments involved, for those patients' views.
+        let mut involved = BTreeSet::new();
         if let Some(head) = head.filter(|h| !h.deleted) {
             let row = rows::version(
                 tx,
@@ -434,8 +449,11 @@ impl ResourceService {
                 &current.json,
                 &confined.patients,
             ) {
-                return Err(outside());
+                let patients =
+                    self.compartments_of(resource_type.as_str(), id.as_str(), &current.json);
+                return Err(outside(&confined, patients).into());
             }
+            involved = self.compartments_of(resource_type.as_str(), id.as_str(), &current.json);
         }
         if let Some((json, _)) = kind.content() {
             let value: serde_json::Value = serde_json::from_str(json)
@@ -445,7 +463,8 @@ impl ResourceService {
                     .compartments(resource_type.as_str(), id.as_str(), &value)
                 && (patients.is_empty() || !patients.is_subset(&confined.patients))
             {
-                return Err(outside());
+                involved.extend(patients.iter().map(|p| format!("Patient/{p}")));
+                return Err(outside(&confined, involved).into());
             }
         }
         Ok(())
@@ -829,24 +848,18 @@ impl ResourceService {
                 .filter(|e| e.entry.json.is_some())
                 .map(|e| target(&e.resource_type, &e.id, Some(e.entry.meta.version_id)))
                 .collect();
-            // The entry has room for one compartment: name it when every disclosed version
-            // belongs to the same patient; a page spanning patients names none (its
-            // resources still identify every version disclosed).
-            let mut compartments = page.entries.iter().filter_map(|e| {
-                let json = e.entry.json.as_deref()?;
-                Some(patient_compartment(
-                    e.resource_type.as_str(),
-                    e.id.as_str(),
-                    json,
-                ))
-            });
-            let first = compartments.next().flatten();
-            let patient = if compartments.all(|c| c == first) {
-                first
-            } else {
-                None
-            };
-            let event = LedgerEvent::permit("history", disclosed, patient).withholding(withheld);
+            // The compartments of the disclosed versions, so each patient's view lists it.
+            let compartments = page
+                .entries
+                .iter()
+                .filter_map(|e| {
+                    let json = e.entry.json.as_deref()?;
+                    patient_compartment(e.resource_type.as_str(), e.id.as_str(), json)
+                })
+                .collect();
+            let event = LedgerEvent::permit("history", disclosed, None)
+                .in_compartments(compartments)
+                .withholding(withheld);
             this.ledger.append(&ctx, event)?;
             Ok(page)
         })
@@ -1372,6 +1385,16 @@ pub(super) fn existing_head(
 
 /// The ledger reason of a refusal that reached a record, or `None` for errors that did
 /// not (malformed requests, server failures), which are not ledgered.
+/// The refusal of a resource outside a confined grant, naming the resource's compartments.
+fn outside(confined: &Confined, patients: BTreeSet<String>) -> AppError {
+    let refusal = confined.confinement.refusal();
+    AppError::Forbidden {
+        rule: refusal.rule,
+        message: refusal.message,
+        patients: patients.into_iter().collect(),
+    }
+}
+
 /// The deny entry of a failed request, when the failure is evidence of an interaction with
 /// a record; a refusal by the access policy names its rule.
 pub(super) fn refusal_event(
@@ -1380,8 +1403,9 @@ pub(super) fn refusal_event(
     resources: Vec<EntryResource>,
 ) -> Option<LedgerEvent> {
     let mut event = LedgerEvent::deny(action, refusal_reason(error)?, resources);
-    if let AppError::Forbidden { rule, .. } = error {
+    if let AppError::Forbidden { rule, patients, .. } = error {
         event.rule = Some(rule);
+        event = event.in_compartments(patients.iter().cloned().collect());
     }
     Some(event)
 }

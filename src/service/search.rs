@@ -1404,18 +1404,13 @@ fn search_event(page: &SearchPage) -> LedgerEvent {
         .chain(&page.included)
         .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
         .collect();
-    let patient = single_compartment(page.matches.iter().chain(&page.included));
-    LedgerEvent::permit("search", disclosed, patient)
-}
-
-/// The patient compartment shared by every disclosed resource, if there is exactly one.
-fn single_compartment<'a>(resources: impl Iterator<Item = &'a StoredResource>) -> Option<String> {
-    let mut compartments =
-        resources.map(|r| patient_compartment(r.resource_type.as_str(), r.id.as_str(), &r.json));
-    let first = compartments.next()??;
-    compartments
-        .all(|c| c.as_deref() == Some(first.as_str()))
-        .then_some(first)
+    let compartments = page
+        .matches
+        .iter()
+        .chain(&page.included)
+        .filter_map(|r| patient_compartment(r.resource_type.as_str(), r.id.as_str(), &r.json))
+        .collect();
+    LedgerEvent::permit("search", disclosed, None).in_compartments(compartments)
 }
 
 fn filter_condition(

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 
 use super::connection::{DbConnection, StoreError};
-use super::schema::{ledger_checkpoints, ledger_entries, ledger_hashes, ledger_state};
+use super::schema::{
+    ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
+};
 use crate::ledger::{Hash, HashStore, LedgerError};
 
 /// Lock key held (per transaction) by the one sequencer of a PostgreSQL database.
@@ -93,6 +95,65 @@ pub fn set_tree_size(conn: &mut DbConnection, size: i64) -> Result<(), StoreErro
         .set(ledger_state::tree_size.eq(size))
         .execute(conn)
         .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// How many sequenced entries (from index 0) `ledger_patient_entries` covers.
+pub fn patient_index_size(conn: &mut DbConnection) -> Result<i64, StoreError> {
+    ledger_state::table
+        .find(1)
+        .select(ledger_state::patient_index_size)
+        .first(conn)
+        .map_err(StoreError::classify)
+}
+
+/// Records which patients the entries `[from, to)` touched: `(patient, leaf_index)` rows,
+/// and that the index now covers `to` entries.
+pub fn index_patients(
+    conn: &mut DbConnection,
+    rows: &[(String, i64)],
+    to: i64,
+) -> Result<(), StoreError> {
+    // A few rows per entry, inside the sequencer's transaction: one statement each.
+    for (patient, index) in rows {
+        diesel::insert_into(ledger_patient_entries::table)
+            .values((
+                ledger_patient_entries::patient.eq(patient),
+                ledger_patient_entries::leaf_index.eq(index),
+            ))
+            .execute(conn)
+            .map_err(StoreError::classify)?;
+    }
+    diesel::update(ledger_state::table.find(1))
+        .set(ledger_state::patient_index_size.eq(to))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// The leaf indexes of the entries that touched `patient`, newest first, below `before`.
+pub fn patient_entry_indexes(
+    conn: &mut DbConnection,
+    patient: &str,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<i64>, StoreError> {
+    ledger_patient_entries::table
+        .filter(ledger_patient_entries::patient.eq(patient))
+        .filter(ledger_patient_entries::leaf_index.lt(before))
+        .order(ledger_patient_entries::leaf_index.desc())
+        .select(ledger_patient_entries::leaf_index)
+        .limit(limit)
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+/// The sequenced entries with these leaf indexes.
+pub fn entries_at(conn: &mut DbConnection, indexes: &[i64]) -> Result<Vec<EntryRow>, StoreError> {
+    ledger_entries::table
+        .filter(ledger_entries::leaf_index.eq_any(indexes))
+        .select(EntryRow::as_select())
+        .load(conn)
         .map_err(StoreError::classify)
 }
 

@@ -59,6 +59,14 @@ diesel::table! {
     ledger_state (id) {
         id -> Integer,
         tree_size -> BigInt,
+        patient_index_size -> BigInt,
+    }
+}
+
+diesel::table! {
+    ledger_patient_entries (patient, leaf_index) {
+        patient -> Text,
+        leaf_index -> BigInt,
     }
 }
 

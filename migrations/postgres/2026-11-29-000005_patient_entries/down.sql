@@ -1,0 +1,2 @@
+ALTER TABLE ledger_state DROP COLUMN patient_index_size;
+DROP TABLE ledger_patient_entries;

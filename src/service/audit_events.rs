@@ -1,0 +1,348 @@
+//! The patient's view of the ledger (`GET /fhir/AuditEvent`): R4 AuditEvents generated from
+//! the sequenced ledger entries that touched a patient's compartment, newest first. Each
+//! carries, in its `ledger-entry` extension, the entry's leaf index, receipt and exact bytes,
+//! and its inclusion proof in the latest signed checkpoint (also carried), so the patient's
+//! app checks offline that the account it shows is the log's: SHA-256(0x00 ‖ bytes) is the
+//! leaf, the proof leads to the checkpoint's root, the checkpoint verifies under the key of
+//! `GET /ledger/key`. Nothing is stored as an AuditEvent: the ledger is the record, and these
+//! are views of it.
+
+use serde_json::{Value, json};
+
+use crate::access::policy::{self, Refusal};
+use crate::access::{Permission, RequestContext};
+use crate::error::AppError;
+use crate::fhir::search_values::date_range;
+use crate::ledger::checkpoint::encode_hash;
+use crate::ledger::entry::{LedgerEntry, Outcome};
+use crate::ledger::{Hash, tree};
+use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::ledger::LedgerEvent;
+use super::resources::ResourceService;
+
+/// The ledger action of reading this view.
+pub const AUDIT_VIEW_ACTION: &str = "audit-view";
+/// Most entries examined for one page (filters may skip many).
+const MAX_EXAMINED: usize = 10_000;
+/// The extension naming an AuditEvent's ledger entry.
+pub const LEDGER_ENTRY_EXTENSION: &str =
+    "https://fhirledger.dev/fhir/StructureDefinition/ledger-entry";
+
+/// A date test on an entry's time: `ge`, `gt`, `le`, `lt` or `eq` against a FHIR date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DateTest {
+    pub prefix: String,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl DateTest {
+    /// Parses `ge2026-11-01` (no prefix: `eq`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (prefix, value) = match text.get(..2) {
+            Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &text[2..]),
+            _ => ("eq", text),
+        };
+        let (low, high) = date_range(value)?;
+        Some(Self {
+            prefix: prefix.to_owned(),
+            low,
+            high,
+        })
+    }
+
+    fn passes(&self, at: i64) -> bool {
+        match self.prefix.as_str() {
+            "ge" => at >= self.low,
+            "gt" => at >= self.high,
+            "le" => at < self.high,
+            "lt" => at < self.low,
+            _ => self.low <= at && at < self.high,
+        }
+    }
+}
+
+/// What the view is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// The patient's id.
+    pub patient: Option<String>,
+    /// `Type/id`: entries naming this resource.
+    pub entity: Option<String>,
+    /// Entries whose actor's subject or `fhirUser` is this.
+    pub agent: Option<String>,
+    pub dates: Vec<DateTest>,
+    pub count: usize,
+    /// Continue with entries below this leaf index (from a `next` link).
+    pub before: Option<i64>,
+}
+
+/// One page of the view.
+#[derive(Debug, Clone)]
+pub struct AuditPage {
+    pub events: Vec<Value>,
+    /// The cursor of the next page, when entries remain.
+    pub next_before: Option<i64>,
+}
+
+impl ResourceService {
+    /// Answers the view: an auditor (`ledger.read`) or an unconfined token may ask about
+    /// any patient or all of them; a confined token (a patient's app, a clinician under
+    /// Consent) only about the patients its grant opens. The answer is itself ledgered.
+    pub async fn audit_events(
+        &self,
+        ctx: &RequestContext,
+        mut query: AuditQuery,
+    ) -> Result<AuditPage, AppError> {
+        let this = self.clone();
+        let ctx = ctx.clone();
+        super::blocking(move || {
+            if ctx.principal.may_read_ledger() {
+                ctx.rule.set(policy::RULE_LEDGER_SCOPE);
+            } else {
+                let grant = this.authorize(
+                    &ctx,
+                    Permission::Search,
+                    "AuditEvent",
+                    AUDIT_VIEW_ACTION,
+                    Vec::new(),
+                )?;
+                if let Some(confined) = this.confined(None, &ctx, &grant)? {
+                    let only = (confined.patients.len() == 1)
+                        .then(|| confined.patients.iter().next().cloned())
+                        .flatten();
+                    match (&query.patient, only) {
+                        (Some(patient), _) if confined.patients.contains(patient) => {}
+                        (Some(_), _) => {
+                            let refusal = confined.confinement.refusal();
+                            return Err(this.ledger().refuse(
+                                &ctx,
+                                AUDIT_VIEW_ACTION,
+                                Vec::new(),
+                                refusal,
+                            ));
+                        }
+                        (None, Some(only)) => query.patient = Some(only),
+                        (None, None) => {
+                            let refusal = Refusal {
+                                rule: confined.confinement.refusal().rule,
+                                message:
+                                    "name the patient (patient=Patient/…) whose accesses to list"
+                                        .into(),
+                            };
+                            return Err(this.ledger().refuse(
+                                &ctx,
+                                AUDIT_VIEW_ACTION,
+                                Vec::new(),
+                                refusal,
+                            ));
+                        }
+                    }
+                }
+            }
+            let page = this.audit_page(&query)?;
+            let event = LedgerEvent::permit(
+                AUDIT_VIEW_ACTION,
+                Vec::new(),
+                query.patient.as_ref().map(|p| format!("Patient/{p}")),
+            );
+            this.ledger().append(&ctx, event)?;
+            Ok(page)
+        })
+        .await
+    }
+
+    fn audit_page(&self, query: &AuditQuery) -> Result<AuditPage, AppError> {
+        let mut conn = self.connection()?;
+        let checkpoint = rows::latest_checkpoint(&mut conn)?;
+        let mut before = query.before.unwrap_or(i64::MAX);
+        let mut events = Vec::new();
+        let mut examined = 0;
+        loop {
+            let batch = i64::try_from(query.count.max(50)).unwrap_or(1000).min(1000);
+            let mut rows = match &query.patient {
+                Some(patient) => {
+                    let indexes = rows::patient_entry_indexes(&mut conn, patient, before, batch)?;
+                    rows::entries_at(&mut conn, &indexes)?
+                }
+                None => {
+                    let end = before.min(rows::tree_size(&mut conn)?);
+                    rows::entries_range(&mut conn, (end - batch).max(0), end)?
+                }
+            };
+            rows.sort_by_key(|row| std::cmp::Reverse(row.leaf_index));
+            if rows.is_empty() {
+                return Ok(AuditPage {
+                    events,
+                    next_before: None,
+                });
+            }
+            for row in rows {
+                let Some(index) = row.leaf_index else {
+                    continue;
+                };
+                before = index;
+                examined += 1;
+                let Ok(entry) = serde_json::from_slice::<LedgerEntry>(&row.data) else {
+                    continue;
+                };
+                if query.matches(&entry) {
+                    let mut event = audit_event(index, &entry);
+                    if let Some(checkpoint) = &checkpoint
+                        && index < checkpoint.tree_size
+                    {
+                        let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
+                        attach_proof(&mut event, &row.data, checkpoint, &proof);
+                    }
+                    events.push(event);
+                    if events.len() == query.count {
+                        return Ok(AuditPage {
+                            events,
+                            next_before: (index > 0).then_some(index),
+                        });
+                    }
+                }
+                if examined >= MAX_EXAMINED {
+                    // A short page with a next link: the filters skipped many entries.
+                    return Ok(AuditPage {
+                        events,
+                        next_before: (index > 0).then_some(index),
+                    });
+                }
+            }
+            if before == 0 {
+                return Ok(AuditPage {
+                    events,
+                    next_before: None,
+                });
+            }
+        }
+    }
+}
+
+impl ResourceService {
+    /// The inclusion proof of leaf `index` in the tree of `tree_size`.
+    fn proof(
+        conn: &mut crate::store::DbConnection,
+        index: i64,
+        tree_size: i64,
+    ) -> Result<Vec<Hash>, AppError> {
+        let (Ok(index), Ok(size)) = (u64::try_from(index), u64::try_from(tree_size)) else {
+            return Err(AppError::Internal("negative leaf index".into()));
+        };
+        let store = DbHashStore::new(conn);
+        tree::inclusion_proof(&store, size, index)
+            .map_err(|e| AppError::Internal(format!("inclusion proof: {e}")))
+    }
+}
+
+/// Adds the entry's bytes, its inclusion proof and the checkpoint it leads to.
+fn attach_proof(event: &mut Value, leaf_data: &[u8], checkpoint: &CheckpointRow, proof: &[Hash]) {
+    let Some(parts) = event["extension"][0]["extension"].as_array_mut() else {
+        return;
+    };
+    parts.push(json!({"url": "leafData", "valueBase64Binary": BASE64.encode(leaf_data)}));
+    parts.push(json!({"url": "treeSize", "valueString": checkpoint.tree_size.to_string()}));
+    parts.extend(
+        proof
+            .iter()
+            .map(|hash| json!({"url": "inclusionProof", "valueString": encode_hash(hash)})),
+    );
+    parts.push(json!({"url": "checkpoint", "valueString": checkpoint.note}));
+}
+
+impl AuditQuery {
+    fn matches(&self, entry: &LedgerEntry) -> bool {
+        let entity_ok = self.entity.as_deref().is_none_or(|entity| {
+            entry
+                .resources
+                .iter()
+                .any(|r| entity == format!("{}/{}", r.resource_type, r.id))
+        });
+        let agent_ok = self.agent.as_deref().is_none_or(|agent| {
+            entry.actor.subject == agent || entry.actor.fhir_user.as_deref() == Some(agent)
+        });
+        let dates_ok = self.dates.is_empty()
+            || date_range(&entry.time)
+                .is_some_and(|(at, _)| self.dates.iter().all(|test| test.passes(at)));
+        entity_ok && agent_ok && dates_ok
+    }
+}
+
+/// The R4 AuditEvent of one ledger entry (its id is `ledger-<index>`).
+pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
+    let action = match entry.action.as_str() {
+        "create" => "C",
+        "update" => "U",
+        "delete" => "D",
+        "read" | "vread" | "history" | "search" | "everything" | AUDIT_VIEW_ACTION => "R",
+        _ => "E",
+    };
+    let interaction = match entry.action.as_str() {
+        "create" | "read" | "vread" | "update" | "delete" | "history" | "search" => {
+            Some(entry.action.as_str())
+        }
+        "everything" => Some("operation"),
+        _ => None,
+    };
+    let who = match &entry.actor.fhir_user {
+        Some(user) => json!({"reference": user}),
+        None => json!({"identifier": {
+            "system": entry.actor.issuer.as_deref().unwrap_or("urn:fhirledger:actor"),
+            "value": entry.actor.subject,
+        }}),
+    };
+    let mut agent = json!({"who": who, "requestor": true, "name": entry.actor.subject});
+    if let Some(client) = &entry.actor.client {
+        agent["altId"] = json!(client);
+    }
+    if let Some(purpose) = &entry.actor.purpose {
+        agent["purposeOfUse"] = json!([{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose,
+        }]}]);
+    }
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "id": format!("ledger-{index}"),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                 "display": "RESTful Operation"},
+        "action": action,
+        "recorded": entry.time,
+        "outcome": if entry.outcome == Outcome::Permit { "0" } else { "4" },
+        "agent": [agent],
+        "source": {"observer": {"display": "fhirledger ledger"}},
+        "extension": [{"url": LEDGER_ENTRY_EXTENSION, "extension": [
+            {"url": "index", "valueString": index.to_string()},
+            {"url": "receipt", "valueString": entry.id},
+        ]}],
+    });
+    if let Some(interaction) = interaction {
+        event["subtype"] = json!([{"system": "http://hl7.org/fhir/restful-interaction",
+                                   "code": interaction}]);
+    }
+    let description: Vec<&str> = [entry.reason.as_deref(), entry.rule.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !description.is_empty() {
+        event["outcomeDesc"] = json!(description.join("; rule: "));
+    }
+    let entities: Vec<Value> = entry
+        .resources
+        .iter()
+        .map(|r| {
+            let reference = match &r.version_id {
+                Some(version) => format!("{}/{}/_history/{version}", r.resource_type, r.id),
+                None => format!("{}/{}", r.resource_type, r.id),
+            };
+            json!({"what": {"reference": reference}})
+        })
+        .collect();
+    if !entities.is_empty() {
+        event["entity"] = json!(entities);
+    }
+    event
+}

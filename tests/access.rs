@@ -519,6 +519,41 @@ fn ids_of(reply: &Reply) -> Vec<String> {
     ids
 }
 
+/// Two patients, Alice and Bob, with an Observation each.
+struct Records {
+    alice: String,
+    bob: String,
+    alice_obs: String,
+    bob_obs: String,
+}
+
+async fn two_patients<S, B>(app: &S) -> Records
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let alice = create(
+        app,
+        json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
+    )
+    .await;
+    let bob = create(
+        app,
+        json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
+    )
+    .await;
+    Records {
+        alice_obs: create(app, observation(&alice, "alice-glucose")).await,
+        bob_obs: create(app, observation(&bob, "bob-secret")).await,
+        alice,
+        bob,
+    }
+}
+
 fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids.sort();
     ids
@@ -527,18 +562,12 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
 async fn patient_scopes_stay_inside_their_patients_compartment(db: TestDb) {
     let state = db.state();
     let app = test::init_service(fhirledger::api::build_app(state)).await;
-    let alice = create(
-        &app,
-        json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
-    )
-    .await;
-    let bob = create(
-        &app,
-        json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
-    )
-    .await;
-    let alice_obs = create(&app, observation(&alice, "alice-glucose")).await;
-    let bob_obs = create(&app, observation(&bob, "bob-secret")).await;
+    let Records {
+        alice,
+        bob,
+        alice_obs,
+        bob_obs,
+    } = two_patients(&app).await;
     let doctor = create(
         &app,
         json!({"resourceType": "Practitioner", "active": true}),
@@ -714,18 +743,12 @@ fn consent(patient: &str, scope: &str, kind: &str, actor: Option<&str>) -> Value
 async fn consent_decides_what_clinicians_and_researchers_see(db: TestDb) {
     let state = db.state();
     let app = test::init_service(fhirledger::api::build_app(state)).await;
-    let alice = create(
-        &app,
-        json!({"resourceType": "Patient", "name": [{"family": "Alice"}]}),
-    )
-    .await;
-    let bob = create(
-        &app,
-        json!({"resourceType": "Patient", "name": [{"family": FAMILY}]}),
-    )
-    .await;
-    let alice_obs = create(&app, observation(&alice, "alice-glucose")).await;
-    let bob_obs = create(&app, observation(&bob, "bob-secret")).await;
+    let Records {
+        alice,
+        bob,
+        alice_obs,
+        bob_obs,
+    } = two_patients(&app).await;
     let alice_path = format!("/fhir/Observation/{alice_obs}");
     let bob_path = format!("/fhir/Observation/{bob_obs}");
 

@@ -246,6 +246,21 @@ impl ResourceService {
         }
     }
 
+    /// [`Self::authorize`] for an interaction on one resource (version), which a refusal
+    /// names.
+    fn authorize_instance(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: Option<i64>,
+        action: &'static str,
+    ) -> Result<Grant, AppError> {
+        let asked = vec![target(resource_type, id, version_id)];
+        self.authorize(ctx, permission, resource_type.as_str(), action, asked)
+    }
+
     /// The patients whose compartments a grant opens (`None`: it is not confined). Resolved
     /// once per request and kept in its context: a Consent-based confinement reads every
     /// active Consent (through `conn`, or a pooled connection when none is given).
@@ -516,13 +531,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
+            this.authorize_instance(
                 &ctx,
                 Permission::Update,
-                resource_type.as_str(),
+                &resource_type,
+                &id,
+                None,
                 "update",
-                asked,
             )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             match validated.id.as_deref() {
@@ -570,13 +585,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
+            this.authorize_instance(
                 &ctx,
                 Permission::Update,
-                resource_type.as_str(),
+                &resource_type,
+                &id,
+                None,
                 "update",
-                asked,
             )?;
             let patch = parse_json_patch(&body)?;
             this.write(
@@ -603,13 +618,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
+            this.authorize_instance(
                 &ctx,
                 Permission::Delete,
-                resource_type.as_str(),
+                &resource_type,
+                &id,
+                None,
                 "delete",
-                asked,
             )?;
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
                 Written::Deleted(outcome) => Ok(outcome),
@@ -629,14 +644,7 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
-                &ctx,
-                Permission::Read,
-                resource_type.as_str(),
-                "read",
-                asked,
-            )?;
+            this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "read")?;
             let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
@@ -673,13 +681,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, Some(version_id))];
-            this.authorize(
+            this.authorize_instance(
                 &ctx,
                 Permission::Read,
-                resource_type.as_str(),
+                &resource_type,
+                &id,
+                Some(version_id),
                 "vread",
-                asked,
             )?;
             let result =
                 this.confine_read(&ctx, this.read_version(&resource_type, &id, version_id));
@@ -713,14 +721,7 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let asked = vec![target(&resource_type, &id, None)];
-            this.authorize(
-                &ctx,
-                Permission::Read,
-                resource_type.as_str(),
-                "history",
-                asked,
-            )?;
+            this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "history")?;
             let mut result = this.history_page(&resource_type, &id, query);
             match &mut result {
                 Ok(page) => {

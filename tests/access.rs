@@ -1134,6 +1134,44 @@ async fn patients_see_who_touched_their_record_with_proofs(db: TestDb) {
     );
 }
 
+/// ES256 keys from an identity provider's JWKS verify too (the local issuer uses EdDSA);
+/// a token whose header names another algorithm than the key's is refused.
+#[actix_web::test]
+async fn es256_tokens_from_a_jwks_verify() {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let db = TestDb::sqlite();
+    let secret = p256::SecretKey::from_slice(&rand::random::<[u8; 32]>()).unwrap();
+    let point = secret.public_key().to_sec1_bytes();
+    assert_eq!(point.len(), 65, "uncompressed point");
+    let jwks: JwkSet = serde_json::from_value(json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "ec1", "use": "sig",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..]),
+    }]}))
+    .unwrap();
+    let issuer = "https://ec-idp.test";
+    let state = db.state_trusting(vec![(issuer.into(), jwks)]);
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = json!({"iss": issuer, "aud": format!("{BASE_URL}/fhir"), "sub": "svc",
+                        "scope": "system/Patient.rs", "exp": now + 300});
+    let der = secret.to_pkcs8_der().unwrap();
+    let key = EncodingKey::from_ec_der(der.as_bytes());
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("ec1".into());
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let reply = call_as_is(&app, with_token(get("/fhir/Patient"), &token)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // The same key's kid under an EdDSA header: no such key for that algorithm.
+    let provider = Provider::new(issuer);
+    let mut mislabelled = provider.header();
+    mislabelled.kid = Some("ec1".into());
+    let forged = provider.sign(&mislabelled, &claims);
+    let reply = call_as_is(&app, with_token(get("/fhir/Patient"), &forged)).await;
+    assert_refusal(&reply, StatusCode::UNAUTHORIZED, "login");
+    assert_eq!(entry_of(&app, &reply).await["reason"], "unknown-key");
+}
+
 on_both_backends!(
     patients_see_who_touched_their_record_with_proofs,
     consent_decides_what_clinicians_and_researchers_see,

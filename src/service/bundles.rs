@@ -350,8 +350,9 @@ impl ResourceService {
         if let Some(condition) = condition {
             self.authorize_search(ctx, condition)?;
         }
-        self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())
-            .map(|_| ())
+        let grant = self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())?;
+        // Resolved now, before any transaction: a Consent-based one reads the Consents.
+        self.confined(None, ctx, &grant).map(|_| ())
     }
 
     fn plan_entry(&self, entry: &RequestEntry, handling: Handling) -> Result<Operation, AppError> {

@@ -281,28 +281,14 @@ impl ResourceService {
                 patients,
             }));
         }
-        let consent = match confinement {
-            Confinement::Patient(_) => None,
+        let patients = match confinement {
+            Confinement::Patient(patient) => BTreeSet::from([patient.clone()]),
             Confinement::Treatment { actor } => {
-                Some((ConsentKind::Treatment, Some(actor.as_str())))
+                self.consented_patients(conn, ctx, ConsentKind::Treatment, Some(actor))?
             }
-            Confinement::Research { actor } => Some((ConsentKind::Research, actor.as_deref())),
-        };
-        let patients = match (confinement, consent) {
-            (Confinement::Patient(patient), _) => BTreeSet::from([patient.clone()]),
-            (_, Some((kind, actor))) => {
-                let purpose = match &ctx.principal {
-                    Principal::Token(identity) => identity.purpose_of_use.as_deref(),
-                    _ => None,
-                };
-                match conn {
-                    Some(conn) => self.consented_patients(conn, kind, actor, purpose)?,
-                    None => {
-                        self.consented_patients(&mut *self.connection()?, kind, actor, purpose)?
-                    }
-                }
+            Confinement::Research { actor } => {
+                self.consented_patients(conn, ctx, ConsentKind::Research, actor.as_deref())?
             }
-            (_, None) => BTreeSet::new(),
         };
         let patients = Arc::new(patients);
         ctx.confined.set((confinement.clone(), patients.clone()));
@@ -312,14 +298,19 @@ impl ResourceService {
         }))
     }
 
-    /// The patients whose active Consents permit `actor` (see [`crate::access::consent`]).
+    /// The patients whose active Consents permit `actor` for the request's purpose (see
+    /// [`crate::access::consent`]), read through `conn` or a pooled connection.
     fn consented_patients(
         &self,
-        conn: &mut DbConnection,
+        conn: Option<&mut DbConnection>,
+        ctx: &RequestContext,
         kind: ConsentKind,
         actor: Option<&str>,
-        purpose: Option<&str>,
     ) -> Result<BTreeSet<String>, AppError> {
+        let purpose = match &ctx.principal {
+            Principal::Token(identity) => identity.purpose_of_use.as_deref(),
+            _ => None,
+        };
         let index = self.search_index();
         let query = [("status".to_owned(), "active".to_owned())];
         let request = parse_search(
@@ -329,7 +320,12 @@ impl ResourceService {
             &query,
             Handling::Strict,
         )?;
-        let consents = self.matching_in(conn, &request, MAX_ACTIVE_CONSENTS + 1)?;
+        let consents = match conn {
+            Some(conn) => self.matching_in(conn, &request, MAX_ACTIVE_CONSENTS + 1)?,
+            None => {
+                self.matching_in(&mut *self.connection()?, &request, MAX_ACTIVE_CONSENTS + 1)?
+            }
+        };
         if consents.len() as i64 > MAX_ACTIVE_CONSENTS {
             return Err(AppError::Unavailable(format!(
                 "more than {MAX_ACTIVE_CONSENTS} active Consents: too many to evaluate per request"

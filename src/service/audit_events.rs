@@ -7,6 +7,8 @@
 //! `GET /ledger/key`. Nothing is stored as an AuditEvent: the ledger is the record, and these
 //! are views of it.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 
 use crate::access::policy::{self, Refusal};
@@ -17,8 +19,6 @@ use crate::ledger::checkpoint::encode_hash;
 use crate::ledger::entry::{LedgerEntry, Outcome};
 use crate::ledger::{Hash, tree};
 use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::ledger::LedgerEvent;
 use super::resources::ResourceService;
@@ -157,8 +157,14 @@ impl ResourceService {
 
     fn audit_page(&self, query: &AuditQuery) -> Result<AuditPage, AppError> {
         let mut conn = self.connection()?;
-        let checkpoint = rows::latest_checkpoint(&mut conn)?;
-        let mut before = query.before.unwrap_or(i64::MAX);
+        // Only entries the latest checkpoint covers are listed: each comes with its proof.
+        let Some(checkpoint) = rows::latest_checkpoint(&mut conn)? else {
+            return Ok(AuditPage {
+                events: Vec::new(),
+                next_before: None,
+            });
+        };
+        let mut before = query.before.unwrap_or(i64::MAX).min(checkpoint.tree_size);
         let mut events = Vec::new();
         let mut examined = 0;
         loop {
@@ -168,10 +174,7 @@ impl ResourceService {
                     let indexes = rows::patient_entry_indexes(&mut conn, patient, before, batch)?;
                     rows::entries_at(&mut conn, &indexes)?
                 }
-                None => {
-                    let end = before.min(rows::tree_size(&mut conn)?);
-                    rows::entries_range(&mut conn, (end - batch).max(0), end)?
-                }
+                None => rows::entries_range(&mut conn, (before - batch).max(0), before)?,
             };
             rows.sort_by_key(|row| std::cmp::Reverse(row.leaf_index));
             if rows.is_empty() {
@@ -191,12 +194,8 @@ impl ResourceService {
                 };
                 if query.matches(&entry) {
                     let mut event = audit_event(index, &entry);
-                    if let Some(checkpoint) = &checkpoint
-                        && index < checkpoint.tree_size
-                    {
-                        let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
-                        attach_proof(&mut event, &row.data, checkpoint, &proof);
-                    }
+                    let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
+                    attach_proof(&mut event, &row.data, &checkpoint, &proof);
                     events.push(event);
                     if events.len() == query.count {
                         return Ok(AuditPage {

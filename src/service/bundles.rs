@@ -1012,9 +1012,6 @@ impl ResourceService {
     }
 }
 
-/// The local reference an operation's entry will resolve to, when that is known before the
-/// transaction: `Some(None)` when it resolves to nothing, `None` when only the database can
-/// tell (conditional targets). Must agree with [`ResourceService::resolve`].
 /// The condition of a conditional target.
 fn matching(target: &mut Target) -> Option<&mut SearchRequest> {
     match target {
@@ -1023,6 +1020,9 @@ fn matching(target: &mut Target) -> Option<&mut SearchRequest> {
     }
 }
 
+/// The local reference an operation's entry will resolve to, when that is known before the
+/// transaction: `Some(None)` when it resolves to nothing, `None` when only the database can
+/// tell (conditional targets). Must agree with [`ResourceService::resolve`].
 fn known_target(operation: &Operation, fresh_id: Option<&ResourceId>) -> Option<Option<String>> {
     match operation {
         Operation::Create { resource_type, .. } => {

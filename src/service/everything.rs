@@ -86,11 +86,7 @@ impl ResourceService {
             match page {
                 Ok(mut page) => {
                     // Compartment members of types the token may not see are withheld.
-                    let before = page.resources.len();
-                    page.resources.retain(|r| {
-                        this.may_see(&ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
-                    });
-                    let withheld = (before - page.resources.len()) as u64;
+                    let withheld = this.withhold_unseen(&ctx, &mut page.resources);
                     let disclosed = page
                         .resources
                         .iter()

@@ -359,6 +359,17 @@ impl ResourceService {
         self.visible(ctx, resource_type, id, json).is_ok()
     }
 
+    /// Withholds the resources the request may not see; returns how many.
+    pub(crate) fn withhold_unseen(
+        &self,
+        ctx: &RequestContext,
+        resources: &mut Vec<StoredResource>,
+    ) -> u64 {
+        withhold(resources, |r| {
+            self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
+        })
+    }
+
     /// [`Self::may_see`], with the refusal when it may not.
     pub(crate) fn visible(
         &self,
@@ -371,31 +382,21 @@ impl ResourceService {
         let Some(confined) = self.confined(None, ctx, &grant)? else {
             return Ok(());
         };
-        let inside = match json {
-            Some(json) => self
+        // One parse of the resource tells whether it is inside and, if not, whose it is.
+        let members = match json {
+            Some(json) => self.search.stored_compartments(resource_type, id, json),
+            // A tombstone names no patient.
+            None => self
                 .search
-                .in_compartments(resource_type, id, json, &confined.patients),
-            None => !self.search.has_compartments(resource_type),
+                .has_compartments(resource_type)
+                .then(BTreeSet::new),
         };
-        if inside {
-            Ok(())
-        } else {
-            let patients = json.map_or_else(BTreeSet::new, |json| {
-                self.compartments_of(resource_type, id, json)
-            });
-            Err(outside(&confined, patients))
+        match members {
+            Some(members) if members.is_disjoint(&confined.patients) => {
+                Err(outside(&confined, &members))
+            }
+            _ => Ok(()),
         }
-    }
-
-    /// The compartments (`Patient/<id>`) of a stored resource.
-    fn compartments_of(&self, resource_type: &str, id: &str, json: &str) -> BTreeSet<String> {
-        serde_json::from_str::<serde_json::Value>(json)
-            .ok()
-            .and_then(|value| self.search.compartments(resource_type, id, &value))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|patient| format!("Patient/{patient}"))
-            .collect()
     }
 
     /// A read of one resource by a confined token: the resource must be in its
@@ -454,28 +455,26 @@ impl ResourceService {
                 AppError::Internal(format!("{resource_type}/{id} has no current version row"))
             })?;
             let current = self.open_version(resource_type, id, &row)?;
-            if !self.search.in_compartments(
-                resource_type.as_str(),
-                id.as_str(),
-                &current.json,
-                &confined.patients,
-            ) {
-                let patients =
-                    self.compartments_of(resource_type.as_str(), id.as_str(), &current.json);
-                return Err(outside(&confined, patients).into());
+            if let Some(members) =
+                self.search
+                    .stored_compartments(resource_type.as_str(), id.as_str(), &current.json)
+            {
+                if members.is_disjoint(&confined.patients) {
+                    return Err(outside(&confined, &members).into());
+                }
+                involved = members;
             }
-            involved = self.compartments_of(resource_type.as_str(), id.as_str(), &current.json);
         }
         if let Some((json, _)) = kind.content() {
             let value: serde_json::Value = serde_json::from_str(json)
                 .map_err(|e| AppError::Internal(format!("validated JSON did not parse: {e}")))?;
-            if let Some(patients) =
+            if let Some(members) =
                 self.search
                     .compartments(resource_type.as_str(), id.as_str(), &value)
-                && (patients.is_empty() || !patients.is_subset(&confined.patients))
+                && (members.is_empty() || !members.is_subset(&confined.patients))
             {
-                involved.extend(patients.iter().map(|p| format!("Patient/{p}")));
-                return Err(outside(&confined, involved).into());
+                involved.extend(members);
+                return Err(outside(&confined, &involved).into());
             }
         }
         Ok(())
@@ -721,11 +720,9 @@ impl ResourceService {
             let mut result = this.history_page(&resource_type, &id, query);
             match &mut result {
                 Ok(page) => {
-                    let before = page.entries.len();
-                    page.entries.retain(|e| {
+                    let withheld = withhold(&mut page.entries, |e| {
                         this.may_see(&ctx, resource_type.as_str(), id.as_str(), e.json.as_deref())
                     });
-                    let withheld = (before - page.entries.len()) as u64;
                     let disclosed = page
                         .entries
                         .iter()
@@ -829,8 +826,7 @@ impl ResourceService {
                 None => ctx.rule.set(policy::RULE_PER_TYPE),
             }
             let mut page = this.history_scan_page(&query)?;
-            let before = page.entries.len();
-            page.entries.retain(|e| {
+            let withheld = withhold(&mut page.entries, |e| {
                 this.may_see(
                     &ctx,
                     e.resource_type.as_str(),
@@ -838,7 +834,6 @@ impl ResourceService {
                     e.entry.json.as_deref(),
                 )
             });
-            let withheld = (before - page.entries.len()) as u64;
             let disclosed: Vec<_> = page
                 .entries
                 .iter()
@@ -1380,15 +1375,21 @@ pub(super) fn existing_head(
         .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))
 }
 
-/// The ledger reason of a refusal that reached a record, or `None` for errors that did
-/// not (malformed requests, server failures), which are not ledgered.
-/// The refusal of a resource outside a confined grant, naming the resource's compartments.
-fn outside(confined: &Confined, patients: BTreeSet<String>) -> AppError {
+/// Keeps the items `keep` admits; returns how many were withheld, for the ledger entry.
+fn withhold<T>(items: &mut Vec<T>, keep: impl FnMut(&T) -> bool) -> u64 {
+    let before = items.len();
+    items.retain(keep);
+    (before - items.len()) as u64
+}
+
+/// The refusal of a resource outside a confined grant, naming the compartments (patient ids)
+/// it involved.
+fn outside(confined: &Confined, patients: &BTreeSet<String>) -> AppError {
     let refusal = confined.confinement.refusal();
     AppError::Forbidden {
         rule: refusal.rule,
         message: refusal.message,
-        patients: patients.into_iter().collect(),
+        patients: patients.iter().map(|p| format!("Patient/{p}")).collect(),
     }
 }
 
@@ -1407,6 +1408,8 @@ pub(super) fn refusal_event(
     Some(event)
 }
 
+/// The ledger reason of a refusal that reached a record, or `None` for errors that did
+/// not (malformed requests, server failures), which are not ledgered.
 fn refusal_reason(error: &AppError) -> Option<&'static str> {
     Some(match error {
         AppError::Forbidden { .. } => "forbidden",

@@ -325,31 +325,25 @@ impl SearchIndex {
         Some(patients)
     }
 
-    /// Whether a stored resource is in one of `patients`' compartments (or belongs to none).
-    pub fn in_compartments(
+    /// [`Self::compartments`] of a stored resource's JSON; JSON that does not parse belongs
+    /// to no patient's compartment (and so is inside none).
+    pub fn stored_compartments(
         &self,
         resource_type: &str,
         id: &str,
         json: &str,
-        patients: &BTreeSet<String>,
-    ) -> bool {
-        let Ok(value) = serde_json::from_str::<Value>(json) else {
-            return false;
-        };
-        self.compartments(resource_type, id, &value)
-            .is_none_or(|members| !members.is_disjoint(patients))
+    ) -> Option<BTreeSet<String>> {
+        match serde_json::from_str::<Value>(json) {
+            Ok(value) => self.compartments(resource_type, id, &value),
+            Err(_) => self.has_compartments(resource_type).then(BTreeSet::new),
+        }
     }
 
-    /// The condition confining a search over `resource_types` to `patients`' compartments,
-    /// through the same reference digests a search by those parameters uses; `None` when
-    /// the types belong to no compartment. A search across all types, or mixing Patient or
-    /// types outside compartments with others, cannot be confined in one condition and is
-    /// refused.
-    pub fn compartment_condition(
-        &self,
-        resource_types: &[String],
-        patients: &[String],
-    ) -> Result<Option<Condition>, Refusal> {
+    /// Whether a search over `resource_types` can be confined to patients' compartments in
+    /// one condition: `Ok(true)` when it needs one, `Ok(false)` when its types belong to no
+    /// compartment. A search across all types, or mixing Patient or types outside
+    /// compartments with others, cannot and is refused.
+    pub fn confinable(&self, resource_types: &[String]) -> Result<bool, Refusal> {
         let unconfinable = |why: &str| Refusal {
             rule: policy::RULE_COMPARTMENT,
             message: format!(
@@ -364,7 +358,7 @@ impl SearchIndex {
             .filter(|t| self.has_compartments(t))
             .count();
         if members == 0 {
-            return Ok(None);
+            return Ok(false);
         }
         if members < resource_types.len()
             || (resource_types.len() > 1 && resource_types.iter().any(|t| t == "Patient"))
@@ -372,6 +366,20 @@ impl SearchIndex {
             return Err(unconfinable(
                 "not mix types of the compartment with Patient or with types outside it",
             ));
+        }
+        Ok(true)
+    }
+
+    /// The condition confining a search over `resource_types` (checked by
+    /// [`Self::confinable`]) to `patients`' compartments, through the same reference digests
+    /// a search by those parameters uses; `None` when the types belong to no compartment.
+    pub fn compartment_condition(
+        &self,
+        resource_types: &[String],
+        patients: &[String],
+    ) -> Option<Condition> {
+        if !resource_types.iter().any(|t| self.has_compartments(t)) {
+            return None;
         }
         let references: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
         let digests: Vec<Digest> = resource_types
@@ -392,11 +400,11 @@ impl SearchIndex {
         } else {
             Condition::HasAny(digests)
         };
-        Ok(Some(if resource_types.iter().any(|t| t == "Patient") {
+        Some(if resource_types.iter().any(|t| t == "Patient") {
             Condition::AnyOf(vec![Condition::Id(patients.to_vec()), linked])
         } else {
             linked
-        }))
+        })
     }
 
     fn digest_tuple(
@@ -711,7 +719,7 @@ impl ResourceService {
             let mut conn = this.connection()?;
             let mut page = this.search_page(&mut conn, &request)?;
             drop(conn);
-            let withheld = this.withhold_unseen(&ctx, &mut page);
+            let withheld = this.withhold_unseen(&ctx, &mut page.included);
             this.ledger()
                 .append(&ctx, search_event(&page).withholding(withheld))?;
             Ok(page)
@@ -728,7 +736,7 @@ impl ResourceService {
         request: &SearchRequest,
     ) -> Result<(SearchPage, String), AppError> {
         let mut page = self.search_page(tx, request)?;
-        let withheld = self.withhold_unseen(ctx, &mut page);
+        let withheld = self.withhold_unseen(ctx, &mut page.included);
         let event = search_event(&page).withholding(withheld);
         let receipt = self.ledger().append_in(tx, ctx, event)?;
         Ok((page, receipt))
@@ -759,23 +767,12 @@ impl ResourceService {
         // type); a search that cannot be confined is refused.
         if let Some(confined) = confined {
             let patients: Vec<String> = confined.patients.iter().cloned().collect();
-            if let Err(refusal) = self
-                .search_index()
-                .compartment_condition(&request.resource_types, &patients)
-            {
+            if let Err(refusal) = self.search_index().confinable(&request.resource_types) {
                 return Err(self.ledger().refuse(ctx, "search", Vec::new(), refusal));
             }
             request.compartments = Some(patients);
         }
         Ok(())
-    }
-
-    /// Drops included resources of types the token may not see; returns how many.
-    fn withhold_unseen(&self, ctx: &RequestContext, page: &mut SearchPage) -> u64 {
-        let before = page.included.len();
-        page.included
-            .retain(|r| self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json)));
-        (before - page.included.len()) as u64
     }
 
     /// The current resources matching `request` (no paging, no ledger entry), at most
@@ -1108,7 +1105,6 @@ impl ResourceService {
             && let Some(confined) = self
                 .search_index()
                 .compartment_condition(&request.resource_types, patients)
-                .map_err(AppError::from)?
         {
             conditions.push(confined);
         }

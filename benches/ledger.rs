@@ -64,17 +64,16 @@ fn append_rate(
     std::thread::scope(|scope| {
         for t in 0..threads {
             scope.spawn(move || {
-                let mut conn = pool.get().unwrap();
                 let ctx = RequestContext::internal(format!("bench-{t}"));
                 let mine = total / threads;
                 let mut done = 0;
                 while done < mine {
                     let n = per_tx.min(mine - done);
-                    conn.write_transaction(|tx| {
+                    pool.write(|tx| {
                         for i in 0..n {
                             ledger.append_in(tx, &ctx, event(done + i)).unwrap();
                         }
-                        Ok::<_, diesel::result::Error>(())
+                        Ok::<_, fhirledger::store::StoreError>(())
                     })
                     .unwrap();
                     done += n;
@@ -126,14 +125,13 @@ fn checkpoint_latency(
         let writers: Vec<_> = (0..2)
             .map(|t| {
                 scope.spawn(move || {
-                    let mut conn = pool.get().unwrap();
                     let ctx = RequestContext::internal(format!("load-{t}"));
                     let started = Instant::now();
                     let mut i = 0;
                     while started.elapsed() < duration {
-                        conn.write_transaction(|tx| {
+                        pool.write(|tx| {
                             ledger.append_in(tx, &ctx, event(i)).unwrap();
-                            Ok::<_, diesel::result::Error>(())
+                            Ok::<_, fhirledger::store::StoreError>(())
                         })
                         .unwrap();
                         i += 1;

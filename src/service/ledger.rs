@@ -338,11 +338,7 @@ impl LedgerService {
     /// Gives the oldest pending entries the next leaf indexes, stores the new tree hashes and
     /// signs a checkpoint, in one transaction under the sequencer lock.
     fn sequence_batch(&self) -> Result<u64, AppError> {
-        let mut conn = self
-            .pool
-            .get()
-            .map_err(|e| AppError::from(StoreError::from(e)))?;
-        conn.write_transaction(|tx| {
+        self.pool.write(|tx| {
             if !rows::try_lock_sequencer(tx)? {
                 return Ok(0); // another process is sequencing
             }
@@ -554,9 +550,7 @@ impl LedgerService {
     }
 
     fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
-        self.pool
-            .get()
-            .map_err(|e| AppError::from(StoreError::from(e)))
+        self.pool.get().map_err(AppError::from)
     }
 }
 
@@ -605,8 +599,7 @@ impl GroupCommitter {
     }
 
     fn commit_group(pool: &DbPool, group: &[CommitJob]) -> Result<(), StoreError> {
-        let mut conn = pool.get()?;
-        conn.write_transaction(|tx| {
+        pool.write(|tx| {
             for job in group {
                 rows::insert_entry(tx, &job.entry.receipt, &job.entry.leaf_data, job.created_at)?;
             }

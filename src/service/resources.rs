@@ -924,9 +924,7 @@ impl ResourceService {
     }
 
     pub(crate) fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
-        self.pool
-            .get()
-            .map_err(|e| AppError::from(StoreError::from(e)))
+        self.pool.get().map_err(AppError::from)
     }
 
     /// Ledgers a read-type interaction: a permit naming the disclosed version, or a deny
@@ -1078,9 +1076,8 @@ impl ResourceService {
         what: &str,
         mut work: impl FnMut(&mut DbConnection) -> Result<T, TxError>,
     ) -> Result<T, AppError> {
-        let mut conn = self.connection()?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            match conn.write_transaction(&mut work) {
+            match self.pool.write(&mut work) {
                 Ok(done) => return Ok(done),
                 Err(TxError::LostRace) => continue,
                 Err(TxError::App(error)) => return Err(error),

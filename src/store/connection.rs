@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
@@ -10,7 +11,9 @@ use diesel::pg::PgConnection;
 use diesel::r2d2;
 use diesel::result::{ConnectionError, DatabaseErrorKind, Error as DieselError};
 use diesel::sqlite::SqliteConnection;
-use diesel::{Connection as _, RunQueryDsl as _};
+use diesel::{Connection, RunQueryDsl as _};
+
+use super::sqlite_writer::SqliteWriter;
 
 /// A connection to either backend; diesel's query DSL works on it directly.
 #[derive(diesel::MultiConnection)]
@@ -19,7 +22,6 @@ pub enum DbConnection {
     Sqlite(SqliteConnection),
 }
 
-pub type DbPool = r2d2::Pool<ConnectionManager>;
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,17 +168,28 @@ pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
             // (SQLite's default is 2 MiB: a Bundle's inserts spilled dirty pages to the WAL
             // mid-transaction, writing the same page many times) and reads through mmap keep
             // them off the disk. Checkpoints run inside a committing writer's turn; every
-            // 16 MiB of WAL rather than 4 MiB copies each hot page back once for more commits.
+            // 64 MiB of WAL rather than SQLite's 4 MiB copies each hot page (the tail of a
+            // frequent digest, the upper levels of the B-trees) back once for many commits.
             conn.batch_execute(
                 "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
                  PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
                  PRAGMA cache_size = -32768; PRAGMA mmap_size = 268435456; \
-                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 4096;",
+                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 16384;",
             )
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
             Ok(DbConnection::Sqlite(conn))
         }
     }
+}
+
+/// The database as the services use it: pooled connections for reads and, for writes on
+/// SQLite, the one connection every write transaction of this process runs on. Cloning is
+/// cheap (handles).
+#[derive(Clone)]
+pub struct DbPool {
+    readers: r2d2::Pool<ConnectionManager>,
+    /// SQLite only; PostgreSQL writes through pooled connections, concurrently.
+    writer: Option<Arc<SqliteWriter>>,
 }
 
 pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError> {
@@ -188,37 +201,35 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
             StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
         })?;
     }
-    r2d2::Pool::builder()
+    let readers = r2d2::Pool::builder()
         .max_size(max_size)
         .connection_timeout(Duration::from_secs(10))
         .build(ConnectionManager::new(url.clone()))
-        .map_err(StoreError::from)
+        .map_err(StoreError::from)?;
+    let writer =
+        matches!(url, DatabaseUrl::Sqlite(_)).then(|| Arc::new(SqliteWriter::new(url.clone())));
+    Ok(DbPool { readers, writer })
 }
 
-impl DbConnection {
-    /// Runs `work` in one transaction that writes. On SQLite the transaction takes the write
-    /// lock with its first statement: a deferred transaction that reads first and writes later
-    /// fails with SQLITE_BUSY instead of waiting when another writer got in between.
-    pub fn write_transaction<T, E>(
-        &mut self,
-        work: impl FnOnce(&mut DbConnection) -> Result<T, E>,
-    ) -> Result<T, E>
+impl DbPool {
+    /// A pooled connection, for reading.
+    pub fn get(&self) -> Result<PooledConnection, StoreError> {
+        self.readers.get().map_err(StoreError::from)
+    }
+
+    /// Runs `work` in a transaction that writes, committed before this returns `Ok`. On
+    /// SQLite it runs on the process's one writer connection, possibly sharing its commit with
+    /// the writes queued behind it (see [`super::sqlite_writer`]).
+    pub fn write<T, E>(&self, work: impl FnOnce(&mut DbConnection) -> Result<T, E>) -> Result<T, E>
     where
-        E: From<DieselError>,
+        E: From<DieselError> + From<StoreError>,
     {
-        // SQLite's own lock waits by polling with growing sleeps, so a busy writer can starve
-        // another (the sequencer) for seconds; queueing writers of this process in FIFO order
-        // first bounds every wait. The embedded database has one server process.
-        let _turn = matches!(self, DbConnection::Sqlite(_)).then(|| SQLITE_WRITERS.lock());
-        self.transaction(|conn| {
-            if let DbConnection::Sqlite(sqlite) = conn {
-                // A write statement that changes nothing still takes SQLite's write lock.
-                sqlite.batch_execute("DELETE FROM resources WHERE 0")?;
+        match &self.writer {
+            Some(writer) => writer.write(work),
+            None => {
+                let mut conn = self.get()?;
+                (*conn).transaction(work)
             }
-            work(conn)
-        })
+        }
     }
 }
-
-/// The FIFO queue of this process's SQLite write transactions.
-static SQLITE_WRITERS: parking_lot::FairMutex<()> = parking_lot::FairMutex::new(());

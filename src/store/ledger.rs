@@ -59,7 +59,7 @@ pub fn insert_entry(
 }
 
 /// Takes the sequencer lock for the current write transaction
-/// ([`DbConnection::write_transaction`]). PostgreSQL: a transaction-scoped advisory lock,
+/// ([`crate::store::DbPool::write`]). PostgreSQL: a transaction-scoped advisory lock,
 /// so that of several server processes exactly one sequences at a time (`false`: another
 /// process holds it). SQLite: the write transaction already holds the database's write
 /// lock, which excludes every other writer.

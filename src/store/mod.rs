@@ -9,5 +9,6 @@ pub mod migrations;
 pub mod resources;
 pub mod schema;
 pub mod search;
+mod sqlite_writer;
 
 pub use connection::{Backend, DatabaseUrl, DbConnection, DbPool, PooledConnection, StoreError};

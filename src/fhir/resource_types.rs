@@ -115,7 +115,7 @@ impl ResourceId {
 
     /// A new server-assigned id (a random UUID: opaque, carries no PHI).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+        Self(uuid::Uuid::now_v7().to_string())
     }
 
     pub fn as_str(&self) -> &str {

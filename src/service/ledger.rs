@@ -241,7 +241,7 @@ impl LedgerService {
         let now = now_micros();
         let entry = LedgerEntry {
             v: ENTRY_VERSION,
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             time: format_instant(now),
             actor: ctx.principal.ledger_actor(),
             action: event.action.to_owned(),

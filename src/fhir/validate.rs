@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::outcome::IssueCode;
 use super::resource_types::{ResourceType, ResourceTypes};
@@ -170,64 +170,109 @@ fn round_trip<T: DeserializeOwned + Serialize>(
     root: &str,
     value: &Value,
 ) -> Result<Value, ValidationError> {
-    let model: T = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let expression = if path == "." {
-            root.to_owned()
-        } else {
-            format!("{root}.{path}")
-        };
-        let message = e.into_inner().to_string();
-        let code = if message.starts_with("missing field") {
-            IssueCode::Required
-        } else if message.starts_with("unknown variant") || message.starts_with("Unknown value") {
-            IssueCode::CodeInvalid
-        } else {
-            IssueCode::Value
-        };
-        ValidationError::new(code, Some(expression), message)
-    })?;
+    // Tracking the path costs on every element; it is only needed to report a failure.
+    let model = match T::deserialize(value) {
+        Ok(model) => model,
+        Err(_) => return Err(model_error::<T>(root, value)),
+    };
     serde_json::to_value(&model)
         .map_err(|e| ValidationError::new(IssueCode::Value, Some(root.to_owned()), e.to_string()))
+}
+
+/// Why `value` does not deserialize into the model type, with the path of the failure.
+fn model_error<T: DeserializeOwned>(root: &str, value: &Value) -> ValidationError {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(_) => ValidationError::new(
+            IssueCode::Value,
+            Some(root.to_owned()),
+            "the resource does not match its R4 definition",
+        ),
+        Err(e) => {
+            let path = e.path().to_string();
+            let expression = if path == "." {
+                root.to_owned()
+            } else {
+                format!("{root}.{path}")
+            };
+            let message = e.into_inner().to_string();
+            let code = if message.starts_with("missing field") {
+                IssueCode::Required
+            } else if message.starts_with("unknown variant") || message.starts_with("Unknown value")
+            {
+                IssueCode::CodeInvalid
+            } else {
+                IssueCode::Value
+            };
+            ValidationError::new(code, Some(expression), message)
+        }
+    }
 }
 
 /// Finds the first element of `sent` that the model dropped: fhir-sdk ignores elements
 /// its definition does not have, and R4 says those make the resource invalid.
 fn find_unknown_element(sent: &Value, kept: &Value, path: &str) -> Result<(), ValidationError> {
-    match (sent, kept) {
-        (Value::Object(sent), Value::Object(kept)) => find_unknown_in_object(sent, kept, path),
-        (Value::Array(sent), Value::Array(kept)) => {
-            for (index, (s, k)) in sent.iter().zip(kept).enumerate() {
-                find_unknown_element(s, k, &format!("{path}[{index}]"))?;
+    match first_dropped(sent, kept) {
+        None => Ok(()),
+        Some(dropped) => {
+            let mut expression = path.to_owned();
+            for step in dropped.iter().rev() {
+                match step {
+                    Step::Key(key) => {
+                        expression.push('.');
+                        expression.push_str(key);
+                    }
+                    Step::Index(index) => expression.push_str(&format!("[{index}]")),
+                }
             }
-            Ok(())
+            let key = match dropped.first() {
+                Some(Step::Key(key)) => *key,
+                _ => "",
+            };
+            Err(ValidationError::new(
+                IssueCode::Structure,
+                Some(expression),
+                format!(
+                    "unknown element '{}': the R4 definition has no such element here",
+                    truncate(key)
+                ),
+            ))
         }
-        _ => Ok(()),
     }
 }
 
-fn find_unknown_in_object(
-    sent: &Map<String, Value>,
-    kept: &Map<String, Value>,
-    path: &str,
-) -> Result<(), ValidationError> {
-    for (key, sent_child) in sent {
-        let child_path = format!("{path}.{key}");
-        match kept.get(key) {
-            Some(kept_child) => find_unknown_element(sent_child, kept_child, &child_path)?,
-            None => {
-                return Err(ValidationError::new(
-                    IssueCode::Structure,
-                    Some(child_path),
-                    format!(
-                        "unknown element '{}': the R4 definition has no such element here",
-                        truncate(key)
-                    ),
-                ));
+/// One step of a path into JSON.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// The path, innermost step first, to the first element of `sent` missing from `kept`
+/// (paths are only spelled out for the one that is reported).
+fn first_dropped<'a>(sent: &'a Value, kept: &Value) -> Option<Vec<Step<'a>>> {
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => {
+            for (key, sent_child) in sent {
+                let Some(kept_child) = kept.get(key) else {
+                    return Some(vec![Step::Key(key)]);
+                };
+                if let Some(mut path) = first_dropped(sent_child, kept_child) {
+                    path.push(Step::Key(key));
+                    return Some(path);
+                }
             }
+            None
         }
+        (Value::Array(sent), Value::Array(kept)) => {
+            for (index, (s, k)) in sent.iter().zip(kept).enumerate() {
+                if let Some(mut path) = first_dropped(s, k) {
+                    path.push(Step::Index(index));
+                    return Some(path);
+                }
+            }
+            None
+        }
+        _ => None,
     }
-    Ok(())
 }
 
 /// Removes the insignificant whitespace of valid JSON text, leaving every token (and so

@@ -4,8 +4,8 @@
 //!   the two fixture Bundles in `shared/fixtures/fhir/synthea/` with fresh `urn:uuid:` full
 //!   URLs (and every reference to them), a unique suffix on the patient's family name, fresh
 //!   identifier values and dates shifted per copy, processed by `process_bundle` from two
-//!   threads until the database holds 10,000 and then `FHIRLEDGER_BENCH_RESOURCES`
-//!   (default 100,000) resources;
+//!   threads (`FHIRLEDGER_BENCH_LOADERS` sets how many) until the database holds 10,000 and
+//!   then `FHIRLEDGER_BENCH_RESOURCES` (default 100,000) resources;
 //! - search latency at 10,000 and at the full size, at the service level (parse, search,
 //!   decrypt and the search's ledger entry, as the HTTP handler does minus HTTP and
 //!   rendering), one thread, random targets among the loaded patients: identifier, family
@@ -48,6 +48,7 @@ use serde_json::Value;
 
 const BASE_URL: &str = "http://fhir.bench";
 const SYNTHEA_SYSTEM: &str = "https://github.com/synthetichealth/synthea";
+/// Loading threads (concurrent import clients) unless `FHIRLEDGER_BENCH_LOADERS` says.
 const LOAD_THREADS: usize = 2;
 const FIRST_STOP: usize = 10_000;
 /// Each search kind stops after this long, whatever the query count.
@@ -297,7 +298,7 @@ struct LoadStats {
     render_seconds: f64,
 }
 
-/// Imports Bundles from `LOAD_THREADS` threads until `loaded` reaches `target` resources.
+/// Imports Bundles from [`loaders`] threads until `loaded` reaches `target` resources.
 fn load(
     state: &AppState,
     rt: &tokio::runtime::Runtime,
@@ -312,7 +313,7 @@ fn load(
     let fhir_base = state.fhir_base();
     let started = Instant::now();
     std::thread::scope(|scope| {
-        for t in 0..LOAD_THREADS {
+        for t in 0..loaders() {
             let (bundles, render_nanos, fhir_base) = (&bundles, &render_nanos, &fhir_base);
             scope.spawn(move || {
                 let mut rng = rand::thread_rng();
@@ -596,12 +597,24 @@ struct Report {
     pending_ledger_entries: i64,
 }
 
+fn loaders() -> usize {
+    std::env::var("FHIRLEDGER_BENCH_LOADERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LOAD_THREADS)
+}
+
 fn print_report(report: &Report) {
     println!();
     println!("{}", report.backend);
     println!(
         "  {:<28} {:>10} {:>8} {:>10} {:>13} {:>10}",
-        "import (2 threads)", "resources", "bundles", "seconds", "resources/s", "render s"
+        format!("import ({} threads)", loaders()),
+        "resources",
+        "bundles",
+        "seconds",
+        "resources/s",
+        "render s"
     );
     let mut total = (0, 0, 0.0, 0.0);
     for (label, stats) in &report.loads {

@@ -85,6 +85,13 @@ pub fn prepare_state(
         ledger.clone(),
         Arc::new(search),
     );
+    let moved = resources.move_presence_digests()?;
+    if moved > 0 {
+        tracing::info!(
+            resources = moved,
+            "presence digests moved into the resources table"
+        );
+    }
     let (tokens, local_jwks) = token_verifier(options, keys.local_issuer.as_ref())?;
     Ok(AppState {
         tokens: Arc::new(tokens),

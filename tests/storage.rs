@@ -217,7 +217,111 @@ async fn migrations_revert_and_reapply(db: TestDb) {
     );
 }
 
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn count(conn: &mut fhirledger::store::DbConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql).get_result::<Count>(conn).unwrap().n
+}
+
+/// The ids of the Patients whose `identifier:missing` is `flag`, sorted.
+async fn identifier_missing<S, B>(app: &S, flag: bool) -> Vec<String>
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let reply = call(
+        app,
+        get(&format!("/fhir/Patient?identifier:missing={flag}")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let mut ids = common::searchset_ids(&reply.json());
+    ids.sort();
+    ids
+}
+
+/// Resources stored before `resources.presence` existed kept their presence digests (what
+/// `:missing` searches) as `search_hashes` rows. Reverting that migration puts them back
+/// there; the server moves them into the column at start-up; `:missing` answers the same
+/// throughout.
+async fn presence_digests_move_out_of_the_index(db: TestDb) {
+    use fhirledger::crypto::{BlindIndexKey, MasterKey};
+    use fhirledger::server::Keys;
+    use fhirledger::store::migrations;
+    let keys = || Keys {
+        master: MasterKey::from_bytes([7; 32]),
+        ledger: common::ledger_key(),
+        index: BlindIndexKey::from_bytes([9; 32]),
+        local_issuer: Some(common::local_issuer()),
+    };
+    let app = test::init_service(fhirledger::api::build_app(
+        db.state_with_keys(keys(), 1 << 20),
+    ))
+    .await;
+    for (id, body) in [
+        (
+            "with",
+            json!({"resourceType": "Patient", "id": "with", "identifier": [{"value": "1"}]}),
+        ),
+        (
+            "without",
+            json!({"resourceType": "Patient", "id": "without", "active": true}),
+        ),
+    ] {
+        let reply = call(&app, put(&format!("/fhir/Patient/{id}"), &body)).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+    }
+    assert_eq!(identifier_missing(&app, false).await, ["with"]);
+    assert_eq!(identifier_missing(&app, true).await, ["without"]);
+    drop(app);
+
+    let mut conn = db.connect();
+    let index_rows = count(&mut conn, "SELECT COUNT(*) AS n FROM search_hashes");
+    migrations::revert_last(&mut conn).unwrap();
+    // One row per parameter each resource has: identifier and active, for instance.
+    let restored = count(&mut conn, "SELECT COUNT(*) AS n FROM search_hashes") - index_rows;
+    assert!(restored >= 3, "{restored} presence digests restored");
+    assert_eq!(migrations::run_pending(&mut conn).unwrap(), 1);
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT COUNT(*) AS n FROM resources WHERE presence IS NULL"
+        ),
+        2
+    );
+    drop(conn);
+
+    let app = test::init_service(fhirledger::api::build_app(
+        db.state_with_keys(keys(), 1 << 20),
+    ))
+    .await;
+    let mut conn = db.connect();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT COUNT(*) AS n FROM resources WHERE presence IS NULL"
+        ),
+        0
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT COUNT(*) AS n FROM search_hashes"),
+        index_rows,
+        "the moved digests left search_hashes"
+    );
+    assert_eq!(identifier_missing(&app, false).await, ["with"]);
+    assert_eq!(identifier_missing(&app, true).await, ["without"]);
+}
+
 on_both_backends!(
+    presence_digests_move_out_of_the_index,
     no_plaintext_in_the_database,
     moved_ciphertext_fails_closed,
     another_master_key_cannot_read,

@@ -3,7 +3,7 @@
 //! paging, decryption of what is returned, `_include`/`_revinclude`, and the ledger entry
 //! naming every resource a search disclosed.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
@@ -88,12 +88,24 @@ impl SearchIndex {
         &self.plan
     }
 
+    /// The presence digest of every indexed parameter of `resource_type`.
+    pub fn presence_digests(&self, resource_type: &str) -> Vec<Digest> {
+        self.plan
+            .params(resource_type)
+            .filter(|(code, _)| self.plan.is_indexed(resource_type, code))
+            .map(|(code, _)| self.digest(resource_type, code, ValueKind::Present, ""))
+            .collect()
+    }
+
     /// The index rows of one resource version.
     pub fn rows(&self, resource_type: &str, resource: &Value) -> IndexRows {
         let mut hashes = BTreeSet::new();
+        let mut present = BTreeSet::new();
         let mut rows = IndexRows::default();
         for (code, value) in self.plan.extract(resource_type, resource) {
-            hashes.insert(self.digest(resource_type, &code, ValueKind::Present, ""));
+            if !present.contains(&code) {
+                present.insert(code.clone());
+            }
             match value {
                 SearchValue::Composite(parts) => {
                     self.composite_rows(resource_type, &code, &parts, &mut hashes, &mut rows);
@@ -109,6 +121,10 @@ impl SearchIndex {
             }
         }
         rows.hashes = hashes.into_iter().collect();
+        rows.presence = present
+            .iter()
+            .map(|code| self.digest(resource_type, code, ValueKind::Present, ""))
+            .collect();
         rows
     }
 
@@ -704,6 +720,31 @@ impl From<SearchError> for AppError {
 }
 
 impl ResourceService {
+    /// Moves the presence digests of resources stored before `resources.presence` existed
+    /// out of `search_hashes` into that column, in batches (once, at start-up); returns how
+    /// many resources it moved.
+    pub fn move_presence_digests(&self) -> Result<usize, AppError> {
+        const BATCH: i64 = 500;
+        let mut candidates: HashMap<String, Vec<Digest>> = HashMap::new();
+        let mut moved = 0;
+        loop {
+            let batch = index::without_presence(&mut *self.connection()?, BATCH)?;
+            if batch.is_empty() {
+                return Ok(moved);
+            }
+            self.transact("the search index", |tx| {
+                for (seq, resource_type) in &batch {
+                    let digests = candidates
+                        .entry(resource_type.clone())
+                        .or_insert_with(|| self.search_index().presence_digests(resource_type));
+                    index::move_presence(tx, *seq, digests)?;
+                }
+                Ok(())
+            })?;
+            moved += batch.len();
+        }
+    }
+
     /// Runs a parsed search: one page of matches, includes, and one ledger entry naming
     /// every disclosed resource.
     pub async fn search(
@@ -1425,8 +1466,8 @@ fn filter_condition(
     if filter.modifier == Modifier::Missing {
         let present = digests_for(ValueKind::Present, "");
         return match filter.values.first() {
-            Some(FilterValue::Missing(true)) => Condition::HasNone(present),
-            _ => Condition::HasAny(present),
+            Some(FilterValue::Missing(true)) => Condition::LacksParam(present),
+            _ => Condition::HasParam(present),
         };
     }
     match filter.param_type {

@@ -44,3 +44,14 @@ pub fn revert_all(conn: &mut DbConnection) -> Result<usize, StoreError> {
     }
     .map_err(migration_error)
 }
+
+/// Reverts the most recent migration (tests check a `down.sql` against data in place).
+pub fn revert_last(conn: &mut DbConnection) -> Result<(), StoreError> {
+    let migration_error =
+        |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Migration(e.to_string());
+    match conn {
+        DbConnection::Postgres(pg) => pg.revert_last_migration(POSTGRES).map(|_| ()),
+        DbConnection::Sqlite(sqlite) => sqlite.revert_last_migration(SQLITE).map(|_| ()),
+    }
+    .map_err(migration_error)
+}

@@ -9,6 +9,9 @@ diesel::table! {
         last_updated -> BigInt,
         /// Stable order of creation; search results page by it.
         seq -> BigInt,
+        /// Presence digests of the current version's parameters, end to end (see
+        /// `store::search::IndexRows::presence`); NULL until computed for rows older than it.
+        presence -> Nullable<Binary>,
     }
 }
 

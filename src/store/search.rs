@@ -6,6 +6,8 @@
 //! per request); the only text spliced into SQL is produced here, never taken from a
 //! request.
 
+use std::sync::LazyLock;
+
 use diesel::backend::Backend as DieselBackend;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
@@ -15,7 +17,7 @@ use diesel::sql_types::{BigInt, Binary, Double, HasSqlType, Nullable, Text};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
 use super::connection::{DbConnection, StoreError};
-use super::schema::{search_dates, search_hashes, search_numbers};
+use super::schema::{resources, search_dates, search_hashes, search_numbers};
 use crate::crypto::blind_index::Digest;
 
 /// Rows per multi-row INSERT (well under both backends' bound-parameter limits).
@@ -25,6 +27,12 @@ const INSERT_CHUNK: usize = 500;
 #[derive(Debug, Clone, Default)]
 pub struct IndexRows {
     pub hashes: Vec<Digest>,
+    /// Which parameters have a value, as digests: kept in the resource's own row
+    /// (`resources.presence`), not in `search_hashes`. Each is shared by every resource of its
+    /// type with that parameter, so as index rows they only ever answered `:missing`, which
+    /// matches most of a type either way, while costing a B-tree insert per parameter and a
+    /// page write per parameter and commit.
+    pub presence: Vec<Digest>,
     pub dates: Vec<DateRow>,
     pub numbers: Vec<NumberRow>,
 }
@@ -51,6 +59,7 @@ pub struct NumberRow {
 /// Removes the index rows of resource `seq` (before its new version's rows go in).
 pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
     let classify = StoreError::classify;
+    set_presence(conn, seq, &[])?;
     diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
         .execute(conn)
         .map_err(classify)?;
@@ -63,6 +72,65 @@ pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Records which parameters resource `seq` has values for (digests end to end).
+fn set_presence(conn: &mut DbConnection, seq: i64, presence: &[Digest]) -> Result<(), StoreError> {
+    diesel::update(resources::table.filter(resources::seq.eq(seq)))
+        .set(resources::presence.eq(presence.concat()))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// Resources `(seq, type)` whose presence digests are still rows of `search_hashes`: stored
+/// before `resources.presence` existed.
+pub fn without_presence(
+    conn: &mut DbConnection,
+    limit: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    resources::table
+        .filter(resources::presence.is_null())
+        .filter(resources::deleted.eq(false))
+        .select((resources::seq, resources::resource_type))
+        .order(resources::seq)
+        .limit(limit)
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+/// Moves the presence digests of resource `seq` (those of `candidates` among its
+/// `search_hashes` rows) into its row, unless another process has already done so.
+pub fn move_presence(
+    conn: &mut DbConnection,
+    seq: i64,
+    candidates: &[Digest],
+) -> Result<(), StoreError> {
+    let classify = StoreError::classify;
+    let found: Vec<Vec<u8>> = search_hashes::table
+        .filter(search_hashes::resource_seq.eq(seq))
+        .filter(search_hashes::hash.eq_any(candidates.iter().map(|d| d.as_slice())))
+        .select(search_hashes::hash)
+        .load(conn)
+        .map_err(classify)?;
+    let updated = diesel::update(
+        resources::table
+            .filter(resources::seq.eq(seq))
+            .filter(resources::presence.is_null()),
+    )
+    .set(resources::presence.eq(found.concat()))
+    .execute(conn)
+    .map_err(classify)?;
+    if updated > 0 && !found.is_empty() {
+        diesel::delete(
+            search_hashes::table
+                .filter(search_hashes::resource_seq.eq(seq))
+                .filter(search_hashes::hash.eq_any(&found)),
+        )
+        .execute(conn)
+        .map_err(classify)?;
+    }
+    Ok(())
+}
+
 /// Adds the index rows of resource `seq` (of `resource_type`).
 pub fn insert_index(
     conn: &mut DbConnection,
@@ -70,6 +138,7 @@ pub fn insert_index(
     resource_type: &str,
     rows: &IndexRows,
 ) -> Result<(), StoreError> {
+    set_presence(conn, seq, &rows.presence)?;
     if let DbConnection::Sqlite(sqlite) = conn {
         return insert_index_by_row(sqlite, seq, resource_type, rows).map_err(StoreError::classify);
     }
@@ -118,6 +187,23 @@ pub fn insert_index(
     )
 }
 
+/// SQLite: multi-row INSERTs of these fixed sizes carry a resource's digests. Each size's
+/// SQL never changes, so it stays prepared; one statement per digest cost more in binding and
+/// stepping than SQLite's own B-tree work.
+const DIGEST_INSERT_SIZES: [usize; 3] = [16, 4, 1];
+
+static DIGEST_INSERTS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    DIGEST_INSERT_SIZES
+        .iter()
+        .map(|&size| {
+            format!(
+                "INSERT OR IGNORE INTO search_hashes (hash, resource_seq) VALUES {}",
+                vec!["(?, ?)"; size].join(", ")
+            )
+        })
+        .collect()
+});
+
 /// SQLite: one INSERT per row through a prepared statement diesel caches per table. There
 /// are no round trips to save, and parsing a fresh multi-row INSERT for every resource cost
 /// more than the rows' own B-tree work while holding the database's one write lock.
@@ -127,14 +213,19 @@ fn insert_index_by_row(
     resource_type: &str,
     rows: &IndexRows,
 ) -> QueryResult<()> {
-    for digest in &rows.hashes {
-        diesel::insert_into(search_hashes::table)
-            .values((
-                search_hashes::hash.eq(digest.as_slice()),
-                search_hashes::resource_seq.eq(seq),
-            ))
-            .on_conflict_do_nothing()
-            .execute(conn)?;
+    let mut rest = rows.hashes.as_slice();
+    for (size, sql) in DIGEST_INSERT_SIZES.iter().zip(DIGEST_INSERTS.iter()) {
+        while rest.len() >= *size {
+            let (chunk, tail) = rest.split_at(*size);
+            let mut insert = diesel::sql_query(sql.as_str()).into_boxed::<Sqlite>();
+            for digest in chunk {
+                insert = insert
+                    .bind::<Binary, _>(digest.as_slice())
+                    .bind::<BigInt, _>(seq);
+            }
+            insert.execute(conn)?;
+            rest = tail;
+        }
     }
     for row in &rows.dates {
         diesel::insert_into(search_dates::table)
@@ -234,6 +325,10 @@ pub enum Condition {
     HasAny(Vec<Digest>),
     /// The resource has none of these digests.
     HasNone(Vec<Digest>),
+    /// The resource has a value for the parameter of one of these presence digests.
+    HasParam(Vec<Digest>),
+    /// The resource has a value for the parameter of none of these presence digests.
+    LacksParam(Vec<Digest>),
     /// A date of `param` passes any of the tests; with `lead`, a date whose row carries one
     /// of those digests (a composite's leading components on the same node).
     Date {
@@ -656,6 +751,28 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             sql.push("r.seq IN (SELECT h.resource_seq FROM search_hashes h WHERE h.hash IN (");
             sql.bind_list(digests.iter().map(|digest| Bind::Bytes(digest.to_vec())));
             sql.push("))");
+        }
+        Condition::HasParam(digests) | Condition::LacksParam(digests) => {
+            if matches!(condition, Condition::LacksParam(_)) {
+                sql.push("NOT ");
+            }
+            // A byte search in the row's digests, end to end: a false match across two of
+            // them would need 16 bytes to collide.
+            sql.push("(1 = 0");
+            for digest in digests {
+                sql.push(if sql.postgres {
+                    " OR COALESCE(position("
+                } else {
+                    " OR COALESCE(instr(r.presence, "
+                });
+                sql.bind(Bind::Bytes(digest.to_vec()));
+                sql.push(if sql.postgres {
+                    " IN r.presence), 0) > 0"
+                } else {
+                    "), 0) > 0"
+                });
+            }
+            sql.push(")");
         }
         Condition::Date { param, lead, tests } => {
             // Probed per candidate through (resource_seq, param, lead): the other conditions

@@ -204,9 +204,10 @@ static DIGEST_INSERTS: LazyLock<Vec<String>> = LazyLock::new(|| {
         .collect()
 });
 
-/// SQLite: one INSERT per row through a prepared statement diesel caches per table. There
-/// are no round trips to save, and parsing a fresh multi-row INSERT for every resource cost
-/// more than the rows' own B-tree work while holding the database's one write lock.
+/// SQLite: digests through the fixed-size INSERTs above, dates and numbers one INSERT per row
+/// through a prepared statement diesel caches per table. There are no round trips to save,
+/// and parsing a multi-row INSERT of each resource's own size cost more than the rows'
+/// B-tree work while holding the database's one write lock.
 fn insert_index_by_row(
     conn: &mut SqliteConnection,
     seq: i64,

@@ -150,8 +150,8 @@ impl SqliteWriter {
             .map_err(|message| StoreError::Unavailable(message).into())
     }
 
-    /// The writer connection inside an open group transaction: the one earlier turns left
-    /// open, or a new one (which takes SQLite's write lock at once).
+    /// Makes sure the writer connection is inside a group transaction: the one earlier turns
+    /// left open, or a new one (which takes SQLite's write lock at once).
     fn open_group(&self, turn: &mut Turn) -> Result<(), StoreError> {
         if turn.group.is_none() {
             let usable = turn

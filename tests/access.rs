@@ -80,11 +80,7 @@ fn with_token(request: TestRequest, token: &str) -> TestRequest {
 /// The ledger entry a response's receipt names (read with the administrator's token).
 async fn entry_of<S, B>(app: &S, reply: &Reply) -> Value
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let receipt = reply
@@ -486,11 +482,7 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
 /// Creates `resource` as the administrator; returns its id.
 async fn create<S, B>(app: &S, resource: Value) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let path = format!("/fhir/{}", resource["resourceType"].as_str().unwrap());
@@ -529,11 +521,7 @@ struct Records {
 
 async fn two_patients<S, B>(app: &S) -> Records
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let alice = create(

@@ -57,11 +57,7 @@ const A_RECORD: &[&str] = &[
 
 async fn seed<S, B>(app: &S)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let code = json!({"coding": [{"system": "http://loinc.org", "code": "8302-2"}]});

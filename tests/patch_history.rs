@@ -68,11 +68,7 @@ fn etag(reply: &Reply) -> String {
 /// The ledger entry a response produced (by its receipt).
 async fn ledger_entry<S, B>(app: &S, reply: &Reply) -> Value
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let receipt = reply
@@ -388,11 +384,7 @@ async fn concurrent_patches_lose_nothing(db: TestDb) {
 /// first page.
 async fn all_pages<S, B>(app: &S, url: &str, between: Option<(&str, Value)>) -> Vec<Value>
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut between = between;

@@ -38,11 +38,7 @@ fn included(bundle: &Value) -> BTreeSet<String> {
 
 async fn seed<S, B>(app: &S)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let resources = [

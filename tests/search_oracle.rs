@@ -92,11 +92,7 @@ fn fixture_files() -> Vec<(String, Value)> {
 
 async fn load<S, B>(app: &S) -> Corpus
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let files = fixture_files();

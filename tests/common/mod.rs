@@ -276,11 +276,22 @@ fn admin_token() -> &'static str {
     TOKEN.get_or_init(|| token_with(ADMIN_SCOPES, None, None))
 }
 
+/// The app under test, as the helpers take it (`test::init_service` of `build_app`).
+pub trait TestApp<B>:
+    Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>
+{
+}
+
+impl<S, B> TestApp<B> for S where
+    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>
+{
+}
+
 /// Calls the app as an administrator: a request without an `Authorization` header gets the
 /// [`ADMIN_SCOPES`] token.
 pub async fn call<S, B>(app: &S, request: TestRequest) -> Reply
 where
-    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: TestApp<B>,
     B: MessageBody,
 {
     let mut request = request.to_request();
@@ -297,7 +308,7 @@ where
 /// Calls the app with exactly the request's headers (no token added).
 pub async fn call_as_is<S, B>(app: &S, request: TestRequest) -> Reply
 where
-    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: TestApp<B>,
     B: MessageBody,
 {
     send(app, request.to_request()).await
@@ -305,7 +316,7 @@ where
 
 async fn send<S, B>(app: &S, request: actix_http::Request) -> Reply
 where
-    S: Service<actix_http::Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: TestApp<B>,
     B: MessageBody,
 {
     let response = test::call_service(app, request).await;

@@ -88,12 +88,17 @@ impl SearchIndex {
         &self.plan
     }
 
+    /// The digest saying that a resource has a value for parameter `code`.
+    fn presence_digest(&self, resource_type: &str, code: &str) -> Digest {
+        self.digest(resource_type, code, ValueKind::Present, "")
+    }
+
     /// The presence digest of every indexed parameter of `resource_type`.
     pub fn presence_digests(&self, resource_type: &str) -> Vec<Digest> {
         self.plan
             .params(resource_type)
             .filter(|(code, _)| self.plan.is_indexed(resource_type, code))
-            .map(|(code, _)| self.digest(resource_type, code, ValueKind::Present, ""))
+            .map(|(code, _)| self.presence_digest(resource_type, code))
             .collect()
     }
 
@@ -123,7 +128,7 @@ impl SearchIndex {
         rows.hashes = hashes.into_iter().collect();
         rows.presence = present
             .iter()
-            .map(|code| self.digest(resource_type, code, ValueKind::Present, ""))
+            .map(|code| self.presence_digest(resource_type, code))
             .collect();
         rows
     }
@@ -1464,7 +1469,10 @@ fn filter_condition(
             .collect()
     };
     if filter.modifier == Modifier::Missing {
-        let present = digests_for(ValueKind::Present, "");
+        let present = resource_types
+            .iter()
+            .map(|t| index.presence_digest(t, code))
+            .collect();
         return match filter.values.first() {
             Some(FilterValue::Missing(true)) => Condition::LacksParam(present),
             _ => Condition::HasParam(present),

@@ -10,7 +10,8 @@ diesel::table! {
         /// Stable order of creation; search results page by it.
         seq -> BigInt,
         /// Presence digests of the current version's parameters, end to end (see
-        /// `store::search::IndexRows::presence`); NULL until computed for rows older than it.
+        /// `store::search::IndexRows::presence`); NULL until computed for rows older than it,
+        /// left as it was when a resource is deleted (searches skip deleted resources).
         presence -> Nullable<Binary>,
     }
 }

@@ -56,10 +56,10 @@ pub struct NumberRow {
     pub lead: Option<Digest>,
 }
 
-/// Removes the index rows of resource `seq` (before its new version's rows go in).
+/// Removes the index rows of resource `seq` (before its new version's rows go in). Its
+/// `presence` is left to [`insert_index`]: searches skip deleted resources.
 pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
     let classify = StoreError::classify;
-    set_presence(conn, seq, &[])?;
     diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
         .execute(conn)
         .map_err(classify)?;

@@ -820,6 +820,59 @@ async fn composite_parameters(db: TestDb) {
     }
 }
 
+/// `\|` inside a token is part of the system or code, not the separator; a quantity's unit
+/// matches on every type a `_type` search names (units are hashed per type).
+async fn escaped_bars_and_units_across_types(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let milligrams = json!({"value": 5, "unit": "mg",
+                            "system": "http://unitsofmeasure.org", "code": "mg"});
+    let resources = [
+        json!({"resourceType": "Observation", "id": "bar", "status": "final",
+               "code": {"coding": [{"system": "urn:x|y", "code": "a|b"}]}}),
+        json!({"resourceType": "Observation", "id": "plain", "status": "final",
+               "code": {"coding": [{"system": "urn:x", "code": "y|a|b"}]}}),
+        json!({"resourceType": "ChargeItem", "id": "charge", "status": "billable",
+               "code": {"text": "dose"}, "subject": {"reference": "Patient/p1"},
+               "quantity": milligrams}),
+        json!({"resourceType": "Substance", "id": "stock", "code": {"text": "powder"},
+               "instance": [{"quantity": milligrams}]}),
+    ];
+    for resource in resources {
+        let path = format!(
+            "/fhir/{}/{}",
+            resource["resourceType"].as_str().unwrap(),
+            resource["id"].as_str().unwrap()
+        );
+        let reply = call(&app, put(&path, &resource)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    }
+    let cases: &[(&str, &[&str])] = &[
+        (r"/fhir/Observation?code=urn:x\|y|a\|b", &["bar"]),
+        (r"/fhir/Observation?code=a\|b", &["bar"]),
+        // The first unescaped bar separates: system urn:x, code y|a|b.
+        ("/fhir/Observation?code=urn:x|y|a|b", &["plain"]),
+        (r"/fhir/Observation?code=urn:x|y\|a\|b", &["plain"]),
+        (r"/fhir/Observation?code=urn:x\|y|", &["bar"]),
+        (
+            "/fhir?_type=ChargeItem,Substance&quantity=5|http://unitsofmeasure.org|mg",
+            &["charge", "stock"],
+        ),
+        (
+            "/fhir?_type=Substance,ChargeItem&quantity=5||mg",
+            &["charge", "stock"],
+        ),
+        ("/fhir?_type=ChargeItem,Substance&quantity=5||g", &[]),
+    ];
+    for (query, expected) in cases {
+        let uri = query.replace('|', "%7C").replace('\\', "%5C");
+        let reply = call(&app, get(&uri)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{query}: {}", reply.text());
+        let mut ids = searchset_ids(&reply.json());
+        ids.sort();
+        assert_eq!(ids, *expected, "{query}");
+    }
+}
+
 on_both_backends!(
     parameter_types,
     includes_sorting_and_controls,
@@ -828,4 +881,5 @@ on_both_backends!(
     search_is_ledgered_with_every_disclosed_resource,
     updates_and_deletes_keep_the_index_current,
     composite_parameters,
+    escaped_bars_and_units_across_types,
 );

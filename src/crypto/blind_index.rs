@@ -170,6 +170,25 @@ fn truncate(mac: Hmac<Sha256>) -> Digest {
     digest
 }
 
+/// The text a `system|code` pair (a token's, a unit's) is digested as. A `|` or `\` inside
+/// either part is escaped as in a search URL, so `urn:x|y` + `a` and `urn:x` + `y|a` stay
+/// apart; values without either character read as plainly joined.
+pub fn system_and_code(system: &str, code: &str) -> String {
+    fn escaped(part: &str, out: &mut String) {
+        for c in part.chars() {
+            if matches!(c, '|' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    let mut out = String::with_capacity(system.len() + code.len() + 1);
+    escaped(system, &mut out);
+    out.push('|');
+    escaped(code, &mut out);
+    out
+}
+
 /// FHIR string matching is case- and accent-insensitive (search.html#string): lower case,
 /// canonical decomposition with combining marks removed, runs of whitespace and
 /// punctuation folded to one space, trimmed.
@@ -214,6 +233,23 @@ pub fn bounded_prefix(normalized: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_and_code_keep_their_boundary() {
+        assert_eq!(
+            system_and_code("http://loinc.org", "8480-6"),
+            "http://loinc.org|8480-6"
+        );
+        assert_ne!(
+            system_and_code("urn:x|y", "a"),
+            system_and_code("urn:x", "y|a")
+        );
+        assert_ne!(
+            system_and_code("urn:x\\", "a"),
+            system_and_code("urn:x", "\\|a")
+        );
+        assert_eq!(system_and_code("u|v", "c\\d"), r"u\|v|c\\d");
+    }
 
     #[test]
     fn normalization_folds_case_accents_and_punctuation() {

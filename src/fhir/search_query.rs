@@ -554,8 +554,8 @@ fn parse_criterion(
             .map(|tuple| parse_tuple(name, &components, tuple))
             .collect::<Result<_, _>>()?
     } else {
-        split_values(value)
-            .into_iter()
+        split_unescaped(value, ',')
+            .iter()
             .map(|v| parse_value(name, param_type, v))
             .collect::<Result<_, _>>()?
     };
@@ -604,7 +604,7 @@ fn parse_tuple(name: &str, components: &[ParamType], tuple: &str) -> Result<Filt
     parts
         .iter()
         .zip(components)
-        .map(|(part, param_type)| parse_value(name, *param_type, unescape(part)))
+        .map(|(part, param_type)| parse_value(name, *param_type, part))
         .collect::<Result<_, _>>()
         .map(FilterValue::Composite)
 }
@@ -895,13 +895,21 @@ fn unescape(value: &str) -> String {
     out
 }
 
-/// Splits `a|b` at the first unescaped-by-now `|` (values are already unescaped; escaped
-/// pipes inside codes are rare enough that the first bar is taken as the separator).
-fn split_bar(value: &str) -> Option<(&str, &str)> {
-    value.split_once('|')
+/// Splits still-escaped text at its first `n - 1` unescaped `|` and removes the escapes from
+/// each part: `http://x|a\|b` is system `http://x`, code `a|b` (search.html#escaping).
+fn split_bars(value: &str, n: usize) -> Vec<String> {
+    let mut parts = split_unescaped(value, '|');
+    if parts.len() > n {
+        let rest = parts.split_off(n - 1).join("|");
+        parts.push(rest);
+    }
+    parts.iter().map(|part| unescape(part)).collect()
 }
 
-fn parse_value(name: &str, param_type: ParamType, value: String) -> Result<FilterValue, Refusal> {
+/// Parses one alternative of a parameter's value, still escaped: the separators inside a
+/// token or quantity are found before the escapes are removed.
+fn parse_value(name: &str, param_type: ParamType, escaped: &str) -> Result<FilterValue, Refusal> {
+    let value = unescape(escaped);
     if value.is_empty() {
         return Err(malformed(
             name,
@@ -910,12 +918,12 @@ fn parse_value(name: &str, param_type: ParamType, value: String) -> Result<Filte
     }
     Ok(match param_type {
         ParamType::String => FilterValue::String(value),
-        ParamType::Token => match split_bar(&value) {
-            Some((system, code)) => FilterValue::Token {
-                system: Some(system.to_owned()),
-                code: (!code.is_empty()).then(|| code.to_owned()),
+        ParamType::Token => match split_bars(escaped, 2).as_slice() {
+            [system, code] => FilterValue::Token {
+                system: Some(system.clone()),
+                code: (!code.is_empty()).then(|| code.clone()),
             },
-            None => FilterValue::Token {
+            _ => FilterValue::Token {
                 system: None,
                 code: Some(value),
             },
@@ -943,7 +951,8 @@ fn parse_value(name: &str, param_type: ParamType, value: String) -> Result<Filte
         }
         ParamType::Quantity => {
             // `[prefix]number|system|code` or `[prefix]number||code` or `[prefix]number`
-            let mut parts = value.splitn(3, '|');
+            let parts = split_bars(escaped, 3);
+            let mut parts = parts.iter().map(String::as_str);
             let number = parts.next().unwrap_or_default();
             let system = parts.next();
             let code = parts.next();
@@ -1046,6 +1055,30 @@ mod tests {
         assert_eq!(parts, [r"urn:x|a\$b", r"z\,y"]);
         assert_eq!(unescape(&parts[0]), "urn:x|a$b");
         assert_eq!(unescape(&parts[1]), "z,y");
+    }
+
+    #[test]
+    fn an_escaped_bar_belongs_to_the_code_not_the_separator() {
+        let token = |text: &str| match parse_value("code", ParamType::Token, text) {
+            Ok(FilterValue::Token { system, code }) => (system, code),
+            other => panic!("{text}: {:?}", other.err().map(|_| ())),
+        };
+        assert_eq!(token(r"a\|b"), (None, Some("a|b".to_owned())));
+        assert_eq!(
+            token(r"http://x\|y|a\|b|c"),
+            (Some("http://x|y".to_owned()), Some("a|b|c".to_owned()))
+        );
+        assert_eq!(
+            token(r"|a\,b"),
+            (Some(String::new()), Some("a,b".to_owned()))
+        );
+        assert_eq!(token(r"urn:s|"), (Some("urn:s".to_owned()), None));
+        let quantity = parse_value("value-quantity", ParamType::Quantity, r"5|urn:u\|v|m\|g");
+        let Ok(FilterValue::Quantity { system, code, .. }) = quantity else {
+            panic!("quantity did not parse");
+        };
+        assert_eq!(system.as_deref(), Some("urn:u|v"));
+        assert_eq!(code.as_deref(), Some("m|g"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::access::policy::{self, Refusal};
 use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{
-    BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes,
+    BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes, system_and_code,
 };
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
@@ -213,7 +213,7 @@ impl SearchIndex {
                         resource_type,
                         code,
                         ValueKind::UnitSystemCode,
-                        &format!("{s}|{c}"),
+                        &system_and_code(s, c),
                     )
                 }),
                 unit_code: unit_code
@@ -243,7 +243,7 @@ impl SearchIndex {
                 if let Some(code) = code {
                     forms.push((ValueKind::Code, code.clone()));
                     forms.push(match system {
-                        Some(system) => (ValueKind::SystemCode, format!("{system}|{code}")),
+                        Some(system) => (ValueKind::SystemCode, system_and_code(system, code)),
                         None => (ValueKind::CodeWithoutSystem, code.clone()),
                     });
                 }
@@ -286,7 +286,9 @@ impl SearchIndex {
             FilterValue::Token { system, code } => match (system.as_deref(), code) {
                 (None, Some(code)) => (ValueKind::Code, code.clone()),
                 (Some(""), Some(code)) => (ValueKind::CodeWithoutSystem, code.clone()),
-                (Some(system), Some(code)) => (ValueKind::SystemCode, format!("{system}|{code}")),
+                (Some(system), Some(code)) => {
+                    (ValueKind::SystemCode, system_and_code(system, code))
+                }
                 (Some(system), None) => (ValueKind::System, system.to_owned()),
                 (None, None) => return None,
             },
@@ -1666,22 +1668,19 @@ fn number_test(
             system,
             code: unit_code,
         } => {
-            // Units are per type; a quantity parameter searched on several types would need
-            // one test per type, which `_type` searches do not offer for quantities.
-            let resource_type = resource_types.first()?;
+            // Units are hashed per type: the unit's digest on every searched type.
+            let on_each_type = |kind: ValueKind, unit: &str| -> Vec<Digest> {
+                resource_types
+                    .iter()
+                    .map(|resource_type| index.digest(resource_type, code, kind, unit))
+                    .collect()
+            };
             let unit = match (system, unit_code) {
-                (Some(s), Some(c)) => Some(UnitMatch::SystemCode(index.digest(
-                    resource_type,
-                    code,
+                (Some(s), Some(c)) => Some(UnitMatch::SystemCode(on_each_type(
                     ValueKind::UnitSystemCode,
-                    &format!("{s}|{c}"),
+                    &system_and_code(s, c),
                 ))),
-                (None, Some(c)) => Some(UnitMatch::Code(index.digest(
-                    resource_type,
-                    code,
-                    ValueKind::UnitCode,
-                    c,
-                ))),
+                (None, Some(c)) => Some(UnitMatch::Code(on_each_type(ValueKind::UnitCode, c))),
                 _ => None,
             };
             (*prefix, *value, *low, *high, unit)

@@ -353,7 +353,7 @@ pub enum Condition {
     Nothing,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NumberTest {
     pub range: RangeTest<f64>,
     /// The exact value written in the search (for gt/lt/ge/le).
@@ -361,10 +361,11 @@ pub struct NumberTest {
     pub unit: Option<UnitMatch>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The searched unit, as its digest on each searched type (units are hashed per type).
+#[derive(Debug, Clone, PartialEq)]
 pub enum UnitMatch {
-    SystemCode(Digest),
-    Code(Digest),
+    SystemCode(Vec<Digest>),
+    Code(Vec<Digest>),
 }
 
 /// What results are ordered by.
@@ -782,7 +783,7 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
                 "EXISTS (SELECT 1 FROM search_dates d WHERE d.resource_seq = r.seq AND d.param = ",
             );
             sql.bind(Bind::Text(param.clone()));
-            lead_sql(sql, "d.lead", lead.as_deref());
+            digests_in_sql(sql, "d.lead", lead.as_deref());
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {
                 if i > 0 {
@@ -795,7 +796,7 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
         Condition::Number { param, lead, tests } => {
             sql.push("EXISTS (SELECT 1 FROM search_numbers n WHERE n.resource_seq = r.seq AND n.param = ");
             sql.bind(Bind::Text(param.clone()));
-            lead_sql(sql, "n.lead", lead.as_deref());
+            digests_in_sql(sql, "n.lead", lead.as_deref());
             sql.push(" AND (");
             for (i, test) in tests.iter().enumerate() {
                 if i > 0 {
@@ -803,14 +804,12 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
                 }
                 sql.push("(");
                 number_sql(sql, test);
-                match test.unit {
-                    Some(UnitMatch::SystemCode(digest)) => {
-                        sql.push(" AND n.unit_system_code = ");
-                        sql.bind(Bind::Bytes(digest.to_vec()));
+                match &test.unit {
+                    Some(UnitMatch::SystemCode(digests)) => {
+                        digests_in_sql(sql, "n.unit_system_code", Some(digests));
                     }
-                    Some(UnitMatch::Code(digest)) => {
-                        sql.push(" AND n.unit_code = ");
-                        sql.bind(Bind::Bytes(digest.to_vec()));
+                    Some(UnitMatch::Code(digests)) => {
+                        digests_in_sql(sql, "n.unit_code", Some(digests));
                     }
                     None => {}
                 }
@@ -856,17 +855,18 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
     }
 }
 
-/// ` AND {column} IN (…)` when the condition names leading-component digests.
-fn lead_sql(sql: &mut Sql, column: &str, lead: Option<&[Digest]>) {
-    let Some(lead) = lead else {
+/// ` AND {column} IN (…)` when `digests` are given (a composite's leading components, a
+/// quantity's unit); nothing when they are not.
+fn digests_in_sql(sql: &mut Sql, column: &str, digests: Option<&[Digest]>) {
+    let Some(digests) = digests else {
         return;
     };
-    if lead.is_empty() {
+    if digests.is_empty() {
         sql.push(" AND 1 = 0");
         return;
     }
     sql.push(&format!(" AND {column} IN ("));
-    sql.bind_list(lead.iter().map(|digest| Bind::Bytes(digest.to_vec())));
+    sql.bind_list(digests.iter().map(|digest| Bind::Bytes(digest.to_vec())));
     sql.push(")");
 }
 

@@ -1163,12 +1163,21 @@ impl ResourceService {
         };
 
         let seq = match head {
-            None => match rows::insert_first(tx, &prepared.row) {
+            None => match rows::insert_first(tx, &prepared.row, &prepared.index_rows.presence) {
                 Ok(seq) => seq,
                 Err(StoreError::UniqueViolation) => return Err(TxError::LostRace),
                 Err(other) => return Err(other.into()),
             },
-            Some(h) if rows::advance(tx, h.current_version, &prepared.row)? => h.seq,
+            Some(h)
+                if rows::advance(
+                    tx,
+                    h.current_version,
+                    &prepared.row,
+                    &prepared.index_rows.presence,
+                )? =>
+            {
+                h.seq
+            }
             Some(_) => return Err(TxError::LostRace),
         };
         // The index always describes the current version.
@@ -1218,7 +1227,7 @@ impl ResourceService {
             meta.version_id,
             meta.last_updated,
         );
-        if !rows::advance(tx, head.current_version, &row)? {
+        if !rows::advance(tx, head.current_version, &row, &[])? {
             return Err(TxError::LostRace);
         }
         search_rows::clear_index(tx, head.seq)?;

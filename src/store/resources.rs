@@ -6,6 +6,7 @@ use diesel::prelude::*;
 use super::connection::{DbConnection, StoreError};
 use super::schema::{resource_versions, resources};
 use crate::crypto::EncryptedBlob;
+use crate::crypto::blind_index::Digest;
 
 /// The current state of a logical resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Queryable, Selectable)]
@@ -239,9 +240,14 @@ pub fn count_history(
     query.get_result(conn).map_err(StoreError::classify)
 }
 
-/// Records the first version of a resource and returns its `seq`. Fails with
+/// Records the first version of a resource, with the presence digests of its parameters
+/// (`store::search::IndexRows::presence`), and returns its `seq`. Fails with
 /// [`StoreError::UniqueViolation`] when another writer created the same resource first.
-pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<i64, StoreError> {
+pub fn insert_first(
+    conn: &mut DbConnection,
+    row: &VersionRow,
+    presence: &[Digest],
+) -> Result<i64, StoreError> {
     diesel::insert_into(resources::table)
         .values((
             resources::resource_type.eq(&row.resource_type),
@@ -249,6 +255,7 @@ pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<i64, St
             resources::current_version.eq(row.version_id),
             resources::deleted.eq(row.deleted),
             resources::last_updated.eq(row.last_updated),
+            resources::presence.eq(presence.concat()),
         ))
         .execute(conn)
         .map_err(StoreError::classify)?;
@@ -260,13 +267,15 @@ pub fn insert_first(conn: &mut DbConnection, row: &VersionRow) -> Result<i64, St
         .map_err(StoreError::classify)
 }
 
-/// Moves a resource from `expected_version` to `row.version_id`. Returns `false` (writing
-/// nothing) when the current version is no longer `expected_version`: another writer won
-/// the race, and the caller decides whether to retry.
+/// Moves a resource from `expected_version` to `row.version_id`, with the presence digests
+/// of the new version's parameters (none for a deletion). Returns `false` (writing nothing)
+/// when the current version is no longer `expected_version`: another writer won the race,
+/// and the caller decides whether to retry.
 pub fn advance(
     conn: &mut DbConnection,
     expected_version: i64,
     row: &VersionRow,
+    presence: &[Digest],
 ) -> Result<bool, StoreError> {
     let updated = diesel::update(
         resources::table
@@ -277,6 +286,7 @@ pub fn advance(
         resources::current_version.eq(row.version_id),
         resources::deleted.eq(row.deleted),
         resources::last_updated.eq(row.last_updated),
+        resources::presence.eq(presence.concat()),
     ))
     .execute(conn)
     .map_err(StoreError::classify)?;

@@ -6,8 +6,6 @@
 //! per request); the only text spliced into SQL is produced here, never taken from a
 //! request.
 
-use std::sync::LazyLock;
-
 use diesel::backend::Backend as DieselBackend;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
@@ -57,7 +55,7 @@ pub struct NumberRow {
 }
 
 /// Removes the index rows of resource `seq` (before its new version's rows go in). Its
-/// `presence` is left to [`insert_index`]: searches skip deleted resources.
+/// `presence` is written with the version's own row (`store::resources::advance`).
 pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
     let classify = StoreError::classify;
     diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
@@ -70,15 +68,6 @@ pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> 
         .execute(conn)
         .map_err(classify)?;
     Ok(())
-}
-
-/// Records which parameters resource `seq` has values for (digests end to end).
-fn set_presence(conn: &mut DbConnection, seq: i64, presence: &[Digest]) -> Result<(), StoreError> {
-    diesel::update(resources::table.filter(resources::seq.eq(seq)))
-        .set(resources::presence.eq(presence.concat()))
-        .execute(conn)
-        .map(|_| ())
-        .map_err(StoreError::classify)
 }
 
 /// Resources `(seq, type)` whose presence digests are still rows of `search_hashes`: stored
@@ -131,14 +120,14 @@ pub fn move_presence(
     Ok(())
 }
 
-/// Adds the index rows of resource `seq` (of `resource_type`).
+/// Adds the index rows of resource `seq` (of `resource_type`); its presence digests go with
+/// the resource's own row (`store::resources::insert_first`, `advance`).
 pub fn insert_index(
     conn: &mut DbConnection,
     seq: i64,
     resource_type: &str,
     rows: &IndexRows,
 ) -> Result<(), StoreError> {
-    set_presence(conn, seq, &rows.presence)?;
     if let DbConnection::Sqlite(sqlite) = conn {
         return insert_index_by_row(sqlite, seq, resource_type, rows).map_err(StoreError::classify);
     }
@@ -187,27 +176,11 @@ pub fn insert_index(
     )
 }
 
-/// SQLite: multi-row INSERTs of these fixed sizes carry a resource's digests. Each size's
-/// SQL never changes, so it stays prepared; one statement per digest cost more in binding and
-/// stepping than SQLite's own B-tree work.
-const DIGEST_INSERT_SIZES: [usize; 3] = [16, 4, 1];
-
-static DIGEST_INSERTS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    DIGEST_INSERT_SIZES
-        .iter()
-        .map(|&size| {
-            format!(
-                "INSERT OR IGNORE INTO search_hashes (hash, resource_seq) VALUES {}",
-                vec!["(?, ?)"; size].join(", ")
-            )
-        })
-        .collect()
-});
-
-/// SQLite: digests through the fixed-size INSERTs above, dates and numbers one INSERT per row
-/// through a prepared statement diesel caches per table. There are no round trips to save,
-/// and parsing a multi-row INSERT of each resource's own size cost more than the rows'
-/// B-tree work while holding the database's one write lock.
+/// SQLite: digests through multi-row INSERTs of 16, 4 and 1 rows, dates and numbers one
+/// INSERT per row. Every statement here has a fixed shape, so diesel keeps it prepared (SQL
+/// text given to `sql_query` would be parsed again on every execution): parsing, not
+/// SQLite's own B-tree work, was the largest cost of these rows under the database's one write
+/// lock, and multi-row statements of each resource's own size could never be reused.
 fn insert_index_by_row(
     conn: &mut SqliteConnection,
     seq: i64,
@@ -215,18 +188,16 @@ fn insert_index_by_row(
     rows: &IndexRows,
 ) -> QueryResult<()> {
     let mut rest = rows.hashes.as_slice();
-    for (size, sql) in DIGEST_INSERT_SIZES.iter().zip(DIGEST_INSERTS.iter()) {
-        while rest.len() >= *size {
-            let (chunk, tail) = rest.split_at(*size);
-            let mut insert = diesel::sql_query(sql.as_str()).into_boxed::<Sqlite>();
-            for digest in chunk {
-                insert = insert
-                    .bind::<Binary, _>(digest.as_slice())
-                    .bind::<BigInt, _>(seq);
-            }
-            insert.execute(conn)?;
-            rest = tail;
-        }
+    while let Some((chunk, tail)) = rest.split_first_chunk::<16>() {
+        insert_digests(conn, seq, chunk)?;
+        rest = tail;
+    }
+    while let Some((chunk, tail)) = rest.split_first_chunk::<4>() {
+        insert_digests(conn, seq, chunk)?;
+        rest = tail;
+    }
+    for digest in rest {
+        insert_digests(conn, seq, std::array::from_ref(digest))?;
     }
     for row in &rows.dates {
         diesel::insert_into(search_dates::table)
@@ -255,6 +226,24 @@ fn insert_index_by_row(
             .execute(conn)?;
     }
     Ok(())
+}
+
+/// SQLite: `N` digests of resource `seq` in one statement, prepared once per `N`.
+fn insert_digests<const N: usize>(
+    conn: &mut SqliteConnection,
+    seq: i64,
+    digests: &[Digest; N],
+) -> QueryResult<usize> {
+    // Owned values: a statement's cache key is its type, which must be 'static.
+    let rows = digests.each_ref().map(|digest| {
+        (
+            search_hashes::hash.eq(digest.to_vec()),
+            search_hashes::resource_seq.eq(seq),
+        )
+    });
+    diesel::insert_or_ignore_into(search_hashes::table)
+        .values(rows)
+        .execute(conn)
 }
 
 /// Multi-row `INSERT INTO {target} VALUES (…), (…){suffix}`, [`INSERT_CHUNK`] rows per

@@ -7,12 +7,12 @@
 //! re-read, through the WAL, the index pages the previous one had just written.
 //!
 //! Group commit: when other writers are already queued as a turn ends, its transaction is
-//! left open and the next turn continues it (each turn in a savepoint of its own), and one
+//! left open and the next turn continues it (each later turn in a savepoint of its own), and one
 //! COMMIT makes them all durable. A commit writes every page the transaction dirtied to the
 //! WAL and syncs it; the blind-index pages that consecutive transactions share (the tail of
 //! each frequent digest, the B-trees' upper levels) and the sync are then paid once per group.
 //! A turn whose work succeeded returns only after its group's COMMIT did; one whose work
-//! failed was rolled back to its savepoint and returns at once. Turns are taken in FIFO
+//! failed was rolled back (to its savepoint, or wholly if it came first) and returns at once. Turns are taken in FIFO
 //! order (SQLite's own lock waits by polling with growing sleeps, so a busy writer could
 //! starve another, e.g. the ledger sequencer, for seconds).
 
@@ -110,8 +110,19 @@ impl SqliteWriter {
         let mut turn = self.turn.lock();
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.open_group(&mut turn)?;
-        // A savepoint inside the group's transaction: a failure undoes this turn only.
-        let result = turn.conn()?.transaction(work);
+        let first = turn.group.as_ref().is_some_and(|group| group.turns == 0);
+        let result = if first {
+            // Alone in the group's transaction: a failure rolls all of it back. No savepoint,
+            // for SQLite copies each page a savepoint's work changes into a journal of its own.
+            work(turn.conn()?)
+        } else {
+            // A savepoint inside the group's transaction: a failure undoes this turn only.
+            turn.conn()?.transaction(work)
+        };
+        if first && result.is_err() {
+            Self::roll_back(&mut turn);
+            return result;
+        }
         let still_in_group = in_group_transaction(turn.conn()?);
         let Some(group) = turn.group.as_mut() else {
             return Err(StoreError::Unavailable("the write group vanished".into()).into());
@@ -194,6 +205,19 @@ impl SqliteWriter {
         }
         group.commit.finish(outcome.clone());
         outcome
+    }
+
+    /// Rolls back a group that holds only the failed work of its first turn; nobody waits on
+    /// it. The connection is kept unless the rollback failed.
+    fn roll_back(turn: &mut Turn) {
+        turn.group = None;
+        let rolled_back = turn
+            .conn
+            .as_mut()
+            .is_some_and(|conn| Manager::rollback_transaction(conn).is_ok());
+        if !rolled_back {
+            turn.conn = None;
+        }
     }
 
     /// Rolls the open group back and fails its waiting turns.

@@ -22,6 +22,21 @@ pub enum DbConnection {
     Sqlite(SqliteConnection),
 }
 
+/// Evaluates `$body` with `$conn` bound to the backend's own connection (`&mut PgConnection`
+/// or `&mut SqliteConnection`): the same statement, compiled once per backend. For the
+/// statements every write runs: through [`DbConnection`], diesel renders a statement's SQL
+/// again on each execution to find it in the statement cache and copies each bound value
+/// (a version's whole ciphertext), about as much time as SQLite spends inserting the row.
+macro_rules! on_backend {
+    ($connection:expr, $conn:ident => $body:expr) => {
+        match $connection {
+            $crate::store::DbConnection::Postgres($conn) => $body,
+            $crate::store::DbConnection::Sqlite($conn) => $body,
+        }
+    };
+}
+pub(crate) use on_backend;
+
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError};
+use super::connection::{DbConnection, StoreError, on_backend};
 use super::schema::{
     ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
 };
@@ -47,15 +47,16 @@ pub fn insert_entry(
     data: &[u8],
     created_at: i64,
 ) -> Result<(), StoreError> {
-    diesel::insert_into(ledger_entries::table)
-        .values((
-            ledger_entries::receipt.eq(receipt),
-            ledger_entries::data.eq(data),
-            ledger_entries::created_at.eq(created_at),
-        ))
-        .execute(conn)
-        .map(|_| ())
-        .map_err(StoreError::classify)
+    let values = (
+        ledger_entries::receipt.eq(receipt),
+        ledger_entries::data.eq(data),
+        ledger_entries::created_at.eq(created_at),
+    );
+    on_backend!(conn, conn => diesel::insert_into(ledger_entries::table)
+        .values(values)
+        .execute(conn))
+    .map(|_| ())
+    .map_err(StoreError::classify)
 }
 
 /// Takes the sequencer lock for the current write transaction

@@ -3,7 +3,7 @@
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError};
+use super::connection::{DbConnection, StoreError, on_backend};
 use super::schema::{resource_versions, resources};
 use crate::crypto::EncryptedBlob;
 use crate::crypto::blind_index::Digest;
@@ -20,7 +20,7 @@ pub struct ResourceHead {
 }
 
 /// One stored version as the database holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = resource_versions)]
 pub struct VersionRow {
     pub resource_type: String,
@@ -92,12 +92,12 @@ pub fn head(
     resource_type: &str,
     id: &str,
 ) -> Result<Option<ResourceHead>, StoreError> {
-    resources::table
+    on_backend!(conn, conn => resources::table
         .find((resource_type, id))
         .select(ResourceHead::as_select())
         .first(conn)
-        .optional()
-        .map_err(StoreError::classify)
+        .optional())
+    .map_err(StoreError::classify)
 }
 
 pub fn version(
@@ -248,23 +248,24 @@ pub fn insert_first(
     row: &VersionRow,
     presence: &[Digest],
 ) -> Result<i64, StoreError> {
-    diesel::insert_into(resources::table)
+    let presence = presence.concat();
+    on_backend!(conn, conn => diesel::insert_into(resources::table)
         .values((
             resources::resource_type.eq(&row.resource_type),
             resources::id.eq(&row.id),
             resources::current_version.eq(row.version_id),
             resources::deleted.eq(row.deleted),
             resources::last_updated.eq(row.last_updated),
-            resources::presence.eq(presence.concat()),
+            resources::presence.eq(&presence),
         ))
-        .execute(conn)
-        .map_err(StoreError::classify)?;
+        .execute(conn))
+    .map_err(StoreError::classify)?;
     insert_version(conn, row)?;
-    resources::table
+    on_backend!(conn, conn => resources::table
         .find((&row.resource_type, &row.id))
         .select(resources::seq)
-        .first(conn)
-        .map_err(StoreError::classify)
+        .first(conn))
+    .map_err(StoreError::classify)
 }
 
 /// Moves a resource from `expected_version` to `row.version_id`, with the presence digests
@@ -277,7 +278,8 @@ pub fn advance(
     row: &VersionRow,
     presence: &[Digest],
 ) -> Result<bool, StoreError> {
-    let updated = diesel::update(
+    let presence = presence.concat();
+    let updated = on_backend!(conn, conn => diesel::update(
         resources::table
             .find((&row.resource_type, &row.id))
             .filter(resources::current_version.eq(expected_version)),
@@ -286,9 +288,9 @@ pub fn advance(
         resources::current_version.eq(row.version_id),
         resources::deleted.eq(row.deleted),
         resources::last_updated.eq(row.last_updated),
-        resources::presence.eq(presence.concat()),
+        resources::presence.eq(&presence),
     ))
-    .execute(conn)
+    .execute(conn))
     .map_err(StoreError::classify)?;
     if updated == 0 {
         return Ok(false);
@@ -297,12 +299,27 @@ pub fn advance(
     Ok(true)
 }
 
+/// Every column given, an absent one as NULL: one statement shape, which stays prepared (an
+/// `Insertable` with optional fields leaves absent columns out, a shape per combination).
 fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), StoreError> {
-    diesel::insert_into(resource_versions::table)
-        .values(row)
-        .execute(conn)
-        .map(|_| ())
-        .map_err(StoreError::classify)
+    use resource_versions::dsl as v;
+    let values = (
+        v::resource_type.eq(&row.resource_type),
+        v::id.eq(&row.id),
+        v::version_id.eq(row.version_id),
+        v::last_updated.eq(row.last_updated),
+        v::deleted.eq(row.deleted),
+        v::method.eq(&row.method),
+        v::key_id.eq(&row.key_id),
+        v::wrapped_key.eq(&row.wrapped_key),
+        v::nonce.eq(&row.nonce),
+        v::ciphertext.eq(&row.ciphertext),
+    );
+    on_backend!(conn, conn => diesel::insert_into(resource_versions::table)
+        .values(values)
+        .execute(conn))
+    .map(|_| ())
+    .map_err(StoreError::classify)
 }
 
 /// What the auditor needs of one stored version.

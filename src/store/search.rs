@@ -14,7 +14,7 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, Binary, Double, HasSqlType, Nullable, Text};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
-use super::connection::{DbConnection, StoreError};
+use super::connection::{DbConnection, StoreError, on_backend};
 use super::schema::{resources, search_dates, search_hashes, search_numbers};
 use crate::crypto::blind_index::Digest;
 
@@ -57,17 +57,20 @@ pub struct NumberRow {
 /// Removes the index rows of resource `seq` (before its new version's rows go in). Its
 /// `presence` is written with the version's own row (`store::resources::advance`).
 pub fn clear_index(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
-    let classify = StoreError::classify;
-    diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
-        .execute(conn)
-        .map_err(classify)?;
-    diesel::delete(search_dates::table.filter(search_dates::resource_seq.eq(seq)))
-        .execute(conn)
-        .map_err(classify)?;
-    diesel::delete(search_numbers::table.filter(search_numbers::resource_seq.eq(seq)))
-        .execute(conn)
-        .map_err(classify)?;
-    Ok(())
+    on_backend!(conn, conn => {
+        diesel::delete(search_hashes::table.filter(search_hashes::resource_seq.eq(seq)))
+            .execute(conn)
+            .and_then(|_| {
+                diesel::delete(search_dates::table.filter(search_dates::resource_seq.eq(seq)))
+                    .execute(conn)
+            })
+            .and_then(|_| {
+                diesel::delete(search_numbers::table.filter(search_numbers::resource_seq.eq(seq)))
+                    .execute(conn)
+            })
+    })
+    .map(|_| ())
+    .map_err(StoreError::classify)
 }
 
 /// Resources `(seq, type)` whose presence digests are still rows of `search_hashes`: stored

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
-use common::{TestDb, call, get, link, local, put};
+use common::{TestDb, call, create_each, get, link, local, put};
 use serde_json::{Value, json};
 
 /// `Type/id` of every entry, in order.
@@ -101,15 +101,7 @@ where
         // Deleted below: must not appear.
         observation("oa-deleted", "Patient/pa"),
     ];
-    for resource in resources {
-        let path = format!(
-            "/fhir/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let reply = call(app, put(&path, &resource)).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    }
+    create_each(app, resources).await;
     let deleted = call(
         app,
         TestRequest::delete().uri("/fhir/Observation/oa-deleted"),

@@ -16,7 +16,7 @@ use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
-use common::{TestDb, call, get, link, local, put, searchset_ids};
+use common::{TestDb, call, create_each, get, link, local, put, searchset_ids};
 use serde_json::{Value, json};
 
 fn included(bundle: &Value) -> BTreeSet<String> {
@@ -71,15 +71,7 @@ where
                "effectivePeriod": {"start": "2022-01-01", "end": "2022-01-31"},
                "valueQuantity": {"value": 90, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}}),
     ];
-    for resource in resources {
-        let path = format!(
-            "/fhir/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let reply = call(app, put(&path, &resource)).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    }
+    create_each(app, resources).await;
 }
 
 async fn parameter_types(db: TestDb) {
@@ -580,15 +572,7 @@ async fn composite_parameters(db: TestDb) {
                "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/d0"}}],
                "content": [{"attachment": {"contentType": "text/plain"}}]}),
     ];
-    for resource in resources {
-        let path = format!(
-            "/fhir/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let reply = call(&app, put(&path, &resource)).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    }
+    create_each(&app, resources).await;
     let all_observations = [
         "abo", "born", "bp", "clarity", "colour", "dollar", "o1", "o2", "o3",
     ];
@@ -837,15 +821,7 @@ async fn escaped_bars_and_units_across_types(db: TestDb) {
         json!({"resourceType": "Substance", "id": "stock", "code": {"text": "powder"},
                "instance": [{"quantity": milligrams}]}),
     ];
-    for resource in resources {
-        let path = format!(
-            "/fhir/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let reply = call(&app, put(&path, &resource)).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    }
+    create_each(&app, resources).await;
     let cases: &[(&str, &[&str])] = &[
         (r"/fhir/Observation?code=urn:x\|y|a\|b", &["bar"]),
         (r"/fhir/Observation?code=a\|b", &["bar"]),

@@ -305,6 +305,23 @@ where
     send(app, request).await
 }
 
+/// Creates each resource at its `Type/id` (201 expected).
+pub async fn create_each<S, B>(app: &S, resources: impl IntoIterator<Item = Value>)
+where
+    S: TestApp<B>,
+    B: MessageBody,
+{
+    for resource in resources {
+        let path = format!(
+            "/fhir/{}/{}",
+            resource["resourceType"].as_str().expect("resourceType"),
+            resource["id"].as_str().expect("id")
+        );
+        let reply = call(app, put(&path, &resource)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    }
+}
+
 /// Calls the app with exactly the request's headers (no token added).
 pub async fn call_as_is<S, B>(app: &S, request: TestRequest) -> Reply
 where

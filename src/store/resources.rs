@@ -249,23 +249,33 @@ pub fn insert_first(
     presence: &[Digest],
 ) -> Result<i64, StoreError> {
     let presence = presence.concat();
-    on_backend!(conn, conn => diesel::insert_into(resources::table)
-        .values((
-            resources::resource_type.eq(&row.resource_type),
-            resources::id.eq(&row.id),
-            resources::current_version.eq(row.version_id),
-            resources::deleted.eq(row.deleted),
-            resources::last_updated.eq(row.last_updated),
-            resources::presence.eq(&presence),
-        ))
-        .execute(conn))
+    let values = (
+        resources::resource_type.eq(&row.resource_type),
+        resources::id.eq(&row.id),
+        resources::current_version.eq(row.version_id),
+        resources::deleted.eq(row.deleted),
+        resources::last_updated.eq(row.last_updated),
+        resources::presence.eq(&presence),
+    );
+    let seq = match conn {
+        // PostgreSQL returns the new seq with the INSERT: one round trip fewer per create.
+        DbConnection::Postgres(pg) => diesel::insert_into(resources::table)
+            .values(values)
+            .returning(resources::seq)
+            .get_result(pg),
+        DbConnection::Sqlite(sqlite) => diesel::insert_into(resources::table)
+            .values(values)
+            .execute(sqlite)
+            .and_then(|_| {
+                resources::table
+                    .find((&row.resource_type, &row.id))
+                    .select(resources::seq)
+                    .first(sqlite)
+            }),
+    }
     .map_err(StoreError::classify)?;
     insert_version(conn, row)?;
-    on_backend!(conn, conn => resources::table
-        .find((&row.resource_type, &row.id))
-        .select(resources::seq)
-        .first(conn))
-    .map_err(StoreError::classify)
+    Ok(seq)
 }
 
 /// Moves a resource from `expected_version` to `row.version_id`, with the presence digests

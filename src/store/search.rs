@@ -138,12 +138,6 @@ pub fn insert_index(
         .hashes
         .iter()
         .map(|digest| vec![Bind::Bytes(digest.to_vec()), Bind::BigInt(seq)]);
-    insert_rows(
-        conn,
-        "search_hashes (hash, resource_seq)",
-        " ON CONFLICT DO NOTHING",
-        hashes,
-    )?;
     let dates = rows.dates.iter().map(|row| {
         vec![
             Bind::BigInt(seq),
@@ -154,12 +148,6 @@ pub fn insert_index(
             Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
         ]
     });
-    insert_rows(
-        conn,
-        "search_dates (resource_seq, resource_type, param, low, high, lead)",
-        "",
-        dates,
-    )?;
     let numbers = rows.numbers.iter().map(|row| {
         vec![
             Bind::BigInt(seq),
@@ -171,12 +159,71 @@ pub fn insert_index(
             Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
         ]
     });
-    insert_rows(
+    insert_rows_together(
         conn,
-        "search_numbers (resource_seq, resource_type, param, value, unit_system_code, unit_code, lead)",
-        "",
-        numbers,
+        [
+            RowsFor {
+                target: "search_hashes (hash, resource_seq)",
+                suffix: " ON CONFLICT DO NOTHING",
+                rows: hashes.collect(),
+            },
+            RowsFor {
+                target: "search_dates (resource_seq, resource_type, param, low, high, lead)",
+                suffix: "",
+                rows: dates.collect(),
+            },
+            RowsFor {
+                target: "search_numbers (resource_seq, resource_type, param, value, \
+                         unit_system_code, unit_code, lead)",
+                suffix: "",
+                rows: numbers.collect(),
+            },
+        ],
     )
+}
+
+/// Rows for one table: `INSERT INTO {target} VALUES (…), (…){suffix}`.
+struct RowsFor {
+    target: &'static str,
+    suffix: &'static str,
+    rows: Vec<Vec<Bind>>,
+}
+
+/// PostgreSQL: the rows of several tables in one statement, one data-modifying `WITH` part
+/// per table but the last, so one round trip and one parse instead of one per table; each
+/// table through [`insert_rows`] when there are too many rows for one statement.
+fn insert_rows_together(conn: &mut DbConnection, tables: [RowsFor; 3]) -> Result<(), StoreError> {
+    let tables: Vec<RowsFor> = tables.into_iter().filter(|t| !t.rows.is_empty()).collect();
+    if tables.iter().any(|t| t.rows.len() > INSERT_CHUNK) {
+        for table in tables {
+            insert_rows(conn, table.target, table.suffix, table.rows.into_iter())?;
+        }
+        return Ok(());
+    }
+    let count = tables.len();
+    let mut sql = SqlBuilder::for_connection(conn).start("");
+    for (i, table) in tables.into_iter().enumerate() {
+        let last = i + 1 == count;
+        if !last {
+            sql.push(&format!("{} w{i} AS (", if i == 0 { "WITH" } else { "," }));
+        } else if i > 0 {
+            sql.push(" ");
+        }
+        sql.push(&format!("INSERT INTO {} VALUES ", table.target));
+        for (j, row) in table.rows.into_iter().enumerate() {
+            sql.push(if j == 0 { "(" } else { ", (" });
+            sql.bind_list(row);
+            sql.push(")");
+        }
+        sql.push(table.suffix);
+        if !last {
+            sql.push(")");
+        }
+    }
+    if count > 0 {
+        sql.execute(conn)?;
+    }
+    Ok(())
 }
 
 /// SQLite: digests through multi-row INSERTs of 16, 4 and 1 rows, dates and numbers one

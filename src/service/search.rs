@@ -93,6 +93,21 @@ impl SearchIndex {
         self.digest(resource_type, code, ValueKind::Present, "")
     }
 
+    /// One value's digest on each searched type (digests are keyed by type): what a search
+    /// over several types looks for.
+    fn digests_on(
+        &self,
+        resource_types: &[String],
+        code: &str,
+        kind: ValueKind,
+        text: &str,
+    ) -> Vec<Digest> {
+        resource_types
+            .iter()
+            .map(|resource_type| self.digest(resource_type, code, kind, text))
+            .collect()
+    }
+
     /// The presence digest of every indexed parameter of `resource_type`.
     pub fn presence_digests(&self, resource_type: &str) -> Vec<Digest> {
         self.plan
@@ -1464,17 +1479,10 @@ fn filter_condition(
     checks: &mut Vec<LongTermCheck>,
 ) -> Condition {
     let code = filter.code.as_str();
-    let digests_for = |kind: ValueKind, text: &str| -> Vec<Digest> {
-        resource_types
-            .iter()
-            .map(|t| index.digest(t, code, kind, text))
-            .collect()
-    };
+    let digests_for =
+        |kind: ValueKind, text: &str| index.digests_on(resource_types, code, kind, text);
     if filter.modifier == Modifier::Missing {
-        let present = resource_types
-            .iter()
-            .map(|t| index.presence_digest(t, code))
-            .collect();
+        let present = digests_for(ValueKind::Present, "");
         return match filter.values.first() {
             Some(FilterValue::Missing(true)) => Condition::LacksParam(present),
             _ => Condition::HasParam(present),
@@ -1669,12 +1677,8 @@ fn number_test(
             code: unit_code,
         } => {
             // Units are hashed per type: the unit's digest on every searched type.
-            let on_each_type = |kind: ValueKind, unit: &str| -> Vec<Digest> {
-                resource_types
-                    .iter()
-                    .map(|resource_type| index.digest(resource_type, code, kind, unit))
-                    .collect()
-            };
+            let on_each_type =
+                |kind: ValueKind, unit: &str| index.digests_on(resource_types, code, kind, unit);
             let unit = match (system, unit_code) {
                 (Some(s), Some(c)) => Some(UnitMatch::SystemCode(on_each_type(
                     ValueKind::UnitSystemCode,

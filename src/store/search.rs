@@ -210,11 +210,7 @@ fn insert_rows_together(conn: &mut DbConnection, tables: [RowsFor; 3]) -> Result
             sql.push(" ");
         }
         sql.push(&format!("INSERT INTO {} VALUES ", table.target));
-        for (j, row) in table.rows.into_iter().enumerate() {
-            sql.push(if j == 0 { "(" } else { ", (" });
-            sql.bind_list(row);
-            sql.push(")");
-        }
+        push_rows(&mut sql, table.rows);
         sql.push(table.suffix);
         if !last {
             sql.push(")");
@@ -308,15 +304,20 @@ fn insert_rows(
     let mut rows = rows.peekable();
     while rows.peek().is_some() {
         let mut sql = backend.start(&format!("INSERT INTO {target} VALUES "));
-        for (i, row) in rows.by_ref().take(INSERT_CHUNK).enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            sql.bind_list(row);
-            sql.push(")");
-        }
+        push_rows(&mut sql, rows.by_ref().take(INSERT_CHUNK));
         sql.push(suffix);
         sql.execute(conn)?;
     }
     Ok(())
+}
+
+/// `(…), (…)`: each row's values bound.
+fn push_rows(sql: &mut Sql, rows: impl IntoIterator<Item = Vec<Bind>>) {
+    for (i, row) in rows.into_iter().enumerate() {
+        sql.push(if i == 0 { "(" } else { ", (" });
+        sql.bind_list(row);
+        sql.push(")");
+    }
 }
 
 /// Takes a transaction-scoped lock on `key`, so that conditional writes with the same

@@ -220,13 +220,13 @@ impl SqliteWriter {
         }
     }
 
-    /// Rolls the open group back and fails its waiting turns.
+    /// Rolls the open group back and fails its waiting turns; the next group starts on a
+    /// fresh connection.
     fn abandon(turn: &mut Turn, message: String) {
-        if let Some(conn) = turn.conn.as_mut() {
-            let _ = Manager::rollback_transaction(conn);
-        }
+        let group = turn.group.take();
+        Self::roll_back(turn);
         turn.conn = None;
-        if let Some(group) = turn.group.take() {
+        if let Some(group) = group {
             group.commit.finish(Err(message));
         }
     }

@@ -32,16 +32,13 @@ use fhirledger::store::{DatabaseUrl, DbPool, connection, migrations};
 use rand::Rng as _;
 
 fn event(i: u64) -> LedgerEvent {
-    LedgerEvent::permit(
-        "read",
-        vec![EntryResource {
-            resource_type: "Patient".into(),
-            id: format!("bench-{i}"),
-            version_id: Some("1".into()),
-            content_hash: None,
-        }],
-        Some(format!("Patient/bench-{i}")),
-    )
+    let read = EntryResource {
+        resource_type: "Patient".into(),
+        id: format!("bench-{i}"),
+        version_id: Some("1".into()),
+        content_hash: None,
+    };
+    LedgerEvent::permit("read").touching(read, Some([format!("bench-{i}")].into()))
 }
 
 fn open(url: &DatabaseUrl) -> (DbPool, LedgerService) {

@@ -54,6 +54,12 @@ pub enum AppError {
     PreconditionFailed(String),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A request whose work would exceed a bound (a PATCH's operations or result): 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Too many refused requests from this client: 429, retry after `retry_after` seconds.
+    #[error("too many requests without valid credentials from this address; retry in {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -109,6 +115,7 @@ impl From<PatchError> for AppError {
                 expression: None,
             },
             PatchError::Unprocessable(error) => Self::Unprocessable(error),
+            PatchError::TooLarge(message) => Self::TooLarge(message),
         }
     }
 }

@@ -84,7 +84,8 @@ pub fn prepare_state(
         types,
         ledger.clone(),
         Arc::new(search),
-    );
+    )
+    .with_max_resource_bytes(options.max_body_bytes);
     let moved = resources.move_presence_digests()?;
     if moved > 0 {
         tracing::info!(

@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
@@ -323,28 +323,45 @@ async fn everything_is_ledgered_with_every_disclosed_resource(db: TestDb) {
     seed(&app).await;
     let reply = call(&app, get("/fhir/Patient/pa/$everything")).await;
     assert_eq!(reply.status, StatusCode::OK);
+    // The record holds resources also in pb's and pa-linked's compartments: one entry per
+    // patient, each naming only that patient's resources, under a lead entry naming none.
     let receipt = reply.header("x-ledger-entry").unwrap();
-    let entry = ledger.entry_by_receipt(receipt).await.unwrap();
-    let entry: Value = serde_json::from_slice(&entry.leaf_data).unwrap();
-    assert_eq!(entry["action"], "everything");
-    assert_eq!(entry["outcome"], "permit");
-    assert_eq!(entry["patient"], "Patient/pa");
-    let named: BTreeSet<String> = entry["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            assert_eq!(r["versionId"], "1", "{r}");
-            format!(
-                "{}/{}",
-                r["type"].as_str().unwrap(),
-                r["id"].as_str().unwrap()
-            )
-        })
-        .collect();
-    assert_eq!(named, set(A_RECORD));
-    let text = entry.to_string();
-    assert!(!text.contains("Alpha"), "no PHI: {text}");
+    let lead = ledger.entry_by_receipt(receipt).await.unwrap();
+    let lead: Value = serde_json::from_slice(&lead.leaf_data).unwrap();
+    assert_eq!(lead["action"], "everything");
+    assert_eq!(lead["outcome"], "permit");
+    assert_eq!(lead["patient"], Value::Null, "{lead}");
+    assert_eq!(lead["resources"], json!([]), "{lead}");
+    let mut parts = BTreeMap::new();
+    for part in lead["parts"].as_array().unwrap() {
+        let entry = ledger
+            .entry_by_receipt(part.as_str().unwrap().to_owned())
+            .await
+            .unwrap();
+        let entry: Value = serde_json::from_slice(&entry.leaf_data).unwrap();
+        assert_eq!(entry["partOf"], lead["id"]);
+        assert_eq!(entry["action"], "everything");
+        let named: BTreeSet<String> = entry["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["versionId"], "1", "{r}");
+                format!(
+                    "{}/{}",
+                    r["type"].as_str().unwrap(),
+                    r["id"].as_str().unwrap()
+                )
+            })
+            .collect();
+        let text = entry.to_string();
+        assert!(!text.contains("Alpha"), "no PHI: {text}");
+        parts.insert(entry["patient"].as_str().unwrap().to_owned(), named);
+    }
+    assert_eq!(parts["Patient/pa"], set(A_RECORD));
+    assert_eq!(parts["Patient/pb"], set(&["Observation/shared"]));
+    assert_eq!(parts["Patient/pa-linked"], set(&["Patient/pa-linked"]));
+    assert_eq!(parts.len(), 3);
 
     let missing = call(&app, get("/fhir/Patient/nobody/$everything")).await;
     let receipt = missing.header("x-ledger-entry").unwrap();

@@ -1,14 +1,17 @@
 //! The Consent rule: which patients' compartments a practitioner or organization (a `user/`
 //! token's `fhirUser`) or a research client may open, decided from R4 `Consent` resources.
 //!
-//! A Consent applies to a request when it is `active`, its `scope` is the request's kind
-//! (`patient-privacy` or `treatment` for care, `research` for research), its
-//! `provision.period` (if any) covers now, its `provision.actor` (if any) names the
-//! requester's `fhirUser`, and its `provision.purpose` (if any) includes the token's
-//! `purpose_of_use` (when the token states one). For each patient, a `deny` that applies wins
-//! over any `permit`; without a `permit` that applies there is no access. Nested provisions
-//! (exceptions inside a provision) are not evaluated: a Consent that has them grants
-//! nothing, so an exception can never widen access.
+//! A Consent counts for a request when it is `active` and its `scope` is the request's kind
+//! (`patient-privacy` or `treatment` for care, `research` for research). Its provision's
+//! conditions are then each decided for the request: `period` (if any) covers now, `actor`
+//! (if any) names the requester's `fhirUser`, `purpose` (if any) includes the token's
+//! `purpose_of_use`. A condition the request cannot answer (a token without `fhirUser` or
+//! without a purpose, a period that does not parse) is undecided, and the rule fails
+//! closed: a `permit` applies only when every condition holds, a `deny` whenever none is
+//! known to fail. For each patient, a `deny` that applies wins over any `permit`; without a
+//! `permit` that applies there is no access. Nested provisions (exceptions inside a
+//! provision) are not evaluated: a `permit` that has them grants nothing, a `deny` that has
+//! them denies whole, so an exception can never widen access.
 
 use std::collections::BTreeSet;
 
@@ -74,34 +77,48 @@ fn applies(consent: &Value, request: &ConsentRequest<'_>) -> Option<(String, boo
         .as_str()
         .and_then(patient_id)?;
     let provision = &consent["provision"];
-    if provision.get("provision").is_some() {
-        return None; // nested exceptions are not evaluated (see the module comment)
-    }
     let permit = match provision["type"].as_str() {
         Some("permit") => true,
         Some("deny") => false,
         _ => return None,
     };
-    if !covers(&provision["period"], request.now) {
-        return None;
+    if permit && provision.get("provision").is_some() {
+        return None; // exceptions are not evaluated (see the module comment)
     }
-    if let Some(actors) = provision["actor"].as_array().filter(|a| !a.is_empty()) {
-        let named = actors
-            .iter()
-            .filter_map(|actor| actor["reference"]["reference"].as_str())
-            .any(|reference| Some(reference) == request.actor);
-        if !named {
-            return None;
-        }
-    }
-    if let (Some(purposes), Some(purpose)) = (
-        provision["purpose"].as_array().filter(|p| !p.is_empty()),
-        request.purpose,
-    ) && !purposes.iter().any(|coding| coding["code"] == purpose)
-    {
-        return None;
-    }
-    Some((patient, permit))
+    // Each condition: Some(true) holds, Some(false) fails, None undecided for this request.
+    let period = if provision["period"].is_null() {
+        Some(true)
+    } else {
+        covers(&provision["period"], request.now)
+    };
+    let actor = match provision["actor"].as_array().filter(|a| !a.is_empty()) {
+        None => Some(true),
+        Some(actors) => request.actor.map(|actor| {
+            actors
+                .iter()
+                .filter_map(|listed| listed["reference"]["reference"].as_str())
+                .any(|reference| reference == actor)
+        }),
+    };
+    let purpose = match provision["purpose"].as_array().filter(|p| !p.is_empty()) {
+        None => Some(true),
+        Some(purposes) => request
+            .purpose
+            .map(|purpose| purposes.iter().any(|coding| coding["code"] == purpose)),
+    };
+    let conditions = [period, actor, purpose];
+    let counts = if permit {
+        conditions.iter().all(|c| *c == Some(true))
+    } else {
+        !conditions.contains(&Some(false))
+    };
+    counts.then_some((patient, permit))
+}
+
+/// The id of the patient a Consent (stored JSON) is about.
+pub fn consent_patient(json: &str) -> Option<String> {
+    let consent: Value = serde_json::from_str(json).ok()?;
+    consent["patient"]["reference"].as_str().and_then(patient_id)
 }
 
 /// The codes of a CodeableConcept.
@@ -113,18 +130,18 @@ fn codes(concept: &Value) -> impl Iterator<Item = &str> {
         .filter_map(|coding| coding["code"].as_str())
 }
 
-/// Whether a Period (absent: always) covers `now`.
-fn covers(period: &Value, now: i64) -> bool {
-    if period.is_null() {
-        return true;
-    }
-    let starts_by = period["start"]
-        .as_str()
-        .is_none_or(|start| date_range(start).is_some_and(|(low, _)| low <= now));
-    let ends_after = period["end"]
-        .as_str()
-        .is_none_or(|end| date_range(end).is_some_and(|(_, high)| now < high));
-    starts_by && ends_after
+/// Whether a Period covers `now`; `None` when a bound does not parse.
+fn covers(period: &Value, now: i64) -> Option<bool> {
+    let bound = |name: &str| -> Option<Option<(i64, i64)>> {
+        match &period[name] {
+            Value::Null => Some(None),
+            Value::String(text) => date_range(text).map(Some),
+            _ => None,
+        }
+    };
+    let starts_by = bound("start")?.is_none_or(|(low, _)| low <= now);
+    let ends_after = bound("end")?.is_none_or(|(_, high)| now < high);
+    Some(starts_by && ends_after)
 }
 
 /// `Patient/<id>` (relative or absolute) to the id.
@@ -208,5 +225,49 @@ mod tests {
             &request,
         );
         assert_eq!(permitted, BTreeSet::from(["b".to_owned()]));
+    }
+
+    #[test]
+    fn undecidable_conditions_fail_closed() {
+        // A permit for a stated purpose does not open the record to a token stating none.
+        let mut for_treatment = consent("a", "patient-privacy", "permit", None);
+        for_treatment["provision"]["purpose"] = json!([{"code": "TREAT"}]);
+        let no_purpose = care("Practitioner/1");
+        assert!(permitted_patients(std::slice::from_ref(&for_treatment), &no_purpose).is_empty());
+        let treating = ConsentRequest {
+            purpose: Some("TREAT"),
+            ..care("Practitioner/1")
+        };
+        assert_eq!(
+            permitted_patients(std::slice::from_ref(&for_treatment), &treating),
+            BTreeSet::from(["a".to_owned()])
+        );
+        // A deny restricted by purpose or actor applies when the token cannot show it is
+        // outside the restriction; a deny with nested exceptions denies whole.
+        let mut deny_marketing = consent("a", "patient-privacy", "deny", None);
+        deny_marketing["provision"]["purpose"] = json!([{"code": "HMARKT"}]);
+        let permit = consent("a", "patient-privacy", "permit", None);
+        let consents = [permit.clone(), deny_marketing];
+        assert!(permitted_patients(&consents, &no_purpose).is_empty());
+        assert_eq!(
+            permitted_patients(&consents, &treating),
+            BTreeSet::from(["a".to_owned()])
+        );
+        let mut deny_with_exception = consent("a", "patient-privacy", "deny", None);
+        deny_with_exception["provision"]["provision"] =
+            json!([{"type": "permit", "actor": [{"reference": {"reference": "Practitioner/1"}}]}]);
+        assert!(permitted_patients(&[permit.clone(), deny_with_exception], &treating).is_empty());
+        let research = ConsentRequest {
+            kind: ConsentKind::Research,
+            actor: None,
+            purpose: Some("HRESCH"),
+            now: NOW,
+        };
+        let open_study = consent("a", "research", "permit", None);
+        let named_deny = consent("a", "research", "deny", Some("Organization/9"));
+        assert!(permitted_patients(&[open_study, named_deny], &research).is_empty());
+        let mut unreadable = consent("a", "patient-privacy", "deny", None);
+        unreadable["provision"]["period"] = json!({"start": "not a date"});
+        assert!(permitted_patients(&[permit, unreadable], &treating).is_empty());
     }
 }

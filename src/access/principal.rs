@@ -2,7 +2,8 @@
 //! service call, which asks [`super::policy`] what it may do and turns it into the actor of
 //! each ledger entry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use super::policy::Confinement;
@@ -102,6 +103,28 @@ impl<T: Clone> Slot<T> {
     }
 }
 
+/// Answers worked out once per request and shared by clones of its context.
+#[derive(Debug, Clone)]
+pub struct Memo<K, V>(Arc<Mutex<HashMap<K, V>>>);
+
+impl<K, V> Default for Memo<K, V> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(HashMap::new())))
+    }
+}
+
+impl<K: Eq + Hash, V: Clone> Memo<K, V> {
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.0.lock().ok().and_then(|map| map.get(key).cloned())
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(key, value);
+        }
+    }
+}
+
 /// Where the service leaves the receipt of the ledger entry a request produced, for the
 /// API layer to return in the `X-Ledger-Entry` header (also on error responses).
 pub type ReceiptSlot = Slot<String>;
@@ -116,9 +139,11 @@ pub struct RequestContext {
     /// The access rule that permitted the request's latest authorized step, which its
     /// ledger entries name.
     pub rule: Slot<&'static str>,
-    /// The patients a confinement opens, resolved once per request (a Consent-based one
-    /// reads every active Consent).
+    /// The patients a confinement's searches are confined to, resolved once per request.
     pub confined: Slot<(Confinement, Arc<BTreeSet<String>>)>,
+    /// Whether a Consent-based confinement opens a patient's compartment, decided once per
+    /// request and patient.
+    pub consents: Memo<(Confinement, String), bool>,
 }
 
 impl RequestContext {
@@ -131,6 +156,7 @@ impl RequestContext {
             receipt: ReceiptSlot::default(),
             rule: Slot::default(),
             confined: Slot::default(),
+            consents: Memo::default(),
         }
     }
 }

@@ -322,6 +322,7 @@ async fn conditional(
             if_match: if_match.as_deref(),
             if_none_exist: if_none_exist.as_deref(),
             if_none_match: None,
+            patch_format: crate::fhir::patch::PatchFormat::JsonPatch,
         },
         crate::fhir::search_query::Handling::Strict,
     )?;

@@ -38,7 +38,10 @@ impl AppError {
             Self::Gone { .. } => (IssueCode::Deleted, self.to_string(), None),
             Self::Conflict(_) => (IssueCode::Conflict, self.to_string(), None),
             Self::PreconditionFailed(_) => (IssueCode::Conflict, self.to_string(), None),
-            Self::PayloadTooLarge { .. } => (IssueCode::TooLong, self.to_string(), None),
+            Self::PayloadTooLarge { .. } | Self::TooLarge(_) => {
+                (IssueCode::TooLong, self.to_string(), None)
+            }
+            Self::TooManyRequests { .. } => (IssueCode::Throttled, self.to_string(), None),
             Self::UnsupportedMediaType(_) | Self::NotAcceptable(_) | Self::MethodNotAllowed(_) => {
                 (IssueCode::NotSupported, self.to_string(), None)
             }
@@ -67,7 +70,9 @@ impl AppError {
     pub(crate) fn bearer_challenge(&self) -> Option<String> {
         const REALM: &str = "Bearer realm=\"fhirledger\"";
         match self {
-            Self::Unauthenticated(AuthError::Missing) => Some(REALM.into()),
+            Self::Unauthenticated(AuthError::Missing) | Self::TooManyRequests { .. } => {
+                Some(REALM.into())
+            }
             Self::Unauthenticated(error) => Some(format!(
                 "{REALM}, error=\"invalid_token\", error_description=\"{}\"",
                 error.to_string().replace(['"', '\\'], "'")
@@ -91,7 +96,8 @@ impl ResponseError for AppError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -119,6 +125,9 @@ impl ResponseError for AppError {
         response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
         if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        if let Self::TooManyRequests { retry_after } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after.to_string()));
         }
         if let Some(challenge) = self.bearer_challenge() {
             response.insert_header((header::WWW_AUTHENTICATE, challenge));

@@ -9,7 +9,7 @@ use futures_util::StreamExt as _;
 
 use super::AppState;
 use super::negotiation::{
-    ResponseFormat, require_json_body, require_json_patch_body, response_format,
+    ResponseFormat, require_json_body, patch_format, response_format,
 };
 use super::request::{
     QueryParams, ReturnPreference, if_match, parse_version_id, return_preference,
@@ -245,7 +245,7 @@ pub async fn update(
     Ok(write_response(&state, &req, format, &outcome))
 }
 
-/// Patch a resource with a JSON Patch document (RFC 6902, http.html#patch).
+/// Patch a resource with a JSON Patch document (RFC 6902) or a FHIRPath Patch (http.html#patch).
 #[utoipa::path(patch, path = "/fhir/{type}/{id}", tag = "fhir",
     params(
         ("type" = String, Path, description = "Resource type"),
@@ -253,18 +253,21 @@ pub async fn update(
         ("If-Match" = Option<String>, Header, description = "Version the patch applies to, e.g. W/\"2\""),
         ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
     ),
-    request_body(content = Vec<Object>, content_type = "application/json-patch+json",
-        description = "JSON Patch operations (RFC 6902), applied to the current version"),
+    request_body(content(
+        (Vec<Object> = "application/json-patch+json"),
+        (Object = "application/fhir+json"),
+    ), description = "JSON Patch operations (RFC 6902), or a FHIRPath Patch Parameters resource (fhirpatch.html), applied to the current version; at most 1,000 (JSON Patch) or 100 (FHIRPath Patch) operations"),
     responses(
         (status = 200, description = "Patched: the new version", body = super::openapi::Resource),
-        (status = 400, description = "Malformed JSON Patch document, id or If-Match", body = OperationOutcome),
+        (status = 400, description = "Malformed patch document, id or If-Match", body = OperationOutcome),
+        (status = 403, description = "The token may not update this resource", body = OperationOutcome),
         (status = 404, description = "Unknown type or resource", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
         (status = 409, description = "Too much concurrent change to apply the patch", body = OperationOutcome),
         (status = 410, description = "The resource was deleted", body = OperationOutcome),
         (status = 412, description = "If-Match does not name the current version", body = OperationOutcome),
-        (status = 413, description = "Body over the size limit", body = OperationOutcome),
-        (status = 415, description = "Body is not application/json-patch+json (FHIRPath Patch is not supported)", body = OperationOutcome),
+        (status = 413, description = "Body over the size limit, too many operations, or a result larger or deeper than allowed", body = OperationOutcome),
+        (status = 415, description = "Body is neither application/json-patch+json nor a FHIRPath Patch as application/fhir+json", body = OperationOutcome),
         (status = 422, description = "The patch could not be applied (failed test, missing path) or its result is not a valid resource with the same type and id", body = OperationOutcome),
         (status = 503, description = "Database unavailable", body = OperationOutcome),
     ))]
@@ -283,11 +286,11 @@ pub async fn patch(
         ..
     } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
     let expected_version = if_match(&req)?;
-    require_json_patch_body(&req)?;
+    let format_of_patch = patch_format(&req)?;
     let body = read_body(&req, payload, state.max_body_bytes).await?;
     let outcome = state
         .resources
-        .patch(&ctx, resource_type, id, body, expected_version)
+        .patch(&ctx, resource_type, id, format_of_patch, body, expected_version)
         .await?;
     Ok(write_response(&state, &req, format, &outcome))
 }

@@ -5,7 +5,7 @@ use actix_web::HttpRequest;
 use actix_web::http::header;
 
 use crate::error::AppError;
-use crate::fhir::patch::JSON_PATCH;
+use crate::fhir::patch::{JSON_PATCH, PatchFormat};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 pub const FHIR_JSON_UTF8: &str = "application/fhir+json; charset=utf-8";
@@ -100,10 +100,10 @@ pub fn require_json_body(req: &HttpRequest) -> Result<(), AppError> {
     }
 }
 
-/// Checks that a PATCH body is a JSON Patch document (http.html#patch). FHIRPath Patch (a
-/// `Parameters` resource sent as FHIR JSON) and XML Patch are not supported: 415 naming the
-/// one type that is.
-pub fn require_json_patch_body(req: &HttpRequest) -> Result<(), AppError> {
+/// The format of a PATCH body (http.html#patch): a JSON Patch document
+/// (`application/json-patch+json`) or a FHIRPath Patch (a `Parameters` resource sent as FHIR
+/// JSON). XML Patch and anything else: 415 naming the types that are accepted.
+pub fn patch_format(req: &HttpRequest) -> Result<PatchFormat, AppError> {
     let media = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -111,8 +111,10 @@ pub fn require_json_patch_body(req: &HttpRequest) -> Result<(), AppError> {
         .and_then(|v| v.split(';').next())
         .map(|m| m.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    if media == JSON_PATCH {
-        return Ok(());
+    match media.as_str() {
+        JSON_PATCH => return Ok(PatchFormat::JsonPatch),
+        FHIR_JSON | "application/json" => return Ok(PatchFormat::FhirPath),
+        _ => {}
     }
     let sent = if media.is_empty() {
         "no Content-Type".to_owned()
@@ -122,12 +124,8 @@ pub fn require_json_patch_body(req: &HttpRequest) -> Result<(), AppError> {
             media.chars().take(64).collect::<String>()
         )
     };
-    let hint = if media == FHIR_JSON || media == "application/json" {
-        " (FHIRPath Patch is not supported)"
-    } else {
-        ""
-    };
     Err(AppError::UnsupportedMediaType(format!(
-        "PATCH with {sent} is not supported{hint}; send a JSON Patch document as {JSON_PATCH}"
+        "PATCH with {sent} is not supported; send a JSON Patch document as {JSON_PATCH} or a \
+         FHIRPath Patch (Parameters) as {FHIR_JSON}"
     )))
 }

@@ -85,6 +85,7 @@ impl FromRequest for RequestContext {
             request_id,
             rule: Slot::default(),
             confined: Slot::default(),
+            consents: Default::default(),
         };
         let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
             return Box::pin(ready(Err(AppError::Internal(

@@ -1,85 +1,263 @@
-//! Which patient's compartment a resource belongs to, for ledger entries. A first
-//! approximation of the R4 Patient CompartmentDefinition: a Patient is its own compartment;
-//! other resources belong to the patient their `subject` or `patient` element references.
+//! The one compartment rule: which patients' compartments a resource belongs to. Access
+//! control (confinement of reads, searches and writes), the ledger's attribution of entries
+//! to patients, the patient's AuditEvent view and `$everything` all ask this rule, so they
+//! cannot disagree about whose record a resource is part of.
+//!
+//! The rule is R4's CompartmentDefinition for Patient ([`super::compartment_definition`]),
+//! extended to the types that definition leaves out although they point at a patient: every
+//! type outside it with a reference search parameter named `patient`, `subject` or `for`
+//! whose targets include Patient ([`EXTENSION_PARAMS`]). Read from the R4 SearchParameters,
+//! that adds Contract (`patient`, `subject`), Device (`patient`), GuidanceResponse
+//! (`patient`, `subject`) and Task (`patient`, `subject`): a device implanted in a patient or
+//! a task for a patient is part of that patient's record as much as an Observation is.
+//!
+//! A resource of a compartment type is in the compartment of every Patient one of its
+//! compartment parameters references (a Patient also in its own); a resource of a type with
+//! no compartment parameters (Practitioner, Organization, Medication, Location, …) is shared
+//! reference data and belongs to no patient.
 
-use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 
-/// The only elements read: everything else is skipped without being built, since this runs
-/// on every read and write.
-#[derive(Deserialize)]
-struct CompartmentElements {
-    subject: Option<MaybeReference>,
-    patient: Option<MaybeReference>,
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::{Map, Value};
+
+use super::compartment_definition::PATIENT_COMPARTMENT;
+use super::search_params::{ParamType, SearchParamRegistry};
+use super::search_values::{IndexPlan, SearchValue};
+
+/// Names of the reference parameters that put a type outside R4's definition into patients'
+/// compartments, when they may target a Patient.
+pub const EXTENSION_PARAMS: &[&str] = &["patient", "subject", "for"];
+
+/// The compartment rule, built once from the search parameter definitions.
+#[derive(Debug, Clone)]
+pub struct CompartmentRule {
+    /// Compartment parameters of each type that can be in a patient's compartment.
+    params: BTreeMap<String, Vec<String>>,
+    /// The top-level elements those parameters read, per type (`None`: the whole resource),
+    /// so that a stored resource can be parsed in part.
+    elements: HashMap<String, Option<Vec<String>>>,
 }
 
-/// A single Reference, or some other shape (e.g. `Contract.subject` is a list) to ignore.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum MaybeReference {
-    Reference { reference: Option<String> },
-    Other(serde::de::IgnoredAny),
-}
-
-/// `Patient/<id>` of the compartment, when there is one.
-pub fn patient_compartment(resource_type: &str, id: &str, json: &str) -> Option<String> {
-    if resource_type == "Patient" {
-        return Some(format!("Patient/{id}"));
-    }
-    let elements: CompartmentElements = serde_json::from_str(json).ok()?;
-    [elements.subject, elements.patient]
-        .into_iter()
-        .filter_map(|element| match element? {
-            MaybeReference::Reference { reference } => reference,
-            MaybeReference::Other(_) => None,
-        })
-        .find_map(|reference| patient_reference(&reference))
-}
-
-/// Normalizes a literal reference to a patient (`Patient/1`, `https://x/fhir/Patient/1`,
-/// `Patient/1/_history/2`) to `Patient/<id>`.
-fn patient_reference(reference: &str) -> Option<String> {
-    let after = match reference.rfind("Patient/") {
-        Some(at) if at == 0 || reference[..at].ends_with('/') => {
-            &reference[at + "Patient/".len()..]
+impl CompartmentRule {
+    /// R4's definition plus the extension, restricted to what `plan` indexes (a parameter
+    /// the index cannot evaluate could not confine a search either).
+    pub fn new(registry: &SearchParamRegistry, plan: &IndexPlan) -> Self {
+        let mut params: BTreeMap<String, Vec<String>> = PATIENT_COMPARTMENT
+            .iter()
+            .map(|(resource_type, params)| {
+                let params = params.iter().map(|p| (*p).to_owned()).collect();
+                ((*resource_type).to_owned(), params)
+            })
+            .collect();
+        for resource_type in registry.bases() {
+            if params.contains_key(resource_type) || resource_type == "Patient" {
+                continue;
+            }
+            let extension: Vec<String> = EXTENSION_PARAMS
+                .iter()
+                .filter(|code| {
+                    registry.get(resource_type, code).is_some_and(|def| {
+                        def.param_type == ParamType::Reference
+                            && def.target.iter().any(|t| t == "Patient")
+                    })
+                })
+                .map(|code| (*code).to_owned())
+                .collect();
+            if !extension.is_empty() {
+                params.insert(resource_type.to_owned(), extension);
+            }
         }
-        _ => return None,
-    };
-    let id = after.split('/').next()?;
-    crate::fhir::ResourceId::parse(id)
-        .ok()
-        .map(|id| format!("Patient/{id}"))
+        for (resource_type, codes) in &mut params {
+            codes.retain(|code| plan.is_indexed(resource_type, code));
+        }
+        let elements = params
+            .iter()
+            .map(|(resource_type, codes)| {
+                let mut names = Vec::new();
+                for code in codes {
+                    match plan.top_level_elements(resource_type, code) {
+                        Some(found) => names.extend(found),
+                        None => return (resource_type.clone(), None),
+                    }
+                }
+                (resource_type.clone(), Some(names))
+            })
+            .collect();
+        Self { params, elements }
+    }
+
+    /// The compartment parameters of `resource_type`; empty when it belongs to no patient.
+    pub fn params(&self, resource_type: &str) -> &[String] {
+        self.params.get(resource_type).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether resources of `resource_type` belong to patients' compartments.
+    pub fn has_compartments(&self, resource_type: &str) -> bool {
+        resource_type == "Patient" || self.params.contains_key(resource_type)
+    }
+
+    /// Every type that can be in a patient's compartment, with its parameters.
+    pub fn types(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.params
+            .iter()
+            .map(|(resource_type, params)| (resource_type.as_str(), params.as_slice()))
+    }
+
+    /// The ids of the patients whose compartments hold the resource; `None` for a type that
+    /// belongs to no patient. `local_patient` turns a literal reference into the id of the
+    /// Patient it names on this server, if it names one.
+    pub fn compartments(
+        &self,
+        plan: &IndexPlan,
+        resource_type: &str,
+        id: &str,
+        resource: &Value,
+        local_patient: impl Fn(&str) -> Option<String>,
+    ) -> Option<BTreeSet<String>> {
+        if !self.has_compartments(resource_type) {
+            return None;
+        }
+        let mut patients = BTreeSet::new();
+        if resource_type == "Patient" {
+            patients.insert(id.to_owned());
+        }
+        for param in self.params(resource_type) {
+            for value in plan.extract_param(resource_type, param, resource) {
+                if let SearchValue::Reference(reference) = value
+                    && let Some(patient) = local_patient(&reference)
+                {
+                    patients.insert(patient);
+                }
+            }
+        }
+        Some(patients)
+    }
+
+    /// The part of a stored resource's JSON that [`Self::compartments`] reads: only the
+    /// top-level elements its parameters name are built, the rest is skipped unparsed
+    /// (this runs on every read and every resource a search returns).
+    pub fn parse_relevant(&self, resource_type: &str, json: &str) -> serde_json::Result<Value> {
+        match self.elements.get(resource_type) {
+            Some(Some(names)) => {
+                let mut deserializer = serde_json::Deserializer::from_str(json);
+                let value = KeepElements { names }.deserialize(&mut deserializer)?;
+                deserializer.end()?;
+                Ok(value)
+            }
+            _ => serde_json::from_str(json),
+        }
+    }
+}
+
+/// Deserializes a JSON object keeping only the members a compartment parameter reads: a
+/// name itself, or a choice element built on it (`value` keeps `valueReference`).
+struct KeepElements<'a> {
+    names: &'a [String],
+}
+
+impl KeepElements<'_> {
+    fn keeps(&self, key: &str) -> bool {
+        self.names.iter().any(|name| {
+            key.strip_prefix(name.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_uppercase))
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for KeepElements<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeepElements<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a FHIR resource (a JSON object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if self.keeps(&key) {
+                kept.insert(key, map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(kept))
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
+    fn rule() -> (CompartmentRule, IndexPlan) {
+        let registry = SearchParamRegistry::load().unwrap();
+        let plan = IndexPlan::new(&registry);
+        (CompartmentRule::new(&registry, &plan), plan)
+    }
+
+    fn local(reference: &str) -> Option<String> {
+        reference.strip_prefix("Patient/").map(str::to_owned)
+    }
+
     #[test]
-    fn finds_the_patient() {
+    fn extends_r4_to_types_that_point_at_a_patient() {
+        let (rule, _) = rule();
+        assert_eq!(rule.params("Device"), ["patient"]);
+        assert_eq!(rule.params("Task"), ["patient", "subject"]);
+        assert_eq!(rule.params("Contract"), ["patient", "subject"]);
+        assert_eq!(rule.params("GuidanceResponse"), ["patient", "subject"]);
+        // R4's own entries are kept as the definition gives them.
+        assert_eq!(rule.params("Observation"), ["subject", "performer"]);
         assert_eq!(
-            patient_compartment("Patient", "p1", "{}").as_deref(),
-            Some("Patient/p1")
+            rule.params("Coverage"),
+            ["policy-holder", "subscriber", "beneficiary", "payor"]
         );
-        let observation =
-            r#"{"resourceType":"Observation","subject":{"reference":"Patient/example"}}"#;
+        for shared in ["Practitioner", "Organization", "Location", "Medication"] {
+            assert!(!rule.has_compartments(shared), "{shared}");
+        }
+        assert!(rule.has_compartments("Patient"));
+    }
+
+    #[test]
+    fn finds_every_patient_and_reads_only_what_it_needs() {
+        let (rule, plan) = rule();
+        let appointment = json!({"resourceType": "Appointment", "status": "booked",
+            "participant": [{"actor": {"reference": "Patient/a"}, "status": "accepted"},
+                            {"actor": {"reference": "Practitioner/p"}, "status": "accepted"}]});
+        let found = rule.compartments(&plan, "Appointment", "x", &appointment, local);
+        assert_eq!(found, Some(BTreeSet::from(["a".to_owned()])));
+        let task = json!({"resourceType": "Task", "for": {"reference": "Patient/b"}});
+        let found = rule.compartments(&plan, "Task", "t", &task, local);
+        assert_eq!(found, Some(BTreeSet::from(["b".to_owned()])));
+        let group = json!({"resourceType": "Observation", "subject": {"reference": "Group/g"}});
+        let found = rule.compartments(&plan, "Observation", "o", &group, local);
+        assert_eq!(found, Some(BTreeSet::new()));
         assert_eq!(
-            patient_compartment("Observation", "o", observation).as_deref(),
-            Some("Patient/example")
+            rule.compartments(&plan, "Practitioner", "p", &json!({}), local),
+            None
         );
-        let absolute = r#"{"patient":{"reference":"https://h.org/fhir/Patient/7/_history/2"}}"#;
-        assert_eq!(
-            patient_compartment("AllergyIntolerance", "a", absolute).as_deref(),
-            Some("Patient/7")
-        );
-        let group = r#"{"subject":{"reference":"Group/1"}}"#;
-        assert_eq!(patient_compartment("Observation", "o", group), None);
-        let list_then_patient =
-            r#"{"subject":[{"reference":"Patient/1"}],"patient":{"reference":"Patient/2"}}"#;
-        assert_eq!(
-            patient_compartment("Contract", "c", list_then_patient).as_deref(),
-            Some("Patient/2")
-        );
-        let lookalike = r#"{"subject":{"reference":"NotPatient/1"}}"#;
-        assert_eq!(patient_compartment("Observation", "o", lookalike), None);
+
+        let text = r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "valueString":"secret","subject":{"reference":"Patient/c"},"performer":[{"reference":"Patient/d"}]}"#;
+        let relevant = rule.parse_relevant("Observation", text).unwrap();
+        assert!(relevant.get("valueString").is_none(), "{relevant}");
+        let found = rule.compartments(&plan, "Observation", "o", &relevant, local);
+        assert_eq!(found, Some(BTreeSet::from(["c".to_owned(), "d".to_owned()])));
+        let linked = r#"{"resourceType":"Patient","link":[{"other":{"reference":"Patient/e"},"type":"seealso"}]}"#;
+        let relevant = rule.parse_relevant("Patient", linked).unwrap();
+        let found = rule.compartments(&plan, "Patient", "p", &relevant, local);
+        assert_eq!(found, Some(BTreeSet::from(["e".to_owned(), "p".to_owned()])));
+        assert!(rule.parse_relevant("Observation", "{\"subject\":").is_err());
     }
 }

@@ -157,6 +157,85 @@ impl Expression {
     }
 }
 
+impl Expression {
+    /// The top-level elements of a `resource_type` resource that evaluating this expression
+    /// can read (`Observation.subject.where(…)` reads `subject`; a choice name such as
+    /// `value` stands for `valueQuantity` and its siblings), or `None` when it may read the
+    /// whole resource (`%resource`, a bare type name). Lets a caller parse only those
+    /// elements of a stored resource.
+    pub fn top_level_elements(&self, resource_type: &str) -> Option<Vec<String>> {
+        let mut names = Vec::new();
+        collect_top_level(&self.root, resource_type, true, &mut names).then_some(names)
+    }
+}
+
+/// Whether `expr` evaluated on the resource (`at_root`: `$this` is the resource) reads only
+/// named top-level elements; pushes their names. An expression that yields the resource
+/// itself other than to take a member of it reads everything.
+fn collect_top_level(
+    expr: &Expr,
+    resource_type: &str,
+    at_root: bool,
+    names: &mut Vec<String>,
+) -> bool {
+    let is_root = |inner: &Expr| match inner {
+        Expr::TypeRoot(name) => {
+            name == resource_type || name == "Resource" || name == "DomainResource"
+        }
+        Expr::This => at_root,
+        _ => false,
+    };
+    match expr {
+        Expr::Member(inner, name) if is_root(inner) => {
+            names.push(name.clone());
+            true
+        }
+        // Another type's root yields nothing here; a literal reads nothing.
+        Expr::TypeRoot(_) | Expr::Literal(_) => !is_root(expr),
+        Expr::This => !at_root,
+        Expr::Resource | Expr::Resolve(_) => false,
+        Expr::Member(inner, _)
+        | Expr::Index(inner, _)
+        | Expr::OfType(inner, _)
+        | Expr::Is(inner, _)
+        | Expr::ResolvesTo(inner, _)
+        | Expr::Exists(inner)
+        | Expr::Empty(inner)
+        | Expr::Not(inner)
+        | Expr::First(inner) => collect_top_level(inner, resource_type, at_root, names),
+        Expr::Union(items) => items
+            .iter()
+            .all(|item| collect_top_level(item, resource_type, at_root, names)),
+        // Inside `where()`, `$this` is each item, not the resource.
+        Expr::Where(left, right) => {
+            collect_top_level(left, resource_type, at_root, names)
+                && collect_top_level(right, resource_type, false, names)
+        }
+        Expr::And(left, right) | Expr::Equals { left, right, .. } => {
+            collect_top_level(left, resource_type, at_root, names)
+                && collect_top_level(right, resource_type, at_root, names)
+        }
+    }
+}
+
+impl Expression {
+    /// `parent.name` split at its last step when that step is a plain member access (what
+    /// FHIRPath Patch's `insert` and `move` name a list by): the parent expression and the
+    /// member name.
+    pub fn split_last_member(&self) -> Option<(Expression, String)> {
+        match &self.root {
+            Expr::Member(parent, name) => Some((
+                Expression {
+                    source: self.source.clone(),
+                    root: (**parent).clone(),
+                },
+                name.clone(),
+            )),
+            _ => None,
+        }
+    }
+}
+
 fn check_no_bare_resolve(expr: &Expr) -> Result<(), &'static str> {
     match expr {
         Expr::Resolve(_) => Err("resolve() is only supported as `resolve() is Type`"),

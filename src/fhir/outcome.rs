@@ -20,6 +20,7 @@ pub enum IssueCode {
     Exception,
     Transient,
     Timeout,
+    Throttled,
     Processing,
     Security,
     Login,

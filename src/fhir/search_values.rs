@@ -220,6 +220,14 @@ impl IndexPlan {
         values
     }
 
+    /// The top-level elements of a `resource_type` resource that parameter `code` reads
+    /// (see [`Expression::top_level_elements`]); `None` when it is not indexed or may read
+    /// the whole resource.
+    pub fn top_level_elements(&self, resource_type: &str, code: &str) -> Option<Vec<String>> {
+        let entry = self.entry(resource_type, code)?;
+        entry.expression.top_level_elements(resource_type)
+    }
+
     /// The component types of composite `code` on `resource_type`, in order; `None` when it
     /// is not an indexed composite.
     pub fn components(&self, resource_type: &str, code: &str) -> Option<Vec<ParamType>> {

@@ -101,9 +101,24 @@ pub struct LedgerEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patient: Option<String>,
     /// Every patient compartment (`Patient/<id>`) the entry's resources belong to, when
-    /// there is more than one (a search or history page spanning patients).
+    /// there is more than one. Written by servers before entries were split per patient;
+    /// read for those entries, never written now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patients: Vec<String>,
+    /// On the lead entry of an interaction that touched several patients' records: the
+    /// receipts of its parts, one per patient, each naming only that patient's resources.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<String>,
+    /// On such a part: the receipt of its lead entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<String>,
+    /// On an aggregated entry (refusals of unauthenticated requests): how many requests it
+    /// stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// On an aggregated entry: the client address the requests came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// The server-assigned request id.
     pub request: String,
 }
@@ -129,20 +144,25 @@ fn canonical<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
 }
 
 impl LedgerEntry {
-    /// The ids of the patients whose compartments the entry touched: its `patient` and
-    /// `patients`, and every Patient among its resources.
+    /// The ids of the patients whose compartments the entry touched: its `patient` (and the
+    /// `patients` of entries written before entries were split per patient); for an entry
+    /// that names neither, every Patient among its resources.
     pub fn patient_ids(&self) -> std::collections::BTreeSet<String> {
-        let named = self
+        let named: std::collections::BTreeSet<String> = self
             .patient
             .iter()
             .chain(&self.patients)
-            .filter_map(|reference| reference.strip_prefix("Patient/"));
-        let resources = self
-            .resources
+            .filter_map(|reference| reference.strip_prefix("Patient/"))
+            .map(str::to_owned)
+            .collect();
+        if !named.is_empty() {
+            return named;
+        }
+        self.resources
             .iter()
             .filter(|r| r.resource_type == "Patient")
-            .map(|r| r.id.as_str());
-        named.chain(resources).map(str::to_owned).collect()
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     /// Signs the entry: `sig` is Ed25519 over the JCS bytes of the entry without `sig`.
@@ -207,6 +227,10 @@ mod tests {
             }],
             patient: Some("Patient/p".into()),
             patients: Vec::new(),
+            parts: Vec::new(),
+            part_of: None,
+            count: None,
+            source: None,
             request: "req".into(),
         }
     }

@@ -110,45 +110,34 @@ impl ResourceService {
                     AUDIT_VIEW_ACTION,
                     Vec::new(),
                 )?;
-                if let Some(confined) = this.confined(None, &ctx, &grant)? {
-                    let only = (confined.patients.len() == 1)
-                        .then(|| confined.patients.iter().next().cloned())
-                        .flatten();
-                    match (&query.patient, only) {
-                        (Some(patient), _) if confined.patients.contains(patient) => {}
-                        (Some(_), _) => {
-                            let refusal = confined.confinement.refusal();
-                            return Err(this.ledger().refuse(
-                                &ctx,
-                                AUDIT_VIEW_ACTION,
-                                Vec::new(),
-                                refusal,
-                            ));
-                        }
-                        (None, Some(only)) => query.patient = Some(only),
-                        (None, None) => {
-                            let refusal = Refusal {
-                                rule: confined.confinement.refusal().rule,
-                                message:
-                                    "name the patient (patient=Patient/…) whose accesses to list"
-                                        .into(),
-                            };
-                            return Err(this.ledger().refuse(
-                                &ctx,
-                                AUDIT_VIEW_ACTION,
-                                Vec::new(),
-                                refusal,
-                            ));
-                        }
+                if let Some(confinement) = &grant.confinement {
+                    let own = match confinement {
+                        policy::Confinement::Patient(patient) => Some(patient.clone()),
+                        _ => None,
+                    };
+                    let patient = query.patient.clone().or(own);
+                    let refusal = match &patient {
+                        Some(patient) if this.opens(None, &ctx, confinement, patient)? => None,
+                        Some(_) => Some(confinement.refusal()),
+                        None => Some(Refusal {
+                            rule: confinement.refusal().rule,
+                            message: "name the patient (patient=Patient/…) whose accesses to list"
+                                .into(),
+                        }),
+                    };
+                    if let Some(refusal) = refusal {
+                        return Err(this.ledger().refuse(
+                            &ctx,
+                            AUDIT_VIEW_ACTION,
+                            Vec::new(),
+                            refusal,
+                        ));
                     }
+                    query.patient = patient;
                 }
             }
             let page = this.audit_page(&query)?;
-            let event = LedgerEvent::permit(
-                AUDIT_VIEW_ACTION,
-                Vec::new(),
-                query.patient.as_ref().map(|p| format!("Patient/{p}")),
-            );
+            let event = LedgerEvent::permit(AUDIT_VIEW_ACTION).concerning(query.patient.clone());
             this.ledger().append(&ctx, event)?;
             Ok(page)
         })

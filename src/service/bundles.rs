@@ -8,12 +8,11 @@ use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
 use crate::fhir::bundle_request::{BundleKind, BundleRequest, Method, RequestEntry};
 use crate::fhir::document::VersionMeta;
-use crate::fhir::patch::parse_json_patch;
+use crate::fhir::patch::{PatchDocument, PatchFormat, parse_patch};
 use crate::fhir::references::rewrite_references;
 use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
 use crate::fhir::validate::validate_resource;
@@ -23,6 +22,7 @@ use crate::store::resources as rows;
 use crate::store::search::lock_condition;
 
 use super::blocking;
+use super::gate::AuthorizedSearch;
 use super::ledger::LedgerEvent;
 use super::resources::{
     DeleteOutcome, ResourceService, StoredResource, TxError, WriteKind, Written, existing_head,
@@ -60,7 +60,7 @@ pub enum Operation {
     Patch {
         resource_type: ResourceType,
         id: ResourceId,
-        patch: json_patch::Patch,
+        patch: PatchDocument,
         if_match: Option<i64>,
     },
     Delete {
@@ -96,6 +96,24 @@ pub enum Outcome {
         page: Box<SearchPage>,
         request: Box<SearchRequest>,
     },
+}
+
+/// What the gate allowed an operation to evaluate: its condition or search, and each
+/// conditional reference in its resource, authorized and confined for the request.
+#[derive(Debug, Clone, Default)]
+struct Authorized {
+    search: Option<AuthorizedSearch>,
+    /// By the reference's text (`Organization?identifier=…`).
+    references: HashMap<String, AuthorizedSearch>,
+}
+
+impl Authorized {
+    /// The operation's own condition or search; fails closed if the gate did not see it.
+    fn search(&self) -> Result<&AuthorizedSearch, AppError> {
+        self.search
+            .as_ref()
+            .ok_or_else(|| AppError::Internal("a condition was not authorized".into()))
+    }
 }
 
 /// A failed entry of a Bundle: its index and the error.
@@ -197,7 +215,7 @@ impl ResourceService {
             (Method::Patch, Some(id)) => Operation::Patch {
                 resource_type,
                 id,
-                patch: parse_json_patch(body("a patch")?)?,
+                patch: parse_patch(headers.patch_format, body("a patch")?)?,
                 if_match,
             },
             (Method::Delete, id) => Operation::Delete {
@@ -241,12 +259,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            let mut operation = operation;
-            this.authorize_operation(&ctx, &mut operation)?;
+            let authorized = this.authorize_operation(&ctx, &operation)?;
             let result = this.transact(describe(&operation), |tx| {
-                let resolved = this.resolve(tx, &operation, None)?;
-                let operation = this.rewrite(tx, &operation, &Resolution::default())?;
-                let (outcome, receipt) = this.run_in(tx, &ctx, &operation, resolved, None)?;
+                let resolved = this.resolve(tx, &operation, &authorized, None)?;
+                let rewritten =
+                    this.rewrite(tx, &ctx, &operation, &authorized, &Resolution::default())?;
+                let (outcome, receipt) =
+                    this.run_in(tx, &ctx, &rewritten, &authorized, resolved, None)?;
                 Ok((outcome, receipt))
             });
             match result {
@@ -294,38 +313,43 @@ impl ResourceService {
         }
     }
 
-    /// Asks the access policy for what `operation` needs: its own permission, and search
-    /// on the type when a condition selects its target. Refusals are ledgered. A token
-    /// confined to a patient's compartment has its searches and conditions confined too;
-    /// its reads and writes are checked against the compartment where they run.
+    /// Asks the gate for what `operation` needs, before anything is evaluated: its own
+    /// permission; search on the type when a condition selects its target (the condition
+    /// is then confined as a search would be); search on each type a conditional reference
+    /// in its resource looks up (confined likewise, so a reference resolves with the
+    /// requester's rights). Refusals are ledgered. Reads and writes are checked against the
+    /// compartment where they run.
     fn authorize_operation(
         &self,
         ctx: &RequestContext,
-        operation: &mut Operation,
-    ) -> Result<(), AppError> {
-        let (permission, resource_type, action, condition) = match operation {
+        operation: &Operation,
+    ) -> Result<Authorized, AppError> {
+        let (permission, resource_type, action, condition, resource) = match operation {
             Operation::Create {
                 resource_type,
                 if_none_exist,
-                ..
+                compact_json,
             } => (
                 Permission::Create,
                 resource_type,
                 "create",
-                if_none_exist.as_mut(),
+                if_none_exist.as_ref(),
+                Some(compact_json),
             ),
             Operation::Update {
                 resource_type,
                 target,
+                compact_json,
                 ..
             } => (
                 Permission::Update,
                 resource_type,
                 "update",
                 matching(target),
+                Some(compact_json),
             ),
             Operation::Patch { resource_type, .. } => {
-                (Permission::Update, resource_type, "update", None)
+                (Permission::Update, resource_type, "update", None, None)
             }
             Operation::Delete {
                 resource_type,
@@ -336,6 +360,7 @@ impl ResourceService {
                 resource_type,
                 "delete",
                 matching(target),
+                None,
             ),
             Operation::Read {
                 resource_type,
@@ -343,24 +368,38 @@ impl ResourceService {
                 ..
             } => {
                 let action = if version.is_some() { "vread" } else { "read" };
-                (Permission::Read, resource_type, action, None)
+                (Permission::Read, resource_type, action, None, None)
             }
-            Operation::Search(request) => return self.authorize_search(ctx, request),
+            Operation::Search(request) => {
+                return Ok(Authorized {
+                    search: Some(self.authorize_search(ctx, request.clone(), "search")?),
+                    references: HashMap::new(),
+                });
+            }
         };
+        let mut authorized = Authorized::default();
         if let Some(condition) = condition {
-            self.authorize_search(ctx, condition)?;
+            authorized.search = Some(self.authorize_search(ctx, condition.clone(), action)?);
         }
-        let grant = self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())?;
-        // Resolved now, before any transaction: a Consent-based one reads the Consents.
-        self.confined(None, ctx, &grant).map(|_| ())
+        if let Some(json) = resource {
+            for reference in conditional_references(json) {
+                let request = self.parse_conditional_reference(&reference)?;
+                let search = self.authorize_search(ctx, request, action)?;
+                authorized.references.insert(reference, search);
+            }
+        }
+        self.authorize(ctx, permission, resource_type.as_str(), action, Vec::new())?;
+        Ok(authorized)
     }
 
     fn plan_entry(&self, entry: &RequestEntry, handling: Handling) -> Result<Operation, AppError> {
         let patch_body;
+        let mut patch_format = PatchFormat::JsonPatch;
         let resource = match (entry.method, entry.resource.as_deref()) {
-            // In a Bundle a JSON Patch travels as a Binary (http.html#patch).
-            (Method::Patch, Some(binary)) => {
-                patch_body = binary_patch(binary)?;
+            // In a Bundle a JSON Patch travels as a Binary, a FHIRPath Patch as the
+            // Parameters resource itself (http.html#patch).
+            (Method::Patch, Some(resource)) => {
+                (patch_format, patch_body) = patch_entry(resource)?;
                 Some(patch_body.as_slice())
             }
             (_, resource) => resource.map(str::as_bytes),
@@ -373,6 +412,7 @@ impl ResourceService {
                 if_match: entry.if_match.as_deref(),
                 if_none_exist: entry.if_none_exist.as_deref(),
                 if_none_match: entry.if_none_match.as_deref(),
+                patch_format,
             },
             handling,
         )
@@ -387,12 +427,13 @@ impl ResourceService {
         entries
             .iter()
             .map(|entry| {
-                let mut operation = self.plan_entry(entry, handling)?;
-                self.authorize_operation(ctx, &mut operation)?;
+                let operation = self.plan_entry(entry, handling)?;
+                let authorized = self.authorize_operation(ctx, &operation)?;
                 let result = self.transact(describe(&operation), |tx| {
-                    let resolved = self.resolve(tx, &operation, None)?;
-                    let operation = self.rewrite(tx, &operation, &Resolution::default())?;
-                    self.run_in(tx, ctx, &operation, resolved, None)
+                    let resolved = self.resolve(tx, &operation, &authorized, None)?;
+                    let rewritten =
+                        self.rewrite(tx, ctx, &operation, &authorized, &Resolution::default())?;
+                    self.run_in(tx, ctx, &rewritten, &authorized, resolved, None)
                 });
                 match result {
                     Ok((outcome, receipt)) => {
@@ -414,7 +455,7 @@ impl ResourceService {
         entries: &[RequestEntry],
         handling: Handling,
     ) -> Result<Vec<Result<Outcome, AppError>>, EntryError> {
-        let mut operations = entries
+        let operations = entries
             .iter()
             .enumerate()
             .map(|(index, entry)| {
@@ -423,10 +464,14 @@ impl ResourceService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Every entry is authorized before anything runs: one refusal refuses it all.
-        for (index, operation) in operations.iter_mut().enumerate() {
-            self.authorize_operation(ctx, operation)
-                .map_err(|error| EntryError { index, error })?;
-        }
+        let authorized = operations
+            .iter()
+            .enumerate()
+            .map(|(index, operation)| {
+                self.authorize_operation(ctx, operation)
+                    .map_err(|error| EntryError { index, error })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut order: Vec<usize> = (0..entries.len()).collect();
         order.sort_by_key(|&i| entries[i].method.transaction_rank());
         let fresh_ids: Vec<Option<ResourceId>> = operations
@@ -452,8 +497,12 @@ impl ResourceService {
             let mut resolved = vec![Resolved::Nothing; entries.len()];
             for &index in &order {
                 failed_at = index;
-                resolved[index] =
-                    self.resolve(tx, &operations[index], fresh_ids[index].as_ref())?;
+                resolved[index] = self.resolve(
+                    tx,
+                    &operations[index],
+                    &authorized[index],
+                    fresh_ids[index].as_ref(),
+                )?;
                 if let (Some(full_url), Some(reference)) =
                     (&entries[index].full_url, resolved[index].reference())
                 {
@@ -470,12 +519,26 @@ impl ResourceService {
                         tx,
                         ctx,
                         &operations[index],
+                        &authorized[index],
                         resolved[index].clone(),
                         Some(kind),
                     )?,
                     None => {
-                        let operation = self.rewrite(tx, &operations[index], &resolution)?;
-                        self.run_in(tx, ctx, &operation, resolved[index].clone(), None)?
+                        let operation = self.rewrite(
+                            tx,
+                            ctx,
+                            &operations[index],
+                            &authorized[index],
+                            &resolution,
+                        )?;
+                        self.run_in(
+                            tx,
+                            ctx,
+                            &operation,
+                            &authorized[index],
+                            resolved[index].clone(),
+                            None,
+                        )?
                     }
                 };
                 last_receipt = Some(receipt);
@@ -580,6 +643,7 @@ impl ResourceService {
         &self,
         tx: &mut DbConnection,
         operation: &Operation,
+        authorized: &Authorized,
         fresh_id: Option<&ResourceId>,
     ) -> Result<Resolved, TxError> {
         Ok(match operation {
@@ -592,7 +656,7 @@ impl ResourceService {
                     resource_type.clone(),
                     fresh_id.cloned().unwrap_or_else(ResourceId::generate),
                 ),
-                Some(condition) => match self.single_match(tx, condition, "If-None-Exist")? {
+                Some(_) => match self.single_match(tx, authorized.search()?, "If-None-Exist")? {
                     Some(existing) => Resolved::Existing(existing),
                     None => Resolved::New(resource_type.clone(), ResourceId::generate()),
                 },
@@ -604,8 +668,8 @@ impl ResourceService {
                 ..
             } => match target {
                 Target::Id(id) => Resolved::Id(resource_type.clone(), id.clone()),
-                Target::Matching(condition) => {
-                    match self.single_match(tx, condition, "conditional update")? {
+                Target::Matching(_) => {
+                    match self.single_match(tx, authorized.search()?, "conditional update")? {
                         Some(existing) => {
                             if body_id
                                 .as_deref()
@@ -638,8 +702,8 @@ impl ResourceService {
                 ..
             } => match target {
                 Target::Id(id) => Resolved::Id(resource_type.clone(), id.clone()),
-                Target::Matching(condition) => {
-                    match self.single_match(tx, condition, "conditional delete")? {
+                Target::Matching(_) => {
+                    match self.single_match(tx, authorized.search()?, "conditional delete")? {
                         Some(existing) => Resolved::Id(resource_type.clone(), existing.id),
                         None => Resolved::Nothing,
                     }
@@ -661,10 +725,10 @@ impl ResourceService {
     fn single_match(
         &self,
         tx: &mut DbConnection,
-        condition: &SearchRequest,
+        condition: &AuthorizedSearch,
         what: &str,
     ) -> Result<Option<StoredResource>, TxError> {
-        lock_condition(tx, condition_lock_key(condition))?;
+        lock_condition(tx, condition_lock_key(condition.request()))?;
         let mut matches = self.matching_in(tx, condition, 2)?;
         if matches.len() > 1 {
             return Err(AppError::PreconditionFailed(format!(
@@ -681,7 +745,9 @@ impl ResourceService {
     fn rewrite(
         &self,
         tx: &mut DbConnection,
+        ctx: &RequestContext,
         operation: &Operation,
+        authorized: &Authorized,
         resolution: &Resolution,
     ) -> Result<Operation, TxError> {
         let compact_json = match operation {
@@ -709,11 +775,18 @@ impl ResourceService {
                 });
                 return None;
             }
-            let (type_name, query) = reference.split_once('?')?;
+            if !reference.contains('?') {
+                return None;
+            }
             if let Some(cached) = conditional.get(reference) {
                 return cached.clone();
             }
-            let resolved = self.resolve_conditional_reference(tx, type_name, query);
+            let resolved = match authorized.references.get(reference) {
+                Some(search) => self.resolve_conditional_reference(tx, ctx, reference, search),
+                None => Err(AppError::Internal(
+                    "a conditional reference was not authorized".into(),
+                )),
+            };
             match resolved {
                 Ok(local) => {
                     conditional.insert(reference.to_owned(), Some(local.clone()));
@@ -756,30 +829,55 @@ impl ResourceService {
         })
     }
 
-    /// `Type?query` in a reference: exactly one match, or the request fails
-    /// (transaction.html#cond-references).
-    fn resolve_conditional_reference(
-        &self,
-        tx: &mut DbConnection,
-        type_name: &str,
-        query: &str,
-    ) -> Result<String, AppError> {
-        let shown: String = format!("{type_name}?{query}").chars().take(120).collect();
+    /// Parses the search a conditional reference (`Type?query`) makes.
+    fn parse_conditional_reference(&self, reference: &str) -> Result<SearchRequest, AppError> {
+        let shown: String = reference.chars().take(120).collect();
+        let (type_name, query) = reference.split_once('?').ok_or_else(|| {
+            AppError::bad_request(format!("'{shown}' is not a conditional reference"))
+        })?;
         let resource_type = self.resolve_type(type_name)?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|_| {
             AppError::bad_request(format!("conditional reference '{shown}' is malformed"))
         })?;
+        if pairs.is_empty() {
+            return Err(AppError::bad_request(format!(
+                "conditional reference '{shown}' has no search parameters"
+            )));
+        }
         let index = self.search_index();
-        let request = parse_search(
+        Ok(parse_search(
             index.registry(),
             index,
             vec![resource_type.to_string()],
             &pairs,
             Handling::Strict,
-        )?;
-        let matches = self.matching_in(tx, &request, 2)?;
+        )?)
+    }
+
+    /// `Type?query` in a reference: exactly one match, or the request fails
+    /// (transaction.html#cond-references). The match is a disclosure (its id is written
+    /// into the resource), ledgered in the transaction like a search's.
+    fn resolve_conditional_reference(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        reference: &str,
+        search: &AuthorizedSearch,
+    ) -> Result<String, AppError> {
+        let shown: String = reference.chars().take(120).collect();
+        let matches = self.matching_in(tx, search, 2)?;
         match matches.as_slice() {
-            [only] => Ok(format!("{}/{}", only.resource_type, only.id)),
+            [only] => {
+                let members = self.search_index().stored_compartments(
+                    only.resource_type.as_str(),
+                    only.id.as_str(),
+                    &only.json,
+                );
+                let disclosed = target(&only.resource_type, &only.id, Some(only.meta.version_id));
+                let event = LedgerEvent::permit("search").touching(disclosed, members);
+                self.ledger().append_in(tx, ctx, event)?;
+                Ok(format!("{}/{}", only.resource_type, only.id))
+            }
             [] => Err(AppError::PreconditionFailed(format!(
                 "conditional reference '{shown}' matches no resource"
             ))),
@@ -796,24 +894,23 @@ impl ResourceService {
         tx: &mut DbConnection,
         ctx: &RequestContext,
         operation: &Operation,
+        authorized: &Authorized,
         resolved: Resolved,
         prepared: Option<&WriteKind>,
     ) -> Result<(Outcome, String), TxError> {
         match (operation, resolved) {
             (_, Resolved::Existing(existing)) => {
-                let event = LedgerEvent::permit(
-                    "search",
-                    vec![target(
-                        &existing.resource_type,
-                        &existing.id,
-                        Some(existing.meta.version_id),
-                    )],
-                    crate::fhir::compartment::patient_compartment(
-                        existing.resource_type.as_str(),
-                        existing.id.as_str(),
-                        &existing.json,
-                    ),
+                let members = self.search_index().stored_compartments(
+                    existing.resource_type.as_str(),
+                    existing.id.as_str(),
+                    &existing.json,
                 );
+                let disclosed = target(
+                    &existing.resource_type,
+                    &existing.id,
+                    Some(existing.meta.version_id),
+                );
+                let event = LedgerEvent::permit("search").touching(disclosed, members);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Existing(existing), receipt))
             }
@@ -899,7 +996,7 @@ impl ResourceService {
             (Operation::Delete { .. }, Resolved::Nothing) => {
                 // A conditional delete that matched nothing: the attempt is still ledgered,
                 // naming no resource since none was touched.
-                let event = LedgerEvent::permit("delete", Vec::new(), None);
+                let event = LedgerEvent::permit("delete");
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Deleted(None), receipt))
             }
@@ -913,53 +1010,41 @@ impl ResourceService {
             ) => {
                 let head = existing_head(tx, &resource_type, &id)?;
                 let version_id = version.unwrap_or(head.current_version);
-                // A token confined to a compartment learns nothing of a resource before the
-                // compartment check below, not even that its version is current.
-                let confined =
-                    policy::authorize(&ctx.principal, Permission::Read, resource_type.as_str())
-                        .is_ok_and(|grant| grant.confinement.is_some());
-                if version.is_none()
-                    && *if_none_match == Some(head.current_version)
-                    && !head.deleted
-                    && !confined
-                {
-                    let meta = VersionMeta {
-                        version_id: head.current_version,
-                        last_updated: head.last_updated,
-                    };
-                    let event = LedgerEvent::permit(
-                        "read",
-                        vec![target(&resource_type, &id, Some(head.current_version))],
-                        None,
-                    );
-                    let receipt = self.ledger().append_in(tx, ctx, event)?;
-                    return Ok((Outcome::NotModified(meta), receipt));
-                }
                 let row = rows::version(tx, resource_type.as_str(), id.as_str(), version_id)?
                     .ok_or_else(|| {
                         AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
                     })?;
-                let resource = self.open_version(&resource_type, &id, &row)?;
-                self.visible(
-                    ctx,
-                    resource_type.as_str(),
-                    id.as_str(),
-                    Some(&resource.json),
-                )?;
-                let event = LedgerEvent::permit(
-                    if version.is_some() { "vread" } else { "read" },
-                    vec![target(&resource_type, &id, Some(version_id))],
-                    crate::fhir::compartment::patient_compartment(
-                        resource_type.as_str(),
-                        id.as_str(),
-                        &resource.json,
-                    ),
-                );
+                // The gate before anything about the resource is told, even that the
+                // client's version is current.
+                let (resource, members) = match self.open_version(&resource_type, &id, &row) {
+                    Ok(resource) => {
+                        let members = self.search_index().stored_compartments(
+                            resource_type.as_str(),
+                            id.as_str(),
+                            &resource.json,
+                        );
+                        self.visible(ctx, resource_type.as_str(), members.as_ref())?;
+                        (resource, members)
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                let disclosed = target(&resource_type, &id, Some(version_id));
+                if version.is_none() && *if_none_match == Some(head.current_version) {
+                    let meta = VersionMeta {
+                        version_id: head.current_version,
+                        last_updated: head.last_updated,
+                    };
+                    let event = LedgerEvent::permit("read").touching(disclosed, members);
+                    let receipt = self.ledger().append_in(tx, ctx, event)?;
+                    return Ok((Outcome::NotModified(meta), receipt));
+                }
+                let action = if version.is_some() { "vread" } else { "read" };
+                let event = LedgerEvent::permit(action).touching(disclosed, members);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Read(resource), receipt))
             }
             (Operation::Search(request), _) => {
-                let (page, receipt) = self.search_in(tx, ctx, request)?;
+                let (page, receipt) = self.search_in(tx, ctx, authorized.search()?)?;
                 Ok((
                     Outcome::Searched {
                         page: Box::new(page),
@@ -1013,7 +1098,7 @@ impl ResourceService {
 }
 
 /// The condition of a conditional target.
-fn matching(target: &mut Target) -> Option<&mut SearchRequest> {
+fn matching(target: &Target) -> Option<&SearchRequest> {
     match target {
         Target::Matching(condition) => Some(condition),
         Target::Id(_) => None,
@@ -1062,6 +1147,8 @@ pub struct ConditionalHeaders<'a> {
     pub if_match: Option<&'a str>,
     pub if_none_exist: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
+    /// The format of a PATCH body.
+    pub patch_format: PatchFormat,
 }
 
 /// Which resource an operation turned out to apply to.
@@ -1133,8 +1220,9 @@ fn parse_etag(text: &str) -> Result<i64, AppError> {
         .ok_or_else(|| AppError::bad_request("an ETag must look like W/\"3\""))
 }
 
-/// The JSON Patch carried by a Binary resource in a Bundle entry.
-fn binary_patch(binary: &str) -> Result<Vec<u8>, AppError> {
+/// The patch a PATCH entry carries (http.html#patch): a JSON Patch as a Binary, or a
+/// FHIRPath Patch as the Parameters resource itself.
+fn patch_entry(resource: &str) -> Result<(PatchFormat, Vec<u8>), AppError> {
     use base64::Engine as _;
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -1143,16 +1231,38 @@ fn binary_patch(binary: &str) -> Result<Vec<u8>, AppError> {
         content_type: Option<String>,
         data: Option<String>,
     }
-    let binary: Binary = serde_json::from_str(binary)
-        .map_err(|_| AppError::bad_request("a PATCH entry's resource must be a Binary"))?;
+    let binary: Binary = serde_json::from_str(resource).map_err(|_| {
+        AppError::bad_request("a PATCH entry's resource must be a Binary or a Parameters")
+    })?;
+    if binary.resource_type == "Parameters" {
+        return Ok((PatchFormat::FhirPath, resource.as_bytes().to_vec()));
+    }
     if binary.resource_type != "Binary"
         || binary.content_type.as_deref() != Some("application/json-patch+json")
     {
         return Err(AppError::UnsupportedMediaType(
-            "a PATCH entry carries a Binary with contentType application/json-patch+json".into(),
+            "a PATCH entry carries a Binary with contentType application/json-patch+json, or a \
+             FHIRPath Patch Parameters resource"
+                .into(),
         ));
     }
-    base64::engine::general_purpose::STANDARD
+    let patch = base64::engine::general_purpose::STANDARD
         .decode(binary.data.unwrap_or_default())
-        .map_err(|_| AppError::bad_request("the Binary's data is not base64"))
+        .map_err(|_| AppError::bad_request("the Binary's data is not base64"))?;
+    Ok((PatchFormat::JsonPatch, patch))
+}
+
+/// The conditional references (`Type?query`) in a resource's JSON, each once.
+fn conditional_references(json: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let _ = rewrite_references(json, |reference| {
+        if reference.contains('?')
+            && !reference.starts_with("urn:")
+            && !found.iter().any(|f| f == reference)
+        {
+            found.push(reference.to_owned());
+        }
+        None
+    });
+    found
 }

@@ -2,9 +2,9 @@
 //! the patient and every current resource in its compartment, paged by cursor, with one
 //! ledger entry per page naming every resource it disclosed.
 //!
-//! Membership follows the R4 Patient CompartmentDefinition
-//! ([`crate::fhir::compartment_definition`]): a resource is in the compartment when one of the
-//! definition's reference parameters for its type holds `Patient/{id}`. The index holds those
+//! Membership follows the one compartment rule ([`crate::fhir::compartment`]: R4's Patient
+//! CompartmentDefinition and its extension): a resource is in the compartment when one of
+//! the rule's reference parameters for its type holds `Patient/{id}`. The index holds those
 //! references as keyed digests, so the whole compartment is one search for "any of these
 //! digests" over the compartment's types, in storage order (`seq`), which pages stably while
 //! resources are added.
@@ -13,7 +13,6 @@ use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
-use crate::fhir::compartment_definition::PATIENT_COMPARTMENT;
 use crate::store::DbConnection;
 use crate::store::resources as rows;
 use crate::store::search::{self as index, Condition, RangeOp, RangeTest, SearchSql};
@@ -71,10 +70,10 @@ impl ResourceService {
                 asked.clone(),
             )?;
             // A confined token opens only the records of the patients its grant reaches.
-            if let Some(confined) = this.confined(None, &ctx, &grant)?
-                && !confined.patients.contains(query.patient.as_str())
+            if let Some(confinement) = &grant.confinement
+                && !this.opens(None, &ctx, confinement, query.patient.as_str())?
             {
-                let refusal = confined.confinement.refusal();
+                let refusal = confinement.refusal();
                 return Err(this
                     .ledger()
                     .refuse(&ctx, EVERYTHING_ACTION, asked, refusal));
@@ -82,21 +81,25 @@ impl ResourceService {
             let mut conn = this.connection()?;
             let page = this.everything_page(&mut conn, &query);
             drop(conn);
-            let patient = format!("Patient/{}", query.patient);
             match page {
                 Ok(mut page) => {
                     // Compartment members of types the token may not see are withheld.
                     let withheld = this.withhold_unseen(&ctx, &mut page.resources);
-                    let disclosed = page
-                        .resources
-                        .iter()
-                        .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
-                        .collect();
-                    this.ledger().append(
-                        &ctx,
-                        LedgerEvent::permit(EVERYTHING_ACTION, disclosed, Some(patient))
-                            .withholding(withheld),
-                    )?;
+                    let index = this.search_index();
+                    let mut event = LedgerEvent::permit(EVERYTHING_ACTION)
+                        .concerning([query.patient.to_string()])
+                        .withholding(withheld);
+                    for r in &page.resources {
+                        event.touch(
+                            target(&r.resource_type, &r.id, Some(r.meta.version_id)),
+                            index.stored_compartments(
+                                r.resource_type.as_str(),
+                                r.id.as_str(),
+                                &r.json,
+                            ),
+                        );
+                    }
+                    this.ledger().append(&ctx, event)?;
                     Ok(page)
                 }
                 Err(error) => {
@@ -109,11 +112,9 @@ impl ResourceService {
                         AppError::Gone { version_id, .. } => Some(*version_id),
                         _ => None,
                     };
-                    let event = LedgerEvent::deny(
-                        EVERYTHING_ACTION,
-                        reason,
-                        vec![target(&patient_type, &query.patient, version)],
-                    );
+                    let event = LedgerEvent::deny(EVERYTHING_ACTION, reason)
+                        .naming(vec![target(&patient_type, &query.patient, version)])
+                        .concerning([query.patient.to_string()]);
                     this.ledger().append(&ctx, event)?;
                     Err(error)
                 }
@@ -215,7 +216,7 @@ impl ResourceService {
         let reference = format!("Patient/{id}");
         let mut types = Vec::new();
         let mut digests = Vec::new();
-        for (resource_type, params) in PATIENT_COMPARTMENT {
+        for (resource_type, params) in index.compartment_rule().types() {
             if !wanted(resource_type) || self.resolve_type(resource_type).is_err() {
                 continue;
             }
@@ -229,7 +230,7 @@ impl ResourceService {
                     }),
             );
             if digests.len() > before {
-                types.push((*resource_type).to_owned());
+                types.push(resource_type.to_owned());
             }
         }
         (types, digests)

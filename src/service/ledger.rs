@@ -1,6 +1,7 @@
 //! Recording interactions in the ledger and running the sequencer; read access to the log
 //! for the ledger API.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, mpsc};
 
 use crate::access::policy::{self, Refusal};
@@ -21,15 +22,32 @@ use super::resources::now_micros;
 /// Most entries one page of `GET /ledger/entries` returns.
 pub const MAX_ENTRIES_PAGE: i64 = 1000;
 
-/// A signed entry not yet stored: what [`LedgerService::store_in`] writes.
+/// Signed entries not yet stored: what [`LedgerService::store_in`] writes. The first is the
+/// lead entry, whose receipt the request returns.
 #[derive(Debug, Clone)]
 pub struct PendingEntry {
-    entry: SignedEntry,
-    /// When it was signed (µs since the epoch), the pending row's `created_at`.
+    entries: Vec<SignedEntry>,
+    /// When they were signed (µs since the epoch), the pending rows' `created_at`.
     signed_at: i64,
 }
 
+/// A resource an interaction disclosed or changed, with the patients whose compartments
+/// hold it (by the one compartment rule).
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub resource: EntryResource,
+    /// Patient ids; empty for shared reference data or a resource in no compartment.
+    pub patients: BTreeSet<String>,
+}
+
 /// What happened, to be recorded.
+///
+/// An event that touches one patient's record at most becomes one entry naming that patient.
+/// An event that touches several patients' records (a search or history page across
+/// patients) becomes one entry per patient, each naming only that patient's resources and
+/// pointing at a lead entry (`partOf`), plus the lead entry itself, which names no patient,
+/// lists its parts' receipts (`parts`) and holds the shared resources and the `withheld`
+/// count. Each patient's view shows the entry about them and nothing of the others.
 #[derive(Debug, Clone)]
 pub struct LedgerEvent {
     pub action: &'static str,
@@ -39,52 +57,67 @@ pub struct LedgerEvent {
     pub rule: Option<&'static str>,
     /// Resources matched but withheld from the token (searches, histories).
     pub withheld: Option<u64>,
-    pub resources: Vec<EntryResource>,
-    pub patient: Option<String>,
-    /// Every compartment the resources belong to, when more than one.
-    pub patients: Vec<String>,
+    pub resources: Vec<Touched>,
+    /// Patients (ids) the event concerns besides its resources' compartments: the
+    /// compartments a refusal was decided on, the patient whose account was viewed.
+    pub concerns: BTreeSet<String>,
+    /// How many requests an aggregated entry stands for (unauthenticated refusals).
+    pub count: Option<u64>,
+    /// The client address an aggregated entry counts requests from.
+    pub source: Option<String>,
 }
 
 impl LedgerEvent {
-    pub fn permit(
-        action: &'static str,
-        resources: Vec<EntryResource>,
-        patient: Option<String>,
-    ) -> Self {
+    pub fn permit(action: &'static str) -> Self {
+        Self::new(action, Outcome::Permit, None)
+    }
+
+    pub fn deny(action: &'static str, reason: &'static str) -> Self {
+        Self::new(action, Outcome::Deny, Some(reason))
+    }
+
+    fn new(action: &'static str, outcome: Outcome, reason: Option<&'static str>) -> Self {
         Self {
             action,
-            outcome: Outcome::Permit,
-            reason: None,
+            outcome,
+            reason,
             rule: None,
             withheld: None,
-            resources,
-            patient,
-            patients: Vec::new(),
+            resources: Vec::new(),
+            concerns: BTreeSet::new(),
+            count: None,
+            source: None,
         }
     }
 
-    /// Names the compartments of the disclosed resources: one as `patient`, several as
-    /// `patients`.
-    pub fn in_compartments(mut self, compartments: std::collections::BTreeSet<String>) -> Self {
-        if compartments.len() == 1 {
-            self.patient = compartments.into_iter().next();
-        } else {
-            self.patients = compartments.into_iter().collect();
-        }
+    /// Names a resource, in the compartments of `patients` (`None`: a type outside them).
+    pub fn touching(mut self, resource: EntryResource, patients: Option<BTreeSet<String>>) -> Self {
+        self.touch(resource, patients);
         self
     }
 
-    pub fn deny(action: &'static str, reason: &'static str, resources: Vec<EntryResource>) -> Self {
-        Self {
-            action,
-            outcome: Outcome::Deny,
-            reason: Some(reason),
-            rule: None,
-            withheld: None,
-            resources,
-            patient: None,
-            patients: Vec::new(),
-        }
+    /// [`Self::touching`], in place.
+    pub fn touch(&mut self, resource: EntryResource, patients: Option<BTreeSet<String>>) {
+        self.resources.push(Touched {
+            resource,
+            patients: patients.unwrap_or_default(),
+        });
+    }
+
+    /// Names resources without placing them in any compartment (what was asked for by a
+    /// refused request, before anything was read).
+    pub fn naming(mut self, resources: Vec<EntryResource>) -> Self {
+        self.resources.extend(resources.into_iter().map(|resource| Touched {
+            resource,
+            patients: BTreeSet::new(),
+        }));
+        self
+    }
+
+    /// Adds patients (ids) the event concerns besides its resources' compartments.
+    pub fn concerning(mut self, patients: impl IntoIterator<Item = String>) -> Self {
+        self.concerns.extend(patients);
+        self
     }
 
     /// Names the access rule that decided.
@@ -97,6 +130,15 @@ impl LedgerEvent {
     pub fn withholding(mut self, withheld: u64) -> Self {
         self.withheld = (withheld > 0).then_some(withheld);
         self
+    }
+
+    /// Every patient the event touches or concerns.
+    fn patients(&self) -> BTreeSet<&str> {
+        self.concerns
+            .iter()
+            .chain(self.resources.iter().flat_map(|r| &r.patients))
+            .map(String::as_str)
+            .collect()
     }
 }
 
@@ -198,8 +240,8 @@ impl LedgerService {
         &self.key
     }
 
-    /// Signs an entry for `event` and stores it as pending, inside the caller's transaction
-    /// (so a write and its entry commit together). Returns the receipt.
+    /// Signs the entries of `event` and stores them as pending, inside the caller's
+    /// transaction (so a write and its entries commit together). Returns the lead receipt.
     pub fn append_in(
         &self,
         conn: &mut DbConnection,
@@ -210,62 +252,56 @@ impl LedgerService {
         Self::store_in(conn, &signed)
     }
 
-    /// Builds and signs the entry for `event` without storing it: a write signs its entry
-    /// before taking the database's write lock, and stores it with [`Self::store_in`].
+    /// Builds and signs the entries of `event` without storing them: a write signs its
+    /// entries before taking the database's write lock, and stores them with
+    /// [`Self::store_in`].
     pub(crate) fn sign_event(
         &self,
         ctx: &RequestContext,
         event: LedgerEvent,
     ) -> Result<PendingEntry, AppError> {
-        let (entry, signed_at) = self.sign(ctx, event)?;
-        Ok(PendingEntry { entry, signed_at })
+        let (entries, signed_at) = self.sign(ctx, event)?;
+        Ok(PendingEntry { entries, signed_at })
     }
 
-    /// Stores a signed entry as pending inside the caller's transaction. Returns the receipt.
+    /// Stores signed entries as pending inside the caller's transaction. Returns the lead
+    /// receipt.
     pub(crate) fn store_in(
         conn: &mut DbConnection,
         pending: &PendingEntry,
     ) -> Result<String, AppError> {
-        let PendingEntry { entry, signed_at } = pending;
-        rows::insert_entry(conn, &entry.receipt, &entry.leaf_data, *signed_at)
-            .map_err(unavailable)?;
-        Ok(entry.receipt.clone())
+        let PendingEntry { entries, signed_at } = pending;
+        for entry in entries {
+            rows::insert_entry(conn, &entry.receipt, &entry.leaf_data, *signed_at)
+                .map_err(unavailable)?;
+        }
+        lead_receipt(entries)
     }
 
-    /// Builds and signs the entry for `event`.
+    /// Builds and signs the entries of `event` (see [`LedgerEvent`]): the lead first.
     fn sign(
         &self,
         ctx: &RequestContext,
         event: LedgerEvent,
-    ) -> Result<(SignedEntry, i64), AppError> {
+    ) -> Result<(Vec<SignedEntry>, i64), AppError> {
         let now = now_micros();
-        let entry = LedgerEntry {
-            v: ENTRY_VERSION,
-            id: uuid::Uuid::now_v7().to_string(),
-            time: format_instant(now),
-            actor: ctx.principal.ledger_actor(),
-            action: event.action.to_owned(),
-            outcome: event.outcome,
-            reason: event.reason.map(str::to_owned),
-            rule: event.rule.or_else(|| ctx.rule.get()).map(str::to_owned),
-            withheld: event.withheld,
-            resources: event.resources,
-            patient: event.patient,
-            patients: event.patients,
-            request: ctx.request_id.clone(),
-        };
-        Ok((entry.sign(&self.key).map_err(unavailable)?, now))
+        let entries = entries_of(ctx, event, &format_instant(now));
+        let signed = entries
+            .into_iter()
+            .map(|entry| entry.sign(&self.key).map_err(unavailable))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((signed, now))
     }
 
-    /// Records `event` in its own transaction; the entry is durable when this returns.
-    /// Sets the request's receipt.
+    /// Records `event` in its own transaction; its entries are durable when this returns.
+    /// Sets the request's receipt to the lead entry's.
     ///
     /// Concurrent callers share transactions (group commit): one thread commits whatever
     /// entries queued while the previous commit was running, so durable reads cost a
     /// fraction of an fsync each.
     pub fn append(&self, ctx: &RequestContext, event: LedgerEvent) -> Result<String, AppError> {
         let (signed, now) = self.sign(ctx, event)?;
-        let receipt = signed.receipt.clone();
+        let receipt = lead_receipt(&signed)?;
         self.committer.commit(signed, now)?;
         ctx.receipt.set(receipt.clone());
         Ok(receipt)
@@ -280,7 +316,9 @@ impl LedgerService {
         resources: Vec<EntryResource>,
         refusal: Refusal,
     ) -> AppError {
-        let event = LedgerEvent::deny(action, "forbidden", resources).decided_by(refusal.rule);
+        let event = LedgerEvent::deny(action, "forbidden")
+            .naming(resources)
+            .decided_by(refusal.rule);
         match self.append(ctx, event) {
             Ok(_) => refusal.into(),
             Err(error) => error,
@@ -311,7 +349,7 @@ impl LedgerService {
         let (this, ctx) = (self.clone(), ctx.clone());
         let reason = error.reason();
         let recorded = blocking(move || {
-            let event = LedgerEvent::deny("authenticate", reason, Vec::new())
+            let event = LedgerEvent::deny("authenticate", reason)
                 .decided_by(policy::RULE_AUTHENTICATION);
             this.append(&ctx, event)
         })
@@ -558,7 +596,7 @@ impl LedgerService {
 const MAX_GROUP: usize = 1024;
 
 struct CommitJob {
-    entry: SignedEntry,
+    entries: Vec<SignedEntry>,
     created_at: i64,
     done: mpsc::SyncSender<Result<(), String>>,
 }
@@ -601,18 +639,20 @@ impl GroupCommitter {
     fn commit_group(pool: &DbPool, group: &[CommitJob]) -> Result<(), StoreError> {
         pool.write(|tx| {
             for job in group {
-                rows::insert_entry(tx, &job.entry.receipt, &job.entry.leaf_data, job.created_at)?;
+                for entry in &job.entries {
+                    rows::insert_entry(tx, &entry.receipt, &entry.leaf_data, job.created_at)?;
+                }
             }
             Ok(())
         })
     }
 
-    /// Queues the entry and waits until its group is committed.
-    fn commit(&self, entry: SignedEntry, created_at: i64) -> Result<(), AppError> {
+    /// Queues the entries and waits until their group is committed.
+    fn commit(&self, entries: Vec<SignedEntry>, created_at: i64) -> Result<(), AppError> {
         let (done, wait) = mpsc::sync_channel(1);
         self.queue
             .send(CommitJob {
-                entry,
+                entries,
                 created_at,
                 done,
             })
@@ -623,6 +663,70 @@ impl GroupCommitter {
             Err(_) => Err(unavailable("the ledger commit thread stopped")),
         }
     }
+}
+
+/// The entries of an event, lead first (see [`LedgerEvent`]), timed `time`.
+fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -> Vec<LedgerEntry> {
+    let patients: Vec<String> = event.patients().into_iter().map(str::to_owned).collect();
+    let entry = |resources: Vec<EntryResource>, patient: Option<&String>| LedgerEntry {
+        v: ENTRY_VERSION,
+        id: uuid::Uuid::now_v7().to_string(),
+        time: time.to_owned(),
+        actor: ctx.principal.ledger_actor(),
+        action: event.action.to_owned(),
+        outcome: event.outcome,
+        reason: event.reason.map(str::to_owned),
+        rule: event.rule.or_else(|| ctx.rule.get()).map(str::to_owned),
+        withheld: None,
+        resources,
+        patient: patient.map(|p| format!("Patient/{p}")),
+        patients: Vec::new(),
+        parts: Vec::new(),
+        part_of: None,
+        count: event.count,
+        source: event.source.clone(),
+        request: ctx.request_id.clone(),
+    };
+    if patients.len() <= 1 {
+        let resources = event.resources.iter().map(|r| r.resource.clone()).collect();
+        let mut only = entry(resources, patients.first());
+        only.withheld = event.withheld;
+        return vec![only];
+    }
+    let shared = event
+        .resources
+        .iter()
+        .filter(|r| r.patients.is_empty())
+        .map(|r| r.resource.clone())
+        .collect();
+    let mut lead = entry(shared, None);
+    lead.withheld = event.withheld;
+    let mut parts: Vec<LedgerEntry> = patients
+        .iter()
+        .map(|patient| {
+            let theirs = event
+                .resources
+                .iter()
+                .filter(|r| r.patients.contains(patient))
+                .map(|r| r.resource.clone())
+                .collect();
+            let mut part = entry(theirs, Some(patient));
+            part.part_of = Some(lead.id.clone());
+            part
+        })
+        .collect();
+    lead.parts = parts.iter().map(|part| part.id.clone()).collect();
+    let mut all = vec![lead];
+    all.append(&mut parts);
+    all
+}
+
+/// The receipt a request returns for the entries of one event: the lead's.
+fn lead_receipt(entries: &[SignedEntry]) -> Result<String, AppError> {
+    entries
+        .first()
+        .map(|entry| entry.receipt.clone())
+        .ok_or_else(|| AppError::Internal("an event produced no ledger entry".into()))
 }
 
 fn ledger_internal(error: LedgerError) -> AppError {

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod audit_events;
 pub mod bundles;
 pub mod everything;
+pub mod gate;
 pub mod ledger;
 pub mod resources;
 pub mod search;

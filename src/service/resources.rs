@@ -4,16 +4,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::access::Principal;
-use crate::access::consent::{ConsentKind, ConsentRequest, permitted_patients};
-use crate::access::policy::{self, Confinement, Grant};
+use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
-use crate::fhir::compartment::patient_compartment;
 use crate::fhir::document::{self, VersionMeta};
-use crate::fhir::patch::{parse_json_patch, patch_resource};
-use crate::fhir::search_query::{Handling, parse_search};
+use crate::fhir::patch::{PatchDocument, PatchFormat, parse_patch, patch_resource};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
@@ -25,6 +21,7 @@ use crate::store::search::{self as search_rows, IndexRows};
 use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
+use super::gate::withhold;
 use super::ledger::{LedgerEvent, LedgerService, PendingEntry};
 use super::search::SearchIndex;
 
@@ -41,16 +38,6 @@ pub struct StoredResource {
     /// The stored JSON (decrypted).
     pub json: String,
 }
-
-/// A confined grant resolved: the patients whose compartments it opens.
-#[derive(Debug, Clone)]
-pub struct Confined {
-    pub confinement: Confinement,
-    pub patients: Arc<BTreeSet<String>>,
-}
-
-/// Most active Consents evaluated for one request.
-const MAX_ACTIVE_CONSENTS: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
@@ -117,6 +104,14 @@ pub struct HistoryPage {
     pub next_before_version: Option<i64>,
 }
 
+/// A resource read for a client, with the compartments it is in (for its ledger entry).
+#[derive(Debug, Clone)]
+pub(crate) struct Disclosed {
+    pub resource: StoredResource,
+    /// `None` for a type outside compartments.
+    pub members: Option<BTreeSet<String>>,
+}
+
 /// Services over stored resources. Cheap to clone.
 #[derive(Clone)]
 pub struct ResourceService {
@@ -125,6 +120,8 @@ pub struct ResourceService {
     types: Arc<ResourceTypes>,
     ledger: LedgerService,
     search: Arc<SearchIndex>,
+    /// Largest resource a PATCH may produce (the request body limit: what a PUT may send).
+    max_resource_bytes: usize,
 }
 
 /// What a write wants to do once it has seen the current state.
@@ -135,10 +132,9 @@ pub(super) enum WriteKind {
         method: &'static str,
     },
     Delete,
-    /// A JSON Patch, applied inside the write transaction to the version it reads there.
-    Patch {
-        patch: json_patch::Patch,
-    },
+    /// A patch (JSON Patch or FHIRPath Patch), applied inside the write transaction to the
+    /// version it reads there.
+    Patch { patch: PatchDocument },
     /// Content prepared as the first version of a new resource before the transaction
     /// began; written as plain content if the resource exists by then.
     Prepared(Box<PreparedVersion>),
@@ -214,7 +210,14 @@ impl ResourceService {
             types,
             ledger,
             search,
+            max_resource_bytes: 16 * 1024 * 1024,
         }
+    }
+
+    /// Bounds what a PATCH may produce (the server's request body limit).
+    pub fn with_max_resource_bytes(mut self, max_resource_bytes: usize) -> Self {
+        self.max_resource_bytes = max_resource_bytes;
+        self
     }
 
     pub fn search_index(&self) -> &SearchIndex {
@@ -223,261 +226,6 @@ impl ResourceService {
 
     pub(crate) fn ledger(&self) -> &LedgerService {
         &self.ledger
-    }
-
-    /// Asks the access policy whether the request may do `permission` on `resource_type`,
-    /// before anything is read. A refusal is ledgered under `action`, naming `resources`
-    /// (what was asked for, never content), and returned as 403; a permit's rule is named
-    /// by the request's ledger entries.
-    pub(crate) fn authorize(
-        &self,
-        ctx: &RequestContext,
-        permission: Permission,
-        resource_type: &str,
-        action: &'static str,
-        resources: Vec<EntryResource>,
-    ) -> Result<Grant, AppError> {
-        match policy::authorize(&ctx.principal, permission, resource_type) {
-            Ok(grant) => {
-                ctx.rule.set(grant.rule);
-                Ok(grant)
-            }
-            Err(refusal) => Err(self.ledger.refuse(ctx, action, resources, refusal)),
-        }
-    }
-
-    /// [`Self::authorize`] for an interaction on one resource (version), which a refusal
-    /// names.
-    fn authorize_instance(
-        &self,
-        ctx: &RequestContext,
-        permission: Permission,
-        resource_type: &ResourceType,
-        id: &ResourceId,
-        version_id: Option<i64>,
-        action: &'static str,
-    ) -> Result<Grant, AppError> {
-        let asked = vec![target(resource_type, id, version_id)];
-        self.authorize(ctx, permission, resource_type.as_str(), action, asked)
-    }
-
-    /// The patients whose compartments a grant opens (`None`: it is not confined). Resolved
-    /// once per request and kept in its context: a Consent-based confinement reads every
-    /// active Consent (through `conn`, or a pooled connection when none is given).
-    pub(crate) fn confined(
-        &self,
-        conn: Option<&mut DbConnection>,
-        ctx: &RequestContext,
-        grant: &Grant,
-    ) -> Result<Option<Confined>, AppError> {
-        let Some(confinement) = &grant.confinement else {
-            return Ok(None);
-        };
-        if let Some((resolved_for, patients)) = ctx.confined.get()
-            && resolved_for == *confinement
-        {
-            return Ok(Some(Confined {
-                confinement: confinement.clone(),
-                patients,
-            }));
-        }
-        let patients = match confinement {
-            Confinement::Patient(patient) => BTreeSet::from([patient.clone()]),
-            Confinement::Treatment { actor } => {
-                self.consented_patients(conn, ctx, ConsentKind::Treatment, Some(actor))?
-            }
-            Confinement::Research { actor } => {
-                self.consented_patients(conn, ctx, ConsentKind::Research, actor.as_deref())?
-            }
-        };
-        let patients = Arc::new(patients);
-        ctx.confined.set((confinement.clone(), patients.clone()));
-        Ok(Some(Confined {
-            confinement: confinement.clone(),
-            patients,
-        }))
-    }
-
-    /// The patients whose active Consents permit `actor` for the request's purpose (see
-    /// [`crate::access::consent`]), read through `conn` or a pooled connection.
-    fn consented_patients(
-        &self,
-        conn: Option<&mut DbConnection>,
-        ctx: &RequestContext,
-        kind: ConsentKind,
-        actor: Option<&str>,
-    ) -> Result<BTreeSet<String>, AppError> {
-        let purpose = match &ctx.principal {
-            Principal::Token(identity) => identity.purpose_of_use.as_deref(),
-            _ => None,
-        };
-        let index = self.search_index();
-        let query = [("status".to_owned(), "active".to_owned())];
-        let request = parse_search(
-            index.registry(),
-            index,
-            vec!["Consent".to_owned()],
-            &query,
-            Handling::Strict,
-        )?;
-        let consents = match conn {
-            Some(conn) => self.matching_in(conn, &request, MAX_ACTIVE_CONSENTS + 1)?,
-            None => {
-                self.matching_in(&mut *self.connection()?, &request, MAX_ACTIVE_CONSENTS + 1)?
-            }
-        };
-        if consents.len() as i64 > MAX_ACTIVE_CONSENTS {
-            return Err(AppError::Unavailable(format!(
-                "more than {MAX_ACTIVE_CONSENTS} active Consents: too many to evaluate per request"
-            )));
-        }
-        let parsed: Vec<serde_json::Value> = consents
-            .iter()
-            .filter_map(|c| serde_json::from_str(&c.json).ok())
-            .collect();
-        let request = ConsentRequest {
-            kind,
-            actor,
-            purpose,
-            now: now_micros(),
-        };
-        Ok(permitted_patients(&parsed, &request))
-    }
-
-    /// Whether the request may see a resource version it did not ask for by type and id
-    /// (includes, `$everything`, histories): the token must be allowed to read its type,
-    /// and a confined token sees only what is in the compartments it opens. A deletion
-    /// (`json` absent) of a type that belongs to compartments cannot be placed in one, so a
-    /// confined token does not see it. What it may not see is withheld.
-    pub(crate) fn may_see(
-        &self,
-        ctx: &RequestContext,
-        resource_type: &str,
-        id: &str,
-        json: Option<&str>,
-    ) -> bool {
-        self.visible(ctx, resource_type, id, json).is_ok()
-    }
-
-    /// Withholds the resources the request may not see; returns how many.
-    pub(crate) fn withhold_unseen(
-        &self,
-        ctx: &RequestContext,
-        resources: &mut Vec<StoredResource>,
-    ) -> u64 {
-        withhold(resources, |r| {
-            self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
-        })
-    }
-
-    /// [`Self::may_see`], with the refusal when it may not.
-    pub(crate) fn visible(
-        &self,
-        ctx: &RequestContext,
-        resource_type: &str,
-        id: &str,
-        json: Option<&str>,
-    ) -> Result<(), AppError> {
-        let grant = policy::authorize(&ctx.principal, Permission::Read, resource_type)?;
-        let Some(confined) = self.confined(None, ctx, &grant)? else {
-            return Ok(());
-        };
-        // One parse of the resource tells whether it is inside and, if not, whose it is.
-        let members = match json {
-            Some(json) => self.search.stored_compartments(resource_type, id, json),
-            // A tombstone names no patient.
-            None => self
-                .search
-                .has_compartments(resource_type)
-                .then(BTreeSet::new),
-        };
-        match members {
-            Some(members) if members.is_disjoint(&confined.patients) => {
-                Err(outside(&confined, &members))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// A read of one resource by a confined token: the resource must be in its
-    /// compartments. The check reads the resource but discloses nothing: a resource outside
-    /// is refused.
-    fn confine_read(
-        &self,
-        ctx: &RequestContext,
-        result: Result<StoredResource, AppError>,
-    ) -> Result<StoredResource, AppError> {
-        let resource = result?;
-        self.visible(
-            ctx,
-            resource.resource_type.as_str(),
-            resource.id.as_str(),
-            Some(&resource.json),
-        )?;
-        Ok(resource)
-    }
-
-    /// A confined token writes only inside the compartments it opens: the version it
-    /// replaces or deletes must be in one, and what it writes must belong to those patients
-    /// only (a resource of a type outside compartments, such as a Practitioner, belongs to
-    /// none).
-    fn confine_write(
-        &self,
-        tx: &mut DbConnection,
-        ctx: &RequestContext,
-        resource_type: &ResourceType,
-        id: &ResourceId,
-        head: Option<ResourceHead>,
-        kind: &WriteKind,
-    ) -> Result<(), TxError> {
-        let permission = match kind {
-            WriteKind::Delete => Permission::Delete,
-            WriteKind::Prepared(_) | WriteKind::Content { method: "POST", .. } => {
-                Permission::Create
-            }
-            _ => Permission::Update,
-        };
-        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())
-            .map_err(AppError::from)?;
-        let Some(confined) = self.confined(Some(tx), ctx, &grant)? else {
-            return Ok(());
-        };
-        // The refusal names the compartments involved, for those patients' views.
-        let mut involved = BTreeSet::new();
-        if let Some(head) = head.filter(|h| !h.deleted) {
-            let row = rows::version(
-                tx,
-                resource_type.as_str(),
-                id.as_str(),
-                head.current_version,
-            )?
-            .ok_or_else(|| {
-                AppError::Internal(format!("{resource_type}/{id} has no current version row"))
-            })?;
-            let current = self.open_version(resource_type, id, &row)?;
-            if let Some(members) =
-                self.search
-                    .stored_compartments(resource_type.as_str(), id.as_str(), &current.json)
-            {
-                if members.is_disjoint(&confined.patients) {
-                    return Err(outside(&confined, &members).into());
-                }
-                involved = members;
-            }
-        }
-        if let Some((json, _)) = kind.content() {
-            let value: serde_json::Value = serde_json::from_str(json)
-                .map_err(|e| AppError::Internal(format!("validated JSON did not parse: {e}")))?;
-            if let Some(members) =
-                self.search
-                    .compartments(resource_type.as_str(), id.as_str(), &value)
-                && (members.is_empty() || !members.is_subset(&confined.patients))
-            {
-                involved.extend(members);
-                return Err(outside(&confined, &involved).into());
-            }
-        }
-        Ok(())
     }
 
     /// Resolves a type name from a URL.
@@ -562,18 +310,21 @@ impl ResourceService {
         .await
     }
 
-    /// `PATCH /{type}/{id}` with a JSON Patch document (http.html#patch). The patch is
-    /// applied to the current version inside the write transaction, so a patch is never
-    /// written on top of a version it was not computed from: if another writer gets in first,
-    /// the transaction rolls back and the patch is applied again to the new version. The
-    /// result is validated like the body of an update and stored as the next version with
-    /// method `PATCH`; it is ledgered as an `update` (a new content version, which is what
-    /// `audit` and other verifiers match write entries against).
+    /// `PATCH /{type}/{id}` with a JSON Patch or a FHIRPath Patch (http.html#patch). The
+    /// patch is applied to the current version inside the write transaction, after the
+    /// gate has checked that version is the token's to change, so a patch's tests never
+    /// evaluate another patient's record, and a patch is never written on top of a version
+    /// it was not computed from: if another writer gets in first, the transaction rolls back
+    /// and the patch is applied again to the new version. The result is bounded (see
+    /// [`crate::fhir::patch`]), validated like the body of an update and stored as the next
+    /// version with method `PATCH`; it is ledgered as an `update` (a new content version,
+    /// which is what `audit` and other verifiers match write entries against).
     pub async fn patch(
         &self,
         ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
+        format: PatchFormat,
         body: Vec<u8>,
         if_match: Option<i64>,
     ) -> Result<WriteOutcome, AppError> {
@@ -588,7 +339,7 @@ impl ResourceService {
                 None,
                 "update",
             )?;
-            let patch = parse_json_patch(&body)?;
+            let patch = parse_patch(format, &body)?;
             this.write(
                 &ctx,
                 &resource_type,
@@ -644,6 +395,23 @@ impl ResourceService {
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
         .await
+    }
+
+    /// A resource read by id, with the compartments it is in: a confined token gets it only
+    /// when they are ones it opens (else 403, naming them for those patients' views).
+    fn confine_read(
+        &self,
+        ctx: &RequestContext,
+        result: Result<StoredResource, AppError>,
+    ) -> Result<Disclosed, AppError> {
+        let resource = result?;
+        let members = self.search.stored_compartments(
+            resource.resource_type.as_str(),
+            resource.id.as_str(),
+            &resource.json,
+        );
+        self.visible(ctx, resource.resource_type.as_str(), members.as_ref())?;
+        Ok(Disclosed { resource, members })
     }
 
     fn read_current(
@@ -720,25 +488,25 @@ impl ResourceService {
             let mut result = this.history_page(&resource_type, &id, query);
             match &mut result {
                 Ok(page) => {
-                    let withheld = withhold(&mut page.entries, |e| {
-                        this.may_see(&ctx, resource_type.as_str(), id.as_str(), e.json.as_deref())
+                    let index = this.search_index();
+                    let mut event = LedgerEvent::permit("history");
+                    let mut withheld = 0;
+                    page.entries.retain(|e| {
+                        let members = e.json.as_deref().map_or_else(
+                            || index.has_compartments(resource_type.as_str()).then(Default::default),
+                            |json| index.stored_compartments(resource_type.as_str(), id.as_str(), json),
+                        );
+                        if this.visible(&ctx, resource_type.as_str(), members.as_ref()).is_err() {
+                            withheld += 1;
+                            return false;
+                        }
+                        if e.json.is_some() {
+                            let disclosed = target(&resource_type, &id, Some(e.meta.version_id));
+                            event.touch(disclosed, members);
+                        }
+                        true
                     });
-                    let disclosed = page
-                        .entries
-                        .iter()
-                        .filter(|e| e.json.is_some())
-                        .map(|e| target(&resource_type, &id, Some(e.meta.version_id)))
-                        .collect();
-                    let patient = page
-                        .entries
-                        .iter()
-                        .find_map(|e| e.json.as_deref())
-                        .and_then(|json| {
-                            patient_compartment(resource_type.as_str(), id.as_str(), json)
-                        });
-                    let event =
-                        LedgerEvent::permit("history", disclosed, patient).withholding(withheld);
-                    this.ledger.append(&ctx, event)?;
+                    this.ledger.append(&ctx, event.withholding(withheld))?;
                 }
                 Err(error) => {
                     this.record_refusal(&ctx, "history", &resource_type, &id, None, error)?
@@ -826,32 +594,24 @@ impl ResourceService {
                 None => ctx.rule.set(policy::RULE_PER_TYPE),
             }
             let mut page = this.history_scan_page(&query)?;
+            let index = this.search_index();
+            let mut event = LedgerEvent::permit("history");
             let withheld = withhold(&mut page.entries, |e| {
-                this.may_see(
-                    &ctx,
-                    e.resource_type.as_str(),
-                    e.id.as_str(),
-                    e.entry.json.as_deref(),
-                )
+                let (resource_type, id) = (e.resource_type.as_str(), e.id.as_str());
+                let members = e.entry.json.as_deref().map_or_else(
+                    || index.has_compartments(resource_type).then(Default::default),
+                    |json| index.stored_compartments(resource_type, id, json),
+                );
+                if this.visible(&ctx, resource_type, members.as_ref()).is_err() {
+                    return false;
+                }
+                if e.entry.json.is_some() {
+                    let disclosed = target(&e.resource_type, &e.id, Some(e.entry.meta.version_id));
+                    event.touch(disclosed, members);
+                }
+                true
             });
-            let disclosed: Vec<_> = page
-                .entries
-                .iter()
-                .filter(|e| e.entry.json.is_some())
-                .map(|e| target(&e.resource_type, &e.id, Some(e.entry.meta.version_id)))
-                .collect();
-            // The compartments of the disclosed versions, so each patient's view lists it.
-            let compartments = page
-                .entries
-                .iter()
-                .filter_map(|e| {
-                    let json = e.entry.json.as_deref()?;
-                    patient_compartment(e.resource_type.as_str(), e.id.as_str(), json)
-                })
-                .collect();
-            let event = LedgerEvent::permit("history", disclosed, None)
-                .in_compartments(compartments)
-                .withholding(withheld);
+            let event = event.withholding(withheld);
             this.ledger.append(&ctx, event)?;
             Ok(page)
         })
@@ -937,19 +697,20 @@ impl ResourceService {
         resource_type: &ResourceType,
         id: &ResourceId,
         version_id: Option<i64>,
-        result: Result<StoredResource, AppError>,
+        result: Result<Disclosed, AppError>,
     ) -> Result<StoredResource, AppError> {
-        match &result {
-            Ok(resource) => {
-                let patient =
-                    patient_compartment(resource_type.as_str(), id.as_str(), &resource.json);
-                let disclosed = vec![target(resource_type, id, Some(resource.meta.version_id))];
+        match result {
+            Ok(Disclosed { resource, members }) => {
+                let disclosed = target(resource_type, id, Some(resource.meta.version_id));
                 self.ledger
-                    .append(ctx, LedgerEvent::permit(action, disclosed, patient))?;
+                    .append(ctx, LedgerEvent::permit(action).touching(disclosed, members))?;
+                Ok(resource)
             }
-            Err(error) => self.record_refusal(ctx, action, resource_type, id, version_id, error)?,
+            Err(error) => {
+                self.record_refusal(ctx, action, resource_type, id, version_id, &error)?;
+                Err(error)
+            }
         }
-        result
     }
 
     /// Ledgers a failed request that reached a resource (not found, gone, conflicts).
@@ -1106,6 +867,17 @@ impl ResourceService {
         kind: &WriteKind,
     ) -> Result<(Written, String), TxError> {
         let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
+        let permission = match kind {
+            WriteKind::Delete => Permission::Delete,
+            WriteKind::Prepared(_) | WriteKind::Content { method: "POST", .. } => {
+                Permission::Create
+            }
+            WriteKind::Content { .. } | WriteKind::Patch { .. } => Permission::Update,
+        };
+        // The gate first: a token learns nothing of a resource that is not its to change,
+        // not its version (If-Match), not whether a patch's tests hold on it.
+        let existing =
+            self.confine_existing(tx, ctx, permission, resource_type, id, head)?;
         // A patch needs a resource to patch: 404 or 410 before If-Match is looked at.
         let patch_base = match kind {
             WriteKind::Patch { .. } => Some(patch_target(resource_type, id, head)?),
@@ -1133,14 +905,13 @@ impl ResourceService {
             }
             (other, _) => other,
         };
-        self.confine_write(tx, ctx, resource_type, id, head, kind)?;
 
         let prepared_here;
         let prepared = match kind {
             // Prepared for a first version: usable only if the resource is still new.
             WriteKind::Prepared(prepared) if head.is_none() => prepared.as_ref(),
             WriteKind::Delete => {
-                return self.delete_once(tx, ctx, resource_type, id, head, meta);
+                return self.delete_once(tx, ctx, resource_type, id, head, meta, existing);
             }
             other => {
                 let Some((compact_json, method)) = other.content() else {
@@ -1161,6 +932,14 @@ impl ResourceService {
                 &prepared_here
             }
         };
+        self.confine_content(
+            tx,
+            ctx,
+            permission,
+            resource_type,
+            prepared.members.as_ref(),
+            existing.as_ref(),
+        )?;
 
         let seq = match head {
             None => match rows::insert_first(tx, &prepared.row, &prepared.index_rows.presence) {
@@ -1198,17 +977,15 @@ impl ResourceService {
         id: &ResourceId,
         head: Option<ResourceHead>,
         meta: VersionMeta,
+        members: Option<BTreeSet<String>>,
     ) -> Result<(Written, String), TxError> {
         let head = match head {
             None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
             // Already deleted: nothing changes, but the attempt is an interaction with the
             // record.
             Some(h) if h.deleted => {
-                let event = LedgerEvent::permit(
-                    "delete",
-                    vec![target(resource_type, id, Some(h.current_version))],
-                    None,
-                );
+                let event = LedgerEvent::permit("delete")
+                    .touching(target(resource_type, id, Some(h.current_version)), members);
                 let current = VersionMeta {
                     version_id: h.current_version,
                     last_updated: h.last_updated,
@@ -1231,11 +1008,9 @@ impl ResourceService {
             return Err(TxError::LostRace);
         }
         search_rows::clear_index(tx, head.seq)?;
-        let event = LedgerEvent::permit(
-            "delete",
-            vec![target(resource_type, id, Some(meta.version_id))],
-            patient_compartment(resource_type.as_str(), id.as_str(), "{}"),
-        );
+        // Attributed from the version deleted: a tombstone names no patient.
+        let event = LedgerEvent::permit("delete")
+            .touching(target(resource_type, id, Some(meta.version_id)), members);
         let receipt = self.ledger.append_in(tx, ctx, event)?;
         Ok((Written::Deleted(DeleteOutcome::Deleted(meta)), receipt))
     }
@@ -1276,12 +1051,16 @@ impl ResourceService {
         let index_rows = self.search.rows(resource_type.as_str(), &parsed);
         let mut written = target(resource_type, id, Some(meta.version_id));
         written.content_hash = row.ciphertext.as_deref().map(content_hash);
-        let patient = patient_compartment(resource_type.as_str(), id.as_str(), &json);
+        let members = self
+            .search
+            .compartments(resource_type.as_str(), id.as_str(), &parsed);
         let action = if created { "create" } else { "update" };
-        let entry = self
-            .ledger
-            .sign_event(ctx, LedgerEvent::permit(action, vec![written], patient))?;
+        let entry = self.ledger.sign_event(
+            ctx,
+            LedgerEvent::permit(action).touching(written, members.clone()),
+        )?;
         Ok(PreparedVersion {
+            members,
             compact_json: compact_json.to_owned(),
             method,
             row,
@@ -1326,6 +1105,8 @@ pub(super) struct PreparedVersion {
     outcome: WriteOutcome,
     index_rows: IndexRows,
     entry: PendingEntry,
+    /// The compartments the version is in (`None`: a type outside them).
+    members: Option<BTreeSet<String>>,
 }
 
 impl ResourceService {
@@ -1337,7 +1118,7 @@ impl ResourceService {
         resource_type: &ResourceType,
         id: &ResourceId,
         base: ResourceHead,
-        patch: &json_patch::Patch,
+        patch: &PatchDocument,
     ) -> Result<String, AppError> {
         let row = rows::version(
             tx,
@@ -1349,7 +1130,14 @@ impl ResourceService {
             AppError::Internal(format!("{resource_type}/{id} has no current version row"))
         })?;
         let current = self.open_version(resource_type, id, &row)?;
-        let patched = patch_resource(&self.types, resource_type, id, &current.json, patch)?;
+        let patched = patch_resource(
+            &self.types,
+            resource_type,
+            id,
+            &current.json,
+            patch,
+            self.max_resource_bytes,
+        )?;
         Ok(patched.compact_json)
     }
 }
@@ -1381,24 +1169,6 @@ pub(super) fn existing_head(
         .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))
 }
 
-/// Keeps the items `keep` admits; returns how many were withheld, for the ledger entry.
-fn withhold<T>(items: &mut Vec<T>, keep: impl FnMut(&T) -> bool) -> u64 {
-    let before = items.len();
-    items.retain(keep);
-    (before - items.len()) as u64
-}
-
-/// The refusal of a resource outside a confined grant, naming the compartments (patient ids)
-/// it involved.
-fn outside(confined: &Confined, patients: &BTreeSet<String>) -> AppError {
-    let refusal = confined.confinement.refusal();
-    AppError::Forbidden {
-        rule: refusal.rule,
-        message: refusal.message,
-        patients: patients.iter().map(|p| format!("Patient/{p}")).collect(),
-    }
-}
-
 /// The deny entry of a failed request, when the failure is evidence of an interaction with
 /// a record; a refusal by the access policy names its rule.
 pub(super) fn refusal_event(
@@ -1406,10 +1176,15 @@ pub(super) fn refusal_event(
     error: &AppError,
     resources: Vec<EntryResource>,
 ) -> Option<LedgerEvent> {
-    let mut event = LedgerEvent::deny(action, refusal_reason(error)?, resources);
+    let mut event = LedgerEvent::deny(action, refusal_reason(error)?).naming(resources);
     if let AppError::Forbidden { rule, patients, .. } = error {
         event.rule = Some(rule);
-        event = event.in_compartments(patients.iter().cloned().collect());
+        event = event.concerning(
+            patients
+                .iter()
+                .filter_map(|p| p.strip_prefix("Patient/"))
+                .map(str::to_owned),
+        );
     }
     Some(event)
 }

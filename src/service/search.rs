@@ -10,15 +10,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
 
 use crate::access::policy::{self, Refusal};
-use crate::access::{Permission, RequestContext};
+use crate::access::RequestContext;
 use crate::crypto::blind_index::{
     BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes, system_and_code,
 };
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
-use crate::fhir::compartment::patient_compartment;
-use crate::fhir::compartment_definition::patient_compartment_params;
+use crate::fhir::compartment::CompartmentRule;
 use crate::fhir::search_params::{ParamType, SearchParamRegistry};
 use crate::fhir::search_query::{
     Criterion, Filter, FilterValue, Include, Modifier, Prefix, SearchError, SearchRequest,
@@ -31,6 +30,7 @@ use crate::store::search::{
     RangeOp, RangeTest, SearchSql, SortBy, SortKey, SortValue, UnitMatch,
 };
 
+use super::gate::AuthorizedSearch;
 use super::ledger::LedgerEvent;
 use super::resources::{ResourceService, StoredResource, target};
 
@@ -49,6 +49,8 @@ const CHECK_BATCH: i64 = 200;
 /// search terms into digests.
 pub struct SearchIndex {
     plan: IndexPlan,
+    /// Whose compartments a resource is in (the one rule; see [`CompartmentRule`]).
+    compartment_rule: CompartmentRule,
     registry: SearchParamRegistry,
     key: BlindIndexKey,
     /// The server's FHIR base (`…/fhir`): absolute references to it index as relative.
@@ -72,8 +74,10 @@ impl SupportedParams for SearchIndex {
 
 impl SearchIndex {
     pub fn new(registry: SearchParamRegistry, key: BlindIndexKey, fhir_base: String) -> Self {
+        let plan = IndexPlan::new(&registry);
         Self {
-            plan: IndexPlan::new(&registry),
+            compartment_rule: CompartmentRule::new(&registry, &plan),
+            plan,
             registry,
             key,
             fhir_base,
@@ -325,55 +329,51 @@ impl SearchIndex {
         })
     }
 
-    /// Whether resources of `resource_type` belong to patient compartments (R4 Patient
-    /// CompartmentDefinition); Practitioners, Medications and the like belong to none.
-    pub fn has_compartments(&self, resource_type: &str) -> bool {
-        resource_type == "Patient" || !patient_compartment_params(resource_type).is_empty()
+    /// The compartment rule every part of the server decides membership by.
+    pub fn compartment_rule(&self) -> &CompartmentRule {
+        &self.compartment_rule
     }
 
-    /// The ids of the patients whose compartments hold this resource: a Patient is in its
-    /// own and in those its `link`s name; another resource in that of every Patient its
-    /// compartment parameters reference. `None` for a type outside compartments.
+    /// Whether resources of `resource_type` belong to patients' compartments (see
+    /// [`CompartmentRule`]); Practitioners, Medications and the like belong to none.
+    pub fn has_compartments(&self, resource_type: &str) -> bool {
+        self.compartment_rule.has_compartments(resource_type)
+    }
+
+    /// The ids of the patients whose compartments hold this resource (see
+    /// [`CompartmentRule::compartments`]); `None` for a type outside compartments.
     pub fn compartments(
         &self,
         resource_type: &str,
         id: &str,
         resource: &Value,
     ) -> Option<BTreeSet<String>> {
-        if !self.has_compartments(resource_type) {
-            return None;
-        }
-        let mut patients = BTreeSet::new();
-        if resource_type == "Patient" {
-            patients.insert(id.to_owned());
-        }
-        for param in patient_compartment_params(resource_type) {
-            for value in self.plan.extract_param(resource_type, param, resource) {
-                if let SearchValue::Reference(reference) = value
-                    && let ReferenceTarget::Local {
-                        resource_type: target_type,
-                        id,
-                    } = self.reference_target(&reference)
-                    && target_type == "Patient"
-                {
-                    patients.insert(id);
+        self.compartment_rule
+            .compartments(&self.plan, resource_type, id, resource, |reference| {
+                match self.reference_target(reference) {
+                    ReferenceTarget::Local { resource_type, id } if resource_type == "Patient" => {
+                        Some(id)
+                    }
+                    _ => None,
                 }
-            }
-        }
-        Some(patients)
+            })
     }
 
-    /// [`Self::compartments`] of a stored resource's JSON; JSON that does not parse belongs
-    /// to no patient's compartment (and so is inside none).
+    /// [`Self::compartments`] of a stored resource's JSON, parsing only the elements the
+    /// rule reads. JSON that does not parse belongs to no patient's compartment (and so is
+    /// inside none: a confined token never sees it).
     pub fn stored_compartments(
         &self,
         resource_type: &str,
         id: &str,
         json: &str,
     ) -> Option<BTreeSet<String>> {
-        match serde_json::from_str::<Value>(json) {
+        if !self.has_compartments(resource_type) {
+            return None;
+        }
+        match self.compartment_rule.parse_relevant(resource_type, json) {
             Ok(value) => self.compartments(resource_type, id, &value),
-            Err(_) => self.has_compartments(resource_type).then(BTreeSet::new),
+            Err(_) => Some(BTreeSet::new()),
         }
     }
 
@@ -423,7 +423,8 @@ impl SearchIndex {
         let digests: Vec<Digest> = resource_types
             .iter()
             .flat_map(|t| {
-                patient_compartment_params(t)
+                self.compartment_rule
+                    .params(t)
                     .iter()
                     .filter(|param| self.plan.is_indexed(t, param))
                     .flat_map(|param| {
@@ -777,14 +778,13 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         super::blocking(move || {
-            let mut request = request;
-            this.authorize_search(&ctx, &mut request)?;
+            let search = this.authorize_search(&ctx, request, "search")?;
             let mut conn = this.connection()?;
-            let mut page = this.search_page(&mut conn, &request)?;
+            let mut page = this.search_page(&mut conn, &search)?;
             drop(conn);
             let withheld = this.withhold_unseen(&ctx, &mut page.included);
             this.ledger()
-                .append(&ctx, search_event(&page).withholding(withheld))?;
+                .append(&ctx, this.search_event(&page).withholding(withheld))?;
             Ok(page)
         })
         .await
@@ -796,46 +796,13 @@ impl ResourceService {
         &self,
         tx: &mut DbConnection,
         ctx: &RequestContext,
-        request: &SearchRequest,
+        search: &AuthorizedSearch,
     ) -> Result<(SearchPage, String), AppError> {
-        let mut page = self.search_page(tx, request)?;
+        let mut page = self.search_page(tx, search)?;
         let withheld = self.withhold_unseen(ctx, &mut page.included);
-        let event = search_event(&page).withholding(withheld);
+        let event = self.search_event(&page).withholding(withheld);
         let receipt = self.ledger().append_in(tx, ctx, event)?;
         Ok((page, receipt))
-    }
-
-    /// A search needs the search permission on every type it names (every type, for a
-    /// search across all of them). Refusals are ledgered.
-    pub(super) fn authorize_search(
-        &self,
-        ctx: &RequestContext,
-        request: &mut SearchRequest,
-    ) -> Result<(), AppError> {
-        let all = ["*".to_owned()];
-        let types = if request.resource_types.is_empty() {
-            &all[..]
-        } else {
-            &request.resource_types[..]
-        };
-        let mut confined = None;
-        for resource_type in types {
-            let grant =
-                self.authorize(ctx, Permission::Search, resource_type, "search", Vec::new())?;
-            if confined.is_none() {
-                confined = self.confined(None, ctx, &grant)?;
-            }
-        }
-        // One confined type confines the whole search (conservative when scopes differ by
-        // type); a search that cannot be confined is refused.
-        if let Some(confined) = confined {
-            let patients: Vec<String> = confined.patients.iter().cloned().collect();
-            if let Err(refusal) = self.search_index().confinable(&request.resource_types) {
-                return Err(self.ledger().refuse(ctx, "search", Vec::new(), refusal));
-            }
-            request.compartments = Some(patients);
-        }
-        Ok(())
     }
 
     /// The current resources matching `request` (no paging, no ledger entry), at most
@@ -844,28 +811,29 @@ impl ResourceService {
     pub(crate) fn matching_in(
         &self,
         conn: &mut DbConnection,
-        request: &SearchRequest,
+        search: &AuthorizedSearch,
         limit: i64,
     ) -> Result<Vec<StoredResource>, AppError> {
-        let (sql, checks) = self.search_sql(conn, request, None)?;
+        let (sql, checks) = self.search_sql(conn, search, None)?;
         self.fetch_checked(conn, &sql, &checks, limit)
     }
 
     fn search_page(
         &self,
         conn: &mut DbConnection,
-        request: &SearchRequest,
+        search: &AuthorizedSearch,
     ) -> Result<SearchPage, AppError> {
+        let request = search.request();
         let cursor = request
             .cursor
             .as_deref()
             .map(|text| Cursor::decode(text, self.envelope(), request.sort.len()))
             .transpose()?;
         if request.sort.iter().any(sorted_after_decryption) {
-            return self.search_page_sorted_in_memory(conn, request, cursor.as_ref());
+            return self.search_page_sorted_in_memory(conn, search, cursor.as_ref());
         }
         let position = cursor.as_ref().map(Cursor::position).transpose()?;
-        let (mut sql, checks) = self.search_sql(conn, request, position)?;
+        let (mut sql, checks) = self.search_sql(conn, search, position)?;
         let total = match (request.total, request.summary) {
             (_, Summary::Count) | (TotalMode::Accurate, _) if checks.is_empty() => {
                 Some(index::count(conn, &sql)?)
@@ -922,6 +890,21 @@ impl ResourceService {
         })
     }
 
+    /// The ledger entry of a search: every resource it disclosed, each in the compartments
+    /// it belongs to (one entry per patient when they are several).
+    fn search_event(&self, page: &SearchPage) -> LedgerEvent {
+        let index = self.search_index();
+        let mut event = LedgerEvent::permit("search");
+        for resource in page.matches.iter().chain(&page.included) {
+            let (resource_type, id) = (resource.resource_type.as_str(), resource.id.as_str());
+            event.touch(
+                target(&resource.resource_type, &resource.id, Some(resource.meta.version_id)),
+                index.stored_compartments(resource_type, id, &resource.json),
+            );
+        }
+        event
+    }
+
     /// A page of a search sorted by a parameter the database holds only as digests
     /// (string, token, reference, uri): every match is decrypted (at most
     /// [`MAX_SORTED_IN_MEMORY`]), sorted by the values in the resources, and the page taken
@@ -929,10 +912,11 @@ impl ResourceService {
     fn search_page_sorted_in_memory(
         &self,
         conn: &mut DbConnection,
-        request: &SearchRequest,
+        search: &AuthorizedSearch,
         cursor: Option<&Cursor>,
     ) -> Result<SearchPage, AppError> {
-        let (mut sql, checks) = self.search_sql(conn, request, None)?;
+        let request = search.request();
+        let (mut sql, checks) = self.search_sql(conn, search, None)?;
         let rows = self.fetch_rows(conn, &mut sql, &checks, MAX_SORTED_IN_MEMORY + 1)?;
         if rows.len() as i64 > MAX_SORTED_IN_MEMORY {
             return Err(AppError::BadRequest {
@@ -1159,9 +1143,10 @@ impl ResourceService {
     fn search_sql(
         &self,
         conn: &mut DbConnection,
-        request: &SearchRequest,
+        search: &AuthorizedSearch,
         position: Option<Position>,
     ) -> Result<(SearchSql, Vec<LongTermCheck>), AppError> {
+        let request = search.request();
         let mut conditions = Vec::new();
         let mut checks = Vec::new();
         if let Some(patients) = &request.compartments
@@ -1172,12 +1157,7 @@ impl ResourceService {
             conditions.push(confined);
         }
         for criterion in &request.criteria {
-            conditions.push(self.condition(
-                conn,
-                &request.resource_types,
-                criterion,
-                &mut checks,
-            )?);
+            conditions.push(self.condition(conn, search, criterion, &mut checks)?);
         }
         // Sorts by digest-only parameters happen after decryption
         // (search_page_sorted_in_memory); the database then returns matches in storage order.
@@ -1221,11 +1201,12 @@ impl ResourceService {
     fn condition(
         &self,
         conn: &mut DbConnection,
-        resource_types: &[String],
+        search: &AuthorizedSearch,
         criterion: &Criterion,
         checks: &mut Vec<LongTermCheck>,
     ) -> Result<Condition, AppError> {
         let index = self.search_index();
+        let resource_types = &search.request().resource_types;
         Ok(match criterion {
             Criterion::Id(ids) => Condition::Id(ids.clone()),
             Criterion::LastUpdated(values) => {
@@ -1237,10 +1218,15 @@ impl ResourceService {
                 target_types,
                 inner,
             } => {
-                let inner_request = inner_search(target_types.clone(), inner);
-                let targets = self.matching_in(conn, &inner_request, MAX_INNER_MATCHES + 1)?;
-                if targets.len() as i64 > MAX_INNER_MATCHES {
-                    return Err(too_broad(reference));
+                // One inner search per target type, each authorized and confined on its own.
+                let mut targets = Vec::new();
+                for target_type in target_types {
+                    let inner_search = search.inner_search(target_type, inner)?;
+                    let left = MAX_INNER_MATCHES + 1 - targets.len() as i64;
+                    targets.extend(self.matching_in(conn, &inner_search, left)?);
+                    if targets.len() as i64 > MAX_INNER_MATCHES {
+                        return Err(too_broad(reference));
+                    }
                 }
                 let digests = targets
                     .iter()
@@ -1259,8 +1245,8 @@ impl ResourceService {
                 reference,
                 inner,
             } => {
-                let inner_request = inner_search(vec![source_type.clone()], inner);
-                let sources = self.matching_in(conn, &inner_request, MAX_INNER_MATCHES + 1)?;
+                let inner_search = search.inner_search(source_type, inner)?;
+                let sources = self.matching_in(conn, &inner_search, MAX_INNER_MATCHES + 1)?;
                 if sources.len() as i64 > MAX_INNER_MATCHES {
                     return Err(too_broad(&format!("_has:{source_type}:{reference}")));
                 }
@@ -1434,42 +1420,6 @@ fn too_broad(parameter: &str) -> AppError {
         ),
         expression: Some(parameter.to_owned()),
     }
-}
-
-/// A search on `resource_types` with one criterion, for chains and `_has`.
-fn inner_search(resource_types: Vec<String>, criterion: &Criterion) -> SearchRequest {
-    SearchRequest {
-        resource_types,
-        criteria: vec![criterion.clone()],
-        count: usize::try_from(MAX_INNER_MATCHES).unwrap_or(1000),
-        sort: Vec::new(),
-        total: TotalMode::None,
-        summary: Summary::False,
-        elements: Vec::new(),
-        includes: Vec::new(),
-        revincludes: Vec::new(),
-        cursor: None,
-        link_params: Vec::new(),
-        ignored: Vec::new(),
-        compartments: None,
-    }
-}
-
-/// The ledger entry of a search: every resource it disclosed.
-fn search_event(page: &SearchPage) -> LedgerEvent {
-    let disclosed: Vec<_> = page
-        .matches
-        .iter()
-        .chain(&page.included)
-        .map(|r| target(&r.resource_type, &r.id, Some(r.meta.version_id)))
-        .collect();
-    let compartments = page
-        .matches
-        .iter()
-        .chain(&page.included)
-        .filter_map(|r| patient_compartment(r.resource_type.as_str(), r.id.as_str(), &r.json))
-        .collect();
-    LedgerEvent::permit("search", disclosed, None).in_compartments(compartments)
 }
 
 fn filter_condition(

@@ -423,3 +423,41 @@ pub fn local(url: &str) -> String {
         .expect("a link of this server")
         .to_owned()
 }
+
+/// The ledger entries of a response's receipt, read with the administrator's token: the
+/// entry itself and, when the interaction touched several patients' records, its parts
+/// (one per patient).
+pub async fn ledger_entries<S, B>(app: &S, reply: &Reply) -> Vec<Value>
+where
+    S: TestApp<B>,
+    B: MessageBody,
+{
+    let receipt = reply
+        .header("x-ledger-entry")
+        .unwrap_or_else(|| panic!("no receipt on {}: {}", reply.status, reply.text()));
+    let mut entries = vec![ledger_entry_by_receipt(app, &receipt).await];
+    let parts: Vec<String> = entries[0]["parts"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .map(|p| p.as_str().expect("receipt").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for part in parts {
+        entries.push(ledger_entry_by_receipt(app, &part).await);
+    }
+    entries
+}
+
+/// The ledger entry a receipt names.
+pub async fn ledger_entry_by_receipt<S, B>(app: &S, receipt: &str) -> Value
+where
+    S: TestApp<B>,
+    B: MessageBody,
+{
+    let resolved = call(app, get(&format!("/ledger/receipts/{receipt}"))).await;
+    assert_eq!(resolved.status, StatusCode::OK, "{}", resolved.text());
+    resolved.json()["entry"].clone()
+}

@@ -1,0 +1,614 @@
+//! The access gate: every evaluation over stored data passes here first. It asks the policy
+//! ([`crate::access::policy`]) whether the request may do an interaction on a type, ledgers
+//! each refusal, resolves a confined grant to the patients it opens (a patient's app: its own
+//! compartment; a clinician or a research client: the compartments whose Consents permit
+//! it), and applies the answer before anything is evaluated:
+//!
+//! - searches, outer and inner (chains, `_has`), conditional matches and conditional
+//!   references: each type needs the search permission, and a confined type gets the
+//!   compartment as a condition the database evaluates, so a guess about another patient's
+//!   record matches nothing whether it is right or wrong ([`AuthorizedSearch`]);
+//! - reads and writes of one resource: the resource (for a write, the version it replaces,
+//!   or the last one before a deletion) must be inside before anything else about it is told:
+//!   its `If-Match` version, a PATCH's tests, its content;
+//! - what comes along (includes, histories, `$everything`): withheld when the token may not
+//!   see it.
+//!
+//! Membership is decided by the one compartment rule ([`crate::fhir::compartment`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::access::consent::{ConsentKind, ConsentRequest, permitted_patients};
+use crate::access::policy::{self, Confinement, Grant, Refusal};
+use crate::access::{Permission, Principal, RequestContext};
+use crate::error::AppError;
+use crate::fhir::search_query::{
+    Criterion, Handling, SearchRequest, Summary, TotalMode, parse_search,
+};
+use crate::fhir::{ResourceId, ResourceType};
+use crate::ledger::EntryResource;
+use crate::store::DbConnection;
+use crate::store::resources::{self as rows, ResourceHead};
+
+use super::resources::{ResourceService, StoredResource, target};
+use super::search::MAX_INNER_MATCHES;
+
+/// Most patients a Consent-confined search may span: their compartments become one
+/// condition of the search. Beyond it the search is refused (reads, writes and searches
+/// naming a patient are decided per patient and have no such bound).
+pub const MAX_CONSENTED_PATIENTS: usize = 10_000;
+/// Most Consents read to decide one patient's (a patient has a handful).
+const MAX_CONSENTS_PER_PATIENT: i64 = 1_000;
+/// Patients whose Consents are read per query when a search's set is resolved.
+const CONSENT_BATCH: usize = 200;
+
+/// A search the gate authorized for a request: every type it evaluates, outer and inner,
+/// was permitted, and each confined one carries its compartment condition. Only the gate
+/// makes these, so a search cannot be evaluated without passing it.
+#[derive(Debug, Clone)]
+pub struct AuthorizedSearch {
+    request: SearchRequest,
+    /// The patients each inner search's type is confined to (`None`: unconfined).
+    inner: BTreeMap<String, Option<Vec<String>>>,
+    /// A search the server makes for itself, on no client's behalf.
+    internal: bool,
+}
+
+impl AuthorizedSearch {
+    pub fn request(&self) -> &SearchRequest {
+        &self.request
+    }
+
+    pub fn into_request(self) -> SearchRequest {
+        self.request
+    }
+
+    /// A search the server makes for itself (the Consents a confinement depends on, the
+    /// `:missing` migration), not on behalf of a client: unconfined.
+    pub(super) fn server_internal(request: SearchRequest) -> Self {
+        Self {
+            request,
+            inner: BTreeMap::new(),
+            internal: true,
+        }
+    }
+
+    /// The search a chain or `_has` makes over `resource_type` for `criterion`, confined as
+    /// the gate decided. A type the gate did not authorize fails closed.
+    pub(super) fn inner_search(
+        &self,
+        resource_type: &str,
+        criterion: &Criterion,
+    ) -> Result<AuthorizedSearch, AppError> {
+        let compartments = match self.inner.get(resource_type) {
+            Some(scope) => scope.clone(),
+            None if self.internal => None,
+            None => {
+                return Err(AppError::Internal(format!(
+                    "an inner search over {resource_type} was not authorized"
+                )));
+            }
+        };
+        Ok(Self {
+            request: SearchRequest {
+                resource_types: vec![resource_type.to_owned()],
+                criteria: vec![criterion.clone()],
+                count: usize::try_from(MAX_INNER_MATCHES).unwrap_or(1000),
+                sort: Vec::new(),
+                total: TotalMode::None,
+                summary: Summary::False,
+                elements: Vec::new(),
+                includes: Vec::new(),
+                revincludes: Vec::new(),
+                cursor: None,
+                link_params: Vec::new(),
+                ignored: Vec::new(),
+                compartments,
+            },
+            inner: BTreeMap::new(),
+            internal: self.internal,
+        })
+    }
+}
+
+/// The types the chains and `_has` of `criteria` search.
+fn inner_types(criteria: &[Criterion]) -> BTreeSet<String> {
+    let mut types = BTreeSet::new();
+    for criterion in criteria {
+        match criterion {
+            Criterion::Chain { target_types, .. } => types.extend(target_types.iter().cloned()),
+            Criterion::Has { source_type, .. } => {
+                types.insert(source_type.clone());
+            }
+            Criterion::Filter(_) | Criterion::Id(_) | Criterion::LastUpdated(_) => {}
+        }
+    }
+    types
+}
+
+/// Keeps the items `keep` admits; returns how many were withheld, for the ledger entry.
+pub(super) fn withhold<T>(items: &mut Vec<T>, keep: impl FnMut(&T) -> bool) -> u64 {
+    let before = items.len();
+    items.retain(keep);
+    (before - items.len()) as u64
+}
+
+/// The refusal of a resource outside a confined grant, naming the compartments (patient
+/// ids) it involved so that the refusal is in those patients' views.
+fn outside(confinement: &Confinement, patients: &BTreeSet<String>) -> AppError {
+    let refusal = confinement.refusal();
+    AppError::Forbidden {
+        rule: refusal.rule,
+        message: refusal.message,
+        patients: patients.iter().map(|p| format!("Patient/{p}")).collect(),
+    }
+}
+
+impl ResourceService {
+    /// Asks the access policy whether the request may do `permission` on `resource_type`,
+    /// before anything is read. A refusal is ledgered under `action`, naming `resources`
+    /// (what was asked for, never content), and returned as 403; a permit's rule is named
+    /// by the request's ledger entries.
+    pub(crate) fn authorize(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &str,
+        action: &'static str,
+        resources: Vec<EntryResource>,
+    ) -> Result<Grant, AppError> {
+        match policy::authorize(&ctx.principal, permission, resource_type) {
+            Ok(grant) => {
+                ctx.rule.set(grant.rule);
+                Ok(grant)
+            }
+            Err(refusal) => Err(self.ledger().refuse(ctx, action, resources, refusal)),
+        }
+    }
+
+    /// [`Self::authorize`] for an interaction on one resource (version), which a refusal
+    /// names.
+    pub(super) fn authorize_instance(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: Option<i64>,
+        action: &'static str,
+    ) -> Result<Grant, AppError> {
+        let asked = vec![target(resource_type, id, version_id)];
+        self.authorize(ctx, permission, resource_type.as_str(), action, asked)
+    }
+
+    /// Authorizes a search and every search inside it: each type it searches, and each
+    /// type a chain or `_has` searches, needs the search permission (refusals are ledgered
+    /// under `action`); a confined type gets its compartment condition. A search across
+    /// every type, or one mixing types that cannot share one condition, is refused when
+    /// confined.
+    pub(crate) fn authorize_search(
+        &self,
+        ctx: &RequestContext,
+        mut request: SearchRequest,
+        action: &'static str,
+    ) -> Result<AuthorizedSearch, AppError> {
+        let all = ["*".to_owned()];
+        let types = if request.resource_types.is_empty() {
+            &all[..]
+        } else {
+            &request.resource_types[..]
+        };
+        let mut scope = None;
+        for resource_type in types {
+            let grant =
+                self.authorize(ctx, Permission::Search, resource_type, action, Vec::new())?;
+            // One confined type confines the whole search (conservative when scopes
+            // differ by type).
+            if scope.is_none() {
+                scope = self.search_scope(ctx, &grant, action)?;
+            }
+        }
+        let outer_rule = ctx.rule.get();
+        if let Some(patients) = scope {
+            self.check_confinable(ctx, &request.resource_types, action)?;
+            request.compartments = Some(patients);
+        }
+        let mut inner = BTreeMap::new();
+        for resource_type in inner_types(&request.criteria) {
+            let grant =
+                self.authorize(ctx, Permission::Search, &resource_type, action, Vec::new())?;
+            let scope = self.search_scope(ctx, &grant, action)?;
+            if scope.is_some() {
+                self.check_confinable(ctx, std::slice::from_ref(&resource_type), action)?;
+            }
+            inner.insert(resource_type, scope);
+        }
+        // The entry names the rule that let the request search what it asked for.
+        if let Some(rule) = outer_rule {
+            ctx.rule.set(rule);
+        }
+        Ok(AuthorizedSearch {
+            request,
+            inner,
+            internal: false,
+        })
+    }
+
+    /// A confined search over `resource_types` must be expressible as one compartment
+    /// condition; if not, the refusal is ledgered.
+    fn check_confinable(
+        &self,
+        ctx: &RequestContext,
+        resource_types: &[String],
+        action: &'static str,
+    ) -> Result<(), AppError> {
+        match self.search_index().confinable(resource_types) {
+            Ok(_) => Ok(()),
+            Err(refusal) => Err(self.ledger().refuse(ctx, action, Vec::new(), refusal)),
+        }
+    }
+
+    /// The patients a confined grant's searches are confined to (`None`: unconfined).
+    /// Resolved once per request and kept in its context.
+    fn search_scope(
+        &self,
+        ctx: &RequestContext,
+        grant: &Grant,
+        action: &'static str,
+    ) -> Result<Option<Vec<String>>, AppError> {
+        let Some(confinement) = &grant.confinement else {
+            return Ok(None);
+        };
+        if let Some((resolved_for, patients)) = ctx.confined.get()
+            && resolved_for == *confinement
+        {
+            return Ok(Some(patients.iter().cloned().collect()));
+        }
+        let patients = match confinement {
+            Confinement::Patient(patient) => BTreeSet::from([patient.clone()]),
+            Confinement::Treatment { .. } | Confinement::Research { .. } => {
+                match self.consenting_patients(ctx, confinement)? {
+                    Some(patients) => patients,
+                    None => {
+                        let refusal = Refusal {
+                            rule: policy::RULE_CONSENT,
+                            message: format!(
+                                "Consents open more than {MAX_CONSENTED_PATIENTS} patients' records to this \
+                                 requester, too many to search at once; search one patient's records \
+                                 (e.g. subject=Patient/…) or read by id"
+                            ),
+                        };
+                        return Err(self.ledger().refuse(ctx, action, Vec::new(), refusal));
+                    }
+                }
+            }
+        };
+        let patients = Arc::new(patients);
+        ctx.confined.set((confinement.clone(), patients.clone()));
+        Ok(Some(patients.iter().cloned().collect()))
+    }
+
+    /// Whether a confined grant opens `patient`'s compartment. A patient's app opens its
+    /// own; a Consent-confined grant the compartments whose Consents permit it, decided
+    /// from that patient's Consents alone (found by the index, remembered for the request).
+    pub(crate) fn opens(
+        &self,
+        conn: Option<&mut DbConnection>,
+        ctx: &RequestContext,
+        confinement: &Confinement,
+        patient: &str,
+    ) -> Result<bool, AppError> {
+        let (kind, actor) = match confinement {
+            Confinement::Patient(own) => return Ok(own == patient),
+            Confinement::Treatment { actor } => (ConsentKind::Treatment, Some(actor.as_str())),
+            Confinement::Research { actor } => (ConsentKind::Research, actor.as_deref()),
+        };
+        let key = (confinement.clone(), patient.to_owned());
+        if let Some(decided) = ctx.consents.get(&key) {
+            return Ok(decided);
+        }
+        let patients = [patient.to_owned()];
+        let consents = match conn {
+            Some(conn) => self.consents_of(conn, &patients)?,
+            None => self.consents_of(&mut *self.connection()?, &patients)?,
+        };
+        let request = consent_request(ctx, kind, actor);
+        let opens = permitted_patients(&consents, &request).contains(patient);
+        ctx.consents.insert(key, opens);
+        Ok(opens)
+    }
+
+    /// Whether a confined grant opens any of `members` (a resource's compartments).
+    fn opens_any(
+        &self,
+        mut conn: Option<&mut DbConnection>,
+        ctx: &RequestContext,
+        confinement: &Confinement,
+        members: &BTreeSet<String>,
+    ) -> Result<bool, AppError> {
+        for patient in members {
+            if self.opens(conn.as_deref_mut(), ctx, confinement, patient)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The patients whose Consents permit a Consent-confined grant, for its searches; `None`
+    /// when more than [`MAX_CONSENTED_PATIENTS`]. Candidates come from the index (Consents
+    /// naming the requester, and Consents naming no actor); each candidate's Consents are
+    /// then read whole, so a deny the candidate query did not find still wins.
+    fn consenting_patients(
+        &self,
+        ctx: &RequestContext,
+        confinement: &Confinement,
+    ) -> Result<Option<BTreeSet<String>>, AppError> {
+        let (kind, actor) = match confinement {
+            Confinement::Patient(patient) => return Ok(Some(BTreeSet::from([patient.clone()]))),
+            Confinement::Treatment { actor } => (ConsentKind::Treatment, Some(actor.as_str())),
+            Confinement::Research { actor } => (ConsentKind::Research, actor.as_deref()),
+        };
+        let scopes = match kind {
+            ConsentKind::Treatment => "patient-privacy,treatment",
+            ConsentKind::Research => "research",
+        };
+        let mut conn = self.connection()?;
+        let limit = i64::try_from(MAX_CONSENTED_PATIENTS).unwrap_or(i64::MAX);
+        let mut queries = vec![vec![("actor:missing", "true".to_owned())]];
+        if let Some(actor) = actor {
+            queries.push(vec![("actor", actor.to_owned())]);
+        }
+        let mut candidates = BTreeSet::new();
+        for extra in queries {
+            let mut query = vec![
+                ("status", "active".to_owned()),
+                ("scope", scopes.to_owned()),
+            ];
+            query.extend(extra);
+            let consents = self.server_search(&mut conn, "Consent", &query, limit + 1)?;
+            if consents.len() as i64 > limit {
+                return Ok(None);
+            }
+            candidates.extend(
+                consents
+                    .iter()
+                    .filter_map(|c| crate::access::consent::consent_patient(&c.json)),
+            );
+        }
+        if candidates.len() > MAX_CONSENTED_PATIENTS {
+            return Ok(None);
+        }
+        let request = consent_request(ctx, kind, actor);
+        let candidates: Vec<String> = candidates.into_iter().collect();
+        let mut permitted = BTreeSet::new();
+        for batch in candidates.chunks(CONSENT_BATCH) {
+            let consents = self.consents_of(&mut conn, batch)?;
+            permitted.extend(permitted_patients(&consents, &request));
+        }
+        for patient in &permitted {
+            ctx.consents
+                .insert((confinement.clone(), patient.clone()), true);
+        }
+        Ok(Some(permitted))
+    }
+
+    /// The active Consents of `patients`, parsed.
+    fn consents_of(
+        &self,
+        conn: &mut DbConnection,
+        patients: &[String],
+    ) -> Result<Vec<serde_json::Value>, AppError> {
+        let references: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
+        let query = [
+            ("status", "active".to_owned()),
+            ("patient", references.join(",")),
+        ];
+        let limit = MAX_CONSENTS_PER_PATIENT * patients.len() as i64;
+        let consents = self.server_search(conn, "Consent", &query, limit + 1)?;
+        if consents.len() as i64 > limit {
+            // Deciding on part of a patient's Consents could miss a deny: refuse instead.
+            return Err(AppError::Unavailable(format!(
+                "a patient has more than {MAX_CONSENTS_PER_PATIENT} active Consents; \
+                 access under Consent cannot be decided"
+            )));
+        }
+        Ok(consents
+            .iter()
+            .filter_map(|c| serde_json::from_str(&c.json).ok())
+            .collect())
+    }
+
+    /// Runs a search the server makes for itself (see [`AuthorizedSearch::server_internal`]).
+    fn server_search(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        query: &[(&str, String)],
+        limit: i64,
+    ) -> Result<Vec<StoredResource>, AppError> {
+        let pairs: Vec<(String, String)> = query
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.clone()))
+            .collect();
+        let index = self.search_index();
+        let request = parse_search(
+            index.registry(),
+            index,
+            vec![resource_type.to_owned()],
+            &pairs,
+            Handling::Strict,
+        )?;
+        self.matching_in(conn, &AuthorizedSearch::server_internal(request), limit)
+    }
+
+    /// Whether the request may see a resource version it did not ask for by type and id
+    /// (includes, `$everything`, histories): the token must be allowed to read its type,
+    /// and a confined token sees only what is in the compartments it opens. A deletion
+    /// (`json` absent) of a type that belongs to compartments cannot be placed in one, so a
+    /// confined token does not see it.
+    pub(crate) fn may_see(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        json: Option<&str>,
+    ) -> bool {
+        let members = match json {
+            Some(json) => self
+                .search_index()
+                .stored_compartments(resource_type, id, json),
+            None => self
+                .search_index()
+                .has_compartments(resource_type)
+                .then(BTreeSet::new),
+        };
+        self.visible(ctx, resource_type, members.as_ref()).is_ok()
+    }
+
+    /// Withholds the resources the request may not see; returns how many.
+    pub(crate) fn withhold_unseen(
+        &self,
+        ctx: &RequestContext,
+        resources: &mut Vec<StoredResource>,
+    ) -> u64 {
+        withhold(resources, |r| {
+            self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
+        })
+    }
+
+    /// Whether the request may read a resource of `resource_type` in the compartments
+    /// `members` (`None`: a type outside compartments, shared reference data), with the
+    /// refusal when it may not.
+    pub(crate) fn visible(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        members: Option<&BTreeSet<String>>,
+    ) -> Result<(), AppError> {
+        let grant = policy::authorize(&ctx.principal, Permission::Read, resource_type)?;
+        let Some(confinement) = &grant.confinement else {
+            return Ok(());
+        };
+        match members {
+            None => Ok(()),
+            Some(members) if self.opens_any(None, ctx, confinement, members)? => Ok(()),
+            Some(members) => Err(outside(confinement, members)),
+        }
+    }
+
+    /// A confined write's check of the resource it replaces or deletes, made before anything
+    /// else about it is evaluated or told (its `If-Match` version, a PATCH's tests): the
+    /// current version, or the last content before a deletion, must be inside the grant; a
+    /// type outside compartments is written only by unconfined grants. Returns the
+    /// compartments of that version (for the ledger entry of a deletion), read for every
+    /// deletion whether confined or not.
+    pub(super) fn confine_existing(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        head: Option<ResourceHead>,
+    ) -> Result<Option<BTreeSet<String>>, AppError> {
+        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        let confinement = grant.confinement.as_ref();
+        let index = self.search_index();
+        if confinement.is_some() && !index.has_compartments(resource_type.as_str()) {
+            return Err(self.shared_write_refusal(resource_type));
+        }
+        let Some(head) = head else {
+            return Ok(None);
+        };
+        if confinement.is_none() && permission != Permission::Delete {
+            return Ok(None);
+        }
+        // A deletion's tombstone names no patient: the version before it does.
+        let version = if head.deleted {
+            head.current_version - 1
+        } else {
+            head.current_version
+        };
+        if version < 1 {
+            return Ok(None);
+        }
+        let Some(row) = rows::version(tx, resource_type.as_str(), id.as_str(), version)? else {
+            return Ok(None);
+        };
+        if row.deleted {
+            return Ok(None);
+        }
+        let current = self.open_version(resource_type, id, &row)?;
+        let members =
+            index.stored_compartments(resource_type.as_str(), id.as_str(), &current.json);
+        if let (Some(confinement), Some(members)) = (confinement, &members)
+            && !self.opens_any(Some(tx), ctx, confinement, members)?
+        {
+            return Err(outside(confinement, members));
+        }
+        Ok(members)
+    }
+
+    /// A confined write's check of what it writes: the new content must belong to the
+    /// compartments the grant opens and to no other (`existing`: the compartments of the
+    /// version replaced, named by the refusal too).
+    pub(super) fn confine_content(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        members: Option<&BTreeSet<String>>,
+        existing: Option<&BTreeSet<String>>,
+    ) -> Result<(), AppError> {
+        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        let Some(confinement) = &grant.confinement else {
+            return Ok(());
+        };
+        let Some(members) = members else {
+            return Err(self.shared_write_refusal(resource_type));
+        };
+        let mut all_inside = !members.is_empty();
+        for patient in members {
+            all_inside &= self.opens(Some(tx), ctx, confinement, patient)?;
+        }
+        if all_inside {
+            return Ok(());
+        }
+        let mut involved = members.clone();
+        involved.extend(existing.into_iter().flatten().cloned());
+        Err(outside(confinement, &involved))
+    }
+
+    /// The refusal of a confined grant's write to a type that belongs to no compartment
+    /// (shared reference data such as a Practitioner).
+    fn shared_write_refusal(&self, resource_type: &ResourceType) -> AppError {
+        AppError::Forbidden {
+            rule: policy::RULE_COMPARTMENT,
+            message: format!(
+                "a token confined to patients' compartments may read {resource_type} resources \
+                 (shared by every patient) but not write them"
+            ),
+            patients: Vec::new(),
+        }
+    }
+}
+
+/// The Consent question of a request.
+fn consent_request<'a>(
+    ctx: &'a RequestContext,
+    kind: ConsentKind,
+    actor: Option<&'a str>,
+) -> ConsentRequest<'a> {
+    let purpose = match &ctx.principal {
+        Principal::Token(identity) => identity.purpose_of_use.as_deref(),
+        _ => None,
+    };
+    ConsentRequest {
+        kind,
+        actor,
+        purpose,
+        now: super::resources::now_micros(),
+    }
+}

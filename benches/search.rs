@@ -712,6 +712,7 @@ fn run(
             max_body_bytes: 16 * 1024 * 1024,
             pool_size: 8,
             ledger_batch_size: 4096,
+            auth_failures_per_minute: 60,
             trusted_issuers: Vec::new(),
         },
     )

@@ -20,6 +20,7 @@
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `4096` |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
 //! | `FHIRLEDGER_DB_POOL_SIZE` | `--db-pool-size` | `16` |
+//! | `FHIRLEDGER_AUTH_FAILURES_PER_MINUTE` | `--auth-failures-per-minute` | `60` (per client address; then 429) |
 //! | `FHIRLEDGER_WORKERS` | `--workers` | number of CPUs |
 //! | `FHIRLEDGER_SHUTDOWN_TIMEOUT` | `--shutdown-timeout` | `30` (seconds) |
 //! | `FHIRLEDGER_LOG` | `--log` | `info` (tracing filter) |
@@ -179,6 +180,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRLEDGER_DB_POOL_SIZE", default_value_t = 16, value_name = "N",
           value_parser = parse_pool_size)]
     pub db_pool_size: u32,
+
+    /// Requests without valid credentials one client address may have refused (401) per
+    /// minute; past it, 429 with Retry-After until the minute is over.
+    #[arg(long, env = "FHIRLEDGER_AUTH_FAILURES_PER_MINUTE", default_value_t = 60, value_name = "N",
+          value_parser = parse_auth_failures)]
+    pub auth_failures_per_minute: u32,
 
     /// HTTP worker threads (default: one per CPU).
     #[arg(long, env = "FHIRLEDGER_WORKERS", value_name = "N", value_parser = parse_workers)]
@@ -484,6 +491,10 @@ fn parse_max_body(text: &str) -> Result<usize, String> {
 
 fn parse_pool_size(text: &str) -> Result<u32, String> {
     parse_bounded(text, "FHIRLEDGER_DB_POOL_SIZE", 1, 1000)
+}
+
+fn parse_auth_failures(text: &str) -> Result<u32, String> {
+    parse_bounded(text, "FHIRLEDGER_AUTH_FAILURES_PER_MINUTE", 1, 1_000_000)
 }
 
 fn parse_workers(text: &str) -> Result<usize, String> {

@@ -31,6 +31,8 @@ pub struct StateOptions {
     pub max_body_bytes: usize,
     pub pool_size: u32,
     pub ledger_batch_size: i64,
+    /// Refusals of unauthenticated requests one address may have per minute.
+    pub auth_failures_per_minute: u32,
     /// Issuers whose tokens are accepted, with their published keys.
     pub trusted_issuers: Vec<(String, JwkSet)>,
 }
@@ -71,7 +73,8 @@ pub fn prepare_state(
         SequencerOptions {
             batch_size: options.ledger_batch_size,
         },
-    );
+    )
+    .with_auth_failure_limit(options.auth_failures_per_minute);
     let search = SearchIndex::new(
         SearchParamRegistry::load()?,
         keys.index,
@@ -140,7 +143,11 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
         loop {
             ticker.tick().await;
             let ledger = ledger.clone();
-            match tokio::task::spawn_blocking(move || ledger.sequence_pending()).await {
+            let work = move || {
+                ledger.flush_refusals(false)?;
+                ledger.sequence_pending()
+            };
+            match tokio::task::spawn_blocking(work).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "ledger sequencing failed; retrying"),
                 Err(error) => tracing::error!(%error, "ledger sequencer task failed"),
@@ -157,6 +164,7 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         pool_size: args.db_pool_size,
         ledger_batch_size: args.ledger_batch_size,
+        auth_failures_per_minute: args.auth_failures_per_minute,
         trusted_issuers: args.load_trusted_issuers()?,
     };
     let state = tokio::task::spawn_blocking({
@@ -168,6 +176,7 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         state.ledger.clone(),
         Duration::from_millis(args.ledger_interval_ms),
     );
+    let ledger_at_exit = state.ledger.clone();
 
     let mut server = HttpServer::new(move || build_app(state.clone()))
         .shutdown_timeout(args.shutdown_timeout)
@@ -183,6 +192,13 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
     })?;
     tracing::info!(listen = %args.address.listen, backend = ?database_url.backend(), "fhirledger serving FHIR R4 at /fhir");
     server.run().await?;
+    // The refusals counted since the last interval are evidence too.
+    let ledger = ledger_at_exit;
+    match tokio::task::spawn_blocking(move || ledger.flush_refusals(true)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::error!(%error, "refusals of the last interval not ledgered"),
+        Err(error) => tracing::error!(%error, "refusals of the last interval not ledgered"),
+    }
     tracing::info!("fhirledger stopped");
     Ok(())
 }

@@ -102,7 +102,7 @@ fn assert_refusal(reply: &Reply, status: StatusCode, code: &str) {
 async fn authentication_failures_are_refused_and_ledgered(db: TestDb) {
     let provider = Provider::new("https://idp.test");
     let state = db.state_trusting(vec![(provider.issuer.clone(), provider.jwks())]);
-    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
     let created = call(
         &app,
         post(
@@ -235,9 +235,16 @@ async fn authentication_failures_are_refused_and_ledgered(db: TestDb) {
             credential.is_some(),
             "{name}: {challenge}"
         );
+        // Counted into its address's aggregate entry, which names the count.
+        let ledger = state.ledger.clone();
+        actix_web::rt::task::spawn_blocking(move || ledger.flush_refusals(true))
+            .await
+            .unwrap()
+            .unwrap();
         let entry = entry_of(&app, &reply).await;
         assert_eq!(entry["outcome"], "deny", "{name}");
         assert_eq!(entry["reason"], reason, "{name}");
+        assert_eq!(entry["count"], 1, "{name}");
         assert_eq!(entry["rule"], "authentication", "{name}");
         assert_eq!(entry["actor"]["subject"], "anonymous", "{name}");
     }
@@ -1139,7 +1146,7 @@ async fn es256_tokens_from_a_jwks_verify() {
     .unwrap();
     let issuer = "https://ec-idp.test";
     let state = db.state_trusting(vec![(issuer.into(), jwks)]);
-    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
     let now = jsonwebtoken::get_current_timestamp();
     let claims = json!({"iss": issuer, "aud": format!("{BASE_URL}/fhir"), "sub": "svc",
                         "scope": "system/Patient.rs", "exp": now + 300});
@@ -1157,6 +1164,11 @@ async fn es256_tokens_from_a_jwks_verify() {
     let forged = provider.sign(&mislabelled, &claims);
     let reply = call_as_is(&app, with_token(get("/fhir/Patient"), &forged)).await;
     assert_refusal(&reply, StatusCode::UNAUTHORIZED, "login");
+    let ledger = state.ledger.clone();
+    actix_web::rt::task::spawn_blocking(move || ledger.flush_refusals(true))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(entry_of(&app, &reply).await["reason"], "unknown-key");
 }
 

@@ -8,6 +8,7 @@ pub mod local_issuer;
 pub mod policy;
 pub mod principal;
 pub mod scopes;
+pub mod throttle;
 pub mod tokens;
 
 pub use principal::{Principal, ReceiptSlot, RequestContext, Slot, TokenIdentity};

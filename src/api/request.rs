@@ -62,8 +62,9 @@ pub async fn request_context(
 
 /// Authentication: every handler that takes a [`RequestContext`] needs a valid bearer
 /// token; the public endpoints (metadata, checkpoint, key, tiles, SMART configuration,
-/// health, OpenAPI) do not take one. A request without valid credentials is ledgered as a
-/// refusal and answered 401 before its handler runs.
+/// health, OpenAPI) do not take one. A request without valid credentials is counted into
+/// its address's aggregate refusal entry and answered 401 (429 past the address's limit)
+/// before its handler runs.
 impl FromRequest for RequestContext {
     type Error = AppError;
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
@@ -98,7 +99,9 @@ impl FromRequest for RequestContext {
                 Box::pin(ready(Ok(ctx)))
             }
             Err(error) => {
-                Box::pin(async move { Err(state.ledger.refuse_unauthenticated(&ctx, error).await) })
+                let source = req.peer_addr().map(|address| address.ip());
+                let refusal = state.ledger.refuse_unauthenticated(&ctx, error, source);
+                Box::pin(ready(Err(refusal)))
             }
         }
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, mpsc};
 
 use crate::access::policy::{self, Refusal};
+use crate::access::throttle::RefusalThrottle;
 use crate::access::{AuthError, RequestContext};
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
@@ -18,6 +19,10 @@ use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
 use super::resources::now_micros;
+
+/// Refusals of requests without valid credentials one address may have per minute, unless
+/// configured.
+pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 60;
 
 /// Most entries one page of `GET /ledger/entries` returns.
 pub const MAX_ENTRIES_PAGE: i64 = 1000;
@@ -65,6 +70,9 @@ pub struct LedgerEvent {
     pub count: Option<u64>,
     /// The client address an aggregated entry counts requests from.
     pub source: Option<String>,
+    /// The receipt of the (lead) entry, when it was handed out before the entry was
+    /// written (aggregated refusals).
+    pub receipt: Option<String>,
 }
 
 impl LedgerEvent {
@@ -87,6 +95,7 @@ impl LedgerEvent {
             concerns: BTreeSet::new(),
             count: None,
             source: None,
+            receipt: None,
         }
     }
 
@@ -218,6 +227,8 @@ pub struct LedgerService {
     key: Arc<LedgerKey>,
     options: SequencerOptions,
     committer: GroupCommitter,
+    /// Refusals of requests without valid credentials, counted and aggregated.
+    refusals: Arc<RefusalThrottle>,
 }
 
 /// Any failure to write the ledger: the request must fail closed (503).
@@ -233,7 +244,15 @@ impl LedgerService {
             key,
             options,
             committer,
+            refusals: Arc::new(RefusalThrottle::new(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
         }
+    }
+
+    /// Sets how many requests without valid credentials one client address may have
+    /// refused per minute before it is answered 429.
+    pub fn with_auth_failure_limit(mut self, per_minute: u32) -> Self {
+        self.refusals = Arc::new(RefusalThrottle::new(per_minute));
+        self
     }
 
     pub fn key(&self) -> &LedgerKey {
@@ -343,20 +362,63 @@ impl LedgerService {
         }
     }
 
-    /// Ledgers a request refused for want of valid credentials (the actor is anonymous: an
-    /// unverified token names nobody) and returns the 401 to send.
-    pub async fn refuse_unauthenticated(&self, ctx: &RequestContext, error: AuthError) -> AppError {
-        let (this, ctx) = (self.clone(), ctx.clone());
-        let reason = error.reason();
-        let recorded = blocking(move || {
-            let event = LedgerEvent::deny("authenticate", reason)
+    /// Counts a request refused for want of valid credentials (the actor is anonymous: an
+    /// unverified token names nobody) into its address's aggregate, and returns the 401 to
+    /// send, or 429 once the address is over its limit. The response names the receipt the
+    /// aggregate's entry will have; [`Self::flush_refusals`] writes it.
+    pub fn refuse_unauthenticated(
+        &self,
+        ctx: &RequestContext,
+        error: AuthError,
+        source: Option<std::net::IpAddr>,
+    ) -> AppError {
+        let counted = self
+            .refusals
+            .count(source, error.reason(), &ctx.request_id);
+        if !counted.receipt.is_empty() {
+            ctx.receipt.set(counted.receipt);
+        }
+        match counted.retry_after {
+            Some(retry_after) => AppError::TooManyRequests { retry_after },
+            None => AppError::Unauthenticated(error),
+        }
+    }
+
+    /// Ledgers the aggregates of refused unauthenticated requests whose interval is over
+    /// (`all`: every one, at shutdown or in tests): one durable entry per address and
+    /// reason, with the count. What cannot be written is kept for the next try. Returns how
+    /// many entries were written.
+    pub fn flush_refusals(&self, all: bool) -> Result<usize, AppError> {
+        let due = self.refusals.take_due(all);
+        let mut written = 0;
+        let mut unwritten = Vec::new();
+        let mut failure = None;
+        for aggregate in due {
+            if failure.is_some() {
+                unwritten.push(aggregate);
+                continue;
+            }
+            let ctx = RequestContext {
+                principal: crate::access::Principal::Anonymous,
+                ..RequestContext::internal(aggregate.first_request.clone())
+            };
+            let mut event = LedgerEvent::deny("authenticate", aggregate.reason)
                 .decided_by(policy::RULE_AUTHENTICATION);
-            this.append(&ctx, event)
-        })
-        .await;
-        match recorded {
-            Ok(_) => AppError::Unauthenticated(error),
-            Err(failure) => failure,
+            event.count = Some(aggregate.count);
+            event.source = Some(aggregate.source.clone());
+            event.receipt = Some(aggregate.receipt.clone());
+            match self.append(&ctx, event) {
+                Ok(_) => written += 1,
+                Err(error) => {
+                    failure = Some(error);
+                    unwritten.push(aggregate);
+                }
+            }
+        }
+        self.refusals.restore(unwritten);
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(written),
         }
     }
 
@@ -668,9 +730,13 @@ impl GroupCommitter {
 /// The entries of an event, lead first (see [`LedgerEvent`]), timed `time`.
 fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -> Vec<LedgerEntry> {
     let patients: Vec<String> = event.patients().into_iter().map(str::to_owned).collect();
-    let entry = |resources: Vec<EntryResource>, patient: Option<&String>| LedgerEntry {
+    let mut receipt = event.receipt.clone();
+    let mut entry = |resources: Vec<EntryResource>, patient: Option<&String>| LedgerEntry {
         v: ENTRY_VERSION,
-        id: uuid::Uuid::now_v7().to_string(),
+        // The first entry made is the lead.
+        id: receipt
+            .take()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         time: time.to_owned(),
         actor: ctx.principal.ledger_actor(),
         action: event.action.to_owned(),

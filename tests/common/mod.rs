@@ -153,6 +153,7 @@ impl TestDb {
             max_body_bytes,
             pool_size: 8,
             ledger_batch_size: 4096,
+            auth_failures_per_minute: 60,
             trusted_issuers,
         };
         prepare_state(&self.url, keys, &options).expect("application state")

@@ -44,6 +44,12 @@ struct AuditArgs {
     /// the development ledger key in the data directory.
     #[arg(long, env = "FHIRLEDGER_LEDGER_VKEY", value_name = "VKEY")]
     vkey: Option<String>,
+
+    /// A signed checkpoint the auditor trusts (a note saved earlier, such as the state file
+    /// of `fhirledger verify`): the log must still extend it, so dropped or rewritten
+    /// entries are found even when the database was made consistent again.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -238,8 +244,26 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
         Ok(key) => key,
         Err(message) => return could_not_check(message),
     };
+    let trusted = match &args.checkpoint {
+        None => None,
+        Some(path) => {
+            let note = match std::fs::read_to_string(path) {
+                Ok(note) => note,
+                Err(e) => return could_not_check(format!("{}: {e}", path.display())),
+            };
+            match fhirledger::ledger::checkpoint::verify_checkpoint(&note, &key.vkey) {
+                Ok(checkpoint) => Some(checkpoint),
+                Err(e) => {
+                    return could_not_check(format!(
+                        "{}: the trusted checkpoint does not verify with the ledger key: {e}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    };
     let mut progress = |line: &str| eprintln!("audit: {line}");
-    let report = match audit(&mut conn, &key, &mut progress) {
+    let report = match audit(&mut conn, &key, trusted.as_ref(), &mut progress) {
         Ok(report) => report,
         Err(e) => return could_not_check(e.to_string()),
     };

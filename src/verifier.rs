@@ -139,11 +139,18 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
         let leaf_data = BASE64
             .decode(&body.leaf_data)
             .map_err(|_| VerifyError::CouldNotCheck("receipt: leaf_data is not base64".into()))?;
-        verify_entry(&leaf_data, &public_key).map_err(|e| {
+        let entry = verify_entry(&leaf_data, &public_key).map_err(|e| {
             VerifyError::Failed(format!(
                 "receipt {receipt}: the entry's signature does not verify: {e}"
             ))
         })?;
+        // A genuine entry is not enough: it must be the one the receipt names.
+        if entry.id != *receipt {
+            return Err(VerifyError::Failed(format!(
+                "receipt {receipt}: the server answered with another entry ({})",
+                entry.id.chars().take(64).collect::<String>()
+            )));
+        }
         let index = body.index.ok_or_else(|| {
             VerifyError::CouldNotCheck(format!(
                 "receipt {receipt} is not sequenced yet; retry shortly"

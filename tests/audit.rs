@@ -38,7 +38,7 @@ async fn populated(db: &TestDb) -> AuditKey {
 }
 
 fn run(db: &TestDb, key: &AuditKey) -> AuditReport {
-    audit(&mut db.connect(), key, &mut |_| {}).unwrap()
+    audit(&mut db.connect(), key, None, &mut |_| {}).unwrap()
 }
 
 fn kinds(report: &AuditReport) -> Vec<FindingKind> {
@@ -177,7 +177,97 @@ async fn removed_entry_is_found(db: TestDb) {
     );
 }
 
+/// A server taking writes while the audit reads: no finding, since the audit reads one
+/// snapshot (without one it saw versions whose entries it had read before they existed).
+async fn audit_under_writes_finds_nothing(db: TestDb) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let state = db.state();
+    let key = AuditKey {
+        verifying_key: state.ledger.key().verifying_key(),
+        vkey: state.ledger.key().vkey(),
+    };
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let audits = {
+        let stop = stop.clone();
+        let url = db.url.clone();
+        std::thread::spawn(move || {
+            let mut reports = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut conn = fhirledger::store::connection::establish(&url).unwrap();
+                reports.push(audit(&mut conn, &key, None, &mut |_| {}).unwrap());
+            }
+            reports
+        })
+    };
+    let sequencer = {
+        let stop = stop.clone();
+        let ledger = state.ledger.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                ledger.sequence_pending().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+        })
+    };
+    for round in 0..200 {
+        let id = format!("w{}", round % 20);
+        let body = json!({"resourceType": "Patient", "id": id, "active": round % 2 == 0});
+        let reply = call(&app, put(&format!("/fhir/Patient/{id}"), &body)).await;
+        assert!(reply.status.is_success(), "{}", reply.text());
+    }
+    stop.store(true, Ordering::Relaxed);
+    sequencer.join().unwrap();
+    let reports = audits.join().unwrap();
+    assert!(!reports.is_empty());
+    for report in &reports {
+        assert!(report.is_clean(), "{:?}", report.findings);
+    }
+}
+
+/// Dropping the newest entries and making the database consistent again is found: the
+/// tree is no longer covered by the latest signed checkpoint, and a checkpoint the auditor
+/// saved is no longer extended by the log.
+async fn dropped_newest_entries_are_found(db: TestDb) {
+    let key = populated(&db).await;
+    let trusted_note: String = {
+        #[derive(diesel::QueryableByName)]
+        struct Note {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            note: String,
+        }
+        diesel::sql_query("SELECT note FROM ledger_checkpoints ORDER BY tree_size DESC LIMIT 1")
+            .get_result::<Note>(&mut db.connect())
+            .unwrap()
+            .note
+    };
+    let trusted = fhirledger::ledger::checkpoint::verify_checkpoint(&trusted_note, &key.vkey).unwrap();
+    assert_eq!(trusted.size, 9);
+    let clean = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
+    assert!(clean.is_clean(), "{:?}", clean.findings);
+
+    // The insider drops the newest entry (the read of Patient c) and makes everything
+    // agree again: the tree hashes of eight leaves, no checkpoint above them, tree size 8.
+    // Every remaining row is consistent with every other; no signature is broken.
+    exec(&db, "DELETE FROM ledger_entries WHERE leaf_index >= 8");
+    exec(&db, "DELETE FROM ledger_hashes WHERE stored_index >= 15");
+    exec(&db, "DELETE FROM ledger_checkpoints WHERE tree_size > 8");
+    exec(&db, "UPDATE ledger_state SET tree_size = 8");
+    let report = run(&db, &key);
+    let found = kinds(&report);
+    assert_eq!(found, vec![FindingKind::Uncheckpointed], "{:?}", report.findings);
+    let report = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
+    assert!(
+        kinds(&report).contains(&FindingKind::NotExtendingTrusted),
+        "{:?}",
+        report.findings
+    );
+}
+
 on_both_backends!(
+    audit_under_writes_finds_nothing,
+    dropped_newest_entries_are_found,
     untouched_database_is_clean,
     changed_ciphertext_is_found,
     swapped_ciphertext_is_found,

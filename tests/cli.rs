@@ -419,6 +419,67 @@ fn verify_checks_receipts_and_detects_rollback_and_fork() {
     assert_eq!(code, 2, "{out}");
 }
 
+/// A server in front of the real one that answers every receipt lookup with the entry of
+/// `swap_to`: a genuine, signed, included entry, but not the one asked for.
+fn lying_proxy(real_port: u16, swap_to: String) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buffer = [0u8; 16 * 1024];
+            let read = stream.read(&mut buffer).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buffer[..read]).into_owned();
+            let path = request.split(' ').nth(1).unwrap_or("/").to_owned();
+            let token = request.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().trim_start_matches("Bearer ").to_owned())
+            });
+            let path = if path.starts_with("/ledger/receipts/") {
+                format!("/ledger/receipts/{swap_to}")
+            } else {
+                path
+            };
+            let Ok((status, _, body)) =
+                http_with_headers(real_port, token.as_deref(), "GET", &path, None)
+            else {
+                continue;
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} Proxied\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn verify_refuses_a_genuine_entry_that_is_not_the_receipts() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let key: serde_json::Value =
+        serde_json::from_str(&http(port, "GET", "/ledger/key", None).unwrap().1).unwrap();
+    let vkey = key["vkey"].as_str().unwrap().to_owned();
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    let asked = ledgered_write(port, &token);
+    let other = ledgered_write(port, &token);
+    // The real server: the receipt checks out.
+    let state = dir.path().join("state");
+    let (code, out) = run_verify(port, &vkey, &state, Some(&asked), &token);
+    assert_eq!(code, 0, "{out}");
+    // A server that answers with another (valid, included) entry: caught.
+    let liar = lying_proxy(port, other);
+    let (code, out) = run_verify(liar, &vkey, &dir.path().join("state2"), Some(&asked), &token);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("another entry") || out.contains("VERIFICATION FAILED"), "{out}");
+    stop_server(server);
+}
+
 #[test]
 fn audit_passes_then_finds_a_changed_ciphertext() {
     use diesel::RunQueryDsl as _;
@@ -429,16 +490,33 @@ fn audit_passes_then_finds_a_changed_ciphertext() {
     let token = token.as_str();
     ledgered_write(port, token);
     ledgered_write(port, token);
+    // The auditor keeps the checkpoint it has seen.
+    let (status, note) = http(port, "GET", "/ledger/checkpoint", None).unwrap();
+    assert_eq!(status, 200);
+    let trusted = dir.path().join("trusted-checkpoint");
+    std::fs::write(&trusted, note).unwrap();
     stop_server(server);
 
-    let audit = || {
+    let audit_with = |extra: &[&std::ffi::OsStr]| {
         Command::new(BINARY)
             .arg("audit")
+            .args(extra)
             .current_dir(dir.path())
             .env_clear()
             .output()
             .unwrap()
     };
+    let audit = || audit_with(&[]);
+    let with_trusted = || audit_with(&["--checkpoint".as_ref(), trusted.as_os_str()]);
+    let checked = with_trusted();
+    assert_eq!(
+        checked.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&checked.stderr).contains("extends the trusted checkpoint"));
     let clean = audit();
     assert_eq!(
         clean.status.code(),
@@ -459,4 +537,11 @@ fn audit_passes_then_finds_a_changed_ciphertext() {
     let stdout = String::from_utf8_lossy(&tampered.stdout);
     assert_eq!(tampered.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("VersionModified"), "{stdout}");
+
+    // The log cut back behind the auditor's checkpoint: found against it.
+    truncate_ledger(dir.path(), 1);
+    let cut = with_trusted();
+    let stdout = String::from_utf8_lossy(&cut.stdout);
+    assert_eq!(cut.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("NotExtendingTrusted"), "{stdout}");
 }

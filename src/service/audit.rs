@@ -2,16 +2,24 @@
 //! and tree position, every stored tree hash and checkpoint, and every stored resource
 //! version against the content hash its write entry recorded. Reports what was modified,
 //! swapped, deleted, or written without an entry.
+//!
+//! Everything is read in one snapshot of the database ([`read_snapshot`]), so a server
+//! taking writes meanwhile causes no false findings. Someone who can write to the database
+//! could still drop the newest entries and rebuild the hashes below them: no signature
+//! breaks. So the tree must be covered by a signed checkpoint, and the audit takes a
+//! checkpoint the auditor trusts (saved earlier, e.g. the state file of `fhirledger verify`)
+//! and checks that the log still extends it.
 
 use std::collections::HashMap;
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::ledger::checkpoint::verify_checkpoint;
+use crate::ledger::checkpoint::{VerifiedCheckpoint, verify_checkpoint};
 use crate::ledger::entry::{content_hash, verify_entry};
 use crate::ledger::tree::{self, MemoryHashStore};
 use crate::store::ledger as ledger_rows;
 use crate::store::resources as resource_rows;
+use crate::store::connection::read_snapshot;
 use crate::store::{DbConnection, StoreError};
 
 /// Rows read per query.
@@ -37,6 +45,10 @@ pub enum FindingKind {
     VersionUnledgered,
     /// A resource's current-version pointer disagrees with its versions.
     HeadMismatch,
+    /// The tree holds entries no signed checkpoint covers.
+    Uncheckpointed,
+    /// The log does not extend the trusted checkpoint: entries were dropped or rewritten.
+    NotExtendingTrusted,
 }
 
 #[derive(Debug, Clone)]
@@ -82,10 +94,22 @@ pub struct AuditKey {
     pub vkey: String,
 }
 
-/// Audits the database behind `conn`. `progress` receives a line now and then.
+/// Audits the database behind `conn`, in one snapshot. `trusted`: a checkpoint the auditor
+/// saved earlier (verified with `key` by the caller), which the log must still extend.
+/// `progress` receives a line now and then.
 pub fn audit(
     conn: &mut DbConnection,
     key: &AuditKey,
+    trusted: Option<&VerifiedCheckpoint>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<AuditReport, StoreError> {
+    read_snapshot(conn, |conn| audit_snapshot(conn, key, trusted, progress))
+}
+
+fn audit_snapshot(
+    conn: &mut DbConnection,
+    key: &AuditKey,
+    trusted: Option<&VerifiedCheckpoint>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<AuditReport, StoreError> {
     let mut report = AuditReport::default();
@@ -197,7 +221,9 @@ pub fn audit(
         );
     }
 
-    // 4. Every checkpoint: signature, and root equal to the entries' tree at its size.
+    // 4. Every checkpoint: signature, and root equal to the entries' tree at its size; the
+    // whole tree covered by one.
+    let mut covered = 0u64;
     for row in ledger_rows::all_checkpoints(conn)? {
         report.checkpoints_checked += 1;
         let size = u64::try_from(row.tree_size).unwrap_or(u64::MAX);
@@ -215,8 +241,44 @@ pub fn audit(
                         FindingKind::Checkpoint,
                         format!("checkpoint of size {size} does not match the entries"),
                     );
+                } else {
+                    covered = covered.max(size);
                 }
             }
+        }
+    }
+    if report.tree_size > covered {
+        report.add(
+            FindingKind::Uncheckpointed,
+            format!(
+                "the tree has {} entries but the largest valid signed checkpoint covers {covered}",
+                report.tree_size
+            ),
+        );
+    }
+    if let Some(trusted) = trusted {
+        if trusted.size > rebuilt.size() {
+            report.add(
+                FindingKind::NotExtendingTrusted,
+                format!(
+                    "the trusted checkpoint covers {} entries but the log holds {}: entries were dropped",
+                    trusted.size,
+                    rebuilt.size()
+                ),
+            );
+        } else if tree::root(&rebuilt, trusted.size).ok() != Some(trusted.root) {
+            report.add(
+                FindingKind::NotExtendingTrusted,
+                format!(
+                    "the first {} entries are not those of the trusted checkpoint: the log was rewritten",
+                    trusted.size
+                ),
+            );
+        } else {
+            progress(&format!(
+                "the log extends the trusted checkpoint of size {}",
+                trusted.size
+            ));
         }
     }
 

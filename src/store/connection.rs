@@ -197,6 +197,28 @@ pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
     }
 }
 
+/// Runs `work` inside one read-only transaction, so that every query it makes sees the same
+/// state of the database however many statements it takes, while writers go on: PostgreSQL
+/// `REPEATABLE READ` (one snapshot for the transaction); SQLite a deferred read transaction,
+/// whose snapshot in WAL mode is fixed at its first read. For checks that compare tables with
+/// each other (`fhirledger audit`).
+pub fn read_snapshot<T>(
+    conn: &mut DbConnection,
+    work: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let begin = match conn {
+        DbConnection::Postgres(_) => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        DbConnection::Sqlite(_) => "BEGIN DEFERRED",
+    };
+    on_backend!(conn, c => c.batch_execute(begin)).map_err(StoreError::classify)?;
+    let result = work(conn);
+    // Nothing was written: ending the transaction either way releases the snapshot.
+    let ended = on_backend!(conn, c => c.batch_execute("ROLLBACK")).map_err(StoreError::classify);
+    let value = result?;
+    ended?;
+    Ok(value)
+}
+
 /// The database as the services use it: pooled connections for reads and, for writes on
 /// SQLite, the one connection every write transaction of this process runs on. Cloning is
 /// cheap (handles).

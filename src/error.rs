@@ -58,7 +58,9 @@ pub enum AppError {
     #[error("{0}")]
     TooLarge(String),
     /// Too many refused requests from this client: 429, retry after `retry_after` seconds.
-    #[error("too many requests without valid credentials from this address; retry in {retry_after} s")]
+    #[error(
+        "too many requests without valid credentials from this address; retry in {retry_after} s"
+    )]
     TooManyRequests { retry_after: u64 },
     #[error("{0}")]
     UnsupportedMediaType(String),

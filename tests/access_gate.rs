@@ -143,7 +143,11 @@ async fn patches_are_bounded(db: TestDb) {
         doubling.push(json!({"op": "copy", "from": "/name/0/given", "path": "/name/0/given/-"}));
         doubling.push(json!({"op": "copy", "from": "/name", "path": "/name/-"}));
     }
-    let reply = call_as_is(&app, json_patch("/fhir/Patient/p", &json!(doubling), &admin)).await;
+    let reply = call_as_is(
+        &app,
+        json_patch("/fhir/Patient/p", &json!(doubling), &admin),
+    )
+    .await;
     assert_eq!(
         reply.status,
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -169,19 +173,28 @@ async fn writes_to_another_record_tell_nothing(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
     let w = world(&app).await;
     let alices_app = token_with("patient/*.cruds", Some(&w.alice), None);
-    let guess = |value: &str| json!([{"op": "test", "path": "/birthDate", "value": value},
-                                     {"op": "add", "path": "/active", "value": true}]);
+    let guess = |value: &str| {
+        json!([{"op": "test", "path": "/birthDate", "value": value},
+                                     {"op": "add", "path": "/active", "value": true}])
+    };
     let bob = format!("/fhir/Patient/{}", w.bob);
     let right = call_as_is(&app, json_patch(&bob, &guess("1970-01-01"), &alices_app)).await;
     let wrong = call_as_is(&app, json_patch(&bob, &guess("1999-09-09"), &alices_app)).await;
     assert_eq!(right.status, StatusCode::FORBIDDEN, "{}", right.text());
     same_answer(&right, &wrong, "PATCH test on Bob's Patient");
-    let code_guess = |code: &str| {
-        json!([{"op": "test", "path": "/code/coding/0/code", "value": code}])
-    };
+    let code_guess =
+        |code: &str| json!([{"op": "test", "path": "/code/coding/0/code", "value": code}]);
     let bob_obs = format!("/fhir/Observation/{}", w.bob_obs);
-    let right = call_as_is(&app, json_patch(&bob_obs, &code_guess(BOB_CODE), &alices_app)).await;
-    let wrong = call_as_is(&app, json_patch(&bob_obs, &code_guess("0000-0"), &alices_app)).await;
+    let right = call_as_is(
+        &app,
+        json_patch(&bob_obs, &code_guess(BOB_CODE), &alices_app),
+    )
+    .await;
+    let wrong = call_as_is(
+        &app,
+        json_patch(&bob_obs, &code_guess("0000-0"), &alices_app),
+    )
+    .await;
     assert_eq!(right.status, StatusCode::FORBIDDEN);
     same_answer(&right, &wrong, "PATCH test on Bob's Observation");
 
@@ -194,12 +207,14 @@ async fn writes_to_another_record_tell_nothing(db: TestDb) {
         let replies = [
             call_as_is(
                 &app,
-                with_token(put(&bob_obs, &update), &alices_app).insert_header(("If-Match", etag.clone())),
+                with_token(put(&bob_obs, &update), &alices_app)
+                    .insert_header(("If-Match", etag.clone())),
             )
             .await,
             call_as_is(
                 &app,
-                json_patch(&bob_obs, &json!([]), &alices_app).insert_header(("If-Match", etag.clone())),
+                json_patch(&bob_obs, &json!([]), &alices_app)
+                    .insert_header(("If-Match", etag.clone())),
             )
             .await,
             call_as_is(
@@ -210,7 +225,12 @@ async fn writes_to_another_record_tell_nothing(db: TestDb) {
             .await,
         ];
         for reply in replies {
-            assert_eq!(reply.status, StatusCode::FORBIDDEN, "If-Match {etag}: {}", reply.text());
+            assert_eq!(
+                reply.status,
+                StatusCode::FORBIDDEN,
+                "If-Match {etag}: {}",
+                reply.text()
+            );
         }
     }
     // Bob's record is as it was.
@@ -238,7 +258,10 @@ async fn inner_searches_are_authorized_and_confined(db: TestDb) {
     };
     // Who treated Bob, and which codes Bob's observations carry: nothing, for Alice.
     let who = ask(
-        format!("/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}", w.bob),
+        format!(
+            "/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}",
+            w.bob
+        ),
         alices_app.clone(),
     )
     .await;
@@ -258,7 +281,10 @@ async fn inner_searches_are_authorized_and_confined(db: TestDb) {
     // The same questions from an unconfined token do find them (the searches work).
     let admin = token_with("system/*.rs", None, None);
     let who = ask(
-        format!("/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}", w.bob),
+        format!(
+            "/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}",
+            w.bob
+        ),
         admin.clone(),
     )
     .await;
@@ -273,7 +299,10 @@ async fn inner_searches_are_authorized_and_confined(db: TestDb) {
     // Narrow system tokens may not search the inner type at all: 403, ledgered.
     let practitioners_only = token_with("system/Practitioner.rs", None, None);
     let refused = ask(
-        format!("/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}", w.bob),
+        format!(
+            "/fhir/Practitioner?_has:Observation:performer:subject=Patient/{}",
+            w.bob
+        ),
         practitioners_only,
     )
     .await;
@@ -319,7 +348,12 @@ async fn conditional_references_resolve_with_the_requesters_rights(db: TestDb) {
     };
     let right = send(focus_on(BOB_CODE)).await;
     let wrong = send(focus_on("0000-0")).await;
-    assert_eq!(right.status, StatusCode::PRECONDITION_FAILED, "{}", right.text());
+    assert_eq!(
+        right.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        right.text()
+    );
     same_answer(&right, &wrong, "focus = Bob's Observation by code");
     let subject_named = |family: &str| {
         let mut mine = coded_observation(&w.alice, "1111-1");
@@ -377,7 +411,10 @@ where
         let start = entries.len();
         let page = call(
             app,
-            get(&format!("/ledger/entries?start={start}&end={}", start + 1000)),
+            get(&format!(
+                "/ledger/entries?start={start}&end={}",
+                start + 1000
+            )),
         )
         .await;
         assert_eq!(page.status, StatusCode::OK, "{}", page.text());
@@ -430,7 +467,8 @@ async fn confined_tokens_stay_inside_on_every_type(db: TestDb) {
     // Shared reference data: readable, not writable.
     let doctor = format!("/fhir/Practitioner/{}", w.doctor);
     assert_eq!(as_alice(get(&doctor)).await.status, StatusCode::OK);
-    let overwrite = json!({"resourceType": "Practitioner", "id": w.doctor, "name": [{"family": "Quack"}]});
+    let overwrite =
+        json!({"resourceType": "Practitioner", "id": w.doctor, "name": [{"family": "Quack"}]});
     let reply = as_alice(put(&doctor, &overwrite)).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     let reply = as_alice(post(
@@ -444,7 +482,11 @@ async fn confined_tokens_stay_inside_on_every_type(db: TestDb) {
 }
 
 /// The AuditEvents of a patient's view, read with that patient's token.
-async fn patients_view<S, B>(app: &S, state: &fhirledger::api::AppState, patient: &str) -> Vec<Value>
+async fn patients_view<S, B>(
+    app: &S,
+    state: &fhirledger::api::AppState,
+    patient: &str,
+) -> Vec<Value>
 where
     S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
@@ -454,11 +496,7 @@ where
         .await
         .unwrap();
     let token = token_with("patient/*.rs", Some(patient), None);
-    let reply = call_as_is(
-        app,
-        with_token(get("/fhir/AuditEvent?_count=1000"), &token),
-    )
-    .await;
+    let reply = call_as_is(app, with_token(get("/fhir/AuditEvent?_count=1000"), &token)).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     reply.json()["entry"]
         .as_array()
@@ -477,13 +515,21 @@ fn leaf_data(event: &Value) -> String {
         .find(|p| p["url"] == "leafData")
         .and_then(|p| p["valueBase64Binary"].as_str())
         .expect("leafData");
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).unwrap()).unwrap()
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn interactions(view: &[Value]) -> Vec<(String, Vec<String>)> {
     view.iter()
         .map(|event| {
-            let subtype = event["subtype"][0]["code"].as_str().unwrap_or("").to_owned();
+            let subtype = event["subtype"][0]["code"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
             let entities = event["entity"]
                 .as_array()
                 .map(|entities| {
@@ -505,8 +551,17 @@ async fn each_patients_view_is_their_own(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
     let w = world(&app).await;
     // A search that returns both patients' observations.
-    let both = call(&app, get(&format!("/fhir/Observation?code={LOINC}|1111-1,{LOINC}|{BOB_CODE}"))).await;
-    assert_eq!(ids_of(&both), BTreeSet::from([w.alice_obs.clone(), w.bob_obs.clone()]));
+    let both = call(
+        &app,
+        get(&format!(
+            "/fhir/Observation?code={LOINC}|1111-1,{LOINC}|{BOB_CODE}"
+        )),
+    )
+    .await;
+    assert_eq!(
+        ids_of(&both),
+        BTreeSet::from([w.alice_obs.clone(), w.bob_obs.clone()])
+    );
     let alice_ref = json!({"reference": format!("Patient/{}", w.alice)});
     let appointment = create(
         &app,
@@ -514,14 +569,22 @@ async fn each_patients_view_is_their_own(db: TestDb) {
                "participant": [{"actor": alice_ref, "status": "accepted"}]}),
     )
     .await;
-    let org = create(&app, json!({"resourceType": "Organization", "name": "Payer"})).await;
+    let org = create(
+        &app,
+        json!({"resourceType": "Organization", "name": "Payer"}),
+    )
+    .await;
     let coverage = create(
         &app,
         json!({"resourceType": "Coverage", "status": "active", "beneficiary": alice_ref,
                "payor": [{"reference": format!("Organization/{org}")}]}),
     )
     .await;
-    let device = create(&app, json!({"resourceType": "Device", "patient": alice_ref})).await;
+    let device = create(
+        &app,
+        json!({"resourceType": "Device", "patient": alice_ref}),
+    )
+    .await;
     let deleted = call(
         &app,
         TestRequest::delete().uri(&format!("/fhir/Observation/{}", w.alice_obs)),
@@ -533,7 +596,10 @@ async fn each_patients_view_is_their_own(db: TestDb) {
     for event in &view {
         let bytes = leaf_data(event);
         for secret in [&w.bob, &w.bob_obs] {
-            assert!(!bytes.contains(secret.as_str()), "Alice's view names Bob: {bytes}");
+            assert!(
+                !bytes.contains(secret.as_str()),
+                "Alice's view names Bob: {bytes}"
+            );
         }
         assert!(!event.to_string().contains(w.bob_obs.as_str()));
     }
@@ -542,8 +608,14 @@ async fn each_patients_view_is_their_own(db: TestDb) {
         seen.iter()
             .any(|(s, entities)| s == subtype && entities.iter().any(|e| e.starts_with(reference)))
     };
-    assert!(has("search", &format!("Observation/{}", w.alice_obs)), "{seen:?}");
-    assert!(has("delete", &format!("Observation/{}", w.alice_obs)), "{seen:?}");
+    assert!(
+        has("search", &format!("Observation/{}", w.alice_obs)),
+        "{seen:?}"
+    );
+    assert!(
+        has("delete", &format!("Observation/{}", w.alice_obs)),
+        "{seen:?}"
+    );
     for created in [
         format!("Appointment/{appointment}"),
         format!("Coverage/{coverage}"),
@@ -554,7 +626,12 @@ async fn each_patients_view_is_their_own(db: TestDb) {
     // Bob's view has his half of the search, and nothing of Alice's.
     let view = patients_view(&app, &state, &w.bob).await;
     let seen = interactions(&view);
-    assert!(seen.iter().any(|(s, e)| s == "search" && e.iter().any(|r| r.starts_with(&format!("Observation/{}", w.bob_obs)))), "{seen:?}");
+    assert!(
+        seen.iter().any(|(s, e)| s == "search"
+            && e.iter()
+                .any(|r| r.starts_with(&format!("Observation/{}", w.bob_obs)))),
+        "{seen:?}"
+    );
     for event in &view {
         assert!(!leaf_data(event).contains(w.alice_obs.as_str()));
     }
@@ -613,31 +690,64 @@ async fn consent_fails_closed(db: TestDb) {
     let writer = token_with("user/*.cruds", None, Some("Practitioner/p9"));
     let reply = call_as_is(
         &app,
-        with_token(post("/fhir/Consent", &consent(&w.bob, "permit", Some("Practitioner/p9"))), &writer),
+        with_token(
+            post(
+                "/fhir/Consent",
+                &consent(&w.bob, "permit", Some("Practitioner/p9")),
+            ),
+            &writer,
+        ),
     )
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     assert!(reply.text().contains("consent-writer"), "{}", reply.text());
-    let emergency = token_for_purpose("user/*.cruds", None, Some("Practitioner/p9"), Some("ETREAT"));
+    let emergency = token_for_purpose(
+        "user/*.cruds",
+        None,
+        Some("Practitioner/p9"),
+        Some("ETREAT"),
+    );
     let reply = call_as_is(
         &app,
-        with_token(post("/fhir/Consent", &consent(&w.bob, "permit", Some("Practitioner/p9"))), &emergency),
+        with_token(
+            post(
+                "/fhir/Consent",
+                &consent(&w.bob, "permit", Some("Practitioner/p9")),
+            ),
+            &emergency,
+        ),
     )
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     let bobs_app = token_with("patient/*.cruds", Some(&w.bob), None);
     let reply = call_as_is(
         &app,
-        with_token(post("/fhir/Consent", &consent(&w.bob, "permit", Some("Practitioner/p9"))), &bobs_app),
+        with_token(
+            post(
+                "/fhir/Consent",
+                &consent(&w.bob, "permit", Some("Practitioner/p9")),
+            ),
+            &bobs_app,
+        ),
     )
     .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     let reply = call_as_is(
         &app,
-        with_token(post("/fhir/Consent", &consent(&w.alice, "permit", Some("Practitioner/p9"))), &bobs_app),
+        with_token(
+            post(
+                "/fhir/Consent",
+                &consent(&w.alice, "permit", Some("Practitioner/p9")),
+            ),
+            &bobs_app,
+        ),
     )
     .await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "Bob writes no Consent for Alice");
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "Bob writes no Consent for Alice"
+    );
 }
 
 /// 8. More active Consents than the old global cap do not stop clinicians: Consents are
@@ -649,7 +759,13 @@ async fn many_consents_are_no_outage(db: TestDb) {
     // 10,001 Consents of other patients for other practitioners, in two transactions.
     for batch in 0..2 {
         let entries: Vec<Value> = (0..5_001)
-            .map(|i| post_entry(consent(&format!("other-{batch}-{i}"), "permit", Some("Practitioner/p2"))))
+            .map(|i| {
+                post_entry(consent(
+                    &format!("other-{batch}-{i}"),
+                    "permit",
+                    Some("Practitioner/p2"),
+                ))
+            })
             .collect();
         let reply = call(&app, post("/fhir", &transaction(entries))).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -657,7 +773,10 @@ async fn many_consents_are_no_outage(db: TestDb) {
     let clinician = token_with("user/*.rs", None, Some("Practitioner/p1"));
     let reply = call_as_is(
         &app,
-        with_token(get(&format!("/fhir/Observation/{}", w.alice_obs)), &clinician),
+        with_token(
+            get(&format!("/fhir/Observation/{}", w.alice_obs)),
+            &clinician,
+        ),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -689,11 +808,17 @@ async fn unauthenticated_refusals_are_limited_and_aggregated(db: TestDb) {
         }
         receipts.insert(reply.header("x-ledger-entry").unwrap());
     }
-    assert_eq!(statuses, std::collections::BTreeMap::from([(401, 60), (429, 140)]));
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([(401, 60), (429, 140)])
+    );
     assert_eq!(receipts.len(), 2, "one aggregate per reason: {receipts:?}");
     // Another address is not limited by this one, and valid tokens are never limited.
     let neighbour: std::net::SocketAddr = "192.0.2.8:40000".parse().unwrap();
-    assert_eq!(call_as_is(&app, garbage(neighbour)).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call_as_is(&app, garbage(neighbour)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let valid = call(&app, get("/fhir/Patient").peer_addr(attacker)).await;
     assert_eq!(valid.status, StatusCode::OK);
 

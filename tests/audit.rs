@@ -242,7 +242,8 @@ async fn dropped_newest_entries_are_found(db: TestDb) {
             .unwrap()
             .note
     };
-    let trusted = fhirledger::ledger::checkpoint::verify_checkpoint(&trusted_note, &key.vkey).unwrap();
+    let trusted =
+        fhirledger::ledger::checkpoint::verify_checkpoint(&trusted_note, &key.vkey).unwrap();
     assert_eq!(trusted.size, 9);
     let clean = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
     assert!(clean.is_clean(), "{:?}", clean.findings);
@@ -256,7 +257,12 @@ async fn dropped_newest_entries_are_found(db: TestDb) {
     exec(&db, "UPDATE ledger_state SET tree_size = 8");
     let report = run(&db, &key);
     let found = kinds(&report);
-    assert_eq!(found, vec![FindingKind::Uncheckpointed], "{:?}", report.findings);
+    assert_eq!(
+        found,
+        vec![FindingKind::Uncheckpointed],
+        "{:?}",
+        report.findings
+    );
     let report = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
     assert!(
         kinds(&report).contains(&FindingKind::NotExtendingTrusted),

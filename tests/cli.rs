@@ -474,9 +474,18 @@ fn verify_refuses_a_genuine_entry_that_is_not_the_receipts() {
     assert_eq!(code, 0, "{out}");
     // A server that answers with another (valid, included) entry: caught.
     let liar = lying_proxy(port, other);
-    let (code, out) = run_verify(liar, &vkey, &dir.path().join("state2"), Some(&asked), &token);
+    let (code, out) = run_verify(
+        liar,
+        &vkey,
+        &dir.path().join("state2"),
+        Some(&asked),
+        &token,
+    );
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("another entry") || out.contains("VERIFICATION FAILED"), "{out}");
+    assert!(
+        out.contains("another entry") || out.contains("VERIFICATION FAILED"),
+        "{out}"
+    );
     stop_server(server);
 }
 

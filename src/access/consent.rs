@@ -118,7 +118,9 @@ fn applies(consent: &Value, request: &ConsentRequest<'_>) -> Option<(String, boo
 /// The id of the patient a Consent (stored JSON) is about.
 pub fn consent_patient(json: &str) -> Option<String> {
     let consent: Value = serde_json::from_str(json).ok()?;
-    consent["patient"]["reference"].as_str().and_then(patient_id)
+    consent["patient"]["reference"]
+        .as_str()
+        .and_then(patient_id)
 }
 
 /// The codes of a CodeableConcept.

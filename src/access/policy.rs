@@ -144,9 +144,10 @@ pub fn authorize(
     {
         return Err(Refusal {
             rule: RULE_CONSENT_WRITER,
-            message: "a Consent is created, changed or revoked only by the patient's own token or an \
+            message:
+                "a Consent is created, changed or revoked only by the patient's own token or an \
                       administrator's system/ scope"
-                .into(),
+                    .into(),
         });
     }
     Ok(grant)

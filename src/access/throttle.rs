@@ -85,16 +85,17 @@ impl RefusalThrottle {
         };
         let receipt = match self.pending.lock() {
             Ok(mut pending) => {
-                let aggregate = pending
-                    .entry((source.clone(), reason))
-                    .or_insert_with(|| Aggregate {
-                        source: source.clone(),
-                        reason,
-                        receipt: uuid::Uuid::now_v7().to_string(),
-                        first_request: request.to_owned(),
-                        count: 0,
-                        started: now,
-                    });
+                let aggregate =
+                    pending
+                        .entry((source.clone(), reason))
+                        .or_insert_with(|| Aggregate {
+                            source: source.clone(),
+                            reason,
+                            receipt: uuid::Uuid::now_v7().to_string(),
+                            first_request: request.to_owned(),
+                            count: 0,
+                            started: now,
+                        });
                 aggregate.count += 1;
                 aggregate.receipt.clone()
             }
@@ -190,7 +191,10 @@ mod tests {
         let b2: IpAddr = "2001:db8::2".parse().unwrap();
         let first = throttle.count(Some(a), "bad-signature", "r1");
         assert_eq!(first.retry_after, None);
-        assert_eq!(throttle.count(Some(a), "bad-signature", "r2").receipt, first.receipt);
+        assert_eq!(
+            throttle.count(Some(a), "bad-signature", "r2").receipt,
+            first.receipt
+        );
         assert_eq!(throttle.count(Some(a), "no-token", "r3").retry_after, None);
         let limited = throttle.count(Some(a), "bad-signature", "r4");
         assert!(limited.retry_after.is_some_and(|s| s <= 60));
@@ -216,7 +220,11 @@ mod tests {
         assert_eq!(due[0].first_request, "r1");
         assert!(throttle.take_due(true).is_empty());
         throttle.restore(due);
-        assert_eq!(throttle.take_due(false).len(), 4, "restored ones are tried again");
+        assert_eq!(
+            throttle.take_due(false).len(),
+            4,
+            "restored ones are tried again"
+        );
         assert!(throttle.take_due(true).is_empty());
     }
 }

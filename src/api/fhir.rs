@@ -8,9 +8,7 @@ use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use futures_util::StreamExt as _;
 
 use super::AppState;
-use super::negotiation::{
-    ResponseFormat, require_json_body, patch_format, response_format,
-};
+use super::negotiation::{ResponseFormat, patch_format, require_json_body, response_format};
 use super::request::{
     QueryParams, ReturnPreference, if_match, parse_version_id, return_preference,
 };
@@ -290,7 +288,14 @@ pub async fn patch(
     let body = read_body(&req, payload, state.max_body_bytes).await?;
     let outcome = state
         .resources
-        .patch(&ctx, resource_type, id, format_of_patch, body, expected_version)
+        .patch(
+            &ctx,
+            resource_type,
+            id,
+            format_of_patch,
+            body,
+            expected_version,
+        )
         .await?;
     Ok(write_response(&state, &req, format, &outcome))
 }

@@ -253,11 +253,17 @@ mod tests {
         let relevant = rule.parse_relevant("Observation", text).unwrap();
         assert!(relevant.get("valueString").is_none(), "{relevant}");
         let found = rule.compartments(&plan, "Observation", "o", &relevant, local);
-        assert_eq!(found, Some(BTreeSet::from(["c".to_owned(), "d".to_owned()])));
+        assert_eq!(
+            found,
+            Some(BTreeSet::from(["c".to_owned(), "d".to_owned()]))
+        );
         let linked = r#"{"resourceType":"Patient","link":[{"other":{"reference":"Patient/e"},"type":"seealso"}]}"#;
         let relevant = rule.parse_relevant("Patient", linked).unwrap();
         let found = rule.compartments(&plan, "Patient", "p", &relevant, local);
-        assert_eq!(found, Some(BTreeSet::from(["e".to_owned(), "p".to_owned()])));
+        assert_eq!(
+            found,
+            Some(BTreeSet::from(["e".to_owned(), "p".to_owned()]))
+        );
         assert!(rule.parse_relevant("Observation", "{\"subject\":").is_err());
     }
 }

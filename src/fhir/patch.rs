@@ -268,9 +268,7 @@ impl Budget {
             },
             PatchOperation::Move(op) => match document.pointer(op.from.as_str()) {
                 // Moving deeper can nest the value past the bound; its size is unchanged.
-                Some(moved)
-                    if depth(op.path.as_str()) + value_depth(moved) > MAX_DEPTH =>
-                {
+                Some(moved) if depth(op.path.as_str()) + value_depth(moved) > MAX_DEPTH => {
                     Err(PatchError::TooLarge(format!(
                         "patch operation {index} would nest the resource deeper than {MAX_DEPTH} levels"
                     )))
@@ -371,7 +369,11 @@ pub fn parse_fhirpath_patch(body: &[u8]) -> Result<Vec<FhirPathOperation>, Patch
     let parameters = match &value["parameter"] {
         Value::Null => &[][..],
         Value::Array(parameters) => parameters.as_slice(),
-        _ => return Err(PatchError::Malformed("Parameters.parameter must be a list".into())),
+        _ => {
+            return Err(PatchError::Malformed(
+                "Parameters.parameter must be a list".into(),
+            ));
+        }
     };
     too_many(parameters.len(), MAX_FHIRPATH_OPERATIONS)?;
     parameters
@@ -401,22 +403,29 @@ fn parse_operation(index: usize, parameter: &Value) -> Result<FhirPathOperation,
     let mut source = None;
     let mut destination = None;
     for part in parts {
-        let part_name = part["name"].as_str().ok_or_else(|| bad("a part has no name"))?;
+        let part_name = part["name"]
+            .as_str()
+            .ok_or_else(|| bad("a part has no name"))?;
         let seen = match part_name {
-            "type" => kind.replace(match part["valueCode"].as_str() {
-                Some("add") => FhirPathKind::Add,
-                Some("insert") => FhirPathKind::Insert,
-                Some("delete") => FhirPathKind::Delete,
-                Some("replace") => FhirPathKind::Replace,
-                Some("move") => FhirPathKind::Move,
-                _ => return Err(bad("'type' must be add, insert, delete, replace or move")),
-            }).is_some(),
+            "type" => kind
+                .replace(match part["valueCode"].as_str() {
+                    Some("add") => FhirPathKind::Add,
+                    Some("insert") => FhirPathKind::Insert,
+                    Some("delete") => FhirPathKind::Delete,
+                    Some("replace") => FhirPathKind::Replace,
+                    Some("move") => FhirPathKind::Move,
+                    _ => return Err(bad("'type' must be add, insert, delete, replace or move")),
+                })
+                .is_some(),
             "path" => {
                 let text = part["valueString"]
                     .as_str()
                     .ok_or_else(|| bad("'path' must be a valueString"))?;
                 let compiled = Expression::compile(text).map_err(|e| {
-                    bad(&format!("'path' is not a supported FHIRPath expression: {}", e.reason))
+                    bad(&format!(
+                        "'path' is not a supported FHIRPath expression: {}",
+                        e.reason
+                    ))
                 })?;
                 path.replace(compiled).is_some()
             }
@@ -432,9 +441,24 @@ fn parse_operation(index: usize, parameter: &Value) -> Result<FhirPathOperation,
             "value" => value
                 .replace(patch_value(part, 0).map_err(|what| bad(&what))?)
                 .is_some(),
-            "index" => index_part.replace(position(part).ok_or_else(|| bad("'index' must be a non-negative valueInteger"))?).is_some(),
-            "source" => source.replace(position(part).ok_or_else(|| bad("'source' must be a non-negative valueInteger"))?).is_some(),
-            "destination" => destination.replace(position(part).ok_or_else(|| bad("'destination' must be a non-negative valueInteger"))?).is_some(),
+            "index" => index_part
+                .replace(
+                    position(part)
+                        .ok_or_else(|| bad("'index' must be a non-negative valueInteger"))?,
+                )
+                .is_some(),
+            "source" => source
+                .replace(
+                    position(part)
+                        .ok_or_else(|| bad("'source' must be a non-negative valueInteger"))?,
+                )
+                .is_some(),
+            "destination" => destination
+                .replace(
+                    position(part)
+                        .ok_or_else(|| bad("'destination' must be a non-negative valueInteger"))?,
+                )
+                .is_some(),
             other => return Err(bad(&format!("unknown part '{}'", short(other)))),
         };
         if seen {
@@ -447,7 +471,9 @@ fn parse_operation(index: usize, parameter: &Value) -> Result<FhirPathOperation,
         if present {
             Ok(())
         } else {
-            Err(bad(&format!("a {kind:?} operation needs '{part}'").to_lowercase()))
+            Err(bad(
+                &format!("a {kind:?} operation needs '{part}'").to_lowercase()
+            ))
         }
     };
     match kind {
@@ -756,14 +782,16 @@ impl FhirPathApplier<'_> {
             )),
             None => {
                 if !self.at(&container).is_some_and(Value::is_object) {
-                    return Err(PatchError::failed(index, "its path does not name an element that can have children"));
+                    return Err(PatchError::failed(
+                        index,
+                        "its path does not name an element that can have children",
+                    ));
                 }
                 let (key, json) = self.place(&container, name, value, Slot::Absent);
                 let mut location = container.clone();
                 location.push(Step::Key(key.clone()));
                 self.admit(index, &location, &json, false)?;
-                if let Some(Value::Object(members)) = value_at_mut(&mut self.document, &container)
-                {
+                if let Some(Value::Object(members)) = value_at_mut(&mut self.document, &container) {
                     members.insert(key, json);
                 }
                 Ok(())
@@ -782,7 +810,10 @@ impl FhirPathApplier<'_> {
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
         if at > length {
-            return Err(PatchError::failed(index, "its index is past the end of the list"));
+            return Err(PatchError::failed(
+                index,
+                "its index is past the end of the list",
+            ));
         }
         let (_, json) = self.place(&container, &name, value, Slot::Item(at));
         let mut location = container.clone();
@@ -790,7 +821,10 @@ impl FhirPathApplier<'_> {
         location.push(Step::Index(at));
         self.admit(index, &location, &json, false)?;
         let Some(Value::Object(members)) = value_at_mut(&mut self.document, &container) else {
-            return Err(PatchError::failed(index, "its list's parent is not an element"));
+            return Err(PatchError::failed(
+                index,
+                "its list's parent is not an element",
+            ));
         };
         match members
             .entry(name)
@@ -816,7 +850,10 @@ impl FhirPathApplier<'_> {
             }
         };
         let Some((last, parent)) = location.split_last() else {
-            return Err(PatchError::failed(index, "it cannot delete the resource itself"));
+            return Err(PatchError::failed(
+                index,
+                "it cannot delete the resource itself",
+            ));
         };
         let removed = self.at(&location).map(serialized_size).transpose()?;
         self.budget
@@ -849,7 +886,10 @@ impl FhirPathApplier<'_> {
         };
         let location = self.single(index, &operation.path)?;
         let Some((last, parent)) = location.split_last() else {
-            return Err(PatchError::failed(index, "it cannot replace the resource itself"));
+            return Err(PatchError::failed(
+                index,
+                "it cannot replace the resource itself",
+            ));
         };
         // The last name the path gives: when the element is a choice (`deceased`), the
         // stored key (`deceasedBoolean`) changes with the new value's type.
@@ -876,7 +916,8 @@ impl FhirPathApplier<'_> {
                     }
                     _ => key.clone(),
                 };
-                let (new_key, json) = self.place(parent, &new_key, value, Slot::Key(new_key.clone()));
+                let (new_key, json) =
+                    self.place(parent, &new_key, value, Slot::Key(new_key.clone()));
                 self.admit(index, &location, &json, true)?;
                 if let Some(Value::Object(members)) = value_at_mut(&mut self.document, parent) {
                     if new_key != *key {
@@ -892,7 +933,10 @@ impl FhirPathApplier<'_> {
 
     fn move_item(&mut self, index: usize, operation: &FhirPathOperation) -> Result<(), PatchError> {
         let (Some(source), Some(destination)) = (operation.source, operation.destination) else {
-            return Err(PatchError::failed(index, "it lacks a source or a destination"));
+            return Err(PatchError::failed(
+                index,
+                "it lacks a source or a destination",
+            ));
         };
         let (container, name) = self.list(index, &operation.path)?;
         let Some(Value::Array(items)) =
@@ -901,7 +945,10 @@ impl FhirPathApplier<'_> {
             return Err(PatchError::failed(index, "its list is empty"));
         };
         if source >= items.len() || destination >= items.len() {
-            return Err(PatchError::failed(index, "its source or destination is past the end of the list"));
+            return Err(PatchError::failed(
+                index,
+                "its source or destination is past the end of the list",
+            ));
         }
         let item = items.remove(source);
         items.insert(destination, item);
@@ -930,7 +977,13 @@ impl FhirPathApplier<'_> {
     /// each spelling of a new element is tried against the model where it will live, and
     /// the first the model does not refuse there wins. The elements of an anonymous value
     /// are spelled the same way, inside it.
-    fn place(&self, container: &[Step], name: &str, value: &PatchValue, slot: Slot) -> (String, Value) {
+    fn place(
+        &self,
+        container: &[Step],
+        name: &str,
+        value: &PatchValue,
+        slot: Slot,
+    ) -> (String, Value) {
         let (mut probe, container) = self.probe_base(container);
         self.place_in(&mut probe, &container, name, value, slot)
     }
@@ -1169,7 +1222,10 @@ mod tests {
         let patch = parse_json_patch(&body).unwrap();
         let started = std::time::Instant::now();
         let refused = apply_json_patch_within(&json!({}), &patch, 1024 * 1024);
-        assert!(matches!(refused, Err(PatchError::TooLarge(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(PatchError::TooLarge(_))),
+            "{refused:?}"
+        );
         // Refused at the first copy past the limit, not after building gigabytes.
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
 
@@ -1179,9 +1235,13 @@ mod tests {
             .collect();
         let patch = parse_json_patch(&serde_json::to_vec(&deep).unwrap()).unwrap();
         let refused = apply_json_patch_within(&json!({}), &patch, usize::MAX);
-        assert!(matches!(refused, Err(PatchError::TooLarge(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(PatchError::TooLarge(_))),
+            "{refused:?}"
+        );
 
-        let many = vec![json!({"op": "test", "path": "/a", "value": 1}); MAX_JSON_PATCH_OPERATIONS + 1];
+        let many =
+            vec![json!({"op": "test", "path": "/a", "value": 1}); MAX_JSON_PATCH_OPERATIONS + 1];
         let refused = parse_json_patch(&serde_json::to_vec(&many).unwrap());
         assert!(matches!(refused, Err(PatchError::TooLarge(_))));
     }

@@ -17,9 +17,9 @@ use ed25519_dalek::VerifyingKey;
 use crate::ledger::checkpoint::{VerifiedCheckpoint, verify_checkpoint};
 use crate::ledger::entry::{content_hash, verify_entry};
 use crate::ledger::tree::{self, MemoryHashStore};
+use crate::store::connection::read_snapshot;
 use crate::store::ledger as ledger_rows;
 use crate::store::resources as resource_rows;
-use crate::store::connection::read_snapshot;
 use crate::store::{DbConnection, StoreError};
 
 /// Rows read per query.

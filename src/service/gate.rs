@@ -540,8 +540,7 @@ impl ResourceService {
             return Ok(None);
         }
         let current = self.open_version(resource_type, id, &row)?;
-        let members =
-            index.stored_compartments(resource_type.as_str(), id.as_str(), &current.json);
+        let members = index.stored_compartments(resource_type.as_str(), id.as_str(), &current.json);
         if let (Some(confinement), Some(members)) = (confinement, &members)
             && !self.opens_any(Some(tx), ctx, confinement, members)?
         {

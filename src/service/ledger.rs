@@ -116,10 +116,11 @@ impl LedgerEvent {
     /// Names resources without placing them in any compartment (what was asked for by a
     /// refused request, before anything was read).
     pub fn naming(mut self, resources: Vec<EntryResource>) -> Self {
-        self.resources.extend(resources.into_iter().map(|resource| Touched {
-            resource,
-            patients: BTreeSet::new(),
-        }));
+        self.resources
+            .extend(resources.into_iter().map(|resource| Touched {
+                resource,
+                patients: BTreeSet::new(),
+            }));
         self
     }
 
@@ -372,9 +373,7 @@ impl LedgerService {
         error: AuthError,
         source: Option<std::net::IpAddr>,
     ) -> AppError {
-        let counted = self
-            .refusals
-            .count(source, error.reason(), &ctx.request_id);
+        let counted = self.refusals.count(source, error.reason(), &ctx.request_id);
         if !counted.receipt.is_empty() {
             ctx.receipt.set(counted.receipt);
         }

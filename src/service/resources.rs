@@ -134,7 +134,9 @@ pub(super) enum WriteKind {
     Delete,
     /// A patch (JSON Patch or FHIRPath Patch), applied inside the write transaction to the
     /// version it reads there.
-    Patch { patch: PatchDocument },
+    Patch {
+        patch: PatchDocument,
+    },
     /// Content prepared as the first version of a new resource before the transaction
     /// began; written as plain content if the resource exists by then.
     Prepared(Box<PreparedVersion>),
@@ -493,10 +495,19 @@ impl ResourceService {
                     let mut withheld = 0;
                     page.entries.retain(|e| {
                         let members = e.json.as_deref().map_or_else(
-                            || index.has_compartments(resource_type.as_str()).then(Default::default),
-                            |json| index.stored_compartments(resource_type.as_str(), id.as_str(), json),
+                            || {
+                                index
+                                    .has_compartments(resource_type.as_str())
+                                    .then(Default::default)
+                            },
+                            |json| {
+                                index.stored_compartments(resource_type.as_str(), id.as_str(), json)
+                            },
                         );
-                        if this.visible(&ctx, resource_type.as_str(), members.as_ref()).is_err() {
+                        if this
+                            .visible(&ctx, resource_type.as_str(), members.as_ref())
+                            .is_err()
+                        {
                             withheld += 1;
                             return false;
                         }
@@ -702,8 +713,10 @@ impl ResourceService {
         match result {
             Ok(Disclosed { resource, members }) => {
                 let disclosed = target(resource_type, id, Some(resource.meta.version_id));
-                self.ledger
-                    .append(ctx, LedgerEvent::permit(action).touching(disclosed, members))?;
+                self.ledger.append(
+                    ctx,
+                    LedgerEvent::permit(action).touching(disclosed, members),
+                )?;
                 Ok(resource)
             }
             Err(error) => {
@@ -876,8 +889,7 @@ impl ResourceService {
         };
         // The gate first: a token learns nothing of a resource that is not its to change,
         // not its version (If-Match), not whether a patch's tests hold on it.
-        let existing =
-            self.confine_existing(tx, ctx, permission, resource_type, id, head)?;
+        let existing = self.confine_existing(tx, ctx, permission, resource_type, id, head)?;
         // A patch needs a resource to patch: 404 or 410 before If-Match is looked at.
         let patch_base = match kind {
             WriteKind::Patch { .. } => Some(patch_target(resource_type, id, head)?),

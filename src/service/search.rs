@@ -9,8 +9,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
 
-use crate::access::policy::{self, Refusal};
 use crate::access::RequestContext;
+use crate::access::policy::{self, Refusal};
 use crate::crypto::blind_index::{
     BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes, system_and_code,
 };
@@ -349,14 +349,18 @@ impl SearchIndex {
         resource: &Value,
     ) -> Option<BTreeSet<String>> {
         self.compartment_rule
-            .compartments(&self.plan, resource_type, id, resource, |reference| {
-                match self.reference_target(reference) {
+            .compartments(
+                &self.plan,
+                resource_type,
+                id,
+                resource,
+                |reference| match self.reference_target(reference) {
                     ReferenceTarget::Local { resource_type, id } if resource_type == "Patient" => {
                         Some(id)
                     }
                     _ => None,
-                }
-            })
+                },
+            )
     }
 
     /// [`Self::compartments`] of a stored resource's JSON, parsing only the elements the
@@ -898,7 +902,11 @@ impl ResourceService {
         for resource in page.matches.iter().chain(&page.included) {
             let (resource_type, id) = (resource.resource_type.as_str(), resource.id.as_str());
             event.touch(
-                target(&resource.resource_type, &resource.id, Some(resource.meta.version_id)),
+                target(
+                    &resource.resource_type,
+                    &resource.id,
+                    Some(resource.meta.version_id),
+                ),
                 index.stored_compartments(resource_type, id, &resource.json),
             );
         }

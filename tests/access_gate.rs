@@ -128,7 +128,7 @@ fn json_patch(path: &str, operations: &Value, token: &str) -> TestRequest {
     )
 }
 
-/// 1. A tiny PATCH whose copies double an array is refused before it grows (413), and the
+/// Finding 1: A tiny PATCH whose copies double an array is refused before it grows (413), and the
 /// server keeps answering; so is a patch with too many operations.
 async fn patches_are_bounded(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
@@ -166,7 +166,7 @@ async fn patches_are_bounded(db: TestDb) {
     assert_eq!(read.json()["meta"]["versionId"], "1");
 }
 
-/// 2. PATCH and If-Match on another patient's record are refused before anything about
+/// Finding 2: PATCH and If-Match on another patient's record are refused before anything about
 /// it is evaluated: the same 403 for a right and a wrong guess, for a current and a stale
 /// version.
 async fn writes_to_another_record_tell_nothing(db: TestDb) {
@@ -242,7 +242,7 @@ async fn writes_to_another_record_tell_nothing(db: TestDb) {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
-/// 3. Chains and `_has` are authorized on their own types and confined like any search.
+/// Finding 3: Chains and `_has` are authorized on their own types and confined like any search.
 async fn inner_searches_are_authorized_and_confined(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
     let w = world(&app).await;
@@ -328,7 +328,7 @@ fn post_entry(resource: Value) -> Value {
     json!({"resource": resource, "request": {"method": "POST", "url": url}})
 }
 
-/// 4. Conditional references in a transaction resolve with the requester's rights: a
+/// Finding 4: Conditional references in a transaction resolve with the requester's rights: a
 /// guess about Bob's record matches nothing, right or wrong, and a match that resolves is
 /// ledgered as a disclosure.
 async fn conditional_references_resolve_with_the_requesters_rights(db: TestDb) {
@@ -426,7 +426,7 @@ where
     }
 }
 
-/// 5. A patient's token is confined on types R4's definition leaves out (Device, Task) and
+/// Finding 5: A patient's token is confined on types R4's definition leaves out (Device, Task) and
 /// may read, but not write, shared reference data.
 async fn confined_tokens_stay_inside_on_every_type(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
@@ -544,7 +544,7 @@ fn interactions(view: &[Value]) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// 6 and 7. Each patient's view shows the entries about their record, every kind of
+/// Findings 6 and 7: Each patient's view shows the entries about their record, every kind of
 /// record, deletions included, and nothing that names another patient.
 async fn each_patients_view_is_their_own(db: TestDb) {
     let state = db.state();
@@ -654,7 +654,7 @@ fn consent(patient: &str, kind: &str, actor: Option<&str>) -> Value {
     })
 }
 
-/// 8. Consent fails closed, a deny with exceptions still denies, only the patient or an
+/// Finding 8: Consent fails closed, a deny with exceptions still denies, only the patient or an
 /// administrator writes a Consent, and many Consents are no outage.
 async fn consent_fails_closed(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
@@ -750,7 +750,7 @@ async fn consent_fails_closed(db: TestDb) {
     );
 }
 
-/// 8. More active Consents than the old global cap do not stop clinicians: Consents are
+/// Finding 8: More active Consents than the old global cap do not stop clinicians: Consents are
 /// found by the index, per patient or per requester.
 async fn many_consents_are_no_outage(db: TestDb) {
     let app = test::init_service(fhirledger::api::build_app(db.state())).await;
@@ -784,7 +784,7 @@ async fn many_consents_are_no_outage(db: TestDb) {
     assert_eq!(ids_of(&reply), BTreeSet::from([w.alice_obs.clone()]));
 }
 
-/// 9. Requests with a bad token are refused 401, then 429 past the address's limit, and
+/// Finding 9: Requests with a bad token are refused 401, then 429 past the address's limit, and
 /// ledgered as one entry per address and reason with the count, not one entry each.
 async fn unauthenticated_refusals_are_limited_and_aggregated(db: TestDb) {
     let state = db.state();

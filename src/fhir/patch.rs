@@ -866,18 +866,38 @@ impl FhirPathApplier<'_> {
             }
             (Step::Index(at), Some(Value::Array(items))) if *at < items.len() => {
                 items.remove(*at);
-                if items.is_empty()
-                    && let Some((Step::Key(key), grandparent)) = parent.split_last()
-                    && let Some(Value::Object(members)) =
-                        value_at_mut(&mut self.document, grandparent)
-                {
-                    // An empty list is no list in FHIR JSON.
-                    members.shift_remove(key);
-                }
             }
             _ => return Err(PatchError::failed(index, "its path matches no element")),
         }
+        self.prune_empty(parent);
         Ok(())
+    }
+
+    /// Removes the node at `location` and then its ancestors while they are left empty:
+    /// FHIR JSON has no empty objects or lists (deleting `contact[0].name.text`, the name's
+    /// only element, deletes the name).
+    fn prune_empty(&mut self, location: &[Step]) {
+        let mut location = location;
+        while let Some((last, parent)) = location.split_last() {
+            let empty = match self.at(location) {
+                Some(Value::Object(members)) => members.is_empty(),
+                Some(Value::Array(items)) => items.is_empty(),
+                _ => false,
+            };
+            if !empty {
+                return;
+            }
+            match (last, value_at_mut(&mut self.document, parent)) {
+                (Step::Key(key), Some(Value::Object(members))) => {
+                    members.shift_remove(key);
+                }
+                (Step::Index(at), Some(Value::Array(items))) if *at < items.len() => {
+                    items.remove(*at);
+                }
+                _ => return,
+            }
+            location = parent;
+        }
     }
 
     fn replace(&mut self, index: usize, operation: &FhirPathOperation) -> Result<(), PatchError> {
@@ -1098,13 +1118,26 @@ impl FhirPathApplier<'_> {
         match validate_resource(self.types, self.resource_type, &body) {
             Ok(_) => true,
             Err(error) => {
+                // Where the model stopped tells whose fault it was; when it cannot say (no
+                // location, or only the resource, or an ancestor of the element), the
+                // spelling is not taken.
                 let Some(expression) = error.expression else {
-                    return true;
+                    return false;
                 };
-                let inside = expression == at
-                    || expression.starts_with(&format!("{at}."))
-                    || expression.starts_with(&format!("{at}["));
-                !inside || error.code == IssueCode::Required
+                let itself = expression == at || expression == format!("{at}[0]");
+                // A problem inside the value's own elements is theirs (an anonymous value's
+                // elements are spelled next, where they live): this shape took.
+                let deeper = expression.starts_with(&format!("{at}."))
+                    || expression.starts_with(&format!("{at}[0]."));
+                let above = at.starts_with(&format!("{expression}."))
+                    || at.starts_with(&format!("{expression}["));
+                if itself {
+                    // The element took this shape and then missed a required part of its
+                    // own: the shape is right.
+                    error.code == IssueCode::Required
+                } else {
+                    deeper || (!above && expression != self.resource_type.as_str())
+                }
             }
         }
     }

@@ -182,9 +182,23 @@ impl ResourceService {
                     continue;
                 };
                 if query.matches(&entry) {
-                    let mut event = audit_event(index, &entry);
+                    // Entries written before entries were split per patient may name
+                    // several patients: a patient's view shows that one happened, not
+                    // what it names (the leaf hash, not the bytes, still proves it).
+                    let legacy = query.patient.is_some() && entry.patients.len() > 1;
+                    let mut event = if legacy {
+                        audit_event(
+                            index,
+                            &LedgerEntry {
+                                resources: Vec::new(),
+                                ..entry
+                            },
+                        )
+                    } else {
+                        audit_event(index, &entry)
+                    };
                     let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
-                    attach_proof(&mut event, &row.data, &checkpoint, &proof);
+                    attach_proof(&mut event, &row.data, legacy, &checkpoint, &proof);
                     events.push(event);
                     if events.len() == query.count {
                         return Ok(AuditPage {
@@ -227,12 +241,24 @@ impl ResourceService {
     }
 }
 
-/// Adds the entry's bytes, its inclusion proof and the checkpoint it leads to.
-fn attach_proof(event: &mut Value, leaf_data: &[u8], checkpoint: &CheckpointRow, proof: &[Hash]) {
+/// Adds the entry's bytes (or, `redacted`, only its leaf hash), its inclusion proof and the
+/// checkpoint it leads to.
+fn attach_proof(
+    event: &mut Value,
+    leaf_data: &[u8],
+    redacted: bool,
+    checkpoint: &CheckpointRow,
+    proof: &[Hash],
+) {
     let Some(parts) = event["extension"][0]["extension"].as_array_mut() else {
         return;
     };
-    parts.push(json!({"url": "leafData", "valueBase64Binary": BASE64.encode(leaf_data)}));
+    if redacted {
+        let leaf = tree::leaf_hash(leaf_data);
+        parts.push(json!({"url": "leafHash", "valueString": encode_hash(&leaf)}));
+    } else {
+        parts.push(json!({"url": "leafData", "valueBase64Binary": BASE64.encode(leaf_data)}));
+    }
     parts.push(json!({"url": "treeSize", "valueString": checkpoint.tree_size.to_string()}));
     parts.extend(
         proof

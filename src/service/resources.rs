@@ -896,13 +896,7 @@ impl ResourceService {
             _ => None,
         };
         check_precondition(resource_type, id, head, if_match)?;
-        let version_id = head.map_or(1, |h| h.current_version + 1);
-        // lastUpdated never goes backwards within one resource, even if the clock does.
-        let last_updated = head.map_or(now_micros(), |h| now_micros().max(h.last_updated + 1));
-        let meta = VersionMeta {
-            version_id,
-            last_updated,
-        };
+        let meta = next_version(head);
 
         // A patch becomes content computed from the version this transaction read; if that
         // version is replaced before commit, `advance` below fails and we start again.
@@ -923,7 +917,7 @@ impl ResourceService {
             // Prepared for a first version: usable only if the resource is still new.
             WriteKind::Prepared(prepared) if head.is_none() => prepared.as_ref(),
             WriteKind::Delete => {
-                return self.delete_once(tx, ctx, resource_type, id, head, meta, existing);
+                return self.delete_once(tx, ctx, resource_type, id, head, existing);
             }
             other => {
                 let Some((compact_json, method)) = other.content() else {
@@ -988,9 +982,9 @@ impl ResourceService {
         resource_type: &ResourceType,
         id: &ResourceId,
         head: Option<ResourceHead>,
-        meta: VersionMeta,
         members: Option<BTreeSet<String>>,
     ) -> Result<(Written, String), TxError> {
+        let meta = next_version(head);
         let head = match head {
             None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
             // Already deleted: nothing changes, but the attempt is an interaction with the
@@ -1151,6 +1145,15 @@ impl ResourceService {
             self.max_resource_bytes,
         )?;
         Ok(patched.compact_json)
+    }
+}
+
+/// The version a write after `head` writes. lastUpdated never goes backwards within one
+/// resource, even if the clock does.
+fn next_version(head: Option<ResourceHead>) -> VersionMeta {
+    VersionMeta {
+        version_id: head.map_or(1, |h| h.current_version + 1),
+        last_updated: head.map_or(now_micros(), |h| now_micros().max(h.last_updated + 1)),
     }
 }
 

@@ -15,7 +15,7 @@ use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{BASE_URL, Reply, TestDb, call, call_as_is, get, post, token_with};
+use common::{BASE_URL, Reply, TestDb, call, call_as_is, create, get, post, token_with};
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey as _;
 use jsonwebtoken::jwk::JwkSet;
@@ -487,17 +487,6 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
 }
 
 /// Creates `resource` as the administrator; returns its id.
-async fn create<S, B>(app: &S, resource: Value) -> String
-where
-    S: common::TestApp<B>,
-    B: actix_web::body::MessageBody,
-{
-    let path = format!("/fhir/{}", resource["resourceType"].as_str().unwrap());
-    let reply = call(app, post(&path, &resource)).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    reply.json()["id"].as_str().unwrap().to_owned()
-}
-
 fn observation(patient: &str, text: &str) -> Value {
     json!({"resourceType": "Observation", "status": "final", "code": {"text": text},
            "subject": {"reference": format!("Patient/{patient}")}})

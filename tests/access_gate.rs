@@ -16,7 +16,9 @@ use std::collections::BTreeSet;
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
 use base64::Engine as _;
-use common::{Reply, TestDb, call, call_as_is, get, post, put, token_for_purpose, token_with};
+use common::{
+    Reply, TestDb, call, call_as_is, create, get, post, put, token_for_purpose, token_with,
+};
 use serde_json::{Value, json};
 
 const BOB_FAMILY: &str = "Quintavalle";
@@ -25,17 +27,6 @@ const BOB_CODE: &str = "2345-7";
 
 fn with_token(request: TestRequest, token: &str) -> TestRequest {
     request.insert_header(("Authorization", format!("Bearer {token}")))
-}
-
-async fn create<S, B>(app: &S, resource: Value) -> String
-where
-    S: common::TestApp<B>,
-    B: actix_web::body::MessageBody,
-{
-    let path = format!("/fhir/{}", resource["resourceType"].as_str().unwrap());
-    let reply = call(app, post(&path, &resource)).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    reply.json()["id"].as_str().unwrap().to_owned()
 }
 
 fn coded_observation(patient: &str, code: &str) -> Value {
@@ -240,6 +231,79 @@ async fn writes_to_another_record_tell_nothing(db: TestDb) {
     let own = format!("/fhir/Observation/{}", w.alice_obs);
     let reply = call_as_is(&app, json_patch(&own, &code_guess("1111-1"), &alices_app)).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+/// Finding 2, existence: for a confined token, an id in another patient's record and an id
+/// that does not exist get the same refusal on every interaction by id; its own deleted
+/// record still answers 410, and a missing version of its own resource 404.
+async fn absent_and_outside_look_alike(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let w = world(&app).await;
+    let alices_app = token_with("patient/*.cruds", Some(&w.alice), None);
+    let asks = |id: &str| {
+        let path = format!("/fhir/Observation/{id}");
+        vec![
+            get(&path),
+            get(&format!("{path}/_history/1")),
+            get(&format!("{path}/_history")),
+            TestRequest::delete().uri(&path),
+            TestRequest::patch()
+                .uri(&path)
+                .insert_header(("Content-Type", "application/json-patch+json"))
+                .set_payload("[]"),
+        ]
+    };
+    for (bobs, nobodys) in asks(&w.bob_obs)
+        .into_iter()
+        .zip(asks("no-such-observation"))
+    {
+        let bobs = call_as_is(&app, with_token(bobs, &alices_app)).await;
+        let nobodys = call_as_is(&app, with_token(nobodys, &alices_app)).await;
+        assert_eq!(bobs.status, StatusCode::FORBIDDEN, "{}", bobs.text());
+        same_answer(&bobs, &nobodys, "Bob's record vs no record");
+    }
+    // Deleted: Bob's looks like any other refusal; Alice's own is Gone.
+    for id in [&w.bob_obs, &w.alice_obs] {
+        let path = format!("/fhir/Observation/{id}");
+        assert_eq!(
+            call(&app, TestRequest::delete().uri(&path)).await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let bobs = call_as_is(
+        &app,
+        with_token(
+            get(&format!("/fhir/Observation/{}", w.bob_obs)),
+            &alices_app,
+        ),
+    )
+    .await;
+    assert_eq!(bobs.status, StatusCode::FORBIDDEN, "{}", bobs.text());
+    let own = call_as_is(
+        &app,
+        with_token(
+            get(&format!("/fhir/Observation/{}", w.alice_obs)),
+            &alices_app,
+        ),
+    )
+    .await;
+    assert_eq!(own.status, StatusCode::GONE, "{}", own.text());
+    let version = call_as_is(
+        &app,
+        with_token(
+            get(&format!("/fhir/Observation/{}/_history/9", w.alice_obs)),
+            &alices_app,
+        ),
+    )
+    .await;
+    assert_eq!(version.status, StatusCode::NOT_FOUND, "{}", version.text());
+    // Shared reference data is readable, so its absence is no secret.
+    let missing = call_as_is(
+        &app,
+        with_token(get("/fhir/Practitioner/no-such-doctor"), &alices_app),
+    )
+    .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
 }
 
 /// Finding 3: Chains and `_has` are authorized on their own types and confined like any search.
@@ -686,19 +750,15 @@ async fn consent_fails_closed(db: TestDb) {
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
 
-    // A clinician cannot write herself a Consent; the patient can, and so can an admin.
+    // A clinician cannot write herself a Consent, even in an emergency; the patient can,
+    // for herself only.
+    let write_consent = |token: String, patient: String| {
+        let app = &app;
+        let body = consent(&patient, "permit", Some("Practitioner/p9"));
+        async move { call_as_is(app, with_token(post("/fhir/Consent", &body), &token)).await }
+    };
     let writer = token_with("user/*.cruds", None, Some("Practitioner/p9"));
-    let reply = call_as_is(
-        &app,
-        with_token(
-            post(
-                "/fhir/Consent",
-                &consent(&w.bob, "permit", Some("Practitioner/p9")),
-            ),
-            &writer,
-        ),
-    )
-    .await;
+    let reply = write_consent(writer, w.bob.clone()).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     assert!(reply.text().contains("consent-writer"), "{}", reply.text());
     let emergency = token_for_purpose(
@@ -707,42 +767,12 @@ async fn consent_fails_closed(db: TestDb) {
         Some("Practitioner/p9"),
         Some("ETREAT"),
     );
-    let reply = call_as_is(
-        &app,
-        with_token(
-            post(
-                "/fhir/Consent",
-                &consent(&w.bob, "permit", Some("Practitioner/p9")),
-            ),
-            &emergency,
-        ),
-    )
-    .await;
+    let reply = write_consent(emergency, w.bob.clone()).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     let bobs_app = token_with("patient/*.cruds", Some(&w.bob), None);
-    let reply = call_as_is(
-        &app,
-        with_token(
-            post(
-                "/fhir/Consent",
-                &consent(&w.bob, "permit", Some("Practitioner/p9")),
-            ),
-            &bobs_app,
-        ),
-    )
-    .await;
+    let reply = write_consent(bobs_app.clone(), w.bob.clone()).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let reply = call_as_is(
-        &app,
-        with_token(
-            post(
-                "/fhir/Consent",
-                &consent(&w.alice, "permit", Some("Practitioner/p9")),
-            ),
-            &bobs_app,
-        ),
-    )
-    .await;
+    let reply = write_consent(bobs_app, w.alice.clone()).await;
     assert_eq!(
         reply.status,
         StatusCode::FORBIDDEN,
@@ -851,6 +881,7 @@ on_both_backends!(
     unauthenticated_refusals_are_limited_and_aggregated,
     patches_are_bounded,
     writes_to_another_record_tell_nothing,
+    absent_and_outside_look_alike,
     inner_searches_are_authorized_and_confined,
     conditional_references_resolve_with_the_requesters_rights,
     confined_tokens_stay_inside_on_every_type,

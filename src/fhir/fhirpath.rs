@@ -185,24 +185,29 @@ fn collect_top_level(
         Expr::This => at_root,
         _ => false,
     };
+    if let Expr::Member(inner, name) = expr
+        && is_root(inner)
+    {
+        names.push(name.clone());
+        return true;
+    }
+    if let Some(inner) = expr.single_operand() {
+        return collect_top_level(inner, resource_type, at_root, names);
+    }
     match expr {
-        Expr::Member(inner, name) if is_root(inner) => {
-            names.push(name.clone());
-            true
-        }
         // Another type's root yields nothing here; a literal reads nothing.
         Expr::TypeRoot(_) | Expr::Literal(_) => !is_root(expr),
         Expr::This => !at_root,
         Expr::Resource | Expr::Resolve(_) => false,
-        Expr::Member(inner, _)
-        | Expr::Index(inner, _)
-        | Expr::OfType(inner, _)
-        | Expr::Is(inner, _)
-        | Expr::ResolvesTo(inner, _)
-        | Expr::Exists(inner)
-        | Expr::Empty(inner)
-        | Expr::Not(inner)
-        | Expr::First(inner) => collect_top_level(inner, resource_type, at_root, names),
+        Expr::Member(..)
+        | Expr::Index(..)
+        | Expr::OfType(..)
+        | Expr::Is(..)
+        | Expr::ResolvesTo(..)
+        | Expr::Exists(_)
+        | Expr::Empty(_)
+        | Expr::Not(_)
+        | Expr::First(_) => true,
         Expr::Union(items) => items
             .iter()
             .all(|item| collect_top_level(item, resource_type, at_root, names)),
@@ -236,19 +241,44 @@ impl Expression {
     }
 }
 
+impl Expr {
+    /// The one operand of a step that has one (a member access, an indexer, a type test,
+    /// a function of its input).
+    fn single_operand(&self) -> Option<&Expr> {
+        match self {
+            Expr::Member(inner, _)
+            | Expr::Index(inner, _)
+            | Expr::OfType(inner, _)
+            | Expr::Is(inner, _)
+            | Expr::ResolvesTo(inner, _)
+            | Expr::Exists(inner)
+            | Expr::Empty(inner)
+            | Expr::Not(inner)
+            | Expr::First(inner) => Some(inner),
+            _ => None,
+        }
+    }
+}
+
 fn check_no_bare_resolve(expr: &Expr) -> Result<(), &'static str> {
+    if let Some(inner) = expr.single_operand() {
+        return check_no_bare_resolve(inner);
+    }
     match expr {
         Expr::Resolve(_) => Err("resolve() is only supported as `resolve() is Type`"),
-        Expr::This | Expr::Resource | Expr::TypeRoot(_) | Expr::Literal(_) => Ok(()),
-        Expr::Member(inner, _)
-        | Expr::Index(inner, _)
-        | Expr::OfType(inner, _)
-        | Expr::Is(inner, _)
-        | Expr::ResolvesTo(inner, _)
-        | Expr::Exists(inner)
-        | Expr::Empty(inner)
-        | Expr::Not(inner)
-        | Expr::First(inner) => check_no_bare_resolve(inner),
+        Expr::This
+        | Expr::Resource
+        | Expr::TypeRoot(_)
+        | Expr::Literal(_)
+        | Expr::Member(..)
+        | Expr::Index(..)
+        | Expr::OfType(..)
+        | Expr::Is(..)
+        | Expr::ResolvesTo(..)
+        | Expr::Exists(_)
+        | Expr::Empty(_)
+        | Expr::Not(_)
+        | Expr::First(_) => Ok(()),
         Expr::Union(items) => items.iter().try_for_each(check_no_bare_resolve),
         Expr::Where(left, right) | Expr::And(left, right) | Expr::Equals { left, right, .. } => {
             check_no_bare_resolve(left)?;
@@ -1043,6 +1073,39 @@ mod tests {
 
     fn compile(source: &str) -> Expression {
         Expression::compile(source).unwrap()
+    }
+
+    #[test]
+    fn top_level_elements_name_what_an_expression_reads() {
+        let read =
+            |source: &str, resource_type: &str| compile(source).top_level_elements(resource_type);
+        assert_eq!(
+            read(
+                "Observation.subject.where(resolve() is Patient)",
+                "Observation"
+            ),
+            Some(vec!["subject".to_owned()])
+        );
+        assert_eq!(
+            read(
+                "(Observation.value as Quantity) | Observation.component.value",
+                "Observation"
+            ),
+            Some(vec!["value".to_owned(), "component".to_owned()])
+        );
+        // Another type's root reads nothing of this one.
+        assert_eq!(
+            read("Patient.link.other | Observation.subject", "Patient"),
+            Some(vec!["link".to_owned()])
+        );
+        assert_eq!(read("%resource.subject", "Observation"), None);
+        assert_eq!(read("Observation", "Observation"), None);
+        let (parent, name) = compile("Patient.contact[0].telecom")
+            .split_last_member()
+            .unwrap();
+        assert_eq!(name, "telecom");
+        let patient = json!({"resourceType": "Patient", "contact": [{"gender": "male"}]});
+        assert_eq!(values(&parent, &patient), [&patient["contact"][0]]);
     }
 
     #[test]

@@ -206,6 +206,28 @@ pub struct SearchRequest {
     pub compartments: Option<Vec<String>>,
 }
 
+impl SearchRequest {
+    /// A search over `resource_types` with no criteria and the defaults of every result
+    /// parameter (R4 search.html).
+    pub fn over(resource_types: Vec<String>) -> Self {
+        Self {
+            resource_types,
+            criteria: Vec::new(),
+            count: DEFAULT_COUNT,
+            sort: Vec::new(),
+            total: TotalMode::Accurate,
+            summary: Summary::False,
+            elements: Vec::new(),
+            includes: Vec::new(),
+            revincludes: Vec::new(),
+            cursor: None,
+            link_params: Vec::new(),
+            ignored: Vec::new(),
+            compartments: None,
+        }
+    }
+}
+
 /// How strictly to treat parameters the server does not support.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handling {
@@ -222,21 +244,7 @@ pub fn parse_search(
     params: &[(String, String)],
     handling: Handling,
 ) -> Result<SearchRequest, SearchError> {
-    let mut request = SearchRequest {
-        resource_types,
-        criteria: Vec::new(),
-        count: DEFAULT_COUNT,
-        sort: Vec::new(),
-        total: TotalMode::Accurate,
-        summary: Summary::False,
-        elements: Vec::new(),
-        includes: Vec::new(),
-        revincludes: Vec::new(),
-        cursor: None,
-        link_params: Vec::new(),
-        ignored: Vec::new(),
-        compartments: None,
-    };
+    let mut request = SearchRequest::over(resource_types);
     for (name, value) in params {
         let keep = match name.as_str() {
             "_count" => {

@@ -1008,26 +1008,29 @@ impl ResourceService {
                 },
                 Resolved::Id(resource_type, id),
             ) => {
-                let head = existing_head(tx, &resource_type, &id)?;
-                let version_id = version.unwrap_or(head.current_version);
-                let row = rows::version(tx, resource_type.as_str(), id.as_str(), version_id)?
-                    .ok_or_else(|| {
+                // The gate before anything about the resource is told, even that it exists
+                // or that the client's version is current.
+                let found = existing_head(tx, &resource_type, &id).and_then(|head| {
+                    let version_id = version.unwrap_or(head.current_version);
+                    let row = rows::version(tx, resource_type.as_str(), id.as_str(), version_id)?
+                        .ok_or_else(|| {
                         AppError::NotFound(format!("{resource_type}/{id}/_history/{version_id}"))
                     })?;
-                // The gate before anything about the resource is told, even that the
-                // client's version is current.
-                let (resource, members) = match self.open_version(&resource_type, &id, &row) {
-                    Ok(resource) => {
-                        let members = self.search_index().stored_compartments(
-                            resource_type.as_str(),
-                            id.as_str(),
-                            &resource.json,
-                        );
-                        self.visible(ctx, resource_type.as_str(), members.as_ref())?;
-                        (resource, members)
-                    }
-                    Err(error) => return Err(error.into()),
-                };
+                    Ok((
+                        head,
+                        version_id,
+                        self.open_version(&resource_type, &id, &row)?,
+                    ))
+                });
+                let (head, version_id, resource) = found.map_err(|error| {
+                    self.mask_absence(tx, ctx, Permission::Read, &resource_type, &id, error)
+                })?;
+                let members = self.search_index().stored_compartments(
+                    resource_type.as_str(),
+                    id.as_str(),
+                    &resource.json,
+                );
+                self.visible(ctx, resource_type.as_str(), members.as_ref())?;
                 let disclosed = target(&resource_type, &id, Some(version_id));
                 if version.is_none() && *if_none_match == Some(head.current_version) {
                     let meta = VersionMeta {

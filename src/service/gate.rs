@@ -23,9 +23,7 @@ use crate::access::consent::{ConsentKind, ConsentRequest, permitted_patients};
 use crate::access::policy::{self, Confinement, Grant, Refusal};
 use crate::access::{Permission, Principal, RequestContext};
 use crate::error::AppError;
-use crate::fhir::search_query::{
-    Criterion, Handling, SearchRequest, Summary, TotalMode, parse_search,
-};
+use crate::fhir::search_query::{Criterion, Handling, SearchRequest, TotalMode, parse_search};
 use crate::fhir::{ResourceId, ResourceType};
 use crate::ledger::EntryResource;
 use crate::store::DbConnection;
@@ -90,22 +88,15 @@ impl AuthorizedSearch {
                 )));
             }
         };
+        let request = SearchRequest {
+            criteria: vec![criterion.clone()],
+            count: usize::try_from(MAX_INNER_MATCHES).unwrap_or(1000),
+            total: TotalMode::None,
+            compartments,
+            ..SearchRequest::over(vec![resource_type.to_owned()])
+        };
         Ok(Self {
-            request: SearchRequest {
-                resource_types: vec![resource_type.to_owned()],
-                criteria: vec![criterion.clone()],
-                count: usize::try_from(MAX_INNER_MATCHES).unwrap_or(1000),
-                sort: Vec::new(),
-                total: TotalMode::None,
-                summary: Summary::False,
-                elements: Vec::new(),
-                includes: Vec::new(),
-                revincludes: Vec::new(),
-                cursor: None,
-                link_params: Vec::new(),
-                ignored: Vec::new(),
-                compartments,
-            },
+            request,
             inner: BTreeMap::new(),
             internal: self.internal,
         })
@@ -524,7 +515,25 @@ impl ResourceService {
         if confinement.is_none() && permission != Permission::Delete {
             return Ok(None);
         }
-        // A deletion's tombstone names no patient: the version before it does.
+        let members = self.last_content_members(tx, resource_type, id, head)?;
+        if let (Some(confinement), Some(members)) = (confinement, &members)
+            && !self.opens_any(Some(tx), ctx, confinement, members)?
+        {
+            return Err(outside(confinement, members));
+        }
+        Ok(members)
+    }
+
+    /// The compartments of a resource's last content: its current version, or the one
+    /// before a deletion (a tombstone names no patient). `None` when there is none to read
+    /// or its type belongs to no compartment.
+    fn last_content_members(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        head: ResourceHead,
+    ) -> Result<Option<BTreeSet<String>>, AppError> {
         let version = if head.deleted {
             head.current_version - 1
         } else {
@@ -533,20 +542,91 @@ impl ResourceService {
         if version < 1 {
             return Ok(None);
         }
-        let Some(row) = rows::version(tx, resource_type.as_str(), id.as_str(), version)? else {
+        let Some(row) = rows::version(conn, resource_type.as_str(), id.as_str(), version)? else {
             return Ok(None);
         };
         if row.deleted {
             return Ok(None);
         }
-        let current = self.open_version(resource_type, id, &row)?;
-        let members = index.stored_compartments(resource_type.as_str(), id.as_str(), &current.json);
-        if let (Some(confinement), Some(members)) = (confinement, &members)
-            && !self.opens_any(Some(tx), ctx, confinement, members)?
-        {
-            return Err(outside(confinement, members));
+        let content = self.open_version(resource_type, id, &row)?;
+        Ok(self.search_index().stored_compartments(
+            resource_type.as_str(),
+            id.as_str(),
+            &content.json,
+        ))
+    }
+
+    /// Before an instance's history is read: a confined grant sees it only when the
+    /// resource is inside its compartments, and gets the same refusal when it is outside or
+    /// absent (an empty history would tell the id is taken).
+    pub(super) fn confine_instance(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<(), AppError> {
+        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        let Some(confinement) = &grant.confinement else {
+            return Ok(());
+        };
+        if !self.search_index().has_compartments(resource_type.as_str()) {
+            return Ok(());
         }
-        Ok(members)
+        let mut conn = self.connection()?;
+        let members = match rows::head(&mut conn, resource_type.as_str(), id.as_str())? {
+            Some(head) => self.last_content_members(&mut conn, resource_type, id, head)?,
+            None => None,
+        }
+        .unwrap_or_default();
+        if self.opens_any(Some(&mut conn), ctx, confinement, &members)? {
+            return Ok(());
+        }
+        Err(outside(confinement, &members))
+    }
+
+    /// What a confined grant is told when a resource of a compartment type is absent (404)
+    /// or deleted (410): the same refusal as for one outside its compartments (403), unless
+    /// the resource is shown to be inside (a patient's own deleted record stays 410). A
+    /// token then learns nothing of other patients' records, not even whether an id is
+    /// taken. Other errors, unconfined grants and shared types pass unchanged.
+    pub(super) fn mask_absence(
+        &self,
+        conn: &mut DbConnection,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        error: AppError,
+    ) -> AppError {
+        if !matches!(error, AppError::NotFound(_) | AppError::Gone { .. }) {
+            return error;
+        }
+        let Ok(grant) = policy::authorize(&ctx.principal, permission, resource_type.as_str())
+        else {
+            return error;
+        };
+        let Some(confinement) = &grant.confinement else {
+            return error;
+        };
+        if !self.search_index().has_compartments(resource_type.as_str()) {
+            return error;
+        }
+        let inside = rows::head(conn, resource_type.as_str(), id.as_str())
+            .map_err(AppError::from)
+            .and_then(|head| match head {
+                Some(head) => self.last_content_members(conn, resource_type, id, head),
+                None => Ok(None),
+            })
+            .and_then(|members| match members {
+                Some(members) => self.opens_any(Some(conn), ctx, confinement, &members),
+                None => Ok(false),
+            });
+        match inside {
+            Ok(true) => error,
+            Ok(false) => outside(confinement, &BTreeSet::new()),
+            Err(failure) => failure,
+        }
     }
 
     /// A confined write's check of what it writes: the new content must belong to the

@@ -394,6 +394,7 @@ impl ResourceService {
         blocking(move || {
             this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "read")?;
             let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
+            let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
             this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
         })
         .await
@@ -414,6 +415,22 @@ impl ResourceService {
         );
         self.visible(ctx, resource.resource_type.as_str(), members.as_ref())?;
         Ok(Disclosed { resource, members })
+    }
+
+    /// A result whose absence (404, 410) a confined token may not learn of is refused as
+    /// outside instead (see [`Self::mask_absence`]).
+    fn masked<T>(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        result: Result<T, AppError>,
+    ) -> Result<T, AppError> {
+        result.map_err(|error| match self.connection() {
+            Ok(mut conn) => self.mask_absence(&mut conn, ctx, permission, resource_type, id, error),
+            Err(failure) => failure,
+        })
     }
 
     fn read_current(
@@ -456,6 +473,7 @@ impl ResourceService {
             )?;
             let result =
                 this.confine_read(&ctx, this.read_version(&resource_type, &id, version_id));
+            let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
             this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
         })
         .await
@@ -487,7 +505,10 @@ impl ResourceService {
         let ctx = ctx.clone();
         blocking(move || {
             this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "history")?;
-            let mut result = this.history_page(&resource_type, &id, query);
+            let result = this
+                .confine_instance(&ctx, Permission::Read, &resource_type, &id)
+                .and_then(|()| this.history_page(&resource_type, &id, query));
+            let mut result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
             match &mut result {
                 Ok(page) => {
                     let index = this.search_index();
@@ -892,7 +913,11 @@ impl ResourceService {
         let existing = self.confine_existing(tx, ctx, permission, resource_type, id, head)?;
         // A patch needs a resource to patch: 404 or 410 before If-Match is looked at.
         let patch_base = match kind {
-            WriteKind::Patch { .. } => Some(patch_target(resource_type, id, head)?),
+            WriteKind::Patch { .. } => {
+                Some(patch_target(resource_type, id, head).map_err(|error| {
+                    self.mask_absence(tx, ctx, permission, resource_type, id, error)
+                })?)
+            }
             _ => None,
         };
         check_precondition(resource_type, id, head, if_match)?;
@@ -986,7 +1011,12 @@ impl ResourceService {
     ) -> Result<(Written, String), TxError> {
         let meta = next_version(head);
         let head = match head {
-            None => return Err(AppError::NotFound(format!("{resource_type}/{id}")).into()),
+            None => {
+                let absent = AppError::NotFound(format!("{resource_type}/{id}"));
+                return Err(self
+                    .mask_absence(tx, ctx, Permission::Delete, resource_type, id, absent)
+                    .into());
+            }
             // Already deleted: nothing changes, but the attempt is an interaction with the
             // record.
             Some(h) if h.deleted => {

@@ -462,3 +462,15 @@ where
     assert_eq!(resolved.status, StatusCode::OK, "{}", resolved.text());
     resolved.json()["entry"].clone()
 }
+
+/// Creates a resource with POST (201 expected); returns its server-assigned id.
+pub async fn create<S, B>(app: &S, resource: Value) -> String
+where
+    S: TestApp<B>,
+    B: MessageBody,
+{
+    let path = format!("/fhir/{}", resource["resourceType"].as_str().expect("type"));
+    let reply = call(app, post(&path, &resource)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()["id"].as_str().expect("id").to_owned()
+}

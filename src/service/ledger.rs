@@ -291,10 +291,11 @@ impl LedgerService {
         pending: &PendingEntry,
     ) -> Result<String, AppError> {
         let PendingEntry { entries, signed_at } = pending;
-        for entry in entries {
-            rows::insert_entry(conn, &entry.receipt, &entry.leaf_data, *signed_at)
-                .map_err(unavailable)?;
-        }
+        let rows: Vec<(&str, &[u8], i64)> = entries
+            .iter()
+            .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), *signed_at))
+            .collect();
+        rows::insert_entries(conn, &rows).map_err(unavailable)?;
         lead_receipt(entries)
     }
 
@@ -698,14 +699,15 @@ impl GroupCommitter {
     }
 
     fn commit_group(pool: &DbPool, group: &[CommitJob]) -> Result<(), StoreError> {
-        pool.write(|tx| {
-            for job in group {
-                for entry in &job.entries {
-                    rows::insert_entry(tx, &entry.receipt, &entry.leaf_data, job.created_at)?;
-                }
-            }
-            Ok(())
-        })
+        let rows: Vec<(&str, &[u8], i64)> = group
+            .iter()
+            .flat_map(|job| {
+                job.entries
+                    .iter()
+                    .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), job.created_at))
+            })
+            .collect();
+        pool.write(|tx| rows::insert_entries(tx, &rows))
     }
 
     /// Queues the entries and waits until their group is committed.

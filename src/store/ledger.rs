@@ -17,6 +17,8 @@ const SEQUENCER_LOCK_KEY: i64 = 0x6668_6c65_6467_7371; // "fhledgsq"
 
 /// Most rows one INSERT carries (SQLite allows 32,766 bound parameters per statement).
 const INSERT_CHUNK: usize = 1000;
+/// Most entries one SQLite sequencing UPDATE carries (three parameters each).
+const SQLITE_UPDATE_CHUNK: usize = 2000;
 
 /// A stored entry.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -57,6 +59,35 @@ pub fn insert_entry(
         .execute(conn))
     .map(|_| ())
     .map_err(StoreError::classify)
+}
+
+/// Stores entries as pending, `(receipt, leaf bytes, created_at)` each: one entry through
+/// the statement every request prepares once, several (an interaction that touched many
+/// patients' records, a group commit) in multi-row INSERTs.
+pub fn insert_entries(
+    conn: &mut DbConnection,
+    entries: &[(&str, &[u8], i64)],
+) -> Result<(), StoreError> {
+    if let [(receipt, data, created_at)] = entries {
+        return insert_entry(conn, receipt, data, *created_at);
+    }
+    for chunk in entries.chunks(INSERT_CHUNK) {
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(receipt, data, created_at)| {
+                (
+                    ledger_entries::receipt.eq(*receipt),
+                    ledger_entries::data.eq(*data),
+                    ledger_entries::created_at.eq(*created_at),
+                )
+            })
+            .collect();
+        on_backend!(conn, conn => diesel::insert_into(ledger_entries::table)
+            .values(rows)
+            .execute(conn))
+        .map_err(StoreError::classify)?;
+    }
+    Ok(())
 }
 
 /// Takes the sequencer lock for the current write transaction
@@ -115,15 +146,21 @@ pub fn index_patients(
     rows: &[(String, i64)],
     to: i64,
 ) -> Result<(), StoreError> {
-    // A few rows per entry, inside the sequencer's transaction: one statement each.
-    for (patient, index) in rows {
-        diesel::insert_into(ledger_patient_entries::table)
-            .values((
-                ledger_patient_entries::patient.eq(patient),
-                ledger_patient_entries::leaf_index.eq(index),
-            ))
-            .execute(conn)
-            .map_err(StoreError::classify)?;
+    // Inside the sequencer's transaction, a batch's pairs in multi-row INSERTs.
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let values: Vec<_> = chunk
+            .iter()
+            .map(|(patient, index)| {
+                (
+                    ledger_patient_entries::patient.eq(patient),
+                    ledger_patient_entries::leaf_index.eq(index),
+                )
+            })
+            .collect();
+        on_backend!(conn, conn => diesel::insert_into(ledger_patient_entries::table)
+            .values(values)
+            .execute(conn))
+        .map_err(StoreError::classify)?;
     }
     diesel::update(ledger_state::table.find(1))
         .set(ledger_state::patient_index_size.eq(to))
@@ -204,21 +241,27 @@ pub fn assign_indexes(
             }
             updated
         }
+        // One UPDATE … FROM (VALUES …) per chunk: diesel parses an UPDATE again on every
+        // execution, which per entry cost more than the update itself.
         DbConnection::Sqlite(sqlite) => {
+            use diesel::sql_types::{BigInt, Binary};
             let mut updated = 0;
-            for (pending_seq, leaf_index, leaf_hash) in assignments {
-                updated += diesel::update(
-                    ledger_entries::table
-                        .find(pending_seq)
-                        .filter(ledger_entries::leaf_index.is_null()),
-                )
-                .set((
-                    ledger_entries::leaf_index.eq(leaf_index),
-                    ledger_entries::leaf_hash.eq(leaf_hash),
-                    ledger_entries::sequenced_at.eq(now),
+            for chunk in assignments.chunks(SQLITE_UPDATE_CHUNK) {
+                let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+                let mut query = diesel::sql_query(format!(
+                    "UPDATE ledger_entries SET leaf_index = v.column2, leaf_hash = v.column3, \
+                     sequenced_at = ? FROM (VALUES {values}) AS v \
+                     WHERE ledger_entries.pending_seq = v.column1 AND ledger_entries.leaf_index IS NULL"
                 ))
-                .execute(sqlite)
-                .map_err(StoreError::classify)?;
+                .into_boxed::<diesel::sqlite::Sqlite>()
+                .bind::<BigInt, _>(now);
+                for (pending_seq, leaf_index, leaf_hash) in chunk {
+                    query = query
+                        .bind::<BigInt, _>(*pending_seq)
+                        .bind::<BigInt, _>(*leaf_index)
+                        .bind::<Binary, _>(leaf_hash.clone());
+                }
+                updated += query.execute(sqlite).map_err(StoreError::classify)?;
             }
             updated
         }

@@ -429,3 +429,20 @@ proptest! {
         let _ = issuer().verifier.verify(&token);
     }
 }
+
+/// Found by `search_queries_parse_or_refuse`: a prefix cut inside a character panicked.
+#[test]
+fn a_prefix_is_never_cut_inside_a_character() {
+    let index = index();
+    for value in ["R\u{baa44}[:", "o\u{8860e}:", "g\u{e9}2020"] {
+        let pairs = vec![("birthdate".to_owned(), value.to_owned())];
+        let parsed = parse_search(
+            index.registry(),
+            index,
+            vec!["Patient".to_owned()],
+            &pairs,
+            Handling::Strict,
+        );
+        assert!(parsed.is_err(), "{value}");
+    }
+}

@@ -1019,7 +1019,11 @@ fn split_prefix<'v>(name: &str, value: &'v str) -> Result<(Prefix, &'v str), Ref
     if !starts_alpha {
         return Ok((Prefix::Eq, value));
     }
-    let (head, rest) = value.split_at(value.len().min(2));
+    // Two bytes, when they end on a character boundary (a value of `R` and a 4-byte
+    // character must not be cut inside it).
+    let (head, rest) = value
+        .split_at_checked(value.len().min(2))
+        .unwrap_or((value, ""));
     let prefix = match head {
         "eq" => Prefix::Eq,
         "ne" => Prefix::Ne,

@@ -16,6 +16,30 @@ use std::fmt;
 
 use serde_json::Value;
 
+/// Longest expression compiled (R4's longest search parameter expression is under 2 KiB).
+const MAX_SOURCE_BYTES: usize = 8 * 1024;
+/// Deepest expression tree compiled: parentheses and function arguments, and chains of
+/// steps or `and`s, each a level.
+const MAX_DEPTH: usize = 64;
+
+/// Whether the tree under `expr` is deeper than `limit` levels (looking no further).
+fn deeper_than(expr: &Expr, limit: usize) -> bool {
+    let Some(limit) = limit.checked_sub(1) else {
+        return true;
+    };
+    if let Some(inner) = expr.single_operand() {
+        return deeper_than(inner, limit);
+    }
+    match expr {
+        Expr::Union(items) => items.iter().any(|item| deeper_than(item, limit)),
+        Expr::Where(left, right) | Expr::And(left, right) | Expr::Equals { left, right, .. } => {
+            deeper_than(left, limit) || deeper_than(right, limit)
+        }
+        Expr::Resolve(inner) => deeper_than(inner, limit),
+        _ => false,
+    }
+}
+
 /// `true` and `false` as JSON, so computed booleans can be nodes like any other.
 static TRUE: Value = Value::Bool(true);
 static FALSE: Value = Value::Bool(false);
@@ -106,16 +130,30 @@ struct TypeName(String);
 impl Expression {
     /// Compiles `source`, refusing anything outside the supported subset.
     pub fn compile(source: &str) -> Result<Self, UnsupportedExpression> {
+        // Clients send expressions too (FHIRPath Patch paths): every walk of the tree is
+        // recursive, so its size and depth are bounded before any walk.
+        let refuse = |reason: &str| UnsupportedExpression {
+            expression: source.chars().take(64).collect(),
+            offset: 0,
+            reason: reason.to_owned(),
+        };
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(refuse("the expression is too long"));
+        }
         let tokens = lex(source)?;
         let mut parser = Parser {
             source,
             tokens,
             position: 0,
             function_depth: 0,
+            nesting: 0,
         };
         let root = parser.expression()?;
         if let Some(token) = parser.tokens.get(parser.position) {
             return Err(parser.error_at(token.offset, "unexpected trailing input"));
+        }
+        if deeper_than(&root, MAX_DEPTH) {
+            return Err(refuse("the expression nests too deeply"));
         }
         check_no_bare_resolve(&root).map_err(|reason| UnsupportedExpression {
             expression: source.to_owned(),
@@ -465,9 +503,21 @@ struct Parser<'s> {
     position: usize,
     /// Inside a function's argument, a leading name is a member of the focus, not a type.
     function_depth: usize,
+    /// Parentheses and function arguments open around the current token: parsing
+    /// recurses once per level, so it is bounded while parsing.
+    nesting: usize,
 }
 
 impl Parser<'_> {
+    /// One more level of parentheses or function arguments, within [`MAX_DEPTH`].
+    fn enter(&mut self) -> Result<(), UnsupportedExpression> {
+        if self.nesting >= MAX_DEPTH {
+            return Err(self.error_here("the expression nests too deeply"));
+        }
+        self.nesting += 1;
+        Ok(())
+    }
+
     fn error_at(&self, offset: usize, reason: impl Into<String>) -> UnsupportedExpression {
         UnsupportedExpression {
             expression: self.source.to_owned(),
@@ -621,7 +671,10 @@ impl Parser<'_> {
     fn term(&mut self) -> Result<Expr, UnsupportedExpression> {
         match self.next() {
             Some(Tok::LParen) => {
-                let inner = self.expression()?;
+                self.enter()?;
+                let inner = self.expression();
+                self.nesting -= 1;
+                let inner = inner?;
                 self.expect(&Tok::RParen, "`)`")?;
                 Ok(inner)
             }
@@ -678,9 +731,11 @@ impl Parser<'_> {
                 }
             }
             "where" => {
+                self.enter()?;
                 self.function_depth += 1;
                 let criteria = self.expression();
                 self.function_depth -= 1;
+                self.nesting -= 1;
                 Expr::Where(focus, Box::new(criteria?))
             }
             "exists" | "empty" | "not" | "first" | "resolve" => {
@@ -1073,6 +1128,20 @@ mod tests {
 
     fn compile(source: &str) -> Expression {
         Expression::compile(source).unwrap()
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_not_overflowing() {
+        let parens = format!("{}Patient{}", "(".repeat(5000), ")".repeat(5000));
+        assert!(Expression::compile(&parens).is_err());
+        let chain = format!("Patient{}", ".name".repeat(1500));
+        assert!(Expression::compile(&chain).is_err());
+        let ands = vec!["Patient.active"; 400].join(" and ");
+        assert!(Expression::compile(&ands).is_err());
+        let wheres = format!("Patient{}", ".name.where(given.exists())".repeat(100));
+        assert!(Expression::compile(&wheres).is_err());
+        assert!(Expression::compile(&"a".repeat(9000)).is_err());
+        assert!(Expression::compile(&format!("Patient{}", ".name".repeat(40))).is_ok());
     }
 
     #[test]

@@ -182,11 +182,15 @@ pub fn apply_json_patch_within(
     Ok(patched)
 }
 
-/// The size and depth a patched document may reach, tracked as it grows.
+/// The size and depth a patched document may reach, tracked as it grows, and the work its
+/// operations may do: a patch runs inside the write transaction (on SQLite, under the one
+/// write lock), so copying and dropping large values over and over must stop too.
 struct Budget {
     /// An upper bound of the document's serialized size.
     size: usize,
     max_bytes: usize,
+    /// Bytes of values copied, added, replaced or removed so far.
+    work: usize,
 }
 
 impl Budget {
@@ -194,7 +198,21 @@ impl Budget {
         Ok(Self {
             size: serialized_size(document)?,
             max_bytes,
+            work: 0,
         })
+    }
+
+    /// Counts work; refuses once it passes twice the size limit (a patch that rewrites the
+    /// whole of a resource at the limit once or twice).
+    fn spend(&mut self, index: usize, bytes: usize) -> Result<(), PatchError> {
+        self.work = self.work.saturating_add(bytes);
+        if self.work > self.max_bytes.saturating_mul(2) {
+            return Err(PatchError::TooLarge(format!(
+                "patch operation {index} would make the patch copy or remove more than {} bytes in all",
+                self.max_bytes.saturating_mul(2)
+            )));
+        }
+        Ok(())
     }
 
     /// Admits an operation that puts `added` at `depth` levels below the root (replacing
@@ -218,6 +236,7 @@ impl Budget {
         added: Option<&Value>,
         removed: usize,
     ) -> Result<(), PatchError> {
+        self.spend(index, removed)?;
         let Some(added) = added else {
             self.size = self.size.saturating_sub(removed);
             return Ok(());
@@ -229,6 +248,7 @@ impl Budget {
         }
         // A member's name, quotes, colon and comma: a generous bound of what surrounds it.
         let added = serialized_size(added)? + 4 + 64;
+        self.spend(index, added)?;
         let size = self.size.saturating_add(added).saturating_sub(removed);
         if size > self.max_bytes {
             return Err(PatchError::TooLarge(format!(
@@ -278,7 +298,8 @@ impl Budget {
             PatchOperation::Remove(op) => {
                 self.admit(index, 0, None, document.pointer(op.path.as_str()))
             }
-            PatchOperation::Test(_) => Ok(()),
+            // Comparing costs what the value to compare with weighs.
+            PatchOperation::Test(op) => self.spend(index, serialized_size(&op.value)?),
         }
     }
 }
@@ -701,6 +722,8 @@ enum Slot {
 
 impl FhirPathApplier<'_> {
     fn apply(&mut self, index: usize, operation: &FhirPathOperation) -> Result<(), PatchError> {
+        // Evaluating the path and finding its nodes walk the resource.
+        self.budget.spend(index, self.budget.size / 4)?;
         match operation.kind {
             FhirPathKind::Add => self.add(index, operation),
             FhirPathKind::Insert => self.insert(index, operation),
@@ -710,11 +733,13 @@ impl FhirPathApplier<'_> {
         }
     }
 
-    /// The locations of the nodes `path` selects.
+    /// The locations of the first two nodes `path` selects (an operation needs to know only
+    /// whether there are none, one or several).
     fn select(&self, path: &Expression) -> Vec<Vec<Step>> {
         path.evaluate(self.resource_type.as_str(), &self.document)
             .iter()
             .filter_map(|node| locate(&self.document, node.value))
+            .take(2)
             .collect()
     }
 
@@ -1060,18 +1085,12 @@ impl FhirPathApplier<'_> {
             }
         }
         let mut object = Map::new();
-        let mut names: Vec<&str> = Vec::new();
-        for (part, _) in parts {
-            if !names.contains(&part.as_str()) {
-                names.push(part);
-            }
+        // The parts by name, in the order names first appear.
+        let mut named: indexmap::IndexMap<&str, Vec<&PatchValue>> = indexmap::IndexMap::new();
+        for (part, value) in parts {
+            named.entry(part.as_str()).or_default().push(value);
         }
-        for part in names {
-            let values: Vec<&PatchValue> = parts
-                .iter()
-                .filter(|(n, _)| n == part)
-                .map(|(_, v)| v)
-                .collect();
+        for (part, values) in named {
             if let Some(Value::Object(members)) = value_at_mut(probe, &element) {
                 members.shift_remove(part);
             }
@@ -1277,6 +1296,23 @@ mod tests {
             vec![json!({"op": "test", "path": "/a", "value": 1}); MAX_JSON_PATCH_OPERATIONS + 1];
         let refused = parse_json_patch(&serde_json::to_vec(&many).unwrap());
         assert!(matches!(refused, Err(PatchError::TooLarge(_))));
+    }
+
+    #[test]
+    fn copying_and_removing_over_and_over_is_bounded_too() {
+        // The document never grows past its limit, but each round copies and drops a
+        // value of a tenth of it.
+        let mut operations = vec![json!({"op": "add", "path": "/a", "value": "x".repeat(100_000)})];
+        for _ in 0..400 {
+            operations.push(json!({"op": "copy", "from": "/a", "path": "/b"}));
+            operations.push(json!({"op": "remove", "path": "/b"}));
+        }
+        let patch = parse_json_patch(&serde_json::to_vec(&operations).unwrap()).unwrap();
+        let refused = apply_json_patch_within(&json!({}), &patch, 1024 * 1024);
+        assert!(matches!(refused, Err(PatchError::TooLarge(_))), "{refused:?}");
+        // A few such rounds are fine.
+        let patch = Patch(patch.0.into_iter().take(9).collect());
+        assert!(apply_json_patch_within(&json!({}), &patch, 1024 * 1024).is_ok());
     }
 
     #[test]

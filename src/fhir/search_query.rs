@@ -11,6 +11,11 @@ use super::search_values::{date_range, number_range};
 /// Default and largest page size.
 pub const DEFAULT_COUNT: usize = 50;
 pub const MAX_COUNT: usize = 1000;
+/// Most parameters of one search: each is a condition of one SQL statement, whose
+/// expression depth and bound values the databases limit.
+pub const MAX_PARAMETERS: usize = 100;
+/// Most comma-separated values of one parameter.
+pub const MAX_VALUES: usize = 1000;
 /// Sort keys one search may combine.
 pub const MAX_SORT_KEYS: usize = 3;
 
@@ -244,6 +249,12 @@ pub fn parse_search(
     params: &[(String, String)],
     handling: Handling,
 ) -> Result<SearchRequest, SearchError> {
+    if params.len() > MAX_PARAMETERS {
+        return Err(SearchError::new(
+            "_query",
+            format!("a search takes at most {MAX_PARAMETERS} parameters"),
+        ));
+    }
     let mut request = SearchRequest::over(resource_types);
     for (name, value) in params {
         let keep = match name.as_str() {
@@ -429,6 +440,12 @@ fn parse_criterion(
 ) -> Result<Criterion, Refusal> {
     if value.is_empty() {
         return Err(malformed(name, format!("parameter '{name}' has no value")));
+    }
+    if split_values(value).len() > MAX_VALUES {
+        return Err(malformed(
+            name,
+            format!("parameter '{name}' has more than {MAX_VALUES} values"),
+        ));
     }
     if let Some(rest) = name.strip_prefix("_has:") {
         return parse_has(registry, supported, resource_types, name, rest, value);

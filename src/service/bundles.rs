@@ -382,7 +382,7 @@ impl ResourceService {
             authorized.search = Some(self.authorize_search(ctx, condition.clone(), action)?);
         }
         if let Some(json) = resource {
-            for reference in conditional_references(json) {
+            for reference in conditional_references(json)? {
                 let request = self.parse_conditional_reference(&reference)?;
                 let search = self.authorize_search(ctx, request, action)?;
                 authorized.references.insert(reference, search);
@@ -1255,17 +1255,22 @@ fn patch_entry(resource: &str) -> Result<(PatchFormat, Vec<u8>), AppError> {
     Ok((PatchFormat::JsonPatch, patch))
 }
 
+/// Most distinct conditional references one resource may carry (each is a search).
+const MAX_CONDITIONAL_REFERENCES: usize = 100;
+
 /// The conditional references (`Type?query`) in a resource's JSON, each once.
-fn conditional_references(json: &str) -> Vec<String> {
-    let mut found = Vec::new();
+fn conditional_references(json: &str) -> Result<Vec<String>, AppError> {
+    let mut found = indexmap::IndexSet::new();
     let _ = rewrite_references(json, |reference| {
-        if reference.contains('?')
-            && !reference.starts_with("urn:")
-            && !found.iter().any(|f| f == reference)
-        {
-            found.push(reference.to_owned());
+        if reference.contains('?') && !reference.starts_with("urn:") {
+            found.insert(reference.to_owned());
         }
         None
     });
-    found
+    if found.len() > MAX_CONDITIONAL_REFERENCES {
+        return Err(AppError::bad_request(format!(
+            "a resource may carry at most {MAX_CONDITIONAL_REFERENCES} distinct conditional references"
+        )));
+    }
+    Ok(found.into_iter().collect())
 }

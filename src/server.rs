@@ -144,7 +144,11 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
             ticker.tick().await;
             let ledger = ledger.clone();
             let work = move || {
-                ledger.flush_refusals(false)?;
+                // Refusals that cannot be ledgered now are tried again next time; they must
+                // not hold up sequencing.
+                if let Err(error) = ledger.flush_refusals(false) {
+                    tracing::warn!(%error, "refusal counts not ledgered; retrying");
+                }
                 ledger.sequence_pending()
             };
             match tokio::task::spawn_blocking(work).await {

@@ -21,6 +21,12 @@ pub const AGGREGATE_INTERVAL: Duration = Duration::from_secs(10);
 /// Most addresses tracked at once; past it, windows that ended are dropped, and a new
 /// address that still finds no room is limited (failing safe rather than forgetting).
 const MAX_TRACKED: usize = 100_000;
+/// Most aggregates (address and reason) gathered per interval; refusals from further
+/// addresses are counted together under [`OTHER_SOURCES`], so that many addresses cannot
+/// make many entries.
+const MAX_AGGREGATES: usize = 1_000;
+/// The source of the aggregate that counts addresses past [`MAX_AGGREGATES`].
+pub const OTHER_SOURCES: &str = "other-addresses";
 
 /// One address's (or IPv6 /64's) window.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +91,13 @@ impl RefusalThrottle {
         };
         let receipt = match self.pending.lock() {
             Ok(mut pending) => {
+                let source = if pending.len() >= MAX_AGGREGATES
+                    && !pending.contains_key(&(source.clone(), reason))
+                {
+                    OTHER_SOURCES.to_owned()
+                } else {
+                    source
+                };
                 let aggregate =
                     pending
                         .entry((source.clone(), reason))

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, mpsc};
 
 use crate::access::policy::{self, Refusal};
-use crate::access::throttle::RefusalThrottle;
+use crate::access::throttle::{Aggregate, RefusalThrottle};
 use crate::access::{AuthError, RequestContext};
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
@@ -398,17 +398,8 @@ impl LedgerService {
                 unwritten.push(aggregate);
                 continue;
             }
-            let ctx = RequestContext {
-                principal: crate::access::Principal::Anonymous,
-                ..RequestContext::internal(aggregate.first_request.clone())
-            };
-            let mut event = LedgerEvent::deny("authenticate", aggregate.reason)
-                .decided_by(policy::RULE_AUTHENTICATION);
-            event.count = Some(aggregate.count);
-            event.source = Some(aggregate.source.clone());
-            event.receipt = Some(aggregate.receipt.clone());
-            match self.append(&ctx, event) {
-                Ok(_) => written += 1,
+            match self.write_refusal(&aggregate) {
+                Ok(()) => written += 1,
                 Err(error) => {
                     failure = Some(error);
                     unwritten.push(aggregate);
@@ -419,6 +410,30 @@ impl LedgerService {
         match failure {
             Some(error) => Err(error),
             None => Ok(written),
+        }
+    }
+
+    /// Ledgers one aggregate in a transaction of its own (never in a group commit shared
+    /// with requests). Its receipt was handed out already: when an earlier attempt did
+    /// commit after all, the entry is there and this one is done.
+    fn write_refusal(&self, aggregate: &Aggregate) -> Result<(), AppError> {
+        let ctx = RequestContext {
+            principal: crate::access::Principal::Anonymous,
+            ..RequestContext::internal(aggregate.first_request.clone())
+        };
+        let mut event = LedgerEvent::deny("authenticate", aggregate.reason)
+            .decided_by(policy::RULE_AUTHENTICATION);
+        event.count = Some(aggregate.count);
+        event.source = Some(aggregate.source.clone());
+        event.receipt = Some(aggregate.receipt.clone());
+        let (entries, signed_at) = self.sign(&ctx, event)?;
+        let rows: Vec<(&str, &[u8], i64)> = entries
+            .iter()
+            .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), signed_at))
+            .collect();
+        match self.pool.write(|tx| rows::insert_entries(tx, &rows)) {
+            Ok(()) | Err(StoreError::UniqueViolation) => Ok(()),
+            Err(error) => Err(unavailable(error)),
         }
     }
 

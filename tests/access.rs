@@ -615,15 +615,19 @@ async fn patient_scopes_stay_inside_their_patients_compartment(db: TestDb) {
         ids_of(&reply),
         sorted(vec![alice.clone(), alice_obs.clone()])
     );
-    let reply = search("/fhir/Observation/_history").await;
-    assert_eq!(ids_of(&reply), vec![alice_obs.clone()]);
-    assert_eq!(entry_of(&app, &reply).await["withheld"], 1);
-    let reply = search("/fhir/_history").await;
-    assert_eq!(
-        ids_of(&reply),
-        sorted(vec![alice.clone(), alice_obs.clone(), doctor.clone()])
-    );
-    assert!(!reply.text().contains("bob-secret"));
+    // Paging through a type's or the system's history would tell of other patients'
+    // versions (a short page, a cursor): refused, and the refusal is ledgered.
+    for path in ["/fhir/Observation/_history", "/fhir/_history"] {
+        let reply = search(path).await;
+        assert_refusal(&reply, StatusCode::FORBIDDEN, "forbidden");
+        assert!(!reply.text().contains("bob-secret"));
+        let entry = entry_of(&app, &reply).await;
+        assert_eq!(entry["outcome"], "deny", "{entry}");
+        assert_eq!(entry["action"], "history", "{entry}");
+    }
+    // The history of shared reference data stays open.
+    let reply = search("/fhir/Practitioner/_history").await;
+    assert_eq!(ids_of(&reply), vec![doctor.clone()]);
     let reply = search(&format!("/fhir/Patient/{alice}/$everything")).await;
     assert_eq!(
         ids_of(&reply),

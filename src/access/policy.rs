@@ -54,8 +54,8 @@ pub const PURPOSE_RESEARCH: &str = "HRESCH";
 pub const RULE_AUDIT_EVENTS_READ_ONLY: &str = "audit-events-read-only";
 /// Only the patient or an administrator writes a Consent.
 pub const RULE_CONSENT_WRITER: &str = "consent-writer";
-/// A request spanning types (system history, includes, `$everything`): each resource was
-/// shown or withheld by the token's scopes for its type.
+/// The system history: each version was shown or withheld by the token's scopes for its
+/// type.
 pub const RULE_PER_TYPE: &str = "scope:per-type";
 /// The request carried no valid credentials.
 pub const RULE_AUTHENTICATION: &str = "authentication";

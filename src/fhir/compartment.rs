@@ -4,17 +4,22 @@
 //! cannot disagree about whose record a resource is part of.
 //!
 //! The rule is R4's CompartmentDefinition for Patient ([`super::compartment_definition`]),
-//! extended to the types that definition leaves out although they point at a patient: every
-//! type outside it with a reference search parameter named `patient`, `subject` or `for`
-//! whose targets include Patient ([`EXTENSION_PARAMS`]). Read from the R4 SearchParameters,
-//! that adds Contract (`patient`, `subject`), Device (`patient`), GuidanceResponse
-//! (`patient`, `subject`) and Task (`patient`, `subject`): a device implanted in a patient or
-//! a task for a patient is part of that patient's record as much as an Observation is.
+//! extended to the types that definition leaves out although they may point at a patient:
+//! every type outside it with a reference search parameter whose targets include Patient,
+//! whatever the parameter's name (read from the R4 SearchParameters: Device `patient`, Task
+//! `for`/`owner`/`focus`, VerificationResult `target`, Linkage `item`, MessageHeader `focus`,
+//! Contract, GuidanceResponse, PaymentNotice, and the knowledge artifacts whose
+//! `relatedArtifact` may name any resource), and to the two types whose content is opaque
+//! to the index ([`OPAQUE_TYPES`]: a stored Bundle holds whole resources, a Binary any
+//! content, its `securityContext` perhaps a patient), which belong to no one's compartment.
+//! A device implanted in a patient or a task for a patient is part of that patient's record
+//! as much as an Observation is.
 //!
 //! A resource of a compartment type is in the compartment of every Patient one of its
-//! compartment parameters references (a Patient also in its own); a resource of a type with
-//! no compartment parameters (Practitioner, Organization, Medication, Location, …) is shared
-//! reference data and belongs to no patient.
+//! compartment parameters references (a Patient also in its own); one that references no
+//! patient is in none, so a confined token does not see it (it fails closed). A resource
+//! of a type with no parameter that may point at a patient (Practitioner, Organization,
+//! Medication, Location, …) is shared reference data and belongs to no patient.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -26,9 +31,8 @@ use super::compartment_definition::PATIENT_COMPARTMENT;
 use super::search_params::{ParamType, SearchParamRegistry};
 use super::search_values::{IndexPlan, SearchValue};
 
-/// Names of the reference parameters that put a type outside R4's definition into patients'
-/// compartments, when they may target a Patient.
-pub const EXTENSION_PARAMS: &[&str] = &["patient", "subject", "for"];
+/// Types whose content the index cannot place in a compartment: they belong to none.
+pub const OPAQUE_TYPES: &[&str] = &["Binary", "Bundle"];
 
 /// The compartment rule, built once from the search parameter definitions.
 #[derive(Debug, Clone)]
@@ -55,19 +59,22 @@ impl CompartmentRule {
             if params.contains_key(resource_type) || resource_type == "Patient" {
                 continue;
             }
-            let extension: Vec<String> = EXTENSION_PARAMS
-                .iter()
-                .filter(|code| {
-                    registry.get(resource_type, code).is_some_and(|def| {
-                        def.param_type == ParamType::Reference
-                            && def.target.iter().any(|t| t == "Patient")
-                    })
+            let extension: Vec<String> = registry
+                .for_type(resource_type)
+                .into_values()
+                .filter(|def| {
+                    def.param_type == ParamType::Reference
+                        && def.target.iter().any(|t| t == "Patient")
+                        && def.base.iter().any(|b| b == resource_type)
                 })
-                .map(|code| (*code).to_owned())
+                .map(|def| def.code.clone())
                 .collect();
             if !extension.is_empty() {
                 params.insert(resource_type.to_owned(), extension);
             }
+        }
+        for opaque in OPAQUE_TYPES {
+            params.insert((*opaque).to_owned(), Vec::new());
         }
         for (resource_type, codes) in &mut params {
             codes.retain(|code| plan.is_indexed(resource_type, code));
@@ -214,9 +221,20 @@ mod tests {
     fn extends_r4_to_types_that_point_at_a_patient() {
         let (rule, _) = rule();
         assert_eq!(rule.params("Device"), ["patient"]);
-        assert_eq!(rule.params("Task"), ["patient", "subject"]);
-        assert_eq!(rule.params("Contract"), ["patient", "subject"]);
-        assert_eq!(rule.params("GuidanceResponse"), ["patient", "subject"]);
+        for (resource_type, param) in [
+            ("Task", "owner"),
+            ("Task", "patient"),
+            ("VerificationResult", "target"),
+            ("Linkage", "item"),
+            ("MessageHeader", "focus"),
+            ("Contract", "subject"),
+        ] {
+            assert!(
+                rule.params(resource_type).iter().any(|p| p == param),
+                "{resource_type}.{param}: {:?}",
+                rule.params(resource_type)
+            );
+        }
         // R4's own entries are kept as the definition gives them.
         assert_eq!(rule.params("Observation"), ["subject", "performer"]);
         assert_eq!(
@@ -225,6 +243,9 @@ mod tests {
         );
         for shared in ["Practitioner", "Organization", "Location", "Medication"] {
             assert!(!rule.has_compartments(shared), "{shared}");
+        }
+        for opaque in OPAQUE_TYPES {
+            assert!(rule.has_compartments(opaque) && rule.params(opaque).is_empty());
         }
         assert!(rule.has_compartments("Patient"));
     }

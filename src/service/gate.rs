@@ -33,9 +33,12 @@ use super::resources::{ResourceService, StoredResource, target};
 use super::search::MAX_INNER_MATCHES;
 
 /// Most patients a Consent-confined search may span: their compartments become one
-/// condition of the search. Beyond it the search is refused (reads, writes and searches
-/// naming a patient are decided per patient and have no such bound).
+/// condition of the search. Beyond it the search is refused (reads and writes are decided
+/// per patient and have no such bound).
 pub const MAX_CONSENTED_PATIENTS: usize = 10_000;
+/// Most reference digests a compartment condition may hold (patients × compartment
+/// parameters of the searched types): each is a bound value of one statement.
+const MAX_CONFINEMENT_DIGESTS: usize = 20_000;
 /// Most Consents read to decide one patient's (a patient has a handful).
 const MAX_CONSENTS_PER_PATIENT: i64 = 1_000;
 /// Patients whose Consents are read per query when a search's set is resolved.
@@ -190,19 +193,22 @@ impl ResourceService {
         } else {
             &request.resource_types[..]
         };
-        let mut scope = None;
+        // One confined type confines the whole search, and types confined differently
+        // (a patient/ scope on one, a Consent on another) to the patients both open.
+        let mut scope: Option<Vec<String>> = None;
         for resource_type in types {
             let grant =
                 self.authorize(ctx, Permission::Search, resource_type, action, Vec::new())?;
-            // One confined type confines the whole search (conservative when scopes
-            // differ by type).
-            if scope.is_none() {
-                scope = self.search_scope(ctx, &grant, action)?;
+            if let Some(patients) = self.search_scope(ctx, &grant, action)? {
+                scope = Some(match scope {
+                    None => patients,
+                    Some(before) => before.into_iter().filter(|p| patients.contains(p)).collect(),
+                });
             }
         }
         let outer_rule = ctx.rule.get();
         if let Some(patients) = scope {
-            self.check_confinable(ctx, &request.resource_types, action)?;
+            self.check_confinable(ctx, &request.resource_types, action, patients.len())?;
             request.compartments = Some(patients);
         }
         let mut inner = BTreeMap::new();
@@ -210,8 +216,9 @@ impl ResourceService {
             let grant =
                 self.authorize(ctx, Permission::Search, &resource_type, action, Vec::new())?;
             let scope = self.search_scope(ctx, &grant, action)?;
-            if scope.is_some() {
-                self.check_confinable(ctx, std::slice::from_ref(&resource_type), action)?;
+            if let Some(patients) = &scope {
+                let types = std::slice::from_ref(&resource_type);
+                self.check_confinable(ctx, types, action, patients.len())?;
             }
             inner.insert(resource_type, scope);
         }
@@ -226,18 +233,58 @@ impl ResourceService {
         })
     }
 
+    /// Type and system history page through every version in storage order, and old
+    /// versions are not in the search index, so a confined grant's history could only be
+    /// filtered after the page is read: a page's size and its paging cursor would then tell
+    /// of other patients' versions. A confined grant therefore gets the history of shared
+    /// reference data only; other patients' records are refused (instance history and
+    /// search remain).
+    pub(super) fn confine_history(
+        &self,
+        ctx: &RequestContext,
+        confinement: Option<&Confinement>,
+        searched: &str,
+    ) -> Result<(), AppError> {
+        let Some(confinement) = confinement else {
+            return Ok(());
+        };
+        if searched != "*" && !self.search_index().has_compartments(searched) {
+            return Ok(());
+        }
+        let refusal = Refusal {
+            rule: confinement.refusal().rule,
+            message: "a token confined to patients' compartments cannot page through the history of \
+                      a type or of the system; read an instance's history or search instead"
+                .into(),
+        };
+        Err(self.ledger().refuse(ctx, "history", Vec::new(), refusal))
+    }
+
     /// A confined search over `resource_types` must be expressible as one compartment
-    /// condition; if not, the refusal is ledgered.
+    /// condition over `patients` patients, of a size the databases take; if not, the
+    /// refusal is ledgered.
     fn check_confinable(
         &self,
         ctx: &RequestContext,
         resource_types: &[String],
         action: &'static str,
+        patients: usize,
     ) -> Result<(), AppError> {
-        match self.search_index().confinable(resource_types) {
-            Ok(_) => Ok(()),
-            Err(refusal) => Err(self.ledger().refuse(ctx, action, Vec::new(), refusal)),
-        }
+        let index = self.search_index();
+        let refusal = match index.confinable(resource_types) {
+            Err(refusal) => refusal,
+            Ok(_) if index.compartment_digests(resource_types, patients) > MAX_CONFINEMENT_DIGESTS => {
+                Refusal {
+                    rule: policy::RULE_CONSENT,
+                    message: format!(
+                        "the {patients} patients whose records this requester may open are too many to \
+                         search these types at once; search fewer types, or read by id"
+                    ),
+                }
+            }
+            Ok(_) => return Ok(()),
+        };
+        Err(self.ledger().refuse(ctx, action, Vec::new(), refusal))
     }
 
     /// The patients a confined grant's searches are confined to (`None`: unconfined).
@@ -266,8 +313,7 @@ impl ResourceService {
                             rule: policy::RULE_CONSENT,
                             message: format!(
                                 "Consents open more than {MAX_CONSENTED_PATIENTS} patients' records to this \
-                                 requester, too many to search at once; search one patient's records \
-                                 (e.g. subject=Patient/…) or read by id"
+                                 requester, too many to search at once; read the resources by id"
                             ),
                         };
                         return Err(self.ledger().refuse(ctx, action, Vec::new(), refusal));
@@ -308,6 +354,25 @@ impl ResourceService {
         let opens = permitted_patients(&consents, &request).contains(patient);
         ctx.consents.insert(key, opens);
         Ok(opens)
+    }
+
+    /// Whether a confined grant opens every one of `members` (and there is one).
+    fn opens_all(
+        &self,
+        mut conn: Option<&mut DbConnection>,
+        ctx: &RequestContext,
+        confinement: &Confinement,
+        members: &BTreeSet<String>,
+    ) -> Result<bool, AppError> {
+        if members.is_empty() {
+            return Ok(false);
+        }
+        for patient in members {
+            if !self.opens(conn.as_deref_mut(), ctx, confinement, patient)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Whether a confined grant opens any of `members` (a resource's compartments).
@@ -516,10 +581,15 @@ impl ResourceService {
             return Ok(None);
         }
         let members = self.last_content_members(tx, resource_type, id, head)?;
-        if let (Some(confinement), Some(members)) = (confinement, &members)
-            && !self.opens_any(Some(tx), ctx, confinement, members)?
-        {
-            return Err(outside(confinement, members));
+        if let Some(confinement) = confinement {
+            // Changing a resource changes every record it is part of: all of them must be
+            // open to the grant. One whose content cannot be read is in none.
+            let Some(members) = &members else {
+                return Err(outside(confinement, &BTreeSet::new()));
+            };
+            if !self.opens_all(Some(tx), ctx, confinement, members)? {
+                return Err(outside(confinement, members));
+            }
         }
         Ok(members)
     }
@@ -629,6 +699,25 @@ impl ResourceService {
         }
     }
 
+    /// An update, patch or delete of an id that does not exist, by a confined grant on a
+    /// compartment type: refused like another patient's resource, so that the answer (a
+    /// create, a 412, a 404) does not tell the id is free. A confined grant creates with
+    /// POST, under an id the server assigns.
+    pub(super) fn confine_absent(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+    ) -> Result<(), AppError> {
+        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        match &grant.confinement {
+            Some(confinement) if self.search_index().has_compartments(resource_type.as_str()) => {
+                Err(outside(confinement, &BTreeSet::new()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A confined write's check of what it writes: the new content must belong to the
     /// compartments the grant opens and to no other (`existing`: the compartments of the
     /// version replaced, named by the refusal too).
@@ -648,11 +737,7 @@ impl ResourceService {
         let Some(members) = members else {
             return Err(self.shared_write_refusal(resource_type));
         };
-        let mut all_inside = !members.is_empty();
-        for patient in members {
-            all_inside &= self.opens(Some(tx), ctx, confinement, patient)?;
-        }
-        if all_inside {
+        if self.opens_all(Some(tx), ctx, confinement, members)? {
             return Ok(());
         }
         let mut involved = members.clone();

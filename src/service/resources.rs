@@ -615,15 +615,31 @@ impl ResourceService {
             // the versions of types the token may not see.
             match &query.resource_type {
                 Some(resource_type) => {
-                    this.authorize(
+                    let grant = this.authorize(
                         &ctx,
                         Permission::Search,
                         resource_type.as_str(),
                         "history",
                         Vec::new(),
                     )?;
+                    let confinement = grant.confinement.as_ref();
+                    this.confine_history(&ctx, confinement, resource_type.as_str())?;
                 }
-                None => ctx.rule.set(policy::RULE_PER_TYPE),
+                None => {
+                    ctx.rule.set(policy::RULE_PER_TYPE);
+                    // Confined on any type of a compartment, the token is confined here.
+                    let index = this.search_index();
+                    let confinement = this
+                        .types
+                        .iter()
+                        .filter(|resource_type| index.has_compartments(resource_type))
+                        .find_map(|resource_type| {
+                            policy::authorize(&ctx.principal, Permission::Search, resource_type)
+                                .ok()
+                                .and_then(|grant| grant.confinement)
+                        });
+                    this.confine_history(&ctx, confinement.as_ref(), "*")?;
+                }
             }
             let mut page = this.history_scan_page(&query)?;
             let index = this.search_index();
@@ -911,6 +927,11 @@ impl ResourceService {
         // The gate first: a token learns nothing of a resource that is not its to change,
         // not its version (If-Match), not whether a patch's tests hold on it.
         let existing = self.confine_existing(tx, ctx, permission, resource_type, id, head)?;
+        if head.is_none() && permission != Permission::Create {
+            // A confined token creates with POST: updating, patching or deleting an id that
+            // is not there would tell it the id is free.
+            self.confine_absent(ctx, permission, resource_type)?;
+        }
         // A patch needs a resource to patch: 404 or 410 before If-Match is looked at.
         let patch_base = match kind {
             WriteKind::Patch { .. } => {

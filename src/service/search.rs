@@ -412,6 +412,23 @@ impl SearchIndex {
         Ok(true)
     }
 
+    /// How many reference digests the compartment condition of `patients` patients over
+    /// `resource_types` holds (see [`Self::compartment_condition`]).
+    pub fn compartment_digests(&self, resource_types: &[String], patients: usize) -> usize {
+        resource_types
+            .iter()
+            .map(|t| {
+                let params = self
+                    .compartment_rule
+                    .params(t)
+                    .iter()
+                    .filter(|param| self.plan.is_indexed(t, param))
+                    .count();
+                params.saturating_mul(patients)
+            })
+            .sum()
+    }
+
     /// The condition confining a search over `resource_types` (checked by
     /// [`Self::confinable`]) to `patients`' compartments, through the same reference digests
     /// a search by those parameters uses; `None` when the types belong to no compartment.

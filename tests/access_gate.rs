@@ -247,6 +247,13 @@ async fn absent_and_outside_look_alike(db: TestDb) {
             get(&format!("{path}/_history/1")),
             get(&format!("{path}/_history")),
             TestRequest::delete().uri(&path),
+            // An update of an id that is not there would create it: as telling as a read.
+            put(
+                &path,
+                &json!({"resourceType": "Observation", "id": id, "status": "final",
+                               "code": {"text": "mine"},
+                               "subject": {"reference": format!("Patient/{}", w.alice)}}),
+            ),
             TestRequest::patch()
                 .uri(&path)
                 .insert_header(("Content-Type", "application/json-patch+json"))
@@ -543,6 +550,150 @@ async fn confined_tokens_stay_inside_on_every_type(db: TestDb) {
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     let read = call(&app, get(&doctor)).await;
     assert_eq!(read.json()["name"][0]["family"], "House");
+}
+
+/// Found in review: a resource in two patients' records is changed only by a token that opens
+/// both; Binary and Bundle are nobody's record, so closed to confined tokens; a type outside
+/// R4's compartment that names a patient under another parameter is that patient's.
+async fn confined_writes_need_every_record_open(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let w = world(&app).await;
+    let alices_app = token_with("patient/*.cruds", Some(&w.alice), None);
+    let as_alice = |request: TestRequest| {
+        let app = &app;
+        let request = with_token(request, &alices_app);
+        async move { call_as_is(app, request).await }
+    };
+    // Bob's Observation, performed by Alice: hers to read, not hers alone to change.
+    let mut shared = coded_observation(&w.bob, BOB_CODE);
+    shared["performer"] = json!([{"reference": format!("Patient/{}", w.alice)}]);
+    let shared = create(&app, shared).await;
+    let path = format!("/fhir/Observation/{shared}");
+    assert_eq!(as_alice(get(&path)).await.status, StatusCode::OK);
+    let mut changed = coded_observation(&w.alice, "1111-1");
+    changed["id"] = json!(shared);
+    for write in [
+        TestRequest::delete().uri(&path),
+        put(&path, &changed),
+        json_patch(
+            &path,
+            &json!([{"op": "replace", "path": "/status", "value": "amended"}]),
+            &alices_app,
+        ),
+    ] {
+        let reply = as_alice(write).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+        assert!(!reply.text().contains(BOB_FAMILY));
+    }
+    let read = call(&app, get(&path)).await;
+    assert_eq!(read.json()["meta"]["versionId"], "1");
+
+    // Binary and Bundle: not readable, searchable or writable by a confined token.
+    let binary = create(
+        &app,
+        json!({"resourceType": "Binary", "contentType": "text/plain", "data": "Ym9i",
+               "securityContext": {"reference": format!("Patient/{}", w.alice)}}),
+    )
+    .await;
+    let reply = as_alice(get(&format!("/fhir/Binary/{binary}"))).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        ids_of(&as_alice(get("/fhir/Binary")).await),
+        BTreeSet::new()
+    );
+    let reply = as_alice(post(
+        "/fhir/Bundle",
+        &json!({"resourceType": "Bundle", "type": "collection"}),
+    ))
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+
+    // A VerificationResult about Bob (its `target`) is Bob's record.
+    let verification = create(
+        &app,
+        json!({"resourceType": "VerificationResult", "status": "validated",
+               "target": [{"reference": format!("Patient/{}", w.bob)}]}),
+    )
+    .await;
+    let reply = as_alice(get(&format!("/fhir/VerificationResult/{verification}"))).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        ids_of(&as_alice(get("/fhir/VerificationResult")).await),
+        BTreeSet::new()
+    );
+}
+
+/// Found in attack: `_revinclude` looked for every holder and withheld the other patients'
+/// after, so how many there were (and whether they crowded hers out) showed. It looks only
+/// inside the token's compartment now: nothing is withheld because nothing else was read.
+async fn revincludes_look_only_inside(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let w = world(&app).await;
+    let mut hers = coded_observation(&w.alice, "1111-1");
+    hers["performer"] = json!([{"reference": format!("Practitioner/{}", w.doctor)}]);
+    let hers = create(&app, hers).await;
+    let alices_app = token_with("patient/*.rs", Some(&w.alice), None);
+    let reply = call_as_is(
+        &app,
+        with_token(
+            get(&format!(
+                "/fhir/Practitioner?_id={}&_revinclude=Observation:performer",
+                w.doctor
+            )),
+            &alices_app,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let returned: BTreeSet<String> = reply.json()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(returned, BTreeSet::from([w.doctor.clone(), hers]));
+    let entry = common::ledger_entries(&app, &reply).await.remove(0);
+    assert_eq!(entry["outcome"], "permit");
+    assert_eq!(entry["withheld"].as_u64().unwrap_or(0), 0, "{entry}");
+    // An unconfined token gets both.
+    let admin = token_with("system/*.rs", None, None);
+    let reply = call_as_is(
+        &app,
+        with_token(
+            get(&format!(
+                "/fhir/Practitioner?_id={}&_revinclude=Observation:performer",
+                w.doctor
+            )),
+            &admin,
+        ),
+    )
+    .await;
+    assert_eq!(
+        reply.json()["entry"].as_array().unwrap().len(),
+        3,
+        "{}",
+        reply.text()
+    );
+}
+
+/// A search names at most 100 parameters: more is refused, not evaluated.
+async fn searches_are_bounded(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let many: Vec<String> = (0..101).map(|i| format!("family=f{i}")).collect();
+    let reply = call(&app, get(&format!("/fhir/Patient?{}", many.join("&")))).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(
+        reply.text().contains("at most 100 parameters"),
+        "{}",
+        reply.text()
+    );
+    let values: Vec<String> = (0..1001).map(|i| format!("f{i}")).collect();
+    let reply = call(
+        &app,
+        get(&format!("/fhir/Patient?family={}", values.join(","))),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
 }
 
 /// The AuditEvents of a patient's view, read with that patient's token.
@@ -888,4 +1039,7 @@ on_both_backends!(
     each_patients_view_is_their_own,
     consent_fails_closed,
     many_consents_are_no_outage,
+    confined_writes_need_every_record_open,
+    revincludes_look_only_inside,
+    searches_are_bounded,
 );

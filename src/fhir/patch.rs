@@ -1309,7 +1309,10 @@ mod tests {
         }
         let patch = parse_json_patch(&serde_json::to_vec(&operations).unwrap()).unwrap();
         let refused = apply_json_patch_within(&json!({}), &patch, 1024 * 1024);
-        assert!(matches!(refused, Err(PatchError::TooLarge(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(PatchError::TooLarge(_))),
+            "{refused:?}"
+        );
         // A few such rounds are fine.
         let patch = Patch(patch.0.into_iter().take(9).collect());
         assert!(apply_json_patch_within(&json!({}), &patch, 1024 * 1024).is_ok());

@@ -5,6 +5,8 @@
 //! and unsupported parameters are dropped and reported, malformed values of known ones are
 //! still errors.
 
+use std::collections::BTreeMap;
+
 use super::search_params::{ParamType, SearchParamRegistry};
 use super::search_values::{date_range, number_range};
 
@@ -209,6 +211,9 @@ pub struct SearchRequest {
     /// The patients whose compartments the search is confined to: set by the service from
     /// the token's grant (a `patient/` scope, Consent), never by the query.
     pub compartments: Option<Vec<String>>,
+    /// The same for each `_revinclude` source type the token may search (absent: one it may
+    /// not, whose resources are not looked for).
+    pub revinclude_compartments: BTreeMap<String, Option<Vec<String>>>,
 }
 
 impl SearchRequest {
@@ -229,6 +234,7 @@ impl SearchRequest {
             link_params: Vec::new(),
             ignored: Vec::new(),
             compartments: None,
+            revinclude_compartments: BTreeMap::new(),
         }
     }
 }

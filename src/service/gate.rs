@@ -202,7 +202,10 @@ impl ResourceService {
             if let Some(patients) = self.search_scope(ctx, &grant, action)? {
                 scope = Some(match scope {
                     None => patients,
-                    Some(before) => before.into_iter().filter(|p| patients.contains(p)).collect(),
+                    Some(before) => before
+                        .into_iter()
+                        .filter(|p| patients.contains(p))
+                        .collect(),
                 });
             }
         }
@@ -221,6 +224,26 @@ impl ResourceService {
                 self.check_confinable(ctx, types, action, patients.len())?;
             }
             inner.insert(resource_type, scope);
+        }
+        // Resources a `_revinclude` brings are looked for only where the token may see them:
+        // were they looked for everywhere and withheld after, how many of another patient's
+        // fill the page's room would show.
+        let revinclude_types: BTreeSet<String> = request
+            .revincludes
+            .iter()
+            .map(|include| include.source_type.clone())
+            .collect();
+        for resource_type in revinclude_types {
+            let Ok(grant) = policy::authorize(&ctx.principal, Permission::Search, &resource_type)
+            else {
+                continue;
+            };
+            let scope = self.search_scope(ctx, &grant, action)?;
+            if let Some(patients) = &scope {
+                let types = std::slice::from_ref(&resource_type);
+                self.check_confinable(ctx, types, action, patients.len())?;
+            }
+            request.revinclude_compartments.insert(resource_type, scope);
         }
         // The entry names the rule that let the request search what it asked for.
         if let Some(rule) = outer_rule {
@@ -253,9 +276,10 @@ impl ResourceService {
         }
         let refusal = Refusal {
             rule: confinement.refusal().rule,
-            message: "a token confined to patients' compartments cannot page through the history of \
+            message:
+                "a token confined to patients' compartments cannot page through the history of \
                       a type or of the system; read an instance's history or search instead"
-                .into(),
+                    .into(),
         };
         Err(self.ledger().refuse(ctx, "history", Vec::new(), refusal))
     }
@@ -273,7 +297,10 @@ impl ResourceService {
         let index = self.search_index();
         let refusal = match index.confinable(resource_types) {
             Err(refusal) => refusal,
-            Ok(_) if index.compartment_digests(resource_types, patients) > MAX_CONFINEMENT_DIGESTS => {
+            Ok(_)
+                if index.compartment_digests(resource_types, patients)
+                    > MAX_CONFINEMENT_DIGESTS =>
+            {
                 Refusal {
                     rule: policy::RULE_CONSENT,
                     message: format!(

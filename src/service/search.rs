@@ -1343,6 +1343,13 @@ impl ResourceService {
             target_type,
         } in &request.revincludes
         {
+            let Some(scope) = request.revinclude_compartments.get(source_type) else {
+                continue;
+            };
+            let confinement = scope.as_ref().and_then(|patients| {
+                self.search_index()
+                    .compartment_condition(std::slice::from_ref(source_type), patients)
+            });
             let digests: Vec<Digest> = matches
                 .iter()
                 .filter(|m| {
@@ -1359,7 +1366,12 @@ impl ResourceService {
                     )
                 })
                 .collect();
-            wanted.extend(index::holders_of(conn, &digests, MAX_INCLUDED)?);
+            wanted.extend(index::holders_of(
+                conn,
+                &digests,
+                confinement,
+                MAX_INCLUDED,
+            )?);
         }
         wanted.retain(|key| seen.insert(key.clone()));
         wanted.truncate(usize::try_from(MAX_INCLUDED).unwrap_or(usize::MAX));

@@ -616,19 +616,22 @@ pub fn count(conn: &mut DbConnection, search: &SearchSql) -> Result<i64, StoreEr
     Ok(rows.first().map_or(0, |c| c.n))
 }
 
-/// The `(type, id)` of every current resource holding any of `digests` (reverse includes,
-/// compartments), at most `limit`, in `seq` order.
+/// The `(type, id)` of every current resource holding any of `digests` (reverse includes)
+/// and meeting `confinement` when there is one, at most `limit`, in `seq` order.
 pub fn holders_of(
     conn: &mut DbConnection,
     digests: &[Digest],
+    confinement: Option<Condition>,
     limit: i64,
 ) -> Result<Vec<(String, String)>, StoreError> {
     if digests.is_empty() {
         return Ok(Vec::new());
     }
+    let mut conditions = vec![Condition::HasAny(digests.to_vec())];
+    conditions.extend(confinement);
     let search = SearchSql {
         resource_types: Vec::new(),
-        conditions: vec![Condition::HasAny(digests.to_vec())],
+        conditions,
         sort: Vec::new(),
         after: None,
         backward: false,

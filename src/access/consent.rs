@@ -5,13 +5,17 @@
 //! (`patient-privacy` or `treatment` for care, `research` for research). Its provision's
 //! conditions are then each decided for the request: `period` (if any) covers now, `actor`
 //! (if any) names the requester's `fhirUser`, `purpose` (if any) includes the token's
-//! `purpose_of_use`. A condition the request cannot answer (a token without `fhirUser` or
-//! without a purpose, a period that does not parse) is undecided, and the rule fails
-//! closed: a `permit` applies only when every condition holds, a `deny` whenever none is
-//! known to fail. For each patient, a `deny` that applies wins over any `permit`; without a
-//! `permit` that applies there is no access. Nested provisions (exceptions inside a
-//! provision) are not evaluated: a `permit` that has them grants nothing, a `deny` that has
-//! them denies whole, so an exception can never widen access.
+//! `purpose_of_use`. References compare as the resources they name on this server, however
+//! written (relative, absolute under this server's base, versioned). A condition the
+//! request cannot answer (a token without `fhirUser` or without a purpose, a period that
+//! does not parse, an actor named by identifier or on another server) is undecided, and
+//! the rule fails closed: a `permit` applies only when every condition holds, a `deny`
+//! whenever none is known to fail. For each patient, a `deny` that applies wins over any
+//! `permit`; without a `permit` that applies there is no access.
+//!
+//! What the rule does not evaluate can only narrow access: a `permit` restricted further
+//! (nested exceptions, `class`, `code`, `data`, `dataPeriod`, `securityLabel`, or an
+//! `action` other than access) grants nothing, and a `deny` so restricted denies whole.
 
 use std::collections::BTreeSet;
 
@@ -26,8 +30,17 @@ pub enum ConsentKind {
     Research,
 }
 
+/// Restrictions of a provision the rule does not evaluate (see the module comment).
+const UNEVALUATED: &[&str] = &[
+    "provision",
+    "class",
+    "code",
+    "data",
+    "dataPeriod",
+    "securityLabel",
+];
+
 /// Who asks, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsentRequest<'a> {
     pub kind: ConsentKind,
     /// The requester's FHIR resource (`Practitioner/7`, `Organization/3`), if the token names
@@ -37,6 +50,9 @@ pub struct ConsentRequest<'a> {
     pub purpose: Option<&'a str>,
     /// Now, µs since the epoch.
     pub now: i64,
+    /// The `Type/id` a reference names on this server; `None` when it names none here
+    /// (another server's, contained, malformed).
+    pub local: &'a dyn Fn(&str) -> Option<String>,
 }
 
 /// The ids of the patients whose Consents permit `request`, deny winning.
@@ -73,17 +89,17 @@ fn applies(consent: &Value, request: &ConsentRequest<'_>) -> Option<(String, boo
     if !scope_matches {
         return None;
     }
-    let patient = consent["patient"]["reference"]
-        .as_str()
-        .and_then(patient_id)?;
+    let patient = patient_id(consent, request.local)?;
     let provision = &consent["provision"];
     let permit = match provision["type"].as_str() {
         Some("permit") => true,
         Some("deny") => false,
         _ => return None,
     };
-    if permit && provision.get("provision").is_some() {
-        return None; // exceptions are not evaluated (see the module comment)
+    if permit
+        && (UNEVALUATED.iter().any(|key| !provision[*key].is_null()) || !grants_access(provision))
+    {
+        return None;
     }
     // Each condition: Some(true) holds, Some(false) fails, None undecided for this request.
     let period = if provision["period"].is_null() {
@@ -93,12 +109,7 @@ fn applies(consent: &Value, request: &ConsentRequest<'_>) -> Option<(String, boo
     };
     let actor = match provision["actor"].as_array().filter(|a| !a.is_empty()) {
         None => Some(true),
-        Some(actors) => request.actor.map(|actor| {
-            actors
-                .iter()
-                .filter_map(|listed| listed["reference"]["reference"].as_str())
-                .any(|reference| reference == actor)
-        }),
+        Some(actors) => names_requester(actors, request),
     };
     let purpose = match provision["purpose"].as_array().filter(|p| !p.is_empty()) {
         None => Some(true),
@@ -115,12 +126,45 @@ fn applies(consent: &Value, request: &ConsentRequest<'_>) -> Option<(String, boo
     counts.then_some((patient, permit))
 }
 
-/// The id of the patient a Consent (stored JSON) is about.
-pub fn consent_patient(json: &str) -> Option<String> {
+/// Whether a provision's `action` (if any) includes access (consentaction `access`).
+fn grants_access(provision: &Value) -> bool {
+    match provision["action"].as_array().filter(|a| !a.is_empty()) {
+        None => true,
+        Some(actions) => actions
+            .iter()
+            .any(|action| codes(action).any(|code| code == "access")),
+    }
+}
+
+/// Whether a provision's actors name the requester: `Some(true)` when one does, `Some(false)`
+/// when every one names someone else, `None` when that cannot be told (the token names no
+/// one here, or an actor is named in a way that cannot be compared).
+fn names_requester(actors: &[Value], request: &ConsentRequest<'_>) -> Option<bool> {
+    let requester = request.actor.and_then(request.local)?;
+    let listed: Vec<Option<String>> = actors
+        .iter()
+        .map(|actor| {
+            actor["reference"]["reference"]
+                .as_str()
+                .and_then(request.local)
+        })
+        .collect();
+    if listed
+        .iter()
+        .any(|named| named.as_deref() == Some(requester.as_str()))
+    {
+        Some(true)
+    } else if listed.iter().any(Option::is_none) {
+        None
+    } else {
+        Some(false)
+    }
+}
+
+/// The id of the patient a Consent (stored JSON) is about, on this server.
+pub fn consent_patient(json: &str, local: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     let consent: Value = serde_json::from_str(json).ok()?;
-    consent["patient"]["reference"]
-        .as_str()
-        .and_then(patient_id)
+    patient_id(&consent, local)
 }
 
 /// The codes of a CodeableConcept.
@@ -146,12 +190,13 @@ fn covers(period: &Value, now: i64) -> Option<bool> {
     Some(starts_by && ends_after)
 }
 
-/// `Patient/<id>` (relative or absolute) to the id.
-fn patient_id(reference: &str) -> Option<String> {
-    let (before, id) = reference.rsplit_once('/')?;
-    (before == "Patient" || before.ends_with("/Patient"))
-        .then(|| id.to_owned())
+/// The id of the local Patient a Consent's `patient` references.
+fn patient_id(consent: &Value, local: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let named = local(consent["patient"]["reference"].as_str()?)?;
+    named
+        .strip_prefix("Patient/")
         .filter(|id| !id.is_empty())
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -174,12 +219,30 @@ mod tests {
                "provision": provision})
     }
 
+    const BASE: &str = "https://ehr.example/fhir/";
+
+    /// This server's references: relative, or absolute under [`BASE`]; versions dropped.
+    fn local(reference: &str) -> Option<String> {
+        let relative = reference.strip_prefix(BASE).unwrap_or(reference);
+        if relative.contains("://") {
+            return None;
+        }
+        let mut parts = relative.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(id), None | Some("_history")) if !id.is_empty() => {
+                Some(format!("{t}/{id}"))
+            }
+            _ => None,
+        }
+    }
+
     fn care(actor: &str) -> ConsentRequest<'_> {
         ConsentRequest {
             kind: ConsentKind::Treatment,
             actor: Some(actor),
             purpose: None,
             now: NOW,
+            local: &local,
         }
     }
 
@@ -264,6 +327,7 @@ mod tests {
             actor: None,
             purpose: Some("HRESCH"),
             now: NOW,
+            local: &local,
         };
         let open_study = consent("a", "research", "permit", None);
         let named_deny = consent("a", "research", "deny", Some("Organization/9"));
@@ -271,5 +335,94 @@ mod tests {
         let mut unreadable = consent("a", "patient-privacy", "deny", None);
         unreadable["provision"]["period"] = json!({"start": "not a date"});
         assert!(permitted_patients(&[permit, unreadable], &treating).is_empty());
+    }
+
+    #[test]
+    fn references_compare_as_the_resources_they_name() {
+        // A deny naming the requester absolutely, or a version of it, still denies; so does
+        // a deny about the patient written with a version.
+        let permit = consent("a", "patient-privacy", "permit", None);
+        let absolute = consent(
+            "a",
+            "patient-privacy",
+            "deny",
+            Some(&format!("{BASE}Practitioner/1")),
+        );
+        let versioned = consent(
+            "a",
+            "patient-privacy",
+            "deny",
+            Some("Practitioner/1/_history/3"),
+        );
+        let mut about_version = consent("x", "patient-privacy", "deny", None);
+        about_version["patient"]["reference"] = json!("Patient/a/_history/2");
+        for deny in [absolute, versioned, about_version] {
+            assert!(
+                permitted_patients(&[permit.clone(), deny.clone()], &care("Practitioner/1"))
+                    .is_empty(),
+                "{deny}"
+            );
+        }
+        // The token's fhirUser may be absolute too.
+        let named = consent("a", "patient-privacy", "permit", Some("Practitioner/1"));
+        let absolute_user = format!("{BASE}Practitioner/1");
+        assert_eq!(
+            permitted_patients(std::slice::from_ref(&named), &care(&absolute_user)),
+            BTreeSet::from(["a".to_owned()])
+        );
+        // An actor named by identifier or on another server cannot be compared: a deny
+        // naming one applies, a permit naming only one grants nothing.
+        let mut by_identifier = consent("a", "patient-privacy", "deny", None);
+        by_identifier["provision"]["actor"] =
+            json!([{"role": {"text": "x"}, "reference": {"identifier": {"value": "123"}}}]);
+        assert!(
+            permitted_patients(&[permit.clone(), by_identifier], &care("Practitioner/1"))
+                .is_empty()
+        );
+        let elsewhere = consent(
+            "a",
+            "patient-privacy",
+            "permit",
+            Some("https://other.example/fhir/Practitioner/1"),
+        );
+        assert!(permitted_patients(&[elsewhere], &care("Practitioner/1")).is_empty());
+    }
+
+    #[test]
+    fn permits_restricted_beyond_the_rule_grant_nothing() {
+        let restrictions = [
+            ("class", json!([{"code": "Observation"}])),
+            ("code", json!([{"coding": [{"code": "1234-5"}]}])),
+            (
+                "data",
+                json!([{"meaning": "instance", "reference": {"reference": "Observation/1"}}]),
+            ),
+            ("dataPeriod", json!({"start": "2020-01-01"})),
+            ("securityLabel", json!([{"code": "N"}])),
+            ("action", json!([{"coding": [{"code": "collect"}]}])),
+        ];
+        for (key, value) in restrictions {
+            let mut narrow = consent("a", "patient-privacy", "permit", None);
+            narrow["provision"][key] = value.clone();
+            assert!(
+                permitted_patients(std::slice::from_ref(&narrow), &care("Practitioner/1"))
+                    .is_empty(),
+                "{key}"
+            );
+            // The same restriction on a deny denies whole.
+            let mut deny = consent("a", "patient-privacy", "deny", None);
+            deny["provision"][key] = value;
+            let permit = consent("a", "patient-privacy", "permit", None);
+            assert!(
+                permitted_patients(&[permit, deny], &care("Practitioner/1")).is_empty(),
+                "{key}"
+            );
+        }
+        let mut access = consent("a", "patient-privacy", "permit", None);
+        access["provision"]["action"] = json!([{"coding": [{"code": "access"}]}]);
+        assert_eq!(
+            permitted_patients(&[access], &care("Practitioner/1")),
+            BTreeSet::from(["a".to_owned()])
+        );
     }
 }

@@ -30,7 +30,7 @@ use crate::store::DbConnection;
 use crate::store::resources::{self as rows, ResourceHead};
 
 use super::resources::{ResourceService, StoredResource, target};
-use super::search::MAX_INNER_MATCHES;
+use super::search::{MAX_INNER_MATCHES, ReferenceTarget};
 
 /// Most patients a Consent-confined search may span: their compartments become one
 /// condition of the search. Beyond it the search is refused (reads and writes are decided
@@ -377,10 +377,20 @@ impl ResourceService {
             Some(conn) => self.consents_of(conn, &patients)?,
             None => self.consents_of(&mut *self.connection()?, &patients)?,
         };
-        let request = consent_request(ctx, kind, actor);
+        let local = self.local_reference();
+        let request = consent_request(ctx, kind, actor, &local);
         let opens = permitted_patients(&consents, &request).contains(patient);
         ctx.consents.insert(key, opens);
         Ok(opens)
+    }
+
+    /// The `Type/id` a reference names on this server, as the search index reads it.
+    fn local_reference(&self) -> impl Fn(&str) -> Option<String> + '_ {
+        let index = self.search_index();
+        move |reference| match index.reference_target(reference) {
+            ReferenceTarget::Local { resource_type, id } => Some(format!("{resource_type}/{id}")),
+            _ => None,
+        }
     }
 
     /// Whether a confined grant opens every one of `members` (and there is one).
@@ -453,16 +463,18 @@ impl ResourceService {
             if consents.len() as i64 > limit {
                 return Ok(None);
             }
+            let local = self.local_reference();
             candidates.extend(
                 consents
                     .iter()
-                    .filter_map(|c| crate::access::consent::consent_patient(&c.json)),
+                    .filter_map(|c| crate::access::consent::consent_patient(&c.json, &local)),
             );
         }
         if candidates.len() > MAX_CONSENTED_PATIENTS {
             return Ok(None);
         }
-        let request = consent_request(ctx, kind, actor);
+        let local = self.local_reference();
+        let request = consent_request(ctx, kind, actor, &local);
         let candidates: Vec<String> = candidates.into_iter().collect();
         let mut permitted = BTreeSet::new();
         for batch in candidates.chunks(CONSENT_BATCH) {
@@ -791,6 +803,7 @@ fn consent_request<'a>(
     ctx: &'a RequestContext,
     kind: ConsentKind,
     actor: Option<&'a str>,
+    local: &'a dyn Fn(&str) -> Option<String>,
 ) -> ConsentRequest<'a> {
     let purpose = match &ctx.principal {
         Principal::Token(identity) => identity.purpose_of_use.as_deref(),
@@ -801,5 +814,6 @@ fn consent_request<'a>(
         actor,
         purpose,
         now: super::resources::now_micros(),
+        local,
     }
 }

@@ -587,6 +587,20 @@ async fn confined_writes_need_every_record_open(db: TestDb) {
     }
     let read = call(&app, get(&path)).await;
     assert_eq!(read.json()["meta"]["versionId"], "1");
+    // The refusal is in both patients' records, each naming what was attempted.
+    let reply = as_alice(TestRequest::delete().uri(&path)).await;
+    let entries = common::ledger_entries(&app, &reply).await;
+    let parts = &entries[1..];
+    let patients: BTreeSet<String> = parts
+        .iter()
+        .map(|part| part["patient"].as_str().unwrap().to_owned())
+        .collect();
+    let both = [&w.alice, &w.bob].map(|p| format!("Patient/{p}"));
+    assert_eq!(patients, BTreeSet::from(both), "{entries:?}");
+    for part in parts {
+        assert_eq!(part["outcome"], "deny");
+        assert_eq!(part["resources"][0]["id"], shared, "{part}");
+    }
 
     // Binary and Bundle: not readable, searchable or writable by a confined token.
     let binary = create(

@@ -786,10 +786,15 @@ fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -> Vec<Ledge
     let mut parts: Vec<LedgerEntry> = patients
         .iter()
         .map(|patient| {
+            // A patient's part names the resources in their compartment and, when the event
+            // concerns them (a refusal naming whose record it protected, a `$everything` of
+            // theirs), those in no compartment it named too (what a refusal was asked for):
+            // each patient sees what was attempted on their record.
+            let concerned = event.concerns.contains(patient);
             let theirs = event
                 .resources
                 .iter()
-                .filter(|r| r.patients.contains(patient))
+                .filter(|r| r.patients.contains(patient) || (concerned && r.patients.is_empty()))
                 .map(|r| r.resource.clone())
                 .collect();
             let mut part = entry(theirs, Some(patient));

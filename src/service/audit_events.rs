@@ -181,22 +181,21 @@ impl ResourceService {
                 let Ok(entry) = serde_json::from_slice::<LedgerEntry>(&row.data) else {
                     continue;
                 };
+                // Entries written before entries were split per patient may name several
+                // patients: a patient's view shows that one happened, not what it names (the
+                // leaf hash, not the bytes, still proves it), and filters only on what it
+                // shows, so that `entity` cannot ask about another patient's resources.
+                let legacy = query.patient.is_some() && entry.patients.len() > 1;
+                let entry = if legacy {
+                    LedgerEntry {
+                        resources: Vec::new(),
+                        ..entry
+                    }
+                } else {
+                    entry
+                };
                 if query.matches(&entry) {
-                    // Entries written before entries were split per patient may name
-                    // several patients: a patient's view shows that one happened, not
-                    // what it names (the leaf hash, not the bytes, still proves it).
-                    let legacy = query.patient.is_some() && entry.patients.len() > 1;
-                    let mut event = if legacy {
-                        audit_event(
-                            index,
-                            &LedgerEntry {
-                                resources: Vec::new(),
-                                ..entry
-                            },
-                        )
-                    } else {
-                        audit_event(index, &entry)
-                    };
+                    let mut event = audit_event(index, &entry);
                     let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
                     attach_proof(&mut event, &row.data, legacy, &checkpoint, &proof);
                     events.push(event);

@@ -1030,7 +1030,12 @@ impl ResourceService {
                     id.as_str(),
                     &resource.json,
                 );
-                self.visible(ctx, resource_type.as_str(), members.as_ref())?;
+                self.visible(
+                    Some(&mut *tx),
+                    ctx,
+                    resource_type.as_str(),
+                    members.as_ref(),
+                )?;
                 let disclosed = target(&resource_type, &id, Some(version_id));
                 if version.is_none() && *if_none_match == Some(head.current_version) {
                     let meta = VersionMeta {

@@ -84,7 +84,7 @@ impl ResourceService {
             match page {
                 Ok(mut page) => {
                     // Compartment members of types the token may not see are withheld.
-                    let withheld = this.withhold_unseen(&ctx, &mut page.resources);
+                    let withheld = this.withhold_unseen(None, &ctx, &mut page.resources);
                     let index = this.search_index();
                     let mut event = LedgerEvent::permit(EVERYTHING_ACTION)
                         .concerning([query.patient.to_string()])

@@ -544,6 +544,7 @@ impl ResourceService {
     /// confined token does not see it.
     pub(crate) fn may_see(
         &self,
+        conn: Option<&mut DbConnection>,
         ctx: &RequestContext,
         resource_type: &str,
         id: &str,
@@ -558,17 +559,22 @@ impl ResourceService {
                 .has_compartments(resource_type)
                 .then(BTreeSet::new),
         };
-        self.visible(ctx, resource_type, members.as_ref()).is_ok()
+        self.visible(conn, ctx, resource_type, members.as_ref())
+            .is_ok()
     }
 
-    /// Withholds the resources the request may not see; returns how many.
+    /// Withholds the resources the request may not see; returns how many. `conn`: the
+    /// caller's transaction, if it is in one (Consents are then read in it, not on a second
+    /// connection the pool may not have to spare).
     pub(crate) fn withhold_unseen(
         &self,
+        mut conn: Option<&mut DbConnection>,
         ctx: &RequestContext,
         resources: &mut Vec<StoredResource>,
     ) -> u64 {
         withhold(resources, |r| {
-            self.may_see(ctx, r.resource_type.as_str(), r.id.as_str(), Some(&r.json))
+            let (resource_type, id) = (r.resource_type.as_str(), r.id.as_str());
+            self.may_see(conn.as_deref_mut(), ctx, resource_type, id, Some(&r.json))
         })
     }
 
@@ -577,6 +583,7 @@ impl ResourceService {
     /// refusal when it may not.
     pub(crate) fn visible(
         &self,
+        conn: Option<&mut DbConnection>,
         ctx: &RequestContext,
         resource_type: &str,
         members: Option<&BTreeSet<String>>,
@@ -587,7 +594,7 @@ impl ResourceService {
         };
         match members {
             None => Ok(()),
-            Some(members) if self.opens_any(None, ctx, confinement, members)? => Ok(()),
+            Some(members) if self.opens_any(conn, ctx, confinement, members)? => Ok(()),
             Some(members) => Err(outside(confinement, members)),
         }
     }

@@ -413,7 +413,7 @@ impl ResourceService {
             resource.id.as_str(),
             &resource.json,
         );
-        self.visible(ctx, resource.resource_type.as_str(), members.as_ref())?;
+        self.visible(None, ctx, resource.resource_type.as_str(), members.as_ref())?;
         Ok(Disclosed { resource, members })
     }
 
@@ -526,7 +526,7 @@ impl ResourceService {
                             },
                         );
                         if this
-                            .visible(&ctx, resource_type.as_str(), members.as_ref())
+                            .visible(None, &ctx, resource_type.as_str(), members.as_ref())
                             .is_err()
                         {
                             withheld += 1;
@@ -650,7 +650,10 @@ impl ResourceService {
                     || index.has_compartments(resource_type).then(Default::default),
                     |json| index.stored_compartments(resource_type, id, json),
                 );
-                if this.visible(&ctx, resource_type, members.as_ref()).is_err() {
+                if this
+                    .visible(None, &ctx, resource_type, members.as_ref())
+                    .is_err()
+                {
                     return false;
                 }
                 if e.entry.json.is_some() {

@@ -803,7 +803,7 @@ impl ResourceService {
             let mut conn = this.connection()?;
             let mut page = this.search_page(&mut conn, &search)?;
             drop(conn);
-            let withheld = this.withhold_unseen(&ctx, &mut page.included);
+            let withheld = this.withhold_unseen(None, &ctx, &mut page.included);
             this.ledger()
                 .append(&ctx, this.search_event(&page).withholding(withheld))?;
             Ok(page)
@@ -820,7 +820,7 @@ impl ResourceService {
         search: &AuthorizedSearch,
     ) -> Result<(SearchPage, String), AppError> {
         let mut page = self.search_page(tx, search)?;
-        let withheld = self.withhold_unseen(ctx, &mut page.included);
+        let withheld = self.withhold_unseen(Some(&mut *tx), ctx, &mut page.included);
         let event = self.search_event(&page).withholding(withheld);
         let receipt = self.ledger().append_in(tx, ctx, event)?;
         Ok((page, receipt))

@@ -1,12 +1,12 @@
-//! `GET /fhir/Patient/{id}/$everything` (patient-operation-everything.html): the patient's
-//! whole record as a `searchset` Bundle whose `next` links page by cursor.
+//! `GET` and `POST /fhir/Patient/{id}/$everything` (patient-operation-everything.html): the
+//! patient's whole record as a `searchset` Bundle whose `next` links page by cursor.
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
-use super::fhir::{parse_count, parse_instant};
-use super::negotiation::response_format;
+use super::fhir::{parse_count, parse_instant, read_optional_body};
+use super::negotiation::{require_json_body, response_format};
 use super::request::QueryParams;
 use crate::access::RequestContext;
 use crate::error::AppError;
@@ -45,7 +45,109 @@ pub async fn everything(
     req: HttpRequest,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, AppError> {
-    let (type_name, id) = path.into_inner();
+    let query = QueryParams::parse(&req, EVERYTHING_PARAMS)?;
+    answer(&state, &ctx, &req, path.into_inner(), &query).await
+}
+
+/// Most bytes of a `Parameters` body for `$everything` (a handful of short parameters).
+const MAX_PARAMETERS_BODY: usize = 64 * 1024;
+
+/// `$everything` invoked by POST (operations.html#invoking): the parameters in the query
+/// string, in a `Parameters` body, or both (each named once); no body is no parameters.
+#[utoipa::path(post, path = "/fhir/{type}/{id}/$everything", tag = "fhir",
+    params(
+        ("type" = String, Path, description = "Patient (the only type with $everything here)"),
+        ("id" = String, Path, description = "Logical id of the patient"),
+    ),
+    request_body(content = Option<super::openapi::Resource>, description = "Optional `Parameters` resource: `_count` (valueInteger), `_since` (valueInstant), `_type` (valueString or valueCode, repeatable), `_cursor` (valueString)", content_type = "application/fhir+json"),
+    responses(
+        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 400, description = "Malformed body or parameter, or a type other than Patient", body = OperationOutcome),
+        (status = 404, description = "Unknown resource type or patient", body = OperationOutcome),
+        (status = 410, description = "The patient is deleted", body = OperationOutcome),
+        (status = 413, description = "Body over the size limit", body = OperationOutcome),
+        (status = 415, description = "Body is not FHIR JSON", body = OperationOutcome),
+    ))]
+pub async fn everything_post(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let body = read_optional_body(&req, payload, MAX_PARAMETERS_BODY).await?;
+    let mut pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|_| AppError::bad_request("the query string is malformed"))?;
+    if !body.is_empty() {
+        require_json_body(&req)?;
+        pairs.extend(operation_parameters(&body)?);
+    }
+    let query = QueryParams::checked(pairs, EVERYTHING_PARAMS)?;
+    answer(&state, &ctx, &req, path.into_inner(), &query).await
+}
+
+/// The parameters of an operation's `Parameters` body as name and text value; `_type`
+/// given several times is joined as a list.
+fn operation_parameters(body: &[u8]) -> Result<Vec<(String, String)>, AppError> {
+    let invalid = |message: &str| AppError::BadRequest {
+        message: format!("the body must be a FHIR Parameters resource: {message}"),
+        expression: Some("Parameters".into()),
+    };
+    let parameters: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| invalid("it is not valid JSON"))?;
+    if parameters["resourceType"] != "Parameters" {
+        return Err(invalid("resourceType is not Parameters"));
+    }
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let Some(list) = parameters.get("parameter") else {
+        return Ok(pairs);
+    };
+    let list = list
+        .as_array()
+        .ok_or_else(|| invalid("parameter is not a list"))?;
+    for (index, parameter) in list.iter().enumerate() {
+        let name = parameter["name"]
+            .as_str()
+            .ok_or_else(|| invalid(&format!("parameter[{index}] has no name")))?;
+        let value = [
+            "valueString",
+            "valueCode",
+            "valueUri",
+            "valueInstant",
+            "valueDateTime",
+        ]
+        .iter()
+        .find_map(|key| parameter[*key].as_str().map(str::to_owned))
+        .or_else(|| parameter["valueInteger"].as_i64().map(|n| n.to_string()))
+        .or_else(|| {
+            parameter["valuePositiveInt"]
+                .as_i64()
+                .map(|n| n.to_string())
+        })
+        .ok_or_else(|| {
+            invalid(&format!(
+                "parameter[{index}] ({name}) has no supported value[x]"
+            ))
+        })?;
+        match pairs.iter_mut().find(|(n, _)| n == name) {
+            Some((_, joined)) if name == "_type" => {
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            _ => pairs.push((name.to_owned(), value)),
+        }
+    }
+    Ok(pairs)
+}
+
+/// `$everything` with its parameters gathered, however it was invoked.
+async fn answer(
+    state: &AppState,
+    ctx: &RequestContext,
+    req: &HttpRequest,
+    (type_name, id): (String, String),
+    query: &QueryParams,
+) -> Result<HttpResponse, AppError> {
     let resource_type = state.resources.resolve_type(&type_name)?;
     if resource_type.as_str() != "Patient" {
         return Err(AppError::BadRequest {
@@ -54,8 +156,7 @@ pub async fn everything(
         });
     }
     let id = ResourceId::parse(&id)?;
-    let query = QueryParams::parse(&req, EVERYTHING_PARAMS)?;
-    let format = response_format(&req, query.get("_format"))?;
+    let format = response_format(req, query.get("_format"))?;
     let types = query
         .get("_type")
         .map(|list| {
@@ -85,7 +186,7 @@ pub async fn everything(
     };
     let page = state
         .resources
-        .patient_everything(&ctx, everything_query.clone())
+        .patient_everything(ctx, everything_query.clone())
         .await?;
 
     let base = state.fhir_base();

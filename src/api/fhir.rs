@@ -70,6 +70,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("/{type}/{id}/$everything")
                     .route(web::get().to(super::everything::everything))
+                    .route(web::post().to(super::everything::everything_post))
                     .default_service(web::to(method_not_allowed)),
             )
             .service(
@@ -83,6 +84,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(
                 web::resource("/{type}/{id}/_history")
                     .route(web::get().to(history))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            // After `/{type}/{id}/_history` and `/{type}/{id}/$everything`, which it would
+            // otherwise take as a compartment search of the type `_history`.
+            .service(
+                web::resource("/{compartment}/{id}/{type}")
+                    .route(web::get().to(super::search::search_compartment))
                     .default_service(web::to(method_not_allowed)),
             )
             .service(
@@ -689,6 +697,22 @@ fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
 /// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
 pub(super) async fn read_body(
     req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<Vec<u8>, AppError> {
+    let body = read_optional_body(req, payload, limit).await?;
+    if body.is_empty() {
+        return Err(AppError::bad_request(
+            "the request has no body; send a FHIR resource",
+        ));
+    }
+    Ok(body)
+}
+
+/// [`read_body`] where no body is allowed (an operation invoked by POST without
+/// parameters): empty when there is none.
+pub(super) async fn read_optional_body(
+    req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<Vec<u8>, AppError> {
@@ -709,11 +733,6 @@ pub(super) async fn read_body(
             return Err(AppError::PayloadTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
-    }
-    if body.is_empty() {
-        return Err(AppError::bad_request(
-            "the request has no body; send a FHIR resource",
-        ));
     }
     Ok(body)
 }

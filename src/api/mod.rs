@@ -70,4 +70,7 @@ pub fn build_app(
         .configure(ledger::routes)
         .configure(smart::routes)
         .default_service(web::to(request::no_route))
+        // Outermost: `{base}/`, `{base}/Patient/` and the like, which clients build from a
+        // base URL ending in a slash, are the paths without it.
+        .wrap(actix_web::middleware::NormalizePath::trim())
 }

@@ -31,6 +31,8 @@ pub struct Resource {
         search::search_type, search::search_type_post, search::search_system,
         bundle::process, bundle::conditional_update, bundle::conditional_delete,
         everything::everything,
+        everything::everything_post,
+        search::search_compartment,
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
         health::healthz, health::readyz, openapi_json,

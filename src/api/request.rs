@@ -145,6 +145,11 @@ impl QueryParams {
     pub fn parse(req: &HttpRequest, allowed: &[&str]) -> Result<Self, AppError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
             .map_err(|_| AppError::bad_request("the query string is malformed"))?;
+        Self::checked(pairs, allowed)
+    }
+
+    /// [`Self::parse`] of parameters from elsewhere (an operation's `Parameters` body).
+    pub fn checked(pairs: Vec<(String, String)>, allowed: &[&str]) -> Result<Self, AppError> {
         for (index, (name, _)) in pairs.iter().enumerate() {
             let shown: String = name.chars().take(64).collect();
             if !allowed.contains(&name.as_str()) {

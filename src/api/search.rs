@@ -8,6 +8,7 @@ use super::AppState;
 use super::negotiation::response_format;
 use crate::access::RequestContext;
 use crate::error::AppError;
+use crate::fhir::ResourceId;
 use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
 use crate::fhir::searchset::{self, SearchEntry, SearchMode};
@@ -36,6 +37,68 @@ pub async fn search_type(
     let resource_type = state.resources.resolve_type(&path)?;
     let params = query_pairs(req.query_string())?;
     search_one_type(&state, &ctx, &req, &resource_type, params).await
+}
+
+/// Search a patient's compartment (search.html#compartments): `Patient/{id}/{type}` is the
+/// search of `type` among the resources in that patient's compartment (by the compartment
+/// rule access control and the ledger use), `Patient/{id}/*` of every type in it.
+#[utoipa::path(get, path = "/fhir/{compartment}/{id}/{type}", tag = "fhir",
+    params(
+        ("compartment" = String, Path, description = "Patient (the only compartment searched here)"),
+        ("id" = String, Path, description = "Logical id of the patient"),
+        ("type" = String, Path, description = "Resource type in the compartment, or `*` for every one"),
+    ),
+    responses(
+        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 400, description = "Not the Patient compartment, a type outside it, or a malformed parameter", body = OperationOutcome),
+        (status = 404, description = "Unknown resource type", body = OperationOutcome),
+    ))]
+pub async fn search_compartment(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, AppError> {
+    let (compartment, id, type_name) = path.into_inner();
+    let compartment = state.resources.resolve_type(&compartment)?;
+    if compartment.as_str() != "Patient" {
+        return Err(AppError::BadRequest {
+            message: format!(
+                "only the Patient compartment can be searched here, not {compartment}'s"
+            ),
+            expression: None,
+        });
+    }
+    let id = ResourceId::parse(&id)?;
+    let index = state.resources.search_index();
+    let types: Vec<String> = if type_name == "*" {
+        // Every type of the compartment but Patient itself, which is read by id.
+        index
+            .compartment_rule()
+            .types()
+            .map(|(resource_type, _)| resource_type.to_owned())
+            .filter(|t| {
+                t != "Patient" && !crate::fhir::compartment::OPAQUE_TYPES.contains(&t.as_str())
+            })
+            .collect()
+    } else {
+        let resource_type = state.resources.resolve_type(&type_name)?;
+        if !index.has_compartments(resource_type.as_str()) {
+            return Err(AppError::BadRequest {
+                message: format!("{resource_type} is not in the Patient compartment"),
+                expression: None,
+            });
+        }
+        vec![resource_type.to_string()]
+    };
+    let params = query_pairs(req.query_string())?;
+    let self_base = format!("{}/Patient/{id}/{type_name}", state.fhir_base());
+    let scope = Scope {
+        self_base,
+        type_link: None,
+        in_compartment: Some(id.to_string()),
+    };
+    run(&state, &ctx, &req, types, params, scope).await
 }
 
 /// Search one type with the parameters in a form body.
@@ -114,9 +177,12 @@ pub async fn search_system(
             types.push(resource_type.to_string());
         }
     }
-    let self_base = state.fhir_base();
-    let type_link = type_param.map(|list| ("_type".to_owned(), list));
-    run(&state, &ctx, &req, types, params, self_base, type_link).await
+    let scope = Scope {
+        self_base: state.fhir_base(),
+        type_link: type_param.map(|list| ("_type".to_owned(), list)),
+        in_compartment: None,
+    };
+    run(&state, &ctx, &req, types, params, scope).await
 }
 
 /// Parses a query string or form body into name/value pairs (repeats allowed: repeated
@@ -153,21 +219,33 @@ async fn search_one_type(
     if resource_type.as_str() == "AuditEvent" {
         return super::audit_events::search(state, ctx, req, params).await;
     }
-    let self_base = format!("{}/{resource_type}", state.fhir_base());
+    let scope = Scope {
+        self_base: format!("{}/{resource_type}", state.fhir_base()),
+        type_link: None,
+        in_compartment: None,
+    };
     let types = vec![resource_type.to_string()];
-    run(state, ctx, req, types, params, self_base, None).await
+    run(state, ctx, req, types, params, scope).await
 }
 
-/// Parses, runs and renders one search; `type_link` is the `_type` parameter of a
-/// system-level search, kept in the Bundle's links.
+/// Where a search runs, as its path says.
+struct Scope {
+    /// The URL its links start with.
+    self_base: String,
+    /// The `_type` parameter of a system-level search, kept in the Bundle's links.
+    type_link: Option<(String, String)>,
+    /// The patient compartment a compartment search names.
+    in_compartment: Option<String>,
+}
+
+/// Parses, runs and renders one search.
 async fn run(
     state: &AppState,
     ctx: &RequestContext,
     req: &HttpRequest,
     resource_types: Vec<String>,
     params: Vec<(String, String)>,
-    self_base: String,
-    type_link: Option<(String, String)>,
+    scope: Scope,
 ) -> Result<HttpResponse, AppError> {
     let format_param = params
         .iter()
@@ -176,15 +254,16 @@ async fn run(
         .map(|(_, v)| v.clone());
     let format = response_format(req, format_param.as_deref())?;
     let index = state.resources.search_index();
-    let request = parse_search(
+    let mut request = parse_search(
         index.registry(),
         index,
         resource_types,
         &params,
         handling(req),
     )?;
+    request.in_compartment = scope.in_compartment;
     let page = state.resources.search(ctx, request.clone()).await?;
-    let body = searchset_json(state, &request, &page, &self_base, type_link)?;
+    let body = searchset_json(state, &request, &page, &scope.self_base, scope.type_link)?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, format.content_type()))
         .body(body))

@@ -60,7 +60,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Resources are stored encrypted (AES-256-GCM); search runs over keyed blind indexes. JSON only. PATCH takes JSON Patch (application/json-patch+json). Conditional create, update and delete; transaction and batch Bundles resolve urn:uuid and conditional (Type?query) references.",
+            "documentation": "Resources are stored encrypted (AES-256-GCM); search runs over keyed blind indexes. JSON only. PATCH takes JSON Patch (application/json-patch+json) or FHIRPath Patch (a Parameters resource). Conditional create, update and delete; transaction and batch Bundles resolve urn:uuid and conditional (Type?query) references.",
             "security": {
                 "service": [{"coding": [{
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
@@ -74,6 +74,8 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
                 {"code": "batch"},
                 {"code": "history-system"},
             ],
+            // Searched as `Patient/{id}/{type}` (search.html#compartments).
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
         }],
     })
 }

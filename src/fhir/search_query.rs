@@ -211,7 +211,10 @@ pub struct SearchRequest {
     /// The patients whose compartments the search is confined to: set by the service from
     /// the token's grant (a `patient/` scope, Consent), never by the query.
     pub compartments: Option<Vec<String>>,
-    /// The same for each `_revinclude` source type the token may search (absent: one it may
+    /// The patient whose compartment the client searches (`GET /Patient/{id}/{type}`,
+    /// search.html#compartments): set from the path, never from the query.
+    pub in_compartment: Option<String>,
+    /// The same as `compartments` for each `_revinclude` source type the token may search (absent: one it may
     /// not, whose resources are not looked for).
     pub revinclude_compartments: BTreeMap<String, Option<Vec<String>>>,
 }
@@ -234,6 +237,7 @@ impl SearchRequest {
             link_params: Vec::new(),
             ignored: Vec::new(),
             compartments: None,
+            in_compartment: None,
             revinclude_compartments: BTreeMap::new(),
         }
     }
@@ -262,16 +266,16 @@ pub fn parse_search(
         ));
     }
     let mut request = SearchRequest::over(resource_types);
+    let mut count_only = false;
     for (name, value) in params {
         let keep = match name.as_str() {
             "_count" => {
                 request.count = match value.parse::<usize>() {
                     Ok(n) if (1..=MAX_COUNT).contains(&n) => n,
+                    // search.html#count: no entries, only the total (as `_summary=count`).
                     Ok(0) => {
-                        return Err(SearchError::new(
-                            name,
-                            "_count=0 is not supported; use _summary=count for a count alone",
-                        ));
+                        count_only = true;
+                        DEFAULT_COUNT
                     }
                     _ => {
                         return Err(SearchError::new(
@@ -387,6 +391,9 @@ pub fn parse_search(
         if keep {
             request.link_params.push((name.clone(), value.clone()));
         }
+    }
+    if count_only {
+        request.summary = Summary::Count;
     }
     Ok(request)
 }

@@ -1181,6 +1181,14 @@ impl ResourceService {
         {
             conditions.push(confined);
         }
+        if let Some(patient) = &request.in_compartment {
+            let patients = std::slice::from_ref(patient);
+            conditions.push(
+                self.search_index()
+                    .compartment_condition(&request.resource_types, patients)
+                    .unwrap_or(Condition::Nothing),
+            );
+        }
         for criterion in &request.criteria {
             conditions.push(self.condition(conn, search, criterion, &mut checks)?);
         }

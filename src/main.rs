@@ -210,10 +210,21 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn run_token(args: &TokenArgs) -> anyhow::Result<()> {
-    use fhirledger::access::local_issuer::{LocalIssuer, TokenRequest};
-    fhirledger::config::ensure_private_dir(&args.database.data_dir)?;
-    let (issuer, _) =
-        LocalIssuer::load_or_create(&args.database.data_dir, &args.address.resolved_base_url())?;
+    use fhirledger::access::local_issuer::{LOCAL_ISSUER_KEY_FILE, LocalIssuer, TokenRequest};
+    let data_dir = &args.database.data_dir;
+    // Only `serve` creates the key: one made here, in a directory the server does not use,
+    // would sign tokens the server refuses.
+    let Some(issuer) = LocalIssuer::load_existing(data_dir, &args.address.resolved_base_url())?
+    else {
+        let shown = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.clone());
+        anyhow::bail!(
+            "no local issuer key in the data directory {} ({LOCAL_ISSUER_KEY_FILE} is missing). \
+             `fhirledger serve` creates it there on its first start; run `fhirledger token` from \
+             the directory the server was started in, or name the server's data directory with \
+             --data-dir or FHIRLEDGER_DATA_DIR",
+            shown.display()
+        );
+    };
     let token = issuer
         .mint(&TokenRequest {
             subject: args.sub.clone(),

@@ -554,3 +554,55 @@ fn audit_passes_then_finds_a_changed_ciphertext() {
     assert_eq!(cut.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("NotExtendingTrusted"), "{stdout}");
 }
+
+#[test]
+fn token_refuses_a_data_directory_without_the_servers_key_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", "cli-test", "--scope", "system/*.rs"])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(output.stdout.is_empty(), "no token is printed");
+    let looked_in = std::path::absolute(dir.path().join("data")).unwrap();
+    assert!(
+        stderr.contains(&looked_in.display().to_string()),
+        "names the directory it looked in: {stderr}"
+    );
+    assert!(stderr.contains("FHIRLEDGER_DATA_DIR"), "{stderr}");
+    assert!(stderr.contains("--data-dir"), "{stderr}");
+    // It created nothing: only `serve` makes the key.
+    assert!(!dir.path().join("data").exists());
+
+    // Pointed at the server's data directory, it mints.
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", "cli-test", "--scope", "system/Patient.c"])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    let (status, _, body) = http_with_headers(
+        port,
+        Some(token.trim()),
+        "POST",
+        "/fhir/Patient",
+        Some(r#"{"resourceType":"Patient","active":true}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    stop_server(server);
+}

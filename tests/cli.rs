@@ -606,3 +606,41 @@ fn token_refuses_a_data_directory_without_the_servers_key_and_names_it() {
     assert_eq!(status, 201, "{body}");
     stop_server(server);
 }
+
+#[test]
+fn a_token_of_another_data_directorys_key_is_refused_saying_where_keys_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    // Another data directory with a local issuer key of its own (as an older `token` made).
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(other.path().join("data")).unwrap();
+    let seed = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(rand_seed())
+    };
+    std::fs::write(other.path().join("data/local-issuer.key"), seed).unwrap();
+    let token = mint_token(other.path(), port, "system/Patient.r");
+    let (status, head, body) =
+        http_with_headers(port, Some(&token), "GET", "/fhir/Patient/x", None).unwrap();
+    assert_eq!(status, 401, "{body}");
+    let challenge = header_value(&head, "www-authenticate").unwrap();
+    assert!(challenge.contains("data directory"), "{challenge}");
+    assert!(body.contains("FHIRLEDGER_DATA_DIR"), "{body}");
+    // Nothing of the token is repeated.
+    let signature = token.rsplit('.').next().unwrap();
+    let claims = token.split('.').nth(1).unwrap();
+    for part in [signature, claims] {
+        assert!(!body.contains(part) && !head.contains(&part.to_ascii_lowercase()));
+    }
+    stop_server(server);
+}
+
+/// 32 bytes that differ from run to run (a key no server has).
+fn rand_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let id = uuid::Uuid::new_v4();
+    seed[..16].copy_from_slice(id.as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed
+}

@@ -8,6 +8,8 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -643,4 +645,88 @@ fn rand_seed() -> [u8; 32] {
     seed[..16].copy_from_slice(id.as_bytes());
     seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     seed
+}
+
+/// Three fresh base64 32-byte key files, as the README's PostgreSQL section makes them.
+fn postgres_key_files(dir: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    use base64::Engine as _;
+    ["MASTER", "LEDGER", "INDEX"]
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(format!("{}.key", name.to_ascii_lowercase()));
+            std::fs::write(
+                &path,
+                base64::engine::general_purpose::STANDARD.encode(rand_seed()),
+            )
+            .unwrap();
+            (name, path)
+        })
+        .collect()
+}
+
+#[test]
+fn audit_on_postgres_checks_with_the_configured_ledger_key() {
+    let db = common::TestDb::postgres();
+    let url = db.postgres_url().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = postgres_key_files(dir.path());
+    let port = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_LEDGER_INTERVAL_MS", "20")
+        .env("FHIRLEDGER_DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, path) in &keys {
+        command.env(format!("FHIRLEDGER_{name}_KEY_FILE"), path);
+    }
+    let mut child = command.spawn().unwrap();
+    wait_until_healthy(port, &mut child);
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    ledgered_write(port, &token);
+    stop_server(child);
+
+    let ledger_key = &keys.iter().find(|(name, _)| *name == "LEDGER").unwrap().1;
+    let audit = |key_env: Option<(&str, std::ffi::OsString)>| {
+        let mut command = Command::new(BINARY);
+        command
+            .arg("audit")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("FHIRLEDGER_DATABASE_URL", &url);
+        if let Some((name, value)) = key_env {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let with_file = audit(Some((
+        "FHIRLEDGER_LEDGER_KEY_FILE",
+        ledger_key.clone().into_os_string(),
+    )));
+    let stdout = String::from_utf8_lossy(&with_file.stdout);
+    assert_eq!(
+        with_file.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&with_file.stderr)
+    );
+    assert!(stdout.contains("everything matches"), "{stdout}");
+    let value = std::fs::read_to_string(ledger_key).unwrap();
+    let with_value = audit(Some(("FHIRLEDGER_LEDGER_KEY", value.trim().into())));
+    assert_eq!(with_value.status.code(), Some(0));
+    // Another key: the signatures do not verify, which is a finding, not a pass.
+    let (_, wrong) = &keys[0];
+    let with_wrong = audit(Some((
+        "FHIRLEDGER_LEDGER_KEY_FILE",
+        wrong.clone().into_os_string(),
+    )));
+    assert_ne!(with_wrong.status.code(), Some(0));
+    // Without a key there is nothing to check with: exit 2, naming the setting.
+    let without = audit(None);
+    assert_eq!(without.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&without.stderr).contains("FHIRLEDGER_LEDGER_KEY_FILE"));
 }

@@ -730,3 +730,38 @@ fn audit_on_postgres_checks_with_the_configured_ledger_key() {
     assert_eq!(without.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&without.stderr).contains("FHIRLEDGER_LEDGER_KEY_FILE"));
 }
+
+#[test]
+fn serve_with_a_wrong_postgres_user_stops_at_once_with_one_line() {
+    let admin = std::env::var(common::PG_ENV).expect("FHIRLEDGER_TEST_DATABASE_URL");
+    let (scheme, rest) = admin.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let url = format!("{scheme}://fhirledger_no_such_role@{host}");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = postgres_key_files(dir.path());
+    let mut command = Command::new(BINARY);
+    command
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("FHIRLEDGER_DATABASE_URL", &url);
+    for (name, path) in &keys {
+        command.env(format!("FHIRLEDGER_{name}_KEY_FILE"), path);
+    }
+    let started = Instant::now();
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mentions: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("fhirledger_no_such_role"))
+        .collect();
+    assert_eq!(mentions.len(), 1, "{stderr}");
+    assert!(mentions[0].starts_with("fhirledger: "), "{stderr}");
+}

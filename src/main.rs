@@ -45,6 +45,20 @@ struct AuditArgs {
     #[arg(long, env = "FHIRLEDGER_LEDGER_VKEY", value_name = "VKEY")]
     vkey: Option<String>,
 
+    /// File holding the base64 ledger signing key, as `serve` takes it (its public half
+    /// checks the log). Used when no --vkey is given.
+    #[arg(long, env = "FHIRLEDGER_LEDGER_KEY_FILE", value_name = "PATH")]
+    ledger_key_file: Option<std::path::PathBuf>,
+
+    /// The base64 ledger signing key itself (prefer the file).
+    #[arg(
+        long,
+        env = "FHIRLEDGER_LEDGER_KEY",
+        value_name = "BASE64",
+        hide_env_values = true
+    )]
+    ledger_key: Option<String>,
+
     /// A signed checkpoint the auditor trusts (a note saved earlier, such as the state file
     /// of `fhirledger verify`): the log must still extend it, so dropped or rewritten
     /// entries are found even when the database was made consistent again.
@@ -210,10 +224,21 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn run_token(args: &TokenArgs) -> anyhow::Result<()> {
-    use fhirledger::access::local_issuer::{LocalIssuer, TokenRequest};
-    fhirledger::config::ensure_private_dir(&args.database.data_dir)?;
-    let (issuer, _) =
-        LocalIssuer::load_or_create(&args.database.data_dir, &args.address.resolved_base_url())?;
+    use fhirledger::access::local_issuer::{LOCAL_ISSUER_KEY_FILE, LocalIssuer, TokenRequest};
+    let data_dir = &args.database.data_dir;
+    // Only `serve` creates the key: one made here, in a directory the server does not use,
+    // would sign tokens the server refuses.
+    let Some(issuer) = LocalIssuer::load_existing(data_dir, &args.address.resolved_base_url())?
+    else {
+        let shown = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.clone());
+        anyhow::bail!(
+            "no local issuer key in the data directory {} ({LOCAL_ISSUER_KEY_FILE} is missing). \
+             `fhirledger serve` creates it there on its first start; run `fhirledger token` from \
+             the directory the server was started in, or name the server's data directory with \
+             --data-dir or FHIRLEDGER_DATA_DIR",
+            shown.display()
+        );
+    };
     let token = issuer
         .mint(&TokenRequest {
             subject: args.sub.clone(),
@@ -289,12 +314,15 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
     }
 }
 
-/// The key entries and checkpoints are checked with: the given verifier key, or the
-/// development key in the data directory (named after the latest checkpoint's origin).
+/// The key entries and checkpoints are checked with: the given verifier key, else the
+/// ledger key configured as for `serve` (FHIRLEDGER_LEDGER_KEY_FILE or FHIRLEDGER_LEDGER_KEY),
+/// else the development key in the data directory; a signing key is named after the latest
+/// checkpoint's origin.
 fn audit_key(
     args: &AuditArgs,
     conn: &mut fhirledger::store::DbConnection,
 ) -> Result<fhirledger::service::audit::AuditKey, String> {
+    use fhirledger::crypto::keys::{decode_key_base64, read_secret_file};
     use fhirledger::ledger::keys::{DEV_LEDGER_KEY_FILE, parse_vkey};
     if let Some(vkey) = &args.vkey {
         let (_, verifying_key) = parse_vkey(vkey).map_err(|e| format!("--vkey: {e}"))?;
@@ -307,9 +335,25 @@ fn audit_key(
         .map_err(|e| e.to_string())?
         .and_then(|c| c.note.lines().next().map(str::to_owned))
         .ok_or("no checkpoint in the database and no --vkey given")?;
-    let path = args.database.data_dir.join(DEV_LEDGER_KEY_FILE);
-    let seed = fhirledger::crypto::keys::read_secret_file(&path, "development ledger key")
-        .map_err(|e| format!("{e}; give --vkey"))?;
+    let seed = match (&args.ledger_key_file, &args.ledger_key) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "set only one of FHIRLEDGER_LEDGER_KEY_FILE and FHIRLEDGER_LEDGER_KEY".into(),
+            );
+        }
+        (Some(path), None) => {
+            read_secret_file(path, "FHIRLEDGER_LEDGER_KEY_FILE").map_err(|e| e.to_string())?
+        }
+        (None, Some(text)) => {
+            decode_key_base64(text, "FHIRLEDGER_LEDGER_KEY").map_err(|e| e.to_string())?
+        }
+        (None, None) => {
+            let path = args.database.data_dir.join(DEV_LEDGER_KEY_FILE);
+            read_secret_file(&path, "development ledger key").map_err(|e| {
+                format!("{e}; give --vkey, or FHIRLEDGER_LEDGER_KEY_FILE as the server has it")
+            })?
+        }
+    };
     let key = fhirledger::ledger::LedgerKey::from_seed(*seed, &origin)?;
     Ok(fhirledger::service::audit::AuditKey {
         verifying_key: key.verifying_key(),

@@ -125,7 +125,7 @@ fn token_verifier(
         Some(local) => {
             let jwks = local.jwks();
             verifier
-                .trust(local.issuer(), &jwks)
+                .trust_local(local)
                 .map_err(|e| anyhow::anyhow!("local issuer: {e}"))?;
             Some(Arc::from(serde_json::to_string(&jwks)?.as_str()))
         }

@@ -8,6 +8,8 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -553,4 +555,213 @@ fn audit_passes_then_finds_a_changed_ciphertext() {
     let stdout = String::from_utf8_lossy(&cut.stdout);
     assert_eq!(cut.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("NotExtendingTrusted"), "{stdout}");
+}
+
+#[test]
+fn token_refuses_a_data_directory_without_the_servers_key_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", "cli-test", "--scope", "system/*.rs"])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(output.stdout.is_empty(), "no token is printed");
+    let looked_in = std::path::absolute(dir.path().join("data")).unwrap();
+    assert!(
+        stderr.contains(&looked_in.display().to_string()),
+        "names the directory it looked in: {stderr}"
+    );
+    assert!(stderr.contains("FHIRLEDGER_DATA_DIR"), "{stderr}");
+    assert!(stderr.contains("--data-dir"), "{stderr}");
+    // It created nothing: only `serve` makes the key.
+    assert!(!dir.path().join("data").exists());
+
+    // Pointed at the server's data directory, it mints.
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["token", "--sub", "cli-test", "--scope", "system/Patient.c"])
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    let (status, _, body) = http_with_headers(
+        port,
+        Some(token.trim()),
+        "POST",
+        "/fhir/Patient",
+        Some(r#"{"resourceType":"Patient","active":true}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    stop_server(server);
+}
+
+#[test]
+fn a_token_of_another_data_directorys_key_is_refused_saying_where_keys_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    // Another data directory with a local issuer key of its own (as an older `token` made).
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(other.path().join("data")).unwrap();
+    let seed = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(rand_seed())
+    };
+    std::fs::write(other.path().join("data/local-issuer.key"), seed).unwrap();
+    let token = mint_token(other.path(), port, "system/Patient.r");
+    let (status, head, body) =
+        http_with_headers(port, Some(&token), "GET", "/fhir/Patient/x", None).unwrap();
+    assert_eq!(status, 401, "{body}");
+    let challenge = header_value(&head, "www-authenticate").unwrap();
+    assert!(challenge.contains("data directory"), "{challenge}");
+    assert!(body.contains("FHIRLEDGER_DATA_DIR"), "{body}");
+    // Nothing of the token is repeated.
+    let signature = token.rsplit('.').next().unwrap();
+    let claims = token.split('.').nth(1).unwrap();
+    for part in [signature, claims] {
+        assert!(!body.contains(part) && !head.contains(&part.to_ascii_lowercase()));
+    }
+    stop_server(server);
+}
+
+/// 32 bytes that differ from run to run (a key no server has).
+fn rand_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let id = uuid::Uuid::new_v4();
+    seed[..16].copy_from_slice(id.as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed
+}
+
+/// Three fresh base64 32-byte key files, as the README's PostgreSQL section makes them.
+fn postgres_key_files(dir: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    use base64::Engine as _;
+    ["MASTER", "LEDGER", "INDEX"]
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(format!("{}.key", name.to_ascii_lowercase()));
+            std::fs::write(
+                &path,
+                base64::engine::general_purpose::STANDARD.encode(rand_seed()),
+            )
+            .unwrap();
+            (name, path)
+        })
+        .collect()
+}
+
+#[test]
+fn audit_on_postgres_checks_with_the_configured_ledger_key() {
+    let db = common::TestDb::postgres();
+    let url = db.postgres_url().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = postgres_key_files(dir.path());
+    let port = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_LEDGER_INTERVAL_MS", "20")
+        .env("FHIRLEDGER_DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, path) in &keys {
+        command.env(format!("FHIRLEDGER_{name}_KEY_FILE"), path);
+    }
+    let mut child = command.spawn().unwrap();
+    wait_until_healthy(port, &mut child);
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    ledgered_write(port, &token);
+    stop_server(child);
+
+    let ledger_key = &keys.iter().find(|(name, _)| *name == "LEDGER").unwrap().1;
+    let audit = |key_env: Option<(&str, std::ffi::OsString)>| {
+        let mut command = Command::new(BINARY);
+        command
+            .arg("audit")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("FHIRLEDGER_DATABASE_URL", &url);
+        if let Some((name, value)) = key_env {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let with_file = audit(Some((
+        "FHIRLEDGER_LEDGER_KEY_FILE",
+        ledger_key.clone().into_os_string(),
+    )));
+    let stdout = String::from_utf8_lossy(&with_file.stdout);
+    assert_eq!(
+        with_file.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&with_file.stderr)
+    );
+    assert!(stdout.contains("everything matches"), "{stdout}");
+    let value = std::fs::read_to_string(ledger_key).unwrap();
+    let with_value = audit(Some(("FHIRLEDGER_LEDGER_KEY", value.trim().into())));
+    assert_eq!(with_value.status.code(), Some(0));
+    // Another key: the signatures do not verify, which is a finding, not a pass.
+    let (_, wrong) = &keys[0];
+    let with_wrong = audit(Some((
+        "FHIRLEDGER_LEDGER_KEY_FILE",
+        wrong.clone().into_os_string(),
+    )));
+    assert_ne!(with_wrong.status.code(), Some(0));
+    // Without a key there is nothing to check with: exit 2, naming the setting.
+    let without = audit(None);
+    assert_eq!(without.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&without.stderr).contains("FHIRLEDGER_LEDGER_KEY_FILE"));
+}
+
+#[test]
+fn serve_with_a_wrong_postgres_user_stops_at_once_with_one_line() {
+    let admin = std::env::var(common::PG_ENV).expect("FHIRLEDGER_TEST_DATABASE_URL");
+    let (scheme, rest) = admin.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let url = format!("{scheme}://fhirledger_no_such_role@{host}");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = postgres_key_files(dir.path());
+    let mut command = Command::new(BINARY);
+    command
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("FHIRLEDGER_DATABASE_URL", &url);
+    for (name, path) in &keys {
+        command.env(format!("FHIRLEDGER_{name}_KEY_FILE"), path);
+    }
+    let started = Instant::now();
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mentions: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("fhirledger_no_such_role"))
+        .collect();
+    assert_eq!(mentions.len(), 1, "{stderr}");
+    assert!(mentions[0].starts_with("fhirledger: "), "{stderr}");
 }

@@ -15,10 +15,13 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::crypto::KeyError;
-use crate::crypto::keys::load_or_create_secret_file;
+use crate::crypto::keys::{load_or_create_secret_file, read_secret_file};
 
 /// The key's file in the data directory.
 pub const LOCAL_ISSUER_KEY_FILE: &str = "local-issuer.key";
+/// How the local issuer's identifier ends (`{base URL}/local-issuer`): a token whose issuer
+/// ends so but is not trusted was most likely minted with another data directory or address.
+pub const LOCAL_ISSUER_PATH: &str = "/local-issuer";
 /// Longest lifetime of a locally issued token.
 pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
 
@@ -81,6 +84,18 @@ impl LocalIssuer {
         Ok((Self::from_seed(&seed, base_url)?, generated))
     }
 
+    /// Loads the key the server created in the data directory, or `None` when there is none.
+    /// `fhirledger token` uses this and never creates a key: a key it made would be one the
+    /// server does not trust, and its tokens would all be refused.
+    pub fn load_existing(data_dir: &Path, base_url: &str) -> Result<Option<Self>, KeyError> {
+        let path = data_dir.join(LOCAL_ISSUER_KEY_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let seed = read_secret_file(&path, "local issuer key")?;
+        Ok(Some(Self::from_seed(&seed, base_url)?))
+    }
+
     /// The issuer of `base_url` with the key from a 32-byte seed.
     pub fn from_seed(seed: &[u8; 32], base_url: &str) -> Result<Self, KeyError> {
         let signing = SigningKey::from_bytes(seed);
@@ -100,7 +115,7 @@ impl LocalIssuer {
         Ok(Self {
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
             signing,
-            issuer: format!("{base_url}/local-issuer"),
+            issuer: format!("{base_url}{LOCAL_ISSUER_PATH}"),
             audience: base_url.to_owned(),
             kid,
         })

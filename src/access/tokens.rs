@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use super::local_issuer::{LOCAL_ISSUER_PATH, LocalIssuer};
 use super::principal::TokenIdentity;
 use super::scopes::Scopes;
 
@@ -43,6 +44,17 @@ pub enum AuthError {
     UnknownIssuer,
     #[error("the token names a signing key its issuer does not publish")]
     UnknownKey,
+    /// A token of a local issuer (`…/local-issuer`, as `fhirledger token` mints them) that
+    /// is not this server's: minted with another data directory's key (`unknown-key`) or
+    /// for another address (`unknown-issuer`). The usual cause is running `fhirledger token`
+    /// from another directory, so the message says where the key must come from.
+    #[error(
+        "the token comes from a local issuer that is not this server's: mint it with \
+         fhirledger token using the server's own data directory (the directory the server was \
+         started in, or the FHIRLEDGER_DATA_DIR or --data-dir it was given) and its \
+         FHIRLEDGER_LISTEN or FHIRLEDGER_BASE_URL"
+    )]
+    ForeignLocalIssuer { reason: &'static str },
     #[error("the token's signature does not verify")]
     BadSignature,
     #[error("the token has expired")]
@@ -64,6 +76,7 @@ impl AuthError {
             Self::Algorithm(_) => "algorithm-refused",
             Self::UnknownIssuer => "unknown-issuer",
             Self::UnknownKey => "unknown-key",
+            Self::ForeignLocalIssuer { reason } => reason,
             Self::BadSignature => "bad-signature",
             Self::Expired => "token-expired",
             Self::NotYetValid => "token-not-yet-valid",
@@ -104,6 +117,9 @@ struct Claims {
 /// Checks bearer tokens against the trusted issuers.
 pub struct TokenVerifier {
     issuers: HashMap<String, Vec<IssuerKey>>,
+    /// Whether a local issuer is trusted: only then does a refused token that looks like
+    /// one get the hint about the data directory.
+    trusts_local_issuer: bool,
     audiences: Vec<String>,
     cache: Mutex<HashMap<[u8; 32], Arc<TokenIdentity>>>,
 }
@@ -122,9 +138,17 @@ impl TokenVerifier {
     pub fn new(audiences: Vec<String>) -> Self {
         Self {
             issuers: HashMap::new(),
+            trusts_local_issuer: false,
             audiences,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Trusts the local issuer's key (see [`super::local_issuer`]).
+    pub fn trust_local(&mut self, local: &LocalIssuer) -> Result<(), String> {
+        self.trust(local.issuer(), &local.jwks())?;
+        self.trusts_local_issuer = true;
+        Ok(())
     }
 
     /// Trusts `issuer`'s signing keys from its JWKS. Keys for encryption, symmetric keys and
@@ -209,7 +233,20 @@ impl TokenVerifier {
         let unverified: Unverified = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|_| AuthError::Malformed)?;
         let issuer = unverified.iss.ok_or(AuthError::MissingClaim("iss"))?;
-        let keys = self.issuers.get(&issuer).ok_or(AuthError::UnknownIssuer)?;
+        // Says only that the issuer looks local, never what it or the key id is.
+        let looks_local = self.trusts_local_issuer && issuer.ends_with(LOCAL_ISSUER_PATH);
+        let refused = |error: AuthError| match error {
+            AuthError::UnknownIssuer | AuthError::UnknownKey if looks_local => {
+                AuthError::ForeignLocalIssuer {
+                    reason: error.reason(),
+                }
+            }
+            other => other,
+        };
+        let keys = self
+            .issuers
+            .get(&issuer)
+            .ok_or_else(|| refused(AuthError::UnknownIssuer))?;
         let mut candidates = keys.iter().filter(|k| k.algorithm == header.alg);
         let key = match &header.kid {
             Some(kid) => candidates.find(|k| k.kid.as_deref() == Some(kid.as_str())),
@@ -219,7 +256,7 @@ impl TokenVerifier {
                 _ => None,
             },
         }
-        .ok_or(AuthError::UnknownKey)?;
+        .ok_or_else(|| refused(AuthError::UnknownKey))?;
 
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECONDS;
@@ -340,5 +377,33 @@ mod tests {
         // A token from an issuer never trusted.
         let token = issuer().mint(&request("system/*.rs")).unwrap();
         assert_eq!(verifier.verify(&token), Err(AuthError::UnknownIssuer));
+    }
+
+    #[test]
+    fn a_local_token_of_another_data_directory_or_address_is_told_where_keys_come_from() {
+        let server = issuer();
+        let mut verifier = TokenVerifier::new(vec!["https://fhir.test".into()]);
+        verifier.trust_local(&server).unwrap();
+        // Another data directory: the same issuer name, another key.
+        let elsewhere = LocalIssuer::from_seed(&[8; 32], "https://fhir.test").unwrap();
+        let token = elsewhere.mint(&request("system/*.rs")).unwrap();
+        let error = verifier.verify(&token).unwrap_err();
+        assert_eq!(
+            error,
+            AuthError::ForeignLocalIssuer {
+                reason: "unknown-key"
+            }
+        );
+        assert!(error.to_string().contains("FHIRLEDGER_DATA_DIR"), "{error}");
+        // Another address: an issuer name this server does not have.
+        let other_address = LocalIssuer::from_seed(&[7; 32], "https://other.test").unwrap();
+        let token = other_address.mint(&request("system/*.rs")).unwrap();
+        assert_eq!(
+            verifier.verify(&token).unwrap_err().reason(),
+            "unknown-issuer"
+        );
+        // Without a trusted local issuer there is no hint.
+        let plain = TokenVerifier::new(vec!["https://fhir.test".into()]);
+        assert_eq!(plain.verify(&token), Err(AuthError::UnknownIssuer));
     }
 }

@@ -238,6 +238,7 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
             StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
         })?;
     }
+    probe(url)?;
     let readers = r2d2::Pool::builder()
         .max_size(max_size)
         .connection_timeout(Duration::from_secs(10))
@@ -246,6 +247,29 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
     let writer =
         matches!(url, DatabaseUrl::Sqlite(_)).then(|| Arc::new(SqliteWriter::new(url.clone())));
     Ok(DbPool { readers, writer })
+}
+
+/// Seconds the first connection of a pool may take: a server that does not answer by then
+/// stops start-up rather than leaving it hanging on the operating system's TCP timeout.
+const PROBE_CONNECT_TIMEOUT_SECONDS: u32 = 10;
+
+/// Opens and drops one connection before the pool is built. A wrong user, password, database
+/// or host is then one clear error; without it r2d2 logs every failed attempt of every pooled
+/// connection (dozens of lines) for its whole connection timeout before giving up.
+fn probe(url: &DatabaseUrl) -> Result<(), StoreError> {
+    let probe_url = match url {
+        // libpq's connect_timeout, unless the URL sets its own.
+        DatabaseUrl::Postgres(text) if !text.contains("connect_timeout=") => {
+            let separator = if text.contains('?') { '&' } else { '?' };
+            DatabaseUrl::Postgres(format!(
+                "{text}{separator}connect_timeout={PROBE_CONNECT_TIMEOUT_SECONDS}"
+            ))
+        }
+        other => other.clone(),
+    };
+    establish(&probe_url)
+        .map(drop)
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect: {}", e.to_string().trim())))
 }
 
 impl DbPool {

@@ -189,7 +189,97 @@ async fn count_zero_is_a_count(db: TestDb) {
     );
 }
 
+fn patch_as(path: &str, media: &str, body: &Value) -> TestRequest {
+    TestRequest::patch()
+        .uri(path)
+        .insert_header(("Content-Type", media))
+        .set_payload(serde_json::to_vec(body).unwrap())
+}
+
+/// PATCH as clients send it: fhirpy's `patch()` sends the members to change as a JSON object
+/// under `application/json` (a JSON Merge Patch, RFC 7396); others send a JSON Patch array
+/// under that type.
+async fn merge_patches_and_json_typed_patches(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let id = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": "M"}], "gender": "male"}),
+    )
+    .await;
+    let path = format!("/fhir/Patient/{id}");
+    let reply = call(
+        &app,
+        patch_as(
+            &path,
+            "application/json",
+            &json!({"active": true, "gender": null}),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let patched = reply.json();
+    assert_eq!(patched["active"], true);
+    assert!(patched.get("gender").is_none(), "{patched}");
+    assert_eq!(patched["name"][0]["family"], "M");
+    assert_eq!(patched["meta"]["versionId"], "2");
+    let reply = call(
+        &app,
+        patch_as(
+            &path,
+            "application/merge-patch+json",
+            &json!({"birthDate": "1990-01-01"}),
+        ),
+    )
+    .await;
+    assert_eq!(reply.json()["birthDate"], "1990-01-01");
+    let reply = call(
+        &app,
+        patch_as(
+            &path,
+            "application/json",
+            &json!([{"op": "replace", "path": "/active", "value": false}]),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["active"], false);
+    // Removing the id or making the resource invalid is refused, and nothing is written.
+    let reply = call(
+        &app,
+        patch_as(&path, "application/json", &json!({"id": null})),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text()
+    );
+    let reply = call(
+        &app,
+        patch_as(&path, "application/json", &json!({"gender": 7})),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text()
+    );
+    let reply = call(
+        &app,
+        patch_as(&path, "application/merge-patch+json", &json!([1])),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(
+        call(&app, get(&path)).await.json()["meta"]["versionId"],
+        "4"
+    );
+}
+
 on_both_backends!(
+    merge_patches_and_json_typed_patches,
     a_trailing_slash_is_the_same_path,
     compartment_search,
     everything_by_post,

@@ -113,6 +113,7 @@ pub fn patch_format(req: &HttpRequest) -> Result<PatchFormat, AppError> {
         .unwrap_or_default();
     match media.as_str() {
         JSON_PATCH => return Ok(PatchFormat::JsonPatch),
+        "application/merge-patch+json" => return Ok(PatchFormat::MergePatch),
         FHIR_JSON | "application/json" => return Ok(PatchFormat::FhirPath),
         _ => {}
     }
@@ -125,7 +126,8 @@ pub fn patch_format(req: &HttpRequest) -> Result<PatchFormat, AppError> {
         )
     };
     Err(AppError::UnsupportedMediaType(format!(
-        "PATCH with {sent} is not supported; send a JSON Patch document as {JSON_PATCH} or a \
-         FHIRPath Patch (Parameters) as {FHIR_JSON}"
+        "PATCH with {sent} is not supported; send a JSON Patch document as {JSON_PATCH}, a \
+         JSON Merge Patch as application/merge-patch+json, or a FHIRPath Patch (Parameters) as \
+         {FHIR_JSON}"
     )))
 }

@@ -76,11 +76,13 @@ impl PatchError {
     }
 }
 
-/// A parsed patch in either format.
+/// A parsed patch in any format.
 #[derive(Debug, Clone)]
 pub enum PatchDocument {
     Json(Patch),
     FhirPath(Vec<FhirPathOperation>),
+    /// A JSON Merge Patch (RFC 7396): the members to set, `null` for those to remove.
+    Merge(Value),
 }
 
 /// The format of a PATCH body, from its media type.
@@ -88,16 +90,43 @@ pub enum PatchDocument {
 pub enum PatchFormat {
     #[default]
     JsonPatch,
-    /// A `Parameters` resource (`application/fhir+json` or `application/json`).
+    /// `application/fhir+json` or `application/json`: a FHIRPath Patch (`Parameters`
+    /// resource), or, as clients also send under these types, a JSON Patch array or a JSON
+    /// Merge Patch object (fhirpy's `patch()`), told apart by the body's shape.
     FhirPath,
+    /// `application/merge-patch+json` (RFC 7396).
+    MergePatch,
 }
 
 /// Parses a patch body of `format`.
 pub fn parse_patch(format: PatchFormat, body: &[u8]) -> Result<PatchDocument, PatchError> {
     match format {
         PatchFormat::JsonPatch => parse_json_patch(body).map(PatchDocument::Json),
-        PatchFormat::FhirPath => parse_fhirpath_patch(body).map(PatchDocument::FhirPath),
+        PatchFormat::MergePatch => parse_merge_patch(body),
+        PatchFormat::FhirPath => {
+            let value = parse_body(body, "patch")?;
+            if value.is_array() {
+                parse_json_patch(body).map(PatchDocument::Json)
+            } else if value.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
+                parse_fhirpath_patch(body).map(PatchDocument::FhirPath)
+            } else {
+                parse_merge_patch(body)
+            }
+        }
     }
+}
+
+/// Parses a JSON Merge Patch: a JSON object (RFC 7396 §2; anything else would replace the
+/// whole resource, which is an update, not a patch).
+fn parse_merge_patch(body: &[u8]) -> Result<PatchDocument, PatchError> {
+    let value = parse_body(body, "JSON Merge Patch")?;
+    if !value.is_object() {
+        return Err(PatchError::Malformed(
+            "a JSON Merge Patch must be a JSON object of the members to set (null removes one)"
+                .into(),
+        ));
+    }
+    Ok(PatchDocument::Merge(value))
 }
 
 /// Parses a JSON Patch document: a JSON array of at most [`MAX_JSON_PATCH_OPERATIONS`]
@@ -591,6 +620,19 @@ pub fn patch_resource(
     })?;
     let patched = match patch {
         PatchDocument::Json(patch) => apply_json_patch_within(&current, patch, max_bytes)?,
+        PatchDocument::Merge(merge) => {
+            // Work linear in the patch, which the body limit bounds; the result is
+            // bounded like any other.
+            let mut patched = current;
+            json_patch::merge(&mut patched, merge);
+            let size = serialized_size(&patched)?;
+            if size > max_bytes {
+                return Err(PatchError::TooLarge(format!(
+                    "the patched resource would be {size} bytes; at most {max_bytes} are accepted"
+                )));
+            }
+            patched
+        }
         PatchDocument::FhirPath(operations) => {
             let budget = Budget::new(&current, max_bytes)?;
             let mut applier = FhirPathApplier {

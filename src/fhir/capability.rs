@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use super::resource_types::ResourceTypes;
 use super::search_params::{ParamType, SearchParamRegistry};
 use super::search_values::IndexPlan;
+use crate::access::smart::SmartAuthorization;
 
 /// Interactions every supported type offers (http.html).
 const TYPE_INTERACTIONS: &[&str] = &[
@@ -24,6 +25,10 @@ pub struct CapabilityInputs<'a> {
     pub software_version: &'a str,
     /// When this server instance started (RFC 3339), used as the statement's date.
     pub date: &'a str,
+    /// The trusted identity provider's SMART endpoints, when configured.
+    pub smart: Option<&'a SmartAuthorization>,
+    /// Whether CORS is on (origins configured).
+    pub cors: bool,
 }
 
 pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>) -> Value {
@@ -61,13 +66,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         "rest": [{
             "mode": "server",
             "documentation": "Resources are stored encrypted (AES-256-GCM); search runs over keyed blind indexes. JSON only. PATCH takes JSON Patch (application/json-patch+json). Conditional create, update and delete; transaction and batch Bundles resolve urn:uuid and conditional (Type?query) references.",
-            "security": {
-                "service": [{"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                    "code": "SMART-on-FHIR",
-                }]}],
-                "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
-            },
+            "security": security(inputs),
             "resource": resources,
             "interaction": [
                 {"code": "transaction"},
@@ -76,6 +75,39 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
             ],
         }],
     })
+}
+
+/// The SMART extension listing OAuth endpoints in `rest.security` (SMART App Launch 2.x,
+/// conformance.html: still published for clients of 1.0).
+pub const OAUTH_URIS_EXTENSION: &str =
+    "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
+
+/// `rest.security`: SMART-on-FHIR, whether CORS is on, and the identity provider's
+/// endpoints only when they are configured (an invented URL would be worse than none).
+fn security(inputs: &CapabilityInputs<'_>) -> Value {
+    let mut security = json!({
+        "cors": inputs.cors,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR",
+        }]}],
+        "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
+    });
+    if let Some(smart) = inputs.smart {
+        let uris: Vec<Value> = [
+            ("authorize", smart.authorization_endpoint.as_deref()),
+            ("token", Some(smart.token_endpoint.as_str())),
+            ("register", smart.registration_endpoint.as_deref()),
+            ("manage", smart.management_endpoint.as_deref()),
+            ("introspect", smart.introspection_endpoint.as_deref()),
+            ("revoke", smart.revocation_endpoint.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, uri)| uri.map(|uri| json!({"url": name, "valueUri": uri})))
+        .collect();
+        security["extension"] = json!([{"url": OAUTH_URIS_EXTENSION, "extension": uris}]);
+    }
+    security
 }
 
 /// The definition of Patient `$everything` (patient-operation-everything.html).
@@ -259,6 +291,8 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
+                smart: None,
+                cors: false,
             },
         );
         assert_eq!(statement["fhirVersion"], "4.0.1");
@@ -284,6 +318,8 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
+                smart: None,
+                cors: false,
             },
         );
         describe_search(&mut statement, &registry, &plan);

@@ -50,7 +50,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
             })
         })
         .collect();
-    json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": inputs.date,
@@ -66,7 +66,14 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         "rest": [{
             "mode": "server",
             "documentation": "Resources are stored encrypted (AES-256-GCM); search runs over keyed blind indexes. JSON only. PATCH takes JSON Patch (application/json-patch+json). Conditional create, update and delete; transaction and batch Bundles resolve urn:uuid and conditional (Type?query) references.",
-            "security": security(inputs),
+            "security": {
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR",
+                }]}],
+                "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
+                "cors": inputs.cors,
+            },
             "resource": resources,
             "interaction": [
                 {"code": "transaction"},
@@ -74,7 +81,12 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
                 {"code": "history-system"},
             ],
         }],
-    })
+    });
+    // SMART endpoints only when configured: without them the statement claims none.
+    if let Some(smart) = inputs.smart {
+        statement["rest"][0]["security"]["extension"] = json!([oauth_uris(smart)]);
+    }
+    statement
 }
 
 /// The SMART extension listing OAuth endpoints in `rest.security` (SMART App Launch 2.x,
@@ -82,32 +94,21 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
 pub const OAUTH_URIS_EXTENSION: &str =
     "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
-/// `rest.security`: SMART-on-FHIR, whether CORS is on, and the identity provider's
-/// endpoints only when they are configured (an invented URL would be worse than none).
-fn security(inputs: &CapabilityInputs<'_>) -> Value {
-    let mut security = json!({
-        "cors": inputs.cors,
-        "service": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-            "code": "SMART-on-FHIR",
-        }]}],
-        "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
-    });
-    if let Some(smart) = inputs.smart {
-        let uris: Vec<Value> = [
-            ("authorize", smart.authorization_endpoint.as_deref()),
-            ("token", Some(smart.token_endpoint.as_str())),
-            ("register", smart.registration_endpoint.as_deref()),
-            ("manage", smart.management_endpoint.as_deref()),
-            ("introspect", smart.introspection_endpoint.as_deref()),
-            ("revoke", smart.revocation_endpoint.as_deref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, uri)| uri.map(|uri| json!({"url": name, "valueUri": uri})))
-        .collect();
-        security["extension"] = json!([{"url": OAUTH_URIS_EXTENSION, "extension": uris}]);
-    }
-    security
+/// The `oauth-uris` extension of `rest.security`, naming the identity provider's endpoints.
+/// Only configured endpoints are listed: an invented URL would be worse than none.
+fn oauth_uris(smart: &SmartAuthorization) -> Value {
+    let uris: Vec<Value> = [
+        ("authorize", smart.authorization_endpoint.as_deref()),
+        ("token", Some(smart.token_endpoint.as_str())),
+        ("register", smart.registration_endpoint.as_deref()),
+        ("manage", smart.management_endpoint.as_deref()),
+        ("introspect", smart.introspection_endpoint.as_deref()),
+        ("revoke", smart.revocation_endpoint.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, uri)| uri.map(|uri| json!({"url": name, "valueUri": uri})))
+    .collect();
+    json!({"url": OAUTH_URIS_EXTENSION, "extension": uris})
 }
 
 /// The definition of Patient `$everything` (patient-operation-everything.html).

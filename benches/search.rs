@@ -714,6 +714,8 @@ fn run(
             ledger_batch_size: 4096,
             auth_failures_per_minute: 60,
             trusted_issuers: Vec::new(),
+            smart: None,
+            cors_origins: Vec::new(),
         },
     )
     .unwrap();

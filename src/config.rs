@@ -9,6 +9,17 @@
 //! | `FHIRLEDGER_BASE_URL` | `--base-url` | `http://$LISTEN` |
 //! | `FHIRLEDGER_LOCAL_ISSUER` | `--local-issuer` | `true` (trust tokens of `fhirledger token`) |
 //! | `FHIRLEDGER_TRUSTED_ISSUERS` | `--trusted-issuers` | — (`ISSUER=JWKS` pairs, comma-separated) |
+//! | `FHIRLEDGER_SMART_TOKEN_ENDPOINT` | `--smart-token-endpoint` | — (the trusted provider's; needed by the other `SMART` settings) |
+//! | `FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT` | `--smart-authorization-endpoint` | — |
+//! | `FHIRLEDGER_SMART_ISSUER` | `--smart-issuer` | the trusted issuer, when there is one |
+//! | `FHIRLEDGER_SMART_JWKS_URI` | `--smart-jwks-uri` | that issuer's JWKS, when an `https://` URL |
+//! | `FHIRLEDGER_SMART_INTROSPECTION_ENDPOINT` | `--smart-introspection-endpoint` | — |
+//! | `FHIRLEDGER_SMART_REVOCATION_ENDPOINT` | `--smart-revocation-endpoint` | — |
+//! | `FHIRLEDGER_SMART_REGISTRATION_ENDPOINT` | `--smart-registration-endpoint` | — |
+//! | `FHIRLEDGER_SMART_MANAGEMENT_ENDPOINT` | `--smart-management-endpoint` | — |
+//! | `FHIRLEDGER_SMART_CAPABILITIES` | `--smart-capabilities` | — (the provider's, comma-separated) |
+//! | `FHIRLEDGER_SMART_GRANT_TYPES` | `--smart-grant-types` | `authorization_code` with an authorization endpoint, else `client_credentials` |
+//! | `FHIRLEDGER_CORS_ORIGINS` | `--cors-origins` | — (no CORS headers; exact origins, comma-separated) |
 //! | `FHIRLEDGER_MASTER_KEY_FILE` | `--master-key-file` | (SQLite only: generated `$DATA_DIR/master.key`) |
 //! | `FHIRLEDGER_MASTER_KEY` | `--master-key` | — (base64; prefer the file) |
 //! | `FHIRLEDGER_LEDGER_KEY_FILE` | `--ledger-key-file` | (SQLite only: generated `$DATA_DIR/ledger.key`) |
@@ -32,6 +43,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::access::local_issuer::LocalIssuer;
+use crate::access::smart::SmartAuthorization;
 use crate::crypto::blind_index::DEV_INDEX_KEY_FILE;
 use crate::crypto::keys::{
     DEV_MASTER_KEY_FILE, Secret, decode_key_base64, load_or_create_secret_file, read_secret_file,
@@ -115,6 +127,62 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRLEDGER_TRUSTED_ISSUERS", value_name = "ISSUER=JWKS,…",
           value_parser = parse_trusted_issuers)]
     pub trusted_issuers: Option<TrustedIssuers>,
+
+    /// Token endpoint of the trusted identity provider, published to SMART clients.
+    #[arg(long, env = "FHIRLEDGER_SMART_TOKEN_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_TOKEN_ENDPOINT"))]
+    pub smart_token_endpoint: Option<String>,
+
+    /// Authorization endpoint of the trusted identity provider (SMART App Launch).
+    #[arg(long, env = "FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT"))]
+    pub smart_authorization_endpoint: Option<String>,
+
+    /// Which trusted issuer the SMART endpoints belong to (default: the only one).
+    #[arg(long, env = "FHIRLEDGER_SMART_ISSUER", value_name = "ISSUER")]
+    pub smart_issuer: Option<String>,
+
+    /// The provider's key set URL (default: its FHIRLEDGER_TRUSTED_ISSUERS JWKS, when a URL).
+    #[arg(long, env = "FHIRLEDGER_SMART_JWKS_URI", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_JWKS_URI"))]
+    pub smart_jwks_uri: Option<String>,
+
+    /// The provider's token introspection endpoint (RFC 7662).
+    #[arg(long, env = "FHIRLEDGER_SMART_INTROSPECTION_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_INTROSPECTION_ENDPOINT"))]
+    pub smart_introspection_endpoint: Option<String>,
+
+    /// The provider's token revocation endpoint (RFC 7009).
+    #[arg(long, env = "FHIRLEDGER_SMART_REVOCATION_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_REVOCATION_ENDPOINT"))]
+    pub smart_revocation_endpoint: Option<String>,
+
+    /// The provider's dynamic client registration endpoint (RFC 7591).
+    #[arg(long, env = "FHIRLEDGER_SMART_REGISTRATION_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_REGISTRATION_ENDPOINT"))]
+    pub smart_registration_endpoint: Option<String>,
+
+    /// Where users manage the apps they authorized.
+    #[arg(long, env = "FHIRLEDGER_SMART_MANAGEMENT_ENDPOINT", value_name = "URL",
+          value_parser = |text: &str| parse_endpoint(text, "FHIRLEDGER_SMART_MANAGEMENT_ENDPOINT"))]
+    pub smart_management_endpoint: Option<String>,
+
+    /// SMART capabilities of the identity provider (launch-standalone, client-public, …),
+    /// comma-separated; the server's own permission-* capabilities are always published.
+    #[arg(long, env = "FHIRLEDGER_SMART_CAPABILITIES", value_name = "CAPABILITY,…",
+          value_parser = |text: &str| Ok::<_, String>(CommaList::parse(text)))]
+    pub smart_capabilities: Option<CommaList>,
+
+    /// Grant types of the provider's token endpoint: authorization_code, client_credentials.
+    #[arg(long, env = "FHIRLEDGER_SMART_GRANT_TYPES", value_name = "GRANT,…",
+          value_parser = |text: &str| Ok::<_, String>(CommaList::parse(text)))]
+    pub smart_grant_types: Option<CommaList>,
+
+    /// Browser origins allowed to call the server (CORS), e.g. https://app.example.org;
+    /// exact origins, comma-separated. Unset: no CORS headers.
+    #[arg(long, env = "FHIRLEDGER_CORS_ORIGINS", value_name = "ORIGIN,…",
+          value_parser = parse_cors_origins)]
+    pub cors_origins: Option<CorsOrigins>,
 
     /// File holding the base64 master key (32 bytes).
     #[arg(long, env = "FHIRLEDGER_MASTER_KEY_FILE", value_name = "PATH")]
@@ -276,6 +344,123 @@ impl ServeArgs {
             .collect()
     }
 
+    /// The trusted identity provider's SMART endpoints, when configured. They must belong to
+    /// a trusted issuer: publishing an authorization server whose tokens the server refuses
+    /// would send every app into a dead end.
+    pub fn smart_authorization(&self) -> Result<Option<SmartAuthorization>, ConfigError> {
+        let optional_set = [
+            (
+                "FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT",
+                self.smart_authorization_endpoint.is_some(),
+            ),
+            ("FHIRLEDGER_SMART_ISSUER", self.smart_issuer.is_some()),
+            ("FHIRLEDGER_SMART_JWKS_URI", self.smart_jwks_uri.is_some()),
+            (
+                "FHIRLEDGER_SMART_INTROSPECTION_ENDPOINT",
+                self.smart_introspection_endpoint.is_some(),
+            ),
+            (
+                "FHIRLEDGER_SMART_REVOCATION_ENDPOINT",
+                self.smart_revocation_endpoint.is_some(),
+            ),
+            (
+                "FHIRLEDGER_SMART_REGISTRATION_ENDPOINT",
+                self.smart_registration_endpoint.is_some(),
+            ),
+            (
+                "FHIRLEDGER_SMART_MANAGEMENT_ENDPOINT",
+                self.smart_management_endpoint.is_some(),
+            ),
+            (
+                "FHIRLEDGER_SMART_CAPABILITIES",
+                self.smart_capabilities.is_some(),
+            ),
+            (
+                "FHIRLEDGER_SMART_GRANT_TYPES",
+                self.smart_grant_types.is_some(),
+            ),
+        ];
+        let Some(token_endpoint) = self.smart_token_endpoint.clone() else {
+            return match optional_set.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(ConfigError::Invalid(format!(
+                    "{name} needs FHIRLEDGER_SMART_TOKEN_ENDPOINT (every SMART authorization server has one)"
+                ))),
+                None => Ok(None),
+            };
+        };
+        let issuers = self
+            .trusted_issuers
+            .as_ref()
+            .map_or(&[][..], |t| t.0.as_slice());
+        let (issuer, jwks_location) = match &self.smart_issuer {
+            Some(named) => issuers
+                .iter()
+                .find(|(issuer, _)| issuer == named)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "FHIRLEDGER_SMART_ISSUER: {named} is not one of FHIRLEDGER_TRUSTED_ISSUERS"
+                    ))
+                })?,
+            None => match issuers {
+                [only] => only,
+                [] => {
+                    return Err(ConfigError::Invalid(
+                        "FHIRLEDGER_SMART_TOKEN_ENDPOINT: set FHIRLEDGER_TRUSTED_ISSUERS to the \
+                         identity provider it belongs to (the server refuses tokens of issuers it \
+                         does not trust)"
+                            .into(),
+                    ));
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "FHIRLEDGER_SMART_ISSUER: several issuers are trusted; name the one \
+                         whose endpoints FHIRLEDGER_SMART_* are"
+                            .into(),
+                    ));
+                }
+            },
+        };
+        let jwks_uri = self.smart_jwks_uri.clone().or_else(|| {
+            jwks_location
+                .starts_with("https://")
+                .then(|| jwks_location.clone())
+        });
+        let grant_types = match &self.smart_grant_types {
+            Some(list) => list.0.clone(),
+            None => {
+                SmartAuthorization::default_grant_types(self.smart_authorization_endpoint.is_some())
+            }
+        };
+        let smart = SmartAuthorization {
+            issuer: issuer.clone(),
+            jwks_uri,
+            authorization_endpoint: self.smart_authorization_endpoint.clone(),
+            token_endpoint,
+            introspection_endpoint: self.smart_introspection_endpoint.clone(),
+            revocation_endpoint: self.smart_revocation_endpoint.clone(),
+            registration_endpoint: self.smart_registration_endpoint.clone(),
+            management_endpoint: self.smart_management_endpoint.clone(),
+            capabilities: self
+                .smart_capabilities
+                .as_ref()
+                .map(|list| list.0.clone())
+                .unwrap_or_default(),
+            grant_types,
+        };
+        smart
+            .check()
+            .map_err(|(name, detail)| ConfigError::Invalid(format!("{name}: {detail}")))?;
+        Ok(Some(smart))
+    }
+
+    /// The browser origins allowed by CORS (none: CORS is off).
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.cors_origins
+            .as_ref()
+            .map(|origins| origins.0.clone())
+            .unwrap_or_default()
+    }
+
     /// The local issuer, when it is on: its key is generated in the data directory on
     /// first use. Returns whether the key was generated now.
     pub fn load_local_issuer(&self) -> Result<Option<(LocalIssuer, bool)>, ConfigError> {
@@ -427,6 +612,88 @@ fn parse_trusted_issuers(text: &str) -> Result<TrustedIssuers, String> {
     Ok(TrustedIssuers(pairs))
 }
 
+/// A comma-separated list of words, blanks dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommaList(pub Vec<String>);
+
+impl CommaList {
+    fn parse(text: &str) -> Self {
+        Self(
+            text.split(',')
+                .map(str::trim)
+                .filter(|word| !word.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+}
+
+/// An endpoint of the identity provider. OAuth 2.0 requires TLS at the authorization and
+/// token endpoints (RFC 6749 §3.1, §3.2); plain http is allowed on loopback only, for a
+/// provider run beside the server in development.
+fn parse_endpoint(text: &str, name: &str) -> Result<String, String> {
+    let text = text.trim();
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| {
+            text.strip_prefix("http://").filter(|rest| {
+                ["localhost", "127.0.0.1", "[::1]"].iter().any(|host| {
+                    rest.strip_prefix(host)
+                        .is_some_and(|after| after.is_empty() || after.starts_with([':', '/']))
+                })
+            })
+        })
+        .ok_or_else(|| format!("{name} must be an https:// URL (http:// on loopback only)"))?;
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || rest.contains(char::is_whitespace)
+        || rest.contains('#')
+    {
+        return Err(format!("{name} must be a URL with a host and no fragment"));
+    }
+    Ok(text.to_owned())
+}
+
+/// Exact browser origins (`scheme://host[:port]`, RFC 6454 §6.1), as browsers send them in
+/// `Origin`: lowercase, without path or trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsOrigins(pub Vec<String>);
+
+fn parse_cors_origins(text: &str) -> Result<CorsOrigins, String> {
+    let origins = CommaList::parse(text)
+        .0
+        .into_iter()
+        .map(|origin| {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            // A wildcard or `null` would let any page (or any sandboxed one) read what a
+            // token it holds can read: origins are listed one by one.
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    format!(
+                        "FHIRLEDGER_CORS_ORIGINS: '{origin}' is not an http:// or https:// origin"
+                    )
+                })?;
+            let valid_host = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !valid_host || actix_web::http::Uri::try_from(origin.as_str()).is_err() {
+                return Err(format!(
+                    "FHIRLEDGER_CORS_ORIGINS: '{origin}' is not an exact origin \
+                     (scheme://host[:port], no path, no wildcard)"
+                ));
+            }
+            Ok(origin)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if origins.is_empty() {
+        return Err("FHIRLEDGER_CORS_ORIGINS is set but names no origin".into());
+    }
+    Ok(CorsOrigins(origins))
+}
+
 fn parse_local_issuer(text: &str) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -541,5 +808,128 @@ mod tests {
                 .contains("FHIRLEDGER_DB_POOL_SIZE")
         );
         assert_eq!(parse_pool_size("8").unwrap(), 8);
+    }
+
+    #[test]
+    fn cors_origins_are_exact() {
+        assert_eq!(
+            parse_cors_origins(" https://App.example.org/, http://localhost:3000 ").unwrap(),
+            CorsOrigins(vec![
+                "https://app.example.org".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        for bad in [
+            "*",
+            "null",
+            "https://*.example.org",
+            "https://a.org/app",
+            "ftp://a.org",
+            ",",
+        ] {
+            assert!(
+                parse_cors_origins(bad)
+                    .unwrap_err()
+                    .contains("FHIRLEDGER_CORS_ORIGINS"),
+                "{bad}"
+            );
+        }
+    }
+
+    /// `serve` settings from flags (and any `FHIRLEDGER_*` variable of the test process).
+    fn serve_args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .map(|cli| cli.serve)
+    }
+
+    #[test]
+    fn smart_endpoints_belong_to_a_trusted_issuer() {
+        let token = "--smart-token-endpoint=https://idp.example.org/token";
+        let issuer = "--trusted-issuers=https://idp.example.org=https://idp.example.org/certs";
+        assert_eq!(
+            serve_args(&[]).unwrap().smart_authorization().unwrap(),
+            None
+        );
+        // Endpoints of an issuer the server does not trust would be a dead end.
+        let error = serve_args(&[token])
+            .unwrap()
+            .smart_authorization()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("FHIRLEDGER_TRUSTED_ISSUERS"),
+            "{error}"
+        );
+        let error = serve_args(&["--smart-authorization-endpoint=https://idp.example.org/auth"])
+            .unwrap()
+            .smart_authorization()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("FHIRLEDGER_SMART_TOKEN_ENDPOINT"),
+            "{error}"
+        );
+
+        let smart = serve_args(&[token, issuer])
+            .unwrap()
+            .smart_authorization()
+            .unwrap()
+            .unwrap();
+        assert_eq!(smart.issuer, "https://idp.example.org");
+        assert_eq!(
+            smart.jwks_uri.as_deref(),
+            Some("https://idp.example.org/certs")
+        );
+        assert_eq!(smart.grant_types, vec!["client_credentials"]);
+
+        let two = "--trusted-issuers=https://a.example=a.json,https://b.example=b.json";
+        let error = serve_args(&[token, two])
+            .unwrap()
+            .smart_authorization()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("FHIRLEDGER_SMART_ISSUER"),
+            "{error}"
+        );
+        let smart = serve_args(&[token, two, "--smart-issuer=https://b.example"])
+            .unwrap()
+            .smart_authorization()
+            .unwrap()
+            .unwrap();
+        // A key set read from a file has no URL to publish.
+        assert_eq!(
+            (smart.issuer.as_str(), smart.jwks_uri),
+            ("https://b.example", None)
+        );
+
+        let error = serve_args(&[token, issuer, "--smart-capabilities=launch-standalone"])
+            .unwrap()
+            .smart_authorization()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("FHIRLEDGER_SMART_CAPABILITIES"),
+            "{error}"
+        );
+        assert!(serve_args(&["--smart-token-endpoint=http://idp.example.org/token"]).is_err());
+    }
+
+    #[test]
+    fn endpoints_need_tls_off_loopback() {
+        let name = "FHIRLEDGER_SMART_TOKEN_ENDPOINT";
+        assert!(parse_endpoint("https://idp.example.org/token", name).is_ok());
+        assert!(parse_endpoint("http://localhost:8081/token", name).is_ok());
+        assert!(
+            parse_endpoint("http://idp.example.org/token", name)
+                .unwrap_err()
+                .contains(name)
+        );
+        assert!(parse_endpoint("http://localhost.evil.org/token", name).is_err());
+        assert!(parse_endpoint("https:///token", name).is_err());
     }
 }

@@ -11,6 +11,7 @@ use jsonwebtoken::jwk::JwkSet;
 
 use crate::access::TokenVerifier;
 use crate::access::local_issuer::LocalIssuer;
+use crate::access::smart::SmartAuthorization;
 use crate::api::{AppState, build_app};
 use crate::config::ServeArgs;
 use crate::crypto::{BlindIndexKey, Envelope, MasterKey};
@@ -35,6 +36,10 @@ pub struct StateOptions {
     pub auth_failures_per_minute: u32,
     /// Issuers whose tokens are accepted, with their published keys.
     pub trusted_issuers: Vec<(String, JwkSet)>,
+    /// The trusted identity provider's SMART endpoints, when configured.
+    pub smart: Option<SmartAuthorization>,
+    /// Browser origins allowed by CORS; empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 /// The keys a server runs with.
@@ -65,6 +70,8 @@ pub fn prepare_state(
             base_url: &options.base_url,
             software_version: env!("CARGO_PKG_VERSION"),
             date: &format_instant(crate::service::resources::now_micros()),
+            smart: options.smart.as_ref(),
+            cors: !options.cors_origins.is_empty(),
         },
     );
     let ledger = LedgerService::new(
@@ -105,6 +112,8 @@ pub fn prepare_state(
         base_url: Arc::from(options.base_url.as_str()),
         max_body_bytes: options.max_body_bytes,
         capability_statement: Arc::from(statement.to_string()),
+        smart: options.smart.clone().map(Arc::new),
+        cors_origins: options.cors_origins.clone().into(),
     })
 }
 
@@ -170,6 +179,8 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         ledger_batch_size: args.ledger_batch_size,
         auth_failures_per_minute: args.auth_failures_per_minute,
         trusted_issuers: args.load_trusted_issuers()?,
+        smart: args.smart_authorization()?,
+        cors_origins: args.cors_origins(),
     };
     let state = tokio::task::spawn_blocking({
         let database_url = database_url.clone();

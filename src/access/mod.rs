@@ -1,6 +1,7 @@
 //! Who is asking and what they may do: bearer tokens verified against trusted issuers
 //! ([`tokens`]), the local issuer of the embedded default ([`local_issuer`]), SMART scopes
-//! ([`scopes`]) and the decisions made from them ([`policy`]). Every decision is made here
+//! ([`scopes`]) and the decisions made from them ([`policy`]); what the trusted identity
+//! provider offers SMART clients ([`smart`]). Every decision is made here
 //! and ledgered by the caller, permits and refusals alike.
 
 pub mod consent;
@@ -8,6 +9,7 @@ pub mod local_issuer;
 pub mod policy;
 pub mod principal;
 pub mod scopes;
+pub mod smart;
 pub mod throttle;
 pub mod tokens;
 

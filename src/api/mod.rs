@@ -4,6 +4,7 @@
 
 pub mod audit_events;
 pub mod bundle;
+pub mod cors;
 pub mod error;
 pub mod everything;
 pub mod fhir;
@@ -19,9 +20,11 @@ use std::sync::Arc;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::Condition;
 use actix_web::{App, web};
 
 use crate::access::TokenVerifier;
+use crate::access::smart::SmartAuthorization;
 use crate::service::ResourceService;
 use crate::service::ledger::LedgerService;
 
@@ -39,6 +42,10 @@ pub struct AppState {
     pub tokens: Arc<TokenVerifier>,
     /// The local issuer's public keys (`/.well-known/jwks.json`), when it is on.
     pub local_jwks: Option<Arc<str>>,
+    /// The trusted identity provider's SMART endpoints, when configured.
+    pub smart: Option<Arc<SmartAuthorization>>,
+    /// Browser origins allowed by CORS; empty: CORS is off.
+    pub cors_origins: Arc<[String]>,
 }
 
 impl AppState {
@@ -48,8 +55,9 @@ impl AppState {
     }
 }
 
-/// Builds the application: routes, request context middleware and a default service that
-/// answers unknown paths with an OperationOutcome. Used by `serve` and by the tests.
+/// Builds the application: routes, request context middleware, CORS when origins are
+/// configured, and a default service that answers unknown paths with an OperationOutcome.
+/// Used by `serve` and by the tests.
 pub fn build_app(
     state: AppState,
 ) -> App<
@@ -61,8 +69,16 @@ pub fn build_app(
         InitError = (),
     >,
 > {
+    // CORS sits inside the request context so that a preflight, which it answers without
+    // reaching a route (and so without a token or a refusal), is still logged with its
+    // request id. Off, it adds nothing: not even `Vary` or `Access-Control-Expose-Headers`.
+    let cors = Condition::new(
+        !state.cors_origins.is_empty(),
+        cors::cors(&state.cors_origins),
+    );
     App::new()
         .app_data(web::Data::new(state))
+        .wrap(cors)
         .wrap(actix_web::middleware::from_fn(request::request_context))
         .configure(health::routes)
         .configure(openapi::routes)

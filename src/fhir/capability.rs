@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use super::resource_types::ResourceTypes;
 use super::search_params::{ParamType, SearchParamRegistry};
 use super::search_values::IndexPlan;
+use crate::access::smart::SmartAuthorization;
 
 /// Interactions every supported type offers (http.html).
 const TYPE_INTERACTIONS: &[&str] = &[
@@ -24,6 +25,10 @@ pub struct CapabilityInputs<'a> {
     pub software_version: &'a str,
     /// When this server instance started (RFC 3339), used as the statement's date.
     pub date: &'a str,
+    /// The trusted identity provider's SMART endpoints, when configured.
+    pub smart: Option<&'a SmartAuthorization>,
+    /// Whether CORS is on (origins configured).
+    pub cors: bool,
 }
 
 pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>) -> Value {
@@ -45,7 +50,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
             })
         })
         .collect();
-    json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": inputs.date,
@@ -67,6 +72,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
                     "code": "SMART-on-FHIR",
                 }]}],
                 "description": "Bearer JWTs from trusted issuers; SMART v1/v2 scopes (system/, patient/ confined to the patient's compartment, user/ confined by Consent), ledger.read for the ledger API. See /.well-known/smart-configuration.",
+                "cors": inputs.cors,
             },
             "resource": resources,
             "interaction": [
@@ -77,7 +83,34 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
             // Searched as `Patient/{id}/{type}` (search.html#compartments).
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
         }],
-    })
+    });
+    // SMART endpoints only when configured: without them the statement claims none.
+    if let Some(smart) = inputs.smart {
+        statement["rest"][0]["security"]["extension"] = json!([oauth_uris(smart)]);
+    }
+    statement
+}
+
+/// The SMART extension listing OAuth endpoints in `rest.security` (SMART App Launch 2.x,
+/// conformance.html: still published for clients of 1.0).
+pub const OAUTH_URIS_EXTENSION: &str =
+    "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
+
+/// The `oauth-uris` extension of `rest.security`, naming the identity provider's endpoints.
+/// Only configured endpoints are listed: an invented URL would be worse than none.
+fn oauth_uris(smart: &SmartAuthorization) -> Value {
+    let uris: Vec<Value> = [
+        ("authorize", smart.authorization_endpoint.as_deref()),
+        ("token", Some(smart.token_endpoint.as_str())),
+        ("register", smart.registration_endpoint.as_deref()),
+        ("manage", smart.management_endpoint.as_deref()),
+        ("introspect", smart.introspection_endpoint.as_deref()),
+        ("revoke", smart.revocation_endpoint.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, uri)| uri.map(|uri| json!({"url": name, "valueUri": uri})))
+    .collect();
+    json!({"url": OAUTH_URIS_EXTENSION, "extension": uris})
 }
 
 /// The definition of Patient `$everything` (patient-operation-everything.html).
@@ -261,6 +294,8 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
+                smart: None,
+                cors: false,
             },
         );
         assert_eq!(statement["fhirVersion"], "4.0.1");
@@ -286,6 +321,8 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
+                smart: None,
+                cors: false,
             },
         );
         describe_search(&mut statement, &registry, &plan);

@@ -148,14 +148,22 @@ impl TestDb {
         max_body_bytes: usize,
         trusted_issuers: Vec<(String, JwkSet)>,
     ) -> AppState {
-        let options = StateOptions {
-            base_url: BASE_URL.into(),
-            max_body_bytes,
-            pool_size: 8,
-            ledger_batch_size: 4096,
-            auth_failures_per_minute: 60,
-            trusted_issuers,
+        let mut options = test_options(max_body_bytes);
+        options.trusted_issuers = trusted_issuers;
+        prepare_state(&self.url, keys, &options).expect("application state")
+    }
+
+    /// Application state with fresh keys and the test options as `configure` changes them
+    /// (CORS origins, SMART endpoints, …).
+    pub fn state_configured(&self, configure: impl FnOnce(&mut StateOptions)) -> AppState {
+        let keys = Keys {
+            master: MasterKey::generate(),
+            ledger: ledger_key(),
+            index: BlindIndexKey::generate(),
+            local_issuer: Some(local_issuer()),
         };
+        let mut options = test_options(16 * 1024 * 1024);
+        configure(&mut options);
         prepare_state(&self.url, keys, &options).expect("application state")
     }
 
@@ -174,6 +182,20 @@ impl Drop for TestDb {
                 .execute(&mut admin);
         }
         drop(self.dir.take());
+    }
+}
+
+/// The options every test server starts from.
+fn test_options(max_body_bytes: usize) -> StateOptions {
+    StateOptions {
+        base_url: BASE_URL.into(),
+        max_body_bytes,
+        pool_size: 8,
+        ledger_batch_size: 4096,
+        auth_failures_per_minute: 60,
+        trusted_issuers: Vec::new(),
+        smart: None,
+        cors_origins: Vec::new(),
     }
 }
 

@@ -179,7 +179,11 @@ async fn count_zero_is_a_count(db: TestDb) {
         )
         .await;
     }
-    let reply = call(&app, get("/fhir/Patient?family=Zero&_count=0")).await;
+    let reply = call(
+        &app,
+        get("/fhir/Patient?family=Zero&_count=0&_totalMethod=count"),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let bundle = reply.json();
     assert_eq!(bundle["total"], 2, "{bundle}");

@@ -10,19 +10,11 @@
 # FHIRLEDGER_BIN names a binary to use instead)
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=tests/lib/server.sh
+source "$(dirname "$0")/lib/server.sh"
 for tool in curl jq awk; do
     command -v "$tool" >/dev/null || { echo "walkthrough: $tool is missing (the README lists it under Needs)" >&2; exit 1; }
 done
-
-if [[ -n ${FHIRLEDGER_BIN:-} ]]; then
-    binary=$FHIRLEDGER_BIN
-else
-    (cd "$repo" && cargo build --locked --quiet --bin fhirledger)
-    binary=${CARGO_TARGET_DIR:-$repo/target}/debug/fhirledger
-    [[ $binary == /* ]] || binary=$repo/$binary
-fi
-[[ -x $binary ]] || { echo "walkthrough: no binary at $binary" >&2; exit 1; }
 
 # The section's shell blocks, in order.
 steps=$(awk '
@@ -34,12 +26,8 @@ steps=$(awk '
 [[ -n $steps ]] || { echo "walkthrough: README.md has no sh block under '## A walk through with curl'" >&2; exit 1; }
 
 tmp=$(mktemp -d)
-server_pid=
 cleanup() {
-    if [[ -n $server_pid ]]; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
+    stop_fhirledger
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -49,29 +37,7 @@ trap cleanup EXIT
 mkdir "$tmp/repo"
 [[ -d $repo/../shared ]] && ln -s "$(cd "$repo/../shared" && pwd)" "$tmp/shared"
 cd "$tmp/repo"
-
-# A port nobody listens on; should another process take it before the server binds, the
-# server exits and the next port is tried.
-start_server() {
-    local port=$1
-    FHIRLEDGER_LISTEN=127.0.0.1:$port "$binary" serve >"$tmp/server.log" 2>&1 &
-    server_pid=$!
-    for _ in $(seq 300); do
-        curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return 0
-        kill -0 "$server_pid" 2>/dev/null || { wait "$server_pid" || true; server_pid=; return 1; }
-        sleep 0.1
-    done
-    echo "walkthrough: the server did not become healthy; its log:" >&2
-    cat "$tmp/server.log" >&2
-    exit 1
-}
-port=
-for _ in $(seq 20); do
-    candidate=$((20000 + RANDOM % 20000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null && continue
-    if start_server "$candidate"; then port=$candidate; break; fi
-done
-[[ -n $port ]] || { echo "walkthrough: could not start the server; its last log:" >&2; cat "$tmp/server.log" >&2; exit 1; }
+start_fhirledger "$tmp/repo"
 
 # The steps as a script: comments become progress lines; a failing step names its line. No
 # xtrace: it would print the token.
@@ -96,9 +62,9 @@ done
 export FHIRLEDGER_LISTEN=127.0.0.1:$port
 if ! bash "$tmp/walkthrough"; then
     echo "walkthrough: FAILED; the server's log:" >&2
-    tail -n 40 "$tmp/server.log" >&2
+    tail -n 40 "$server_log" >&2
     exit 1
 fi
-kill -0 "$server_pid" 2>/dev/null || { echo "walkthrough: the server died during the walk through" >&2; cat "$tmp/server.log" >&2; exit 1; }
+kill -0 "$server_pid" 2>/dev/null || { echo "walkthrough: the server died during the walk through" >&2; cat "$server_log" >&2; exit 1; }
 echo
 echo "walkthrough: every step of README.md's walk through passed"

@@ -24,6 +24,7 @@ pub const MAX_SORT_KEYS: usize = 3;
 /// Parameters that control results rather than filter them.
 const RESULT_PARAMS: &[&str] = &[
     "_count",
+    "_totalMethod",
     "_sort",
     "_total",
     "_summary",
@@ -291,6 +292,9 @@ pub fn parse_search(
                 false
             }
             "_format" | "_pretty" => false,
+            // Aidbox's name for how to count, which fhirpy's `count()` sends beside
+            // `_count=0`; this server always counts exactly.
+            "_totalMethod" => false,
             "_total" => {
                 request.total = match value.as_str() {
                     "none" => TotalMode::None,

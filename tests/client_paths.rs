@@ -282,7 +282,94 @@ async fn merge_patches_and_json_typed_patches(db: TestDb) {
     );
 }
 
+/// Reads take `_elements` and `_summary`, and conditional reads answer 304 (http.html#cread).
+async fn shaped_and_conditional_reads(db: TestDb) {
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let id = create(
+        &app,
+        json!({"resourceType": "Patient", "name": [{"family": "R"}], "gender": "other",
+               "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">R</div>"}}),
+    )
+    .await;
+    let path = format!("/fhir/Patient/{id}");
+    let subsetted = |resource: &Value| {
+        resource["meta"]["tag"]
+            .as_array()
+            .is_some_and(|tags| tags.iter().any(|t| t["code"] == "SUBSETTED"))
+    };
+    let reply = call(&app, get(&format!("{path}?_elements=gender"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let read = reply.json();
+    assert_eq!(read["gender"], "other");
+    assert!(
+        read.get("name").is_none() && read.get("text").is_none(),
+        "{read}"
+    );
+    assert!(subsetted(&read), "{read}");
+    assert!(reply.header("etag").is_some());
+    let read = call(&app, get(&format!("{path}?_summary=text")))
+        .await
+        .json();
+    assert!(
+        read.get("text").is_some() && read.get("name").is_none(),
+        "{read}"
+    );
+    let read = call(&app, get(&format!("{path}/_history/1?_summary=data")))
+        .await
+        .json();
+    assert!(
+        read.get("text").is_none() && read.get("name").is_some(),
+        "{read}"
+    );
+    assert!(subsetted(&read));
+    let read = call(&app, get(&format!("{path}?_summary=false")))
+        .await
+        .json();
+    assert!(!subsetted(&read) && read.get("text").is_some());
+    let reply = call(&app, get(&format!("{path}?_summary=true"))).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+
+    // Conditional reads.
+    let current = call(&app, get(&path)).await;
+    let etag = current.header("etag").unwrap();
+    let modified = current.header("last-modified").unwrap();
+    let reply = call(
+        &app,
+        get(&path).insert_header(("If-None-Match", etag.clone())),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("etag"), Some(etag.clone()));
+    let reply = call(&app, get(&path).insert_header(("If-None-Match", "W/\"9\""))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = call(
+        &app,
+        get(&path).insert_header(("If-Modified-Since", modified.clone())),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    let old = "Sat, 01 Jan 2000 00:00:00 GMT";
+    let reply = call(&app, get(&path).insert_header(("If-Modified-Since", old))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // A new version makes the held ETag stale.
+    let patched = call(
+        &app,
+        patch_as(
+            &path,
+            "application/merge-patch+json",
+            &json!({"active": true}),
+        ),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    let reply = call(&app, get(&path).insert_header(("If-None-Match", etag))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["active"], true);
+}
+
 on_both_backends!(
+    shaped_and_conditional_reads,
     merge_patches_and_json_typed_patches,
     a_trailing_slash_is_the_same_path,
     compartment_search,

@@ -314,9 +314,14 @@ pub async fn patch(
         ("type" = String, Path, description = "Resource type"),
         ("id" = String, Path, description = "Logical id"),
         ("_format" = Option<String>, Query, description = "json or application/fhir+json"),
+        ("_elements" = Option<String>, Query, description = "Comma-separated top-level elements to return (the rest left out, meta.tag SUBSETTED)"),
+        ("_summary" = Option<String>, Query, description = "text, data or false"),
+        ("If-None-Match" = Option<String>, Header, description = "ETag of the version the client holds: 304 when it is current"),
+        ("If-Modified-Since" = Option<String>, Header, description = "HTTP date: 304 when the resource has not changed since"),
     ),
     responses(
         (status = 200, description = "The resource; ETag and Last-Modified are set", body = super::openapi::Resource),
+        (status = 304, description = "Not modified since the version or date the client holds"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome),
         (status = 404, description = "Unknown type or resource", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -335,10 +340,110 @@ pub async fn read(
         resource_type,
         id,
         format,
-        ..
-    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
+        query,
+    } = instance(&state, &req, &type_name, &id, READ_PARAMS)?;
+    let shape = ReadShape::of(&query)?;
     let resource = state.resources.read(&ctx, resource_type, id).await?;
-    Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
+    if not_modified(&req, &resource) {
+        return Ok(resource_response(HttpResponse::NotModified(), format, &resource).finish());
+    }
+    shaped_response(format, &resource, &shape)
+}
+
+/// Parameters of a read or vread: the format, and `_elements` or `_summary`.
+const READ_PARAMS: &[&str] = &["_format", "_pretty", "_elements", "_summary"];
+
+/// What of a resource a read returns (search.html#elements, #summary, which apply to reads
+/// too).
+enum ReadShape {
+    Whole,
+    Elements(Vec<String>),
+    /// `_summary=text` (`true`) or `_summary=data` (`false`).
+    Summary {
+        text_only: bool,
+    },
+}
+
+impl ReadShape {
+    fn of(query: &QueryParams) -> Result<Self, AppError> {
+        let refused = |name: &str, message: String| AppError::BadRequest {
+            message,
+            expression: Some(name.to_owned()),
+        };
+        match (query.get("_elements"), query.get("_summary")) {
+            (Some(_), Some(_)) => Err(refused(
+                "_summary",
+                "_elements and _summary cannot be combined".into(),
+            )),
+            (Some(list), None) => Ok(Self::Elements(
+                list.split(',')
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect(),
+            )),
+            (None, Some("false") | None) => Ok(Self::Whole),
+            (None, Some("text")) => Ok(Self::Summary { text_only: true }),
+            (None, Some("data")) => Ok(Self::Summary { text_only: false }),
+            (None, Some(other)) => Err(refused(
+                "_summary",
+                format!(
+                    "_summary={} is not supported on a read; use text, data or false, or _elements",
+                    other.chars().take(32).collect::<String>()
+                ),
+            )),
+        }
+    }
+}
+
+/// The 200 of a read or vread, shaped as asked.
+fn shaped_response(
+    format: ResponseFormat,
+    resource: &StoredResource,
+    shape: &ReadShape,
+) -> Result<HttpResponse, AppError> {
+    let body = match shape {
+        ReadShape::Whole => {
+            return Ok(
+                resource_response(HttpResponse::Ok(), format, resource).body(resource.json.clone())
+            );
+        }
+        ReadShape::Elements(elements) => crate::fhir::searchset::subset(&resource.json, elements)?,
+        ReadShape::Summary { text_only } => {
+            crate::fhir::searchset::summary(&resource.json, *text_only)?
+        }
+    };
+    Ok(resource_response(HttpResponse::Ok(), format, resource).body(body.get().to_owned()))
+}
+
+/// A conditional read (http.html#cread): `If-None-Match` naming the version read, or else
+/// `If-Modified-Since` not before its last change, answers 304 without the body.
+fn not_modified(req: &HttpRequest, resource: &StoredResource) -> bool {
+    if let Some(tags) = req.headers().get(header::IF_NONE_MATCH) {
+        let current = resource.meta.version_id.to_string();
+        return tags.to_str().is_ok_and(|tags| {
+            tags.split(',').map(str::trim).any(|tag| {
+                tag == "*"
+                    || tag
+                        .trim_start_matches("W/")
+                        .trim_matches('"')
+                        .eq(current.as_str())
+            })
+        });
+    }
+    let Some(since) = req
+        .headers()
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<HttpDate>().ok())
+    else {
+        return false;
+    };
+    // HTTP dates have whole seconds: the change counts from the second it happened in.
+    let changed = u64::try_from(resource.meta.last_updated).unwrap_or(0) / 1_000_000;
+    let since = std::time::SystemTime::from(since)
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    changed <= since
 }
 
 /// Read one version of a resource.
@@ -369,14 +474,15 @@ pub async fn vread(
         resource_type,
         id,
         format,
-        ..
-    } = instance(&state, &req, &type_name, &id, COMMON_PARAMS)?;
+        query,
+    } = instance(&state, &req, &type_name, &id, READ_PARAMS)?;
+    let shape = ReadShape::of(&query)?;
     let version_id = parse_version_id(&vid)?;
     let resource = state
         .resources
         .vread(&ctx, resource_type, id, version_id)
         .await?;
-    Ok(resource_response(HttpResponse::Ok(), format, &resource).body(resource.json))
+    shaped_response(format, &resource, &shape)
 }
 
 /// Delete a resource (its history remains).

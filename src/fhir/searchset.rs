@@ -97,12 +97,22 @@ pub fn subset(json: &str, elements: &[String]) -> Result<Box<RawValue>, AppError
     if elements.is_empty() {
         return raw(json.to_owned());
     }
+    subset_where(json, |key| elements.iter().any(|e| e == key))
+}
+
+/// `_summary=text` (only `text`, besides `resourceType`, `id` and `meta`) or `_summary=data`
+/// (everything but `text`), marked SUBSETTED (search.html#summary).
+pub fn summary(json: &str, text_only: bool) -> Result<Box<RawValue>, AppError> {
+    subset_where(json, |key| (key == "text") == text_only)
+}
+
+/// The resource with `resourceType`, `id`, `meta` and the top-level elements `keep` admits,
+/// its `meta.tag` saying SUBSETTED.
+fn subset_where(json: &str, keep: impl Fn(&str) -> bool) -> Result<Box<RawValue>, AppError> {
     let internal = |e: serde_json::Error| AppError::Internal(format!("_elements: {e}"));
     let mut object: IndexMap<String, Box<RawValue>> =
         serde_json::from_str(json).map_err(internal)?;
-    object.retain(|key, _| {
-        matches!(key.as_str(), "resourceType" | "id" | "meta") || elements.iter().any(|e| e == key)
-    });
+    object.retain(|key, _| matches!(key.as_str(), "resourceType" | "id" | "meta") || keep(key));
     let mut meta: serde_json::Map<String, serde_json::Value> = match object.get("meta") {
         Some(meta) => serde_json::from_str(meta.get()).map_err(internal)?,
         None => serde_json::Map::new(),

@@ -543,9 +543,9 @@ async fn error_cases(db: TestDb) {
     assert_eq!(browser.status, StatusCode::OK);
 
     // Parameters the server does not understand are refused, not ignored.
-    let unknown_param = call(&app, get(&format!("/fhir/Patient/{id}?_elements=name"))).await;
+    let unknown_param = call(&app, get(&format!("/fhir/Patient/{id}?_sort=name"))).await;
     expect(&unknown_param, StatusCode::BAD_REQUEST, "invalid");
-    assert_eq!(unknown_param.outcome_issue()["expression"][0], "_elements");
+    assert_eq!(unknown_param.outcome_issue()["expression"][0], "_sort");
 
     // Methods and paths that do not exist.
     expect(

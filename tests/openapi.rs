@@ -48,6 +48,49 @@ async fn committed_document_matches_the_served_one() {
             "{path} missing from the OpenAPI document"
         );
     }
+    // Each type has its own paths, its search taking the parameters the CapabilityStatement
+    // lists for it, so that generated clients can search by name.
+    assert!(document["servers"][0]["url"].is_string());
+    let statement = call(&app, get("/fhir/metadata")).await.json();
+    let mut typed = 0;
+    for resource in statement["rest"][0]["resource"].as_array().unwrap() {
+        let name = resource["type"].as_str().unwrap();
+        if name == "AuditEvent" {
+            continue;
+        }
+        let search = &paths[&format!("/fhir/{name}")]["get"];
+        let declared: std::collections::BTreeSet<&str> = search["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        let listed: std::collections::BTreeSet<&str> = resource["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(declared, listed, "{name}");
+        assert_eq!(search["operationId"], format!("search{name}"));
+        for method in ["get", "put", "patch", "delete"] {
+            assert!(
+                paths[&format!("/fhir/{name}/{{id}}")][method].is_object(),
+                "{name} {method}"
+            );
+        }
+        typed += 1;
+    }
+    assert!(typed > 100, "{typed}");
+    assert!(
+        paths["/fhir/Patient"]["get"]["parameters"]
+            .to_string()
+            .contains("\"family\"")
+    );
+    let created = &paths["/fhir/Observation"]["post"]["responses"]["201"]["headers"];
+    for header in ["Location", "ETag", "X-Ledger-Entry"] {
+        assert!(created[header].is_object(), "{header}: {created}");
+    }
     let read_404 = &document["paths"]["/fhir/{type}/{id}"]["get"]["responses"]["404"];
     assert!(
         read_404.to_string().contains("OperationOutcome"),

@@ -12,6 +12,7 @@ pub mod health;
 pub mod ledger;
 pub mod negotiation;
 pub mod openapi;
+pub mod openapi_typed;
 pub mod request;
 pub mod search;
 pub mod smart;

@@ -52,14 +52,19 @@ pub struct Resource {
 )]
 pub struct ApiDoc;
 
-/// The document as served (pretty-printed, ending with a newline, like the committed file).
-pub fn document_json() -> String {
-    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    declare_fhir_media_type(&mut document);
-    declare_bearer_authentication(&mut document);
-    let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
-    text.push('\n');
-    text
+/// The document as served (pretty-printed, ending with a newline, like the committed file),
+/// built once: it depends on nothing but the build.
+pub fn document_json() -> &'static str {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        declare_fhir_media_type(&mut document);
+        super::openapi_typed::add_typed_paths(&mut document);
+        declare_bearer_authentication(&mut document);
+        let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
+        text.push('\n');
+        text
+    })
 }
 
 /// utoipa labels every body `application/json`; bodies under `/fhir` are FHIR JSON.
@@ -117,6 +122,25 @@ fn declare_bearer_authentication(document: &mut serde_json::Value) {
         "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
         "description": "A JWT from a trusted issuer: SMART scopes decide what it may do; the ledger API needs 'ledger.read'",
     });
+    // Declared once, referred to by every operation that needs a token.
+    for (name, media_type) in [
+        ("Unauthenticated", super::negotiation::FHIR_JSON),
+        ("UnauthenticatedJson", "application/json"),
+    ] {
+        document["components"]["responses"][name] = serde_json::json!({
+            "description": "No valid bearer token (missing, malformed, expired, wrong issuer or audience, bad signature); WWW-Authenticate says why",
+            "content": {media_type: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
+        });
+    }
+    for (name, media_type) in [
+        ("Forbidden", super::negotiation::FHIR_JSON),
+        ("ForbiddenJson", "application/json"),
+    ] {
+        document["components"]["responses"][name] = serde_json::json!({
+            "description": "The token's scopes do not allow this; the OperationOutcome names the rule",
+            "content": {media_type: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
+        });
+    }
     let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
         return;
     };
@@ -132,22 +156,21 @@ fn declare_bearer_authentication(document: &mut serde_json::Value) {
         } else {
             "application/json"
         };
-        let outcome = |description: &str| {
-            serde_json::json!({
-                "description": description,
-                "content": {media_type: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
-            })
+        let (unauthenticated, forbidden) = if media_type == super::negotiation::FHIR_JSON {
+            ("Unauthenticated", "Forbidden")
+        } else {
+            ("UnauthenticatedJson", "ForbiddenJson")
         };
         for operation in operations.values_mut() {
             operation["security"] = serde_json::json!([{"bearer": []}]);
-            operation["responses"]["401"] = outcome(
-                "No valid bearer token (missing, malformed, expired, wrong issuer or audience, bad signature); WWW-Authenticate says why",
-            );
-            operation["responses"]["403"] = outcome(
-                "The token's scopes do not allow this; the OperationOutcome names the rule",
-            );
+            operation["responses"]["401"] = response_ref(unauthenticated);
+            operation["responses"]["403"] = response_ref(forbidden);
         }
     }
+}
+
+fn response_ref(name: &str) -> serde_json::Value {
+    serde_json::json!({"$ref": format!("#/components/responses/{name}")})
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

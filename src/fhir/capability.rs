@@ -43,7 +43,7 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
                 "readHistory": true,
                 "updateCreate": true,
                 "conditionalCreate": true,
-                "conditionalRead": "not-supported",
+                "conditionalRead": "full-support",
                 "conditionalUpdate": true,
                 "conditionalDelete": "single",
                 "referencePolicy": ["literal", "logical"],

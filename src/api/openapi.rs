@@ -1,9 +1,12 @@
 //! The OpenAPI document (`GET /openapi.json`, committed as `openapi/openapi.json`) and a
-//! human docs page (`/docs`) that renders it with a viewer fetched by the browser.
+//! human docs page (`/docs`) that renders it with Swagger UI, served from the binary.
+
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::Config;
 
 use super::{bundle, everything, fhir, health, ledger, search, smart};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
@@ -175,7 +178,8 @@ fn response_ref(name: &str) -> serde_json::Value {
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/openapi.json", web::get().to(openapi_json))
-        .route("/docs", web::get().to(docs));
+        .route(DOCS_PATH, web::get().to(docs))
+        .route("/docs/{file}", web::get().to(docs_file));
 }
 
 /// This OpenAPI document.
@@ -187,25 +191,64 @@ pub async fn openapi_json() -> HttpResponse {
         .body(document_json())
 }
 
-/// A page that renders `/openapi.json` with Redoc, loaded by the browser from its CDN at
-/// view time (nothing is downloaded at build or run time by the server).
-async fn docs() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(DOCS_PAGE)
+/// Where the viewer's page and files are served.
+const DOCS_PATH: &str = "/docs";
+
+/// The viewer's configuration: it renders `/openapi.json`, and the public validator's
+/// badge is off, so the page asks no other host for anything.
+fn viewer_config() -> Arc<Config<'static>> {
+    Arc::new(Config::from("/openapi.json").validator_url("none"))
 }
 
-const DOCS_PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>fhirledger API</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-</head>
-<body>
-<noscript>The API description is at <a href="openapi.json">/openapi.json</a>.</noscript>
-<redoc spec-url="openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/v2.1.5/bundles/redoc.standalone.js"></script>
-</body>
-</html>
-"#;
+/// `/docs` (and `/docs/`, which `NormalizePath::trim` makes `/docs`): Swagger UI's page,
+/// from the files built into the binary (the `vendored` Swagger UI: nothing is fetched at
+/// build time, at run time, or by the browser from another host).
+async fn docs() -> HttpResponse {
+    viewer_file("index.html")
+}
+
+/// `/docs/{file}`: the viewer's scripts, stylesheets and images.
+async fn docs_file(file: web::Path<String>) -> HttpResponse {
+    viewer_file(&file)
+}
+
+/// The page names its files relative to itself (`./swagger-ui.css`, `index.css`); at
+/// `/docs` (no trailing slash) those would resolve to `/swagger-ui.css`, so each relative
+/// `href`/`src` is made absolute under `/docs/`. The title names this server.
+fn absolute_references(page: &str) -> String {
+    let mut out = String::with_capacity(page.len() + 256);
+    let mut rest = page;
+    while let Some(at) = [" href=\"", " src=\""]
+        .iter()
+        .filter_map(|attribute| rest.find(attribute).map(|i| i + attribute.len()))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let value_end = rest.find('"').unwrap_or(rest.len());
+        let value = &rest[..value_end];
+        if !value.starts_with('/') && !value.starts_with('#') && !value.contains(':') {
+            out.push_str(DOCS_PATH);
+            out.push('/');
+            out.push_str(value.strip_prefix("./").unwrap_or(value));
+        } else {
+            out.push_str(value);
+        }
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out.replace("<title>Swagger UI</title>", "<title>fhirledger API</title>")
+}
+
+fn viewer_file(name: &str) -> HttpResponse {
+    match utoipa_swagger_ui::serve(name, viewer_config()) {
+        Ok(Some(file)) if name == "index.html" => HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(absolute_references(&String::from_utf8_lossy(&file.bytes))),
+        Ok(Some(file)) => HttpResponse::Ok()
+            .content_type(file.content_type)
+            .body(file.bytes.into_owned()),
+        Ok(None) => HttpResponse::NotFound().finish(),
+        Err(error) => HttpResponse::InternalServerError().body(error.to_string()),
+    }
+}

@@ -609,7 +609,11 @@ async fn health_endpoints(db: TestDb) {
     // The docs page is served (what it loads and renders: tests/docs_page.rs).
     let docs = call(&app, get("/docs")).await;
     assert_eq!(docs.status, StatusCode::OK);
-    assert!(docs.text().contains("/docs/swagger-initializer.js"), "{}", docs.text());
+    assert!(
+        docs.text().contains("/docs/swagger-initializer.js"),
+        "{}",
+        docs.text()
+    );
 }
 
 on_both_backends!(

@@ -104,7 +104,7 @@ impl From<StoreError> for AppError {
                 Self::Conflict("the resource was changed concurrently; retry".into())
             }
             StoreError::Database(e) => Self::Internal(e.to_string()),
-            StoreError::Migration(e) => Self::Internal(e),
+            StoreError::Migration(e) | StoreError::Corrupt(e) => Self::Internal(e),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod error;
 pub mod fhir;
 pub mod ledger;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -97,6 +97,7 @@ pub fn prepare_state(
     )
     .with_max_resource_bytes(options.max_body_bytes);
     let moved = resources.move_presence_digests()?;
+    resources.widen_prefixes()?;
     if moved > 0 {
         tracing::info!(
             resources = moved,

@@ -134,13 +134,27 @@ async fn unledgered_version_is_found(db: TestDb) {
 
 async fn changed_entry_is_found(db: TestDb) {
     let key = populated(&db).await;
-    // Rewrite an entry's action: its signature and leaf hash no longer match.
-    let sql = if db.is_postgres() {
-        "UPDATE ledger_entries SET data = convert_to(replace(convert_from(data, 'UTF8'), '\"read\"', '\"vread\"'), 'UTF8') WHERE leaf_index = 2"
-    } else {
-        "UPDATE ledger_entries SET data = CAST(replace(CAST(data AS TEXT), '\"read\"', '\"vread\"') AS BLOB) WHERE leaf_index = 2"
-    };
-    assert_eq!(exec(&db, sql), 1);
+    // Rewrite an entry's action, as someone with the database would (entries are stored
+    // deflated; a row holding plain JSON is read as it is): its signature and leaf hash no
+    // longer match.
+    {
+        use diesel::prelude::*;
+        use fhirledger::store::schema::ledger_entries;
+        let mut conn = db.connect();
+        let row = fhirledger::store::ledger::entries_at(&mut conn, &[2])
+            .unwrap()
+            .pop()
+            .expect("entry 2");
+        let text = String::from_utf8(row.data).unwrap();
+        assert!(text.contains("\"read\""), "{text}");
+        let changed = text.replace("\"read\"", "\"vread\"");
+        let updated =
+            diesel::update(ledger_entries::table.filter(ledger_entries::leaf_index.eq(2)))
+                .set(ledger_entries::data.eq(changed.as_bytes()))
+                .execute(&mut conn)
+                .unwrap();
+        assert_eq!(updated, 1);
+    }
     let report = run(&db, &key);
     let found = kinds(&report);
     assert!(

@@ -86,14 +86,6 @@ fn start(db_url: &str, master: &str, ledger: &str) -> (Child, u16, tempfile::Tem
 }
 
 #[derive(diesel::QueryableByName)]
-struct Entry {
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
-    leaf_index: Option<i64>,
-    #[diesel(sql_type = diesel::sql_types::Binary)]
-    data: Vec<u8>,
-}
-
-#[derive(diesel::QueryableByName)]
 struct Note {
     #[diesel(sql_type = diesel::sql_types::Text)]
     note: String,
@@ -127,13 +119,14 @@ fn postgres_two_servers_share_one_linear_log() {
     // Wait until both sequencers have drained the pending entries.
     let mut conn = db.connect();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let entries: Vec<Entry> = loop {
-        let entries: Vec<Entry> =
-            diesel::sql_query("SELECT leaf_index, data FROM ledger_entries ORDER BY leaf_index")
-                .load(&mut conn)
-                .unwrap();
-        if entries.iter().all(|e| e.leaf_index.is_some()) {
-            break entries;
+    // Through the store, which gives each entry's leaf bytes as they were signed (rows hold
+    // them deflated).
+    let entries = loop {
+        if fhirledger::store::ledger::pending_entries(&mut conn)
+            .unwrap()
+            .is_empty()
+        {
+            break fhirledger::store::ledger::entries_range(&mut conn, 0, i64::MAX).unwrap();
         }
         assert!(Instant::now() < deadline, "entries stayed pending");
         std::thread::sleep(Duration::from_millis(50));

@@ -15,7 +15,39 @@ pub struct Health {
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// Operational metrics in Prometheus's text format (see [`crate::metrics`]): counts and
+/// latencies only, no request content, so it needs no token. Off the FHIR path.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain"),
+        (status = 503, description = "Metrics could not be set up"),
+    ))]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let Some(metrics) = crate::metrics::metrics() else {
+        return HttpResponse::ServiceUnavailable().finish();
+    };
+    let (open, idle) = state.resources.pool_usage();
+    metrics
+        .pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    metrics
+        .pool_connections
+        .with_label_values(&["in_use"])
+        .set(i64::from(open.saturating_sub(idle)));
+    match metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(error) => {
+            tracing::warn!(%error, "metrics not rendered");
+            HttpResponse::ServiceUnavailable().finish()
+        }
+    }
 }
 
 /// The process is up.

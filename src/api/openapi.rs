@@ -38,7 +38,7 @@ pub struct Resource {
         search::search_compartment,
         ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
         ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
-        health::healthz, health::readyz, openapi_json,
+        health::healthz, health::readyz, health::metrics, openapi_json,
         smart::smart_configuration, smart::jwks,
     ),
     components(schemas(

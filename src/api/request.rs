@@ -50,10 +50,19 @@ pub async fn request_context(
     if let Some(value) = receipt.get().and_then(|r| HeaderValue::from_str(&r).ok()) {
         response.headers_mut().insert(LEDGER_ENTRY_HEADER, value);
     }
+    let elapsed = started.elapsed();
+    if let Some(metrics) = crate::metrics::metrics() {
+        let request = response.request();
+        let interaction = crate::metrics::interaction(
+            request.method().as_str(),
+            request.match_pattern().as_deref(),
+        );
+        metrics.observe_request(interaction, response.status().as_u16(), elapsed);
+    }
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "request handled"
         );
     });

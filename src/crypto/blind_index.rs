@@ -25,8 +25,15 @@ pub const DIGEST_LEN: usize = 16;
 
 /// Strings are indexed by every normalized prefix up to this many characters, so that
 /// FHIR's default "starts with" string search needs no plaintext. Longer search terms
-/// match on this prefix in the database and are checked in full after decryption.
-pub const MAX_PREFIX_CHARS: usize = 12;
+/// match on this prefix in the database and are checked in full after decryption. At 12,
+/// names that share their first 12 characters with thousands of others (a family of
+/// patients, generated test data) made such a search decrypt every one of them; 24 covers
+/// nearly every name and address line whole, for a few more rows per long string.
+pub const MAX_PREFIX_CHARS: usize = 24;
+
+/// The bound before [`MAX_PREFIX_CHARS`] was raised: a database written then is searched
+/// within it until its index has been rebuilt.
+pub const LEGACY_PREFIX_CHARS: usize = 12;
 
 /// The kind field of a composite tuple's digest (search.html#composite). No [`ValueKind`] tag
 /// is spelled this way, so a tuple never shares an encoding with a single value.
@@ -222,9 +229,10 @@ pub fn prefixes(normalized: &str) -> impl Iterator<Item = &str> {
         .map(move |end| &normalized[..end])
 }
 
-/// The longest prefix of a normalized search term the index can answer.
-pub fn bounded_prefix(normalized: &str) -> &str {
-    match normalized.char_indices().nth(MAX_PREFIX_CHARS) {
+/// The longest prefix of a normalized search term within `bound` characters: what the index
+/// answers for it.
+pub fn bounded_prefix(normalized: &str, bound: usize) -> &str {
+    match normalized.char_indices().nth(bound) {
         Some((end, _)) => &normalized[..end],
         None => normalized,
     }
@@ -266,10 +274,14 @@ mod tests {
     fn prefixes_are_bounded_and_char_safe() {
         let all: Vec<&str> = prefixes("zoë").collect();
         assert_eq!(all, vec!["z", "zo", "zoë"]);
-        assert_eq!(prefixes("abcdefghijklmnopq").count(), MAX_PREFIX_CHARS);
+        assert_eq!(
+            prefixes("abcdefghijklmnopqrstuvwxyz").count(),
+            MAX_PREFIX_CHARS
+        );
         assert_eq!(prefixes("").count(), 0);
-        assert_eq!(bounded_prefix("abcdefghijklmnopq"), "abcdefghijkl");
-        assert_eq!(bounded_prefix("ab"), "ab");
+        assert_eq!(bounded_prefix("abcdefghijklmnopq", 12), "abcdefghijkl");
+        assert_eq!(bounded_prefix("ab", 12), "ab");
+        assert_eq!(bounded_prefix("zoë-zoë", 3), "zoë");
     }
 
     #[test]

@@ -228,6 +228,9 @@ pub struct LedgerService {
     key: Arc<LedgerKey>,
     options: SequencerOptions,
     committer: GroupCommitter,
+    /// Set on a clone made by [`Self::deferring`]: its appends are signed and held here, and
+    /// the request commits them with [`Self::commit_deferred`] before it answers.
+    deferred: Option<DeferredEntries>,
     /// Refusals of requests without valid credentials, counted and aggregated.
     refusals: Arc<RefusalThrottle>,
 }
@@ -245,7 +248,38 @@ impl LedgerService {
             key,
             options,
             committer,
+            deferred: None,
             refusals: Arc::new(RefusalThrottle::new(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
+        }
+    }
+
+    /// A clone whose [`Self::append`]s sign their entries and hold them, without waiting for
+    /// them to be durable, and the handle to commit them with [`Self::commit_deferred`]. For
+    /// requests whose work runs on a thread that must not wait for a commit (an HTTP worker):
+    /// the request awaits the commit instead, and answers only once it is durable.
+    pub(crate) fn deferring(&self) -> (Self, DeferredEntries) {
+        let deferred = DeferredEntries::default();
+        let mut clone = self.clone();
+        clone.deferred = Some(deferred.clone());
+        (clone, deferred)
+    }
+
+    /// Makes the entries held in `deferred` durable, in the group commit the other requests'
+    /// entries share, without blocking the calling thread. A request whose entries cannot be
+    /// committed must fail (503), whatever its work returned.
+    pub(crate) async fn commit_deferred(&self, deferred: DeferredEntries) -> Result<(), AppError> {
+        let held = std::mem::take(&mut *deferred.0.lock());
+        if held.is_empty() {
+            return Ok(());
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let (entries, created_at) = merge_held(held);
+        self.committer
+            .queue(entries, created_at, Done::Async(done))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(unavailable("the ledger commit thread stopped")),
         }
     }
 
@@ -323,7 +357,10 @@ impl LedgerService {
     pub fn append(&self, ctx: &RequestContext, event: LedgerEvent) -> Result<String, AppError> {
         let (signed, now) = self.sign(ctx, event)?;
         let receipt = lead_receipt(&signed)?;
-        self.committer.commit(signed, now)?;
+        match &self.deferred {
+            Some(deferred) => deferred.0.lock().push((signed, now)),
+            None => self.committer.commit(signed, now)?,
+        }
         ctx.receipt.set(receipt.clone());
         Ok(receipt)
     }
@@ -453,53 +490,67 @@ impl LedgerService {
     /// Gives the oldest pending entries the next leaf indexes, stores the new tree hashes and
     /// signs a checkpoint, in one transaction under the sequencer lock.
     fn sequence_batch(&self) -> Result<u64, AppError> {
-        self.pool.write(|tx| {
-            if !rows::try_lock_sequencer(tx)? {
-                return Ok(0); // another process is sequencing
-            }
-            let size = u64::try_from(rows::tree_size(tx)?)
-                .map_err(|_| AppError::Internal("negative tree size".into()))?;
-            let pending = rows::pending_batch(tx, self.options.batch_size)?;
-            if pending.is_empty() {
-                if rows::latest_checkpoint(tx)?.is_none() {
-                    self.store_checkpoint(tx, size)?;
+        let (sequenced, oldest_appended, tree_size) =
+            self.pool.write(|tx| -> Result<_, AppError> {
+                if !rows::try_lock_sequencer(tx)? {
+                    return Ok((0, None, None)); // another process is sequencing
                 }
-                index_patients(tx)?;
-                return Ok(0);
-            }
+                let size = u64::try_from(rows::tree_size(tx)?)
+                    .map_err(|_| AppError::Internal("negative tree size".into()))?;
+                let pending = rows::pending_batch(tx, self.options.batch_size)?;
+                if pending.is_empty() {
+                    if rows::latest_checkpoint(tx)?.is_none() {
+                        self.store_checkpoint(tx, size)?;
+                    }
+                    index_patients(tx)?;
+                    return Ok((0, None, None));
+                }
 
-            let (added, leaves, new_root) = {
-                let base = DbHashStore::new(tx);
-                let mut overlay = OverlayHashStore::new(&base);
-                let mut leaves = Vec::with_capacity(pending.len());
-                for (offset, (_, data)) in (0u64..).zip(&pending) {
-                    leaves.push(
-                        overlay
-                            .append(size + offset, data)
-                            .map_err(ledger_internal)?,
-                    );
-                }
+                let (added, leaves, new_root) = {
+                    let base = DbHashStore::new(tx);
+                    let mut overlay = OverlayHashStore::new(&base);
+                    let mut leaves = Vec::with_capacity(pending.len());
+                    for (offset, (_, data, _)) in (0u64..).zip(&pending) {
+                        leaves.push(
+                            overlay
+                                .append(size + offset, data)
+                                .map_err(ledger_internal)?,
+                        );
+                    }
+                    let new_size = size + leaves.len() as u64;
+                    let new_root = tree::root(&overlay, new_size).map_err(ledger_internal)?;
+                    (overlay.into_added(), leaves, new_root)
+                };
+                let hashes: Vec<(i64, Vec<u8>)> = added
+                    .into_iter()
+                    .map(|(index, hash)| Ok((to_i64(index)?, hash.0.to_vec())))
+                    .collect::<Result<_, AppError>>()?;
+                rows::insert_hashes(tx, &hashes)?;
+                let assignments = (0u64..)
+                    .zip(pending.iter().zip(&leaves))
+                    .map(|(offset, ((pending_seq, _, _), leaf))| {
+                        Ok((*pending_seq, to_i64(size + offset)?, leaf.0.to_vec()))
+                    })
+                    .collect::<Result<Vec<_>, AppError>>()?;
+                rows::assign_indexes(tx, &assignments, now_micros())?;
                 let new_size = size + leaves.len() as u64;
-                let new_root = tree::root(&overlay, new_size).map_err(ledger_internal)?;
-                (overlay.into_added(), leaves, new_root)
-            };
-            let hashes: Vec<(i64, Vec<u8>)> = added
-                .into_iter()
-                .map(|(index, hash)| Ok((to_i64(index)?, hash.0.to_vec())))
-                .collect::<Result<_, AppError>>()?;
-            rows::insert_hashes(tx, &hashes)?;
-            let assignments = (0u64..)
-                .zip(pending.iter().zip(&leaves))
-                .map(|(offset, ((pending_seq, _), leaf))| {
-                    Ok((*pending_seq, to_i64(size + offset)?, leaf.0.to_vec()))
-                })
-                .collect::<Result<Vec<_>, AppError>>()?;
-            rows::assign_indexes(tx, &assignments, now_micros())?;
-            let new_size = size + leaves.len() as u64;
-            self.sign_and_store(tx, new_size, new_root)?;
-            index_patients(tx)?;
-            Ok(leaves.len() as u64)
-        })
+                self.sign_and_store(tx, new_size, new_root)?;
+                index_patients(tx)?;
+                let oldest_appended = pending.first().map(|(_, _, created_at)| *created_at);
+                Ok((leaves.len() as u64, oldest_appended, Some(new_size)))
+            })?;
+        if let (Some(metrics), Some(oldest), Some(size)) =
+            (crate::metrics::metrics(), oldest_appended, tree_size)
+        {
+            let lag_micros = now_micros().saturating_sub(oldest).max(0);
+            metrics
+                .sequencer_lag_seconds
+                .observe(lag_micros as f64 / 1_000_000.0);
+            metrics
+                .tree_size
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
+        Ok(sequenced)
     }
 
     fn store_checkpoint(&self, tx: &mut DbConnection, size: u64) -> Result<(), AppError> {
@@ -672,10 +723,44 @@ impl LedgerService {
 /// Most entries one group commit carries.
 const MAX_GROUP: usize = 1024;
 
+/// The entries of one event, signed, with when they were signed (µs since the epoch).
+type SignedBatch = (Vec<SignedEntry>, i64);
+
+/// Signed entries held by a deferring [`LedgerService`] until the request commits them.
+#[derive(Clone, Default)]
+pub(crate) struct DeferredEntries(Arc<parking_lot::Mutex<Vec<SignedBatch>>>);
+
+/// One commit job's entries from what a request held; they share the earliest signing time.
+fn merge_held(held: Vec<SignedBatch>) -> SignedBatch {
+    let created_at = held
+        .iter()
+        .map(|(_, at)| *at)
+        .min()
+        .unwrap_or_else(now_micros);
+    let entries = held.into_iter().flat_map(|(entries, _)| entries).collect();
+    (entries, created_at)
+}
+
+/// Whom to tell how a job's group commit went: a thread blocked on it, or a task awaiting it.
+enum Done {
+    Blocking(mpsc::SyncSender<Result<(), String>>),
+    Async(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+impl Done {
+    fn send(self, outcome: Result<(), String>) {
+        // The caller may have gone away; nothing to tell it then.
+        let _ = match self {
+            Self::Blocking(sender) => sender.send(outcome).map_err(drop),
+            Self::Async(sender) => sender.send(outcome).map_err(drop),
+        };
+    }
+}
+
 struct CommitJob {
     entries: Vec<SignedEntry>,
     created_at: i64,
-    done: mpsc::SyncSender<Result<(), String>>,
+    done: Done,
 }
 
 /// The thread that commits standalone entries in groups. It ends when the last
@@ -699,10 +784,17 @@ impl GroupCommitter {
                             Err(_) => break,
                         }
                     }
+                    let started = std::time::Instant::now();
                     let outcome = Self::commit_group(&pool, &group).map_err(|e| e.to_string());
+                    if let Some(metrics) = crate::metrics::metrics() {
+                        metrics
+                            .group_commit_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        let entries: usize = group.iter().map(|job| job.entries.len()).sum();
+                        metrics.group_commit_entries.observe(entries as f64);
+                    }
                     for job in group {
-                        // The caller may have gone away; nothing to tell it then.
-                        let _ = job.done.send(outcome.clone());
+                        job.done.send(outcome.clone());
                     }
                 }
             })
@@ -725,16 +817,26 @@ impl GroupCommitter {
         pool.write(|tx| rows::insert_entries(tx, &rows))
     }
 
-    /// Queues the entries and waits until their group is committed.
-    fn commit(&self, entries: Vec<SignedEntry>, created_at: i64) -> Result<(), AppError> {
-        let (done, wait) = mpsc::sync_channel(1);
+    /// Queues the entries for the next group commit; `done` is told how it went.
+    fn queue(
+        &self,
+        entries: Vec<SignedEntry>,
+        created_at: i64,
+        done: Done,
+    ) -> Result<(), AppError> {
         self.queue
             .send(CommitJob {
                 entries,
                 created_at,
                 done,
             })
-            .map_err(|_| unavailable("the ledger commit thread is not running"))?;
+            .map_err(|_| unavailable("the ledger commit thread is not running"))
+    }
+
+    /// Queues the entries and waits until their group is committed.
+    fn commit(&self, entries: Vec<SignedEntry>, created_at: i64) -> Result<(), AppError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        self.queue(entries, created_at, Done::Blocking(done))?;
         match wait.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(unavailable(error)),

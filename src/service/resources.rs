@@ -230,6 +230,36 @@ impl ResourceService {
         &self.ledger
     }
 
+    /// The database pool's connections: `(open, idle)`.
+    pub fn pool_usage(&self) -> (u32, u32) {
+        self.pool.usage()
+    }
+
+    /// Runs the work of an interaction that reads (and ledgers what it disclosed or refused)
+    /// and answers once its entries are durable, without holding a thread while they commit:
+    /// `work` gets a clone of this service whose ledger appends are held, and they join the
+    /// next group commit while the request awaits it. `short` work (a read by id) runs on the
+    /// calling thread when the database is local and a connection is free, sparing the hand-off
+    /// to a blocking thread and back; anything else runs on one.
+    pub(super) async fn disclose<T: Send + 'static>(
+        &self,
+        short: bool,
+        work: impl FnOnce(Self) -> Result<T, AppError> + Send + 'static,
+    ) -> Result<T, AppError> {
+        let (ledger, deferred) = self.ledger.deferring();
+        let this = Self {
+            ledger,
+            ..self.clone()
+        };
+        let result = if short && self.pool.local_reader_idle() {
+            work(this)
+        } else {
+            blocking(move || work(this)).await
+        };
+        self.ledger.commit_deferred(deferred).await?;
+        result
+    }
+
     /// Resolves a type name from a URL.
     pub fn resolve_type(&self, name: &str) -> Result<ResourceType, AppError> {
         Ok(self.types.resolve(name)?)
@@ -389,9 +419,8 @@ impl ResourceService {
         resource_type: ResourceType,
         id: ResourceId,
     ) -> Result<StoredResource, AppError> {
-        let this = self.clone();
         let ctx = ctx.clone();
-        blocking(move || {
+        self.disclose(true, move |this| {
             this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "read")?;
             let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
             let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
@@ -439,16 +468,12 @@ impl ResourceService {
         id: &ResourceId,
     ) -> Result<StoredResource, AppError> {
         let mut conn = self.connection()?;
-        let head = existing_head(&mut conn, resource_type, id)?;
-        let row = rows::version(
-            &mut conn,
-            resource_type.as_str(),
-            id.as_str(),
-            head.current_version,
-        )?
-        .ok_or_else(|| {
+        let (_, row) = rows::current(&mut conn, resource_type.as_str(), id.as_str())?
+            .ok_or_else(|| AppError::NotFound(format!("{resource_type}/{id}")))?;
+        let row = row.ok_or_else(|| {
             AppError::Internal(format!("{resource_type}/{id} has no current version row"))
         })?;
+        drop(conn);
         self.open_version(resource_type, id, &row)
     }
 
@@ -460,9 +485,8 @@ impl ResourceService {
         id: ResourceId,
         version_id: i64,
     ) -> Result<StoredResource, AppError> {
-        let this = self.clone();
         let ctx = ctx.clone();
-        blocking(move || {
+        self.disclose(true, move |this| {
             this.authorize_instance(
                 &ctx,
                 Permission::Read,
@@ -501,9 +525,8 @@ impl ResourceService {
         id: ResourceId,
         query: HistoryQuery,
     ) -> Result<HistoryPage, AppError> {
-        let this = self.clone();
         let ctx = ctx.clone();
-        blocking(move || {
+        self.disclose(false, move |this| {
             this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "history")?;
             let result = this
                 .confine_instance(&ctx, Permission::Read, &resource_type, &id)
@@ -1019,6 +1042,7 @@ impl ResourceService {
             search_rows::clear_index(tx, seq)?;
         }
         search_rows::insert_index(tx, seq, resource_type.as_str(), &prepared.index_rows)?;
+        self.pool.note_resources_written(1);
         let receipt = LedgerService::store_in(tx, &prepared.entry)?;
         Ok((Written::Content(prepared.outcome.clone()), receipt))
     }

@@ -4,6 +4,7 @@
 //! naming every resource a search disclosed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
@@ -12,7 +13,8 @@ use serde_json::Value;
 use crate::access::RequestContext;
 use crate::access::policy::{self, Refusal};
 use crate::crypto::blind_index::{
-    BlindIndexKey, Digest, ValueKind, bounded_prefix, normalize_string, prefixes, system_and_code,
+    BlindIndexKey, Digest, LEGACY_PREFIX_CHARS, MAX_PREFIX_CHARS, ValueKind, bounded_prefix,
+    normalize_string, prefixes, system_and_code,
 };
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
@@ -49,6 +51,9 @@ const CHECK_BATCH: i64 = 200;
 /// search terms into digests.
 pub struct SearchIndex {
     plan: IndexPlan,
+    /// The longest string prefix searches look up: [`MAX_PREFIX_CHARS`] once every stored
+    /// resource is indexed with prefixes that long (see [`ResourceService::widen_prefixes`]).
+    query_prefix_chars: AtomicUsize,
     /// Whose compartments a resource is in (the one rule; see [`CompartmentRule`]).
     compartment_rule: CompartmentRule,
     registry: SearchParamRegistry,
@@ -78,10 +83,25 @@ impl SearchIndex {
         Self {
             compartment_rule: CompartmentRule::new(&registry, &plan),
             plan,
+            query_prefix_chars: AtomicUsize::new(MAX_PREFIX_CHARS),
             registry,
             key,
             fhir_base,
         }
+    }
+
+    /// The longest string prefix searches look up in the index.
+    pub fn query_prefix_chars(&self) -> usize {
+        self.query_prefix_chars.load(Ordering::Relaxed)
+    }
+
+    /// Searches look up prefixes of at most `chars` characters (the bound every stored
+    /// resource's index is known to reach).
+    pub(super) fn set_query_prefix_chars(&self, chars: usize) {
+        self.query_prefix_chars.store(
+            chars.clamp(LEGACY_PREFIX_CHARS, MAX_PREFIX_CHARS),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn registry(&self) -> &SearchParamRegistry {
@@ -300,7 +320,10 @@ impl SearchIndex {
                 if normalized.is_empty() {
                     return None;
                 }
-                (ValueKind::Prefix, bounded_prefix(&normalized).to_owned())
+                (
+                    ValueKind::Prefix,
+                    bounded_prefix(&normalized, self.query_prefix_chars()).to_owned(),
+                )
             }
             FilterValue::Token { system, code } => match (system.as_deref(), code) {
                 (None, Some(code)) => (ValueKind::Code, code.clone()),
@@ -789,6 +812,104 @@ impl ResourceService {
         }
     }
 
+    /// Brings a database whose index holds string prefixes shorter than
+    /// [`MAX_PREFIX_CHARS`] (written by an earlier version) up to the bound: until then
+    /// searches look up prefixes within the old bound (and check longer terms after
+    /// decryption, as before), while a background thread rebuilds the index of every live
+    /// resource, in `seq` order, recording how far it got so that a restart continues there.
+    /// Writes meanwhile index with the full bound, as always.
+    pub fn widen_prefixes(&self) -> Result<(), AppError> {
+        let (chars, through) = index::prefix_state(&mut *self.connection()?)?;
+        let chars = usize::try_from(chars).unwrap_or(LEGACY_PREFIX_CHARS);
+        if chars >= MAX_PREFIX_CHARS {
+            return Ok(());
+        }
+        self.search_index().set_query_prefix_chars(chars);
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("reindex".into())
+            .spawn(move || match this.rebuild_index_after(chars, through) {
+                Ok(rebuilt) => tracing::info!(
+                    resources = rebuilt,
+                    prefix_chars = MAX_PREFIX_CHARS,
+                    "search index rebuilt with longer string prefixes"
+                ),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "search index rebuild stopped; it continues at the next start"
+                ),
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the search index rebuild");
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the index rows of every live resource after `seq` (see
+    /// [`Self::widen_prefixes`]); returns how many were rebuilt.
+    fn rebuild_index_after(&self, chars: usize, mut after: i64) -> Result<u64, AppError> {
+        let chars = i32::try_from(chars).unwrap_or(i32::MAX);
+        const BATCH: i64 = 200;
+        let mut rebuilt = 0;
+        loop {
+            let batch = index::live_after(&mut *self.connection()?, after, BATCH)?;
+            let Some(last) = batch.last().map(|(seq, ..)| *seq) else {
+                break;
+            };
+            // Decrypted and extracted before taking the write lock.
+            let mut rows = Vec::with_capacity(batch.len());
+            for (seq, type_name, id, version) in &batch {
+                let resource_type = self.resolve_type(type_name)?;
+                let id = ResourceId::parse(id)
+                    .map_err(|_| AppError::Internal(format!("stored id {id:?} is not valid")))?;
+                let Some(row) = crate::store::resources::version(
+                    &mut *self.connection()?,
+                    resource_type.as_str(),
+                    id.as_str(),
+                    *version,
+                )?
+                else {
+                    continue;
+                };
+                let resource = self.open_version(&resource_type, &id, &row)?;
+                let parsed: Value = serde_json::from_str(&resource.json).map_err(|e| {
+                    AppError::Internal(format!("stored JSON of {resource_type}/{id}: {e}"))
+                })?;
+                rows.push((
+                    *seq,
+                    *version,
+                    type_name.clone(),
+                    self.search_index().rows(type_name, &parsed),
+                ));
+            }
+            rebuilt += self.transact("the search index", |tx| {
+                let mut done = 0;
+                for (seq, version, type_name, index_rows) in &rows {
+                    // A write since the read indexed its own version already.
+                    if index::is_current(tx, *seq, *version)? {
+                        index::clear_index(tx, *seq)?;
+                        index::insert_index(tx, *seq, type_name, index_rows)?;
+                        done += 1;
+                    }
+                }
+                index::set_prefix_state(tx, chars, last)?;
+                Ok(done)
+            })?;
+            after = last;
+        }
+        self.transact("the search index", |tx| {
+            let (_, through) = index::prefix_state(tx)?;
+            index::set_prefix_state(
+                tx,
+                i32::try_from(MAX_PREFIX_CHARS).unwrap_or(i32::MAX),
+                through,
+            )?;
+            Ok(())
+        })?;
+        self.search_index().set_query_prefix_chars(MAX_PREFIX_CHARS);
+        Ok(rebuilt)
+    }
+
     /// Runs a parsed search: one page of matches, includes, and one ledger entry naming
     /// every disclosed resource.
     pub async fn search(
@@ -796,9 +917,8 @@ impl ResourceService {
         ctx: &RequestContext,
         request: SearchRequest,
     ) -> Result<SearchPage, AppError> {
-        let this = self.clone();
         let ctx = ctx.clone();
-        super::blocking(move || {
+        self.disclose(false, move |this| {
             let search = this.authorize_search(&ctx, request, "search")?;
             let mut conn = this.connection()?;
             let mut page = this.search_page(&mut conn, &search)?;
@@ -855,13 +975,13 @@ impl ResourceService {
         }
         let position = cursor.as_ref().map(Cursor::position).transpose()?;
         let (mut sql, checks) = self.search_sql(conn, search, position)?;
-        let total = match (request.total, request.summary) {
-            (_, Summary::Count) | (TotalMode::Accurate, _) if checks.is_empty() => {
-                Some(index::count(conn, &sql)?)
-            }
-            _ => None,
-        };
+        let accurate = request.total == TotalMode::Accurate || request.summary == Summary::Count;
         if request.summary == Summary::Count {
+            let total = if checks.is_empty() {
+                Some(index::count(conn, &sql)?)
+            } else {
+                None
+            };
             return Ok(SearchPage::count_only(total));
         }
         let count = i64::try_from(request.count).unwrap_or(i64::MAX);
@@ -869,6 +989,17 @@ impl ResourceService {
         sql.backward = backward;
         let mut rows = self.fetch_rows(conn, &mut sql, &checks, count + 1)?;
         let has_more = rows.len() as i64 > count;
+        // A first page that holds every match has counted them: most searches (an identifier,
+        // a patient's few resources) need no second query for their total.
+        let total = if !accurate {
+            None
+        } else if cursor.is_none() && !has_more {
+            Some(rows.len() as i64)
+        } else if checks.is_empty() {
+            Some(index::count(conn, &sql)?)
+        } else {
+            None
+        };
         rows.truncate(request.count);
         if backward {
             rows.reverse();
@@ -1509,7 +1640,8 @@ fn filter_condition(
                         continue;
                     }
                     let normalized = normalize_string(text);
-                    long_terms |= bounded_prefix(&normalized).len() < normalized.len();
+                    long_terms |= bounded_prefix(&normalized, index.query_prefix_chars()).len()
+                        < normalized.len();
                 }
                 if let Some((kind, text)) = index.query_form(value, filter.target_type.as_deref()) {
                     digests.extend(digests_for(kind, &text));
@@ -1594,7 +1726,8 @@ fn composite_condition(
             hashable => {
                 if let FilterValue::String(text) = hashable {
                     let normalized = normalize_string(text);
-                    long_terms |= bounded_prefix(&normalized).len() < normalized.len();
+                    long_terms |= bounded_prefix(&normalized, index.query_prefix_chars()).len()
+                        < normalized.len();
                 }
                 if let Some(form) = index.query_form(hashable, None) {
                     forms.push(form);

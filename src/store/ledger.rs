@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 
 use super::connection::{DbConnection, StoreError, on_backend};
+use super::entry_codec;
 use super::schema::{
     ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
 };
@@ -33,6 +34,12 @@ pub struct EntryRow {
     pub sequenced_at: Option<i64>,
 }
 
+/// An entry row as loaded, with its leaf bytes decoded from their stored form.
+fn decoded(mut row: EntryRow) -> Result<EntryRow, StoreError> {
+    row.data = entry_codec::decode(&row.data)?;
+    Ok(row)
+}
+
 /// A stored checkpoint.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = ledger_checkpoints)]
@@ -49,9 +56,10 @@ pub fn insert_entry(
     data: &[u8],
     created_at: i64,
 ) -> Result<(), StoreError> {
+    let stored = entry_codec::encode(data);
     let values = (
         ledger_entries::receipt.eq(receipt),
-        ledger_entries::data.eq(data),
+        ledger_entries::data.eq(&stored),
         ledger_entries::created_at.eq(created_at),
     );
     on_backend!(conn, conn => diesel::insert_into(ledger_entries::table)
@@ -72,12 +80,17 @@ pub fn insert_entries(
         return insert_entry(conn, receipt, data, *created_at);
     }
     for chunk in entries.chunks(INSERT_CHUNK) {
+        let stored: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|(_, data, _)| entry_codec::encode(data))
+            .collect();
         let rows: Vec<_> = chunk
             .iter()
-            .map(|(receipt, data, created_at)| {
+            .zip(&stored)
+            .map(|((receipt, _, created_at), stored)| {
                 (
                     ledger_entries::receipt.eq(*receipt),
-                    ledger_entries::data.eq(*data),
+                    ledger_entries::data.eq(stored),
                     ledger_entries::created_at.eq(*created_at),
                 )
             })
@@ -192,21 +205,33 @@ pub fn entries_at(conn: &mut DbConnection, indexes: &[i64]) -> Result<Vec<EntryR
         .filter(ledger_entries::leaf_index.eq_any(indexes))
         .select(EntryRow::as_select())
         .load(conn)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .into_iter()
+        .map(decoded)
+        .collect()
 }
 
 /// The oldest pending entries: (pending_seq, leaf data).
 pub fn pending_batch(
     conn: &mut DbConnection,
     limit: i64,
-) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+) -> Result<Vec<(i64, Vec<u8>, i64)>, StoreError> {
     ledger_entries::table
         .filter(ledger_entries::leaf_index.is_null())
         .order(ledger_entries::pending_seq.asc())
-        .select((ledger_entries::pending_seq, ledger_entries::data))
+        .select((
+            ledger_entries::pending_seq,
+            ledger_entries::data,
+            ledger_entries::created_at,
+        ))
         .limit(limit)
-        .load(conn)
-        .map_err(StoreError::classify)
+        .load::<(i64, Vec<u8>, i64)>(conn)
+        .map_err(StoreError::classify)?
+        .into_iter()
+        .map(|(pending_seq, stored, created_at)| {
+            Ok((pending_seq, entry_codec::decode(&stored)?, created_at))
+        })
+        .collect()
 }
 
 /// Gives pending entries their leaf index and leaf hash: `(pending_seq, leaf_index,
@@ -334,7 +359,10 @@ pub fn entries_range(
         .order(ledger_entries::leaf_index.asc())
         .select(EntryRow::as_select())
         .load(conn)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .into_iter()
+        .map(decoded)
+        .collect()
 }
 
 pub fn entry_by_leaf_hash(
@@ -347,7 +375,9 @@ pub fn entry_by_leaf_hash(
         .select(EntryRow::as_select())
         .first(conn)
         .optional()
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .map(decoded)
+        .transpose()
 }
 
 pub fn entry_by_receipt(
@@ -359,7 +389,9 @@ pub fn entry_by_receipt(
         .select(EntryRow::as_select())
         .first(conn)
         .optional()
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .map(decoded)
+        .transpose()
 }
 
 /// Entries not yet sequenced, oldest first (for the auditor).
@@ -369,7 +401,10 @@ pub fn pending_entries(conn: &mut DbConnection) -> Result<Vec<EntryRow>, StoreEr
         .order(ledger_entries::pending_seq.asc())
         .select(EntryRow::as_select())
         .load(conn)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .into_iter()
+        .map(decoded)
+        .collect()
 }
 
 pub fn read_hashes(conn: &mut DbConnection, indexes: &[u64]) -> Result<Vec<Hash>, LedgerError> {
@@ -462,5 +497,8 @@ pub fn entries_from(
         .limit(limit)
         .select(EntryRow::as_select())
         .load(conn)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?
+        .into_iter()
+        .map(decoded)
+        .collect()
 }

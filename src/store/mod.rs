@@ -4,11 +4,13 @@
 //! Every function here is blocking; the service layer runs them on the blocking thread pool.
 
 pub mod connection;
+mod entry_codec;
 pub mod ledger;
 pub mod migrations;
 pub mod resources;
 pub mod schema;
 pub mod search;
 mod sqlite_writer;
+mod statistics;
 
 pub use connection::{Backend, DatabaseUrl, DbConnection, DbPool, PooledConnection, StoreError};

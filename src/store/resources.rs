@@ -100,18 +100,41 @@ pub fn head(
     .map_err(StoreError::classify)
 }
 
+/// The head of a resource and its current version's row, in one query (a read by id).
+pub fn current(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<(ResourceHead, Option<VersionRow>)>, StoreError> {
+    on_backend!(conn, conn => resources::table
+        .left_join(
+            resource_versions::table.on(resource_versions::resource_type
+                .eq(resources::resource_type)
+                .and(resource_versions::id.eq(resources::id))
+                .and(resource_versions::version_id.eq(resources::current_version))),
+        )
+        .filter(resources::resource_type.eq(resource_type))
+        .filter(resources::id.eq(id))
+        .select((ResourceHead::as_select(), Option::<VersionRow>::as_select()))
+        .first(conn)
+        .optional())
+    .map_err(StoreError::classify)
+}
+
 pub fn version(
     conn: &mut DbConnection,
     resource_type: &str,
     id: &str,
     version_id: i64,
 ) -> Result<Option<VersionRow>, StoreError> {
-    resource_versions::table
+    // On the backend's own connection: through the two-backend enum, diesel would render the
+    // statement again to find it in its cache and copy the bound values, on every read.
+    on_backend!(conn, conn => resource_versions::table
         .find((resource_type, id, version_id))
         .select(VersionRow::as_select())
         .first(conn)
-        .optional()
-        .map_err(StoreError::classify)
+        .optional())
+    .map_err(StoreError::classify)
 }
 
 /// Which versions of one resource a history page asks for.

@@ -104,4 +104,13 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// How far the string prefixes of the search index reach (one row).
+    search_state (id) {
+        id -> Integer,
+        prefix_chars -> Integer,
+        reindexed_through -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(resources, resource_versions);

@@ -35,6 +35,9 @@ const MAX_GROUP_TURNS: usize = 64;
 /// it bounds how long the first turn waits for the others.
 const MAX_GROUP_AGE: Duration = Duration::from_millis(100);
 
+/// How often the checkpointer copies what the WAL holds back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
 pub(super) struct SqliteWriter {
     url: DatabaseUrl,
     /// Writers queued for a turn.
@@ -229,6 +232,44 @@ impl SqliteWriter {
         if let Some(group) = group {
             group.commit.finish(Err(message));
         }
+    }
+}
+
+/// Runs passive checkpoints on a connection and thread of their own, every
+/// [`CHECKPOINT_INTERVAL`], until `writer` is dropped.
+///
+/// Left to SQLite, a checkpoint runs inside the commit that finds the WAL past its threshold:
+/// that commit, and every request whose ledger entry waits on it, stalls while the WAL's
+/// pages are copied into the database file and it is synced. A passive checkpoint takes no
+/// lock a writer or reader waits on, so this one copies most frames in the background; the
+/// commit that passes the threshold (see `establish`) then has only the last few to copy
+/// before the WAL starts over from its beginning (which only a checkpoint that sees no new
+/// frames arrive can allow: under steady writes, never a background one).
+pub(super) fn spawn_checkpointer(writer: &Arc<SqliteWriter>) {
+    let alive = Arc::downgrade(writer);
+    let url = writer.url.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            let mut conn: Option<DbConnection> = None;
+            loop {
+                std::thread::sleep(CHECKPOINT_INTERVAL);
+                if alive.strong_count() == 0 {
+                    return;
+                }
+                if conn.is_none() {
+                    conn = establish(&url).ok();
+                }
+                if let Some(open) = conn.as_mut()
+                    && let Err(error) = open.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+                {
+                    tracing::warn!(%error, "SQLite checkpoint failed; retrying");
+                    conn = None;
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the SQLite checkpointer; SQLite checkpoints on commit");
     }
 }
 

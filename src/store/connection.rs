@@ -190,12 +190,12 @@ pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
             // file at its next read and faults its pages in again (TLB shootdowns on every
             // core; measured: reads 6,988/s with a 256 MiB mmap, 8,351/s without). The
             // checkpointer thread copies the WAL back in the background (`spawn_checkpointer`);
-            // the commit that takes the WAL past 16 MiB finishes the checkpoint and restarts it.
+            // the commit that takes the WAL past 64 MiB finishes the checkpoint and restarts it.
             conn.batch_execute(
                 "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
                  PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
                  PRAGMA cache_size = -32768; \
-                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 4096;",
+                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 16384;",
             )
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
             Ok(DbConnection::Sqlite(conn))

@@ -36,7 +36,7 @@ const MAX_GROUP_TURNS: usize = 64;
 const MAX_GROUP_AGE: Duration = Duration::from_millis(100);
 
 /// How often the checkpointer copies what the WAL holds back into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) struct SqliteWriter {
     url: DatabaseUrl,

@@ -223,6 +223,16 @@ struct Count {
     n: i64,
 }
 
+/// The same keys on every start, so that a second state reads what the first wrote.
+fn keys() -> fhirledger::server::Keys {
+    fhirledger::server::Keys {
+        master: fhirledger::crypto::MasterKey::from_bytes([7; 32]),
+        ledger: common::ledger_key(),
+        index: fhirledger::crypto::BlindIndexKey::from_bytes([9; 32]),
+        local_issuer: Some(common::local_issuer()),
+    }
+}
+
 fn count(conn: &mut fhirledger::store::DbConnection, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<Count>(conn).unwrap().n
 }
@@ -232,15 +242,7 @@ fn count(conn: &mut fhirledger::store::DbConnection, sql: &str) -> i64 {
 /// there; the server moves them into the column at start-up; `:missing` answers the same
 /// throughout.
 async fn presence_digests_move_out_of_the_index(db: TestDb) {
-    use fhirledger::crypto::{BlindIndexKey, MasterKey};
-    use fhirledger::server::Keys;
     use fhirledger::store::migrations;
-    let keys = || Keys {
-        master: MasterKey::from_bytes([7; 32]),
-        ledger: common::ledger_key(),
-        index: BlindIndexKey::from_bytes([9; 32]),
-        local_issuer: Some(common::local_issuer()),
-    };
     let app = test::init_service(fhirledger::api::build_app(
         db.state_with_keys(keys(), 1 << 20),
     ))
@@ -315,14 +317,6 @@ async fn presence_digests_move_out_of_the_index(db: TestDb) {
 /// state says so. The old index is simulated by wiping it and marking the state as old: the
 /// rebuild must put every row back.
 async fn string_prefixes_widen_in_the_background(db: TestDb) {
-    use fhirledger::crypto::{BlindIndexKey, MasterKey};
-    use fhirledger::server::Keys;
-    let keys = || Keys {
-        master: MasterKey::from_bytes([7; 32]),
-        ledger: common::ledger_key(),
-        index: BlindIndexKey::from_bytes([9; 32]),
-        local_issuer: Some(common::local_issuer()),
-    };
     let app = test::init_service(fhirledger::api::build_app(
         db.state_with_keys(keys(), 1 << 20),
     ))

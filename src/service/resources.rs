@@ -503,7 +503,7 @@ impl ResourceService {
         .await
     }
 
-    fn read_version(
+    pub(super) fn read_version(
         &self,
         resource_type: &ResourceType,
         id: &ResourceId,

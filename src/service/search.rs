@@ -862,16 +862,10 @@ impl ResourceService {
                 let resource_type = self.resolve_type(type_name)?;
                 let id = ResourceId::parse(id)
                     .map_err(|_| AppError::Internal(format!("stored id {id:?} is not valid")))?;
-                let Some(row) = crate::store::resources::version(
-                    &mut *self.connection()?,
-                    resource_type.as_str(),
-                    id.as_str(),
-                    *version,
-                )?
-                else {
-                    continue;
+                let resource = match self.read_version(&resource_type, &id, *version) {
+                    Err(AppError::NotFound(_)) => continue,
+                    read => read?,
                 };
-                let resource = self.open_version(&resource_type, &id, &row)?;
                 let parsed: Value = serde_json::from_str(&resource.json).map_err(|e| {
                     AppError::Internal(format!("stored JSON of {resource_type}/{id}: {e}"))
                 })?;

@@ -13,6 +13,8 @@
 //! raw deflate stream against [`DICTIONARY_V1`]. The dictionary is part of the storage format:
 //! a different one needs a new tag, and this module keeps decoding the old.
 
+use std::cell::RefCell;
+
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::StoreError;
@@ -36,7 +38,19 @@ pub fn encode(leaf: &[u8]) -> Vec<u8> {
 }
 
 fn deflate(leaf: &[u8]) -> Option<Vec<u8>> {
-    let mut compress = Compress::new(Compression::default(), false);
+    thread_local! {
+        // Every ledgered request encodes an entry: one compressor per thread, reset for each,
+        // rather than a deflate state (hundreds of KiB) allocated and freed per entry.
+        static COMPRESS: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
+    }
+    COMPRESS.with(|compress| {
+        let mut compress = compress.try_borrow_mut().ok()?;
+        compress.reset();
+        deflate_with(&mut compress, leaf)
+    })
+}
+
+fn deflate_with(compress: &mut Compress, leaf: &[u8]) -> Option<Vec<u8>> {
     compress.set_dictionary(DICTIONARY_V1).ok()?;
     let mut out = Vec::with_capacity(leaf.len() / 2 + 64);
     out.push(DEFLATE_V1);

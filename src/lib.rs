@@ -8,10 +8,11 @@
 //! - [`fhir`]: FHIR semantics without HTTP or SQL (validation, Bundles, CapabilityStatement, OperationOutcome);
 //! - [`store`]: diesel schema, migrations and queries over ciphertext;
 //! - [`crypto`]: envelope encryption and key loading;
-//! - [`config`] and [`server`]: settings and start-up.
+//! - [`config`] and [`server`]: settings and start-up; [`clock`]: the time everything is stamped with.
 
 pub mod access;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;

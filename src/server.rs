@@ -69,7 +69,7 @@ pub fn prepare_state(
         &CapabilityInputs {
             base_url: &options.base_url,
             software_version: env!("CARGO_PKG_VERSION"),
-            date: &format_instant(crate::service::resources::now_micros()),
+            date: &format_instant(crate::clock::now_micros()),
             smart: options.smart.as_ref(),
             cors: !options.cors_origins.is_empty(),
         },

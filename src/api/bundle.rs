@@ -14,13 +14,13 @@ use super::negotiation::{require_json_body, response_format};
 use super::request::{QueryParams, ReturnPreference, return_preference};
 use super::search::{handling, searchset_json};
 use crate::access::RequestContext;
+use crate::clock::now_micros;
 use crate::error::AppError;
 use crate::fhir::bundle_request::{EntryUrl, Method, parse_bundle};
 use crate::fhir::document::format_instant;
 use crate::fhir::outcome::OperationOutcome;
 use crate::service::WriteOutcome;
 use crate::service::bundles::{ConditionalHeaders, Outcome};
-use crate::service::resources::now_micros;
 
 /// Process a transaction or batch Bundle.
 #[utoipa::path(post, path = "/fhir", tag = "fhir",
@@ -68,13 +68,7 @@ pub async fn process(
                     );
                 }
             }
-            let mut response =
-                HttpResponse::build(actix_web::ResponseError::status_code(&failed.error));
-            response.insert_header((header::CONTENT_TYPE, format.content_type()));
-            if let Some(challenge) = failed.error.bearer_challenge() {
-                response.insert_header((header::WWW_AUTHENTICATE, challenge));
-            }
-            return Ok(response.body(outcome.to_json()));
+            return Ok(failed.error.response_with(outcome, format.content_type()));
         }
     };
     let minimal = return_preference(&req) == ReturnPreference::Minimal;

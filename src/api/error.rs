@@ -107,6 +107,20 @@ impl ResponseError for AppError {
     }
 
     fn error_response(&self) -> HttpResponse {
+        self.response_with(self.outcome(), FHIR_JSON_UTF8)
+    }
+}
+
+impl AppError {
+    /// The one builder of an error's response: its status, the headers that status carries
+    /// (`Retry-After`, `WWW-Authenticate`, `ETag` of a deleted version), the log line, and
+    /// `outcome` as the body in `content_type` (a failed transaction's outcome names its
+    /// entry; every other error answers with [`Self::outcome`]).
+    pub(crate) fn response_with(
+        &self,
+        outcome: OperationOutcome,
+        content_type: &str,
+    ) -> HttpResponse {
         let status = self.status_code();
         match self {
             // Logged with row ids only: the content is what we could not trust.
@@ -120,9 +134,8 @@ impl ResponseError for AppError {
             }
             _ => tracing::debug!(status = status.as_u16(), "request refused"),
         }
-        let outcome = self.outcome();
         let mut response = HttpResponse::build(status);
-        response.insert_header((header::CONTENT_TYPE, FHIR_JSON_UTF8));
+        response.insert_header((header::CONTENT_TYPE, content_type));
         if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }

@@ -9,12 +9,12 @@ use super::fhir::{parse_count, parse_instant, read_optional_body};
 use super::negotiation::{require_json_body, response_format};
 use super::request::QueryParams;
 use crate::access::RequestContext;
+use crate::clock::now_micros;
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::searchset::{self, SearchEntry, SearchMode};
 use crate::service::everything::EverythingQuery;
-use crate::service::resources::now_micros;
 
 /// Parameters `$everything` understands. `start`/`end` (care dates) are not supported and
 /// are refused like any unknown parameter.

@@ -763,7 +763,7 @@ fn history_bundle(
         )
         .collect::<Result<Vec<_>, serde_json::Error>>()
         .map_err(|e| AppError::Internal(format!("history bundle: {e}")))?;
-    let now = format_instant(crate::service::resources::now_micros());
+    let now = format_instant(crate::clock::now_micros());
     Bundle::history(now, total, link, entries)
         .to_json()
         .map_err(|e| AppError::Internal(format!("history bundle: {e}")))

@@ -7,12 +7,12 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use super::AppState;
 use super::negotiation::response_format;
 use crate::access::RequestContext;
+use crate::clock::now_micros;
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
 use crate::fhir::searchset::{self, SearchEntry, SearchMode};
-use crate::service::resources::now_micros;
 use crate::service::search::SearchPage;
 
 /// Search one type.

@@ -820,7 +820,7 @@ fn consent_request<'a>(
         kind,
         actor,
         purpose,
-        now: super::resources::now_micros(),
+        now: crate::clock::now_micros(),
         local,
     }
 }

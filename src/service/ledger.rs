@@ -18,7 +18,7 @@ use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore, EntryRow};
 use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
-use super::resources::now_micros;
+use crate::clock::now_micros;
 
 /// Refusals of requests without valid credentials one address may have per minute, unless
 /// configured.

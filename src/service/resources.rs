@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::access::policy;
 use crate::access::{Permission, RequestContext};
+use crate::clock::now_micros;
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::document::{self, VersionMeta};
@@ -746,15 +747,7 @@ impl ResourceService {
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), AppError> {
         let this = self.clone();
-        blocking(move || {
-            use diesel::RunQueryDsl as _;
-            let mut conn = this.connection()?;
-            diesel::sql_query("SELECT 1")
-                .execute(&mut *conn)
-                .map_err(|e| AppError::from(StoreError::classify(e)))?;
-            Ok(())
-        })
-        .await
+        blocking(move || Ok(this.pool.ping()?)).await
     }
 
     pub(crate) fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
@@ -1332,9 +1325,4 @@ fn check_precondition(
             "If-Match names version {expected} but {resource_type}/{id} does not exist"
         ))),
     }
-}
-
-/// Microseconds since the Unix epoch, UTC.
-pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
 }

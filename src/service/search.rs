@@ -1764,7 +1764,7 @@ fn date_test(value: &FilterValue) -> Option<RangeTest<i64>> {
     let (low, high) = if prefix == Prefix::Ap {
         // "Approximately": 10% of the distance from now, at least the value's own range
         // (search.html#prefix leaves the amount to the server).
-        let now = super::resources::now_micros();
+        let now = crate::clock::now_micros();
         let gap = (now - low).abs().max((now - high).abs()) / 10;
         (low.saturating_sub(gap), high.saturating_add(gap))
     } else {

@@ -299,6 +299,15 @@ impl DbPool {
         })
     }
 
+    /// Whether the database answers a trivial query on a pooled connection (`/readyz`).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        use diesel::RunQueryDsl as _;
+        diesel::sql_query("SELECT 1")
+            .execute(&mut *self.get()?)
+            .map(drop)
+            .map_err(StoreError::classify)
+    }
+
     /// The pool's connections: `(open, idle)`.
     pub fn usage(&self) -> (u32, u32) {
         let state = self.readers.state();

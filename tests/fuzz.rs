@@ -153,13 +153,79 @@ proptest! {
     }
 
     #[test]
+    fn fhirpath_paths_compile_and_select_inside_their_type(
+        root in prop::sample::select(vec!["Patient", "Observation"]),
+        steps in prop::collection::vec((fhirpath_member(), prop::option::of(0usize..3)), 0..5),
+        filter in prop::option::of((fhirpath_member(), "[a-z]{0,4}")),
+    ) {
+        let mut source = root.to_owned();
+        for (member, index) in steps {
+            source.push('.');
+            source.push_str(&member);
+            if let Some(index) = index {
+                source.push_str(&format!("[{index}]"));
+            }
+        }
+        if let Some((member, value)) = filter {
+            source.push_str(&format!(".where({member} = '{value}')"));
+        }
+        let compiled = fhirledger::fhir::fhirpath::Expression::compile(&source);
+        prop_assert!(compiled.is_ok(), "{source}: {compiled:?}");
+        let expression = compiled.unwrap();
+        let resource = patient();
+        let nodes = expression.evaluate("Patient", &resource);
+        if root == "Observation" {
+            prop_assert!(nodes.is_empty(), "{source} selected from a Patient");
+        }
+        for node in nodes {
+            prop_assert!(holds(&resource, node.value), "{source} selected {} from outside the Patient", node.value);
+        }
+    }
+
+    #[test]
     fn fhirpath_expressions_compile_or_refuse(source in prop_oneof![
-        "(Patient|Observation)(\\.[a-z]{1,8}(\\[[0-9]\\])?){0,4}(\\.where\\([a-z]{1,6} ?= ?'[a-z]{0,4}'\\))?",
         "[A-Za-z().\\[\\]'=| $%0-9]{0,40}",
         ".{0,40}",
     ]) {
-        let _ = fhirledger::fhir::fhirpath::Expression::compile(&source);
+        match fhirledger::fhir::fhirpath::Expression::compile(&source) {
+            Ok(expression) => {
+                prop_assert_eq!(expression.source(), source.as_str());
+                let resource = patient();
+                let _ = expression.evaluate("Patient", &resource);
+            }
+            Err(refused) => prop_assert!(!refused.to_string().is_empty(), "{source}: refused without a reason"),
+        }
     }
+}
+
+/// A member name for generated FHIRPath: element names of the test Patient, or names that
+/// cannot be FHIRPath keywords or functions (none starts with `q`).
+fn fhirpath_member() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "name",
+            "given",
+            "family",
+            "identifier",
+            "system",
+            "value",
+            "use",
+            "active",
+            "birthDate"
+        ])
+        .prop_map(str::to_owned),
+        "q[a-z]{0,5}",
+    ]
+}
+
+/// Whether `node` is `root` or a value inside it (the same allocation, not an equal value).
+fn holds(root: &Value, node: &Value) -> bool {
+    std::ptr::eq(root, node)
+        || match root {
+            Value::Array(items) => items.iter().any(|item| holds(item, node)),
+            Value::Object(members) => members.values().any(|member| holds(member, node)),
+            _ => false,
+        }
 }
 
 /// One JSON Patch operation, mostly well-formed.

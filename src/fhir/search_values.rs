@@ -1250,16 +1250,50 @@ mod tests {
     #[test]
     fn odd_shapes_give_nothing_rather_than_failing() {
         let plan = plan();
-        for resource in [
-            json!({"resourceType": "Patient", "name": "x", "birthDate": 1974, "gender": {"a": 1}, "identifier": [null, 3, {"system": 5}], "telecom": {"system": "email"}}),
-            json!({"resourceType": "Observation", "valueQuantity": {"value": "185"}, "effectivePeriod": {"start": 3}, "code": {"coding": "x"}, "subject": {"reference": null}}),
-            json!({"resourceType": "Observation", "valueRange": {"low": {"value": 1}}, "effectiveTiming": {"repeat": 5}}),
-            json!(null),
-            json!([]),
-        ] {
-            let _ = plan.extract("Patient", &resource);
-            let _ = plan.extract("Observation", &resource);
-            let _ = plan.extract("NoSuchType", &resource);
+        // Each element below has a JSON type its FHIR type cannot have: the parameter over it
+        // gives no value (and extraction neither panics nor errs over the rest). A bare scalar
+        // is the exception: token parameters also index primitives (code, boolean, integer),
+        // so a number where an Identifier belongs would give a code. Validation refuses such a
+        // resource before it is indexed.
+        let odd = [
+            (
+                json!({"resourceType": "Patient", "birthDate": 1974, "gender": {"a": 1}, "identifier": [null, {"system": 5}, {"value": {"v": 1}}], "telecom": {"system": "email"}}),
+                &["birthdate", "gender", "identifier"][..],
+            ),
+            (
+                json!({"resourceType": "Observation", "valueQuantity": {"value": "185"}, "effectivePeriod": {"start": 3}, "code": {"coding": "x"}, "subject": {"reference": null}}),
+                &["value-quantity", "date", "code", "subject", "patient"][..],
+            ),
+            (
+                json!({"resourceType": "Observation", "valueRange": {"low": {"value": true}}, "effectiveTiming": {"repeat": 5}}),
+                &["value-quantity", "date"][..],
+            ),
+        ];
+        for (resource, params) in odd {
+            let resource_type = resource["resourceType"].as_str().unwrap();
+            for param in params {
+                assert!(
+                    plan.is_indexed(resource_type, param),
+                    "{resource_type}.{param}"
+                );
+                let values = plan.extract_param(resource_type, param, &resource);
+                assert!(values.is_empty(), "{resource_type}.{param}: {values:?}");
+            }
         }
+        // Not a resource at all: nothing that names its content (a computed parameter such as
+        // Patient's `deceased` still evaluates, to false). A type without parameters: nothing.
+        for resource in [json!(null), json!([]), json!("Patient")] {
+            for resource_type in ["Patient", "Observation"] {
+                for (code, value) in plan.extract(resource_type, &resource) {
+                    assert!(
+                        matches!(&value, SearchValue::Token { code: Some(c), .. } if c == "false"),
+                        "{resource_type}.{code} over {resource}: {value:?}"
+                    );
+                }
+            }
+            assert!(plan.extract("NoSuchType", &resource).is_empty());
+        }
+        let values = plan.extract("NoSuchType", &json!({"resourceType": "NoSuchType", "a": 1}));
+        assert!(values.is_empty(), "{values:?}");
     }
 }

@@ -157,7 +157,7 @@ fn checkpoint_latency(
 }
 
 fn chrono_now() -> i64 {
-    fhirledger::service::resources::now_micros()
+    fhirledger::clock::now_micros()
 }
 
 fn proofs(pool: &DbPool, ledger: &LedgerService, entries: u64) {

@@ -86,9 +86,20 @@ impl TestDb {
         let admin_url = admin_url();
         let name = format!("fhirledger_test_{}", uuid::Uuid::new_v4().simple());
         let template = template.map_or(String::new(), |t| format!(" TEMPLATE {t}"));
-        diesel::sql_query(format!("CREATE DATABASE {name}{template}"))
-            .execute(&mut admin_connection(&admin_url))
-            .expect("create test database");
+        let mut admin = admin_connection(&admin_url);
+        // PostgreSQL refuses to copy a template another session is connected to; the
+        // template allows no connections, but a session could still be on its way out.
+        let mut attempts = 0;
+        while let Err(error) =
+            diesel::sql_query(format!("CREATE DATABASE {name}{template}")).execute(&mut admin)
+        {
+            attempts += 1;
+            assert!(
+                attempts < 50 && error.to_string().contains("being accessed by other users"),
+                "create test database: {error}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let url = DatabaseUrl::parse(&with_database(&admin_url, &name)).expect("postgres URL");
         Self {
             url,
@@ -201,18 +212,18 @@ fn migrated_template() -> &'static str {
     static TEMPLATE: OnceLock<String> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         use sha2::Digest as _;
-        let mut files: Vec<PathBuf> =
-            std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres"))
-                .expect("migrations/postgres")
-                .flat_map(|dir| {
-                    std::fs::read_dir(dir.expect("migration").path()).expect("migration")
-                })
-                .map(|file| file.expect("migration file").path())
-                .collect();
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(manifest.join("migrations/postgres"))
+            .expect("migrations/postgres")
+            .flat_map(|dir| std::fs::read_dir(dir.expect("migration").path()).expect("migration"))
+            .map(|file| file.expect("migration file").path())
+            .collect();
         files.sort();
         let mut digest = sha2::Sha256::new();
         for file in &files {
-            digest.update(file.to_string_lossy().as_bytes());
+            // Relative: every checkout of the same migrations shares one template.
+            let relative = file.strip_prefix(manifest).unwrap_or(file);
+            digest.update(relative.to_string_lossy().as_bytes());
             digest.update(std::fs::read(file).expect("migration file"));
         }
         let digest: String = digest.finalize()[..8]
@@ -247,9 +258,17 @@ fn migrated_template() -> &'static str {
             let mut conn = fhirledger::store::connection::establish(&url).expect("connect");
             fhirledger::store::migrations::run_pending(&mut conn).expect("migrate the template");
         }
+        // No connections: autovacuum, too, leaves it alone, so copying it never finds it busy.
+        diesel::sql_query(format!(
+            "ALTER DATABASE {building} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"
+        ))
+        .execute(&mut admin)
+        .expect("mark the template database");
         let renamed = diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {name}"))
             .execute(&mut admin);
         if renamed.is_err() {
+            let _ = diesel::sql_query(format!("ALTER DATABASE {building} IS_TEMPLATE false"))
+                .execute(&mut admin);
             let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
                 .execute(&mut admin);
             assert!(exists(&mut admin), "template database {name}: {renamed:?}");

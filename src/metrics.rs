@@ -44,53 +44,60 @@ pub struct Metrics {
 impl Metrics {
     fn build() -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("fhirledger".into()), None)?;
-        let requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests answered"),
-            &["interaction", "status"],
-        )?;
-        let request_seconds = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "Time to answer a request")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &["interaction"],
-        )?;
-        let group_commit_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "ledger_group_commit_seconds",
-                "Time one group commit of ledger entries took",
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            register(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?,
             )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        };
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests answered"),
+                &["interaction", "status"],
+            )?,
         )?;
-        let group_commit_entries = Histogram::with_opts(
-            HistogramOpts::new(
-                "ledger_group_commit_entries",
-                "Ledger entries per group commit",
-            )
-            .buckets(GROUP_SIZE_BUCKETS.to_vec()),
+        let request_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "Time to answer a request")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["interaction"],
+            )?,
         )?;
-        let sequencer_lag_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "ledger_sequencer_lag_seconds",
-                "Time from an entry's durable append to the signed checkpoint covering it",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let group_commit_seconds = histogram(
+            "ledger_group_commit_seconds",
+            "Time one group commit of ledger entries took",
+            LATENCY_BUCKETS,
         )?;
-        let tree_size = IntGauge::new("ledger_tree_size", "Size of the latest signed checkpoint")?;
-        let pool_connections = IntGaugeVec::new(
-            Opts::new("db_pool_connections", "Database connections of the pool"),
-            &["state"],
+        let group_commit_entries = histogram(
+            "ledger_group_commit_entries",
+            "Ledger entries per group commit",
+            GROUP_SIZE_BUCKETS,
         )?;
-        let pool_timeouts = IntCounter::new(
-            "db_pool_timeouts_total",
-            "Requests that could not get a database connection in time",
+        let sequencer_lag_seconds = histogram(
+            "ledger_sequencer_lag_seconds",
+            "Time from an entry's durable append to the signed checkpoint covering it",
+            LATENCY_BUCKETS,
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(request_seconds.clone()))?;
-        registry.register(Box::new(group_commit_seconds.clone()))?;
-        registry.register(Box::new(group_commit_entries.clone()))?;
-        registry.register(Box::new(sequencer_lag_seconds.clone()))?;
-        registry.register(Box::new(tree_size.clone()))?;
-        registry.register(Box::new(pool_connections.clone()))?;
-        registry.register(Box::new(pool_timeouts.clone()))?;
+        let tree_size = register(
+            &registry,
+            IntGauge::new("ledger_tree_size", "Size of the latest signed checkpoint")?,
+        )?;
+        let pool_connections = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("db_pool_connections", "Database connections of the pool"),
+                &["state"],
+            )?,
+        )?;
+        let pool_timeouts = register(
+            &registry,
+            IntCounter::new(
+                "db_pool_timeouts_total",
+                "Requests that could not get a database connection in time",
+            )?,
+        )?;
         Ok(Self {
             registry,
             requests,
@@ -167,6 +174,16 @@ pub fn interaction(method: &str, pattern: Option<&str>) -> &'static str {
         (None, _) if pattern.starts_with("/ledger") => "ledger",
         (None, _) => "other",
     }
+}
+
+/// Registers `metric` with `registry` and hands it back, so that each metric is made and
+/// registered in one place.
+fn register<M>(registry: &Registry, metric: M) -> prometheus::Result<M>
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - [`api`]: actix-web handlers, content negotiation, the one error → OperationOutcome mapping, OpenAPI;
 //! - [`access`]: who is asking ([`access::Principal`]);
 //! - [`service`]: one function per use case, orchestrating validation, crypto and one store transaction;
+//! - [`indexer`]: resource content into blind-index rows, search terms into digests;
 //! - [`fhir`]: FHIR semantics without HTTP or SQL (validation, Bundles, CapabilityStatement, OperationOutcome);
 //! - [`store`]: diesel schema, migrations and queries over ciphertext;
 //! - [`crypto`]: envelope encryption and key loading;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fhir;
+pub mod indexer;
 pub mod ledger;
 pub mod metrics;
 pub mod server;

@@ -19,10 +19,10 @@ use crate::fhir::ResourceTypes;
 use crate::fhir::capability::{CapabilityInputs, capability_statement, describe_search};
 use crate::fhir::document::format_instant;
 use crate::fhir::search_params::SearchParamRegistry;
+use crate::indexer::SearchIndex;
 use crate::ledger::LedgerKey;
 use crate::service::ResourceService;
 use crate::service::ledger::{LedgerService, SequencerOptions};
-use crate::service::search::SearchIndex;
 use crate::store::{DatabaseUrl, connection, migrations};
 
 /// What the services need besides the database and keys.

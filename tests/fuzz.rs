@@ -27,8 +27,8 @@ use fhirledger::fhir::patch::{
 use fhirledger::fhir::search_params::SearchParamRegistry;
 use fhirledger::fhir::search_query::{Handling, parse_search};
 use fhirledger::fhir::{ResourceId, ResourceTypes};
+use fhirledger::indexer::SearchIndex;
 use fhirledger::ledger::tiles::{parse_tile_path, tile_path};
-use fhirledger::service::search::SearchIndex;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

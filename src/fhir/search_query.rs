@@ -20,6 +20,9 @@ pub const MAX_PARAMETERS: usize = 100;
 pub const MAX_VALUES: usize = 1000;
 /// Sort keys one search may combine.
 pub const MAX_SORT_KEYS: usize = 3;
+/// Most resources a chain or `_has` may resolve to before the search is refused as too
+/// broad (their ids become conditions of the outer search).
+pub const MAX_INNER_MATCHES: i64 = 1000;
 
 /// Parameters that control results rather than filter them.
 const RESULT_PARAMS: &[&str] = &[

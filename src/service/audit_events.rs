@@ -20,8 +20,8 @@ use crate::ledger::entry::{LedgerEntry, Outcome};
 use crate::ledger::{Hash, tree};
 use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore};
 
+use super::base::ResourceService;
 use super::ledger::LedgerEvent;
-use super::resources::ResourceService;
 
 /// The ledger action of reading this view.
 pub const AUDIT_VIEW_ACTION: &str = "audit-view";

@@ -21,14 +21,13 @@ use crate::store::DbConnection;
 use crate::store::resources as rows;
 use crate::store::search::lock_condition;
 
+use super::base::{ResourceService, StoredResource, target};
 use super::blocking;
 use super::gate::AuthorizedSearch;
+use super::gate::refusal_event;
 use super::ledger::LedgerEvent;
-use super::resources::{
-    DeleteOutcome, ResourceService, StoredResource, TxError, WriteKind, Written, existing_head,
-    refusal_event, target,
-};
 use super::search::SearchPage;
+use super::write::{DeleteOutcome, TxError, WriteKind, Written, existing_head};
 
 /// Most entries one Bundle may hold.
 pub const MAX_BUNDLE_ENTRIES: usize = 10_000;

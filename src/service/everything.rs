@@ -17,8 +17,8 @@ use crate::store::DbConnection;
 use crate::store::resources as rows;
 use crate::store::search::{self as index, Condition, RangeOp, RangeTest, SearchSql};
 
+use super::base::{ResourceService, StoredResource, target};
 use super::ledger::LedgerEvent;
-use super::resources::{ResourceService, StoredResource, target};
 use super::search::Cursor;
 
 /// The ledger action of `$everything`: a read, told apart from a search because it discloses

@@ -23,14 +23,17 @@ use crate::access::consent::{ConsentKind, ConsentRequest, permitted_patients};
 use crate::access::policy::{self, Confinement, Grant, Refusal};
 use crate::access::{Permission, Principal, RequestContext};
 use crate::error::AppError;
-use crate::fhir::search_query::{Criterion, Handling, SearchRequest, TotalMode, parse_search};
+use crate::fhir::search_query::{
+    Criterion, Handling, MAX_INNER_MATCHES, SearchRequest, TotalMode, parse_search,
+};
 use crate::fhir::{ResourceId, ResourceType};
+use crate::indexer::{ReferenceTarget, SearchIndex};
 use crate::ledger::EntryResource;
 use crate::store::DbConnection;
 use crate::store::resources::{self as rows, ResourceHead};
 
-use super::resources::{ResourceService, StoredResource, target};
-use super::search::{MAX_INNER_MATCHES, ReferenceTarget};
+use super::base::{ResourceService, StoredResource, target};
+use super::ledger::LedgerEvent;
 
 /// Most patients a Consent-confined search may span: their compartments become one
 /// condition of the search. Beyond it the search is refused (reads and writes are decided
@@ -295,7 +298,7 @@ impl ResourceService {
         patients: usize,
     ) -> Result<(), AppError> {
         let index = self.search_index();
-        let refusal = match index.confinable(resource_types) {
+        let refusal = match confinable(index, resource_types) {
             Err(refusal) => refusal,
             Ok(_)
                 if index.compartment_digests(resource_types, patients)
@@ -805,6 +808,37 @@ impl ResourceService {
     }
 }
 
+/// Whether a search over `resource_types` can be confined to patients' compartments in
+/// one condition: `Ok(true)` when it needs one, `Ok(false)` when its types belong to no
+/// compartment. A search across all types, or mixing Patient or types outside
+/// compartments with others, cannot and is refused.
+fn confinable(index: &SearchIndex, resource_types: &[String]) -> Result<bool, Refusal> {
+    let unconfinable = |why: &str| Refusal {
+        rule: policy::RULE_COMPARTMENT,
+        message: format!(
+            "a search confined to a patient's compartment must {why}; search one type at a time"
+        ),
+    };
+    if resource_types.is_empty() {
+        return Err(unconfinable("name its types"));
+    }
+    let members = resource_types
+        .iter()
+        .filter(|t| index.has_compartments(t))
+        .count();
+    if members == 0 {
+        return Ok(false);
+    }
+    if members < resource_types.len()
+        || (resource_types.len() > 1 && resource_types.iter().any(|t| t == "Patient"))
+    {
+        return Err(unconfinable(
+            "not mix types of the compartment with Patient or with types outside it",
+        ));
+    }
+    Ok(true)
+}
+
 /// The Consent question of a request.
 fn consent_request<'a>(
     ctx: &'a RequestContext,
@@ -823,4 +857,59 @@ fn consent_request<'a>(
         now: crate::clock::now_micros(),
         local,
     }
+}
+
+impl ResourceService {
+    /// Ledgers a failed request that reached a resource (not found, gone, conflicts).
+    pub(super) fn record_refusal(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+        version_id: Option<i64>,
+        error: &AppError,
+    ) -> Result<(), AppError> {
+        let resources = vec![target(resource_type, id, version_id)];
+        let Some(event) = refusal_event(action, error, resources) else {
+            return Ok(());
+        };
+        self.ledger.append(ctx, event).map(|_| ())
+    }
+}
+
+/// The deny entry of a failed request, when the failure is evidence of an interaction with
+/// a record; a refusal by the access policy names its rule.
+pub(super) fn refusal_event(
+    action: &'static str,
+    error: &AppError,
+    resources: Vec<EntryResource>,
+) -> Option<LedgerEvent> {
+    let mut event = LedgerEvent::deny(action, refusal_reason(error)?).naming(resources);
+    if let AppError::Forbidden { rule, patients, .. } = error {
+        event.rule = Some(rule);
+        event = event.concerning(
+            patients
+                .iter()
+                .filter_map(|p| p.strip_prefix("Patient/"))
+                .map(str::to_owned),
+        );
+    }
+    Some(event)
+}
+
+/// The ledger reason of a refusal that reached a record, or `None` for errors that did
+/// not (malformed requests, server failures), which are not ledgered.
+fn refusal_reason(error: &AppError) -> Option<&'static str> {
+    Some(match error {
+        AppError::Forbidden { .. } => "forbidden",
+        AppError::NotFound(_) => "not-found",
+        AppError::Gone { .. } => "gone",
+        AppError::PreconditionFailed(_) => "precondition-failed",
+        AppError::Conflict(_) => "conflict",
+        // A patch that failed on the stored content (e.g. a `test` op): it was evaluated
+        // against the record, so the attempt is evidence too.
+        AppError::Unprocessable(_) => "unprocessable",
+        _ => return None,
+    })
 }

@@ -1,19 +1,32 @@
-//! Use cases: one function per FHIR interaction, each validating, sealing or opening, and
-//! running one store transaction. Blocking work runs on tokio's blocking pool.
+//! The service layer: use cases (one function per FHIR interaction) composed of the parts
+//! below them, each in its own file, each importing only the ones under it:
+//!
+//! - `base`: [`ResourceService`], its handles, transactions, opening sealed versions;
+//! - `gate`: the access gate (authorize, confine, Consent, withhold, ledgered refusals);
+//! - `write`: the write pipeline (stamp, seal, index, ledger, commit);
+//! - `search`: the search engine (conditions, paging, includes);
+//! - use cases over them: `resources` (CRUD, history), `bundles` (transactions, batches,
+//!   conditional interactions), `everything`, `audit_events` (the patient's AuditEvent view);
+//! - `ledger`: recording interactions and the sequencer; `audit`: `fhirledger audit`.
+//!
+//! Blocking work runs on tokio's blocking pool.
 
 pub mod audit;
 pub mod audit_events;
+pub mod base;
 pub mod bundles;
 pub mod everything;
 pub mod gate;
 pub mod ledger;
 pub mod resources;
 pub mod search;
+pub mod write;
 
+pub use base::{ResourceService, StoredResource};
 pub use resources::{
-    DeleteOutcome, HistoryEntry, HistoryPage, HistoryQuery, HistoryScanPage, HistoryScanQuery,
-    ResourceService, ScannedEntry, StoredResource, WriteOutcome,
+    HistoryEntry, HistoryPage, HistoryQuery, HistoryScanPage, HistoryScanQuery, ScannedEntry,
 };
+pub use write::{DeleteOutcome, WriteOutcome};
 
 use crate::error::AppError;
 

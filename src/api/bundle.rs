@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::AppState;
-use super::fhir::{etag, read_body, resource_response, write_response};
 use super::negotiation::{require_json_body, response_format};
+use super::request::read_body;
 use super::request::{QueryParams, ReturnPreference, return_preference};
+use super::response::{etag, resource_response, write_response};
 use super::search::{handling, searchset_json};
 use crate::access::RequestContext;
 use crate::clock::now_micros;
@@ -25,9 +26,9 @@ use crate::service::bundles::{ConditionalHeaders, Outcome};
 /// Process a transaction or batch Bundle.
 #[utoipa::path(post, path = "/fhir", tag = "fhir",
     params(("Prefer" = Option<String>, Header, description = "return=minimal | return=representation; handling=lenient for searches in entries")),
-    request_body(content = super::openapi::Resource, content_type = "application/fhir+json", description = "A Bundle of type transaction or batch"),
+    request_body(content = super::response::Resource, content_type = "application/fhir+json", description = "A Bundle of type transaction or batch"),
     responses(
-        (status = 200, description = "transaction-response or batch-response Bundle", body = super::openapi::Resource),
+        (status = 200, description = "transaction-response or batch-response Bundle", body = super::response::Resource),
         (status = 400, description = "Not a transaction/batch Bundle, or an entry is invalid (transaction: nothing was written)", body = OperationOutcome),
         (status = 404, description = "A transaction entry names an unknown resource (nothing was written)", body = OperationOutcome),
         (status = 412, description = "A transaction entry's condition or If-Match failed (nothing was written)", body = OperationOutcome),
@@ -231,10 +232,10 @@ fn response_entry(
 /// `PUT /fhir/{type}?criteria`: update the one matching resource, or create one.
 #[utoipa::path(put, path = "/fhir/{type}", tag = "fhir",
     params(("type" = String, Path, description = "Resource type; the query holds the search criteria")),
-    request_body(content = super::openapi::Resource, content_type = "application/fhir+json"),
+    request_body(content = super::response::Resource, content_type = "application/fhir+json"),
     responses(
-        (status = 200, description = "The one match was updated", body = super::openapi::Resource),
-        (status = 201, description = "Nothing matched: created", body = super::openapi::Resource),
+        (status = 200, description = "The one match was updated", body = super::response::Resource),
+        (status = 201, description = "Nothing matched: created", body = super::response::Resource),
         (status = 400, description = "No or malformed criteria, or invalid resource", body = OperationOutcome),
         (status = 412, description = "The criteria match more than one resource", body = OperationOutcome),
     ))]

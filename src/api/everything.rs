@@ -5,9 +5,9 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
-use super::fhir::{parse_count, parse_instant, read_optional_body};
 use super::negotiation::{require_json_body, response_format};
 use super::request::QueryParams;
+use super::request::{parse_count, parse_instant, read_optional_body};
 use crate::access::RequestContext;
 use crate::clock::now_micros;
 use crate::error::AppError;
@@ -32,7 +32,7 @@ const EVERYTHING_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "
         ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
     ),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed or unknown parameter, or a type other than Patient", body = OperationOutcome),
         (status = 404, description = "Unknown resource type or patient", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -59,9 +59,9 @@ const MAX_PARAMETERS_BODY: usize = 64 * 1024;
         ("type" = String, Path, description = "Patient (the only type with $everything here)"),
         ("id" = String, Path, description = "Logical id of the patient"),
     ),
-    request_body(content = Option<super::openapi::Resource>, description = "Optional `Parameters` resource: `_count` (valueInteger), `_since` (valueInstant), `_type` (valueString or valueCode, repeatable), `_cursor` (valueString)", content_type = "application/fhir+json"),
+    request_body(content = Option<super::response::Resource>, description = "Optional `Parameters` resource: `_count` (valueInteger), `_since` (valueInstant), `_type` (valueString or valueCode, repeatable), `_cursor` (valueString)", content_type = "application/fhir+json"),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Malformed body or parameter, or a type other than Patient", body = OperationOutcome),
         (status = 404, description = "Unknown resource type or patient", body = OperationOutcome),
         (status = 410, description = "The patient is deleted", body = OperationOutcome),

@@ -1,26 +1,25 @@
-//! The FHIR REST interactions under `/fhir` (https://hl7.org/fhir/R4/http.html).
+//! Handlers of the FHIR REST interactions on one resource, its history and the server's
+//! capabilities (https://hl7.org/fhir/R4/http.html); the route table is `routes.rs`.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HttpDate};
-use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
-use futures_util::StreamExt as _;
+use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
 use super::negotiation::{ResponseFormat, patch_format, require_json_body, response_format};
 use super::request::{
     QueryParams, ReturnPreference, if_match, parse_version_id, return_preference,
 };
+use super::request::{parse_count, parse_instant, read_body};
+use super::response::{etag, resource_response, write_response};
 use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link};
-use crate::fhir::document::{VersionMeta, format_instant};
+use crate::fhir::document::format_instant;
 use crate::fhir::outcome::OperationOutcome;
-use crate::service::{
-    DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry, StoredResource, WriteOutcome,
-};
+use crate::service::{DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry, StoredResource};
 use crate::store::resources::VersionKey;
 
 /// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
@@ -28,78 +27,6 @@ use crate::store::resources::VersionKey;
 const COMMON_PARAMS: &[&str] = &["_format", "_pretty"];
 const HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_before_version"];
 const SCAN_HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_cursor"];
-const DEFAULT_HISTORY_COUNT: i64 = 50;
-pub const MAX_HISTORY_COUNT: i64 = 1000;
-
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/fhir")
-            .route("/metadata", web::get().to(metadata))
-            // Before `/{type}` and `/{type}/{id}`, which would otherwise take `_history`
-            // as a type or an id.
-            .service(
-                web::resource("/_history")
-                    .route(web::get().to(system_history))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}/_history")
-                    .route(web::get().to(type_history))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("")
-                    .route(web::get().to(super::search::search_system))
-                    .route(web::post().to(super::bundle::process))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}")
-                    .route(web::get().to(super::search::search_type))
-                    .route(web::post().to(create))
-                    .route(web::put().to(super::bundle::conditional_update))
-                    .route(web::delete().to(super::bundle::conditional_delete))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}/_search")
-                    .route(web::post().to(super::search::search_type_post))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            // Before `/{type}/{id}`: an operation on an instance (operations.html).
-            .service(
-                web::resource("/{type}/{id}/$everything")
-                    .route(web::get().to(super::everything::everything))
-                    .route(web::post().to(super::everything::everything_post))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}/{id}")
-                    .route(web::get().to(read))
-                    .route(web::put().to(update))
-                    .route(web::patch().to(patch))
-                    .route(web::delete().to(delete))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}/{id}/_history")
-                    .route(web::get().to(history))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            // After `/{type}/{id}/_history` and `/{type}/{id}/$everything`, which it would
-            // otherwise take as a compartment search of the type `_history`.
-            .service(
-                web::resource("/{compartment}/{id}/{type}")
-                    .route(web::get().to(super::search::search_compartment))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/{type}/{id}/_history/{vid}")
-                    .route(web::get().to(vread))
-                    .default_service(web::to(method_not_allowed)),
-            ),
-    );
-}
 
 /// What every instance-level interaction (`/fhir/{type}/{id}…`) checks first, in the
 /// order that decides which error wins: type (404), id (400), parameters (400), format (406).
@@ -129,19 +56,11 @@ fn instance(
     })
 }
 
-async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, AppError> {
-    Err(AppError::MethodNotAllowed(format!(
-        "{} is not supported on {}",
-        req.method(),
-        req.path()
-    )))
-}
-
 /// The server's CapabilityStatement.
 #[utoipa::path(get, path = "/fhir/metadata", tag = "fhir",
     params(("_format" = Option<String>, Query, description = "json or application/fhir+json")),
     responses(
-        (status = 200, description = "CapabilityStatement", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "CapabilityStatement", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 406, description = "Unsupported format", body = OperationOutcome),
     ))]
 pub async fn metadata(
@@ -170,9 +89,9 @@ pub async fn metadata(
         ("type" = String, Path, description = "Resource type, e.g. Patient"),
         ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
     ),
-    request_body(content = super::openapi::Resource, content_type = "application/fhir+json"),
+    request_body(content = super::response::Resource, content_type = "application/fhir+json"),
     responses(
-        (status = 201, description = "Created; Location, ETag and Last-Modified are set", body = super::openapi::Resource),
+        (status = 201, description = "Created; Location, ETag and Last-Modified are set", body = super::response::Resource),
         (status = 400, description = "Malformed or invalid resource", body = OperationOutcome),
         (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -214,10 +133,10 @@ pub async fn create(
         ("If-Match" = Option<String>, Header, description = "Version the update applies to, e.g. W/\"2\""),
         ("Prefer" = Option<String>, Header, description = "return=minimal | return=representation | return=OperationOutcome"),
     ),
-    request_body(content = super::openapi::Resource, content_type = "application/fhir+json"),
+    request_body(content = super::response::Resource, content_type = "application/fhir+json"),
     responses(
-        (status = 200, description = "Updated", body = super::openapi::Resource),
-        (status = 201, description = "Created with the client's id", body = super::openapi::Resource),
+        (status = 200, description = "Updated", body = super::response::Resource),
+        (status = 201, description = "Created with the client's id", body = super::response::Resource),
         (status = 400, description = "Malformed or invalid resource, or id mismatch", body = OperationOutcome),
         (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -264,7 +183,7 @@ pub async fn update(
         (Object = "application/fhir+json"),
     ), description = "JSON Patch operations (RFC 6902), or a FHIRPath Patch Parameters resource (fhirpatch.html), applied to the current version; at most 1,000 (JSON Patch) or 100 (FHIRPath Patch) operations"),
     responses(
-        (status = 200, description = "Patched: the new version", body = super::openapi::Resource),
+        (status = 200, description = "Patched: the new version", body = super::response::Resource),
         (status = 400, description = "Malformed patch document, id or If-Match", body = OperationOutcome),
         (status = 403, description = "The token may not update this resource", body = OperationOutcome),
         (status = 404, description = "Unknown type or resource", body = OperationOutcome),
@@ -320,7 +239,7 @@ pub async fn patch(
         ("If-Modified-Since" = Option<String>, Header, description = "HTTP date: 304 when the resource has not changed since"),
     ),
     responses(
-        (status = 200, description = "The resource; ETag and Last-Modified are set", body = super::openapi::Resource),
+        (status = 200, description = "The resource; ETag and Last-Modified are set", body = super::response::Resource),
         (status = 304, description = "Not modified since the version or date the client holds"),
         (status = 400, description = "Malformed id or parameter", body = OperationOutcome),
         (status = 404, description = "Unknown type or resource", body = OperationOutcome),
@@ -455,7 +374,7 @@ fn not_modified(req: &HttpRequest, resource: &StoredResource) -> bool {
         ("_format" = Option<String>, Query, description = "json or application/fhir+json"),
     ),
     responses(
-        (status = 200, description = "That version", body = super::openapi::Resource),
+        (status = 200, description = "That version", body = super::response::Resource),
         (status = 400, description = "Malformed id, version or parameter", body = OperationOutcome),
         (status = 404, description = "Unknown type, resource or version", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -542,7 +461,7 @@ pub async fn delete(
         ("_before_version" = Option<i64>, Query, description = "Paging cursor from a `next` link"),
     ),
     responses(
-        (status = 200, description = "history Bundle", body = super::openapi::Resource),
+        (status = 200, description = "history Bundle", body = super::response::Resource),
         (status = 400, description = "Malformed parameter", body = OperationOutcome),
         (status = 404, description = "Unknown type or resource", body = OperationOutcome),
         (status = 503, description = "Database unavailable", body = OperationOutcome),
@@ -603,7 +522,7 @@ pub async fn history(
         ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
     ),
     responses(
-        (status = 200, description = "history Bundle (without `total`)", body = super::openapi::Resource),
+        (status = 200, description = "history Bundle (without `total`)", body = super::response::Resource),
         (status = 400, description = "Malformed or unknown parameter", body = OperationOutcome),
         (status = 404, description = "Unknown or unsupported resource type", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -627,7 +546,7 @@ pub async fn type_history(
         ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
     ),
     responses(
-        (status = 200, description = "history Bundle (without `total`)", body = super::openapi::Resource),
+        (status = 200, description = "history Bundle (without `total`)", body = super::response::Resource),
         (status = 400, description = "Malformed or unknown parameter", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
         (status = 503, description = "Database unavailable", body = OperationOutcome),
@@ -798,134 +717,4 @@ fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
         id: id.to_string(),
         version_id,
     })
-}
-
-/// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
-pub(super) async fn read_body(
-    req: &HttpRequest,
-    payload: web::Payload,
-    limit: usize,
-) -> Result<Vec<u8>, AppError> {
-    let body = read_optional_body(req, payload, limit).await?;
-    if body.is_empty() {
-        return Err(AppError::bad_request(
-            "the request has no body; send a FHIR resource",
-        ));
-    }
-    Ok(body)
-}
-
-/// [`read_body`] where no body is allowed (an operation invoked by POST without
-/// parameters): empty when there is none.
-pub(super) async fn read_optional_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<Vec<u8>, AppError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(AppError::PayloadTooLarge { limit });
-    }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            AppError::bad_request(format!("the request body could not be read: {e}"))
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(AppError::PayloadTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-pub(super) fn write_response(
-    state: &AppState,
-    req: &HttpRequest,
-    format: ResponseFormat,
-    outcome: &WriteOutcome,
-) -> HttpResponse {
-    let resource = &outcome.resource;
-    let status = if outcome.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let location = format!(
-        "{}/{}/{}/_history/{}",
-        state.fhir_base(),
-        resource.resource_type,
-        resource.id,
-        resource.meta.version_id
-    );
-    let mut response = resource_response(HttpResponse::build(status), format, resource);
-    response.insert_header((header::LOCATION, location));
-    match return_preference(req) {
-        ReturnPreference::Representation => response.body(resource.json.clone()),
-        ReturnPreference::Minimal => {
-            response.content_type(format.content_type());
-            response.finish()
-        }
-        ReturnPreference::OperationOutcome => {
-            let verb = if outcome.created {
-                "created"
-            } else {
-                "updated"
-            };
-            let message = format!(
-                "{}/{} {verb}: version {}",
-                resource.resource_type, resource.id, resource.meta.version_id
-            );
-            response.body(OperationOutcome::information(message).to_json())
-        }
-    }
-}
-
-/// Sets the headers every response naming one resource version carries.
-pub(super) fn resource_response(
-    mut builder: HttpResponseBuilder,
-    format: ResponseFormat,
-    resource: &StoredResource,
-) -> HttpResponseBuilder {
-    builder
-        .insert_header((header::CONTENT_TYPE, format.content_type()))
-        .insert_header((header::ETAG, etag(resource.meta.version_id)))
-        .insert_header((header::LAST_MODIFIED, http_date(resource.meta)));
-    builder
-}
-
-pub(super) fn etag(version_id: i64) -> String {
-    format!("W/\"{version_id}\"")
-}
-
-pub(super) fn http_date(meta: VersionMeta) -> HttpDate {
-    let micros = u64::try_from(meta.last_updated).unwrap_or(0);
-    HttpDate::from(UNIX_EPOCH + Duration::from_micros(micros))
-}
-
-pub(super) fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
-    let Some(text) = value else {
-        return Ok(DEFAULT_HISTORY_COUNT);
-    };
-    match text.parse::<i64>() {
-        Ok(count) if (1..=MAX_HISTORY_COUNT).contains(&count) => Ok(count),
-        _ => Err(AppError::BadRequest {
-            message: format!("_count must be an integer from 1 to {MAX_HISTORY_COUNT}"),
-            expression: Some("_count".into()),
-        }),
-    }
-}
-
-/// Parses a FHIR `instant` (RFC 3339 with a time zone) into µs since the epoch.
-pub(super) fn parse_instant(text: &str) -> Result<i64, AppError> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_micros())
-        .map_err(|_| AppError::BadRequest {
-            message: "_since must be an instant such as 2026-01-01T00:00:00Z".into(),
-            expression: Some("_since".into()),
-        })
 }

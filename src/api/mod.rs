@@ -14,6 +14,8 @@ pub mod negotiation;
 pub mod openapi;
 pub mod openapi_typed;
 pub mod request;
+pub mod response;
+pub mod routes;
 pub mod search;
 pub mod smart;
 
@@ -83,7 +85,7 @@ pub fn build_app(
         .wrap(actix_web::middleware::from_fn(request::request_context))
         .configure(health::routes)
         .configure(openapi::routes)
-        .configure(fhir::routes)
+        .configure(routes::fhir_routes)
         .configure(ledger::routes)
         .configure(smart::routes)
         .default_service(web::to(request::no_route))

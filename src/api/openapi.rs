@@ -5,21 +5,12 @@ use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::OpenApi;
 use utoipa_swagger_ui::Config;
 
+use super::response::Resource;
 use super::{bundle, everything, fhir, health, ledger, search, smart};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
-
-/// Any FHIR R4 resource in JSON form (<https://hl7.org/fhir/R4/json.html>); the server
-/// validates it against the R4 definition of its `resourceType`.
-#[derive(ToSchema)]
-#[schema(example = json!({"resourceType": "Patient", "name": [{"family": "Chalmers", "given": ["Peter"]}]}))]
-#[allow(dead_code)] // documents a shape; values are handled as JSON
-pub struct Resource {
-    #[schema(rename = "resourceType")]
-    resource_type: String,
-}
 
 #[derive(OpenApi)]
 #[openapi(

@@ -9,6 +9,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage as _, HttpRequest, web};
+use futures_util::StreamExt as _;
 use futures_util::future::LocalBoxFuture;
 use tracing::Instrument as _;
 
@@ -243,5 +244,75 @@ pub fn parse_version_id(text: &str) -> Result<i64, AppError> {
                 text.chars().take(32).collect::<String>()
             ),
             expression: None,
+        })
+}
+
+/// The page size of history when `_count` is not given, and its bound.
+const DEFAULT_HISTORY_COUNT: i64 = 50;
+const MAX_HISTORY_COUNT: i64 = 1000;
+
+/// Reads the body up to `limit` bytes; larger bodies get 413 without being read further.
+pub(crate) async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<Vec<u8>, AppError> {
+    let body = read_optional_body(req, payload, limit).await?;
+    if body.is_empty() {
+        return Err(AppError::bad_request(
+            "the request has no body; send a FHIR resource",
+        ));
+    }
+    Ok(body)
+}
+
+/// [`read_body`] where no body is allowed (an operation invoked by POST without
+/// parameters): empty when there is none.
+pub(crate) async fn read_optional_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Vec<u8>, AppError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(AppError::PayloadTooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            AppError::bad_request(format!("the request body could not be read: {e}"))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(AppError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub(crate) fn parse_count(value: Option<&str>) -> Result<i64, AppError> {
+    let Some(text) = value else {
+        return Ok(DEFAULT_HISTORY_COUNT);
+    };
+    match text.parse::<i64>() {
+        Ok(count) if (1..=MAX_HISTORY_COUNT).contains(&count) => Ok(count),
+        _ => Err(AppError::BadRequest {
+            message: format!("_count must be an integer from 1 to {MAX_HISTORY_COUNT}"),
+            expression: Some("_count".into()),
+        }),
+    }
+}
+
+/// Parses a FHIR `instant` (RFC 3339 with a time zone) into µs since the epoch.
+pub(crate) fn parse_instant(text: &str) -> Result<i64, AppError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_micros())
+        .map_err(|_| AppError::BadRequest {
+            message: "_since must be an instant such as 2026-01-01T00:00:00Z".into(),
+            expression: Some("_since".into()),
         })
 }

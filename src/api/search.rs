@@ -22,7 +22,7 @@ use crate::service::search::SearchPage;
         ("Prefer" = Option<String>, Header, description = "handling=strict (default) or handling=lenient"),
     ),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown or unsupported parameter, or malformed value", body = OperationOutcome),
         (status = 404, description = "Unknown resource type", body = OperationOutcome),
         (status = 406, description = "Unsupported response format", body = OperationOutcome),
@@ -49,7 +49,7 @@ pub async fn search_type(
         ("type" = String, Path, description = "Resource type in the compartment, or `*` for every one"),
     ),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Not the Patient compartment, a type outside it, or a malformed parameter", body = OperationOutcome),
         (status = 404, description = "Unknown resource type", body = OperationOutcome),
     ))]
@@ -106,7 +106,7 @@ pub async fn search_compartment(
     params(("type" = String, Path, description = "Resource type")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "Search parameters"),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown or unsupported parameter, or malformed value", body = OperationOutcome),
         (status = 415, description = "Body is not a form", body = OperationOutcome),
     ))]
@@ -142,7 +142,7 @@ pub async fn search_type_post(
 #[utoipa::path(get, path = "/fhir", tag = "fhir",
     params(("_type" = Option<String>, Query, description = "Comma-separated resource types")),
     responses(
-        (status = 200, description = "searchset Bundle", body = super::openapi::Resource, content_type = "application/fhir+json"),
+        (status = 200, description = "searchset Bundle", body = super::response::Resource, content_type = "application/fhir+json"),
         (status = 400, description = "Unknown or unsupported parameter, or malformed value", body = OperationOutcome),
     ))]
 pub async fn search_system(

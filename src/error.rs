@@ -6,8 +6,10 @@
 //! client sees of each (status, OperationOutcome issue code, message).
 
 use crate::fhir::ValidationError;
+use crate::fhir::bundle_request::BundleError;
 use crate::fhir::patch::PatchError;
 use crate::fhir::resource_types::{InvalidId, TypeError};
+use crate::fhir::searchset::RenderError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,21 @@ impl From<StoreError> for AppError {
             StoreError::Database(e) => Self::Internal(e.to_string()),
             StoreError::Migration(e) | StoreError::Corrupt(e) => Self::Internal(e),
         }
+    }
+}
+
+impl From<BundleError> for AppError {
+    fn from(error: BundleError) -> Self {
+        Self::BadRequest {
+            message: error.message,
+            expression: Some(error.expression),
+        }
+    }
+}
+
+impl From<RenderError> for AppError {
+    fn from(error: RenderError) -> Self {
+        Self::Internal(error.to_string())
     }
 }
 

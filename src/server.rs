@@ -70,7 +70,10 @@ pub fn prepare_state(
             base_url: &options.base_url,
             software_version: env!("CARGO_PKG_VERSION"),
             date: &format_instant(crate::clock::now_micros()),
-            smart: options.smart.as_ref(),
+            oauth: options
+                .smart
+                .as_ref()
+                .map(SmartAuthorization::oauth_endpoints),
             cors: !options.cors_origins.is_empty(),
         },
     );

@@ -3,6 +3,8 @@
 //! 2.x, conformance.html), as configured. Nothing here is fetched: the server verifies the
 //! tokens that provider issues, and publishes only what the operator vouched for.
 
+use crate::fhir::capability::OAuthEndpoints;
+
 /// Capabilities of the identity provider, not of this server (SMART App Launch 2.x,
 /// conformance.html#capabilities). The server's own (`permission-v1`, `permission-v2`,
 /// `permission-patient`, `permission-user`) are always published and are not configured.
@@ -48,6 +50,18 @@ pub struct SmartAuthorization {
 }
 
 impl SmartAuthorization {
+    /// The endpoints the CapabilityStatement names.
+    pub fn oauth_endpoints(&self) -> OAuthEndpoints<'_> {
+        OAuthEndpoints {
+            authorize: self.authorization_endpoint.as_deref(),
+            token: &self.token_endpoint,
+            register: self.registration_endpoint.as_deref(),
+            manage: self.management_endpoint.as_deref(),
+            introspect: self.introspection_endpoint.as_deref(),
+            revoke: self.revocation_endpoint.as_deref(),
+        }
+    }
+
     /// Checks what would make the published document false: unknown capabilities or grant
     /// types, launch capabilities without an authorization endpoint, OpenID Connect without
     /// a key set. Returns the setting at fault and why.

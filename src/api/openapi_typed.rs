@@ -42,7 +42,7 @@ pub fn add_typed_paths(document: &mut Value) {
         base_url: "",
         software_version: "",
         date: "",
-        smart: None,
+        oauth: None,
         cors: false,
     };
     let mut statement = capability_statement(&types, &inputs);

@@ -4,8 +4,6 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::error::AppError;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BundleKind {
     Transaction,
@@ -92,21 +90,27 @@ struct RequestJson {
     if_none_match: Option<String>,
 }
 
-fn invalid(expression: String, message: impl Into<String>) -> AppError {
-    AppError::BadRequest {
+/// A request Bundle this server cannot process as sent (400), naming where it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BundleError {
+    pub message: String,
+    /// The FHIRPath of the offending element (`Bundle.entry[1].request.method`).
+    pub expression: String,
+}
+
+fn invalid(expression: String, message: impl Into<String>) -> BundleError {
+    BundleError {
         message: message.into(),
-        expression: Some(expression),
+        expression,
     }
 }
 
 /// Parses a request Bundle. `fhir_base` (e.g. `https://x/fhir`) is stripped from absolute
 /// request URLs.
-pub fn parse_bundle(body: &[u8], fhir_base: &str) -> Result<BundleRequest, AppError> {
-    let bundle: BundleJson<'_> =
-        serde_json::from_slice(body).map_err(|e| AppError::BadRequest {
-            message: format!("the body is not a Bundle: {e}"),
-            expression: Some("Bundle".into()),
-        })?;
+pub fn parse_bundle(body: &[u8], fhir_base: &str) -> Result<BundleRequest, BundleError> {
+    let bundle: BundleJson<'_> = serde_json::from_slice(body)
+        .map_err(|e| invalid("Bundle".into(), format!("the body is not a Bundle: {e}")))?;
     if bundle.resource_type.as_deref() != Some("Bundle") {
         return Err(invalid(
             "Bundle".into(),
@@ -236,15 +240,8 @@ mod tests {
     #[test]
     fn bundle_shape_errors_name_the_entry() {
         let body = br#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Patient"},"resource":{"resourceType":"Patient"}},{"request":{"method":"FETCH","url":"Patient"}}]}"#;
-        let AppError::BadRequest { expression, .. } =
-            parse_bundle(body, "http://x/fhir").unwrap_err()
-        else {
-            panic!("expected 400");
-        };
-        assert_eq!(
-            expression.as_deref(),
-            Some("Bundle.entry[1].request.method")
-        );
+        let error = parse_bundle(body, "http://x/fhir").unwrap_err();
+        assert_eq!(error.expression, "Bundle.entry[1].request.method");
         let body = br#"{"resourceType":"Bundle","type":"collection"}"#;
         assert!(parse_bundle(body, "http://x/fhir").is_err());
     }

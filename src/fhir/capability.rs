@@ -6,7 +6,6 @@ use serde_json::{Value, json};
 use super::resource_types::ResourceTypes;
 use super::search_params::{ParamType, SearchParamRegistry};
 use super::search_values::IndexPlan;
-use crate::access::smart::SmartAuthorization;
 
 /// Interactions every supported type offers (http.html).
 const TYPE_INTERACTIONS: &[&str] = &[
@@ -20,13 +19,25 @@ const TYPE_INTERACTIONS: &[&str] = &[
     "create",
 ];
 
+/// The identity provider's OAuth endpoints the statement names (SMART App Launch 1.0's
+/// `oauth-uris`); `None` for an endpoint the provider does not offer.
+#[derive(Debug, Clone, Copy)]
+pub struct OAuthEndpoints<'a> {
+    pub authorize: Option<&'a str>,
+    pub token: &'a str,
+    pub register: Option<&'a str>,
+    pub manage: Option<&'a str>,
+    pub introspect: Option<&'a str>,
+    pub revoke: Option<&'a str>,
+}
+
 pub struct CapabilityInputs<'a> {
     pub base_url: &'a str,
     pub software_version: &'a str,
     /// When this server instance started (RFC 3339), used as the statement's date.
     pub date: &'a str,
-    /// The trusted identity provider's SMART endpoints, when configured.
-    pub smart: Option<&'a SmartAuthorization>,
+    /// The trusted identity provider's OAuth endpoints, when configured.
+    pub oauth: Option<OAuthEndpoints<'a>>,
     /// Whether CORS is on (origins configured).
     pub cors: bool,
 }
@@ -85,8 +96,8 @@ pub fn capability_statement(types: &ResourceTypes, inputs: &CapabilityInputs<'_>
         }],
     });
     // SMART endpoints only when configured: without them the statement claims none.
-    if let Some(smart) = inputs.smart {
-        statement["rest"][0]["security"]["extension"] = json!([oauth_uris(smart)]);
+    if let Some(oauth) = &inputs.oauth {
+        statement["rest"][0]["security"]["extension"] = json!([oauth_uris(oauth)]);
     }
     statement
 }
@@ -98,14 +109,14 @@ pub const OAUTH_URIS_EXTENSION: &str =
 
 /// The `oauth-uris` extension of `rest.security`, naming the identity provider's endpoints.
 /// Only configured endpoints are listed: an invented URL would be worse than none.
-fn oauth_uris(smart: &SmartAuthorization) -> Value {
+fn oauth_uris(oauth: &OAuthEndpoints<'_>) -> Value {
     let uris: Vec<Value> = [
-        ("authorize", smart.authorization_endpoint.as_deref()),
-        ("token", Some(smart.token_endpoint.as_str())),
-        ("register", smart.registration_endpoint.as_deref()),
-        ("manage", smart.management_endpoint.as_deref()),
-        ("introspect", smart.introspection_endpoint.as_deref()),
-        ("revoke", smart.revocation_endpoint.as_deref()),
+        ("authorize", oauth.authorize),
+        ("token", Some(oauth.token)),
+        ("register", oauth.register),
+        ("manage", oauth.manage),
+        ("introspect", oauth.introspect),
+        ("revoke", oauth.revoke),
     ]
     .into_iter()
     .filter_map(|(name, uri)| uri.map(|uri| json!({"url": name, "valueUri": uri})))
@@ -294,7 +305,7 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
-                smart: None,
+                oauth: None,
                 cors: false,
             },
         );
@@ -321,7 +332,7 @@ mod tests {
                 base_url: "http://x",
                 software_version: "0",
                 date: "2026-01-01T00:00:00Z",
-                smart: None,
+                oauth: None,
                 cors: false,
             },
         );

@@ -6,8 +6,6 @@ use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::error::AppError;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SearchMode {
@@ -57,13 +55,29 @@ struct BundleJson<'a> {
     entry: Vec<EntryJson<'a>>,
 }
 
+/// A searchset or a resource in it that could not be rendered: stored JSON that does not
+/// parse back (the server's fault, never the client's).
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub struct RenderError {
+    context: &'static str,
+    #[source]
+    source: serde_json::Error,
+}
+
+impl RenderError {
+    fn of(context: &'static str) -> impl Fn(serde_json::Error) -> Self {
+        move |source| Self { context, source }
+    }
+}
+
 /// Renders a searchset Bundle.
 pub fn bundle_json(
     timestamp: &str,
     total: Option<i64>,
     links: &[(&str, String)],
     entries: Vec<SearchEntry>,
-) -> Result<String, AppError> {
+) -> Result<String, RenderError> {
     let bundle = BundleJson {
         resource_type: "Bundle",
         id: uuid::Uuid::new_v4().to_string(),
@@ -83,17 +97,17 @@ pub fn bundle_json(
             })
             .collect(),
     };
-    serde_json::to_string(&bundle).map_err(|e| AppError::Internal(format!("searchset: {e}")))
+    serde_json::to_string(&bundle).map_err(RenderError::of("searchset"))
 }
 
 /// Embeds JSON text.
-pub fn raw(json: String) -> Result<Box<RawValue>, AppError> {
-    RawValue::from_string(json).map_err(|e| AppError::Internal(format!("searchset entry: {e}")))
+pub fn raw(json: String) -> Result<Box<RawValue>, RenderError> {
+    RawValue::from_string(json).map_err(RenderError::of("searchset entry"))
 }
 
 /// The resource with only `elements` (plus `resourceType`, `id`, `meta`), marked
 /// SUBSETTED as search.html#elements requires; the whole resource when `elements` is empty.
-pub fn subset(json: &str, elements: &[String]) -> Result<Box<RawValue>, AppError> {
+pub fn subset(json: &str, elements: &[String]) -> Result<Box<RawValue>, RenderError> {
     if elements.is_empty() {
         return raw(json.to_owned());
     }
@@ -102,19 +116,19 @@ pub fn subset(json: &str, elements: &[String]) -> Result<Box<RawValue>, AppError
 
 /// `_summary=text` (only `text`, besides `resourceType`, `id` and `meta`) or `_summary=data`
 /// (everything but `text`), marked SUBSETTED (search.html#summary).
-pub fn summary(json: &str, text_only: bool) -> Result<Box<RawValue>, AppError> {
+pub fn summary(json: &str, text_only: bool) -> Result<Box<RawValue>, RenderError> {
     subset_where(json, |key| (key == "text") == text_only)
 }
 
 /// The resource with `resourceType`, `id`, `meta` and the top-level elements `keep` admits,
 /// its `meta.tag` saying SUBSETTED.
-fn subset_where(json: &str, keep: impl Fn(&str) -> bool) -> Result<Box<RawValue>, AppError> {
-    let internal = |e: serde_json::Error| AppError::Internal(format!("_elements: {e}"));
+fn subset_where(json: &str, keep: impl Fn(&str) -> bool) -> Result<Box<RawValue>, RenderError> {
+    let internal = RenderError::of("_elements");
     let mut object: IndexMap<String, Box<RawValue>> =
-        serde_json::from_str(json).map_err(internal)?;
+        serde_json::from_str(json).map_err(&internal)?;
     object.retain(|key, _| matches!(key.as_str(), "resourceType" | "id" | "meta") || keep(key));
     let mut meta: serde_json::Map<String, serde_json::Value> = match object.get("meta") {
-        Some(meta) => serde_json::from_str(meta.get()).map_err(internal)?,
+        Some(meta) => serde_json::from_str(meta.get()).map_err(&internal)?,
         None => serde_json::Map::new(),
     };
     let tags = meta
@@ -126,9 +140,9 @@ fn subset_where(json: &str, keep: impl Fn(&str) -> bool) -> Result<Box<RawValue>
             "code": "SUBSETTED",
         }));
     }
-    let meta = serde_json::to_string(&meta).map_err(internal)?;
+    let meta = serde_json::to_string(&meta).map_err(&internal)?;
     object.insert("meta".into(), raw(meta)?);
-    raw(serde_json::to_string(&object).map_err(internal)?)
+    raw(serde_json::to_string(&object).map_err(&internal)?)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `GET /fhir/AuditEvent?patient=…`: the patient's view of who touched their record, as a
 //! searchset of AuditEvents generated from the ledger (see `service::audit_events`). Paged
-//! newest first by a cursor (the leaf index to continue below).
+//! newest first by a sealed cursor (the leaf index to continue below).
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
@@ -79,15 +79,7 @@ pub(super) async fn search(
                     })?;
             }
             "_cursor" => {
-                query.before = Some(
-                    value
-                        .parse::<i64>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| {
-                            invalid(name, "_cursor is not a cursor of this view".into())
-                        })?,
-                );
+                query.cursor = Some(value.clone());
                 continue;
             }
             "_format" => {
@@ -122,10 +114,8 @@ pub(super) async fn search(
         }
     };
     let mut links = vec![json!({"relation": "self", "url": link(None)})];
-    if let Some(before) = page.next_before {
-        links.push(
-            json!({"relation": "next", "url": link(Some(("_cursor".into(), before.to_string())))}),
-        );
+    if let Some(next) = page.next {
+        links.push(json!({"relation": "next", "url": link(Some(("_cursor".into(), next)))}));
     }
     let entries: Vec<_> = page
         .events

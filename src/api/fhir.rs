@@ -20,7 +20,6 @@ use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link
 use crate::fhir::document::format_instant;
 use crate::fhir::outcome::OperationOutcome;
 use crate::service::{DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry, StoredResource};
-use crate::store::resources::VersionKey;
 
 /// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
 /// presentation hint this server does not act on.
@@ -573,10 +572,7 @@ async fn scan_history(
         resource_type: resource_type.clone(),
         count: parse_count(query.get("_count"))?,
         since: query.get("_since").map(parse_instant).transpose()?,
-        after: query
-            .get("_cursor")
-            .map(|text| parse_cursor(state, text))
-            .transpose()?,
+        cursor: query.get("_cursor").map(str::to_owned),
     };
     let page = state.resources.history_scan(ctx, scan.clone()).await?;
     let self_url = match &resource_type {
@@ -586,8 +582,8 @@ async fn scan_history(
     let links = HistoryLinks {
         self_url,
         paging: history_paging(scan.count, query.get("_since")),
-        cursor: scan.after.as_ref().map(|key| ("_cursor", cursor_text(key))),
-        next: page.next.as_ref().map(|key| ("_cursor", cursor_text(key))),
+        cursor: scan.cursor.clone().map(|text| ("_cursor", text)),
+        next: page.next.clone().map(|text| ("_cursor", text)),
     };
     let body = history_bundle(state, links, None, page.entries)?;
     Ok(HttpResponse::Ok()
@@ -686,35 +682,4 @@ fn history_bundle(
     Bundle::history(now, total, link, entries)
         .to_json()
         .map_err(|e| AppError::Internal(format!("history bundle: {e}")))
-}
-
-/// The `_cursor` of type and system history: `{lastUpdated µs}_{versionId}_{type}_{id}`.
-/// `_` occurs in no type name or id, so the text splits back unambiguously.
-fn cursor_text(key: &VersionKey) -> String {
-    format!(
-        "{}_{}_{}_{}",
-        key.last_updated, key.version_id, key.resource_type, key.id
-    )
-}
-
-fn parse_cursor(state: &AppState, text: &str) -> Result<VersionKey, AppError> {
-    let invalid = || AppError::BadRequest {
-        message: "_cursor is not a cursor from a next link of this server".into(),
-        expression: Some("_cursor".into()),
-    };
-    let mut parts = text.splitn(4, '_');
-    let mut next = || parts.next().ok_or_else(invalid);
-    let last_updated = next()?.parse::<i64>().map_err(|_| invalid())?;
-    let version_id = parse_version_id(next()?).map_err(|_| invalid())?;
-    let resource_type = state
-        .resources
-        .resolve_type(next()?)
-        .map_err(|_| invalid())?;
-    let id = ResourceId::parse(next()?).map_err(|_| invalid())?;
-    Ok(VersionKey {
-        last_updated,
-        resource_type: resource_type.to_string(),
-        id: id.to_string(),
-        version_id,
-    })
 }

@@ -327,10 +327,10 @@ pub(super) fn searchset_json(
             mode: SearchMode::Outcome,
         });
     }
-    searchset::bundle_json(
+    Ok(searchset::bundle_json(
         &crate::fhir::document::format_instant(now_micros()),
         page.total,
         &links,
         entries,
-    )
+    )?)
 }

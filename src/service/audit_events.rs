@@ -21,6 +21,7 @@ use crate::ledger::{Hash, tree};
 use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore};
 
 use super::base::ResourceService;
+use super::cursor::{self, CursorKind};
 use super::ledger::LedgerEvent;
 
 /// The ledger action of reading this view.
@@ -76,16 +77,16 @@ pub struct AuditQuery {
     pub agent: Option<String>,
     pub dates: Vec<DateTest>,
     pub count: usize,
-    /// Continue with entries below this leaf index (from a `next` link).
-    pub before: Option<i64>,
+    /// `_cursor` from a `next` link: continue with the entries below the leaf index it seals.
+    pub cursor: Option<String>,
 }
 
 /// One page of the view.
 #[derive(Debug, Clone)]
 pub struct AuditPage {
     pub events: Vec<Value>,
-    /// The cursor of the next page, when entries remain.
-    pub next_before: Option<i64>,
+    /// `_cursor` of the next page, when entries remain.
+    pub next: Option<String>,
 }
 
 impl ResourceService {
@@ -144,16 +145,26 @@ impl ResourceService {
         .await
     }
 
+    /// The sealed cursor of the page below leaf `before`.
+    fn audit_cursor(&self, before: Option<i64>) -> Option<String> {
+        before.map(|index| cursor::seal(self.envelope(), CursorKind::AuditView, &index))
+    }
+
     fn audit_page(&self, query: &AuditQuery) -> Result<AuditPage, AppError> {
         let mut conn = self.connection()?;
         // Only entries the latest checkpoint covers are listed: each comes with its proof.
         let Some(checkpoint) = rows::latest_checkpoint(&mut conn)? else {
             return Ok(AuditPage {
                 events: Vec::new(),
-                next_before: None,
+                next: None,
             });
         };
-        let mut before = query.before.unwrap_or(i64::MAX).min(checkpoint.tree_size);
+        let before: Option<i64> = query
+            .cursor
+            .as_deref()
+            .map(|text| cursor::open(self.envelope(), CursorKind::AuditView, text))
+            .transpose()?;
+        let mut before = before.unwrap_or(i64::MAX).min(checkpoint.tree_size);
         let mut events = Vec::new();
         let mut examined = 0;
         loop {
@@ -167,10 +178,7 @@ impl ResourceService {
             };
             rows.sort_by_key(|row| std::cmp::Reverse(row.leaf_index));
             if rows.is_empty() {
-                return Ok(AuditPage {
-                    events,
-                    next_before: None,
-                });
+                return Ok(AuditPage { events, next: None });
             }
             for row in rows {
                 let Some(index) = row.leaf_index else {
@@ -202,7 +210,7 @@ impl ResourceService {
                     if events.len() == query.count {
                         return Ok(AuditPage {
                             events,
-                            next_before: (index > 0).then_some(index),
+                            next: self.audit_cursor((index > 0).then_some(index)),
                         });
                     }
                 }
@@ -210,15 +218,12 @@ impl ResourceService {
                     // A short page with a next link: the filters skipped many entries.
                     return Ok(AuditPage {
                         events,
-                        next_before: (index > 0).then_some(index),
+                        next: self.audit_cursor((index > 0).then_some(index)),
                     });
                 }
             }
             if before == 0 {
-                return Ok(AuditPage {
-                    events,
-                    next_before: None,
-                });
+                return Ok(AuditPage { events, next: None });
             }
         }
     }

@@ -4,7 +4,8 @@
 //! - `base`: [`ResourceService`], its handles, transactions, opening sealed versions;
 //! - `gate`: the access gate (authorize, confine, Consent, withhold, ledgered refusals);
 //! - `write`: the write pipeline (stamp, seal, index, ledger, commit);
-//! - `search`: the search engine (conditions, paging, includes);
+//! - `search`: the search engine (conditions, paging, includes); `cursor`: the one sealed
+//!   paging cursor of searches, `$everything`, history and the AuditEvent view;
 //! - use cases over them: `resources` (CRUD, history), `bundles` (transactions, batches,
 //!   conditional interactions), `everything`, `audit_events` (the patient's AuditEvent view);
 //! - `ledger`: recording interactions and the sequencer; `audit`: `fhirledger audit`.
@@ -15,6 +16,7 @@ pub mod audit;
 pub mod audit_events;
 pub mod base;
 pub mod bundles;
+pub mod cursor;
 pub mod everything;
 pub mod gate;
 pub mod ledger;

@@ -8,10 +8,11 @@ use crate::fhir::document::VersionMeta;
 use crate::fhir::patch::{PatchFormat, parse_patch};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType};
-use crate::store::resources::{self as rows, HistoryWindow, ScanWindow, VersionKey, VersionRow};
+use crate::store::resources::{self as rows, HistoryWindow, ScanWindow, VersionKey};
 
 use super::base::{Disclosed, ResourceService, StoredResource, target};
 use super::blocking;
+use super::cursor::{self, CursorKind};
 use super::gate::withhold;
 use super::ledger::LedgerEvent;
 use super::write::{DeleteOutcome, WriteKind, WriteOutcome, Written, existing_head};
@@ -38,8 +39,9 @@ pub struct HistoryScanQuery {
     pub resource_type: Option<ResourceType>,
     pub count: i64,
     pub since: Option<i64>,
-    /// Paging cursor: only versions after this one in history order.
-    pub after: Option<VersionKey>,
+    /// `_cursor` from a `next` link: only versions after the one it names, in history
+    /// order.
+    pub cursor: Option<String>,
 }
 
 /// One version of some resource, in a type- or system-level history.
@@ -53,8 +55,43 @@ pub struct ScannedEntry {
 #[derive(Debug, Clone)]
 pub struct HistoryScanPage {
     pub entries: Vec<ScannedEntry>,
-    /// Cursor for the next (older) page, when there is one.
-    pub next: Option<VersionKey>,
+    /// `_cursor` of the next (older) page, when there is one.
+    pub next: Option<String>,
+}
+
+/// The last version a type or system history page showed, sealed as its `next` cursor.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HistoryPosition {
+    #[serde(rename = "t")]
+    last_updated: i64,
+    #[serde(rename = "r")]
+    resource_type: String,
+    #[serde(rename = "i")]
+    id: String,
+    #[serde(rename = "v")]
+    version_id: i64,
+}
+
+impl From<VersionKey> for HistoryPosition {
+    fn from(key: VersionKey) -> Self {
+        Self {
+            last_updated: key.last_updated,
+            resource_type: key.resource_type,
+            id: key.id,
+            version_id: key.version_id,
+        }
+    }
+}
+
+impl From<HistoryPosition> for VersionKey {
+    fn from(position: HistoryPosition) -> Self {
+        Self {
+            last_updated: position.last_updated,
+            resource_type: position.resource_type,
+            id: position.id,
+            version_id: position.version_id,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -495,12 +532,18 @@ impl ResourceService {
     }
 
     fn history_scan_page(&self, query: &HistoryScanQuery) -> Result<HistoryScanPage, AppError> {
+        let after: Option<VersionKey> = query
+            .cursor
+            .as_deref()
+            .map(|text| cursor::open::<HistoryPosition>(self.envelope(), CursorKind::History, text))
+            .transpose()?
+            .map(VersionKey::from);
         let mut conn = self.connection()?;
         // One row more than the page tells whether a next page exists.
         let window = ScanWindow {
             resource_type: query.resource_type.as_ref().map(ResourceType::as_str),
             since: query.since,
-            after: query.after.as_ref(),
+            after: after.as_ref(),
             limit: query.count + 1,
         };
         let mut versions = rows::history_scan(&mut conn, window)?;
@@ -508,7 +551,10 @@ impl ResourceService {
         let has_more = versions.len() as i64 > query.count;
         versions.truncate(usize::try_from(query.count).unwrap_or(0));
         let next = if has_more {
-            versions.last().map(VersionRow::key)
+            versions.last().map(|row| {
+                let position = HistoryPosition::from(row.key());
+                cursor::seal(self.envelope(), CursorKind::History, &position)
+            })
         } else {
             None
         };

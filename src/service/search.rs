@@ -5,16 +5,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
 
 use crate::access::RequestContext;
+use crate::crypto::Envelope;
 use crate::crypto::blind_index::{
     Digest, LEGACY_PREFIX_CHARS, MAX_PREFIX_CHARS, ValueKind, bounded_prefix, normalize_string,
     system_and_code,
 };
-use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::search_params::ParamType;
@@ -31,6 +29,7 @@ use crate::store::search::{
 };
 
 use super::base::{ResourceService, StoredResource, target};
+use super::cursor::{self, CursorKind};
 use super::gate::AuthorizedSearch;
 use super::ledger::LedgerEvent;
 
@@ -123,10 +122,8 @@ fn component_passes(index: &SearchIndex, check: &ComponentCheck, stored: &Search
     }
 }
 
-/// Paging direction and position, carried in `_cursor`. Sealed with the master key
-/// (AES-GCM): a position may hold a sort value taken from resource content, such as a
-/// family name, which must not travel in URLs in clear; sealing also makes cursors
-/// tamper-proof.
+/// Paging direction and position of a search or `$everything` page, carried in `_cursor`
+/// sealed ([`super::cursor`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Cursor {
     /// `true`: the page before the position; `false`: the page after it.
@@ -139,13 +136,6 @@ pub(super) struct Cursor {
     seq: i64,
 }
 
-/// What cursors are sealed as (a binding no resource version can have).
-const CURSOR_BINDING: ResourceBinding<'static> = ResourceBinding {
-    resource_type: "search-cursor",
-    id: "-",
-    version_id: 0,
-};
-
 impl Cursor {
     pub(super) fn at(backward: bool, values: Vec<Option<SortValue>>, seq: i64) -> Self {
         Self {
@@ -156,19 +146,7 @@ impl Cursor {
     }
 
     pub(super) fn encode(&self, envelope: &Envelope) -> String {
-        let plaintext = serde_json::to_vec(self).unwrap_or_default();
-        let blob = envelope.seal(CURSOR_BINDING, &plaintext);
-        let mut bytes = Vec::new();
-        for part in [
-            blob.key_id.as_bytes(),
-            &blob.wrapped_key,
-            &blob.nonce,
-            &blob.ciphertext,
-        ] {
-            bytes.extend_from_slice(&u32::try_from(part.len()).unwrap_or(0).to_be_bytes());
-            bytes.extend_from_slice(part);
-        }
-        BASE64URL.encode(bytes)
+        cursor::seal(envelope, CursorKind::Search, self)
     }
 
     /// Opens a cursor from a link; refused (400) unless sealed by this server for a search
@@ -178,32 +156,9 @@ impl Cursor {
         envelope: &Envelope,
         sort_keys: usize,
     ) -> Result<Self, AppError> {
-        let bad = || AppError::BadRequest {
-            message: "_cursor is not a cursor from this search's links".into(),
-            expression: Some("_cursor".into()),
-        };
-        let bytes = BASE64URL.decode(text).map_err(|_| bad())?;
-        let mut parts = Vec::with_capacity(4);
-        let mut rest = bytes.as_slice();
-        while !rest.is_empty() {
-            let (length, tail) = rest.split_at_checked(4).ok_or_else(bad)?;
-            let length = u32::from_be_bytes(length.try_into().map_err(|_| bad())?) as usize;
-            let (part, tail) = tail.split_at_checked(length).ok_or_else(bad)?;
-            parts.push(part.to_vec());
-            rest = tail;
-        }
-        let [key_id, wrapped_key, nonce, ciphertext]: [Vec<u8>; 4] =
-            parts.try_into().map_err(|_| bad())?;
-        let blob = EncryptedBlob {
-            key_id: String::from_utf8(key_id).map_err(|_| bad())?,
-            wrapped_key,
-            nonce,
-            ciphertext,
-        };
-        let plaintext = envelope.open(CURSOR_BINDING, &blob).map_err(|_| bad())?;
-        let cursor: Self = serde_json::from_slice(&plaintext).map_err(|_| bad())?;
+        let cursor: Self = cursor::open(envelope, CursorKind::Search, text)?;
         if cursor.values.len() != sort_keys {
-            return Err(bad());
+            return Err(cursor::not_ours());
         }
         Ok(cursor)
     }
@@ -215,10 +170,7 @@ impl Cursor {
             .iter()
             .cloned()
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| AppError::BadRequest {
-                message: "_cursor is not a cursor from this search's links".into(),
-                expression: Some("_cursor".into()),
-            })?;
+            .ok_or_else(cursor::not_ours)?;
         Ok(Position {
             values,
             seq: self.seq,

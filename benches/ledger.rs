@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use diesel::{Connection as _, RunQueryDsl as _};
 use fhirledger::access::RequestContext;
-use fhirledger::ledger::LedgerKey;
 use fhirledger::ledger::entry::EntryResource;
 use fhirledger::ledger::tree;
+use fhirledger::ledger::{Action, LedgerKey};
 use fhirledger::service::ledger::{LedgerEvent, LedgerService, SequencerOptions};
 use fhirledger::store::ledger::DbHashStore;
 use fhirledger::store::{DatabaseUrl, DbPool, connection, migrations};
@@ -38,7 +38,7 @@ fn event(i: u64) -> LedgerEvent {
         version_id: Some("1".into()),
         content_hash: None,
     };
-    LedgerEvent::permit("read").touching(read, Some([format!("bench-{i}")].into()))
+    LedgerEvent::permit(Action::Read).touching(read, Some([format!("bench-{i}")].into()))
 }
 
 fn open(url: &DatabaseUrl) -> (DbPool, LedgerService) {

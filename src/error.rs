@@ -126,6 +126,14 @@ impl From<RenderError> for AppError {
     }
 }
 
+/// A ledger computation that failed over stored data (a tree hash that is missing, a size
+/// out of range): the log is not as the server wrote it.
+impl From<crate::ledger::LedgerError> for AppError {
+    fn from(error: crate::ledger::LedgerError) -> Self {
+        Self::Internal(format!("ledger: {error}"))
+    }
+}
+
 impl From<PatchError> for AppError {
     fn from(error: PatchError) -> Self {
         match error {

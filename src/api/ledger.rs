@@ -13,6 +13,7 @@ use super::request::QueryParams;
 use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::outcome::OperationOutcome;
+use crate::ledger::Action;
 use crate::ledger::Hash;
 use crate::ledger::checkpoint::{decode_hash, encode_hash};
 use crate::ledger::tiles::{TILE_WIDTH, parse_tile_path};
@@ -190,7 +191,10 @@ pub async fn entries(
     ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
-    state.ledger.authorize_read(&ctx, "ledger-read").await?;
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
     let query = QueryParams::parse(&req, &["start", "end"])?;
     let start = parse_u64(&query, "start")?.unwrap_or(0);
     let end = parse_u64(&query, "end")?.unwrap_or(start.saturating_add(DEFAULT_ENTRIES_PAGE));
@@ -227,7 +231,10 @@ pub async fn entry(
     ctx: RequestContext,
     path: web::Path<String>,
 ) -> Result<HttpResponse, AppError> {
-    state.ledger.authorize_read(&ctx, "ledger-read").await?;
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
     let index: u64 = path
         .parse()
         .map_err(|_| AppError::bad_request("index must be a non-negative integer"))?;
@@ -252,7 +259,10 @@ pub async fn receipt(
     ctx: RequestContext,
     path: web::Path<String>,
 ) -> Result<HttpResponse, AppError> {
-    state.ledger.authorize_read(&ctx, "ledger-read").await?;
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
     let served = state.ledger.entry_by_receipt(path.into_inner()).await?;
     let receipt = served.receipt.clone();
     let (index, leaf_data, entry) = view(served)?;
@@ -292,7 +302,10 @@ pub async fn inclusion_proof(
     ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
-    state.ledger.authorize_read(&ctx, "ledger-read").await?;
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
     let query = QueryParams::parse(&req, &["index", "leaf_hash", "tree_size"])?;
     let tree_size = required_u64(&query, "tree_size")?;
     let index = match (parse_u64(&query, "index")?, query.get("leaf_hash")) {
@@ -334,7 +347,10 @@ pub async fn consistency_proof(
     ctx: RequestContext,
     req: HttpRequest,
 ) -> Result<HttpResponse, AppError> {
-    state.ledger.authorize_read(&ctx, "ledger-read").await?;
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
     let query = QueryParams::parse(&req, &["first", "second"])?;
     let first = required_u64(&query, "first")?;
     let second = required_u64(&query, "second")?;

@@ -51,6 +51,80 @@ impl Actor {
     }
 }
 
+/// What an interaction did, as an entry's `action` names it. Entries carry the name as
+/// text, so that a verifier reads logs written by any version; the server writes only these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+    Read,
+    Vread,
+    /// A page of an instance's, a type's or the system's history.
+    History,
+    /// A search page (also a Bundle's search entry, a conditional match's disclosure).
+    Search,
+    /// A page of `Patient/{id}/$everything`: a read, told apart from a search because it
+    /// discloses a whole record at once.
+    Everything,
+    /// A patient's view of the ledger (`GET /fhir/AuditEvent`).
+    AuditView,
+    /// The ledger API read by a token (entries, proofs, tiles).
+    LedgerRead,
+    /// Requests refused for want of valid credentials (aggregated per address).
+    Authenticate,
+}
+
+impl Action {
+    /// Every action (kept in step with the variants: `parse` reads names through it).
+    pub const ALL: [Self; 11] = [
+        Self::Create,
+        Self::Update,
+        Self::Delete,
+        Self::Read,
+        Self::Vread,
+        Self::History,
+        Self::Search,
+        Self::Everything,
+        Self::AuditView,
+        Self::LedgerRead,
+        Self::Authenticate,
+    ];
+
+    /// The name entries carry.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Delete => "delete",
+            Self::Read => "read",
+            Self::Vread => "vread",
+            Self::History => "history",
+            Self::Search => "search",
+            Self::Everything => "everything",
+            Self::AuditView => "audit-view",
+            Self::LedgerRead => "ledger-read",
+            Self::Authenticate => "authenticate",
+        }
+    }
+
+    /// The action an entry names; `None` for a name this server does not write.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|action| action.as_str() == name)
+    }
+
+    /// Whether the action changed a record (its entry names the content hash written).
+    pub const fn is_write(self) -> bool {
+        matches!(self, Self::Create | Self::Update | Self::Delete)
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -242,6 +316,22 @@ pub fn content_hash(ciphertext: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_action_is_read_back_from_its_name_and_names_are_distinct() {
+        let mut names = std::collections::BTreeSet::new();
+        for action in Action::ALL {
+            assert_eq!(Action::parse(action.as_str()), Some(action));
+            assert!(names.insert(action.as_str()), "{action} named twice");
+        }
+        assert_eq!(
+            Action::parse("patch"),
+            None,
+            "patches are written as updates"
+        );
+        let writes: Vec<Action> = Action::ALL.into_iter().filter(|a| a.is_write()).collect();
+        assert_eq!(writes, [Action::Create, Action::Update, Action::Delete]);
+    }
 
     fn sample() -> LedgerEntry {
         LedgerEntry {

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use ed25519_dalek::VerifyingKey;
 
+use crate::ledger::Action;
 use crate::ledger::checkpoint::{VerifiedCheckpoint, verify_checkpoint};
 use crate::ledger::entry::{content_hash, verify_entry};
 use crate::ledger::tree::{self, MemoryHashStore};
@@ -406,7 +407,7 @@ fn record_entry(
             format!("{label}: stored under another receipt"),
         );
     }
-    let is_write = matches!(entry.action.as_str(), "create" | "update" | "delete")
+    let is_write = Action::parse(&entry.action).is_some_and(Action::is_write)
         && entry.outcome == crate::ledger::Outcome::Permit;
     if !is_write {
         return;

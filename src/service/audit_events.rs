@@ -15,6 +15,7 @@ use crate::access::policy::{self, Refusal};
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
 use crate::fhir::search_values::date_range;
+use crate::ledger::Action;
 use crate::ledger::checkpoint::encode_hash;
 use crate::ledger::entry::{LedgerEntry, Outcome};
 use crate::ledger::{Hash, tree};
@@ -24,8 +25,6 @@ use super::base::ResourceService;
 use super::cursor::{self, CursorKind};
 use super::ledger::LedgerEvent;
 
-/// The ledger action of reading this view.
-pub const AUDIT_VIEW_ACTION: &str = "audit-view";
 /// Most entries examined for one page (filters may skip many).
 const MAX_EXAMINED: usize = 10_000;
 /// The extension naming an AuditEvent's ledger entry.
@@ -108,7 +107,7 @@ impl ResourceService {
                     &ctx,
                     Permission::Search,
                     "AuditEvent",
-                    AUDIT_VIEW_ACTION,
+                    Action::AuditView,
                     Vec::new(),
                 )?;
                 if let Some(confinement) = &grant.confinement {
@@ -129,7 +128,7 @@ impl ResourceService {
                     if let Some(refusal) = refusal {
                         return Err(this.ledger().refuse(
                             &ctx,
-                            AUDIT_VIEW_ACTION,
+                            Action::AuditView,
                             Vec::new(),
                             refusal,
                         ));
@@ -138,7 +137,7 @@ impl ResourceService {
                 }
             }
             let page = this.audit_page(&query)?;
-            let event = LedgerEvent::permit(AUDIT_VIEW_ACTION).concerning(query.patient.clone());
+            let event = LedgerEvent::permit(Action::AuditView).concerning(query.patient.clone());
             this.ledger().append(&ctx, event)?;
             Ok(page)
         })
@@ -292,19 +291,35 @@ impl AuditQuery {
 
 /// The R4 AuditEvent of one ledger entry (its id is `ledger-<index>`).
 pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
-    let action = match entry.action.as_str() {
-        "create" => "C",
-        "update" => "U",
-        "delete" => "D",
-        "read" | "vread" | "history" | "search" | "everything" | AUDIT_VIEW_ACTION => "R",
-        _ => "E",
+    let action = Action::parse(&entry.action);
+    // R4 AuditEvent.action (audit-event-action): create, read, update, delete, execute.
+    let action_code = match action {
+        Some(Action::Create) => "C",
+        Some(Action::Update) => "U",
+        Some(Action::Delete) => "D",
+        Some(
+            Action::Read
+            | Action::Vread
+            | Action::History
+            | Action::Search
+            | Action::Everything
+            | Action::AuditView,
+        ) => "R",
+        Some(Action::LedgerRead | Action::Authenticate) | None => "E",
     };
-    let interaction = match entry.action.as_str() {
-        "create" | "read" | "vread" | "update" | "delete" | "history" | "search" => {
-            Some(entry.action.as_str())
-        }
-        "everything" => Some("operation"),
-        _ => None,
+    // The R4 restful-interaction code, where the action is one.
+    let interaction = match action {
+        Some(
+            Action::Create
+            | Action::Read
+            | Action::Vread
+            | Action::Update
+            | Action::Delete
+            | Action::History
+            | Action::Search,
+        ) => Some(entry.action.as_str()),
+        Some(Action::Everything) => Some("operation"),
+        Some(Action::AuditView | Action::LedgerRead | Action::Authenticate) | None => None,
     };
     let who = match &entry.actor.fhir_user {
         Some(user) => json!({"reference": user}),
@@ -327,7 +342,7 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
         "id": format!("ledger-{index}"),
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                  "display": "RESTful Operation"},
-        "action": action,
+        "action": action_code,
         "recorded": entry.time,
         "outcome": if entry.outcome == Outcome::Permit { "0" } else { "4" },
         "agent": [agent],

@@ -17,6 +17,7 @@ use crate::fhir::references::rewrite_references;
 use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType};
+use crate::ledger::Action;
 use crate::store::DbConnection;
 use crate::store::resources as rows;
 use crate::store::search::lock_condition;
@@ -331,7 +332,7 @@ impl ResourceService {
             } => (
                 Permission::Create,
                 resource_type,
-                "create",
+                Action::Create,
                 if_none_exist.as_ref(),
                 Some(compact_json),
             ),
@@ -343,13 +344,17 @@ impl ResourceService {
             } => (
                 Permission::Update,
                 resource_type,
-                "update",
+                Action::Update,
                 matching(target),
                 Some(compact_json),
             ),
-            Operation::Patch { resource_type, .. } => {
-                (Permission::Update, resource_type, "update", None, None)
-            }
+            Operation::Patch { resource_type, .. } => (
+                Permission::Update,
+                resource_type,
+                Action::Update,
+                None,
+                None,
+            ),
             Operation::Delete {
                 resource_type,
                 target,
@@ -357,7 +362,7 @@ impl ResourceService {
             } => (
                 Permission::Delete,
                 resource_type,
-                "delete",
+                Action::Delete,
                 matching(target),
                 None,
             ),
@@ -366,12 +371,16 @@ impl ResourceService {
                 version,
                 ..
             } => {
-                let action = if version.is_some() { "vread" } else { "read" };
+                let action = if version.is_some() {
+                    Action::Vread
+                } else {
+                    Action::Read
+                };
                 (Permission::Read, resource_type, action, None, None)
             }
             Operation::Search(request) => {
                 return Ok(Authorized {
-                    search: Some(self.authorize_search(ctx, request.clone(), "search")?),
+                    search: Some(self.authorize_search(ctx, request.clone(), Action::Search)?),
                     references: HashMap::new(),
                 });
             }
@@ -873,7 +882,7 @@ impl ResourceService {
                     &only.json,
                 );
                 let disclosed = target(&only.resource_type, &only.id, Some(only.meta.version_id));
-                let event = LedgerEvent::permit("search").touching(disclosed, members);
+                let event = LedgerEvent::permit(Action::Search).touching(disclosed, members);
                 self.ledger().append_in(tx, ctx, event)?;
                 Ok(format!("{}/{}", only.resource_type, only.id))
             }
@@ -909,7 +918,7 @@ impl ResourceService {
                     &existing.id,
                     Some(existing.meta.version_id),
                 );
-                let event = LedgerEvent::permit("search").touching(disclosed, members);
+                let event = LedgerEvent::permit(Action::Search).touching(disclosed, members);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Existing(existing), receipt))
             }
@@ -995,7 +1004,7 @@ impl ResourceService {
             (Operation::Delete { .. }, Resolved::Nothing) => {
                 // A conditional delete that matched nothing: the attempt is still ledgered,
                 // naming no resource since none was touched.
-                let event = LedgerEvent::permit("delete");
+                let event = LedgerEvent::permit(Action::Delete);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Deleted(None), receipt))
             }
@@ -1041,11 +1050,15 @@ impl ResourceService {
                         version_id: head.current_version,
                         last_updated: head.last_updated,
                     };
-                    let event = LedgerEvent::permit("read").touching(disclosed, members);
+                    let event = LedgerEvent::permit(Action::Read).touching(disclosed, members);
                     let receipt = self.ledger().append_in(tx, ctx, event)?;
                     return Ok((Outcome::NotModified(meta), receipt));
                 }
-                let action = if version.is_some() { "vread" } else { "read" };
+                let action = if version.is_some() {
+                    Action::Vread
+                } else {
+                    Action::Read
+                };
                 let event = LedgerEvent::permit(action).touching(disclosed, members);
                 let receipt = self.ledger().append_in(tx, ctx, event)?;
                 Ok((Outcome::Read(resource), receipt))
@@ -1072,23 +1085,23 @@ impl ResourceService {
         error: &AppError,
     ) -> Result<(), AppError> {
         let (action, resource_type, id) = match operation {
-            Operation::Create { resource_type, .. } => ("create", resource_type, None),
+            Operation::Create { resource_type, .. } => (Action::Create, resource_type, None),
             Operation::Update {
                 resource_type,
                 target,
                 ..
-            } => ("update", resource_type, target_id(target)),
+            } => (Action::Update, resource_type, target_id(target)),
             Operation::Patch {
                 resource_type, id, ..
-            } => ("update", resource_type, Some(id)),
+            } => (Action::Update, resource_type, Some(id)),
             Operation::Delete {
                 resource_type,
                 target,
                 ..
-            } => ("delete", resource_type, target_id(target)),
+            } => (Action::Delete, resource_type, target_id(target)),
             Operation::Read {
                 resource_type, id, ..
-            } => ("read", resource_type, Some(id)),
+            } => (Action::Read, resource_type, Some(id)),
             Operation::Search(_) => return Ok(()),
         };
         match id {

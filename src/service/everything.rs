@@ -13,6 +13,7 @@ use crate::access::{Permission, RequestContext};
 use crate::crypto::blind_index::{Digest, ValueKind};
 use crate::error::AppError;
 use crate::fhir::ResourceId;
+use crate::ledger::Action;
 use crate::store::DbConnection;
 use crate::store::resources as rows;
 use crate::store::search::{self as index, Condition, RangeOp, RangeTest, SearchSql};
@@ -20,10 +21,6 @@ use crate::store::search::{self as index, Condition, RangeOp, RangeTest, SearchS
 use super::base::{ResourceService, StoredResource, target};
 use super::ledger::LedgerEvent;
 use super::search::Cursor;
-
-/// The ledger action of `$everything`: a read, told apart from a search because it discloses
-/// a whole record at once (`fhirledger audit` counts only create/update/delete as writes).
-pub const EVERYTHING_ACTION: &str = "everything";
 
 /// One `$everything` request.
 #[derive(Debug, Clone)]
@@ -66,7 +63,7 @@ impl ResourceService {
                 &ctx,
                 Permission::Read,
                 "Patient",
-                EVERYTHING_ACTION,
+                Action::Everything,
                 asked.clone(),
             )?;
             // A confined token opens only the records of the patients its grant reaches.
@@ -76,7 +73,7 @@ impl ResourceService {
                 let refusal = confinement.refusal();
                 return Err(this
                     .ledger()
-                    .refuse(&ctx, EVERYTHING_ACTION, asked, refusal));
+                    .refuse(&ctx, Action::Everything, asked, refusal));
             }
             let mut conn = this.connection()?;
             let page = this.everything_page(&mut conn, &query);
@@ -86,7 +83,7 @@ impl ResourceService {
                     // Compartment members of types the token may not see are withheld.
                     let withheld = this.withhold_unseen(None, &ctx, &mut page.resources);
                     let index = this.search_index();
-                    let mut event = LedgerEvent::permit(EVERYTHING_ACTION)
+                    let mut event = LedgerEvent::permit(Action::Everything)
                         .concerning([query.patient.to_string()])
                         .withholding(withheld);
                     for r in &page.resources {
@@ -112,7 +109,7 @@ impl ResourceService {
                         AppError::Gone { version_id, .. } => Some(*version_id),
                         _ => None,
                     };
-                    let event = LedgerEvent::deny(EVERYTHING_ACTION, reason)
+                    let event = LedgerEvent::deny(Action::Everything, reason)
                         .naming(vec![target(&patient_type, &query.patient, version)])
                         .concerning([query.patient.to_string()]);
                     this.ledger().append(&ctx, event)?;

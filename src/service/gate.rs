@@ -28,6 +28,7 @@ use crate::fhir::search_query::{
 };
 use crate::fhir::{ResourceId, ResourceType};
 use crate::indexer::{ReferenceTarget, SearchIndex};
+use crate::ledger::Action;
 use crate::ledger::EntryResource;
 use crate::store::DbConnection;
 use crate::store::resources::{self as rows, ResourceHead};
@@ -152,7 +153,7 @@ impl ResourceService {
         ctx: &RequestContext,
         permission: Permission,
         resource_type: &str,
-        action: &'static str,
+        action: Action,
         resources: Vec<EntryResource>,
     ) -> Result<Grant, AppError> {
         match policy::authorize(&ctx.principal, permission, resource_type) {
@@ -173,7 +174,7 @@ impl ResourceService {
         resource_type: &ResourceType,
         id: &ResourceId,
         version_id: Option<i64>,
-        action: &'static str,
+        action: Action,
     ) -> Result<Grant, AppError> {
         let asked = vec![target(resource_type, id, version_id)];
         self.authorize(ctx, permission, resource_type.as_str(), action, asked)
@@ -188,7 +189,7 @@ impl ResourceService {
         &self,
         ctx: &RequestContext,
         mut request: SearchRequest,
-        action: &'static str,
+        action: Action,
     ) -> Result<AuthorizedSearch, AppError> {
         let all = ["*".to_owned()];
         let types = if request.resource_types.is_empty() {
@@ -284,7 +285,9 @@ impl ResourceService {
                       a type or of the system; read an instance's history or search instead"
                     .into(),
         };
-        Err(self.ledger().refuse(ctx, "history", Vec::new(), refusal))
+        Err(self
+            .ledger()
+            .refuse(ctx, Action::History, Vec::new(), refusal))
     }
 
     /// A confined search over `resource_types` must be expressible as one compartment
@@ -294,7 +297,7 @@ impl ResourceService {
         &self,
         ctx: &RequestContext,
         resource_types: &[String],
-        action: &'static str,
+        action: Action,
         patients: usize,
     ) -> Result<(), AppError> {
         let index = self.search_index();
@@ -323,7 +326,7 @@ impl ResourceService {
         &self,
         ctx: &RequestContext,
         grant: &Grant,
-        action: &'static str,
+        action: Action,
     ) -> Result<Option<Vec<String>>, AppError> {
         let Some(confinement) = &grant.confinement else {
             return Ok(None);
@@ -864,7 +867,7 @@ impl ResourceService {
     pub(super) fn record_refusal(
         &self,
         ctx: &RequestContext,
-        action: &'static str,
+        action: Action,
         resource_type: &ResourceType,
         id: &ResourceId,
         version_id: Option<i64>,
@@ -881,7 +884,7 @@ impl ResourceService {
 /// The deny entry of a failed request, when the failure is evidence of an interaction with
 /// a record; a refusal by the access policy names its rule.
 pub(super) fn refusal_event(
-    action: &'static str,
+    action: Action,
     error: &AppError,
     resources: Vec<EntryResource>,
 ) -> Option<LedgerEvent> {

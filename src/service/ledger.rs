@@ -9,11 +9,12 @@ use crate::access::throttle::{Aggregate, RefusalThrottle};
 use crate::access::{AuthError, RequestContext};
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
-use crate::ledger::checkpoint::sign_checkpoint;
+use crate::ledger::Action;
 use crate::ledger::entry::{ENTRY_VERSION, EntryResource, LedgerEntry, Outcome, SignedEntry};
+use crate::ledger::sequencer::{self, PendingLeaf, SequencedLeaf, SequencerStore, SignedTree};
 use crate::ledger::tiles::{TileRef, tile_data};
-use crate::ledger::tree::{self, OverlayHashStore};
-use crate::ledger::{Hash, LedgerError, LedgerKey};
+use crate::ledger::tree;
+use crate::ledger::{Hash, HashStore, LedgerError, LedgerKey};
 use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore, EntryRow};
 use crate::store::{DbConnection, DbPool, StoreError};
 
@@ -55,7 +56,7 @@ pub struct Touched {
 /// count. Each patient's view shows the entry about them and nothing of the others.
 #[derive(Debug, Clone)]
 pub struct LedgerEvent {
-    pub action: &'static str,
+    pub action: Action,
     pub outcome: Outcome,
     pub reason: Option<&'static str>,
     /// The access rule that decided, when one did.
@@ -76,15 +77,15 @@ pub struct LedgerEvent {
 }
 
 impl LedgerEvent {
-    pub fn permit(action: &'static str) -> Self {
+    pub fn permit(action: Action) -> Self {
         Self::new(action, Outcome::Permit, None)
     }
 
-    pub fn deny(action: &'static str, reason: &'static str) -> Self {
+    pub fn deny(action: Action, reason: &'static str) -> Self {
         Self::new(action, Outcome::Deny, Some(reason))
     }
 
-    fn new(action: &'static str, outcome: Outcome, reason: Option<&'static str>) -> Self {
+    fn new(action: Action, outcome: Outcome, reason: Option<&'static str>) -> Self {
         Self {
             action,
             outcome,
@@ -370,7 +371,7 @@ impl LedgerService {
     pub fn refuse(
         &self,
         ctx: &RequestContext,
-        action: &'static str,
+        action: Action,
         resources: Vec<EntryResource>,
         refusal: Refusal,
     ) -> AppError {
@@ -387,7 +388,7 @@ impl LedgerService {
     pub async fn authorize_read(
         &self,
         ctx: &RequestContext,
-        action: &'static str,
+        action: Action,
     ) -> Result<(), AppError> {
         match policy::authorize_ledger_read(&ctx.principal) {
             Ok(grant) => {
@@ -458,7 +459,7 @@ impl LedgerService {
             principal: crate::access::Principal::Anonymous,
             ..RequestContext::internal(aggregate.first_request.clone())
         };
-        let mut event = LedgerEvent::deny("authenticate", aggregate.reason)
+        let mut event = LedgerEvent::deny(Action::Authenticate, aggregate.reason)
             .decided_by(policy::RULE_AUTHENTICATION);
         event.count = Some(aggregate.count);
         event.source = Some(aggregate.source.clone());
@@ -487,90 +488,35 @@ impl LedgerService {
         }
     }
 
-    /// Gives the oldest pending entries the next leaf indexes, stores the new tree hashes and
-    /// signs a checkpoint, in one transaction under the sequencer lock.
+    /// One batch of the sequencer ([`sequencer::sequence_batch`]) in one transaction under
+    /// the sequencer lock, then the patient index of what it sequenced.
     fn sequence_batch(&self) -> Result<u64, AppError> {
-        let (sequenced, oldest_appended, tree_size) =
-            self.pool.write(|tx| -> Result<_, AppError> {
-                if !rows::try_lock_sequencer(tx)? {
-                    return Ok((0, None, None)); // another process is sequencing
-                }
-                let size = u64::try_from(rows::tree_size(tx)?)
-                    .map_err(|_| AppError::Internal("negative tree size".into()))?;
-                let pending = rows::pending_batch(tx, self.options.batch_size)?;
-                if pending.is_empty() {
-                    if rows::latest_checkpoint(tx)?.is_none() {
-                        self.store_checkpoint(tx, size)?;
-                    }
-                    index_patients(tx)?;
-                    return Ok((0, None, None));
-                }
-
-                let (added, leaves, new_root) = {
-                    let base = DbHashStore::new(tx);
-                    let mut overlay = OverlayHashStore::new(&base);
-                    let mut leaves = Vec::with_capacity(pending.len());
-                    for (offset, (_, data, _)) in (0u64..).zip(&pending) {
-                        leaves.push(
-                            overlay
-                                .append(size + offset, data)
-                                .map_err(ledger_internal)?,
-                        );
-                    }
-                    let new_size = size + leaves.len() as u64;
-                    let new_root = tree::root(&overlay, new_size).map_err(ledger_internal)?;
-                    (overlay.into_added(), leaves, new_root)
-                };
-                let hashes: Vec<(i64, Vec<u8>)> = added
-                    .into_iter()
-                    .map(|(index, hash)| Ok((to_i64(index)?, hash.0.to_vec())))
-                    .collect::<Result<_, AppError>>()?;
-                rows::insert_hashes(tx, &hashes)?;
-                let assignments = (0u64..)
-                    .zip(pending.iter().zip(&leaves))
-                    .map(|(offset, ((pending_seq, _, _), leaf))| {
-                        Ok((*pending_seq, to_i64(size + offset)?, leaf.0.to_vec()))
-                    })
-                    .collect::<Result<Vec<_>, AppError>>()?;
-                rows::assign_indexes(tx, &assignments, now_micros())?;
-                let new_size = size + leaves.len() as u64;
-                self.sign_and_store(tx, new_size, new_root)?;
-                index_patients(tx)?;
-                let oldest_appended = pending.first().map(|(_, _, created_at)| *created_at);
-                Ok((leaves.len() as u64, oldest_appended, Some(new_size)))
-            })?;
-        if let (Some(metrics), Some(oldest), Some(size)) =
-            (crate::metrics::metrics(), oldest_appended, tree_size)
-        {
+        let batch = self.pool.write(|tx| -> Result<_, AppError> {
+            if !rows::try_lock_sequencer(tx)? {
+                return Ok(None); // another process is sequencing
+            }
+            let batch = sequencer::sequence_batch(
+                &mut TxSequencerStore(tx),
+                &self.key,
+                usize::try_from(self.options.batch_size).unwrap_or(usize::MAX),
+                now_micros(),
+            )?;
+            index_patients(tx)?;
+            Ok(Some(batch))
+        })?;
+        let Some(batch) = batch else {
+            return Ok(0);
+        };
+        if let (Some(metrics), Some(oldest)) = (crate::metrics::metrics(), batch.oldest_appended) {
             let lag_micros = now_micros().saturating_sub(oldest).max(0);
             metrics
                 .sequencer_lag_seconds
                 .observe(lag_micros as f64 / 1_000_000.0);
             metrics
                 .tree_size
-                .set(i64::try_from(size).unwrap_or(i64::MAX));
+                .set(i64::try_from(batch.tree_size).unwrap_or(i64::MAX));
         }
-        Ok(sequenced)
-    }
-
-    fn store_checkpoint(&self, tx: &mut DbConnection, size: u64) -> Result<(), AppError> {
-        let root = tree::root(&DbHashStore::new(tx), size).map_err(ledger_internal)?;
-        self.sign_and_store(tx, size, root)
-    }
-
-    fn sign_and_store(&self, tx: &mut DbConnection, size: u64, root: Hash) -> Result<(), AppError> {
-        let note = sign_checkpoint(&self.key, size, root).map_err(ledger_internal)?;
-        rows::insert_checkpoint(
-            tx,
-            &CheckpointRow {
-                tree_size: to_i64(size)?,
-                root_hash: root.0.to_vec(),
-                note,
-                created_at: now_micros(),
-            },
-        )?;
-        rows::set_tree_size(tx, to_i64(size)?)?;
-        Ok(())
+        Ok(batch.sequenced)
     }
 
     /// The latest signed checkpoint (signing the empty tree's first if there is none yet).
@@ -664,8 +610,8 @@ impl LedgerService {
             let mut conn = this.connection()?;
             let store = DbHashStore::new(&mut conn);
             let leaf = tree::HashStore::read_hashes(&store, &[tree::stored_hash_index(0, index)])
-                .map_err(ledger_internal)?;
-            let proof = tree::inclusion_proof(&store, tree_size, index).map_err(ledger_internal)?;
+                .map_err(AppError::from)?;
+            let proof = tree::inclusion_proof(&store, tree_size, index).map_err(AppError::from)?;
             Ok((
                 leaf.first()
                     .copied()
@@ -687,7 +633,7 @@ impl LedgerService {
             }
             let mut conn = this.connection()?;
             tree::consistency_proof(&DbHashStore::new(&mut conn), first, second)
-                .map_err(ledger_internal)
+                .map_err(AppError::from)
         })
         .await
     }
@@ -699,7 +645,7 @@ impl LedgerService {
             let mut conn = this.connection()?;
             tile_data(&DbHashStore::new(&mut conn), tile, size).map_err(|e| match e {
                 LedgerError::OutOfRange(message) => AppError::NotFound(message),
-                other => ledger_internal(other),
+                other => AppError::from(other),
             })
         })
         .await
@@ -717,6 +663,66 @@ impl LedgerService {
 
     fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
         self.pool.get().map_err(AppError::from)
+    }
+}
+
+/// The sequencer's storage: the ledger tables inside one write transaction.
+struct TxSequencerStore<'a>(&'a mut DbConnection);
+
+impl SequencerStore for TxSequencerStore<'_> {
+    type Error = AppError;
+
+    fn hashes(&mut self) -> impl HashStore + '_ {
+        DbHashStore::new(&mut *self.0)
+    }
+
+    fn tree_size(&mut self) -> Result<u64, AppError> {
+        to_u64(rows::tree_size(self.0)?)
+    }
+
+    fn pending(&mut self, limit: usize) -> Result<Vec<PendingLeaf>, AppError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(rows::pending_batch(self.0, limit)?
+            .into_iter()
+            .map(|(key, data, appended_at)| PendingLeaf {
+                key,
+                data,
+                appended_at,
+            })
+            .collect())
+    }
+
+    fn has_checkpoint(&mut self) -> Result<bool, AppError> {
+        Ok(rows::latest_checkpoint(self.0)?.is_some())
+    }
+
+    fn store_hashes(&mut self, hashes: &[(u64, Hash)]) -> Result<(), AppError> {
+        let hashes: Vec<(i64, Vec<u8>)> = hashes
+            .iter()
+            .map(|(index, hash)| Ok((to_i64(*index)?, hash.0.to_vec())))
+            .collect::<Result<_, AppError>>()?;
+        Ok(rows::insert_hashes(self.0, &hashes)?)
+    }
+
+    fn assign(&mut self, leaves: &[SequencedLeaf], sequenced_at: i64) -> Result<(), AppError> {
+        let assignments: Vec<(i64, i64, Vec<u8>)> = leaves
+            .iter()
+            .map(|leaf| Ok((leaf.key, to_i64(leaf.index.0)?, leaf.hash.0.to_vec())))
+            .collect::<Result<_, AppError>>()?;
+        Ok(rows::assign_indexes(self.0, &assignments, sequenced_at)?)
+    }
+
+    fn store_checkpoint(&mut self, tree: &SignedTree, signed_at: i64) -> Result<(), AppError> {
+        rows::insert_checkpoint(
+            self.0,
+            &CheckpointRow {
+                tree_size: to_i64(tree.size)?,
+                root_hash: tree.root.0.to_vec(),
+                note: tree.note.clone(),
+                created_at: signed_at,
+            },
+        )?;
+        Ok(rows::set_tree_size(self.0, to_i64(tree.size)?)?)
     }
 }
 
@@ -857,7 +863,7 @@ fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -> Vec<Ledge
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         time: time.to_owned(),
         actor: ctx.principal.ledger_actor(),
-        action: event.action.to_owned(),
+        action: event.action.as_str().to_owned(),
         outcome: event.outcome,
         reason: event.reason.map(str::to_owned),
         rule: event.rule.or_else(|| ctx.rule.get()).map(str::to_owned),
@@ -916,10 +922,6 @@ fn lead_receipt(entries: &[SignedEntry]) -> Result<String, AppError> {
         .first()
         .map(|entry| entry.receipt.clone())
         .ok_or_else(|| AppError::Internal("an event produced no ledger entry".into()))
-}
-
-fn ledger_internal(error: LedgerError) -> AppError {
-    AppError::Internal(format!("ledger: {error}"))
 }
 
 fn out_of_range(message: String) -> AppError {

@@ -8,6 +8,7 @@ use crate::fhir::document::VersionMeta;
 use crate::fhir::patch::{PatchFormat, parse_patch};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType};
+use crate::ledger::Action;
 use crate::store::resources::{self as rows, HistoryWindow, ScanWindow, VersionKey};
 
 use super::base::{Disclosed, ResourceService, StoredResource, target};
@@ -119,7 +120,7 @@ impl ResourceService {
                 &ctx,
                 Permission::Create,
                 resource_type.as_str(),
-                "create",
+                Action::Create,
                 Vec::new(),
             )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
@@ -151,7 +152,7 @@ impl ResourceService {
                 &resource_type,
                 &id,
                 None,
-                "update",
+                Action::Update,
             )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             match validated.id.as_deref() {
@@ -208,7 +209,7 @@ impl ResourceService {
                 &resource_type,
                 &id,
                 None,
-                "update",
+                Action::Update,
             )?;
             let patch = parse_patch(format, &body)?;
             this.write(
@@ -241,7 +242,7 @@ impl ResourceService {
                 &resource_type,
                 &id,
                 None,
-                "delete",
+                Action::Delete,
             )?;
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
                 Written::Deleted(outcome) => Ok(outcome),
@@ -260,10 +261,17 @@ impl ResourceService {
     ) -> Result<StoredResource, AppError> {
         let ctx = ctx.clone();
         self.disclose(true, move |this| {
-            this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "read")?;
+            this.authorize_instance(
+                &ctx,
+                Permission::Read,
+                &resource_type,
+                &id,
+                None,
+                Action::Read,
+            )?;
             let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
             let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
-            this.record_disclosure(&ctx, "read", &resource_type, &id, None, result)
+            this.record_disclosure(&ctx, Action::Read, &resource_type, &id, None, result)
         })
         .await
     }
@@ -332,12 +340,19 @@ impl ResourceService {
                 &resource_type,
                 &id,
                 Some(version_id),
-                "vread",
+                Action::Vread,
             )?;
             let result =
                 this.confine_read(&ctx, this.read_version(&resource_type, &id, version_id));
             let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
-            this.record_disclosure(&ctx, "vread", &resource_type, &id, Some(version_id), result)
+            this.record_disclosure(
+                &ctx,
+                Action::Vread,
+                &resource_type,
+                &id,
+                Some(version_id),
+                result,
+            )
         })
         .await
     }
@@ -366,7 +381,14 @@ impl ResourceService {
     ) -> Result<HistoryPage, AppError> {
         let ctx = ctx.clone();
         self.disclose(false, move |this| {
-            this.authorize_instance(&ctx, Permission::Read, &resource_type, &id, None, "history")?;
+            this.authorize_instance(
+                &ctx,
+                Permission::Read,
+                &resource_type,
+                &id,
+                None,
+                Action::History,
+            )?;
             let result = this
                 .confine_instance(&ctx, Permission::Read, &resource_type, &id)
                 .and_then(|()| this.history_page(&resource_type, &id, query));
@@ -374,7 +396,7 @@ impl ResourceService {
             match &mut result {
                 Ok(page) => {
                     let index = this.search_index();
-                    let mut event = LedgerEvent::permit("history");
+                    let mut event = LedgerEvent::permit(Action::History);
                     let mut withheld = 0;
                     page.entries.retain(|e| {
                         let members = e.json.as_deref().map_or_else(
@@ -403,7 +425,7 @@ impl ResourceService {
                     this.ledger.append(&ctx, event.withholding(withheld))?;
                 }
                 Err(error) => {
-                    this.record_refusal(&ctx, "history", &resource_type, &id, None, error)?
+                    this.record_refusal(&ctx, Action::History, &resource_type, &id, None, error)?
                 }
             }
             result
@@ -481,7 +503,7 @@ impl ResourceService {
                         &ctx,
                         Permission::Search,
                         resource_type.as_str(),
-                        "history",
+                        Action::History,
                         Vec::new(),
                     )?;
                     let confinement = grant.confinement.as_ref();
@@ -505,7 +527,7 @@ impl ResourceService {
             }
             let mut page = this.history_scan_page(&query)?;
             let index = this.search_index();
-            let mut event = LedgerEvent::permit("history");
+            let mut event = LedgerEvent::permit(Action::History);
             let withheld = withhold(&mut page.entries, |e| {
                 let (resource_type, id) = (e.resource_type.as_str(), e.id.as_str());
                 let members = e.entry.json.as_deref().map_or_else(
@@ -597,7 +619,7 @@ impl ResourceService {
     fn record_disclosure(
         &self,
         ctx: &RequestContext,
-        action: &'static str,
+        action: Action,
         resource_type: &ResourceType,
         id: &ResourceId,
         version_id: Option<i64>,

@@ -22,6 +22,7 @@ use crate::fhir::search_query::{
 };
 use crate::fhir::search_values::SearchValue;
 use crate::indexer::{ReferenceTarget, SearchIndex};
+use crate::ledger::Action;
 use crate::store::DbConnection;
 use crate::store::search::{
     self as index, Condition, MatchedRow, NumberTest, Position, RangeOp, RangeTest, SearchSql,
@@ -314,7 +315,7 @@ impl ResourceService {
     ) -> Result<SearchPage, AppError> {
         let ctx = ctx.clone();
         self.disclose(false, move |this| {
-            let search = this.authorize_search(&ctx, request, "search")?;
+            let search = this.authorize_search(&ctx, request, Action::Search)?;
             let mut conn = this.connection()?;
             let mut page = this.search_page(&mut conn, &search)?;
             drop(conn);
@@ -441,7 +442,7 @@ impl ResourceService {
     /// it belongs to (one entry per patient when they are several).
     fn search_event(&self, page: &SearchPage) -> LedgerEvent {
         let index = self.search_index();
-        let mut event = LedgerEvent::permit("search");
+        let mut event = LedgerEvent::permit(Action::Search);
         for resource in page.matches.iter().chain(&page.included) {
             let (resource_type, id) = (resource.resource_type.as_str(), resource.id.as_str());
             event.touch(

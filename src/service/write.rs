@@ -13,6 +13,7 @@ use crate::error::AppError;
 use crate::fhir::document::{self, VersionMeta};
 use crate::fhir::patch::{PatchDocument, patch_resource};
 use crate::fhir::{ResourceId, ResourceType};
+use crate::ledger::Action;
 use crate::ledger::entry::content_hash;
 use crate::store::resources::{self as rows, ResourceHead, VersionRow};
 use crate::store::search::{self as search_rows, IndexRows};
@@ -161,9 +162,9 @@ impl ResourceService {
         kind: WriteKind,
     ) -> Result<Written, AppError> {
         let action = match &kind {
-            WriteKind::Content { method: "POST", .. } | WriteKind::Prepared(_) => "create",
-            WriteKind::Content { .. } | WriteKind::Patch { .. } => "update",
-            WriteKind::Delete => "delete",
+            WriteKind::Content { method: "POST", .. } | WriteKind::Prepared(_) => Action::Create,
+            WriteKind::Content { .. } | WriteKind::Patch { .. } => Action::Update,
+            WriteKind::Delete => Action::Delete,
         };
         let result = self.write_with_retries(ctx, resource_type, id, if_match, &kind);
         match result {
@@ -326,7 +327,7 @@ impl ResourceService {
             // Already deleted: nothing changes, but the attempt is an interaction with the
             // record.
             Some(h) if h.deleted => {
-                let event = LedgerEvent::permit("delete")
+                let event = LedgerEvent::permit(Action::Delete)
                     .touching(target(resource_type, id, Some(h.current_version)), members);
                 let current = VersionMeta {
                     version_id: h.current_version,
@@ -351,7 +352,7 @@ impl ResourceService {
         }
         search_rows::clear_index(tx, head.seq)?;
         // Attributed from the version deleted: a tombstone names no patient.
-        let event = LedgerEvent::permit("delete")
+        let event = LedgerEvent::permit(Action::Delete)
             .touching(target(resource_type, id, Some(meta.version_id)), members);
         let receipt = self.ledger.append_in(tx, ctx, event)?;
         Ok((Written::Deleted(DeleteOutcome::Deleted(meta)), receipt))
@@ -396,7 +397,11 @@ impl ResourceService {
         let members = self
             .search
             .compartments(resource_type.as_str(), id.as_str(), &parsed);
-        let action = if created { "create" } else { "update" };
+        let action = if created {
+            Action::Create
+        } else {
+            Action::Update
+        };
         let entry = self.ledger.sign_event(
             ctx,
             LedgerEvent::permit(action).touching(written, members.clone()),

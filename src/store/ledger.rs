@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError, on_backend};
+use super::database::{DbConnection, on_backend};
 use super::entry_codec;
+use super::error::StoreError;
 use super::schema::{
     ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
 };

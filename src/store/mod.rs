@@ -4,7 +4,9 @@
 //! Every function here is blocking; the service layer runs them on the blocking thread pool.
 
 pub mod connection;
+mod database;
 mod entry_codec;
+mod error;
 pub mod ledger;
 pub mod migrations;
 pub mod resources;
@@ -13,4 +15,6 @@ pub mod search;
 mod sqlite_writer;
 mod statistics;
 
-pub use connection::{Backend, DatabaseUrl, DbConnection, DbPool, PooledConnection, StoreError};
+pub use connection::{DbPool, PooledConnection};
+pub use database::{Backend, DatabaseUrl, DbConnection};
+pub use error::StoreError;

@@ -3,7 +3,8 @@
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError, on_backend};
+use super::database::{DbConnection, on_backend};
+use super::error::StoreError;
 use super::schema::{resource_versions, resources};
 use crate::crypto::EncryptedBlob;
 use crate::crypto::blind_index::Digest;

@@ -13,7 +13,8 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, Binary, Double, HasSqlType, Nullable, Text};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
-use super::connection::{DbConnection, StoreError, on_backend};
+use super::database::{DbConnection, on_backend};
+use super::error::StoreError;
 use super::schema::{resources, search_dates, search_hashes, search_numbers, search_state};
 use crate::crypto::blind_index::Digest;
 

@@ -16,7 +16,8 @@ use super::statistics::StatisticsRefresh;
 
 // Also reachable here, as they were before they had modules of their own
 // (`store::connection::establish` is how tools and tests open one connection).
-pub use super::database::{Backend, DatabaseUrl, DbConnection, establish};
+pub use super::database::{DatabaseUrl, DbConnection, establish};
+pub use super::dialect::Backend;
 pub use super::error::StoreError;
 
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager>;
@@ -63,10 +64,7 @@ pub fn read_snapshot<T>(
     conn: &mut DbConnection,
     work: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let begin = match conn {
-        DbConnection::Postgres(_) => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        DbConnection::Sqlite(_) => "BEGIN DEFERRED",
-    };
+    let begin = conn.dialect().begin_read_snapshot();
     on_backend!(conn, c => c.batch_execute(begin)).map_err(StoreError::classify)?;
     let result = work(conn);
     // Nothing was written: ending the transaction either way releases the snapshot.
@@ -103,12 +101,14 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
         .connection_timeout(Duration::from_secs(10))
         .build(ConnectionManager::new(url.clone()))
         .map_err(StoreError::from)?;
-    let writer =
-        matches!(url, DatabaseUrl::Sqlite(_)).then(|| Arc::new(SqliteWriter::new(url.clone())));
+    let dialect = url.backend();
+    let writer = dialect
+        .writes_through_one_connection()
+        .then(|| Arc::new(SqliteWriter::new(url.clone())));
     if let Some(writer) = &writer {
         super::sqlite_writer::spawn_checkpointer(writer);
     }
-    let statistics = matches!(url, DatabaseUrl::Postgres(_)).then(Arc::default);
+    let statistics = dialect.refreshes_planner_statistics().then(Arc::default);
     Ok(DbPool {
         readers,
         writer,

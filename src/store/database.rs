@@ -11,6 +11,8 @@ use diesel::pg::PgConnection;
 use diesel::result::ConnectionError;
 use diesel::sqlite::SqliteConnection;
 
+use super::dialect::{Backend, Dialect, SQLITE_CONNECTION_SETUP};
+
 /// A connection to either backend; diesel's query DSL works on it directly.
 #[derive(diesel::MultiConnection)]
 pub enum DbConnection {
@@ -32,12 +34,6 @@ macro_rules! on_backend {
     };
 }
 pub(crate) use on_backend;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
 
 /// A validated database URL: `postgres://…`/`postgresql://…` or `sqlite://PATH`.
 #[derive(Clone, PartialEq, Eq)]
@@ -84,7 +80,18 @@ impl DatabaseUrl {
     }
 }
 
-/// Opens one connection with the per-connection settings each backend needs.
+impl DbConnection {
+    /// The SQL dialect of this connection's backend.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Self::Postgres(_) => Dialect::Postgres,
+            Self::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+}
+
+/// Opens one connection with the per-connection settings each backend needs (SQLite's:
+/// [`SQLITE_CONNECTION_SETUP`]).
 pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
     match url {
         DatabaseUrl::Postgres(url) => Ok(DbConnection::Postgres(PgConnection::establish(url)?)),
@@ -93,24 +100,8 @@ pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
                 ConnectionError::BadConnection("SQLite path is not valid UTF-8".into())
             })?;
             let mut conn = SqliteConnection::establish(path_text)?;
-            // busy_timeout first: connections opened together then queue for the lock that
-            // switching to WAL takes. WAL lets readers proceed during a write; synchronous=FULL
-            // makes every commit durable before we answer. The index B-trees are keyed by
-            // digests, so writes touch pages all over them: a 32 MiB page cache per connection
-            // (SQLite's default is 2 MiB: a Bundle's inserts spilled dirty pages to the WAL
-            // mid-transaction, writing the same page many times). No mmap: every ledgered read
-            // commits an entry, and a connection that sees another's commit unmaps the whole
-            // file at its next read and faults its pages in again (TLB shootdowns on every
-            // core; measured: reads 6,988/s with a 256 MiB mmap, 8,351/s without). The
-            // checkpointer thread copies the WAL back in the background (`spawn_checkpointer`);
-            // the commit that takes the WAL past 64 MiB finishes the checkpoint and restarts it.
-            conn.batch_execute(
-                "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-                 PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                 PRAGMA cache_size = -32768; \
-                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 16384;",
-            )
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            conn.batch_execute(SQLITE_CONNECTION_SETUP)
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
             Ok(DbConnection::Sqlite(conn))
         }
     }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use diesel::connection::SimpleConnection as _;
 
-use super::database::DbConnection;
+use super::database::{DbConnection, on_backend};
 use super::error::StoreError;
 
 /// Resources written before the first refresh.
@@ -89,10 +89,10 @@ impl StatisticsRefresh {
 }
 
 fn analyze(conn: &mut DbConnection) -> Result<(), StoreError> {
-    match conn {
-        DbConnection::Postgres(pg) => pg.batch_execute(ANALYZE).map_err(StoreError::classify),
-        DbConnection::Sqlite(_) => Ok(()),
+    if !conn.dialect().refreshes_planner_statistics() {
+        return Ok(());
     }
+    on_backend!(conn, conn => conn.batch_execute(ANALYZE)).map_err(StoreError::classify)
 }
 
 #[cfg(test)]

@@ -179,15 +179,32 @@ pub fn move_presence(
 
 /// Adds the index rows of resource `seq` (of `resource_type`); its presence digests go with
 /// the resource's own row (`store::resources::insert_first`, `advance`).
+///
+/// Each backend writes them its own way, after what costs it most: SQLite parsing statements
+/// under its one write lock, so statements of fixed shape that stay prepared
+/// ([`insert_index_by_row`]); PostgreSQL round trips, so every table's rows in one statement
+/// ([`insert_index_together`]).
 pub fn insert_index(
     conn: &mut DbConnection,
     seq: i64,
     resource_type: &str,
     rows: &IndexRows,
 ) -> Result<(), StoreError> {
-    if let DbConnection::Sqlite(sqlite) = conn {
-        return insert_index_by_row(sqlite, seq, resource_type, rows).map_err(StoreError::classify);
+    match conn {
+        DbConnection::Sqlite(sqlite) => {
+            insert_index_by_row(sqlite, seq, resource_type, rows).map_err(StoreError::classify)
+        }
+        DbConnection::Postgres(_) => insert_index_together(conn, seq, resource_type, rows),
     }
+}
+
+/// PostgreSQL: the rows of every index table through [`insert_rows_together`].
+fn insert_index_together(
+    conn: &mut DbConnection,
+    seq: i64,
+    resource_type: &str,
+    rows: &IndexRows,
+) -> Result<(), StoreError> {
     let hashes = rows
         .hashes
         .iter()
@@ -213,12 +230,13 @@ pub fn insert_index(
             Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
         ]
     });
+    let ignore_conflicts = conn.dialect().ignore_conflicts();
     insert_rows_together(
         conn,
         [
             RowsFor {
                 target: "search_hashes (hash, resource_seq)",
-                suffix: " ON CONFLICT DO NOTHING",
+                suffix: ignore_conflicts,
                 rows: hashes.collect(),
             },
             RowsFor {

@@ -15,7 +15,7 @@ mod statement;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
-use super::database::DbConnection;
+use super::database::{DbConnection, on_backend};
 use super::error::StoreError;
 
 pub use conditions::{
@@ -29,13 +29,12 @@ pub use index_rows::{
 pub use sql::{MatchedRow, count, holders_of, search};
 
 /// Takes a transaction-scoped lock on `key`, so that conditional writes with the same
-/// criteria run one after the other (PostgreSQL advisory lock; SQLite's write transaction
-/// already excludes every other writer).
+/// criteria run one after the other (see [`Dialect::transaction_lock`]).
+///
+/// [`Dialect::transaction_lock`]: super::dialect::Dialect::transaction_lock
 pub fn lock_condition(conn: &mut DbConnection, key: i64) -> Result<(), StoreError> {
-    if let DbConnection::Postgres(pg) = conn {
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-            .bind::<BigInt, _>(key)
-            .execute(pg)
+    if let Some(lock) = conn.dialect().transaction_lock() {
+        on_backend!(conn, conn => diesel::sql_query(lock).bind::<BigInt, _>(key).execute(conn))
             .map_err(StoreError::classify)?;
     }
     Ok(())

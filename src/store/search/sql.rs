@@ -364,18 +364,12 @@ fn condition_sql(sql: &mut Sql, condition: &Condition) {
             // A byte search in the row's digests, end to end: a false match across two of
             // them would need 16 bytes to collide.
             sql.push("(1 = 0");
+            let (before, after) = sql.dialect.presence_contains();
             for digest in digests {
-                sql.push(if sql.postgres {
-                    " OR COALESCE(position("
-                } else {
-                    " OR COALESCE(instr(r.presence, "
-                });
+                sql.push(" OR ");
+                sql.push(before);
                 sql.bind(Bind::Bytes(digest.to_vec()));
-                sql.push(if sql.postgres {
-                    " IN r.presence), 0) > 0"
-                } else {
-                    "), 0) > 0"
-                });
+                sql.push(after);
             }
             sql.push(")");
         }

@@ -10,6 +10,7 @@ use diesel::sql_types::{BigInt, Binary, Double, HasSqlType, Nullable, Text};
 use diesel::sqlite::Sqlite;
 
 use crate::store::database::{DbConnection, on_backend};
+use crate::store::dialect::{Dialect, ParamType};
 use crate::store::error::StoreError;
 
 /// A bound parameter.
@@ -22,16 +23,16 @@ pub(super) enum Bind {
     OptionalBytes(Option<Vec<u8>>),
 }
 
-/// Which placeholder syntax to emit.
+/// Starts statements in the dialect of one connection.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct SqlBuilder {
-    postgres: bool,
+    dialect: Dialect,
 }
 
 impl SqlBuilder {
     pub(super) fn for_connection(conn: &DbConnection) -> Self {
         Self {
-            postgres: matches!(conn, DbConnection::Postgres(_)),
+            dialect: conn.dialect(),
         }
     }
 
@@ -39,7 +40,7 @@ impl SqlBuilder {
         Sql {
             segments: vec![text.to_owned()],
             binds: Vec::new(),
-            postgres: self.postgres,
+            dialect: self.dialect,
         }
     }
 }
@@ -51,7 +52,7 @@ pub(super) struct Sql {
     /// One more than `binds`: the text before the first value, between values, after the last.
     segments: Vec<String>,
     binds: Vec<Bind>,
-    pub(super) postgres: bool,
+    pub(super) dialect: Dialect,
 }
 
 impl Sql {
@@ -62,15 +63,12 @@ impl Sql {
     }
 
     pub(super) fn bind(&mut self, value: Bind) {
-        // Casts keep PostgreSQL from guessing parameter types in expressions such as
-        // `COALESCE(…, $n)`.
-        let cast = match (&value, self.postgres) {
-            (_, false) => "",
-            (Bind::Text(_), true) => "::text",
-            (Bind::BigInt(_), true) => "::bigint",
-            (Bind::Double(_), true) => "::float8",
-            (_, true) => "::bytea",
-        };
+        let cast = self.dialect.param_cast(match value {
+            Bind::Text(_) => ParamType::Text,
+            Bind::BigInt(_) => ParamType::BigInt,
+            Bind::Double(_) => ParamType::Double,
+            Bind::Bytes(_) | Bind::OptionalBytes(_) => ParamType::Bytes,
+        });
         self.binds.push(value);
         self.segments.push(cast.to_owned());
     }
@@ -128,7 +126,7 @@ impl From<Sql> for PreparedSql {
         use std::hash::{Hash as _, Hasher as _};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         sql.segments.hash(&mut hasher);
-        sql.postgres.hash(&mut hasher);
+        sql.dialect.hash(&mut hasher);
         Self {
             cacheable: keep_prepared(hasher.finish()),
             segments: sql.segments,

@@ -1,142 +1,26 @@
-//! Database connections: one [`DbConnection`] type over PostgreSQL and SQLite, chosen at run
-//! time from the URL scheme, and an r2d2 pool of them. Dialect differences are fenced here.
+//! The database as the services use it: [`DbPool`], an r2d2 pool of connections for reads
+//! and, on SQLite, the one connection writes go through ([`super::sqlite_writer`]); and
+//! [`read_snapshot`], one consistent view for checks that span several queries.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
-use diesel::pg::PgConnection;
 use diesel::r2d2;
-use diesel::result::{ConnectionError, DatabaseErrorKind, Error as DieselError};
-use diesel::sqlite::SqliteConnection;
+use diesel::result::{ConnectionError, Error as DieselError};
 use diesel::{Connection, RunQueryDsl as _};
 
+use super::database::on_backend;
 use super::sqlite_writer::SqliteWriter;
 use super::statistics::StatisticsRefresh;
 
-/// A connection to either backend; diesel's query DSL works on it directly.
-#[derive(diesel::MultiConnection)]
-pub enum DbConnection {
-    Postgres(PgConnection),
-    Sqlite(SqliteConnection),
-}
-
-/// Evaluates `$body` with `$conn` bound to the backend's own connection (`&mut PgConnection`
-/// or `&mut SqliteConnection`): the same statement, compiled once per backend. For the
-/// statements every write runs: through [`DbConnection`], diesel renders a statement's SQL
-/// again on each execution to find it in the statement cache and copies each bound value
-/// (a version's whole ciphertext), about as much time as SQLite spends inserting the row.
-macro_rules! on_backend {
-    ($connection:expr, $conn:ident => $body:expr) => {
-        match $connection {
-            $crate::store::DbConnection::Postgres($conn) => $body,
-            $crate::store::DbConnection::Sqlite($conn) => $body,
-        }
-    };
-}
-pub(crate) use on_backend;
+// Also reachable here, as they were before they had modules of their own
+// (`store::connection::establish` is how tools and tests open one connection).
+pub use super::database::{DatabaseUrl, DbConnection, establish};
+pub use super::dialect::Backend;
+pub use super::error::StoreError;
 
 pub type PooledConnection = r2d2::PooledConnection<ConnectionManager>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-/// A validated database URL: `postgres://…`/`postgresql://…` or `sqlite://PATH`.
-#[derive(Clone, PartialEq, Eq)]
-pub enum DatabaseUrl {
-    Postgres(String),
-    Sqlite(PathBuf),
-}
-
-// The URL may carry a password: never print it.
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Postgres(_) => f.write_str("DatabaseUrl::Postgres(<redacted>)"),
-            Self::Sqlite(path) => write!(f, "DatabaseUrl::Sqlite({})", path.display()),
-        }
-    }
-}
-
-impl DatabaseUrl {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            Ok(Self::Postgres(text.to_owned()))
-        } else if let Some(path) = text.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                return Err(
-                    "sqlite:// needs a file path, e.g. sqlite://./data/fhirledger.db".into(),
-                );
-            }
-            Ok(Self::Sqlite(PathBuf::from(path)))
-        } else {
-            Err("must start with postgres://, postgresql:// or sqlite://".into())
-        }
-    }
-
-    pub fn sqlite_file(path: &Path) -> Self {
-        Self::Sqlite(path.to_owned())
-    }
-
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Postgres(_) => Backend::Postgres,
-            Self::Sqlite(_) => Backend::Sqlite,
-        }
-    }
-}
-
-/// Store failures, classified so the API can tell "try again later" (503) from a bug (500)
-/// and a lost race (retry or 409).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("unique constraint violated")]
-    UniqueViolation,
-    #[error("database error: {0}")]
-    Database(#[from] DieselError),
-    #[error("migration failed: {0}")]
-    Migration(String),
-    /// Stored data that cannot be read back as it was written (a damaged row).
-    #[error("stored data is damaged: {0}")]
-    Corrupt(String),
-}
-
-impl StoreError {
-    /// Maps a diesel error, keeping the kinds callers act upon.
-    pub fn classify(error: DieselError) -> Self {
-        match error {
-            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
-                Self::UniqueViolation
-            }
-            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
-                Self::Unavailable(info.message().to_owned())
-            }
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
-                if is_sqlite_busy(info.message()) =>
-            {
-                Self::Unavailable(info.message().to_owned())
-            }
-            other => Self::Database(other),
-        }
-    }
-}
-
-fn is_sqlite_busy(message: &str) -> bool {
-    message.contains("database is locked") || message.contains("database is busy")
-}
-
-impl From<r2d2::PoolError> for StoreError {
-    fn from(error: r2d2::PoolError) -> Self {
-        Self::Unavailable(error.to_string())
-    }
-}
 
 /// r2d2 manager that opens the configured backend (diesel's generic manager would try every
 /// backend in turn, and SQLite happily creates a file named after a PostgreSQL URL).
@@ -171,38 +55,6 @@ impl r2d2::ManageConnection for ConnectionManager {
     }
 }
 
-/// Opens one connection with the per-connection settings each backend needs.
-pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
-    match url {
-        DatabaseUrl::Postgres(url) => Ok(DbConnection::Postgres(PgConnection::establish(url)?)),
-        DatabaseUrl::Sqlite(path) => {
-            let path_text = path.to_str().ok_or_else(|| {
-                ConnectionError::BadConnection("SQLite path is not valid UTF-8".into())
-            })?;
-            let mut conn = SqliteConnection::establish(path_text)?;
-            // busy_timeout first: connections opened together then queue for the lock that
-            // switching to WAL takes. WAL lets readers proceed during a write; synchronous=FULL
-            // makes every commit durable before we answer. The index B-trees are keyed by
-            // digests, so writes touch pages all over them: a 32 MiB page cache per connection
-            // (SQLite's default is 2 MiB: a Bundle's inserts spilled dirty pages to the WAL
-            // mid-transaction, writing the same page many times). No mmap: every ledgered read
-            // commits an entry, and a connection that sees another's commit unmaps the whole
-            // file at its next read and faults its pages in again (TLB shootdowns on every
-            // core; measured: reads 6,988/s with a 256 MiB mmap, 8,351/s without). The
-            // checkpointer thread copies the WAL back in the background (`spawn_checkpointer`);
-            // the commit that takes the WAL past 64 MiB finishes the checkpoint and restarts it.
-            conn.batch_execute(
-                "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-                 PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                 PRAGMA cache_size = -32768; \
-                 PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 16384;",
-            )
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
-            Ok(DbConnection::Sqlite(conn))
-        }
-    }
-}
-
 /// Runs `work` inside one read-only transaction, so that every query it makes sees the same
 /// state of the database however many statements it takes, while writers go on: PostgreSQL
 /// `REPEATABLE READ` (one snapshot for the transaction); SQLite a deferred read transaction,
@@ -212,10 +64,7 @@ pub fn read_snapshot<T>(
     conn: &mut DbConnection,
     work: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let begin = match conn {
-        DbConnection::Postgres(_) => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-        DbConnection::Sqlite(_) => "BEGIN DEFERRED",
-    };
+    let begin = conn.dialect().begin_read_snapshot();
     on_backend!(conn, c => c.batch_execute(begin)).map_err(StoreError::classify)?;
     let result = work(conn);
     // Nothing was written: ending the transaction either way releases the snapshot.
@@ -252,12 +101,14 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
         .connection_timeout(Duration::from_secs(10))
         .build(ConnectionManager::new(url.clone()))
         .map_err(StoreError::from)?;
-    let writer =
-        matches!(url, DatabaseUrl::Sqlite(_)).then(|| Arc::new(SqliteWriter::new(url.clone())));
+    let dialect = url.backend();
+    let writer = dialect
+        .writes_through_one_connection()
+        .then(|| Arc::new(SqliteWriter::new(url.clone())));
     if let Some(writer) = &writer {
         super::sqlite_writer::spawn_checkpointer(writer);
     }
-    let statistics = matches!(url, DatabaseUrl::Postgres(_)).then(Arc::default);
+    let statistics = dialect.refreshes_planner_statistics().then(Arc::default);
     Ok(DbPool {
         readers,
         writer,
@@ -320,7 +171,8 @@ impl DbPool {
         if let Some(statistics) = &self.statistics
             && statistics.note_written(count)
         {
-            statistics.spawn_refresh(self.clone());
+            let pool = self.clone();
+            statistics.spawn_refresh(move || pool.get());
         }
     }
 

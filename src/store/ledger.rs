@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError, on_backend};
+use super::database::{DbConnection, on_backend};
 use super::entry_codec;
+use super::error::StoreError;
 use super::schema::{
     ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
 };
@@ -104,27 +105,22 @@ pub fn insert_entries(
 }
 
 /// Takes the sequencer lock for the current write transaction
-/// ([`crate::store::DbPool::write`]). PostgreSQL: a transaction-scoped advisory lock,
-/// so that of several server processes exactly one sequences at a time (`false`: another
-/// process holds it). SQLite: the write transaction already holds the database's write
-/// lock, which excludes every other writer.
+/// ([`crate::store::DbPool::write`]), so that of several server processes exactly one
+/// sequences at a time (`false`: another process holds it). See
+/// [`Dialect::try_transaction_lock`](super::dialect::Dialect::try_transaction_lock).
 pub fn try_lock_sequencer(conn: &mut DbConnection) -> Result<bool, StoreError> {
-    match conn {
-        DbConnection::Postgres(_) => {
-            #[derive(QueryableByName)]
-            struct Locked {
-                #[diesel(sql_type = diesel::sql_types::Bool)]
-                locked: bool,
-            }
-            let row: Locked = diesel::sql_query(format!(
-                "SELECT pg_try_advisory_xact_lock({SEQUENCER_LOCK_KEY}) AS locked"
-            ))
-            .get_result(conn)
-            .map_err(StoreError::classify)?;
-            Ok(row.locked)
-        }
-        DbConnection::Sqlite(_) => Ok(true),
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        locked: bool,
     }
+    let Some(lock) = conn.dialect().try_transaction_lock(SEQUENCER_LOCK_KEY) else {
+        return Ok(true);
+    };
+    let row: Locked = diesel::sql_query(lock)
+        .get_result(conn)
+        .map_err(StoreError::classify)?;
+    Ok(row.locked)
 }
 
 pub fn tree_size(conn: &mut DbConnection) -> Result<i64, StoreError> {
@@ -241,17 +237,35 @@ pub fn assign_indexes(
     assignments: &[(i64, i64, Vec<u8>)],
     now: i64,
 ) -> Result<(), StoreError> {
+    // One statement per chunk of entries, written as each backend runs it fastest.
     let updated = match conn {
-        // One statement for the whole batch: a round trip per entry would cap sequencing
-        // at a few thousand entries per second.
-        DbConnection::Postgres(pg) => {
-            use diesel::sql_types::{Array, BigInt, Binary};
-            let mut updated = 0;
-            for chunk in assignments.chunks(INSERT_CHUNK) {
-                let seqs: Vec<i64> = chunk.iter().map(|(seq, _, _)| *seq).collect();
-                let indexes: Vec<i64> = chunk.iter().map(|(_, index, _)| *index).collect();
-                let leaves: Vec<Vec<u8>> = chunk.iter().map(|(_, _, leaf)| leaf.clone()).collect();
-                updated += diesel::sql_query(
+        DbConnection::Postgres(pg) => assign_indexes_unnested(pg, assignments, now)?,
+        DbConnection::Sqlite(sqlite) => assign_indexes_from_values(sqlite, assignments, now)?,
+    };
+    if updated == assignments.len() {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(
+            "pending entries were sequenced concurrently".into(),
+        ))
+    }
+}
+
+/// PostgreSQL: one statement for the whole batch, its columns bound as three arrays and
+/// unnested (a round trip per entry would cap sequencing at a few thousand entries per
+/// second). Returns how many entries were updated.
+fn assign_indexes_unnested(
+    pg: &mut diesel::pg::PgConnection,
+    assignments: &[(i64, i64, Vec<u8>)],
+    now: i64,
+) -> Result<usize, StoreError> {
+    use diesel::sql_types::{Array, BigInt, Binary};
+    let mut updated = 0;
+    for chunk in assignments.chunks(INSERT_CHUNK) {
+        let seqs: Vec<i64> = chunk.iter().map(|(seq, _, _)| *seq).collect();
+        let indexes: Vec<i64> = chunk.iter().map(|(_, index, _)| *index).collect();
+        let leaves: Vec<Vec<u8>> = chunk.iter().map(|(_, _, leaf)| leaf.clone()).collect();
+        updated += diesel::sql_query(
                     "UPDATE ledger_entries AS e SET leaf_index = v.leaf_index, leaf_hash = v.leaf_hash, sequenced_at = $4 \
                      FROM (SELECT unnest($1::bigint[]) AS pending_seq, unnest($2::bigint[]) AS leaf_index, \
                                   unnest($3::bytea[]) AS leaf_hash) AS v \
@@ -263,41 +277,38 @@ pub fn assign_indexes(
                 .bind::<BigInt, _>(now)
                 .execute(pg)
                 .map_err(StoreError::classify)?;
-            }
-            updated
-        }
-        // One UPDATE … FROM (VALUES …) per chunk: diesel parses an UPDATE again on every
-        // execution, which per entry cost more than the update itself.
-        DbConnection::Sqlite(sqlite) => {
-            use diesel::sql_types::{BigInt, Binary};
-            let mut updated = 0;
-            for chunk in assignments.chunks(SQLITE_UPDATE_CHUNK) {
-                let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
-                let mut query = diesel::sql_query(format!(
+    }
+    Ok(updated)
+}
+
+/// SQLite: one UPDATE … FROM (VALUES …) per chunk (diesel parses an UPDATE again on every
+/// execution, which per entry cost more than the update itself). Returns how many entries
+/// were updated.
+fn assign_indexes_from_values(
+    sqlite: &mut diesel::sqlite::SqliteConnection,
+    assignments: &[(i64, i64, Vec<u8>)],
+    now: i64,
+) -> Result<usize, StoreError> {
+    use diesel::sql_types::{BigInt, Binary};
+    let mut updated = 0;
+    for chunk in assignments.chunks(SQLITE_UPDATE_CHUNK) {
+        let values = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+        let mut query = diesel::sql_query(format!(
                     "UPDATE ledger_entries SET leaf_index = v.column2, leaf_hash = v.column3, \
                      sequenced_at = ? FROM (VALUES {values}) AS v \
                      WHERE ledger_entries.pending_seq = v.column1 AND ledger_entries.leaf_index IS NULL"
                 ))
                 .into_boxed::<diesel::sqlite::Sqlite>()
                 .bind::<BigInt, _>(now);
-                for (pending_seq, leaf_index, leaf_hash) in chunk {
-                    query = query
-                        .bind::<BigInt, _>(*pending_seq)
-                        .bind::<BigInt, _>(*leaf_index)
-                        .bind::<Binary, _>(leaf_hash.clone());
-                }
-                updated += query.execute(sqlite).map_err(StoreError::classify)?;
-            }
-            updated
+        for (pending_seq, leaf_index, leaf_hash) in chunk {
+            query = query
+                .bind::<BigInt, _>(*pending_seq)
+                .bind::<BigInt, _>(*leaf_index)
+                .bind::<Binary, _>(leaf_hash.clone());
         }
-    };
-    if updated == assignments.len() {
-        Ok(())
-    } else {
-        Err(StoreError::Unavailable(
-            "pending entries were sequenced concurrently".into(),
-        ))
+        updated += query.execute(sqlite).map_err(StoreError::classify)?;
     }
+    Ok(updated)
 }
 
 pub fn insert_hashes(conn: &mut DbConnection, hashes: &[(i64, Vec<u8>)]) -> Result<(), StoreError> {
@@ -311,16 +322,12 @@ pub fn insert_hashes(conn: &mut DbConnection, hashes: &[(i64, Vec<u8>)]) -> Resu
                 )
             })
             .collect();
-        // Multi-row INSERT is backend-specific in diesel, so each backend runs its own.
-        let inserted = match conn {
-            DbConnection::Postgres(pg) => diesel::insert_into(ledger_hashes::table)
-                .values(rows)
-                .execute(pg),
-            DbConnection::Sqlite(sqlite) => diesel::insert_into(ledger_hashes::table)
-                .values(rows)
-                .execute(sqlite),
-        };
-        inserted.map_err(StoreError::classify)?;
+        // Multi-row INSERT is backend-specific in diesel: the same statement on each
+        // backend's own connection.
+        on_backend!(conn, conn => diesel::insert_into(ledger_hashes::table)
+            .values(rows)
+            .execute(conn))
+        .map_err(StoreError::classify)?;
     }
     Ok(())
 }

@@ -3,7 +3,8 @@
 
 use diesel::prelude::*;
 
-use super::connection::{DbConnection, StoreError, on_backend};
+use super::database::{DbConnection, on_backend};
+use super::error::StoreError;
 use super::schema::{resource_versions, resources};
 use crate::crypto::EncryptedBlob;
 use crate::crypto::blind_index::Digest;
@@ -271,17 +272,29 @@ pub fn insert_first(
     row: &VersionRow,
     presence: &[Digest],
 ) -> Result<i64, StoreError> {
-    let presence = presence.concat();
+    let seq = insert_resource_row(conn, row, &presence.concat()).map_err(StoreError::classify)?;
+    insert_version(conn, row)?;
+    Ok(seq)
+}
+
+/// Inserts the `resources` row of a first version; returns the `seq` the database gave it.
+/// PostgreSQL returns it with the INSERT: one round trip fewer per create. SQLite reads it
+/// back by the row's key: diesel offers `RETURNING` on SQLite only behind a feature this
+/// build leaves off (SQLite before 3.35 has none).
+fn insert_resource_row(
+    conn: &mut DbConnection,
+    row: &VersionRow,
+    presence: &[u8],
+) -> QueryResult<i64> {
     let values = (
         resources::resource_type.eq(&row.resource_type),
         resources::id.eq(&row.id),
         resources::current_version.eq(row.version_id),
         resources::deleted.eq(row.deleted),
         resources::last_updated.eq(row.last_updated),
-        resources::presence.eq(&presence),
+        resources::presence.eq(presence),
     );
-    let seq = match conn {
-        // PostgreSQL returns the new seq with the INSERT: one round trip fewer per create.
+    match conn {
         DbConnection::Postgres(pg) => diesel::insert_into(resources::table)
             .values(values)
             .returning(resources::seq)
@@ -296,9 +309,6 @@ pub fn insert_first(
                     .first(sqlite)
             }),
     }
-    .map_err(StoreError::classify)?;
-    insert_version(conn, row)?;
-    Ok(seq)
 }
 
 /// Moves a resource from `expected_version` to `row.version_id`, with the presence digests

@@ -25,7 +25,8 @@ use diesel::result::Error as DieselError;
 use diesel::{Connection as _, QueryResult};
 use parking_lot::{Condvar, FairMutex, Mutex};
 
-use super::connection::{DatabaseUrl, DbConnection, StoreError, establish};
+use super::database::{DatabaseUrl, DbConnection, establish};
+use super::error::StoreError;
 
 type Manager = <DbConnection as diesel::Connection>::TransactionManager;
 

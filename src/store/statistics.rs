@@ -11,12 +11,14 @@
 //! its own and takes a lock that blocks neither reads nor writes. SQLite plans these searches
 //! well without statistics, so it has none of this.
 
+use std::ops::DerefMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use diesel::connection::SimpleConnection as _;
 
-use super::connection::{DbConnection, DbPool, StoreError};
+use super::database::{DbConnection, on_backend};
+use super::error::StoreError;
 
 /// Resources written before the first refresh.
 const FIRST_REFRESH_AFTER: u64 = 256;
@@ -57,14 +59,20 @@ impl StatisticsRefresh {
         true
     }
 
-    /// Refreshes the statistics on a thread of its own.
-    pub(super) fn spawn_refresh(&self, pool: DbPool) {
+    /// Refreshes the statistics on a thread of its own, on a connection from `connect` (the
+    /// pool's).
+    pub(super) fn spawn_refresh<C>(
+        &self,
+        connect: impl FnOnce() -> Result<C, StoreError> + Send + 'static,
+    ) where
+        C: DerefMut<Target = DbConnection>,
+    {
         let running = Arc::clone(&self.running);
         let spawned = std::thread::Builder::new()
             .name("analyze".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                match pool.get().and_then(|mut conn| analyze(&mut conn)) {
+                match connect().and_then(|mut conn| analyze(&mut conn)) {
                     Ok(()) => tracing::debug!(
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "planner statistics refreshed"
@@ -81,10 +89,10 @@ impl StatisticsRefresh {
 }
 
 fn analyze(conn: &mut DbConnection) -> Result<(), StoreError> {
-    match conn {
-        DbConnection::Postgres(pg) => pg.batch_execute(ANALYZE).map_err(StoreError::classify),
-        DbConnection::Sqlite(_) => Ok(()),
+    if !conn.dialect().refreshes_planner_statistics() {
+        return Ok(());
     }
+    on_backend!(conn, conn => conn.batch_execute(ANALYZE)).map_err(StoreError::classify)
 }
 
 #[cfg(test)]

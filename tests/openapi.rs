@@ -97,3 +97,65 @@ async fn committed_document_matches_the_served_one() {
         "{read_404}"
     );
 }
+
+/// A path of the document with its parameters filled in.
+fn concrete(path: &str) -> String {
+    let mut concrete = path.to_owned();
+    for (parameter, value) in [
+        ("{type}", "Patient"),
+        ("{compartment}", "Patient"),
+        ("{id}", "routed-1"),
+        ("{vid}", "1"),
+        ("{index}", "0"),
+        ("{receipt}", "no-such-receipt"),
+        ("{L}", "0"),
+        ("{N}", "000"),
+    ] {
+        concrete = concrete.replace(parameter, value);
+    }
+    concrete
+}
+
+/// Routes and documentation come from one registration: every operation the document lists
+/// reaches a handler (whatever the handler then answers, it is not "no such endpoint" or
+/// 405), and every other method on a documented path is refused with 405. The per-type
+/// paths (`/fhir/Patient/{id}`) document, for generated clients, a part of what the generic
+/// paths (`/fhir/{type}/{id}`) serve, so only the generic ones are held to the second rule.
+#[actix_web::test]
+async fn every_documented_operation_is_routed_and_no_other_method_is() {
+    let db = TestDb::sqlite();
+    let app = test::init_service(fhirledger::api::build_app(db.state())).await;
+    let document = call(&app, get("/openapi.json")).await.json();
+    let methods = ["get", "post", "put", "patch", "delete"];
+    let mut checked = 0;
+    for (path, operations) in document["paths"].as_object().unwrap() {
+        let per_type = path
+            .strip_prefix("/fhir/")
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()));
+        let uri = concrete(path);
+        for method in methods {
+            let request = test::TestRequest::default()
+                .method(method.to_uppercase().parse().unwrap())
+                .uri(&uri)
+                .insert_header(("content-type", "application/fhir+json"))
+                .set_payload("{}");
+            let reply = call(&app, request).await;
+            let text = reply.text();
+            if operations.get(method).is_some() {
+                assert_ne!(reply.status.as_u16(), 405, "{method} {uri}: {text}");
+                assert!(
+                    !text.contains("no such endpoint"),
+                    "{method} {uri} is documented but not routed: {text}"
+                );
+                checked += 1;
+            } else if !per_type {
+                assert_eq!(
+                    reply.status.as_u16(),
+                    405,
+                    "{method} {uri} is not documented but answered: {text}"
+                );
+            }
+        }
+    }
+    assert!(checked > 500, "{checked} operations checked");
+}

@@ -13,12 +13,6 @@ pub struct Health {
     pub status: &'static str,
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
-}
-
 /// Operational metrics in Prometheus's text format (see [`crate::metrics`]): counts and
 /// latencies only, no request content, so it needs no token. Off the FHIR path.
 #[utoipa::path(get, path = "/metrics", tag = "operations",

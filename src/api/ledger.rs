@@ -22,20 +22,6 @@ use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry};
 /// Entries returned when `end` is not given.
 const DEFAULT_ENTRIES_PAGE: u64 = 100;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/ledger")
-            .route("/checkpoint", web::get().to(checkpoint))
-            .route("/key", web::get().to(key))
-            .route("/entries", web::get().to(entries))
-            .route("/entries/{index}", web::get().to(entry))
-            .route("/receipts/{receipt}", web::get().to(receipt))
-            .route("/proof/inclusion", web::get().to(inclusion_proof))
-            .route("/proof/consistency", web::get().to(consistency_proof))
-            .route("/tile/{tail:.*}", web::get().to(tile)),
-    );
-}
-
 /// The verifier key of the ledger.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LedgerKeyInfo {

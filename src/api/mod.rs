@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod negotiation;
 pub mod openapi;
 pub mod openapi_typed;
+pub mod registry;
 pub mod request;
 pub mod response;
 pub mod routes;
@@ -83,11 +84,7 @@ pub fn build_app(
         .app_data(web::Data::new(state))
         .wrap(cors)
         .wrap(actix_web::middleware::from_fn(request::request_context))
-        .configure(health::routes)
-        .configure(openapi::routes)
-        .configure(routes::fhir_routes)
-        .configure(ledger::routes)
-        .configure(smart::routes)
+        .configure(routes::configure)
         .default_service(web::to(request::no_route))
         // Outermost: `{base}/`, `{base}/Patient/` and the like, which clients build from a
         // base URL ending in a slash, are the paths without it.

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use utoipa::OpenApi;
+use utoipa::openapi::path::Paths;
 use utoipa_swagger_ui::Config;
 
 use super::response::Resource;
-use super::{bundle, everything, fhir, health, ledger, search, smart};
+use super::{health, ledger};
 use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 
 #[derive(OpenApi)]
@@ -18,19 +18,6 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
         title = "fhirledger",
         description = "FHIR R4 server that stores every resource encrypted. Errors are FHIR OperationOutcome resources.",
         license(name = "Apache-2.0"),
-    ),
-    paths(
-        fhir::metadata, fhir::create, fhir::read, fhir::vread, fhir::update, fhir::patch, fhir::delete, fhir::history,
-        fhir::type_history, fhir::system_history,
-        search::search_type, search::search_type_post, search::search_system,
-        bundle::process, bundle::conditional_update, bundle::conditional_delete,
-        everything::everything,
-        everything::everything_post,
-        search::search_compartment,
-        ledger::checkpoint, ledger::key, ledger::entries, ledger::entry, ledger::receipt,
-        ledger::inclusion_proof, ledger::consistency_proof, ledger::tile,
-        health::healthz, health::readyz, health::metrics, openapi_json,
-        smart::smart_configuration, smart::jwks,
     ),
     components(schemas(
         Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
@@ -46,19 +33,18 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
 )]
 pub struct ApiDoc;
 
-/// The document as served (pretty-printed, ending with a newline, like the committed file),
-/// built once: it depends on nothing but the build.
-pub fn document_json() -> &'static str {
-    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DOCUMENT.get_or_init(|| {
-        let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-        declare_fhir_media_type(&mut document);
-        super::openapi_typed::add_typed_paths(&mut document);
-        declare_bearer_authentication(&mut document);
-        let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
-        text.push('\n');
-        text
-    })
+/// The document of the operations in `paths` (the route table's), with what the derive
+/// above declares and the per-type paths, pretty-printed and ending with a newline.
+pub fn document(paths: Paths) -> String {
+    let mut api = ApiDoc::openapi();
+    api.paths = paths;
+    let mut document = serde_json::to_value(api).unwrap_or_default();
+    declare_fhir_media_type(&mut document);
+    super::openapi_typed::add_typed_paths(&mut document);
+    declare_bearer_authentication(&mut document);
+    let mut text = serde_json::to_string_pretty(&document).unwrap_or_else(|_| "{}".to_owned());
+    text.push('\n');
+    text
 }
 
 /// utoipa labels every body `application/json`; bodies under `/fhir` are FHIR JSON.
@@ -167,19 +153,10 @@ fn response_ref(name: &str) -> serde_json::Value {
     serde_json::json!({"$ref": format!("#/components/responses/{name}")})
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/openapi.json", web::get().to(openapi_json))
-        .route(DOCS_PATH, web::get().to(docs))
+/// The viewer's page and files.
+pub fn viewer_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(DOCS_PATH, web::get().to(docs))
         .route("/docs/{file}", web::get().to(docs_file));
-}
-
-/// This OpenAPI document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
-pub async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "application/json"))
-        .body(document_json())
 }
 
 /// Where the viewer's page and files are served.

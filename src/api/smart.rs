@@ -9,14 +9,6 @@ use super::AppState;
 use crate::access::scopes::LEDGER_READ_SCOPE;
 use crate::error::AppError;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/.well-known/smart-configuration",
-        web::get().to(smart_configuration),
-    )
-    .route("/.well-known/jwks.json", web::get().to(jwks));
-}
-
 /// What SMART clients need to know: which scopes this server reads and, when configured,
 /// the endpoints of the trusted identity provider that issues its tokens (the server issues
 /// none itself); otherwise where the local issuer's key is.

@@ -535,3 +535,172 @@ pub enum ReferenceTarget {
     /// Contained (`#…`), `urn:` or malformed.
     Unusable,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use serde_json::json;
+
+    use super::*;
+
+    const BASE: &str = "https://ehr.example/fhir";
+
+    fn indexer() -> SearchIndex {
+        SearchIndex::new(
+            SearchParamRegistry::load().unwrap(),
+            BlindIndexKey::from_bytes([3; 32]),
+            BASE.to_owned(),
+        )
+    }
+
+    fn observation() -> Value {
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": format!("{BASE}/Patient/p1")},
+            "performer": [{"reference": "Practitioner/dr1"}],
+            "effectiveDateTime": "2024-03-05",
+            "valueQuantity": {"value": 72, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
+        })
+    }
+
+    #[test]
+    fn a_term_is_found_by_the_digest_its_stored_value_became() {
+        let index = indexer();
+        let rows = index.rows(
+            "Patient",
+            &json!({"resourceType": "Patient", "name": [{"family": "Ébré-Smith"}]}),
+        );
+        // A string is stored as its normalized prefixes; a search term of any of them is
+        // looked up by exactly one of the stored digests.
+        for term in ["e", "ebre", "ÉBRÉ-SM", "ebre-smith"] {
+            let (kind, text) = index
+                .query_form(&FilterValue::String(term.into()), None)
+                .unwrap();
+            let digest = index.digest("Patient", "family", kind, &text);
+            assert!(rows.hashes.contains(&digest), "{term}");
+        }
+        let (kind, text) = index
+            .query_form(&FilterValue::String("smith".into()), None)
+            .unwrap();
+        assert!(
+            !rows
+                .hashes
+                .contains(&index.digest("Patient", "family", kind, &text))
+        );
+        // Digests are keyed by type and parameter: the same text elsewhere is another digest.
+        assert_ne!(
+            index.digest("Patient", "family", ValueKind::Prefix, "ebre"),
+            index.digest("Practitioner", "family", ValueKind::Prefix, "ebre")
+        );
+        assert!(
+            rows.presence
+                .contains(&index.presence_digest("Patient", "family"))
+        );
+        assert!(
+            !rows
+                .presence
+                .contains(&index.presence_digest("Patient", "birthdate"))
+        );
+    }
+
+    #[test]
+    fn tokens_references_dates_and_quantities_become_their_rows() {
+        let index = indexer();
+        let rows = index.rows("Observation", &observation());
+        let digest = |code: &str, kind, text: &str| index.digest("Observation", code, kind, text);
+        for expected in [
+            digest(
+                "code",
+                ValueKind::SystemCode,
+                &system_and_code("http://loinc.org", "8867-4"),
+            ),
+            digest("code", ValueKind::Code, "8867-4"),
+            digest("code", ValueKind::System, "http://loinc.org"),
+            digest("status", ValueKind::Code, "final"),
+            // An absolute reference to this server is indexed as the relative one.
+            digest("subject", ValueKind::Reference, "Patient/p1"),
+            digest("patient", ValueKind::Reference, "Patient/p1"),
+            digest("performer", ValueKind::Reference, "Practitioner/dr1"),
+        ] {
+            assert!(rows.hashes.contains(&expected));
+        }
+        let date = rows.dates.iter().find(|row| row.param == "date").unwrap();
+        // 2024-03-05 covers the whole day, in µs since the epoch, its end excluded.
+        assert_eq!(date.low, 1_709_596_800_000_000);
+        assert_eq!(date.high - date.low, 86_400_000_000);
+        assert!(rows.numbers.iter().any(|row| row.param == "value-quantity"));
+        assert!(
+            rows.presence
+                .contains(&index.presence_digest("Observation", "subject"))
+        );
+        assert!(
+            !rows
+                .presence
+                .contains(&index.presence_digest("Observation", "focus"))
+        );
+    }
+
+    #[test]
+    fn compartments_follow_references_to_patients_on_this_server_only() {
+        let index = indexer();
+        let members = index
+            .compartments("Observation", "o1", &observation())
+            .unwrap();
+        assert_eq!(members, BTreeSet::from(["p1".to_owned()]));
+        let elsewhere = json!({
+            "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "https://other.example/fhir/Patient/p1"}
+        });
+        assert!(
+            index
+                .compartments("Observation", "o2", &elsewhere)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            index.compartments("Patient", "p9", &json!({"resourceType": "Patient"})),
+            Some(BTreeSet::from(["p9".to_owned()]))
+        );
+        assert_eq!(
+            index.compartments("Medication", "m1", &json!({"resourceType": "Medication"})),
+            None
+        );
+        assert_eq!(
+            index.reference_target("Patient/p1/_history/2"),
+            ReferenceTarget::Local {
+                resource_type: "Patient".into(),
+                id: "p1".into()
+            }
+        );
+        assert_eq!(
+            index.reference_target("#contained"),
+            ReferenceTarget::Unusable
+        );
+        assert_eq!(
+            index.reference_target("https://other.example/fhir/Patient/p1"),
+            ReferenceTarget::External("https://other.example/fhir/Patient/p1".into())
+        );
+    }
+
+    #[test]
+    fn the_compartment_condition_looks_for_the_same_digests_a_reference_search_does() {
+        let index = indexer();
+        let types = vec!["Observation".to_owned()];
+        let Some(Condition::HasAny(digests)) =
+            index.compartment_condition(&types, &["p1".to_owned()])
+        else {
+            panic!("a compartment type is confined by its reference digests");
+        };
+        let rows = index.rows("Observation", &observation());
+        assert!(digests.iter().any(|d| rows.hashes.contains(d)));
+        assert_eq!(digests.len(), index.compartment_digests(&types, 1));
+        assert!(
+            index
+                .compartment_condition(&["Medication".to_owned()], &["p1".to_owned()])
+                .is_none()
+        );
+    }
+}

@@ -3,7 +3,8 @@
 //! Error tiers (house style): `anyhow` only in `main` and tests; each layer has its own
 //! `thiserror` type (`StoreError`, `ValidationError`, `IntegrityError`, `KeyError`); the
 //! request path converts them into [`AppError`], and `api::error` alone decides what a
-//! client sees of each (status, OperationOutcome issue code, message).
+//! client sees of each (status, OperationOutcome issue code, message). Driver types stay in
+//! their layer: diesel's errors become `StoreError` inside `store/`.
 
 use crate::fhir::ValidationError;
 use crate::fhir::bundle_request::BundleError;
@@ -144,11 +145,5 @@ impl From<PatchError> for AppError {
             PatchError::Unprocessable(error) => Self::Unprocessable(error),
             PatchError::TooLarge(message) => Self::TooLarge(message),
         }
-    }
-}
-
-impl From<diesel::result::Error> for AppError {
-    fn from(error: diesel::result::Error) -> Self {
-        StoreError::classify(error).into()
     }
 }

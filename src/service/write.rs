@@ -97,12 +97,6 @@ pub(super) enum TxError {
     App(AppError),
 }
 
-impl From<diesel::result::Error> for TxError {
-    fn from(error: diesel::result::Error) -> Self {
-        Self::App(StoreError::classify(error).into())
-    }
-}
-
 impl From<AppError> for TxError {
     fn from(error: AppError) -> Self {
         Self::App(error)

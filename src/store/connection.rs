@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::RunQueryDsl as _;
 use diesel::connection::SimpleConnection as _;
 use diesel::r2d2;
-use diesel::result::{ConnectionError, Error as DieselError};
-use diesel::{Connection, RunQueryDsl as _};
+use diesel::result::ConnectionError;
 
-use super::database::on_backend;
+use super::database::{in_transaction, on_backend};
 use super::sqlite_writer::SqliteWriter;
 use super::statistics::StatisticsRefresh;
 
@@ -187,13 +187,13 @@ impl DbPool {
     /// the writes queued behind it (see [`super::sqlite_writer`]).
     pub fn write<T, E>(&self, work: impl FnOnce(&mut DbConnection) -> Result<T, E>) -> Result<T, E>
     where
-        E: From<DieselError> + From<StoreError>,
+        E: From<StoreError>,
     {
         match &self.writer {
             Some(writer) => writer.write(work),
             None => {
                 let mut conn = self.get()?;
-                (*conn).transaction(work)
+                in_transaction(&mut conn, work)
             }
         }
     }

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use diesel::Connection;
 use diesel::connection::SimpleConnection as _;
 use diesel::pg::PgConnection;
-use diesel::result::ConnectionError;
+use diesel::result::{ConnectionError, Error as DieselError};
 use diesel::sqlite::SqliteConnection;
 
 use super::dialect::{Backend, Dialect, SQLITE_CONNECTION_SETUP};
+use super::error::StoreError;
 
 /// A connection to either backend; diesel's query DSL works on it directly.
 #[derive(diesel::MultiConnection)]
@@ -105,4 +106,30 @@ pub fn establish(url: &DatabaseUrl) -> Result<DbConnection, ConnectionError> {
             Ok(DbConnection::Sqlite(conn))
         }
     }
+}
+
+/// Runs `work` in a transaction of `conn` (a savepoint inside an open one), keeping diesel's
+/// error inside the store: the caller's error comes back as it was, and a failure of the
+/// transaction itself (BEGIN, COMMIT, a savepoint, a rollback) as a [`StoreError`].
+pub(super) fn in_transaction<T, E>(
+    conn: &mut DbConnection,
+    work: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<StoreError>,
+{
+    enum Failure<E> {
+        Work(E),
+        Transaction(DieselError),
+    }
+    impl<E> From<DieselError> for Failure<E> {
+        fn from(error: DieselError) -> Self {
+            Self::Transaction(error)
+        }
+    }
+    conn.transaction(|conn| work(conn).map_err(Failure::Work))
+        .map_err(|failure| match failure {
+            Failure::Work(error) => error,
+            Failure::Transaction(error) => StoreError::classify(error).into(),
+        })
 }

@@ -20,12 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use diesel::QueryResult;
 use diesel::connection::{SimpleConnection as _, TransactionManager as _};
-use diesel::result::Error as DieselError;
-use diesel::{Connection as _, QueryResult};
 use parking_lot::{Condvar, FairMutex, Mutex};
 
-use super::database::{DatabaseUrl, DbConnection, establish};
+use super::database::{DatabaseUrl, DbConnection, establish, in_transaction};
 use super::error::StoreError;
 
 type Manager = <DbConnection as diesel::Connection>::TransactionManager;
@@ -108,7 +107,7 @@ impl SqliteWriter {
         work: impl FnOnce(&mut DbConnection) -> Result<T, E>,
     ) -> Result<T, E>
     where
-        E: From<DieselError> + From<StoreError>,
+        E: From<StoreError>,
     {
         self.queued.fetch_add(1, Ordering::SeqCst);
         let mut turn = self.turn.lock();
@@ -121,7 +120,7 @@ impl SqliteWriter {
             work(turn.conn()?)
         } else {
             // A savepoint inside the group's transaction: a failure undoes this turn only.
-            turn.conn()?.transaction(work)
+            in_transaction(turn.conn()?, work)
         };
         if first && result.is_err() {
             Self::roll_back(&mut turn);

@@ -14,6 +14,12 @@ use serde_json::{Value, json};
 use crate::access::policy::{self, Refusal};
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
+use crate::fhir::ResourceId;
+use crate::fhir::search_params::{ParamType, SearchParamRegistry};
+use crate::fhir::search_query::{
+    Criterion, FilterValue, Handling, Modifier, Prefix, SearchRequest, SupportedParams,
+    parse_search,
+};
 use crate::fhir::search_values::date_range;
 use crate::ledger::Action;
 use crate::ledger::checkpoint::encode_hash;
@@ -34,36 +40,54 @@ pub const LEDGER_ENTRY_EXTENSION: &str =
 /// A date test on an entry's time: `ge`, `gt`, `le`, `lt` or `eq` against a FHIR date.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DateTest {
-    pub prefix: String,
+    pub prefix: Prefix,
     pub low: i64,
     pub high: i64,
 }
 
 impl DateTest {
-    /// Parses `ge2026-11-01` (no prefix: `eq`).
-    pub fn parse(text: &str) -> Option<Self> {
-        let (prefix, value) = match text.get(..2) {
-            Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &text[2..]),
-            _ => ("eq", text),
-        };
-        let (low, high) = date_range(value)?;
-        Some(Self {
-            prefix: prefix.to_owned(),
-            low,
-            high,
-        })
-    }
-
     fn passes(&self, at: i64) -> bool {
-        match self.prefix.as_str() {
-            "ge" => at >= self.low,
-            "gt" => at >= self.high,
-            "le" => at < self.high,
-            "lt" => at < self.low,
+        match self.prefix {
+            Prefix::Ge => at >= self.low,
+            Prefix::Gt => at >= self.high,
+            Prefix::Le => at < self.high,
+            Prefix::Lt => at < self.low,
             _ => self.low <= at && at < self.high,
         }
     }
 }
+
+/// The parameters the view answers, typed as R4's AuditEvent search parameters, so that its
+/// query is read by the same parser as every search.
+struct ViewParams;
+
+impl SupportedParams for ViewParams {
+    fn supported(&self, resource_type: &str, code: &str) -> Option<ParamType> {
+        if resource_type != "AuditEvent" {
+            return None;
+        }
+        match code {
+            "patient" | "entity" | "agent" => Some(ParamType::Reference),
+            "date" => Some(ParamType::Date),
+            _ => None,
+        }
+    }
+
+    fn components(&self, _resource_type: &str, _code: &str) -> Option<Vec<ParamType>> {
+        None
+    }
+}
+
+/// The refusal of what the view does not answer.
+fn unsupported(parameter: &str, message: impl Into<String>) -> AppError {
+    AppError::BadRequest {
+        message: message.into(),
+        expression: Some(parameter.to_owned()),
+    }
+}
+
+/// What the view answers, for messages.
+const VIEW_PARAMS: &str = "patient, entity, agent, date (ge, gt, le, lt, eq), _count and _cursor";
 
 /// What the view is asked for.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +102,107 @@ pub struct AuditQuery {
     pub count: usize,
     /// `_cursor` from a `next` link: continue with the entries below the leaf index it seals.
     pub cursor: Option<String>,
+}
+
+impl AuditQuery {
+    /// Reads the view's query with the search parser ([`parse_search`]): one value per
+    /// parameter, no modifiers, and none of the result parameters the view does not apply.
+    /// Returns the query and the parameters its `self` and `next` links repeat.
+    pub fn parse(
+        registry: &SearchParamRegistry,
+        params: &[(String, String)],
+        handling: Handling,
+    ) -> Result<(Self, Vec<(String, String)>), AppError> {
+        let request = parse_search(
+            registry,
+            &ViewParams,
+            vec!["AuditEvent".to_owned()],
+            params,
+            handling,
+        )?;
+        let defaults = SearchRequest::over(Vec::new());
+        if !request.sort.is_empty()
+            || !request.includes.is_empty()
+            || !request.revincludes.is_empty()
+            || !request.elements.is_empty()
+            || request.summary != defaults.summary
+            || request.total != defaults.total
+        {
+            return Err(unsupported(
+                "_query",
+                format!("the AuditEvent view takes {VIEW_PARAMS}"),
+            ));
+        }
+        let mut query = Self {
+            count: request.count,
+            cursor: request.cursor.clone(),
+            ..Self::default()
+        };
+        for criterion in &request.criteria {
+            let Criterion::Filter(filter) = criterion else {
+                return Err(unsupported(
+                    "_query",
+                    format!("the AuditEvent view takes {VIEW_PARAMS}"),
+                ));
+            };
+            let code = filter.code.as_str();
+            let [value] = filter.values.as_slice() else {
+                return Err(unsupported(code, format!("'{code}' takes one value here")));
+            };
+            if filter.modifier != Modifier::None {
+                return Err(unsupported(
+                    code,
+                    format!("'{code}' takes no modifier here"),
+                ));
+            }
+            let once = |slot: &Option<String>| match slot {
+                Some(_) => Err(unsupported(
+                    code,
+                    format!("parameter '{code}' is given more than once"),
+                )),
+                None => Ok(()),
+            };
+            match (code, value) {
+                ("patient", FilterValue::Reference(reference)) => {
+                    once(&query.patient)?;
+                    let id = reference.strip_prefix("Patient/").unwrap_or(reference);
+                    ResourceId::parse(id)
+                        .map_err(|_| unsupported(code, "patient must be Patient/<id> or an id"))?;
+                    query.patient = Some(id.to_owned());
+                }
+                ("entity", FilterValue::Reference(reference)) => {
+                    once(&query.entity)?;
+                    if reference.split('/').count() != 2 {
+                        return Err(unsupported(code, "entity must be Type/id"));
+                    }
+                    query.entity = Some(reference.clone());
+                }
+                ("agent", FilterValue::Reference(agent)) => {
+                    once(&query.agent)?;
+                    query.agent = Some(agent.clone());
+                }
+                ("date", FilterValue::Date { prefix, low, high })
+                    if matches!(
+                        prefix,
+                        Prefix::Eq | Prefix::Ge | Prefix::Gt | Prefix::Le | Prefix::Lt
+                    ) =>
+                {
+                    query.dates.push(DateTest {
+                        prefix: *prefix,
+                        low: *low,
+                        high: *high,
+                    });
+                }
+                _ => {
+                    return Err(unsupported(
+                        code,
+                        format!("the AuditEvent view takes {VIEW_PARAMS}"),
+                    ));
+                }
+            }
+        }
+        Ok((query, request.link_params))
+    }
 }
 
 /// One page of the view.

@@ -60,41 +60,6 @@ pub struct HistoryScanPage {
     pub next: Option<String>,
 }
 
-/// The last version a type or system history page showed, sealed as its `next` cursor.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HistoryPosition {
-    #[serde(rename = "t")]
-    last_updated: i64,
-    #[serde(rename = "r")]
-    resource_type: String,
-    #[serde(rename = "i")]
-    id: String,
-    #[serde(rename = "v")]
-    version_id: i64,
-}
-
-impl From<VersionKey> for HistoryPosition {
-    fn from(key: VersionKey) -> Self {
-        Self {
-            last_updated: key.last_updated,
-            resource_type: key.resource_type,
-            id: key.id,
-            version_id: key.version_id,
-        }
-    }
-}
-
-impl From<HistoryPosition> for VersionKey {
-    fn from(position: HistoryPosition) -> Self {
-        Self {
-            last_updated: position.last_updated,
-            resource_type: position.resource_type,
-            id: position.id,
-            version_id: position.version_id,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct HistoryPage {
     pub entries: Vec<HistoryEntry>,
@@ -557,9 +522,8 @@ impl ResourceService {
         let after: Option<VersionKey> = query
             .cursor
             .as_deref()
-            .map(|text| cursor::open::<HistoryPosition>(self.envelope(), CursorKind::History, text))
-            .transpose()?
-            .map(VersionKey::from);
+            .map(|text| cursor::open(self.envelope(), CursorKind::History, text))
+            .transpose()?;
         let mut conn = self.connection()?;
         // One row more than the page tells whether a next page exists.
         let window = ScanWindow {
@@ -573,10 +537,9 @@ impl ResourceService {
         let has_more = versions.len() as i64 > query.count;
         versions.truncate(usize::try_from(query.count).unwrap_or(0));
         let next = if has_more {
-            versions.last().map(|row| {
-                let position = HistoryPosition::from(row.key());
-                cursor::seal(self.envelope(), CursorKind::History, &position)
-            })
+            versions
+                .last()
+                .map(|row| cursor::seal(self.envelope(), CursorKind::History, &row.key()))
         } else {
             None
         };

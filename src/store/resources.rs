@@ -173,12 +173,17 @@ pub fn history(
 
 /// A version's place in type- and system-level history order: newest `last_updated` first,
 /// ties broken by `resource_type`, `id` and `version_id` (all descending), so the order is
-/// total and a page can start strictly after the last version of the previous one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// total and a page can start strictly after the last version of the previous one. Carried
+/// (sealed) in history's `_cursor`, hence the short names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionKey {
+    #[serde(rename = "t")]
     pub last_updated: i64,
+    #[serde(rename = "r")]
     pub resource_type: String,
+    #[serde(rename = "i")]
     pub id: String,
+    #[serde(rename = "v")]
     pub version_id: i64,
 }
 

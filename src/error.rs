@@ -10,6 +10,7 @@ use crate::fhir::ValidationError;
 use crate::fhir::bundle_request::BundleError;
 use crate::fhir::patch::PatchError;
 use crate::fhir::resource_types::{InvalidId, TypeError};
+use crate::fhir::search_query::SearchError;
 use crate::fhir::searchset::RenderError;
 use crate::store::StoreError;
 
@@ -108,6 +109,15 @@ impl From<StoreError> for AppError {
             }
             StoreError::Database(e) => Self::Internal(e.to_string()),
             StoreError::Migration(e) | StoreError::Corrupt(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<SearchError> for AppError {
+    fn from(error: SearchError) -> Self {
+        Self::BadRequest {
+            message: error.message,
+            expression: Some(error.parameter),
         }
     }
 }

@@ -59,7 +59,8 @@ pub struct SearchError {
 }
 
 impl SearchError {
-    fn new(parameter: &str, message: impl Into<String>) -> Self {
+    /// A refusal of `parameter` (as written, cut to 64 characters) saying why.
+    pub fn new(parameter: &str, message: impl Into<String>) -> Self {
         Self {
             parameter: parameter.chars().take(64).collect(),
             message: message.into(),

@@ -17,8 +17,8 @@ use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::search_params::{ParamType, SearchParamRegistry};
 use crate::fhir::search_query::{
-    Criterion, FilterValue, Handling, Modifier, Prefix, SearchRequest, SupportedParams,
-    parse_search,
+    Criterion, FilterValue, Handling, Modifier, Prefix, SearchError, SearchRequest,
+    SupportedParams, parse_search,
 };
 use crate::fhir::search_values::date_range;
 use crate::ledger::Action;
@@ -80,10 +80,7 @@ impl SupportedParams for ViewParams {
 
 /// The refusal of what the view does not answer.
 fn unsupported(parameter: &str, message: impl Into<String>) -> AppError {
-    AppError::BadRequest {
-        message: message.into(),
-        expression: Some(parameter.to_owned()),
-    }
+    SearchError::new(parameter, message).into()
 }
 
 /// What the view answers, for messages.

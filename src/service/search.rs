@@ -17,8 +17,8 @@ use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::search_params::ParamType;
 use crate::fhir::search_query::{
-    Criterion, Filter, FilterValue, Include, MAX_INNER_MATCHES, Modifier, Prefix, SearchError,
-    SearchRequest, SortParam, Summary, TotalMode,
+    Criterion, Filter, FilterValue, Include, MAX_INNER_MATCHES, Modifier, Prefix, SearchRequest,
+    SortParam, Summary, TotalMode,
 };
 use crate::fhir::search_values::SearchValue;
 use crate::indexer::{ReferenceTarget, SearchIndex};
@@ -176,15 +176,6 @@ impl Cursor {
             values,
             seq: self.seq,
         })
-    }
-}
-
-impl From<SearchError> for AppError {
-    fn from(error: SearchError) -> Self {
-        AppError::BadRequest {
-            message: error.message,
-            expression: Some(error.parameter),
-        }
     }
 }
 

@@ -14,7 +14,9 @@ use utoipa::openapi::path::{HttpMethod, PathItem, Paths, PathsBuilder};
 /// and the documentation of each.
 pub struct Registry {
     resources: Vec<(String, Resource)>,
-    paths: PathsBuilder,
+    /// How to document each route: kept as functions, so that an app built for serving (one
+    /// per worker, and per test) does not build the document it never uses.
+    documented: Vec<fn(PathsBuilder) -> PathsBuilder>,
     /// What a known path answers to a method it does not serve.
     method_not_allowed: fn() -> Route,
 }
@@ -24,7 +26,7 @@ impl Registry {
     pub fn new(method_not_allowed: fn() -> Route) -> Self {
         Self {
             resources: Vec::new(),
-            paths: PathsBuilder::new(),
+            documented: Vec::new(),
             method_not_allowed,
         }
     }
@@ -59,24 +61,15 @@ impl Registry {
             }
         };
         let (_, mut resource) = self.resources.remove(at);
-        let mut operation = Doc::operation();
-        // The tags the documentation names (`tag = "fhir"`), which utoipa keeps apart from
-        // the operation for its own document builder to add.
-        operation
-            .tags
-            .get_or_insert_with(Vec::new)
-            .extend(Doc::tags().into_iter().map(str::to_owned));
         for method in Doc::methods() {
             resource = resource.route(
                 web::route()
                     .method(actix_method(&method))
                     .to(handler.clone()),
             );
-            self.paths = self
-                .paths
-                .path(Doc::path(), PathItem::new(method, operation.clone()));
         }
         self.resources.insert(at, (pattern.to_owned(), resource));
+        self.documented.push(document::<Doc>);
         self
     }
 
@@ -91,8 +84,29 @@ impl Registry {
 
     /// The documentation of every route registered.
     pub fn paths(self) -> Paths {
-        self.paths.build()
+        self.documented
+            .into_iter()
+            .fold(PathsBuilder::new(), |paths, document| document(paths))
+            .build()
     }
+}
+
+/// Adds `Doc`'s operation at its path, under each of its methods.
+fn document<Doc>(mut paths: PathsBuilder) -> PathsBuilder
+where
+    Doc: utoipa::Path + for<'t> Tags<'t>,
+{
+    let mut operation = Doc::operation();
+    // The tags the documentation names (`tag = "fhir"`), which utoipa keeps apart from the
+    // operation for its own document builder to add.
+    operation
+        .tags
+        .get_or_insert_with(Vec::new)
+        .extend(Doc::tags().into_iter().map(str::to_owned));
+    for method in Doc::methods() {
+        paths = paths.path(Doc::path(), PathItem::new(method, operation.clone()));
+    }
+    paths
 }
 
 fn actix_method(method: &HttpMethod) -> Method {

@@ -1,5 +1,5 @@
 //! The process's operational metrics, served in Prometheus's text format at `/metrics`:
-//! counts and latencies by interaction and status, the ledger's group commits and sequencer
+//! counts and latencies by interaction and status, the ledger's durable appends, SQLite's shared commits, sequencer
 //! lag, and the database pool. Labels come from fixed sets (interaction names, status codes),
 //! never from a request's content: no resource id, patient, token or search value.
 
@@ -17,7 +17,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-/// How many entries one group commit carried.
+/// How many entries one append carried, or writes one SQLite commit.
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 pub struct Metrics {
@@ -26,10 +26,13 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Time from a request's arrival to its response, by interaction.
     pub request_seconds: HistogramVec,
-    /// Time one group commit of ledger entries took (the durable append requests wait on).
-    pub group_commit_seconds: Histogram,
-    /// Entries per group commit.
-    pub group_commit_entries: Histogram,
+    /// Time a durable append of standalone ledger entries took (what a read waits on before
+    /// it answers), the wait for the commit it shares included.
+    pub ledger_append_seconds: Histogram,
+    /// Entries per durable append.
+    pub ledger_append_entries: Histogram,
+    /// Write transactions that shared one commit of the SQLite writer.
+    pub db_write_group_size: Histogram,
     /// Time from an entry's durable append to the signed checkpoint that covers it (the
     /// oldest entry of each sequenced batch).
     pub sequencer_lag_seconds: Histogram,
@@ -65,14 +68,19 @@ impl Metrics {
                 &["interaction"],
             )?,
         )?;
-        let group_commit_seconds = histogram(
-            "ledger_group_commit_seconds",
-            "Time one group commit of ledger entries took",
+        let ledger_append_seconds = histogram(
+            "ledger_append_seconds",
+            "Time a durable append of ledger entries took, waiting for its shared commit included",
             LATENCY_BUCKETS,
         )?;
-        let group_commit_entries = histogram(
-            "ledger_group_commit_entries",
-            "Ledger entries per group commit",
+        let ledger_append_entries = histogram(
+            "ledger_append_entries",
+            "Ledger entries per durable append",
+            GROUP_SIZE_BUCKETS,
+        )?;
+        let db_write_group_size = histogram(
+            "db_write_group_size",
+            "Write transactions sharing one commit of the SQLite writer connection",
             GROUP_SIZE_BUCKETS,
         )?;
         let sequencer_lag_seconds = histogram(
@@ -102,8 +110,9 @@ impl Metrics {
             registry,
             requests,
             request_seconds,
-            group_commit_seconds,
-            group_commit_entries,
+            ledger_append_seconds,
+            ledger_append_entries,
+            db_write_group_size,
             sequencer_lag_seconds,
             tree_size,
             pool_connections,

@@ -156,7 +156,18 @@ async fn history_paging(db: TestDb) {
                 .is_success()
         );
     }
+    let mut other = patient("Other");
+    other["id"] = json!("other");
+    for _ in 0..3 {
+        assert!(
+            call(&app, put("/fhir/Patient/other", &other))
+                .await
+                .status
+                .is_success()
+        );
+    }
     let mut seen = Vec::new();
+    let mut cursors = Vec::new();
     let mut url = "/fhir/Patient/paging/_history?_count=2".to_owned();
     loop {
         let page = call(&app, get(&url)).await;
@@ -183,12 +194,30 @@ async fn history_paging(db: TestDb) {
                     .unwrap()
                     .strip_prefix(common::BASE_URL)
                     .unwrap()
-                    .to_owned()
+                    .to_owned();
+                cursors.push(url.clone());
             }
             None => break,
         }
     }
     assert_eq!(seen, ["5", "4", "3", "2", "1"]);
+    // The next links carry the sealed cursor searches use, not a version number in clear.
+    assert_eq!(cursors.len(), 2);
+    for next in &cursors {
+        assert!(next.contains("_cursor="), "{next}");
+        assert!(!next.contains("_before_version"), "{next}");
+    }
+    // A cursor continues only the history it came from; a version number is no cursor.
+    let elsewhere = cursors[0].replace("/Patient/paging/", "/Patient/other/");
+    for url in [
+        elsewhere.as_str(),
+        "/fhir/Patient/paging/_history?_before_version=3",
+        "/fhir/Patient/paging/_history?_cursor=3",
+    ] {
+        let refused = call(&app, get(url)).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{url}");
+        assert_eq!(refused.outcome_issue()["code"], "invalid", "{url}");
+    }
 
     let bad_count = call(&app, get("/fhir/Patient/paging/_history?_count=0")).await;
     assert_eq!(bad_count.status, StatusCode::BAD_REQUEST);

@@ -24,8 +24,7 @@ use crate::service::{DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry
 /// Parameters every interaction accepts: `_format` picks the format; `_pretty` is a
 /// presentation hint this server does not act on.
 const COMMON_PARAMS: &[&str] = &["_format", "_pretty"];
-const HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_before_version"];
-const SCAN_HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_cursor"];
+const HISTORY_PARAMS: &[&str] = &["_format", "_pretty", "_count", "_since", "_cursor"];
 
 /// What every instance-level interaction (`/fhir/{type}/{id}…`) checks first, in the
 /// order that decides which error wins: type (404), id (400), parameters (400), format (406).
@@ -457,7 +456,7 @@ pub async fn delete(
         ("id" = String, Path, description = "Logical id"),
         ("_count" = Option<i64>, Query, description = "Page size (1 to 1000, default 50)"),
         ("_since" = Option<String>, Query, description = "Only versions updated at or after this instant"),
-        ("_before_version" = Option<i64>, Query, description = "Paging cursor from a `next` link"),
+        ("_cursor" = Option<String>, Query, description = "Paging cursor from a `next` link"),
     ),
     responses(
         (status = 200, description = "history Bundle", body = super::response::Resource),
@@ -481,25 +480,23 @@ pub async fn history(
     let history_query = HistoryQuery {
         count: parse_count(query.get("_count"))?,
         since: query.get("_since").map(parse_instant).transpose()?,
-        before_version: query
-            .get("_before_version")
-            .map(parse_version_id)
-            .transpose()?,
+        cursor: query.get("_cursor").map(str::to_owned),
     };
     let page = state
         .resources
-        .history(&ctx, resource_type.clone(), id.clone(), history_query)
+        .history(
+            &ctx,
+            resource_type.clone(),
+            id.clone(),
+            history_query.clone(),
+        )
         .await?;
 
     let links = HistoryLinks {
         self_url: format!("{}/{resource_type}/{id}/_history", state.fhir_base()),
         paging: history_paging(history_query.count, query.get("_since")),
-        cursor: history_query
-            .before_version
-            .map(|v| ("_before_version", v.to_string())),
-        next: page
-            .next_before_version
-            .map(|v| ("_before_version", v.to_string())),
+        cursor: history_query.cursor.clone().map(|text| ("_cursor", text)),
+        next: page.next.clone().map(|text| ("_cursor", text)),
     };
     let entries = page.entries.into_iter().map(|entry| ScannedEntry {
         resource_type: resource_type.clone(),
@@ -566,7 +563,7 @@ async fn scan_history(
     req: &HttpRequest,
     resource_type: Option<crate::fhir::ResourceType>,
 ) -> Result<HttpResponse, AppError> {
-    let query = QueryParams::parse(req, SCAN_HISTORY_PARAMS)?;
+    let query = QueryParams::parse(req, HISTORY_PARAMS)?;
     let format = response_format(req, query.get("_format"))?;
     let scan = HistoryScanQuery {
         resource_type: resource_type.clone(),

@@ -18,12 +18,13 @@ use super::gate::withhold;
 use super::ledger::LedgerEvent;
 use super::write::{DeleteOutcome, WriteKind, WriteOutcome, Written, existing_head};
 
-#[derive(Debug, Clone, Copy, Default)]
+/// An instance history page (http.html#history).
+#[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
     pub count: i64,
     pub since: Option<i64>,
-    /// Paging cursor: only versions older than this one.
-    pub before_version: Option<i64>,
+    /// `_cursor` from a `next` link: only versions older than the one it names.
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,8 +66,8 @@ pub struct HistoryPage {
     pub entries: Vec<HistoryEntry>,
     /// Versions matching the query without the cursor.
     pub total: i64,
-    /// Cursor for the next (older) page, when there is one.
-    pub next_before_version: Option<i64>,
+    /// `_cursor` of the next (older) page, when there is one.
+    pub next: Option<String>,
 }
 
 impl ResourceService {
@@ -404,13 +405,27 @@ impl ResourceService {
         id: &ResourceId,
         query: HistoryQuery,
     ) -> Result<HistoryPage, AppError> {
+        // The history cursor names the last version shown; only one of this resource's
+        // versions continues this resource's history.
+        let before: Option<VersionKey> = query
+            .cursor
+            .as_deref()
+            .map(|text| cursor::open(self.envelope(), CursorKind::History, text))
+            .transpose()?;
+        let before_version = match before {
+            Some(key) if key.resource_type == resource_type.as_str() && key.id == id.as_str() => {
+                Some(key.version_id)
+            }
+            Some(_) => return Err(cursor::not_ours()),
+            None => None,
+        };
         let mut conn = self.connection()?;
         existing_head(&mut conn, resource_type, id)?;
         let total =
             rows::count_history(&mut conn, resource_type.as_str(), id.as_str(), query.since)?;
         // One row more than the page tells whether a next page exists.
         let window = HistoryWindow {
-            before_version: query.before_version,
+            before_version,
             since: query.since,
             limit: query.count + 1,
         };
@@ -418,10 +433,13 @@ impl ResourceService {
         drop(conn);
         let has_more = versions.len() as i64 > query.count;
         versions.truncate(usize::try_from(query.count).unwrap_or(0));
-        let next_before_version = if has_more {
-            versions.last().map(|v| v.version_id)
-        } else {
-            None
+        let next = match versions.last() {
+            Some(last) if has_more => Some(cursor::seal(
+                self.envelope(),
+                CursorKind::History,
+                &last.key(),
+            )),
+            _ => None,
         };
         let entries = versions
             .iter()
@@ -445,7 +463,7 @@ impl ResourceService {
         Ok(HistoryPage {
             entries,
             total,
-            next_before_version,
+            next,
         })
     }
 

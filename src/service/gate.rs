@@ -916,3 +916,184 @@ fn refusal_reason(error: &AppError) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::crypto::blind_index::BlindIndexKey;
+    use crate::fhir::outcome::IssueCode;
+    use crate::fhir::search_params::SearchParamRegistry;
+    use crate::fhir::validate::ValidationError;
+
+    fn index() -> SearchIndex {
+        SearchIndex::new(
+            SearchParamRegistry::load().unwrap(),
+            BlindIndexKey::from_bytes([5; 32]),
+            "https://ehr.example/fhir".to_owned(),
+        )
+    }
+
+    fn types(names: &[&str]) -> Vec<String> {
+        names.iter().map(|&t| t.to_owned()).collect()
+    }
+
+    fn search(index: &SearchIndex, resource_type: &str, query: &[(&str, &str)]) -> SearchRequest {
+        let params: Vec<(String, String)> = query
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        parse_search(
+            index.registry(),
+            index,
+            types(&[resource_type]),
+            &params,
+            Handling::Strict,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_confined_search_names_types_of_one_compartment_or_none() {
+        let index = index();
+        assert_eq!(confinable(&index, &types(&["Observation"])), Ok(true));
+        assert_eq!(confinable(&index, &types(&["Patient"])), Ok(true));
+        assert_eq!(
+            confinable(&index, &types(&["Observation", "Condition"])),
+            Ok(true)
+        );
+        // Types no patient's compartment holds need no condition.
+        assert_eq!(confinable(&index, &types(&["Organization"])), Ok(false));
+        for unconfinable in [
+            types(&[]),
+            types(&["Observation", "Organization"]),
+            types(&["Observation", "Patient"]),
+        ] {
+            let refusal = confinable(&index, &unconfinable).unwrap_err();
+            assert_eq!(refusal.rule, policy::RULE_COMPARTMENT, "{unconfinable:?}");
+        }
+    }
+
+    #[test]
+    fn inner_searches_are_the_types_of_chains_and_has() {
+        let index = index();
+        let request = search(
+            &index,
+            "Observation",
+            &[
+                ("subject:Patient.family", "Smith"),
+                ("_has:Provenance:target:agent", "Practitioner/p1"),
+                ("code", "http://loinc.org|8867-4"),
+                ("_id", "o1"),
+            ],
+        );
+        assert_eq!(
+            inner_types(&request.criteria),
+            BTreeSet::from(["Patient".to_owned(), "Provenance".to_owned()])
+        );
+        assert!(inner_types(&search(&index, "Observation", &[("code", "x")]).criteria).is_empty());
+    }
+
+    #[test]
+    fn an_inner_search_runs_only_over_a_type_the_gate_authorized() {
+        let index = index();
+        let outer = search(
+            &index,
+            "Observation",
+            &[("subject:Patient.family", "Smith")],
+        );
+        let Criterion::Chain { inner, .. } = outer.criteria[0].clone() else {
+            panic!("a chain: {:?}", outer.criteria);
+        };
+        let confined = vec!["p1".to_owned()];
+        let authorized = AuthorizedSearch {
+            request: outer.clone(),
+            inner: BTreeMap::from([("Patient".to_owned(), Some(confined.clone()))]),
+            internal: false,
+        };
+        let inner = inner.as_ref();
+        let patients = authorized.inner_search("Patient", inner).unwrap();
+        assert_eq!(patients.request().compartments, Some(confined));
+        assert_eq!(patients.request().resource_types, types(&["Patient"]));
+        // The inner search carries its own criterion only, bounded, without a total.
+        assert_eq!(patients.request().criteria.len(), 1);
+        assert_eq!(patients.request().total, TotalMode::None);
+        // A type the gate never saw fails closed for a client's search...
+        let refused = authorized.inner_search("Group", inner).unwrap_err();
+        assert!(matches!(refused, AppError::Internal(_)), "{refused:?}");
+        // ...and is open only to the server's own searches.
+        let internal = AuthorizedSearch::server_internal(outer);
+        assert_eq!(
+            internal
+                .inner_search("Group", inner)
+                .unwrap()
+                .request()
+                .compartments,
+            None
+        );
+    }
+
+    #[test]
+    fn only_failures_that_reached_a_record_are_ledgered() {
+        let resources = || {
+            vec![EntryResource {
+                resource_type: "Patient".into(),
+                id: "p1".into(),
+                version_id: None,
+                content_hash: None,
+            }]
+        };
+        let forbidden = AppError::Forbidden {
+            rule: policy::RULE_COMPARTMENT,
+            message: "outside".into(),
+            patients: vec!["Patient/p1".into(), "Patient/p2".into(), "Group/g".into()],
+        };
+        let event = refusal_event(Action::Read, &forbidden, resources()).unwrap();
+        assert_eq!(event.reason, Some("forbidden"));
+        assert_eq!(event.rule, Some(policy::RULE_COMPARTMENT));
+        assert_eq!(
+            event.concerns,
+            BTreeSet::from(["p1".to_owned(), "p2".to_owned()])
+        );
+        assert_eq!(event.resources.len(), 1);
+        for (error, reason) in [
+            (AppError::NotFound("Patient/p1".into()), "not-found"),
+            (
+                AppError::PreconditionFailed("If-Match".into()),
+                "precondition-failed",
+            ),
+            (AppError::Conflict("exists".into()), "conflict"),
+            (
+                AppError::Unprocessable(ValidationError {
+                    code: IssueCode::Invalid,
+                    expression: None,
+                    message: "a patch test failed".into(),
+                }),
+                "unprocessable",
+            ),
+        ] {
+            let event = refusal_event(Action::Update, &error, resources()).unwrap();
+            assert_eq!(event.reason, Some(reason), "{error:?}");
+            assert_eq!(event.rule, None, "{error:?}");
+        }
+        // A malformed request or a server failure reached no record.
+        for error in [
+            AppError::BadRequest {
+                message: "bad".into(),
+                expression: None,
+            },
+            AppError::Internal("broken".into()),
+        ] {
+            assert!(refusal_event(Action::Read, &error, resources()).is_none());
+        }
+    }
+
+    #[test]
+    fn withholding_counts_what_it_removes() {
+        let mut items = vec![1, 2, 3, 4, 5];
+        assert_eq!(withhold(&mut items, |n| n % 2 == 1), 2);
+        assert_eq!(items, [1, 3, 5]);
+        assert_eq!(withhold(&mut items, |_| true), 0);
+    }
+}

@@ -524,3 +524,93 @@ fn check_precondition(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::fhir::ResourceTypes;
+
+    fn patient(id: &str) -> (ResourceType, ResourceId) {
+        (
+            ResourceTypes::load().unwrap().resolve("Patient").unwrap(),
+            ResourceId::parse(id).unwrap(),
+        )
+    }
+
+    fn head(current_version: i64, deleted: bool, last_updated: i64) -> ResourceHead {
+        ResourceHead {
+            current_version,
+            deleted,
+            last_updated,
+            seq: 7,
+        }
+    }
+
+    #[test]
+    fn a_new_version_follows_the_head_and_never_goes_back_in_time() {
+        let before = now_micros();
+        let first = next_version(None);
+        assert_eq!(first.version_id, 1);
+        assert!(first.last_updated >= before);
+        let after_past = next_version(Some(head(3, false, before - 1_000_000)));
+        assert_eq!(after_past.version_id, 4);
+        assert!(after_past.last_updated >= before);
+        // A head stamped ahead of this clock (another node's, or the clock stepped back):
+        // the next version is still later than it.
+        let ahead = now_micros() + 60_000_000;
+        let after_future = next_version(Some(head(9, true, ahead)));
+        assert_eq!(after_future.version_id, 10);
+        assert_eq!(after_future.last_updated, ahead + 1);
+    }
+
+    #[test]
+    fn a_patch_needs_a_live_resource() {
+        let (resource_type, id) = patient("p1");
+        assert!(matches!(
+            patch_target(&resource_type, &id, None),
+            Err(AppError::NotFound(what)) if what == "Patient/p1"
+        ));
+        assert!(matches!(
+            patch_target(&resource_type, &id, Some(head(4, true, 0))),
+            Err(AppError::Gone { version_id: 4, .. })
+        ));
+        let live = patch_target(&resource_type, &id, Some(head(2, false, 0))).unwrap();
+        assert_eq!(live.current_version, 2);
+    }
+
+    #[test]
+    fn if_match_holds_only_for_the_current_version() {
+        let (resource_type, id) = patient("p1");
+        let current = Some(head(3, false, 0));
+        assert!(check_precondition(&resource_type, &id, current, None).is_ok());
+        assert!(check_precondition(&resource_type, &id, None, None).is_ok());
+        assert!(check_precondition(&resource_type, &id, current, Some(3)).is_ok());
+        for (head, expected) in [(current, Some(2)), (current, Some(4)), (None, Some(1))] {
+            let refused = check_precondition(&resource_type, &id, head, expected).unwrap_err();
+            assert!(
+                matches!(&refused, AppError::PreconditionFailed(message) if message.contains("Patient/p1")),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_content_writes_carry_content() {
+        let put = WriteKind::Content {
+            compact_json: r#"{"resourceType":"Patient"}"#.into(),
+            method: "PUT",
+        };
+        assert_eq!(
+            put.content(),
+            Some((r#"{"resourceType":"Patient"}"#, "PUT"))
+        );
+        assert_eq!(WriteKind::Delete.content(), None);
+        let deleted = Written::Deleted(DeleteOutcome::AlreadyDeleted(VersionMeta {
+            version_id: 2,
+            last_updated: 0,
+        }));
+        assert!(matches!(deleted.into_content(), Err(AppError::Internal(_))));
+    }
+}

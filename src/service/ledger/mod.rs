@@ -1,0 +1,337 @@
+//! Recording interactions in the ledger: signing the entries of an event and appending
+//! them, inside a write's own transaction or durably on their own (reads, searches,
+//! refusals), and the aggregated refusals of unauthenticated requests. What an event becomes
+//! as entries is `event`; running the sequencer is `sequencing`; reading the log back for the
+//! ledger API is `log`.
+
+mod event;
+mod log;
+mod sequencing;
+
+use std::sync::Arc;
+
+use crate::access::policy::{self, Refusal};
+use crate::access::throttle::{Aggregate, RefusalThrottle};
+use crate::access::{AuthError, RequestContext};
+use crate::clock::now_micros;
+use crate::error::AppError;
+use crate::fhir::document::format_instant;
+use crate::ledger::entry::{EntryResource, SignedEntry};
+use crate::ledger::{Action, LedgerKey};
+use crate::store::ledger as rows;
+use crate::store::{DbConnection, DbPool, StoreError};
+
+use super::blocking;
+use event::entries_of;
+
+pub use event::{LedgerEvent, Touched};
+pub use log::{CurrentCheckpoint, MAX_ENTRIES_PAGE, ServedEntry};
+pub use sequencing::SequencerOptions;
+
+/// Refusals of requests without valid credentials one address may have per minute, unless
+/// configured.
+pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 60;
+
+/// Signed entries not yet stored: what [`LedgerService::store_in`] writes. The first is the
+/// lead entry, whose receipt the request returns.
+#[derive(Debug, Clone)]
+pub struct PendingEntry {
+    entries: Vec<SignedEntry>,
+    /// When they were signed (µs since the epoch), the pending rows' `created_at`.
+    signed_at: i64,
+}
+
+#[derive(Clone)]
+pub struct LedgerService {
+    pool: DbPool,
+    key: Arc<LedgerKey>,
+    options: SequencerOptions,
+    /// Set on a clone made by [`Self::deferring`]: its appends are signed and held here, and
+    /// the request commits them with [`Self::commit_deferred`] before it answers.
+    deferred: Option<DeferredEntries>,
+    /// Refusals of requests without valid credentials, counted and aggregated.
+    refusals: Arc<RefusalThrottle>,
+}
+
+/// Any failure to write the ledger: the request must fail closed (503).
+fn unavailable(error: impl std::fmt::Display) -> AppError {
+    AppError::LedgerUnavailable(error.to_string())
+}
+
+impl LedgerService {
+    pub fn new(pool: DbPool, key: Arc<LedgerKey>, options: SequencerOptions) -> Self {
+        Self {
+            pool,
+            key,
+            options,
+            deferred: None,
+            refusals: Arc::new(RefusalThrottle::new(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
+        }
+    }
+
+    /// A clone whose [`Self::append`]s sign their entries and hold them, without waiting for
+    /// them to be durable, and the handle to commit them with [`Self::commit_deferred`]. For
+    /// requests whose work runs on a thread that must not wait for a commit (an HTTP worker):
+    /// the request awaits the commit instead, and answers only once it is durable.
+    pub(crate) fn deferring(&self) -> (Self, DeferredEntries) {
+        let deferred = DeferredEntries::default();
+        let mut clone = self.clone();
+        clone.deferred = Some(deferred.clone());
+        (clone, deferred)
+    }
+
+    /// Makes the entries held in `deferred` durable (on a blocking thread, sharing a commit
+    /// with concurrent writes), without blocking the calling thread. A request whose entries cannot be
+    /// committed must fail (503), whatever its work returned.
+    pub(crate) async fn commit_deferred(&self, deferred: DeferredEntries) -> Result<(), AppError> {
+        let held = std::mem::take(&mut *deferred.0.lock());
+        if held.is_empty() {
+            return Ok(());
+        }
+        let pool = self.pool.clone();
+        blocking(move || append_durably(&pool, &held)).await
+    }
+
+    /// Sets how many requests without valid credentials one client address may have
+    /// refused per minute before it is answered 429.
+    pub fn with_auth_failure_limit(mut self, per_minute: u32) -> Self {
+        self.refusals = Arc::new(RefusalThrottle::new(per_minute));
+        self
+    }
+
+    pub fn key(&self) -> &LedgerKey {
+        &self.key
+    }
+
+    /// Signs the entries of `event` and stores them as pending, inside the caller's
+    /// transaction (so a write and its entries commit together). Returns the lead receipt.
+    pub fn append_in(
+        &self,
+        conn: &mut DbConnection,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<String, AppError> {
+        let signed = self.sign_event(ctx, event)?;
+        Self::store_in(conn, &signed)
+    }
+
+    /// Builds and signs the entries of `event` without storing them: a write signs its
+    /// entries before taking the database's write lock, and stores them with
+    /// [`Self::store_in`].
+    pub(crate) fn sign_event(
+        &self,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<PendingEntry, AppError> {
+        let (entries, signed_at) = self.sign(ctx, event)?;
+        Ok(PendingEntry { entries, signed_at })
+    }
+
+    /// Stores signed entries as pending inside the caller's transaction. Returns the lead
+    /// receipt.
+    pub(crate) fn store_in(
+        conn: &mut DbConnection,
+        pending: &PendingEntry,
+    ) -> Result<String, AppError> {
+        let PendingEntry { entries, signed_at } = pending;
+        let rows: Vec<(&str, &[u8], i64)> = entries
+            .iter()
+            .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), *signed_at))
+            .collect();
+        rows::insert_entries(conn, &rows).map_err(unavailable)?;
+        lead_receipt(entries)
+    }
+
+    /// Builds and signs the entries of `event` (see [`LedgerEvent`]): the lead first.
+    fn sign(
+        &self,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<(Vec<SignedEntry>, i64), AppError> {
+        let now = now_micros();
+        let entries = entries_of(ctx, event, &format_instant(now));
+        let signed = entries
+            .into_iter()
+            .map(|entry| entry.sign(&self.key).map_err(unavailable))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((signed, now))
+    }
+
+    /// Records `event` in its own transaction; its entries are durable when this returns.
+    /// Sets the request's receipt to the lead entry's.
+    ///
+    /// Concurrent callers share commits: the store groups them (see [`append_durably`]).
+    pub fn append(&self, ctx: &RequestContext, event: LedgerEvent) -> Result<String, AppError> {
+        let (signed, now) = self.sign(ctx, event)?;
+        let receipt = lead_receipt(&signed)?;
+        match &self.deferred {
+            Some(deferred) => deferred.0.lock().push((signed, now)),
+            None => append_durably(&self.pool, &[(signed, now)])?,
+        }
+        ctx.receipt.set(receipt.clone());
+        Ok(receipt)
+    }
+
+    /// Ledgers a refusal by the access policy (durably, before the answer) and returns the
+    /// 403 to send.
+    pub fn refuse(
+        &self,
+        ctx: &RequestContext,
+        action: Action,
+        resources: Vec<EntryResource>,
+        refusal: Refusal,
+    ) -> AppError {
+        let event = LedgerEvent::deny(action, "forbidden")
+            .naming(resources)
+            .decided_by(refusal.rule);
+        match self.append(ctx, event) {
+            Ok(_) => refusal.into(),
+            Err(error) => error,
+        }
+    }
+
+    /// Ledger reads beyond the public endpoints need `ledger.read`; a refusal is ledgered.
+    pub async fn authorize_read(
+        &self,
+        ctx: &RequestContext,
+        action: Action,
+    ) -> Result<(), AppError> {
+        match policy::authorize_ledger_read(&ctx.principal) {
+            Ok(grant) => {
+                ctx.rule.set(grant.rule);
+                Ok(())
+            }
+            Err(refusal) => {
+                let (this, ctx) = (self.clone(), ctx.clone());
+                Err(blocking(move || Ok(this.refuse(&ctx, action, Vec::new(), refusal))).await?)
+            }
+        }
+    }
+
+    /// Counts a request refused for want of valid credentials (the actor is anonymous: an
+    /// unverified token names nobody) into its address's aggregate, and returns the 401 to
+    /// send, or 429 once the address is over its limit. The response names the receipt the
+    /// aggregate's entry will have; [`Self::flush_refusals`] writes it.
+    pub fn refuse_unauthenticated(
+        &self,
+        ctx: &RequestContext,
+        error: AuthError,
+        source: Option<std::net::IpAddr>,
+    ) -> AppError {
+        let counted = self.refusals.count(source, error.reason(), &ctx.request_id);
+        if !counted.receipt.is_empty() {
+            ctx.receipt.set(counted.receipt);
+        }
+        match counted.retry_after {
+            Some(retry_after) => AppError::TooManyRequests { retry_after },
+            None => AppError::Unauthenticated(error),
+        }
+    }
+
+    /// Ledgers the aggregates of refused unauthenticated requests whose interval is over
+    /// (`all`: every one, at shutdown or in tests): one durable entry per address and
+    /// reason, with the count. What cannot be written is kept for the next try. Returns how
+    /// many entries were written.
+    pub fn flush_refusals(&self, all: bool) -> Result<usize, AppError> {
+        let due = self.refusals.take_due(all);
+        let mut written = 0;
+        let mut unwritten = Vec::new();
+        let mut failure = None;
+        for aggregate in due {
+            if failure.is_some() {
+                unwritten.push(aggregate);
+                continue;
+            }
+            match self.write_refusal(&aggregate) {
+                Ok(()) => written += 1,
+                Err(error) => {
+                    failure = Some(error);
+                    unwritten.push(aggregate);
+                }
+            }
+        }
+        self.refusals.restore(unwritten);
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(written),
+        }
+    }
+
+    /// Ledgers one aggregate in a write of its own (on SQLite a failed turn of a shared
+    /// commit is undone alone, leaving the others'). Its receipt was handed out already: when an earlier attempt did
+    /// commit after all, the entry is there and this one is done.
+    fn write_refusal(&self, aggregate: &Aggregate) -> Result<(), AppError> {
+        let ctx = RequestContext {
+            principal: crate::access::Principal::Anonymous,
+            ..RequestContext::internal(aggregate.first_request.clone())
+        };
+        let mut event = LedgerEvent::deny(Action::Authenticate, aggregate.reason)
+            .decided_by(policy::RULE_AUTHENTICATION);
+        event.count = Some(aggregate.count);
+        event.source = Some(aggregate.source.clone());
+        event.receipt = Some(aggregate.receipt.clone());
+        let (entries, signed_at) = self.sign(&ctx, event)?;
+        let rows: Vec<(&str, &[u8], i64)> = entries
+            .iter()
+            .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), signed_at))
+            .collect();
+        match self.pool.write(|tx| rows::insert_entries(tx, &rows)) {
+            Ok(()) | Err(StoreError::UniqueViolation) => Ok(()),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+}
+
+/// The entries of one event, signed, with when they were signed (µs since the epoch).
+type SignedBatch = (Vec<SignedEntry>, i64);
+
+/// Signed entries held by a deferring [`LedgerService`] until the request commits them.
+#[derive(Clone, Default)]
+pub(crate) struct DeferredEntries(Arc<parking_lot::Mutex<Vec<SignedBatch>>>);
+
+/// Stores signed entries as pending in a write transaction of their own, durable when this
+/// returns `Ok`. The store groups concurrent writes into shared commits (SQLite's one writer
+/// connection; PostgreSQL's WAL flush), so a durable read costs a fraction of a sync.
+fn append_durably(pool: &DbPool, batches: &[SignedBatch]) -> Result<(), AppError> {
+    let started = std::time::Instant::now();
+    let rows: Vec<(&str, &[u8], i64)> = batches
+        .iter()
+        .flat_map(|(entries, signed_at)| {
+            entries
+                .iter()
+                .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), *signed_at))
+        })
+        .collect();
+    pool.write(|tx| rows::insert_entries(tx, &rows))
+        .map_err(unavailable)?;
+    if let Some(metrics) = crate::metrics::metrics() {
+        metrics
+            .ledger_append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.ledger_append_entries.observe(rows.len() as f64);
+    }
+    Ok(())
+}
+
+/// The receipt a request returns for the entries of one event: the lead's.
+fn lead_receipt(entries: &[SignedEntry]) -> Result<String, AppError> {
+    entries
+        .first()
+        .map(|entry| entry.receipt.clone())
+        .ok_or_else(|| AppError::Internal("an event produced no ledger entry".into()))
+}
+
+fn out_of_range(message: String) -> AppError {
+    AppError::BadRequest {
+        message,
+        expression: None,
+    }
+}
+
+fn to_i64(value: u64) -> Result<i64, AppError> {
+    i64::try_from(value).map_err(|_| out_of_range(format!("{value} is too large")))
+}
+
+fn to_u64(value: i64) -> Result<u64, AppError> {
+    u64::try_from(value).map_err(|_| AppError::Internal(format!("negative ledger value {value}")))
+}

@@ -8,6 +8,7 @@
 
 use crate::fhir::ValidationError;
 use crate::fhir::bundle_request::BundleError;
+use crate::fhir::document::VersionId;
 use crate::fhir::patch::PatchError;
 use crate::fhir::resource_types::{InvalidId, TypeError};
 use crate::fhir::search_query::SearchError;
@@ -46,7 +47,7 @@ pub enum AppError {
     Gone {
         resource: String,
         id: String,
-        version_id: i64,
+        version_id: VersionId,
     },
     /// A well-formed request the server cannot carry out on the resource as it is (a
     /// PATCH that fails or yields an invalid resource, http.html#patch): 422.
@@ -85,7 +86,7 @@ pub enum AppError {
     Integrity {
         resource: String,
         id: String,
-        version_id: i64,
+        version_id: VersionId,
     },
     #[error("internal error: {0}")]
     Internal(String),

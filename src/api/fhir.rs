@@ -17,7 +17,7 @@ use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::ResourceId;
 use crate::fhir::bundle::{self, Bundle, Entry, EntryRequest, EntryResponse, Link};
-use crate::fhir::document::format_instant;
+use crate::fhir::document::{VersionId, format_instant};
 use crate::fhir::outcome::OperationOutcome;
 use crate::service::{DeleteOutcome, HistoryQuery, HistoryScanQuery, ScannedEntry, StoredResource};
 
@@ -652,7 +652,7 @@ fn history_bundle(
                 let (status, url) = match entry.method.as_str() {
                     "POST" => ("201 Created", resource_type.to_string()),
                     "DELETE" => ("204 No Content", format!("{resource_type}/{id}")),
-                    _ if entry.meta.version_id == 1 => {
+                    _ if entry.meta.version_id == VersionId::FIRST => {
                         ("201 Created", format!("{resource_type}/{id}"))
                     }
                     // PUT and PATCH that wrote a later version.

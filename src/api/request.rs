@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 use super::AppState;
 use crate::access::{AuthError, Principal, ReceiptSlot, RequestContext, Slot};
 use crate::error::AppError;
+use crate::fhir::document::VersionId;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// The receipt of the ledger entry a response produced (design.md, "Receipt").
@@ -216,7 +217,7 @@ pub fn return_preference(req: &HttpRequest) -> ReturnPreference {
 }
 
 /// Parses `If-Match: W/"3"` (or `"3"`) into a version id.
-pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, AppError> {
+pub fn if_match(req: &HttpRequest) -> Result<Option<VersionId>, AppError> {
     let Some(value) = req.headers().get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -234,17 +235,14 @@ pub fn if_match(req: &HttpRequest) -> Result<Option<i64>, AppError> {
 }
 
 /// A version id as the server writes them: a positive integer.
-pub fn parse_version_id(text: &str) -> Result<i64, AppError> {
-    text.parse::<i64>()
-        .ok()
-        .filter(|v| *v > 0 && !text.starts_with('+'))
-        .ok_or_else(|| AppError::BadRequest {
-            message: format!(
-                "'{}' is not a version id of this server",
-                text.chars().take(32).collect::<String>()
-            ),
-            expression: None,
-        })
+pub fn parse_version_id(text: &str) -> Result<VersionId, AppError> {
+    VersionId::parse(text).ok_or_else(|| AppError::BadRequest {
+        message: format!(
+            "'{}' is not a version id of this server",
+            text.chars().take(32).collect::<String>()
+        ),
+        expression: None,
+    })
 }
 
 /// The page size of history when `_count` is not given, and its bound.

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::negotiation::ResponseFormat;
 use super::request::{ReturnPreference, return_preference};
-use crate::fhir::document::VersionMeta;
+use crate::fhir::document::{VersionId, VersionMeta};
 use crate::fhir::outcome::OperationOutcome;
 use crate::service::{StoredResource, WriteOutcome};
 
@@ -81,7 +81,7 @@ pub(crate) fn resource_response(
     builder
 }
 
-pub(crate) fn etag(version_id: i64) -> String {
+pub(crate) fn etag(version_id: VersionId) -> String {
     format!("W/\"{version_id}\"")
 }
 

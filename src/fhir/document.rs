@@ -7,10 +7,62 @@ use serde_json::{Map, Value};
 
 use super::resource_types::{ResourceId, ResourceType};
 
+/// The number of one version of a resource (`meta.versionId`): 1 for the first, one more
+/// for each version after it, deletions included. A type of its own so that it cannot be
+/// mixed up with the other numbers a version carries (its `lastUpdated`, its resource's
+/// storage `seq`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct VersionId(i64);
+
+impl VersionId {
+    pub const FIRST: Self = Self(1);
+
+    /// The version written after this one.
+    #[must_use]
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
+
+    /// The version before this one, if there is one.
+    pub fn previous(self) -> Option<Self> {
+        (self.0 > 1).then(|| Self(self.0 - 1))
+    }
+
+    /// The number as the database stores it.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
+    /// A version number as a client writes it (`_history/{vid}`, `If-Match`, a Bundle's
+    /// `ifMatch`): a positive decimal integer.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok().filter(|&n| n > 0).map(Self)
+    }
+}
+
+/// Numbers read back from the database, which only ever stored [`VersionId`]s.
+impl From<i64> for VersionId {
+    fn from(stored: i64) -> Self {
+        Self(stored)
+    }
+}
+
+impl std::fmt::Display for VersionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Server-owned metadata of one version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionMeta {
-    pub version_id: i64,
+    pub version_id: VersionId,
     /// Microseconds since the Unix epoch, UTC.
     pub last_updated: i64,
 }
@@ -79,7 +131,7 @@ mod tests {
             &patient,
             &id,
             VersionMeta {
-                version_id: 2,
+                version_id: VersionId::from(2),
                 last_updated: 1_700_000_000_123_456,
             },
         )

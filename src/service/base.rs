@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::crypto::{EncryptedBlob, Envelope, ResourceBinding};
 use crate::error::AppError;
-use crate::fhir::document::VersionMeta;
+use crate::fhir::document::{VersionId, VersionMeta};
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
 use crate::store::DbPool;
@@ -153,7 +153,7 @@ impl ResourceService {
         &self,
         resource_type: &ResourceType,
         id: &ResourceId,
-        version_id: i64,
+        version_id: VersionId,
         last_updated: i64,
         blob: EncryptedBlob,
     ) -> Result<StoredResource, AppError> {
@@ -165,7 +165,7 @@ impl ResourceService {
         let binding = ResourceBinding {
             resource_type: resource_type.as_str(),
             id: id.as_str(),
-            version_id,
+            version_id: version_id.get(),
         };
         let plaintext = self
             .envelope
@@ -196,7 +196,7 @@ impl ResourceService {
 pub(crate) fn target(
     resource_type: &ResourceType,
     id: &ResourceId,
-    version_id: Option<i64>,
+    version_id: Option<VersionId>,
 ) -> EntryResource {
     EntryResource {
         resource_type: resource_type.to_string(),

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
 use crate::fhir::bundle_request::{BundleKind, BundleRequest, Method, RequestEntry};
-use crate::fhir::document::VersionMeta;
+use crate::fhir::document::{VersionId, VersionMeta};
 use crate::fhir::patch::{PatchDocument, PatchFormat, parse_patch};
 use crate::fhir::references::rewrite_references;
 use crate::fhir::search_query::{Handling, SearchRequest, parse_search};
@@ -55,24 +55,24 @@ pub enum Operation {
         compact_json: String,
         /// The id in the body, if any.
         body_id: Option<String>,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     },
     Patch {
         resource_type: ResourceType,
         id: ResourceId,
         patch: PatchDocument,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     },
     Delete {
         resource_type: ResourceType,
         target: Target,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     },
     Read {
         resource_type: ResourceType,
         id: ResourceId,
-        version: Option<i64>,
-        if_none_match: Option<i64>,
+        version: Option<VersionId>,
+        if_none_match: Option<VersionId>,
     },
     Search(SearchRequest),
 }
@@ -233,9 +233,7 @@ impl ResourceService {
                     .version
                     .as_deref()
                     .map(|v| {
-                        v.parse::<i64>()
-                            .ok()
-                            .filter(|v| *v > 0)
+                        VersionId::parse(v)
                             .ok_or_else(|| AppError::bad_request("not a version id of this server"))
                     })
                     .transpose()?,
@@ -1229,14 +1227,10 @@ fn condition_lock_key(condition: &SearchRequest) -> i64 {
 }
 
 /// `W/"3"` or `"3"` → 3.
-fn parse_etag(text: &str) -> Result<i64, AppError> {
+fn parse_etag(text: &str) -> Result<VersionId, AppError> {
     let trimmed = text.trim();
     let trimmed = trimmed.strip_prefix("W/").unwrap_or(trimmed);
-    trimmed
-        .trim_matches('"')
-        .parse::<i64>()
-        .ok()
-        .filter(|v| *v > 0)
+    VersionId::parse(trimmed.trim_matches('"'))
         .ok_or_else(|| AppError::bad_request("an ETag must look like W/\"3\""))
 }
 

@@ -16,6 +16,7 @@
 //!
 //! Membership is decided by the one compartment rule ([`crate::fhir::compartment`]).
 
+use crate::fhir::document::VersionId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -173,7 +174,7 @@ impl ResourceService {
         permission: Permission,
         resource_type: &ResourceType,
         id: &ResourceId,
-        version_id: Option<i64>,
+        version_id: Option<VersionId>,
         action: Action,
     ) -> Result<Grant, AppError> {
         let asked = vec![target(resource_type, id, version_id)];
@@ -657,13 +658,13 @@ impl ResourceService {
         head: ResourceHead,
     ) -> Result<Option<BTreeSet<String>>, AppError> {
         let version = if head.deleted {
-            head.current_version - 1
+            head.current_version.previous()
         } else {
-            head.current_version
+            Some(head.current_version)
         };
-        if version < 1 {
+        let Some(version) = version else {
             return Ok(None);
-        }
+        };
         let Some(row) = rows::version(conn, resource_type.as_str(), id.as_str(), version)? else {
             return Ok(None);
         };
@@ -870,7 +871,7 @@ impl ResourceService {
         action: Action,
         resource_type: &ResourceType,
         id: &ResourceId,
-        version_id: Option<i64>,
+        version_id: Option<VersionId>,
         error: &AppError,
     ) -> Result<(), AppError> {
         let resources = vec![target(resource_type, id, version_id)];

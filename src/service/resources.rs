@@ -4,7 +4,7 @@
 use crate::access::policy;
 use crate::access::{Permission, RequestContext};
 use crate::error::AppError;
-use crate::fhir::document::VersionMeta;
+use crate::fhir::document::{VersionId, VersionMeta};
 use crate::fhir::patch::{PatchFormat, parse_patch};
 use crate::fhir::validate::validate_resource;
 use crate::fhir::{ResourceId, ResourceType};
@@ -107,7 +107,7 @@ impl ResourceService {
         resource_type: ResourceType,
         id: ResourceId,
         body: Vec<u8>,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     ) -> Result<WriteOutcome, AppError> {
         let this = self.clone();
         let ctx = ctx.clone();
@@ -164,7 +164,7 @@ impl ResourceService {
         id: ResourceId,
         format: PatchFormat,
         body: Vec<u8>,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     ) -> Result<WriteOutcome, AppError> {
         let this = self.clone();
         let ctx = ctx.clone();
@@ -197,7 +197,7 @@ impl ResourceService {
         ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
     ) -> Result<DeleteOutcome, AppError> {
         let this = self.clone();
         let ctx = ctx.clone();
@@ -296,7 +296,7 @@ impl ResourceService {
         ctx: &RequestContext,
         resource_type: ResourceType,
         id: ResourceId,
-        version_id: i64,
+        version_id: VersionId,
     ) -> Result<StoredResource, AppError> {
         let ctx = ctx.clone();
         self.disclose(true, move |this| {
@@ -327,7 +327,7 @@ impl ResourceService {
         &self,
         resource_type: &ResourceType,
         id: &ResourceId,
-        version_id: i64,
+        version_id: VersionId,
     ) -> Result<StoredResource, AppError> {
         let mut conn = self.connection()?;
         let row = rows::version(&mut conn, resource_type.as_str(), id.as_str(), version_id)?
@@ -603,7 +603,7 @@ impl ResourceService {
         action: Action,
         resource_type: &ResourceType,
         id: &ResourceId,
-        version_id: Option<i64>,
+        version_id: Option<VersionId>,
         result: Result<Disclosed, AppError>,
     ) -> Result<StoredResource, AppError> {
         match result {

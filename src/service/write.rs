@@ -10,7 +10,7 @@ use crate::access::{Permission, RequestContext};
 use crate::clock::now_micros;
 use crate::crypto::ResourceBinding;
 use crate::error::AppError;
-use crate::fhir::document::{self, VersionMeta};
+use crate::fhir::document::{self, VersionId, VersionMeta};
 use crate::fhir::patch::{PatchDocument, patch_resource};
 use crate::fhir::{ResourceId, ResourceType};
 use crate::ledger::Action;
@@ -152,7 +152,7 @@ impl ResourceService {
         ctx: &RequestContext,
         resource_type: &ResourceType,
         id: &ResourceId,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
         kind: WriteKind,
     ) -> Result<Written, AppError> {
         let action = match &kind {
@@ -178,7 +178,7 @@ impl ResourceService {
         ctx: &RequestContext,
         resource_type: &ResourceType,
         id: &ResourceId,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
         kind: &WriteKind,
     ) -> Result<(Written, String), AppError> {
         self.transact(&format!("{resource_type}/{id}"), |tx| {
@@ -192,7 +192,7 @@ impl ResourceService {
         ctx: &RequestContext,
         resource_type: &ResourceType,
         id: &ResourceId,
-        if_match: Option<i64>,
+        if_match: Option<VersionId>,
         kind: &WriteKind,
     ) -> Result<(Written, String), TxError> {
         let head = rows::head(tx, resource_type.as_str(), id.as_str())?;
@@ -372,7 +372,7 @@ impl ResourceService {
         let binding = ResourceBinding {
             resource_type: resource_type.as_str(),
             id: id.as_str(),
-            version_id: meta.version_id,
+            version_id: meta.version_id.get(),
         };
         let blob = self.envelope.seal(binding, json.as_bytes());
         let row = VersionRow::with_content(
@@ -429,7 +429,7 @@ impl ResourceService {
         compact_json: &str,
     ) -> Result<PreparedVersion, AppError> {
         let meta = VersionMeta {
-            version_id: 1,
+            version_id: VersionId::FIRST,
             last_updated: now_micros(),
         };
         self.prepare_version(ctx, resource_type, id, meta, compact_json, "POST", true)
@@ -471,7 +471,7 @@ impl ResourceService {
 /// resource, even if the clock does.
 fn next_version(head: Option<ResourceHead>) -> VersionMeta {
     VersionMeta {
-        version_id: head.map_or(1, |h| h.current_version + 1),
+        version_id: head.map_or(VersionId::FIRST, |h| h.current_version.next()),
         last_updated: head.map_or(now_micros(), |h| now_micros().max(h.last_updated + 1)),
     }
 }
@@ -508,7 +508,7 @@ fn check_precondition(
     resource_type: &ResourceType,
     id: &ResourceId,
     head: Option<ResourceHead>,
-    if_match: Option<i64>,
+    if_match: Option<VersionId>,
 ) -> Result<(), AppError> {
     let Some(expected) = if_match else {
         return Ok(());
@@ -539,9 +539,13 @@ mod tests {
         )
     }
 
+    fn v(n: i64) -> VersionId {
+        VersionId::from(n)
+    }
+
     fn head(current_version: i64, deleted: bool, last_updated: i64) -> ResourceHead {
         ResourceHead {
-            current_version,
+            current_version: v(current_version),
             deleted,
             last_updated,
             seq: 7,
@@ -552,16 +556,16 @@ mod tests {
     fn a_new_version_follows_the_head_and_never_goes_back_in_time() {
         let before = now_micros();
         let first = next_version(None);
-        assert_eq!(first.version_id, 1);
+        assert_eq!(first.version_id, VersionId::FIRST);
         assert!(first.last_updated >= before);
         let after_past = next_version(Some(head(3, false, before - 1_000_000)));
-        assert_eq!(after_past.version_id, 4);
+        assert_eq!(after_past.version_id, v(4));
         assert!(after_past.last_updated >= before);
         // A head stamped ahead of this clock (another node's, or the clock stepped back):
         // the next version is still later than it.
         let ahead = now_micros() + 60_000_000;
         let after_future = next_version(Some(head(9, true, ahead)));
-        assert_eq!(after_future.version_id, 10);
+        assert_eq!(after_future.version_id, v(10));
         assert_eq!(after_future.last_updated, ahead + 1);
     }
 
@@ -574,10 +578,10 @@ mod tests {
         ));
         assert!(matches!(
             patch_target(&resource_type, &id, Some(head(4, true, 0))),
-            Err(AppError::Gone { version_id: 4, .. })
+            Err(AppError::Gone { version_id, .. }) if version_id == v(4)
         ));
         let live = patch_target(&resource_type, &id, Some(head(2, false, 0))).unwrap();
-        assert_eq!(live.current_version, 2);
+        assert_eq!(live.current_version, v(2));
     }
 
     #[test]
@@ -586,8 +590,12 @@ mod tests {
         let current = Some(head(3, false, 0));
         assert!(check_precondition(&resource_type, &id, current, None).is_ok());
         assert!(check_precondition(&resource_type, &id, None, None).is_ok());
-        assert!(check_precondition(&resource_type, &id, current, Some(3)).is_ok());
-        for (head, expected) in [(current, Some(2)), (current, Some(4)), (None, Some(1))] {
+        assert!(check_precondition(&resource_type, &id, current, Some(v(3))).is_ok());
+        for (head, expected) in [
+            (current, Some(v(2))),
+            (current, Some(v(4))),
+            (None, Some(v(1))),
+        ] {
             let refused = check_precondition(&resource_type, &id, head, expected).unwrap_err();
             assert!(
                 matches!(&refused, AppError::PreconditionFailed(message) if message.contains("Patient/p1")),
@@ -608,7 +616,7 @@ mod tests {
         );
         assert_eq!(WriteKind::Delete.content(), None);
         let deleted = Written::Deleted(DeleteOutcome::AlreadyDeleted(VersionMeta {
-            version_id: 2,
+            version_id: v(2),
             last_updated: 0,
         }));
         assert!(matches!(deleted.into_content(), Err(AppError::Internal(_))));

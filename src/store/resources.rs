@@ -8,12 +8,14 @@ use super::error::StoreError;
 use super::schema::{resource_versions, resources};
 use crate::crypto::EncryptedBlob;
 use crate::crypto::blind_index::Digest;
+use crate::fhir::document::VersionId;
 
 /// The current state of a logical resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = resources)]
 pub struct ResourceHead {
-    pub current_version: i64,
+    #[diesel(deserialize_as = i64)]
+    pub current_version: VersionId,
     pub deleted: bool,
     pub last_updated: i64,
     /// Stable number of the logical resource (search order, index rows).
@@ -26,7 +28,8 @@ pub struct ResourceHead {
 pub struct VersionRow {
     pub resource_type: String,
     pub id: String,
-    pub version_id: i64,
+    #[diesel(deserialize_as = i64)]
+    pub version_id: VersionId,
     pub last_updated: i64,
     pub deleted: bool,
     /// The HTTP method that wrote this version (`POST`, `PUT` or `DELETE`).
@@ -41,7 +44,7 @@ impl VersionRow {
     pub fn with_content(
         resource_type: &str,
         id: &str,
-        version_id: i64,
+        version_id: VersionId,
         last_updated: i64,
         method: &str,
         blob: EncryptedBlob,
@@ -60,7 +63,12 @@ impl VersionRow {
         }
     }
 
-    pub fn tombstone(resource_type: &str, id: &str, version_id: i64, last_updated: i64) -> Self {
+    pub fn tombstone(
+        resource_type: &str,
+        id: &str,
+        version_id: VersionId,
+        last_updated: i64,
+    ) -> Self {
         Self {
             resource_type: resource_type.to_owned(),
             id: id.to_owned(),
@@ -126,12 +134,12 @@ pub fn version(
     conn: &mut DbConnection,
     resource_type: &str,
     id: &str,
-    version_id: i64,
+    version_id: VersionId,
 ) -> Result<Option<VersionRow>, StoreError> {
     // On the backend's own connection: through the two-backend enum, diesel would render the
     // statement again to find it in its cache and copy the bound values, on every read.
     on_backend!(conn, conn => resource_versions::table
-        .find((resource_type, id, version_id))
+        .find((resource_type, id, version_id.get()))
         .select(VersionRow::as_select())
         .first(conn)
         .optional())
@@ -142,7 +150,7 @@ pub fn version(
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryWindow {
     /// Only versions with a smaller version id (the paging cursor).
-    pub before_version: Option<i64>,
+    pub before_version: Option<VersionId>,
     /// Only versions last updated at or after this instant (µs since the epoch).
     pub since: Option<i64>,
     pub limit: i64,
@@ -163,7 +171,7 @@ pub fn history(
         .limit(window.limit)
         .into_boxed();
     if let Some(before) = window.before_version {
-        query = query.filter(resource_versions::version_id.lt(before));
+        query = query.filter(resource_versions::version_id.lt(before.get()));
     }
     if let Some(since) = window.since {
         query = query.filter(resource_versions::last_updated.ge(since));
@@ -184,7 +192,7 @@ pub struct VersionKey {
     #[serde(rename = "i")]
     pub id: String,
     #[serde(rename = "v")]
-    pub version_id: i64,
+    pub version_id: VersionId,
 }
 
 impl VersionRow {
@@ -243,7 +251,7 @@ pub fn history_scan(
                         .or(v::resource_type.eq(t).and(
                             v::id
                                 .lt(i.clone())
-                                .or(v::id.eq(i).and(v::version_id.lt(after.version_id))),
+                                .or(v::id.eq(i).and(v::version_id.lt(after.version_id.get()))),
                         )),
                 )),
         );
@@ -294,7 +302,7 @@ fn insert_resource_row(
     let values = (
         resources::resource_type.eq(&row.resource_type),
         resources::id.eq(&row.id),
-        resources::current_version.eq(row.version_id),
+        resources::current_version.eq(row.version_id.get()),
         resources::deleted.eq(row.deleted),
         resources::last_updated.eq(row.last_updated),
         resources::presence.eq(presence),
@@ -322,7 +330,7 @@ fn insert_resource_row(
 /// and the caller decides whether to retry.
 pub fn advance(
     conn: &mut DbConnection,
-    expected_version: i64,
+    expected_version: VersionId,
     row: &VersionRow,
     presence: &[Digest],
 ) -> Result<bool, StoreError> {
@@ -330,10 +338,10 @@ pub fn advance(
     let updated = on_backend!(conn, conn => diesel::update(
         resources::table
             .find((&row.resource_type, &row.id))
-            .filter(resources::current_version.eq(expected_version)),
+            .filter(resources::current_version.eq(expected_version.get())),
     )
     .set((
-        resources::current_version.eq(row.version_id),
+        resources::current_version.eq(row.version_id.get()),
         resources::deleted.eq(row.deleted),
         resources::last_updated.eq(row.last_updated),
         resources::presence.eq(&presence),
@@ -354,7 +362,7 @@ fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), Store
     let values = (
         v::resource_type.eq(&row.resource_type),
         v::id.eq(&row.id),
-        v::version_id.eq(row.version_id),
+        v::version_id.eq(row.version_id.get()),
         v::last_updated.eq(row.last_updated),
         v::deleted.eq(row.deleted),
         v::method.eq(&row.method),

@@ -8,6 +8,7 @@ use diesel::sqlite::SqliteConnection;
 
 use super::statement::{Bind, Sql, SqlBuilder};
 use crate::crypto::blind_index::Digest;
+use crate::fhir::document::VersionId;
 use crate::store::database::{DbConnection, on_backend};
 use crate::store::error::StoreError;
 use crate::store::schema::{resources, search_dates, search_hashes, search_numbers, search_state};
@@ -99,8 +100,8 @@ pub fn live_after(
     conn: &mut DbConnection,
     after_seq: i64,
     limit: i64,
-) -> Result<Vec<(i64, String, String, i64)>, StoreError> {
-    resources::table
+) -> Result<Vec<(i64, String, String, VersionId)>, StoreError> {
+    let rows: Vec<(i64, String, String, i64)> = resources::table
         .filter(resources::seq.gt(after_seq))
         .filter(resources::deleted.eq(false))
         .order(resources::seq)
@@ -112,15 +113,23 @@ pub fn live_after(
         ))
         .limit(limit)
         .load(conn)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?;
+    Ok(rows
+        .into_iter()
+        .map(|(seq, resource_type, id, version)| (seq, resource_type, id, version.into()))
+        .collect())
 }
 
 /// Whether resource `seq` is live at `version` (no write has come since it was read).
-pub fn is_current(conn: &mut DbConnection, seq: i64, version: i64) -> Result<bool, StoreError> {
+pub fn is_current(
+    conn: &mut DbConnection,
+    seq: i64,
+    version: VersionId,
+) -> Result<bool, StoreError> {
     diesel::select(diesel::dsl::exists(
         resources::table
             .filter(resources::seq.eq(seq))
-            .filter(resources::current_version.eq(version))
+            .filter(resources::current_version.eq(version.get()))
             .filter(resources::deleted.eq(false)),
     ))
     .get_result(conn)

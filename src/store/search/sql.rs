@@ -5,6 +5,7 @@
 //! per request); the only text spliced into SQL is produced here, never taken from a
 //! request.
 
+use crate::fhir::document::VersionId;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Binary, Double, Nullable, Text};
 
@@ -23,7 +24,7 @@ pub struct MatchedRow {
     pub seq: i64,
     pub resource_type: String,
     pub id: String,
-    pub version_id: i64,
+    pub version_id: VersionId,
     pub last_updated: i64,
     pub method: String,
     pub key_id: Option<String>,
@@ -147,7 +148,7 @@ pub fn search(
                 seq: row.seq,
                 resource_type: row.resource_type,
                 id: row.id,
-                version_id: row.version_id,
+                version_id: VersionId::from(row.version_id),
                 last_updated: row.last_updated,
                 method: row.method,
                 key_id: row.key_id,

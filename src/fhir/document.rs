@@ -121,6 +121,32 @@ mod tests {
     use crate::fhir::ResourceTypes;
 
     #[test]
+    fn version_ids_are_positive_decimals_and_count_up_from_one() {
+        assert_eq!(VersionId::parse("1"), Some(VersionId::FIRST));
+        assert_eq!(VersionId::parse("42").map(VersionId::get), Some(42));
+        for text in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "1.0",
+            " 1",
+            "1e3",
+            "x",
+            "99999999999999999999",
+        ] {
+            assert_eq!(VersionId::parse(text), None, "{text:?}");
+        }
+        let second = VersionId::FIRST.next();
+        assert_eq!(second.get(), 2);
+        assert_eq!(second.previous(), Some(VersionId::FIRST));
+        assert_eq!(VersionId::FIRST.previous(), None);
+        assert_eq!(second.to_string(), "2");
+        // Sealed cursors and ledger positions carry it as a plain number.
+        assert_eq!(serde_json::to_string(&second).unwrap(), "2");
+    }
+
+    #[test]
     fn stamps_id_and_meta_and_keeps_everything_else() {
         let types = ResourceTypes::load().unwrap();
         let patient = types.resolve("Patient").unwrap();

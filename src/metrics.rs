@@ -1,5 +1,5 @@
 //! The process's operational metrics, served in Prometheus's text format at `/metrics`:
-//! counts and latencies by interaction and status, the ledger's durable appends, SQLite's shared commits, sequencer
+//! counts and latencies by interaction and status, the ledger's group commits and sequencer
 //! lag, and the database pool. Labels come from fixed sets (interaction names, status codes),
 //! never from a request's content: no resource id, patient, token or search value.
 
@@ -17,7 +17,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-/// How many entries one append carried, or writes one SQLite commit.
+/// How many entries one group commit carried.
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 pub struct Metrics {
@@ -26,13 +26,10 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Time from a request's arrival to its response, by interaction.
     pub request_seconds: HistogramVec,
-    /// Time a durable append of standalone ledger entries took (what a read waits on before
-    /// it answers), the wait for the commit it shares included.
-    pub ledger_append_seconds: Histogram,
-    /// Entries per durable append.
-    pub ledger_append_entries: Histogram,
-    /// Write transactions that shared one commit of the SQLite writer.
-    pub db_write_group_size: Histogram,
+    /// Time one group commit of ledger entries took (the durable append requests wait on).
+    pub group_commit_seconds: Histogram,
+    /// Entries per group commit.
+    pub group_commit_entries: Histogram,
     /// Time from an entry's durable append to the signed checkpoint that covers it (the
     /// oldest entry of each sequenced batch).
     pub sequencer_lag_seconds: Histogram,
@@ -68,19 +65,14 @@ impl Metrics {
                 &["interaction"],
             )?,
         )?;
-        let ledger_append_seconds = histogram(
-            "ledger_append_seconds",
-            "Time a durable append of ledger entries took, waiting for its shared commit included",
+        let group_commit_seconds = histogram(
+            "ledger_group_commit_seconds",
+            "Time one group commit of ledger entries took",
             LATENCY_BUCKETS,
         )?;
-        let ledger_append_entries = histogram(
-            "ledger_append_entries",
-            "Ledger entries per durable append",
-            GROUP_SIZE_BUCKETS,
-        )?;
-        let db_write_group_size = histogram(
-            "db_write_group_size",
-            "Write transactions sharing one commit of the SQLite writer connection",
+        let group_commit_entries = histogram(
+            "ledger_group_commit_entries",
+            "Ledger entries per group commit",
             GROUP_SIZE_BUCKETS,
         )?;
         let sequencer_lag_seconds = histogram(
@@ -110,9 +102,8 @@ impl Metrics {
             registry,
             requests,
             request_seconds,
-            ledger_append_seconds,
-            ledger_append_entries,
-            db_write_group_size,
+            group_commit_seconds,
+            group_commit_entries,
             sequencer_lag_seconds,
             tree_size,
             pool_connections,

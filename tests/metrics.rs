@@ -42,7 +42,7 @@ async fn metrics_count_interactions_and_hold_no_content(db: TestDb) {
     );
     let reads = "fhirledger_http_requests_total{interaction=\"read\",status=\"200\"}";
     let missing = "fhirledger_http_requests_total{interaction=\"read\",status=\"404\"}";
-    let commits = "fhirledger_ledger_append_entries_sum";
+    let commits = "fhirledger_ledger_group_commit_entries_sum";
     let (reads_before, missing_before, commits_before) = (
         sample(&before.text(), reads),
         sample(&before.text(), missing),
@@ -66,7 +66,7 @@ async fn metrics_count_interactions_and_hold_no_content(db: TestDb) {
     // Other tests of this binary may read at the same time: at least ours were counted.
     assert!(sample(&after, reads) >= reads_before + 3.0, "{after}");
     assert!(sample(&after, missing) >= missing_before + 1.0, "{after}");
-    // Each read's entry was appended durably before it answered.
+    // Each read's entry went through a group commit.
     assert!(sample(&after, commits) >= commits_before + 4.0, "{after}");
     assert!(after.contains("fhirledger_http_request_duration_seconds_bucket{interaction=\"read\""));
     assert!(after.contains("fhirledger_db_pool_connections{state=\"idle\"}"));

@@ -88,8 +88,8 @@ impl ResourceService {
 
     /// Runs the work of an interaction that reads (and ledgers what it disclosed or refused)
     /// and answers once its entries are durable, without holding a thread while they commit:
-    /// `work` gets a clone of this service whose ledger appends are held, and they are
-    /// appended durably while the request awaits it. `short` work (a read by id) runs on the
+    /// `work` gets a clone of this service whose ledger appends are held, and they join the
+    /// next group commit while the request awaits it. `short` work (a read by id) runs on the
     /// calling thread when the database is local and a connection is free, sparing the hand-off
     /// to a blocking thread and back; anything else runs on one.
     pub(super) async fn disclose<T: Send + 'static>(

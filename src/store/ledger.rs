@@ -72,7 +72,7 @@ pub fn insert_entry(
 
 /// Stores entries as pending, `(receipt, leaf bytes, created_at)` each: one entry through
 /// the statement every request prepares once, several (an interaction that touched many
-/// patients' records, a request's held entries) in multi-row INSERTs.
+/// patients' records, a group commit) in multi-row INSERTs.
 pub fn insert_entries(
     conn: &mut DbConnection,
     entries: &[(&str, &[u8], i64)],

@@ -201,9 +201,6 @@ impl SqliteWriter {
             }
             None => Err("the SQLite writer connection was lost".to_owned()),
         };
-        if let Some(metrics) = crate::metrics::metrics() {
-            metrics.db_write_group_size.observe(group.turns as f64);
-        }
         if outcome.is_err() {
             // diesel has rolled back what it could; start the next group on a fresh
             // connection.

@@ -39,6 +39,31 @@ enum Command {
     /// Check a server's signed checkpoint, that its log only grew since the last run, and
     /// optionally a receipt: exit 0 ok, 1 proof failed, 2 could not check.
     Verify(VerifyArgs),
+    /// Load NDJSON files (one resource per line, plain or gzip; directories: their *.ndjson
+    /// and *.ndjson.gz files) through the server's validation, encryption, indexing and
+    /// ledger, keeping ids. Takes serve's configuration. Resumes an interrupted run.
+    /// Exit 0 every line loaded, 1 some lines rejected (the rest loaded), 2 stopped.
+    Import(Box<ImportArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// NDJSON files, or directories holding them.
+    #[arg(required = true, value_name = "FILE_OR_DIR")]
+    paths: Vec<std::path::PathBuf>,
+
+    /// Lines written per database transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    batch_lines: u16,
+
+    /// Write every rejected line (file, line number, OperationOutcome) to this file, one
+    /// JSON object per line.
+    #[arg(long, value_name = "PATH")]
+    report: Option<std::path::PathBuf>,
+
+    /// The server's configuration: the same database, keys and limits as `serve`.
+    #[command(flatten)]
+    server: ServeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,6 +168,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Audit(args) => return run_audit(&args),
         Command::Verify(args) => return run_verify(args),
+        Command::Import(args) => return run_import(*args),
         Command::Token(args) => run_token(&args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
@@ -160,6 +186,33 @@ fn main() -> ExitCode {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log, args.log_format)?;
+    let mut keys = load_keys(&args)?;
+    keys.local_issuer = match args.load_local_issuer()? {
+        Some((issuer, generated)) => {
+            tracing::warn!(
+                issuer = issuer.issuer(),
+                "{} THE LOCAL TOKEN ISSUER: anyone who can read {} can mint any token this server accepts. \
+                 Production deployments set FHIRLEDGER_LOCAL_ISSUER=false and FHIRLEDGER_TRUSTED_ISSUERS.",
+                if generated {
+                    "GENERATED A KEY FOR"
+                } else {
+                    "TRUSTING"
+                },
+                args.database.data_dir.display()
+            );
+            Some(issuer)
+        }
+        None => None,
+    };
+    // actix-web's System runs the server; SIGTERM/SIGINT stop it after requests in flight.
+    let system = actix_web::rt::System::new();
+    system.block_on(fhirledger::server::serve(args, keys))
+}
+
+/// The keys `serve` (and `import`, which writes as the server does) runs with, saying
+/// loudly which are development keys; without the local token issuer, which only `serve`
+/// starts.
+fn load_keys(args: &ServeArgs) -> anyhow::Result<fhirledger::server::Keys> {
     let (master_key, origin) = args.load_master_key()?;
     match origin {
         KeyOrigin::Configured => tracing::info!(key_id = %master_key.id(), "master key loaded"),
@@ -177,8 +230,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    // actix-web's System runs the server; SIGTERM/SIGINT stop it after requests in flight.
-    let system = actix_web::rt::System::new();
     let (ledger_key, ledger_origin) = args.load_ledger_key()?;
     match ledger_origin {
         KeyOrigin::Configured => {
@@ -203,30 +254,61 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             args.database.data_dir.display()
         );
     }
-    let local_issuer = match args.load_local_issuer()? {
-        Some((issuer, generated)) => {
-            tracing::warn!(
-                issuer = issuer.issuer(),
-                "{} THE LOCAL TOKEN ISSUER: anyone who can read {} can mint any token this server accepts. \
-                 Production deployments set FHIRLEDGER_LOCAL_ISSUER=false and FHIRLEDGER_TRUSTED_ISSUERS.",
-                if generated {
-                    "GENERATED A KEY FOR"
-                } else {
-                    "TRUSTING"
-                },
-                args.database.data_dir.display()
-            );
-            Some(issuer)
-        }
-        None => None,
-    };
-    let keys = fhirledger::server::Keys {
+    Ok(fhirledger::server::Keys {
         master: master_key,
         ledger: ledger_key,
         index: index_key,
-        local_issuer,
+        local_issuer: None,
+    })
+}
+
+fn run_import(args: ImportArgs) -> ExitCode {
+    use std::io::IsTerminal as _;
+    let run = || -> anyhow::Result<fhirledger::import::ImportSummary> {
+        init_logging(&args.server.log, args.server.log_format)?;
+        let keys = load_keys(&args.server)?;
+        let options = fhirledger::server::StateOptions::from_args(&args.server)?;
+        let state = fhirledger::server::prepare_state(
+            &args.server.database.resolved_database_url(),
+            keys,
+            &options,
+        )?;
+        fhirledger::import::run_import(
+            &state,
+            &fhirledger::import::ImportOptions {
+                paths: args.paths.clone(),
+                batch_lines: usize::from(args.batch_lines),
+                max_line_bytes: args.server.max_body_bytes,
+                report: args.report.clone(),
+                progress: std::io::stderr().is_terminal(),
+            },
+        )
     };
-    system.block_on(fhirledger::server::serve(args, keys))
+    match run() {
+        Ok(summary) => {
+            let seconds = summary.elapsed.as_secs_f64();
+            println!(
+                "imported {} resources ({} created, {} updated) from {} files in {seconds:.1} s \
+                 ({:.0} resources/s); {} lines rejected; {} lines loaded by an earlier run",
+                summary.written(),
+                summary.created,
+                summary.updated,
+                summary.files,
+                summary.written() as f64 / seconds.max(0.001),
+                summary.rejected,
+                summary.lines_already_done,
+            );
+            if summary.rejected > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("fhirledger import: {error:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn run_token(args: &TokenArgs) -> anyhow::Result<()> {

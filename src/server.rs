@@ -42,6 +42,22 @@ pub struct StateOptions {
     pub cors_origins: Vec<String>,
 }
 
+impl StateOptions {
+    /// The options `serve`'s configuration gives.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            base_url: args.resolved_base_url(),
+            max_body_bytes: args.max_body_bytes,
+            pool_size: args.db_pool_size,
+            ledger_batch_size: args.ledger_batch_size,
+            auth_failures_per_minute: args.auth_failures_per_minute,
+            trusted_issuers: args.load_trusted_issuers()?,
+            smart: args.smart_authorization()?,
+            cors_origins: args.cors_origins(),
+        })
+    }
+}
+
 /// The keys a server runs with.
 pub struct Keys {
     pub master: MasterKey,
@@ -176,16 +192,7 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
 /// `fhirledger serve`.
 pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
     let database_url = args.database.resolved_database_url();
-    let options = StateOptions {
-        base_url: args.resolved_base_url(),
-        max_body_bytes: args.max_body_bytes,
-        pool_size: args.db_pool_size,
-        ledger_batch_size: args.ledger_batch_size,
-        auth_failures_per_minute: args.auth_failures_per_minute,
-        trusted_issuers: args.load_trusted_issuers()?,
-        smart: args.smart_authorization()?,
-        cors_origins: args.cors_origins(),
-    };
+    let options = StateOptions::from_args(&args)?;
     let state = tokio::task::spawn_blocking({
         let database_url = database_url.clone();
         move || prepare_state(&database_url, keys, &options)

@@ -10,6 +10,7 @@ pub mod compartment;
 pub mod compartment_definition;
 pub mod document;
 pub mod fhirpath;
+pub mod identifier_index;
 pub mod outcome;
 pub mod patch;
 pub mod references;

@@ -114,3 +114,12 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(resources, resource_versions);
+
+diesel::table! {
+    /// How far `fhirledger import` has loaded each source (by the SHA-256 of its content).
+    import_progress (source) {
+        source -> Text,
+        lines_done -> BigInt,
+        updated_at -> BigInt,
+    }
+}

@@ -836,7 +836,10 @@ impl ResourceService {
     }
 
     /// Parses the search a conditional reference (`Type?query`) makes.
-    fn parse_conditional_reference(&self, reference: &str) -> Result<SearchRequest, AppError> {
+    pub(super) fn parse_conditional_reference(
+        &self,
+        reference: &str,
+    ) -> Result<SearchRequest, AppError> {
         let shown: String = reference.chars().take(120).collect();
         let (type_name, query) = reference.split_once('?').ok_or_else(|| {
             AppError::bad_request(format!("'{shown}' is not a conditional reference"))
@@ -863,7 +866,7 @@ impl ResourceService {
     /// `Type?query` in a reference: exactly one match, or the request fails
     /// (transaction.html#cond-references). The match is a disclosure (its id is written
     /// into the resource), ledgered in the transaction like a search's.
-    fn resolve_conditional_reference(
+    pub(super) fn resolve_conditional_reference(
         &self,
         tx: &mut DbConnection,
         ctx: &RequestContext,

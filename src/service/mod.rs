@@ -7,7 +7,8 @@
 //! - `search`: the search engine (conditions, paging, includes); `cursor`: the one sealed
 //!   paging cursor of searches, `$everything`, history and the AuditEvent view;
 //! - use cases over them: `resources` (CRUD, history), `bundles` (transactions, batches,
-//!   conditional interactions), `everything`, `audit_events` (the patient's AuditEvent view);
+//!   conditional interactions), `everything`, `audit_events` (the patient's AuditEvent view),
+//!   `import` (NDJSON lines in batches, resumable);
 //! - `ledger`: recording interactions and the sequencer; `audit`: `fhirledger audit`.
 //!
 //! Blocking work runs on tokio's blocking pool.
@@ -19,6 +20,7 @@ pub mod bundles;
 pub mod cursor;
 pub mod everything;
 pub mod gate;
+pub mod import;
 pub mod ledger;
 pub mod resources;
 pub mod search;

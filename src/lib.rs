@@ -9,7 +9,8 @@
 //! - [`fhir`]: FHIR semantics without HTTP or SQL (validation, Bundles, CapabilityStatement, OperationOutcome);
 //! - [`store`]: diesel schema, migrations and queries over ciphertext;
 //! - [`crypto`]: envelope encryption and key loading;
-//! - [`config`] and [`server`]: settings and start-up; [`clock`]: the time everything is stamped with.
+//! - [`config`] and [`server`]: settings and start-up; [`import`]: `fhirledger import`;
+//!   [`clock`]: the time everything is stamped with.
 
 pub mod access;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod fhir;
+pub mod import;
 pub mod indexer;
 pub mod ledger;
 pub mod metrics;

@@ -765,3 +765,67 @@ fn serve_with_a_wrong_postgres_user_stops_at_once_with_one_line() {
     assert_eq!(mentions.len(), 1, "{stderr}");
     assert!(mentions[0].starts_with("fhirledger: "), "{stderr}");
 }
+
+#[test]
+fn import_loads_bulk_files_the_auditor_accepts_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bulk = common::fixtures_dir().join("fhir/synthea/bulk-ndjson");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let output = Command::new(BINARY)
+            .arg("import")
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&[bulk.as_os_str()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("imported 774 resources (774 created, 0 updated) from 12 files"),
+        "{stdout}"
+    );
+    // Every imported version matches its ledger entry.
+    let audit = Command::new(BINARY)
+        .arg("audit")
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    let audited = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(audit.status.code(), Some(0), "{audited}");
+    assert!(audited.contains("774 resource versions"), "{audited}");
+    assert!(audited.contains("everything matches"), "{audited}");
+
+    // The same files again: nothing written twice.
+    let (code, stdout, _) = run(&[bulk.as_os_str()]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("imported 0 resources"), "{stdout}");
+    assert!(
+        stdout.contains("774 lines loaded by an earlier run"),
+        "{stdout}"
+    );
+
+    // A rejected line: exit 1, the rest loaded, the line named.
+    let file = dir.path().join("two.ndjson");
+    std::fs::write(
+        &file,
+        "{\"resourceType\":\"Patient\",\"id\":\"fine\"}\n{\"resourceType\":\"Patient\",\"id\":\"bad\",\"gender\":7}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&[file.as_os_str()]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("imported 1 resources"), "{stdout}");
+    assert!(stderr.contains("two.ndjson:2: rejected"), "{stderr}");
+
+    // Nothing to read: exit 2, saying what.
+    let missing = dir.path().join("missing.ndjson");
+    let (code, _, stderr) = run(&[missing.as_os_str()]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("missing.ndjson"), "{stderr}");
+}

@@ -79,8 +79,14 @@ impl RequestContext {
     /// A context for work that no HTTP request carries (tools, benchmarks, tests of the
     /// service layer): the internal principal, which every check permits.
     pub fn internal(request_id: impl Into<String>) -> Self {
+        Self::acting_as(Principal::Internal, request_id)
+    }
+
+    /// A context for work done later on a principal's behalf (a bulk export job runs as
+    /// the token that started it).
+    pub fn acting_as(principal: Principal, request_id: impl Into<String>) -> Self {
         Self {
-            principal: Principal::Internal,
+            principal,
             request_id: request_id.into(),
             receipt: ReceiptSlot::default(),
             rule: Slot::default(),

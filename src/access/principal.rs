@@ -20,8 +20,9 @@ pub enum Principal {
     Token(Arc<TokenIdentity>),
 }
 
-/// What a verified token says about its bearer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a verified token says about its bearer (serializable: a bulk export job keeps it,
+/// sealed, to run as the token that started it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenIdentity {
     pub issuer: String,
     pub subject: String,

@@ -66,7 +66,9 @@ impl fmt::Display for Permission {
 
 /// Whose data a scope reaches: the launch patient's compartment, what the user may see,
 /// or anything (a backend service).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum ScopeContext {
     Patient,
     User,
@@ -84,7 +86,7 @@ impl ScopeContext {
 }
 
 /// One resource scope: a context, a type (or every type) and the permissions it grants.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct ResourceGrant {
     context: ScopeContext,
     /// `None` for `*`.
@@ -97,7 +99,9 @@ struct ResourceGrant {
 pub const LEDGER_READ_SCOPE: &str = "ledger.read";
 
 /// A token's scopes, parsed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Serializable so that work done later on a token's behalf (a bulk export job) is
+/// authorized as the token was.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Scopes {
     grants: Vec<ResourceGrant>,
     ledger_read: bool,

@@ -67,6 +67,9 @@ pub enum Action {
     /// A page of `Patient/{id}/$everything`: a read, told apart from a search because it
     /// discloses a whole record at once.
     Everything,
+    /// A bulk export (`$export`): the job's kick-off, and each page of resources it wrote
+    /// to its files, one entry per patient whose record left in it.
+    Export,
     /// A patient's view of the ledger (`GET /fhir/AuditEvent`).
     AuditView,
     /// The ledger API read by a token (entries, proofs, tiles).
@@ -77,7 +80,7 @@ pub enum Action {
 
 impl Action {
     /// Every action (kept in step with the variants: `parse` reads names through it).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Create,
         Self::Update,
         Self::Delete,
@@ -86,6 +89,7 @@ impl Action {
         Self::History,
         Self::Search,
         Self::Everything,
+        Self::Export,
         Self::AuditView,
         Self::LedgerRead,
         Self::Authenticate,
@@ -102,6 +106,7 @@ impl Action {
             Self::History => "history",
             Self::Search => "search",
             Self::Everything => "everything",
+            Self::Export => "export",
             Self::AuditView => "audit-view",
             Self::LedgerRead => "ledger-read",
             Self::Authenticate => "authenticate",

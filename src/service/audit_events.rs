@@ -425,6 +425,7 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::History
             | Action::Search
             | Action::Everything
+            | Action::Export
             | Action::AuditView,
         ) => "R",
         Some(Action::LedgerRead | Action::Authenticate) | None => "E",
@@ -440,7 +441,7 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::History
             | Action::Search,
         ) => Some(entry.action.as_str()),
-        Some(Action::Everything) => Some("operation"),
+        Some(Action::Everything | Action::Export) => Some("operation"),
         Some(Action::AuditView | Action::LedgerRead | Action::Authenticate) | None => None,
     };
     let who = match &entry.actor.fhir_user {
@@ -474,6 +475,11 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             {"url": "receipt", "valueString": entry.id},
         ]}],
     });
+    if action == Some(Action::Export) {
+        // DICOM's audit event type for data leaving the system (used by FHIR's IHE BALP).
+        event["type"] = json!({"system": "http://dicom.nema.org/resources/ontology/DCM",
+                               "code": "110106", "display": "Export"});
+    }
     if let Some(interaction) = interaction {
         event["subtype"] = json!([{"system": "http://hl7.org/fhir/restful-interaction",
                                    "code": interaction}]);

@@ -9,13 +9,14 @@
 //! 2. `database`: the URL, the connection over both backends, opening one;
 //! 3. `entry_codec`, `sqlite_writer`, `statistics`, [`migrations`];
 //! 4. [`connection`]: the pool the services use;
-//! 5. the queries: [`resources`], [`ledger`], [`search`], [`imports`].
+//! 5. the queries: [`resources`], [`ledger`], [`search`], [`imports`], [`exports`].
 
 pub mod connection;
 mod database;
 mod dialect;
 mod entry_codec;
 mod error;
+pub mod exports;
 pub mod imports;
 pub mod ledger;
 pub mod migrations;

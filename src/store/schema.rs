@@ -123,3 +123,36 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+diesel::table! {
+    /// Bulk export jobs; what could name a patient is in `sealed_job`.
+    export_jobs (id) {
+        id -> Text,
+        owner -> Text,
+        key_id -> Text,
+        wrapped_key -> Binary,
+        nonce -> Binary,
+        sealed_job -> Binary,
+        status -> Text,
+        transaction_time -> BigInt,
+        created_at -> BigInt,
+        lease_until -> BigInt,
+        resources_done -> BigInt,
+        error -> Nullable<Text>,
+        expires_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    /// The sealed output files of export jobs.
+    export_files (job_id, file_no) {
+        job_id -> Text,
+        file_no -> Integer,
+        resource_type -> Text,
+        resource_count -> BigInt,
+        key_id -> Text,
+        wrapped_key -> Binary,
+        nonce -> Binary,
+        ciphertext -> Binary,
+    }
+}

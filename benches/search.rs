@@ -716,6 +716,7 @@ fn run(
             trusted_issuers: Vec::new(),
             smart: None,
             cors_origins: Vec::new(),
+            export_retention: std::time::Duration::from_secs(3600),
         },
     )
     .unwrap();

@@ -234,6 +234,11 @@ pub struct ServeArgs {
           value_parser = parse_interval)]
     pub ledger_interval_ms: u64,
 
+    /// Seconds a finished bulk export's files are kept before they are deleted.
+    #[arg(long, env = "FHIRLEDGER_EXPORT_RETENTION_SECS", default_value_t = 3600, value_name = "SECONDS",
+          value_parser = parse_export_retention)]
+    pub export_retention_secs: u64,
+
     /// Most entries sequenced under one checkpoint, in one transaction. On SQLite that
     /// transaction holds the one write lock every request's ledger entry waits on: at 4,096
     /// it held it for 30–60 ms five times a second (2% of reads took that long); 256 keeps
@@ -749,6 +754,10 @@ fn parse_origin(text: &str) -> Result<String, String> {
 
 fn parse_interval(text: &str) -> Result<u64, String> {
     parse_bounded(text, "FHIRLEDGER_LEDGER_INTERVAL_MS", 10, 60_000)
+}
+
+fn parse_export_retention(text: &str) -> Result<u64, String> {
+    parse_bounded(text, "FHIRLEDGER_EXPORT_RETENTION_SECS", 60, 30 * 24 * 3600)
 }
 
 fn parse_batch_size(text: &str) -> Result<i64, String> {

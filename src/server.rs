@@ -25,6 +25,9 @@ use crate::service::ResourceService;
 use crate::service::ledger::{LedgerService, SequencerOptions};
 use crate::store::{DatabaseUrl, connection, migrations};
 
+/// How often the export runner looks for queued jobs.
+const EXPORT_POLL: Duration = Duration::from_millis(500);
+
 /// What the services need besides the database and keys.
 #[derive(Debug, Clone)]
 pub struct StateOptions {
@@ -40,6 +43,8 @@ pub struct StateOptions {
     pub smart: Option<SmartAuthorization>,
     /// Browser origins allowed by CORS; empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// How long a finished bulk export's files are kept.
+    pub export_retention: Duration,
 }
 
 impl StateOptions {
@@ -54,6 +59,7 @@ impl StateOptions {
             trusted_issuers: args.load_trusted_issuers()?,
             smart: args.smart_authorization()?,
             cors_origins: args.cors_origins(),
+            export_retention: Duration::from_secs(args.export_retention_secs),
         })
     }
 }
@@ -114,7 +120,8 @@ pub fn prepare_state(
         ledger.clone(),
         Arc::new(search),
     )
-    .with_max_resource_bytes(options.max_body_bytes);
+    .with_max_resource_bytes(options.max_body_bytes)
+    .with_export_retention(options.export_retention);
     let moved = resources.move_presence_digests()?;
     resources.widen_prefixes()?;
     if moved > 0 {
@@ -189,6 +196,30 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
     });
 }
 
+/// Runs bulk export jobs, and deletes those whose files expired, every `interval` until
+/// the process ends. One job at a time per process, each page its own transaction, so that
+/// exports share the database with interactive requests; several processes on one database
+/// take jobs from one queue.
+pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
+    actix_web::rt::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let resources = resources.clone();
+            let work = move || {
+                resources.delete_expired_exports()?;
+                resources.run_export_jobs()
+            };
+            match tokio::task::spawn_blocking(work).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "export runner failed; retrying"),
+                Err(error) => tracing::error!(%error, "export runner task failed"),
+            }
+        }
+    });
+}
+
 /// `fhirledger serve`.
 pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
     let database_url = args.database.resolved_database_url();
@@ -202,6 +233,7 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         state.ledger.clone(),
         Duration::from_millis(args.ledger_interval_ms),
     );
+    spawn_export_runner(state.resources.clone(), EXPORT_POLL);
     let ledger_at_exit = state.ledger.clone();
 
     let mut server = HttpServer::new(move || build_app(state.clone()))

@@ -47,6 +47,8 @@ pub struct ResourceService {
     pub(super) search: Arc<SearchIndex>,
     /// Largest resource a PATCH may produce (the request body limit: what a PUT may send).
     pub(super) max_resource_bytes: usize,
+    /// How long a finished export job and its files are kept.
+    pub(super) export_retention: std::time::Duration,
 }
 
 impl ResourceService {
@@ -64,7 +66,18 @@ impl ResourceService {
             ledger,
             search,
             max_resource_bytes: 16 * 1024 * 1024,
+            export_retention: std::time::Duration::from_secs(3600),
         }
+    }
+
+    /// How long finished export jobs and their files are kept.
+    pub fn with_export_retention(mut self, retention: std::time::Duration) -> Self {
+        self.export_retention = retention;
+        self
+    }
+
+    pub(super) fn export_retention(&self) -> std::time::Duration {
+        self.export_retention
     }
 
     /// Bounds what a PATCH may produce (the server's request body limit).

@@ -70,6 +70,27 @@ impl AuthorizedSearch {
         self.request
     }
 
+    /// The same search from the page `cursor` names (the gate's decision does not depend
+    /// on the page).
+    pub(super) fn at_cursor(mut self, cursor: Option<String>) -> Self {
+        self.request.cursor = cursor;
+        self
+    }
+
+    /// The same search confined further to the compartments of `patients` (a Group's
+    /// members, a bulk export's `patient` parameter): never wider than the gate allowed.
+    pub(super) fn narrowed_to(mut self, patients: &[String]) -> Self {
+        let narrowed = match self.request.compartments.take() {
+            None => patients.to_vec(),
+            Some(allowed) => allowed
+                .into_iter()
+                .filter(|patient| patients.contains(patient))
+                .collect(),
+        };
+        self.request.compartments = Some(narrowed);
+        self
+    }
+
     /// A search the server makes for itself (the Consents a confinement depends on, the
     /// `:missing` migration), not on behalf of a client: unconfined.
     pub(super) fn server_internal(request: SearchRequest) -> Self {

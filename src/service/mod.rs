@@ -8,7 +8,7 @@
 //!   paging cursor of searches, `$everything`, history and the AuditEvent view;
 //! - use cases over them: `resources` (CRUD, history), `bundles` (transactions, batches,
 //!   conditional interactions), `everything`, `audit_events` (the patient's AuditEvent view),
-//!   `import` (NDJSON lines in batches, resumable);
+//!   `import` (NDJSON lines in batches, resumable), `export` (`$export` jobs and their files);
 //! - `ledger`: recording interactions and the sequencer; `audit`: `fhirledger audit`.
 //!
 //! Blocking work runs on tokio's blocking pool.
@@ -19,6 +19,7 @@ pub mod base;
 pub mod bundles;
 pub mod cursor;
 pub mod everything;
+pub mod export;
 pub mod gate;
 pub mod import;
 pub mod ledger;

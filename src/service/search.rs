@@ -346,7 +346,7 @@ impl ResourceService {
         self.fetch_checked(conn, &sql, &checks, limit)
     }
 
-    fn search_page(
+    pub(super) fn search_page(
         &self,
         conn: &mut DbConnection,
         search: &AuthorizedSearch,
@@ -432,9 +432,18 @@ impl ResourceService {
     /// The ledger entry of a search: every resource it disclosed, each in the compartments
     /// it belongs to (one entry per patient when they are several).
     fn search_event(&self, page: &SearchPage) -> LedgerEvent {
+        self.disclosure_event(Action::Search, page.matches.iter().chain(&page.included))
+    }
+
+    /// The event of disclosing `resources`, each in the compartments it is stored in.
+    pub(super) fn disclosure_event<'a>(
+        &self,
+        action: Action,
+        resources: impl Iterator<Item = &'a StoredResource>,
+    ) -> LedgerEvent {
         let index = self.search_index();
-        let mut event = LedgerEvent::permit(Action::Search);
-        for resource in page.matches.iter().chain(&page.included) {
+        let mut event = LedgerEvent::permit(action);
+        for resource in resources {
             let (resource_type, id) = (resource.resource_type.as_str(), resource.id.as_str());
             event.touch(
                 target(

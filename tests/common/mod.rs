@@ -300,6 +300,7 @@ fn test_options(max_body_bytes: usize) -> StateOptions {
         trusted_issuers: Vec::new(),
         smart: None,
         cors_origins: Vec::new(),
+        export_retention: std::time::Duration::from_secs(3600),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod cors;
 pub mod error;
 pub mod everything;
+pub mod export;
 pub mod fhir;
 pub mod health;
 pub mod ledger;

@@ -26,6 +26,7 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
     )),
     tags(
         (name = "fhir", description = "FHIR R4 REST interactions (JSON only)"),
+        (name = "bulk data", description = "Bulk export ($export, FHIR Bulk Data Access IG 2.0.0): kick-off, status, manifest and NDJSON files"),
         (name = "ledger", description = "The append-only Merkle ledger of every interaction: checkpoints, entries, receipts, proofs, tiles"),
         (name = "operations", description = "Health, readiness and this document"),
         (name = "access", description = "Discovery documents for SMART clients; every other operation marked with the bearer scheme needs a token"),

@@ -9,13 +9,23 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::registry::Registry;
-use super::{bundle, everything, fhir, health, ledger, openapi, search, smart};
+use super::{bundle, everything, export, fhir, health, ledger, openapi, search, smart};
 use crate::error::AppError;
 
 /// Every documented operation, in matching order.
 fn table() -> Registry {
     Registry::new(|| web::to(method_not_allowed))
         .serve::<fhir::__path_metadata, _, _>(fhir::metadata)
+        // Bulk export, before every pattern that would take `$export…` as a type or an id.
+        .serve::<export::__path_export_system, _, _>(export::export_system)
+        .serve::<export::__path_export_system_post, _, _>(export::export_system_post)
+        .serve::<export::__path_export_patients, _, _>(export::export_patients)
+        .serve::<export::__path_export_patients_post, _, _>(export::export_patients_post)
+        .serve::<export::__path_export_group, _, _>(export::export_group)
+        .serve::<export::__path_export_group_post, _, _>(export::export_group_post)
+        .serve::<export::__path_export_status, _, _>(export::export_status)
+        .serve::<export::__path_export_cancel, _, _>(export::export_cancel)
+        .serve::<export::__path_export_file, _, _>(export::export_file)
         // Before `/{type}` and `/{type}/{id}`, which would otherwise take `_history` as a
         // type or an id.
         .serve::<fhir::__path_system_history, _, _>(fhir::system_history)

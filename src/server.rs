@@ -16,7 +16,9 @@ use crate::api::{AppState, build_app};
 use crate::config::ServeArgs;
 use crate::crypto::{BlindIndexKey, Envelope, MasterKey};
 use crate::fhir::ResourceTypes;
-use crate::fhir::capability::{CapabilityInputs, capability_statement, describe_search};
+use crate::fhir::capability::{
+    CapabilityInputs, capability_statement, describe_bulk_export, describe_search,
+};
 use crate::fhir::document::format_instant;
 use crate::fhir::search_params::SearchParamRegistry;
 use crate::indexer::SearchIndex;
@@ -113,6 +115,7 @@ pub fn prepare_state(
         format!("{}/fhir", options.base_url),
     );
     describe_search(&mut statement, search.registry(), search.plan());
+    describe_bulk_export(&mut statement);
     let resources = ResourceService::new(
         pool,
         Arc::new(Envelope::new(keys.master)),

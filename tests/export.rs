@@ -453,6 +453,23 @@ async fn kick_off_errors_are_operation_outcomes(db: TestDb) {
     }
     // Nothing was queued by any of them.
     assert_eq!(run_jobs(&state).await, 0);
+    // The CapabilityStatement says where export is.
+    let statement = call_as_is(&app, common::get("/fhir/metadata")).await.json();
+    assert_eq!(
+        statement["instantiates"][0],
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    );
+    assert_eq!(statement["rest"][0]["operation"][0]["name"], "export");
+    for (resource, definition) in [("Patient", "patient-export"), ("Group", "group-export")] {
+        let described = statement["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == resource)
+            .unwrap()["operation"]
+            .to_string();
+        assert!(described.contains(definition), "{resource}: {described}");
+    }
     // An unknown job: 404.
     let reply = refused(TestRequest::get().uri("/fhir/$export-status/nothing-here")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);

@@ -214,6 +214,56 @@ pub fn describe_search(statement: &mut Value, registry: &SearchParamRegistry, pl
     rest.insert("searchParam".into(), Value::Array(system_params));
 }
 
+/// The Bulk Data Access IG's operation definitions (bulk-data 2.0.0).
+pub const BULK_EXPORT_DEFINITION: &str =
+    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
+pub const PATIENT_EXPORT_DEFINITION: &str =
+    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
+pub const GROUP_EXPORT_DEFINITION: &str =
+    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
+
+/// Adds bulk export to a statement from [`capability_statement`]: the IG's server
+/// capability in `instantiates`, `$export` at the system level, on Patient and on Group.
+pub fn describe_bulk_export(statement: &mut Value) {
+    let Some(object) = statement.as_object_mut() else {
+        return;
+    };
+    object.insert(
+        "instantiates".into(),
+        json!(["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"]),
+    );
+    let Some(rest) = object
+        .get_mut("rest")
+        .and_then(|r| r.get_mut(0))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let operations = rest.entry("operation").or_insert_with(|| json!([]));
+    if let Some(list) = operations.as_array_mut() {
+        list.push(json!({"name": "export", "definition": BULK_EXPORT_DEFINITION}));
+    }
+    for resource in rest
+        .get_mut("resource")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let definition = match resource["type"].as_str() {
+            Some("Patient") => PATIENT_EXPORT_DEFINITION,
+            Some("Group") => GROUP_EXPORT_DEFINITION,
+            _ => continue,
+        };
+        let Some(object) = resource.as_object_mut() else {
+            continue;
+        };
+        let operations = object.entry("operation").or_insert_with(|| json!([]));
+        if let Some(list) = operations.as_array_mut() {
+            list.push(json!({"name": "export", "definition": definition}));
+        }
+    }
+}
+
 const AUDIT_EVENT: &str = "AuditEvent";
 
 /// AuditEvents are generated from the ledger: searched through their own parameters only,

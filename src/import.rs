@@ -118,6 +118,7 @@ pub fn run_import(state: &AppState, options: &ImportOptions) -> anyhow::Result<I
     // Entries are durable already; sequencing them puts them in a signed checkpoint now,
     // rather than when a server next runs (one that runs meanwhile does it itself).
     state.ledger.sequence_pending()?;
+    state.resources.finish_import()?;
     let mut summary = loader.summary;
     summary.elapsed = started.elapsed();
     Ok(summary)

@@ -25,6 +25,7 @@ on_both_backends!(
     exports_hold_only_what_the_token_and_parameters_allow,
     jobs_and_files_belong_to_the_token_that_started_them,
     kick_off_errors_are_operation_outcomes,
+    a_job_outlives_the_process_that_started_it,
 );
 
 fn with_token(request: TestRequest, token: &str) -> TestRequest {
@@ -473,4 +474,79 @@ async fn kick_off_errors_are_operation_outcomes(db: TestDb) {
     // An unknown job: 404.
     let reply = refused(TestRequest::get().uri("/fhir/$export-status/nothing-here")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+/// The same keys each time: a restarted server opens what the last one sealed.
+fn keys() -> fhirledger::server::Keys {
+    fhirledger::server::Keys {
+        master: fhirledger::crypto::MasterKey::from_bytes([7; 32]),
+        ledger: fhirledger::ledger::LedgerKey::from_seed([8; 32], common::LEDGER_ORIGIN).unwrap(),
+        index: fhirledger::crypto::BlindIndexKey::from_bytes([9; 32]),
+        local_issuer: Some(common::local_issuer()),
+    }
+}
+
+async fn a_job_outlives_the_process_that_started_it(db: TestDb) {
+    let admin = token_with("system/*.rs", None, None);
+    let status_url = {
+        let before = db.state_with_keys(keys(), 16 * 1024 * 1024);
+        let app = test::init_service(fhirledger::api::build_app(before.clone())).await;
+        seed(&app).await;
+        let reply = call_as_is(
+            &app,
+            with_token(async_get("/fhir/$export?_type=Patient"), &admin),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+        local(&reply.header("content-location").unwrap())
+    };
+    // A runner took the job, wrote a file and stopped: its lease ran out.
+    let job = status_url.rsplit('/').next().unwrap().to_owned();
+    {
+        let mut conn = db.connect();
+        let claimed = fhirledger::store::exports::claim(&mut conn, i64::MAX - 1, 1).unwrap();
+        assert_eq!(claimed.unwrap().id, job);
+        let stale = fhirledger::store::exports::FileInfo {
+            file_no: 1,
+            resource_type: "Patient".into(),
+            resource_count: 99,
+        };
+        let blob = fhirledger::crypto::EncryptedBlob {
+            key_id: "k".into(),
+            wrapped_key: vec![1],
+            nonce: vec![2],
+            ciphertext: vec![3],
+        };
+        fhirledger::store::exports::insert_file(&mut conn, &job, &stale, &blob).unwrap();
+    }
+    // The next process takes it up from the start and finishes it.
+    let after = db.state_with_keys(keys(), 16 * 1024 * 1024);
+    let app = test::init_service(fhirledger::api::build_app(after.clone())).await;
+    let reply = call_as_is(
+        &app,
+        with_token(TestRequest::get().uri(&status_url), &admin),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::ACCEPTED,
+        "still running as far as anyone knows"
+    );
+    assert_eq!(run_jobs(&after).await, 1);
+    let reply = call_as_is(
+        &app,
+        with_token(TestRequest::get().uri(&status_url), &admin),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let manifest = reply.json();
+    assert_eq!(
+        manifest["output"].as_array().unwrap().len(),
+        1,
+        "the stale file is gone: {manifest}"
+    );
+    assert_eq!(
+        names(&exported(&app, &admin, &manifest).await),
+        set(&["Patient/p1", "Patient/p2"])
+    );
 }

@@ -75,6 +75,12 @@ impl ResourceService {
         Ok(imports::lines_done(&mut conn, source)?)
     }
 
+    /// Ends a bulk load: refreshes the planner's statistics (PostgreSQL), so that what
+    /// follows is planned on the data loaded.
+    pub fn finish_import(&self) -> Result<(), AppError> {
+        Ok(self.pool.refresh_statistics()?)
+    }
+
     /// Loads `lines` of `source` and records the source as loaded through line `through`
     /// (which covers lines skipped before the batch, such as blank ones). One transaction
     /// writes the batch; when it fails as a whole, each line is written on its own, so one

@@ -176,6 +176,16 @@ impl DbPool {
         }
     }
 
+    /// Refreshes the planner's statistics now and waits for it (PostgreSQL; nothing on
+    /// SQLite): a bulk load ends with it, so that the searches made right after it (an
+    /// export's pages above all) are planned on what was loaded. Measured after importing
+    /// 100,620 resources, whose last 35,000 the doubling schedule had not analyzed: an
+    /// export's page query took 620 ms instead of 29 ms.
+    pub fn refresh_statistics(&self) -> Result<(), StoreError> {
+        let mut conn = self.get()?;
+        super::statistics::analyze(&mut conn)
+    }
+
     /// Whether the database is local (SQLite) and a pooled connection is free now: a short
     /// read may then run on the calling thread without waiting for anything.
     pub fn local_reader_idle(&self) -> bool {

@@ -88,7 +88,9 @@ impl StatisticsRefresh {
     }
 }
 
-fn analyze(conn: &mut DbConnection) -> Result<(), StoreError> {
+/// Refreshes the planner's statistics now, on `conn` (after a bulk load, whose last part
+/// the doubling schedule would leave unanalyzed until autovacuum comes round).
+pub(super) fn analyze(conn: &mut DbConnection) -> Result<(), StoreError> {
     if !conn.dialect().refreshes_planner_statistics() {
         return Ok(());
     }

@@ -343,6 +343,10 @@ async fn exports_hold_only_what_the_token_and_parameters_allow(db: TestDb) {
         ])
     );
 
+    // A type named twice is exported once.
+    let (_, manifest) = export(&app, &state, &admin, "/fhir/$export?_type=Patient,Patient").await;
+    assert_eq!(exported(&app, &admin, &manifest).await.len(), 2);
+
     // _since: only what changed after the instant.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let since = fhirledger::fhir::document::format_instant(fhirledger::clock::now_micros());
@@ -400,12 +404,48 @@ async fn jobs_and_files_belong_to_the_token_that_started_them(db: TestDb) {
         let reply = call_as_is(&app, with_token(request, &stranger)).await;
         assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
     }
+    // The same user and client with another grant (an auditor's scopes) is not the owner.
+    let same_client_other_grant = token_with("ledger.read", None, None);
+    let reply = call_as_is(
+        &app,
+        with_token(TestRequest::get().uri(&file_url), &same_client_other_grant),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
     // Without a token at all: 401.
     let reply = call_as_is(&app, TestRequest::get().uri(&file_url)).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     // The owner still has everything.
     let reply = call_as_is(&app, with_token(TestRequest::get().uri(&file_url), &owner)).await;
     assert_eq!(reply.status, StatusCode::OK);
+
+    // One owner keeps at most four exports; the fifth kick-off is told to delete one.
+    for _ in 0..3 {
+        let reply = call_as_is(
+            &app,
+            with_token(async_get("/fhir/$export?_type=Patient"), &owner),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    }
+    let reply = call_as_is(
+        &app,
+        with_token(async_get("/fhir/$export?_type=Patient"), &owner),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let reply = call_as_is(
+        &app,
+        with_token(TestRequest::delete().uri(&status_url), &owner),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let reply = call_as_is(
+        &app,
+        with_token(async_get("/fhir/$export?_type=Patient"), &owner),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
 }
 
 async fn kick_off_errors_are_operation_outcomes(db: TestDb) {

@@ -874,6 +874,17 @@ impl ResourceService {
         search: &AuthorizedSearch,
     ) -> Result<String, AppError> {
         let shown: String = reference.chars().take(120).collect();
+        self.resolve_conditional_reference_named(tx, ctx, &shown, search)
+    }
+
+    /// [`Self::resolve_conditional_reference`], naming the reference `shown` in its errors.
+    pub(super) fn resolve_conditional_reference_named(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        shown: &str,
+        search: &AuthorizedSearch,
+    ) -> Result<String, AppError> {
         let matches = self.matching_in(tx, search, 2)?;
         match matches.as_slice() {
             [only] => {

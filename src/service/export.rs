@@ -30,6 +30,12 @@ use super::gate::AuthorizedSearch;
 pub const RESOURCES_PER_FILE: usize = 1_000;
 /// Most export jobs queued or running at once; a kick-off beyond it is told to retry.
 pub const MAX_ACTIVE_JOBS: i64 = 16;
+/// Most export jobs one owner may have queued, running or kept (finished, files not yet
+/// expired) at once.
+pub const MAX_JOBS_PER_OWNER: i64 = 4;
+/// How long after its token expired a job may still be run: a job queued for longer (a
+/// server down for a day) fails instead of running on an old grant.
+const GRACE_AFTER_TOKEN_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Most `_typeFilter` searches one kick-off may ask for.
 pub const MAX_TYPE_FILTERS: usize = 64;
 /// Most patients a Group or the `patient` parameter may name.
@@ -111,7 +117,8 @@ impl ResourceService {
                 let group = self.read(ctx, group_type, ResourceId::parse(id)?).await?;
                 let mut members = group_members(&group.json)?;
                 if !request.patients.is_empty() {
-                    members.retain(|member| request.patients.contains(member));
+                    let wanted: HashSet<&String> = request.patients.iter().collect();
+                    members.retain(|member| wanted.contains(member));
                 }
                 Some(members)
             }
@@ -155,6 +162,13 @@ impl ResourceService {
                     return Err(AppError::Unavailable(
                         "too many export jobs are running; retry later".into(),
                     )
+                    .into());
+                }
+                if exports::jobs_of(tx, &owner)? >= MAX_JOBS_PER_OWNER {
+                    return Err(AppError::Conflict(format!(
+                        "this client has {MAX_JOBS_PER_OWNER} exports already: DELETE the status URL of a \
+                         finished one, or wait for one to finish"
+                    ))
                     .into());
                 }
                 exports::insert_job(tx, &id, &owner, &sealed, now_micros())?;
@@ -238,6 +252,10 @@ impl ResourceService {
                 .envelope()
                 .open(file_binding(&name), &sealed)
                 .map_err(|_| AppError::Internal(format!("export file {name} failed to open")))?;
+            // Each download is evidence too (the file's resources were ledgered per patient when
+            // it was written, for this same owner).
+            this.ledger()
+                .append(&ctx, LedgerEvent::permit(Action::Export))?;
             Ok((resource_type, plain))
         })
         .await
@@ -248,6 +266,8 @@ impl ResourceService {
     pub fn run_export_jobs(&self) -> Result<usize, AppError> {
         let mut ran = 0;
         loop {
+            // Between jobs too, so that a long queue does not keep expired files.
+            self.delete_expired_exports()?;
             let now = now_micros();
             let lease_until = now + micros(LEASE);
             let claimed = self.transact("the export queue", |tx| {
@@ -260,15 +280,13 @@ impl ResourceService {
             let outcome = self.run_job(&job, lease_until);
             let expires_at = now_micros() + micros(self.export_retention());
             match outcome {
-                Ok(JobEnd::Complete) => self.transact("an export job", |tx| {
-                    Ok(exports::finish(
-                        tx,
-                        &job.id,
-                        exports::COMPLETE,
-                        None,
-                        expires_at,
-                    )?)
-                })?,
+                Ok(JobEnd::Complete { held_until }) => {
+                    // Only while the lease is still this runner's: one that lost it (stalled
+                    // past the lease) must not complete a job another runner restarted.
+                    self.transact("an export job", |tx| {
+                        Ok(exports::complete(tx, &job.id, held_until, expires_at)?)
+                    })?;
+                }
                 Ok(JobEnd::Cancelled) => {}
                 Err(AppError::Unavailable(detail) | AppError::LedgerUnavailable(detail)) => {
                     // Left running: another runner takes it up once the lease ends.
@@ -304,6 +322,19 @@ impl ResourceService {
 
     fn run_job(&self, job: &JobRow, mut lease_until: i64) -> Result<JobEnd, AppError> {
         let sealed = self.open_job(job)?;
+        if let Some(identity) = &sealed.identity {
+            let expired_at = i64::try_from(identity.expires_at)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000);
+            if now_micros() > expired_at.saturating_add(micros(GRACE_AFTER_TOKEN_EXPIRY)) {
+                return Err(AppError::Forbidden {
+                    rule: "export:token-expired",
+                    message: "the token that started the export expired long before it could run"
+                        .into(),
+                    patients: Vec::new(),
+                });
+            }
+        }
         let principal = match &sealed.identity {
             Some(identity) => Principal::Token(Arc::new(identity.clone())),
             None => Principal::Internal,
@@ -326,7 +357,22 @@ impl ResourceService {
                         .iter()
                         .filter(|resource| written.insert(resource.id.as_str().to_owned()))
                         .collect();
-                    if !fresh.is_empty() {
+                    let renewed_until = now_micros() + micros(LEASE);
+                    if fresh.is_empty() {
+                        let held = self.transact("an export job", |tx| {
+                            Ok(exports::renew(
+                                tx,
+                                &job.id,
+                                lease_until,
+                                renewed_until,
+                                done,
+                            )?)
+                        })?;
+                        if !held {
+                            return Ok(JobEnd::Cancelled);
+                        }
+                        lease_until = renewed_until;
+                    } else {
                         file_no += 1;
                         let mut ndjson = Vec::new();
                         for resource in &fresh {
@@ -342,7 +388,6 @@ impl ResourceService {
                         };
                         let event = self.disclosure_event(Action::Export, fresh.iter().copied());
                         done += info.resource_count;
-                        let renewed_until = now_micros() + micros(LEASE);
                         let held = self.transact("an export job", |tx| {
                             if !exports::renew(tx, &job.id, lease_until, renewed_until, done)? {
                                 return Ok(false);
@@ -364,7 +409,9 @@ impl ResourceService {
                 }
             }
         }
-        Ok(JobEnd::Complete)
+        Ok(JobEnd::Complete {
+            held_until: lease_until,
+        })
     }
 
     /// The searches an export runs, by type, authorized by the gate for `ctx` (refusals
@@ -392,10 +439,16 @@ impl ResourceService {
         }
         let compartment_level = !matches!(request.level, ExportLevel::System);
         let types: Vec<ResourceType> = match &request.types {
-            Some(types) => types
-                .iter()
-                .map(|name| self.resolve_type(name))
-                .collect::<Result<_, _>>()?,
+            Some(types) => {
+                let mut resolved: Vec<ResourceType> = Vec::new();
+                for name in types.iter().take(self.types().len() + 1) {
+                    let resource_type = self.resolve_type(name)?;
+                    if !resolved.contains(&resource_type) {
+                        resolved.push(resource_type);
+                    }
+                }
+                resolved
+            }
             // Every type the token may search (those it may not are left out, not refused:
             // it did not ask for them by name), within patient compartments below the
             // system level. AuditEvent is the ledger's view, not stored resources.
@@ -459,6 +512,9 @@ impl ResourceService {
                 parsed.total = TotalMode::None;
                 let mut search = self.authorize_search(ctx, parsed, Action::Export)?;
                 if let Some(patients) = &job.patients {
+                    // The narrowed condition is bounded as a confined search's is.
+                    let types = std::slice::from_ref(&search.request().resource_types[0]);
+                    self.check_confinable(ctx, types, Action::Export, patients.len())?;
                     search = search.narrowed_to(patients);
                 }
                 type_searches.push(search);
@@ -496,21 +552,31 @@ impl ResourceService {
 
 /// How a job's run ended.
 enum JobEnd {
-    Complete,
+    /// Every page written, by a runner holding the lease until `held_until`.
+    Complete { held_until: i64 },
     /// Deleted (or taken over) while it ran: its runner stops and writes nothing more.
     Cancelled,
 }
 
-/// Who may see a job: a digest of the token's issuer, subject and client, so that a job
-/// is its starter's whatever token (fresh or refreshed) they poll with.
+/// Who may see a job: a digest of the token's issuer, subject, client and grant, so that a
+/// job is its starter's whatever token with the same grant (fresh or refreshed) they poll
+/// with, and nobody else's.
 fn owner_of(principal: &Principal) -> String {
+    // Everything that decides what the token may see, serialized without ambiguity: a token
+    // of the same client for the same user but with other scopes, another launch patient or
+    // another purpose is not the owner (a refreshed token with the same grant is).
     let key = match principal {
-        Principal::Token(identity) => format!(
-            "token\n{}\n{}\n{}",
+        Principal::Token(identity) => serde_json::json!([
+            "token",
             identity.issuer,
             identity.subject,
-            identity.client_id.as_deref().unwrap_or("")
-        ),
+            identity.client_id,
+            identity.scopes,
+            identity.patient,
+            identity.fhir_user,
+            identity.purpose_of_use,
+        ])
+        .to_string(),
         Principal::Internal => "internal".to_owned(),
         Principal::Anonymous => "anonymous".to_owned(),
     };
@@ -526,7 +592,11 @@ fn group_members(json: &str) -> Result<Vec<String>, AppError> {
     let group: serde_json::Value =
         serde_json::from_str(json).map_err(|e| AppError::Internal(format!("stored Group: {e}")))?;
     let mut members: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
     for member in group["member"].as_array().into_iter().flatten() {
+        if members.len() > MAX_EXPORT_PATIENTS {
+            break;
+        }
         if member["inactive"] == true {
             continue;
         }
@@ -536,7 +606,7 @@ fn group_members(json: &str) -> Result<Vec<String>, AppError> {
         else {
             continue;
         };
-        if !members.iter().any(|known| known == id) {
+        if seen.insert(id.to_owned()) {
             members.push(id.to_owned());
         }
     }
@@ -546,11 +616,17 @@ fn group_members(json: &str) -> Result<Vec<String>, AppError> {
 /// What the status URL says of a failure: its message, unless it is the server's own
 /// (those are logged, not shown).
 fn public_failure(error: &AppError) -> String {
+    // Fixed texts: an error's own message may quote a search value of the request, which
+    // is sealed, and this column is not.
     match error {
-        AppError::Internal(_) | AppError::Integrity { .. } => {
-            "the export failed on the server; see its log".into()
+        AppError::Forbidden { rule, .. } => format!(
+            "the token that started the export may no longer export what it asked for (rule: {rule})"
+        ),
+        AppError::BadRequest { .. } | AppError::Validation(_) | AppError::UnknownType(_) => {
+            "a search of the export can no longer be run as it was asked".into()
         }
-        other => other.to_string(),
+        AppError::TooLarge(_) => "the export names more patients than a search may span".into(),
+        _ => "the export failed on the server; see its log".into(),
     }
 }
 

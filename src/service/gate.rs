@@ -82,10 +82,13 @@ impl AuthorizedSearch {
     pub(super) fn narrowed_to(mut self, patients: &[String]) -> Self {
         let narrowed = match self.request.compartments.take() {
             None => patients.to_vec(),
-            Some(allowed) => allowed
-                .into_iter()
-                .filter(|patient| patients.contains(patient))
-                .collect(),
+            Some(allowed) => {
+                let wanted: std::collections::HashSet<&String> = patients.iter().collect();
+                allowed
+                    .into_iter()
+                    .filter(|patient| wanted.contains(patient))
+                    .collect()
+            }
         };
         self.request.compartments = Some(narrowed);
         self
@@ -315,7 +318,7 @@ impl ResourceService {
     /// A confined search over `resource_types` must be expressible as one compartment
     /// condition over `patients` patients, of a size the databases take; if not, the
     /// refusal is ledgered.
-    fn check_confinable(
+    pub(super) fn check_confinable(
         &self,
         ctx: &RequestContext,
         resource_types: &[String],

@@ -151,9 +151,9 @@ impl ResourceService {
             });
             let outcome = match outcome {
                 Ok(outcome) => outcome,
-                Err(error @ (AppError::Unavailable(_) | AppError::LedgerUnavailable(_))) => {
-                    return Err(error);
-                }
+                // Only what is wrong with the line itself is its rejection; the server's own
+                // failures stop the import, whose next run tries the line again.
+                Err(error) if !is_the_lines_fault(&error) => return Err(error),
                 Err(error) => {
                     let mut conn = self.connection()?;
                     imports::record_progress(&mut conn, source, done, now_micros())?;
@@ -188,11 +188,18 @@ impl ResourceService {
                 .collect();
             workers
                 .into_iter()
-                .flat_map(|worker| {
+                .zip(lines.chunks(chunk))
+                .flat_map(|(worker, part)| {
+                    // One outcome per line whatever happens, so outcomes stay in step with
+                    // the lines they belong to.
                     worker.join().unwrap_or_else(|_| {
-                        vec![Ready::Rejected(AppError::Internal(
-                            "preparing an import batch failed".into(),
-                        ))]
+                        part.iter()
+                            .map(|_| {
+                                Ready::Rejected(AppError::Internal(
+                                    "preparing this line failed".into(),
+                                ))
+                            })
+                            .collect()
                     })
                 })
                 .collect()
@@ -230,10 +237,10 @@ impl ResourceService {
         let rewritten = rewrite_references(text, |reference| {
             if reference.starts_with("urn:uuid:") || reference.starts_with("urn:oid:") {
                 failure.get_or_insert_with(|| {
-                    AppError::bad_request(format!(
-                        "reference '{}' names a Bundle entry, and a line is not in a Bundle",
-                        shown(reference)
-                    ))
+                    AppError::bad_request(
+                        "a urn:uuid: or urn:oid: reference names a Bundle entry, and a line is \
+                         not in a Bundle",
+                    )
                 });
                 return None;
             }
@@ -245,7 +252,7 @@ impl ResourceService {
                 IdentifierMatch::Ambiguous => {
                     failure.get_or_insert_with(|| {
                         AppError::PreconditionFailed(format!(
-                            "conditional reference '{}' matches more than one imported resource",
+                            "conditional reference '{}?…' matches more than one imported resource",
                             shown(reference)
                         ))
                     });
@@ -355,11 +362,17 @@ impl ResourceService {
             if failure.is_some() || !reference.contains('?') {
                 return None;
             }
+            let named = format!("{}?…", shown(reference));
             let resolved = self
                 .parse_conditional_reference(reference)
+                .map_err(|_| {
+                    AppError::bad_request(format!(
+                        "conditional reference '{named}' is not a search this server can make"
+                    ))
+                })
                 .and_then(|request| {
                     let search = AuthorizedSearch::server_internal(request);
-                    self.resolve_conditional_reference(tx, ctx, reference, &search)
+                    self.resolve_conditional_reference_named(tx, ctx, &named, &search)
                 });
             match resolved {
                 Ok(literal) => Some(literal),
@@ -377,7 +390,29 @@ impl ResourceService {
     }
 }
 
-/// A reference as an error message shows it: its first 120 characters.
+/// Whether an error is about the line (its content, its references), not the server.
+fn is_the_lines_fault(error: &AppError) -> bool {
+    matches!(
+        error,
+        AppError::Validation(_)
+            | AppError::BadRequest { .. }
+            | AppError::InvalidId(_)
+            | AppError::UnknownType(_)
+            | AppError::Unprocessable(_)
+            | AppError::PreconditionFailed(_)
+            | AppError::PayloadTooLarge { .. }
+            | AppError::TooLarge(_)
+    )
+}
+
+/// A reference as an import's messages name it: its type only (the search after `?` may
+/// hold an identifier, and the messages reach terminals and report files).
 fn shown(reference: &str) -> String {
-    reference.chars().take(120).collect()
+    reference
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(64)
+        .collect()
 }

@@ -88,6 +88,15 @@ pub fn active_jobs(conn: &mut DbConnection) -> Result<i64, StoreError> {
         .map_err(StoreError::classify)
 }
 
+/// How many jobs an owner has that are queued, running, or finished with files kept.
+pub fn jobs_of(conn: &mut DbConnection, owner: &str) -> Result<i64, StoreError> {
+    export_jobs::table
+        .filter(export_jobs::owner.eq(owner))
+        .count()
+        .get_result(conn)
+        .map_err(StoreError::classify)
+}
+
 /// Claims the oldest job that is queued, or running under a lease that ran out (its runner
 /// stopped), for `lease_until`; a job taken over loses the files its last runner wrote.
 /// `None` when there is nothing to do or another runner got there first.
@@ -173,13 +182,40 @@ pub fn finish(
         .map_err(StoreError::classify)
 }
 
-/// Deletes a job and its files; false when there was no such job.
+/// Completes a running job, to be deleted at `expires_at`, if its lease is still the one
+/// held until `held_until`; false when another runner took it over.
+pub fn complete(
+    conn: &mut DbConnection,
+    id: &str,
+    held_until: i64,
+    expires_at: i64,
+) -> Result<bool, StoreError> {
+    diesel::update(
+        export_jobs::table
+            .find(id)
+            .filter(export_jobs::status.eq(RUNNING))
+            .filter(export_jobs::lease_until.eq(held_until)),
+    )
+    .set((
+        export_jobs::status.eq(COMPLETE),
+        export_jobs::expires_at.eq(expires_at),
+        export_jobs::lease_until.eq(0),
+    ))
+    .execute(conn)
+    .map(|updated| updated == 1)
+    .map_err(StoreError::classify)
+}
+
+/// Deletes a job and its files; false when there was no such job. The job's row goes
+/// first: a runner writing a file renews that row in the same transaction, so on
+/// PostgreSQL the deletion waits for it and then deletes the file it wrote too.
 pub fn delete_job(conn: &mut DbConnection, id: &str) -> Result<bool, StoreError> {
-    delete_files(conn, id)?;
-    diesel::delete(export_jobs::table.find(id))
+    let deleted = diesel::delete(export_jobs::table.find(id))
         .execute(conn)
         .map(|deleted| deleted == 1)
-        .map_err(StoreError::classify)
+        .map_err(StoreError::classify)?;
+    delete_files(conn, id)?;
+    Ok(deleted)
 }
 
 /// The finished jobs whose time ran out at `now`.

@@ -343,6 +343,42 @@ async fn exports_hold_only_what_the_token_and_parameters_allow(db: TestDb) {
         ])
     );
 
+    // POST with a Parameters body: `patient` narrows a Patient-level export.
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Observation"},
+        {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
+    ]});
+    let reply = call_as_is(
+        &app,
+        with_token(
+            common::fhir_json(
+                TestRequest::post().uri("/fhir/Patient/$export"),
+                &parameters,
+            )
+            .insert_header(("Prefer", "respond-async")),
+            &admin,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let status_url = local(&reply.header("content-location").unwrap());
+    assert_eq!(run_jobs(&state).await, 1);
+    let manifest = call_as_is(
+        &app,
+        with_token(TestRequest::get().uri(&status_url), &admin),
+    )
+    .await
+    .json();
+    assert_eq!(
+        names(&exported(&app, &admin, &manifest).await),
+        set(&["Observation/p1-o1", "Observation/p1-o2"])
+    );
+    call_as_is(
+        &app,
+        with_token(TestRequest::delete().uri(&status_url), &admin),
+    )
+    .await;
+
     // A type named twice is exported once.
     let (_, manifest) = export(&app, &state, &admin, "/fhir/$export?_type=Patient,Patient").await;
     assert_eq!(exported(&app, &admin, &manifest).await.len(), 2);

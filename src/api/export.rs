@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::negotiation::require_json_body;
-use super::request::{parse_instant, read_optional_body};
+use super::request::{operation_parameters, parse_instant, read_optional_body};
 use crate::access::RequestContext;
 use crate::error::AppError;
 use crate::fhir::document::format_instant;
@@ -275,7 +275,7 @@ async fn parameters_body(
         return Ok(Vec::new());
     }
     require_json_body(req)?;
-    kick_off_parameters(&body)
+    operation_parameters(&body)
 }
 
 /// Reads a kick-off, queues its job and answers 202 with the status URL.
@@ -429,47 +429,6 @@ fn split_type_filters(value: &str) -> Vec<String> {
         }
     }
     filters
-}
-
-/// The parameters of a kick-off's `Parameters` body as name and text value.
-fn kick_off_parameters(body: &[u8]) -> Result<Vec<(String, String)>, AppError> {
-    let invalid = |message: &str| AppError::BadRequest {
-        message: format!("the body must be a FHIR Parameters resource: {message}"),
-        expression: Some("Parameters".into()),
-    };
-    let parameters: Value =
-        serde_json::from_slice(body).map_err(|_| invalid("it is not valid JSON"))?;
-    if parameters["resourceType"] != "Parameters" {
-        return Err(invalid("resourceType is not Parameters"));
-    }
-    let mut pairs = Vec::new();
-    for (index, parameter) in parameters["parameter"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let name = parameter["name"]
-            .as_str()
-            .ok_or_else(|| invalid(&format!("parameter[{index}] has no name")))?;
-        let value = [
-            "valueString",
-            "valueCode",
-            "valueUri",
-            "valueInstant",
-            "valueDateTime",
-        ]
-        .iter()
-        .find_map(|key| parameter[*key].as_str().map(str::to_owned))
-        .or_else(|| {
-            parameter["valueReference"]["reference"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .ok_or_else(|| invalid(&format!("parameter[{index}] ({name}) has no value")))?;
-        pairs.push((name.to_owned(), value));
-    }
-    Ok(pairs)
 }
 
 fn shown(text: &str) -> String {

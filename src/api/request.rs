@@ -314,3 +314,62 @@ pub(crate) fn parse_instant(text: &str) -> Result<i64, AppError> {
             expression: Some("_since".into()),
         })
 }
+
+/// The parameters of an operation's `Parameters` body as name and text value (a
+/// `valueReference` as its reference); `_type` given several times is joined as a list.
+pub(crate) fn operation_parameters(body: &[u8]) -> Result<Vec<(String, String)>, AppError> {
+    let invalid = |message: &str| AppError::BadRequest {
+        message: format!("the body must be a FHIR Parameters resource: {message}"),
+        expression: Some("Parameters".into()),
+    };
+    let parameters: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| invalid("it is not valid JSON"))?;
+    if parameters["resourceType"] != "Parameters" {
+        return Err(invalid("resourceType is not Parameters"));
+    }
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let Some(list) = parameters.get("parameter") else {
+        return Ok(pairs);
+    };
+    let list = list
+        .as_array()
+        .ok_or_else(|| invalid("parameter is not a list"))?;
+    for (index, parameter) in list.iter().enumerate() {
+        let name = parameter["name"]
+            .as_str()
+            .ok_or_else(|| invalid(&format!("parameter[{index}] has no name")))?;
+        let value = [
+            "valueString",
+            "valueCode",
+            "valueUri",
+            "valueInstant",
+            "valueDateTime",
+        ]
+        .iter()
+        .find_map(|key| parameter[*key].as_str().map(str::to_owned))
+        .or_else(|| parameter["valueInteger"].as_i64().map(|n| n.to_string()))
+        .or_else(|| {
+            parameter["valuePositiveInt"]
+                .as_i64()
+                .map(|n| n.to_string())
+        })
+        .or_else(|| {
+            parameter["valueReference"]["reference"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| {
+            invalid(&format!(
+                "parameter[{index}] ({name}) has no supported value[x]"
+            ))
+        })?;
+        match pairs.iter_mut().find(|(n, _)| n == name) {
+            Some((_, joined)) if name == "_type" => {
+                joined.push(',');
+                joined.push_str(&value);
+            }
+            _ => pairs.push((name.to_owned(), value)),
+        }
+    }
+    Ok(pairs)
+}

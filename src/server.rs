@@ -176,48 +176,41 @@ fn token_verifier(
 /// Runs the sequencer every `interval` until the process ends. Several processes may run
 /// it against one database: the database lock lets one of them sequence at a time.
 pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
-    actix_web::rt::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            let ledger = ledger.clone();
-            let work = move || {
-                // Refusals that cannot be ledgered now are tried again next time; they must
-                // not hold up sequencing.
-                if let Err(error) = ledger.flush_refusals(false) {
-                    tracing::warn!(%error, "refusal counts not ledgered; retrying");
-                }
-                ledger.sequence_pending()
-            };
-            match tokio::task::spawn_blocking(work).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "ledger sequencing failed; retrying"),
-                Err(error) => tracing::error!(%error, "ledger sequencer task failed"),
-            }
+    spawn_periodic("ledger sequencing", interval, move || {
+        // Refusals that cannot be ledgered now are tried again next time; they must not
+        // hold up sequencing.
+        if let Err(error) = ledger.flush_refusals(false) {
+            tracing::warn!(%error, "refusal counts not ledgered; retrying");
         }
+        ledger.sequence_pending().map(|_| ())
     });
 }
 
-/// Runs bulk export jobs, and deletes those whose files expired, every `interval` until
-/// the process ends. One job at a time per process, each page its own transaction, so that
-/// exports share the database with interactive requests; several processes on one database
-/// take jobs from one queue.
+/// Runs bulk export jobs (deleting those whose files expired as it goes) every `interval`
+/// until the process ends. One job at a time per process, each page its own transaction,
+/// so that exports share the database with interactive requests; several processes on one
+/// database take jobs from one queue.
 pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
+    spawn_periodic("export runner", interval, move || {
+        resources.run_export_jobs().map(|_| ())
+    });
+}
+
+/// Runs blocking `work` on the blocking pool every `interval` (a late tick waits rather
+/// than bunching up), logging a failure and trying again next time.
+fn spawn_periodic<F>(what: &'static str, interval: Duration, work: F)
+where
+    F: Fn() -> Result<(), crate::error::AppError> + Clone + Send + 'static,
+{
     actix_web::rt::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let resources = resources.clone();
-            let work = move || {
-                resources.delete_expired_exports()?;
-                resources.run_export_jobs()
-            };
-            match tokio::task::spawn_blocking(work).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "export runner failed; retrying"),
-                Err(error) => tracing::error!(%error, "export runner task failed"),
+            match tokio::task::spawn_blocking(work.clone()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "{what} failed; retrying"),
+                Err(error) => tracing::error!(%error, "{what} task failed"),
             }
         }
     });

@@ -296,13 +296,7 @@ impl ResourceService {
                     tracing::warn!(job = %job.id, %error, "export job failed");
                     let message = public_failure(&error);
                     self.transact("an export job", |tx| {
-                        Ok(exports::finish(
-                            tx,
-                            &job.id,
-                            exports::FAILED,
-                            Some(&message),
-                            expires_at,
-                        )?)
+                        Ok(exports::fail(tx, &job.id, &message, expires_at)?)
                     })?;
                 }
             }

@@ -162,17 +162,17 @@ pub fn renew(
     .map_err(StoreError::classify)
 }
 
-/// Ends a running job (complete or failed), to be deleted at `expires_at`.
-pub fn finish(
+/// Marks a job failed with `error` (a text without request values), to be deleted at
+/// `expires_at`.
+pub fn fail(
     conn: &mut DbConnection,
     id: &str,
-    status: &str,
-    error: Option<&str>,
+    error: &str,
     expires_at: i64,
 ) -> Result<(), StoreError> {
     diesel::update(export_jobs::table.find(id))
         .set((
-            export_jobs::status.eq(status),
+            export_jobs::status.eq(FAILED),
             export_jobs::error.eq(error),
             export_jobs::expires_at.eq(expires_at),
             export_jobs::lease_until.eq(0),

@@ -67,6 +67,9 @@ pub enum AppError {
         "too many requests without valid credentials from this address; retry in {retry_after} s"
     )]
     TooManyRequests { retry_after: u64 },
+    /// The client stopped sending a request body it started: 408.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]

@@ -5,7 +5,7 @@
 //! file carries, so conditional references between files resolve in any order.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use crate::access::RequestContext;
 use crate::api::AppState;
 use crate::error::AppError;
 use crate::fhir::identifier_index::IdentifierIndex;
+use crate::fhir::ndjson::{Line, LineSplitter};
 use crate::service::import::{ImportLine, LineOutcome};
 
 /// What to import and how.
@@ -58,14 +59,6 @@ struct Source {
     /// SHA-256 of the file's bytes, in hex: the name its progress is kept under.
     digest: String,
     lines: u64,
-}
-
-/// A line as read: its text, or why it cannot be one.
-enum Line {
-    Text(String),
-    Blank,
-    TooLong,
-    NotUtf8,
 }
 
 /// Imports every file of `options` into the services of `state`, then sequences the
@@ -198,7 +191,7 @@ impl Loader<'_> {
         let outcomes = self.state.resources.import_batch(
             &self.ctx,
             &self.identifiers,
-            &source.digest,
+            Some(&source.digest),
             batch,
             through,
         )?;
@@ -316,79 +309,37 @@ fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
     })
 }
 
-/// Reads lines of at most `max` bytes; a longer one is skipped to its end without being
-/// held in memory, and reported as [`Line::TooLong`].
+/// Reads the lines of a file one at a time, at most `max` bytes each (see [`LineSplitter`]).
 struct LineReader {
     reader: Box<dyn BufRead>,
-    max: usize,
-    number: u64,
-    buffer: Vec<u8>,
+    splitter: LineSplitter,
+    ended: bool,
 }
 
 impl LineReader {
     fn new(reader: Box<dyn BufRead>, max: usize) -> Self {
         Self {
             reader,
-            max,
-            number: 0,
-            buffer: Vec::new(),
+            splitter: LineSplitter::new(max),
+            ended: false,
         }
     }
 
     fn next_line(&mut self) -> anyhow::Result<Option<(u64, Line)>> {
-        self.buffer.clear();
-        let limit = u64::try_from(self.max)
-            .unwrap_or(u64::MAX)
-            .saturating_add(2);
-        let read = (&mut self.reader)
-            .take(limit)
-            .read_until(b'\n', &mut self.buffer)
-            .context("cannot read an input file")?;
-        if read == 0 {
-            return Ok(None);
-        }
-        self.number += 1;
-        let ended = self.buffer.last() == Some(&b'\n');
-        if ended {
-            self.buffer.pop();
-            if self.buffer.last() == Some(&b'\r') {
-                self.buffer.pop();
+        let mut out = Vec::with_capacity(1);
+        while out.is_empty() && !self.ended {
+            let chunk = self
+                .reader
+                .fill_buf()
+                .context("cannot read an input file")?;
+            if chunk.is_empty() {
+                self.ended = true;
+                out.extend(self.splitter.finish());
+            } else {
+                let used = self.splitter.push(chunk, &mut out, Some(1));
+                self.reader.consume(used);
             }
         }
-        if self.buffer.len() > self.max {
-            if !ended {
-                self.skip_rest()?;
-            }
-            return Ok(Some((self.number, Line::TooLong)));
-        }
-        let line = match std::str::from_utf8(&self.buffer) {
-            Ok(text) if text.trim().is_empty() => Line::Blank,
-            Ok(text) => Line::Text(text.to_owned()),
-            Err(_) => Line::NotUtf8,
-        };
-        Ok(Some((self.number, line)))
-    }
-
-    /// Reads past the end of the current line.
-    fn skip_rest(&mut self) -> anyhow::Result<()> {
-        loop {
-            let (consumed, ended) = {
-                let available = self
-                    .reader
-                    .fill_buf()
-                    .context("cannot read an input file")?;
-                if available.is_empty() {
-                    return Ok(());
-                }
-                match available.iter().position(|&b| b == b'\n') {
-                    Some(at) => (at + 1, true),
-                    None => (available.len(), false),
-                }
-            };
-            self.reader.consume(consumed);
-            if ended {
-                return Ok(());
-            }
-        }
+        Ok(out.pop())
     }
 }

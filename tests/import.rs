@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use actix_web::http::StatusCode;
 use actix_web::test;
-use common::{TestDb, call, fixtures_dir, get};
+use actix_web::test::TestRequest;
+use common::{TestDb, call, fixtures_dir, get, token_with};
 use fhirledger::access::RequestContext;
 use fhirledger::api::AppState;
 use fhirledger::fhir::identifier_index::IdentifierIndex;
@@ -28,6 +29,8 @@ on_both_backends!(
     synthea_bulk_data_loads_with_references_resolved_across_files,
     rejected_lines_are_reported_and_the_rest_load,
     an_interrupted_import_resumes_without_duplicates,
+    ndjson_posted_to_import_loads_names_rejected_lines_and_resumes_by_source,
+    import_over_http_writes_only_what_the_token_may_and_takes_only_ndjson,
 );
 
 fn bulk_dir() -> PathBuf {
@@ -240,7 +243,7 @@ async fn an_interrupted_import_resumes_without_duplicates(db: TestDb) {
             state.resources.import_batch(
                 &RequestContext::internal("test"),
                 &IdentifierIndex::default(),
-                &digest,
+                Some(&digest),
                 &first,
                 5,
             )
@@ -258,4 +261,200 @@ async fn an_interrupted_import_resumes_without_duplicates(db: TestDb) {
         assert_eq!(history.status, StatusCode::OK);
         assert_eq!(history.json()["total"], 1, "Patient/{id} was written once");
     }
+}
+
+fn ndjson_import(query: &str, body: impl Into<Vec<u8>>) -> TestRequest {
+    TestRequest::post()
+        .uri(&format!("/fhir/$import{query}"))
+        .insert_header(("Content-Type", "application/fhir+ndjson"))
+        .set_payload(body.into())
+}
+
+/// The count named `name` in an import's `Parameters` answer.
+fn count(answer: &Value, name: &str) -> u64 {
+    answer["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["valueInteger"].as_u64())
+        .unwrap_or_else(|| panic!("no {name} in {answer}"))
+}
+
+/// Each rejected line's number and the code of its outcome's issue.
+fn rejections(answer: &Value) -> Vec<(u64, String)> {
+    answer["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "rejection")
+        .map(|p| {
+            let line = p["part"][0]["valueInteger"].as_u64().unwrap();
+            let code = p["part"][1]["resource"]["issue"][0]["code"]
+                .as_str()
+                .unwrap();
+            (line, code.to_owned())
+        })
+        .collect()
+}
+
+async fn ndjson_posted_to_import_loads_names_rejected_lines_and_resumes_by_source(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    // Targets of conditional references first, as the answer's documentation asks.
+    let mut body = String::new();
+    let mut good = 0;
+    for file in [
+        "Organization.000.ndjson",
+        "Location.000.ndjson",
+        "Practitioner.000.ndjson",
+        "Patient.000.ndjson",
+        "Encounter.first100.ndjson",
+    ] {
+        let text = std::fs::read_to_string(bulk_dir().join(file)).unwrap();
+        good += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        body.push_str(&text);
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+    }
+    let good_lines = body.lines().count() as u64;
+    // An unreadable line, a blank one, and a type no client may write.
+    body.push_str("{\"resourceType\":\"Patient\",\"id\":\n\r\n");
+    body.push_str(r#"{"resourceType":"AuditEvent","id":"forged","type":{"code":"x"},"recorded":"2026-01-01T00:00:00Z","agent":[{"requestor":true}],"source":{"observer":{"display":"x"}}}"#);
+    let lines = good_lines + 3;
+
+    let reply = call(&app, ndjson_import("?source=nightly", body.clone())).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let answer = reply.json();
+    assert_eq!(answer["resourceType"], "Parameters");
+    assert_eq!(count(&answer, "lines"), lines);
+    assert_eq!(count(&answer, "created"), good);
+    assert_eq!(count(&answer, "updated"), 0);
+    assert_eq!(count(&answer, "rejected"), 2);
+    assert_eq!(
+        rejections(&answer),
+        [
+            (good_lines + 1, "invalid".to_owned()),
+            (lines, "forbidden".to_owned())
+        ]
+    );
+
+    // A conditional reference resolved to the Practitioner sent earlier in the body.
+    let encounter = &lines_of(&bulk_dir().join("Encounter.first100.ndjson"))[0];
+    let id = encounter["id"].as_str().unwrap();
+    let stored = call(&app, get(&format!("/fhir/Encounter/{id}")))
+        .await
+        .json();
+    let practitioner = stored["participant"][0]["individual"]["reference"]
+        .as_str()
+        .unwrap();
+    assert!(practitioner.starts_with("Practitioner/"), "{practitioner}");
+    assert_eq!(
+        call(&app, get(&format!("/fhir/{practitioner}")))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, get("/fhir/AuditEvent/forged")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // The same source again: every line was loaded, nothing is written twice.
+    let again = call(&app, ndjson_import("?source=nightly", body.clone()))
+        .await
+        .json();
+    assert_eq!(count(&again, "linesAlreadyLoaded"), lines, "{again}");
+    assert_eq!(count(&again, "created") + count(&again, "updated"), 0);
+    assert_eq!(count(&again, "rejected"), 0);
+
+    // Without a source, the lines are loaded again: as new versions.
+    let unnamed = call(&app, ndjson_import("", body)).await.json();
+    assert_eq!(count(&unnamed, "linesAlreadyLoaded"), 0);
+    assert_eq!(count(&unnamed, "updated"), good, "{unnamed}");
+    let patient = &lines_of(&bulk_dir().join("Patient.000.ndjson"))[0];
+    let stored = call(
+        &app,
+        get(&format!(
+            "/fhir/Patient/{}",
+            patient["id"].as_str().unwrap()
+        )),
+    )
+    .await
+    .json();
+    assert_eq!(stored["meta"]["versionId"], "2");
+}
+
+async fn import_over_http_writes_only_what_the_token_may_and_takes_only_ndjson(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let line = |id: &str| {
+        format!(r#"{{"resourceType":"Patient","id":"{id}","name":[{{"family":"Mine"}}]}}"#)
+    };
+
+    // A patient's own token confines its writes: import, which writes at ids it is given,
+    // is not for it, even for its own record; each line is refused and ledgered.
+    let own = token_with("patient/*.cruds", Some("p-own"), None);
+    let reply = call(
+        &app,
+        ndjson_import("", format!("{}\n{}\n", line("p-own"), line("p-other")))
+            .insert_header(("Authorization", format!("Bearer {own}"))),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let answer = reply.json();
+    assert_eq!(count(&answer, "created"), 0);
+    assert_eq!(
+        rejections(&answer),
+        [(1, "forbidden".to_owned()), (2, "forbidden".to_owned())]
+    );
+    for id in ["p-own", "p-other"] {
+        let reply = call(&app, get(&format!("/fhir/Patient/{id}"))).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    }
+    let receipt = reply
+        .header("x-ledger-entry")
+        .expect("the last refusal's receipt");
+    let entry = common::ledger_entry_by_receipt(&app, &receipt).await;
+    assert_eq!(entry["outcome"], "deny", "{entry}");
+    assert_eq!(entry["rule"], "bulk-import", "{entry}");
+
+    // A token that may read but not write gets its lines refused too.
+    let reader = token_with("system/*.rs", None, None);
+    let answer = call(
+        &app,
+        ndjson_import("", line("p-read"))
+            .insert_header(("Authorization", format!("Bearer {reader}"))),
+    )
+    .await
+    .json();
+    assert_eq!(rejections(&answer), [(1, "forbidden".to_owned())]);
+
+    // Only NDJSON, and only the one parameter.
+    let reply = call(
+        &app,
+        TestRequest::post()
+            .uri("/fhir/$import")
+            .insert_header(("Content-Type", "application/fhir+json"))
+            .set_payload(line("p-json")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(reply.text().contains("NDJSON"), "{}", reply.text());
+    let reply = call(&app, ndjson_import("?since=2020", line("p-q"))).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = call(
+        &app,
+        ndjson_import(&format!("?source={}", "s".repeat(300)), line("p-q")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    // Without credentials, nothing is read.
+    let reply = common::call_as_is(&app, ndjson_import("", line("p-anon"))).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&app, get("/fhir/Patient/p-anon")).await.status,
+        StatusCode::NOT_FOUND
+    );
 }

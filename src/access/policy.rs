@@ -57,6 +57,9 @@ pub const RULE_CONSENT_WRITER: &str = "consent-writer";
 /// The system history: each version was shown or withheld by the token's scopes for its
 /// type.
 pub const RULE_PER_TYPE: &str = "scope:per-type";
+/// Bulk import writes with the ids its lines carry, which only an unconfined grant may do
+/// (a confined one writes through the REST API, checked write by write).
+pub const RULE_BULK_IMPORT: &str = "bulk-import";
 /// The request carried no valid credentials.
 pub const RULE_AUTHENTICATION: &str = "authentication";
 /// Reading the ledger API needs the `ledger.read` scope.

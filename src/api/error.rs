@@ -42,6 +42,7 @@ impl AppError {
                 (IssueCode::TooLong, self.to_string(), None)
             }
             Self::TooManyRequests { .. } => (IssueCode::Throttled, self.to_string(), None),
+            Self::RequestTimeout(_) => (IssueCode::Timeout, self.to_string(), None),
             Self::UnsupportedMediaType(_) | Self::NotAcceptable(_) | Self::MethodNotAllowed(_) => {
                 (IssueCode::NotSupported, self.to_string(), None)
             }
@@ -98,6 +99,7 @@ impl ResponseError for AppError {
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,

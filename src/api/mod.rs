@@ -10,6 +10,7 @@ pub mod everything;
 pub mod export;
 pub mod fhir;
 pub mod health;
+pub mod import;
 pub mod ledger;
 pub mod negotiation;
 pub mod openapi;

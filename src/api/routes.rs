@@ -9,7 +9,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::registry::Registry;
-use super::{bundle, everything, export, fhir, health, ledger, openapi, search, smart};
+use super::{bundle, everything, export, fhir, health, import, ledger, openapi, search, smart};
 use crate::error::AppError;
 
 /// Every documented operation, in matching order.
@@ -26,6 +26,7 @@ fn table() -> Registry {
         .serve::<export::__path_export_status, _, _>(export::export_status)
         .serve::<export::__path_export_cancel, _, _>(export::export_cancel)
         .serve::<export::__path_export_file, _, _>(export::export_file)
+        .serve::<import::__path_import_ndjson, _, _>(import::import_ndjson)
         // Before `/{type}` and `/{type}/{id}`, which would otherwise take `_history` as a
         // type or an id.
         .serve::<fhir::__path_system_history, _, _>(fhir::system_history)

@@ -11,6 +11,7 @@ pub mod compartment_definition;
 pub mod document;
 pub mod fhirpath;
 pub mod identifier_index;
+pub mod ndjson;
 pub mod outcome;
 pub mod patch;
 pub mod references;

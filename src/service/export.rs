@@ -555,7 +555,7 @@ enum JobEnd {
 /// Who may see a job: a digest of the token's issuer, subject, client and grant, so that a
 /// job is its starter's whatever token with the same grant (fresh or refreshed) they poll
 /// with, and nobody else's.
-fn owner_of(principal: &Principal) -> String {
+pub(super) fn owner_of(principal: &Principal) -> String {
     // Everything that decides what the token may see, serialized without ambiguity: a token
     // of the same client for the same user but with other scopes, another launch patient or
     // another purpose is not the owner (a refreshed token with the same grant is).

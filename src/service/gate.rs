@@ -205,6 +205,37 @@ impl ResourceService {
         self.authorize(ctx, permission, resource_type.as_str(), action, asked)
     }
 
+    /// Authorizes one line of a bulk import, which creates or updates `Type/id` as a `PUT`
+    /// does: the token needs both permissions on the type, unconfined. A grant confined to a
+    /// patient's compartment or to consenting patients is refused: it writes through the
+    /// REST API, where each write is checked against it. A refusal is ledgered naming the
+    /// line's resource.
+    pub(super) fn authorize_imported(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<(), AppError> {
+        for (permission, action) in [
+            (Permission::Create, Action::Create),
+            (Permission::Update, Action::Update),
+        ] {
+            let grant =
+                self.authorize_instance(ctx, permission, resource_type, id, None, action)?;
+            if grant.confinement.is_some() {
+                let refusal = Refusal {
+                    rule: policy::RULE_BULK_IMPORT,
+                    message: "bulk import needs a system/ scope that no purpose of use confines; \
+                              write through the REST API instead"
+                        .into(),
+                };
+                let asked = vec![target(resource_type, id, None)];
+                return Err(self.ledger().refuse(ctx, action, asked, refusal));
+            }
+        }
+        Ok(())
+    }
+
     /// Authorizes a search and every search inside it: each type it searches, and each
     /// type a chain or `_has` searches, needs the search permission (refusals are ledgered
     /// under `action`); a confined type gets its compartment condition. A search across

@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 
 use crate::access::RequestContext;
 use crate::clock::now_micros;
@@ -20,6 +21,8 @@ use crate::fhir::{ResourceId, ResourceType};
 use crate::store::{DbConnection, imports};
 
 use super::base::ResourceService;
+use super::blocking;
+use super::export::owner_of;
 use super::gate::AuthorizedSearch;
 use super::write::{TxError, WriteKind, Written};
 
@@ -66,9 +69,46 @@ enum Ready {
 struct LineHead<'a> {
     #[serde(rename = "resourceType", borrow)]
     resource_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
 }
 
 impl ResourceService {
+    /// The name a client's import source is recorded under: a digest of the token's owner
+    /// (see [`owner_of`]) and the name the client gave it, so one client's source never
+    /// resumes another's.
+    pub fn import_source_key(&self, ctx: &RequestContext, name: &str) -> String {
+        let key = serde_json::json!(["import", owner_of(&ctx.principal), name]).to_string();
+        Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// [`Self::import_batch`] for lines streamed in a request: conditional references
+    /// resolve against the batch itself and what is stored (earlier batches included).
+    pub async fn import_streamed_batch(
+        &self,
+        ctx: &RequestContext,
+        source: Option<String>,
+        lines: Vec<ImportLine>,
+        through: u64,
+    ) -> Result<Vec<(u64, LineOutcome)>, AppError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        blocking(move || {
+            let mut identifiers = IdentifierIndex::default();
+            for line in &lines {
+                if line.text.contains("\"identifier\"")
+                    && let Ok(resource) = serde_json::from_str(&line.text)
+                {
+                    identifiers.add(&resource);
+                }
+            }
+            this.import_batch(&ctx, &identifiers, source.as_deref(), &lines, through)
+        })
+        .await
+    }
+
     /// How many lines of `source` (the SHA-256 of its content, in hex) are loaded already.
     pub fn import_lines_done(&self, source: &str) -> Result<u64, AppError> {
         let mut conn = self.connection()?;
@@ -81,15 +121,17 @@ impl ResourceService {
         Ok(self.pool.refresh_statistics()?)
     }
 
-    /// Loads `lines` of `source` and records the source as loaded through line `through`
-    /// (which covers lines skipped before the batch, such as blank ones). One transaction
+    /// Loads `lines` and, when they come from a named `source`, records it as loaded through
+    /// line `through` (which covers lines skipped before the batch, such as blank ones), so
+    /// that a later run of the same source resumes after it. Each line is authorized for
+    /// the request's token as a `PUT` of its resource would be. One transaction
     /// writes the batch; when it fails as a whole, each line is written on its own, so one
     /// bad line costs only itself. Returns each line's outcome, by line number.
     pub fn import_batch(
         &self,
         ctx: &RequestContext,
         identifiers: &IdentifierIndex,
-        source: &str,
+        source: Option<&str>,
         lines: &[ImportLine],
         through: u64,
     ) -> Result<Vec<(u64, LineOutcome)>, AppError> {
@@ -99,7 +141,9 @@ impl ResourceService {
             for ready in &ready {
                 outcomes.push(self.import_in(tx, ctx, ready)?);
             }
-            imports::record_progress(tx, source, through, now_micros())?;
+            if let Some(source) = source {
+                imports::record_progress(tx, source, through, now_micros())?;
+            }
             Ok(outcomes)
         });
         let outcomes = match together {
@@ -132,7 +176,7 @@ impl ResourceService {
     fn import_one_by_one(
         &self,
         ctx: &RequestContext,
-        source: &str,
+        source: Option<&str>,
         lines: &[ImportLine],
         ready: &[Ready],
         through: u64,
@@ -146,7 +190,9 @@ impl ResourceService {
             };
             let outcome = self.transact("an imported resource", |tx| {
                 let outcome = self.import_in(tx, ctx, ready)?;
-                imports::record_progress(tx, source, done, now_micros())?;
+                if let Some(source) = source {
+                    imports::record_progress(tx, source, done, now_micros())?;
+                }
                 Ok(outcome)
             });
             let outcome = match outcome {
@@ -155,8 +201,10 @@ impl ResourceService {
                 // failures stop the import, whose next run tries the line again.
                 Err(error) if !is_the_lines_fault(&error) => return Err(error),
                 Err(error) => {
-                    let mut conn = self.connection()?;
-                    imports::record_progress(&mut conn, source, done, now_micros())?;
+                    if let Some(source) = source {
+                        let mut conn = self.connection()?;
+                        imports::record_progress(&mut conn, source, done, now_micros())?;
+                    }
                     Some(LineOutcome::Rejected(error))
                 }
             };
@@ -225,13 +273,18 @@ impl ResourceService {
         text: &str,
     ) -> Result<Ready, AppError> {
         let head: LineHead<'_> = serde_json::from_str(text).map_err(|e| AppError::BadRequest {
-            message: format!("the line is not a JSON object: {e}"),
+            message: format!("the line is not a resource in JSON: {e}"),
             expression: None,
         })?;
         let declared = head
             .resource_type
             .ok_or_else(|| AppError::bad_request("the line has no resourceType"))?;
         let resource_type = self.resolve_type(&declared)?;
+        let id = match head.id.as_deref() {
+            Some(id) => ResourceId::parse(id)?,
+            None => ResourceId::generate(),
+        };
+        self.authorize_imported(ctx, &resource_type, &id)?;
         let mut needs_database = false;
         let mut failure = None;
         let rewritten = rewrite_references(text, |reference| {
@@ -269,10 +322,6 @@ impl ResourceService {
             return Err(error);
         }
         let validated = validate_resource(self.types(), &resource_type, rewritten.as_bytes())?;
-        let id = match validated.id.as_deref() {
-            Some(id) => ResourceId::parse(id)?,
-            None => ResourceId::generate(),
-        };
         if needs_database {
             return Ok(Ready::NeedsDatabase {
                 resource_type,

@@ -431,6 +431,28 @@ async fn import_over_http_writes_only_what_the_token_may_and_takes_only_ndjson(d
     .json();
     assert_eq!(rejections(&answer), [(1, "forbidden".to_owned())]);
 
+    // A resource named twice in one batch: created by its first line, updated by its second
+    // (the batch's new resources are written together, the rest in order after them).
+    let answer = call(
+        &app,
+        ndjson_import(
+            "",
+            format!("{}\n{}\n{}\n", line("twice"), line("once"), line("twice")),
+        ),
+    )
+    .await
+    .json();
+    assert_eq!(count(&answer, "created"), 2, "{answer}");
+    assert_eq!(count(&answer, "updated"), 1, "{answer}");
+    let twice = call(&app, get("/fhir/Patient/twice")).await.json();
+    assert_eq!(twice["meta"]["versionId"], "2");
+    let history = call(&app, get("/fhir/Patient/twice/_history")).await.json();
+    assert_eq!(history["total"], 2, "{history}");
+    let found = call(&app, get("/fhir/Patient?family=Mine&_total=accurate"))
+        .await
+        .json();
+    assert_eq!(found["total"], 2, "each resource indexed once: {found}");
+
     // Only NDJSON, and only the one parameter.
     let reply = call(
         &app,

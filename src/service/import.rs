@@ -6,6 +6,7 @@
 //! being imported ([`IdentifierIndex`]), then against what is stored, as a transaction's do.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -137,9 +138,13 @@ impl ResourceService {
     ) -> Result<Vec<(u64, LineOutcome)>, AppError> {
         let ready = self.prepare_lines(ctx, identifiers, lines);
         let together = self.transact("an import batch", |tx| {
+            let written = self.import_new_together(tx, ctx, &ready)?;
             let mut outcomes = Vec::with_capacity(ready.len());
-            for ready in &ready {
-                outcomes.push(self.import_in(tx, ctx, ready)?);
+            for (ready, written) in ready.iter().zip(written) {
+                outcomes.push(match written {
+                    Some(outcome) => Some(outcome),
+                    None => self.import_in(tx, ctx, ready)?,
+                });
             }
             if let Some(source) = source {
                 imports::record_progress(tx, source, through, now_micros())?;
@@ -168,6 +173,58 @@ impl ResourceService {
                 (line.number, outcome)
             })
             .collect())
+    }
+
+    /// Writes together the lines that create a resource not stored yet, as most of an
+    /// initial load does (see [`ResourceService::write_firsts_together`]); the outcome of
+    /// each line written, `None` for the rest. A resource named by several lines of the
+    /// batch is left to [`Self::import_in`] after its first line, which keeps their order.
+    fn import_new_together(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        ready: &[Ready],
+    ) -> Result<Vec<Option<LineOutcome>>, TxError> {
+        let mut seen = HashSet::with_capacity(ready.len());
+        let mut candidates = Vec::with_capacity(ready.len());
+        let mut lines = Vec::with_capacity(ready.len());
+        for (line, ready) in ready.iter().enumerate() {
+            let (resource_type, id) = match ready {
+                Ready::Prepared {
+                    resource_type, id, ..
+                }
+                | Ready::NeedsDatabase {
+                    resource_type, id, ..
+                } => (resource_type, id),
+                Ready::Rejected(_) => continue,
+            };
+            let first = seen.insert((resource_type, id));
+            if let (
+                true,
+                Ready::Prepared {
+                    kind: WriteKind::Prepared(prepared),
+                    ..
+                },
+            ) = (first, ready)
+            {
+                candidates.push((resource_type, id, prepared.as_ref()));
+                lines.push(line);
+            }
+        }
+        let mut outcomes: Vec<Option<LineOutcome>> = ready.iter().map(|_| None).collect();
+        let fresh = self.write_firsts_together(tx, ctx, &candidates)?;
+        for ((resource_type, id, _), (line, fresh)) in
+            candidates.iter().zip(lines.into_iter().zip(fresh))
+        {
+            if fresh {
+                outcomes[line] = Some(LineOutcome::Written {
+                    resource_type: (*resource_type).clone(),
+                    id: (*id).clone(),
+                    created: true,
+                });
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Writes each line of a batch whose transaction failed in a transaction of its own,

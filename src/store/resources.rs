@@ -1,6 +1,8 @@
 //! Queries over the `resources` (one row per logical resource) and `resource_versions`
 //! (every version, sealed) tables. Callers pass the connection of their transaction.
 
+use std::collections::HashMap;
+
 use diesel::prelude::*;
 
 use super::database::{DbConnection, on_backend};
@@ -277,6 +279,77 @@ pub fn count_history(
     query.get_result(conn).map_err(StoreError::classify)
 }
 
+/// Keys per statement of the batched queries below (well under both backends' limits on
+/// bound parameters: ten columns of a version row each).
+const BATCH_CHUNK: usize = 500;
+
+/// The heads of those resources of `resource_type` among `ids` that exist, by id: one
+/// query per [`BATCH_CHUNK`] ids (a bulk load's batch asks once, not once per line).
+pub fn heads_of(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    ids: &[&str],
+) -> Result<HashMap<String, ResourceHead>, StoreError> {
+    let mut heads = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(BATCH_CHUNK) {
+        let found: Vec<(String, ResourceHead)> = on_backend!(conn, conn => resources::table
+            .filter(resources::resource_type.eq(resource_type))
+            .filter(resources::id.eq_any(chunk))
+            .select((resources::id, ResourceHead::as_select()))
+            .load(conn))
+        .map_err(StoreError::classify)?;
+        heads.extend(found);
+    }
+    Ok(heads)
+}
+
+/// Records the first versions of several resources of `resource_type`, each with the
+/// presence digests of its parameters, in multi-row INSERTs; returns each one's `seq`, in
+/// the order given. Fails with [`StoreError::UniqueViolation`] (writing nothing, as the
+/// transaction rolls back) when another writer created one of them first.
+pub fn insert_firsts(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    firsts: &[(&VersionRow, Vec<u8>)],
+) -> Result<Vec<i64>, StoreError> {
+    for chunk in firsts.chunks(BATCH_CHUNK) {
+        let heads: Vec<_> = chunk
+            .iter()
+            .map(|(row, presence)| {
+                (
+                    resources::resource_type.eq(resource_type),
+                    resources::id.eq(&row.id),
+                    resources::current_version.eq(row.version_id.get()),
+                    resources::deleted.eq(row.deleted),
+                    resources::last_updated.eq(row.last_updated),
+                    resources::presence.eq(presence),
+                )
+            })
+            .collect();
+        on_backend!(conn, conn => diesel::insert_into(resources::table)
+            .values(heads)
+            .execute(conn))
+        .map_err(StoreError::classify)?;
+        let versions: Vec<_> = chunk.iter().map(|(row, _)| version_values(row)).collect();
+        on_backend!(conn, conn => diesel::insert_into(resource_versions::table)
+            .values(versions)
+            .execute(conn))
+        .map_err(StoreError::classify)?;
+    }
+    // Read back rather than `RETURNING`, whose row order neither backend promises.
+    let ids: Vec<&str> = firsts.iter().map(|(row, _)| row.id.as_str()).collect();
+    let heads = heads_of(conn, resource_type, &ids)?;
+    ids.iter()
+        .map(|id| {
+            heads.get(*id).map(|head| head.seq).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "{resource_type}/{id} was inserted but is not there"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Records the first version of a resource, with the presence digests of its parameters
 /// (`store::search::IndexRows::presence`), and returns its `seq`. Fails with
 /// [`StoreError::UniqueViolation`] when another writer created the same resource first.
@@ -358,8 +431,34 @@ pub fn advance(
 /// Every column given, an absent one as NULL: one statement shape, which stays prepared (an
 /// `Insertable` with optional fields leaves absent columns out, a shape per combination).
 fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), StoreError> {
+    on_backend!(conn, conn => diesel::insert_into(resource_versions::table)
+        .values(version_values(row))
+        .execute(conn))
+    .map(|_| ())
+    .map_err(StoreError::classify)
+}
+
+/// A version row's columns, every one given (see [`insert_version`]).
+#[allow(
+    clippy::type_complexity,
+    reason = "diesel's own type for these ten columns"
+)]
+fn version_values(
+    row: &VersionRow,
+) -> (
+    diesel::dsl::Eq<resource_versions::resource_type, &String>,
+    diesel::dsl::Eq<resource_versions::id, &String>,
+    diesel::dsl::Eq<resource_versions::version_id, i64>,
+    diesel::dsl::Eq<resource_versions::last_updated, i64>,
+    diesel::dsl::Eq<resource_versions::deleted, bool>,
+    diesel::dsl::Eq<resource_versions::method, &String>,
+    diesel::dsl::Eq<resource_versions::key_id, &Option<String>>,
+    diesel::dsl::Eq<resource_versions::wrapped_key, &Option<Vec<u8>>>,
+    diesel::dsl::Eq<resource_versions::nonce, &Option<Vec<u8>>>,
+    diesel::dsl::Eq<resource_versions::ciphertext, &Option<Vec<u8>>>,
+) {
     use resource_versions::dsl as v;
-    let values = (
+    (
         v::resource_type.eq(&row.resource_type),
         v::id.eq(&row.id),
         v::version_id.eq(row.version_id.get()),
@@ -370,12 +469,7 @@ fn insert_version(conn: &mut DbConnection, row: &VersionRow) -> Result<(), Store
         v::wrapped_key.eq(&row.wrapped_key),
         v::nonce.eq(&row.nonce),
         v::ciphertext.eq(&row.ciphertext),
-    );
-    on_backend!(conn, conn => diesel::insert_into(resource_versions::table)
-        .values(values)
-        .execute(conn))
-    .map(|_| ())
-    .map_err(StoreError::classify)
+    )
 }
 
 /// What the auditor needs of one stored version.

@@ -152,6 +152,23 @@ impl LedgerService {
         lead_receipt(entries)
     }
 
+    /// [`Self::store_in`] of many events' entries at once (a bulk load's batch), in
+    /// multi-row INSERTs.
+    pub(crate) fn store_many_in<'a>(
+        conn: &mut DbConnection,
+        pending: impl IntoIterator<Item = &'a PendingEntry>,
+    ) -> Result<(), AppError> {
+        let rows: Vec<(&str, &[u8], i64)> = pending
+            .into_iter()
+            .flat_map(|PendingEntry { entries, signed_at }| {
+                entries
+                    .iter()
+                    .map(|e| (e.receipt.as_str(), e.leaf_data.as_slice(), *signed_at))
+            })
+            .collect();
+        rows::insert_entries(conn, &rows).map_err(unavailable)
+    }
+
     /// Builds and signs the entries of `event` (see [`LedgerEvent`]): the lead first.
     fn sign(
         &self,

@@ -207,6 +207,67 @@ pub fn insert_index(
     }
 }
 
+/// Adds the index rows of many new resources, `(seq, resource_type, rows)` each: every
+/// table's rows in multi-row INSERTs of [`INSERT_CHUNK`] rows, on both backends. A bulk
+/// load's batch is large enough that a statement's parse is shared by hundreds of rows,
+/// which neither backend's one-resource strategy above can do.
+pub fn insert_index_many(
+    conn: &mut DbConnection,
+    resources: &[(i64, &str, &IndexRows)],
+) -> Result<(), StoreError> {
+    let hashes = resources.iter().flat_map(|(seq, _, rows)| {
+        rows.hashes
+            .iter()
+            .map(|digest| vec![Bind::Bytes(digest.to_vec()), Bind::BigInt(*seq)])
+    });
+    let ignore_conflicts = conn.dialect().ignore_conflicts();
+    insert_rows(
+        conn,
+        "search_hashes (hash, resource_seq)",
+        ignore_conflicts,
+        hashes,
+    )?;
+    let dates = resources.iter().flat_map(|(seq, resource_type, rows)| {
+        rows.dates
+            .iter()
+            .map(|row| date_binds(*seq, resource_type, row))
+    });
+    insert_rows(conn, DATES_TARGET, "", dates)?;
+    let numbers = resources.iter().flat_map(|(seq, resource_type, rows)| {
+        rows.numbers
+            .iter()
+            .map(|row| number_binds(*seq, resource_type, row))
+    });
+    insert_rows(conn, NUMBERS_TARGET, "", numbers)
+}
+
+const DATES_TARGET: &str = "search_dates (resource_seq, resource_type, param, low, high, lead)";
+const NUMBERS_TARGET: &str = "search_numbers (resource_seq, resource_type, param, value, \
+                              unit_system_code, unit_code, lead)";
+
+fn date_binds(seq: i64, resource_type: &str, row: &DateRow) -> Vec<Bind> {
+    vec![
+        Bind::BigInt(seq),
+        Bind::Text(resource_type.to_owned()),
+        Bind::Text(row.param.clone()),
+        Bind::BigInt(row.low),
+        Bind::BigInt(row.high),
+        Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
+    ]
+}
+
+fn number_binds(seq: i64, resource_type: &str, row: &NumberRow) -> Vec<Bind> {
+    vec![
+        Bind::BigInt(seq),
+        Bind::Text(resource_type.to_owned()),
+        Bind::Text(row.param.clone()),
+        Bind::Double(row.value),
+        Bind::OptionalBytes(row.unit_system_code.map(|d| d.to_vec())),
+        Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())),
+        Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
+    ]
+}
+
 /// PostgreSQL: the rows of every index table through [`insert_rows_together`].
 fn insert_index_together(
     conn: &mut DbConnection,
@@ -218,27 +279,14 @@ fn insert_index_together(
         .hashes
         .iter()
         .map(|digest| vec![Bind::Bytes(digest.to_vec()), Bind::BigInt(seq)]);
-    let dates = rows.dates.iter().map(|row| {
-        vec![
-            Bind::BigInt(seq),
-            Bind::Text(resource_type.to_owned()),
-            Bind::Text(row.param.clone()),
-            Bind::BigInt(row.low),
-            Bind::BigInt(row.high),
-            Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
-        ]
-    });
-    let numbers = rows.numbers.iter().map(|row| {
-        vec![
-            Bind::BigInt(seq),
-            Bind::Text(resource_type.to_owned()),
-            Bind::Text(row.param.clone()),
-            Bind::Double(row.value),
-            Bind::OptionalBytes(row.unit_system_code.map(|d| d.to_vec())),
-            Bind::OptionalBytes(row.unit_code.map(|d| d.to_vec())),
-            Bind::OptionalBytes(row.lead.map(|d| d.to_vec())),
-        ]
-    });
+    let dates = rows
+        .dates
+        .iter()
+        .map(|row| date_binds(seq, resource_type, row));
+    let numbers = rows
+        .numbers
+        .iter()
+        .map(|row| number_binds(seq, resource_type, row));
     let ignore_conflicts = conn.dialect().ignore_conflicts();
     insert_rows_together(
         conn,
@@ -249,13 +297,12 @@ fn insert_index_together(
                 rows: hashes.collect(),
             },
             RowsFor {
-                target: "search_dates (resource_seq, resource_type, param, low, high, lead)",
+                target: DATES_TARGET,
                 suffix: "",
                 rows: dates.collect(),
             },
             RowsFor {
-                target: "search_numbers (resource_seq, resource_type, param, value, \
-                         unit_system_code, unit_code, lead)",
+                target: NUMBERS_TARGET,
                 suffix: "",
                 rows: numbers.collect(),
             },

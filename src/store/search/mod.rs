@@ -23,8 +23,8 @@ pub use conditions::{
     SortValue, UnitMatch,
 };
 pub use index_rows::{
-    DateRow, IndexRows, NumberRow, clear_index, insert_index, is_current, live_after,
-    move_presence, prefix_state, set_prefix_state, without_presence,
+    DateRow, IndexRows, NumberRow, clear_index, insert_index, insert_index_many, is_current,
+    live_after, move_presence, prefix_state, set_prefix_state, without_presence,
 };
 pub use sql::{MatchedRow, count, holders_of, search};
 

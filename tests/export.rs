@@ -325,6 +325,43 @@ async fn exports_hold_only_what_the_token_and_parameters_allow(db: TestDb) {
         set(&["Observation/p2-o1", "Observation/p2-o2"])
     );
 
+    // Below the system level, only what is in a patient's compartment: an Observation that
+    // names no patient is in the system-level export, not in the Patient-level one.
+    let orphan = json!({"resourceType": "Observation", "id": "orphan", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "code-9"}]}});
+    assert_eq!(
+        call(&app, put("/fhir/Observation/orphan", &orphan))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let observations = set(&[
+        "Observation/p1-o1",
+        "Observation/p1-o2",
+        "Observation/p2-o1",
+        "Observation/p2-o2",
+    ]);
+    let mut with_orphan = observations.clone();
+    with_orphan.insert("Observation/orphan".to_owned());
+    for (path, expected) in [
+        ("/fhir/Patient/$export?_type=Observation", observations),
+        ("/fhir/$export?_type=Observation", with_orphan),
+    ] {
+        let (status_url, manifest) = export(&app, &state, &admin, path).await;
+        assert_eq!(
+            names(&exported(&app, &admin, &manifest).await),
+            expected,
+            "{path}"
+        );
+        // Done with it: the client's few kept jobs are for the exports below.
+        let reply = call_as_is(
+            &app,
+            with_token(TestRequest::delete().uri(&status_url), &admin),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    }
+
     // _typeFilter: of Observations, only those the search matches.
     let (_, manifest) = export(
         &app,

@@ -336,6 +336,10 @@ impl ResourceService {
         let ctx = RequestContext::acting_as(principal, format!("export-{}", job.id));
         // The gate again: what the token may see is decided as the job runs.
         let searches = self.export_searches(&ctx, &sealed)?;
+        // Below the system level, what is in no patient's compartment is not exported, even
+        // of a compartment type (an Observation naming no patient).
+        let compartments_only = !matches!(sealed.request.level, ExportLevel::System);
+        let index = self.search_index();
         let mut file_no = 0;
         let mut done: i64 = 0;
         for (resource_type, type_searches) in searches {
@@ -349,6 +353,16 @@ impl ResourceService {
                     let fresh: Vec<_> = page
                         .matches
                         .iter()
+                        .filter(|resource| {
+                            !compartments_only
+                                || index
+                                    .stored_compartments(
+                                        resource.resource_type.as_str(),
+                                        resource.id.as_str(),
+                                        &resource.json,
+                                    )
+                                    .is_some_and(|patients| !patients.is_empty())
+                        })
                         .filter(|resource| written.insert(resource.id.as_str().to_owned()))
                         .collect();
                     let renewed_until = now_micros() + micros(LEASE);

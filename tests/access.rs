@@ -395,6 +395,12 @@ async fn scopes_decide_interactions_and_refusals_are_ledgered(db: TestDb) {
             "scope:ledger.read",
             "ledger-read",
         ),
+        (
+            "an entry bundle without ledger.read",
+            with_token(get("/ledger/tile/entries/000.p/1"), &writer),
+            "scope:ledger.read",
+            "ledger-read",
+        ),
     ];
     for (name, request, rule, action) in refusals {
         let reply = call_as_is(&app, request).await;

@@ -293,6 +293,28 @@ async fn log_rebuilds_to_the_signed_checkpoint(db: TestDb) {
         .0
     );
 
+    // The entry bundle of the same entries: each entry's exact bytes after a 16-bit
+    // length, hashing to the tile's leaves, as a mirror using standard tools reads them.
+    let bundle = call(
+        &app,
+        get(&format!("/ledger/tile/entries/000.p/{}", newer.size)),
+    )
+    .await;
+    assert_eq!(bundle.status, StatusCode::OK);
+    let mut rest = &bundle.body[..];
+    let mut leaves = Vec::new();
+    while let [high, low, tail @ ..] = rest {
+        let length = usize::from(u16::from_be_bytes([*high, *low]));
+        leaves.extend_from_slice(&tree::leaf_hash(&tail[..length]).0);
+        rest = &tail[length..];
+    }
+    assert_eq!(leaves.len() as u64, newer.size * 32);
+    assert_eq!(leaves, tile.body);
+    let first = BASE64
+        .decode(entries[0]["leaf_data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&bundle.body[2..2 + first.len()], &first[..]);
+
     // Bad parameters: 400 (or 404) with an OperationOutcome naming the problem.
     for (path, status) in [
         (
@@ -358,6 +380,15 @@ async fn log_rebuilds_to_the_signed_checkpoint(db: TestDb) {
         ("/ledger/receipts/unknown".to_owned(), StatusCode::NOT_FOUND),
         ("/ledger/tile/0/abc".to_owned(), StatusCode::BAD_REQUEST),
         ("/ledger/tile/0/001".to_owned(), StatusCode::NOT_FOUND),
+        ("/ledger/tile/entries/000".to_owned(), StatusCode::NOT_FOUND),
+        (
+            format!("/ledger/tile/entries/000.p/{}", newer.size + 1),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/ledger/tile/entries/0x1".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let reply = call(&app, get(&path)).await;
         assert_eq!(reply.status, status, "{path}: {}", reply.text());

@@ -348,6 +348,39 @@ pub async fn consistency_proof(
     }))
 }
 
+/// A C2SP tlog-tiles entry bundle: `tile/entries/<N>` or partial `tile/entries/<N>.p/<W>`,
+/// for monitors and mirrors that fetch the whole log with standard tools. Entries name who
+/// touched which patient's record, so a bundle needs `ledger.read` as `/ledger/entries` does.
+#[utoipa::path(get, path = "/ledger/tile/entries/{N}", tag = "ledger",
+    params(
+        ("N" = String, Path, description = "Bundle index in x-prefixed 3-digit groups, optionally with .p/<W>"),
+    ),
+    responses(
+        (status = 200, description = "Each entry's leaf bytes after its big-endian 16-bit length", content_type = "application/octet-stream"),
+        (status = 400, description = "Malformed path", body = OperationOutcome),
+        (status = 403, description = "The token lacks the ledger.read scope", body = OperationOutcome),
+        (status = 404, description = "The bundle's entries are not all in the latest checkpoint", body = OperationOutcome),
+        (status = 409, description = "An entry written before entries were bounded is too large for a bundle; read it at /ledger/entries/{index}", body = OperationOutcome),
+    ))]
+pub async fn entry_bundle(
+    state: web::Data<AppState>,
+    ctx: RequestContext,
+    path: web::Path<String>,
+) -> Result<HttpResponse, AppError> {
+    state
+        .ledger
+        .authorize_read(&ctx, Action::LedgerRead)
+        .await?;
+    // An entry bundle's index is written as a level-0 tile's.
+    let tile = parse_tile_path(&format!("0/{path}"))
+        .map_err(|e| AppError::bad_request(e.to_string().replace("'0/", "'entries/")))?;
+    let data = state.ledger.entry_bundle(tile).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+        .insert_header((header::CACHE_CONTROL, "private, no-cache"))
+        .body(data))
+}
+
 /// A C2SP tlog-tiles hash tile: `tile/<L>/<N>` or partial `tile/<L>/<N>.p/<W>`.
 #[utoipa::path(get, path = "/ledger/tile/{L}/{N}", tag = "ledger",
     params(

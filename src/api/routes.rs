@@ -57,8 +57,13 @@ fn table() -> Registry {
         .serve::<ledger::__path_receipt, _, _>(ledger::receipt)
         .serve::<ledger::__path_inclusion_proof, _, _>(ledger::inclusion_proof)
         .serve::<ledger::__path_consistency_proof, _, _>(ledger::consistency_proof)
-        // Documented as `/ledger/tile/{L}/{N}`; a tile's path also takes `entries/` and a
-        // `.p/{W}` suffix (C2SP tlog-tiles), so the router matches the whole tail.
+        // Documented as `/ledger/tile/entries/{N}` and `/ledger/tile/{L}/{N}`; the index may
+        // have several `/`-separated groups and a `.p/{W}` suffix (C2SP tlog-tiles), so the
+        // router matches the whole tail, entry bundles first.
+        .serve_matching::<ledger::__path_entry_bundle, _, _>(
+            "/ledger/tile/entries/{tail:.*}",
+            ledger::entry_bundle,
+        )
         .serve_matching::<ledger::__path_tile, _, _>("/ledger/tile/{tail:.*}", ledger::tile)
         .serve::<health::__path_healthz, _, _>(health::healthz)
         .serve::<health::__path_readyz, _, _>(health::readyz)

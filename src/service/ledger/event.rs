@@ -124,6 +124,14 @@ impl LedgerEvent {
     }
 }
 
+/// Most resources one entry names. An event's resources beyond it go into continuation
+/// entries (`partOf` the lead, naming the same patient), so that an entry stays well within
+/// the 64 KiB an entry of a C2SP entry bundle may have (a resource is at most ~250 bytes).
+pub const MAX_ENTRY_RESOURCES: usize = 100;
+/// Most receipts one entry lists in `parts`; the receipts the lead cannot list are listed by
+/// entries that are `partOf` it and name no patient and no resource.
+pub const MAX_ENTRY_PARTS: usize = 500;
+
 /// The entries of an event, lead first (see [`LedgerEvent`]), timed `time`.
 pub(super) fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -> Vec<LedgerEntry> {
     let patients: Vec<String> = event.patients().into_iter().map(str::to_owned).collect();
@@ -150,41 +158,157 @@ pub(super) fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -
         source: event.source.clone(),
         request: ctx.request_id.clone(),
     };
-    if patients.len() <= 1 {
-        let resources = event.resources.iter().map(|r| r.resource.clone()).collect();
-        let mut only = entry(resources, patients.first());
-        only.withheld = event.withheld;
-        return vec![only];
-    }
-    let shared = event
+    // The lead: about the one patient there is, or about none when there are several, in
+    // which case it holds the resources in no compartment and each patient gets parts.
+    let one_patient = patients.len() <= 1;
+    let lead_resources: Vec<EntryResource> = event
         .resources
         .iter()
-        .filter(|r| r.patients.is_empty())
+        .filter(|r| one_patient || r.patients.is_empty())
         .map(|r| r.resource.clone())
         .collect();
-    let mut lead = entry(shared, None);
+    let lead_patient = if one_patient { patients.first() } else { None };
+    let mut chunks = lead_resources.chunks(MAX_ENTRY_RESOURCES);
+    let mut lead = entry(chunks.next().unwrap_or_default().to_vec(), lead_patient);
     lead.withheld = event.withheld;
-    let mut parts: Vec<LedgerEntry> = patients
-        .iter()
-        .map(|patient| {
+    let mut parts: Vec<LedgerEntry> = chunks
+        .map(|chunk| entry(chunk.to_vec(), lead_patient))
+        .collect();
+    if !one_patient {
+        for patient in &patients {
             // A patient's part names the resources in their compartment and, when the event
             // concerns them (a refusal naming whose record it protected, a `$everything` of
             // theirs), those in no compartment it named too (what a refusal was asked for):
             // each patient sees what was attempted on their record.
             let concerned = event.concerns.contains(patient);
-            let theirs = event
+            let theirs: Vec<EntryResource> = event
                 .resources
                 .iter()
                 .filter(|r| r.patients.contains(patient) || (concerned && r.patients.is_empty()))
                 .map(|r| r.resource.clone())
                 .collect();
-            let mut part = entry(theirs, Some(patient));
-            part.part_of = Some(lead.id.clone());
-            part
-        })
-        .collect();
-    lead.parts = parts.iter().map(|part| part.id.clone()).collect();
+            if theirs.is_empty() {
+                parts.push(entry(Vec::new(), Some(patient)));
+            }
+            for chunk in theirs.chunks(MAX_ENTRY_RESOURCES) {
+                parts.push(entry(chunk.to_vec(), Some(patient)));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return vec![lead];
+    }
+    let receipts: Vec<String> = parts.iter().map(|part| part.id.clone()).collect();
+    let mut listed = receipts.chunks(MAX_ENTRY_PARTS);
+    lead.parts = listed.next().unwrap_or_default().to_vec();
+    for more in listed {
+        let mut lists = entry(Vec::new(), None);
+        lists.parts = more.to_vec();
+        parts.push(lists);
+    }
+    for part in &mut parts {
+        part.part_of = Some(lead.id.clone());
+    }
     let mut all = vec![lead];
     all.append(&mut parts);
     all
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+
+    use super::*;
+    use crate::ledger::LedgerKey;
+
+    fn observation(n: usize) -> EntryResource {
+        EntryResource {
+            resource_type: "Observation".into(),
+            // The longest id FHIR allows, so the sizes below are the worst case.
+            id: format!("{n:0>64}"),
+            version_id: Some("12345678901234567890".into()),
+            content_hash: Some("f".repeat(64)),
+        }
+    }
+
+    /// The entries of `event`, each signed as the ledger stores it; checks that every one
+    /// fits an entry bundle's 16-bit length.
+    fn signed_entries(event: LedgerEvent) -> Vec<LedgerEntry> {
+        let ctx = RequestContext::internal("test");
+        let key = LedgerKey::generate("test.example/ledger").unwrap();
+        let entries = entries_of(&ctx, event, "2026-12-02T00:00:00.000000Z");
+        for entry in &entries {
+            let signed = entry.clone().sign(&key).unwrap();
+            assert!(
+                signed.leaf_data.len() < 60 * 1024,
+                "{} bytes",
+                signed.leaf_data.len()
+            );
+        }
+        entries
+    }
+
+    #[test]
+    fn one_patients_many_resources_continue_in_entries_part_of_the_lead() {
+        let mut event = LedgerEvent::permit(Action::Export);
+        for n in 0..(2 * MAX_ENTRY_RESOURCES + 1) {
+            event.touch(observation(n), Some(BTreeSet::from(["p1".to_owned()])));
+        }
+        let entries = signed_entries(event);
+        assert_eq!(entries.len(), 3);
+        let lead = &entries[0];
+        assert_eq!(lead.resources.len(), MAX_ENTRY_RESOURCES);
+        assert_eq!(lead.parts, [entries[1].id.clone(), entries[2].id.clone()]);
+        for part in &entries[1..] {
+            assert_eq!(part.part_of.as_ref(), Some(&lead.id));
+            assert_eq!(part.patient.as_deref(), Some("Patient/p1"));
+        }
+        let named: usize = entries.iter().map(|e| e.resources.len()).sum();
+        assert_eq!(named, 2 * MAX_ENTRY_RESOURCES + 1);
+    }
+
+    #[test]
+    fn a_small_event_stays_one_entry() {
+        let event = LedgerEvent::permit(Action::Read)
+            .touching(observation(1), Some(BTreeSet::from(["p1".to_owned()])));
+        let entries = signed_entries(event);
+        assert_eq!(entries.len(), 1);
+        assert!(entries[0].parts.is_empty() && entries[0].part_of.is_none());
+    }
+
+    #[test]
+    fn parts_the_lead_cannot_list_are_listed_by_entries_part_of_it() {
+        let patients = MAX_ENTRY_PARTS + 10;
+        let mut event = LedgerEvent::permit(Action::Search);
+        for n in 0..patients {
+            event.touch(observation(n), Some(BTreeSet::from([format!("p{n}")])));
+        }
+        // The largest lead there can be: a full page of shared resources and of parts.
+        for n in 0..MAX_ENTRY_RESOURCES {
+            event.touch(observation(patients + n), None);
+        }
+        let entries = signed_entries(event);
+        let lead = &entries[0];
+        assert_eq!(lead.resources.len(), MAX_ENTRY_RESOURCES);
+        let about_patients: Vec<&LedgerEntry> =
+            entries.iter().filter(|e| e.patient.is_some()).collect();
+        assert_eq!(about_patients.len(), patients);
+        let lists: Vec<&LedgerEntry> = entries[1..]
+            .iter()
+            .filter(|e| e.patient.is_none())
+            .collect();
+        assert_eq!(lists.len(), 1);
+        assert!(lists[0].resources.is_empty());
+        // Every part is listed exactly once, by the lead or by an entry part of it.
+        let mut listed: Vec<&String> = lead.parts.iter().chain(&lists[0].parts).collect();
+        listed.sort();
+        let mut expected: Vec<&String> = about_patients.iter().map(|e| &e.id).collect();
+        expected.sort();
+        assert_eq!(listed, expected);
+        assert!(
+            entries[1..]
+                .iter()
+                .all(|e| e.part_of.as_ref() == Some(&lead.id))
+        );
+    }
 }

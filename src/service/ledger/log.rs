@@ -2,7 +2,7 @@
 //! inclusion and consistency proofs, tiles and the latest signed checkpoint.
 
 use crate::error::AppError;
-use crate::ledger::tiles::{TileRef, tile_data};
+use crate::ledger::tiles::{TILE_WIDTH, TileRef, tile_data};
 use crate::ledger::tree;
 use crate::ledger::{Hash, LedgerError};
 use crate::store::ledger::{self as rows, DbHashStore, EntryRow};
@@ -168,6 +168,46 @@ impl LedgerService {
                 LedgerError::OutOfRange(message) => AppError::NotFound(message),
                 other => AppError::from(other),
             })
+        })
+        .await
+    }
+
+    /// A C2SP tlog-tiles entry bundle: the entries with indexes `256·N … 256·N+W-1`, each
+    /// as a big-endian 16-bit length and the leaf bytes. Entries are made small enough for
+    /// it (see `event::MAX_ENTRY_RESOURCES`); one written before that bound which is larger
+    /// cannot be put in a bundle, and the bundle is refused naming it.
+    pub async fn entry_bundle(&self, tile: TileRef) -> Result<Vec<u8>, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let size = this.latest_checkpoint()?.map_or(0, |c| c.size);
+            let start = tile.index.saturating_mul(TILE_WIDTH);
+            let end = start.saturating_add(tile.width);
+            if end > size {
+                return Err(AppError::NotFound(format!(
+                    "entry bundle of entries {start}..{end}: the latest checkpoint holds {size}"
+                )));
+            }
+            let mut conn = this.connection()?;
+            let rows = rows::entries_range(&mut conn, to_i64(start)?, to_i64(end)?)?;
+            if rows.len() as u64 != tile.width {
+                return Err(AppError::Internal(format!(
+                    "entries {start}..{end} are sequenced but {} were found",
+                    rows.len()
+                )));
+            }
+            let mut bundle = Vec::with_capacity(rows.iter().map(|r| r.data.len() + 2).sum());
+            for (index, row) in (start..).zip(&rows) {
+                let length = u16::try_from(row.data.len()).map_err(|_| {
+                    AppError::Conflict(format!(
+                        "entry {index} is {} bytes, more than an entry bundle allows; read it \
+                         at /ledger/entries/{index}",
+                        row.data.len()
+                    ))
+                })?;
+                bundle.extend_from_slice(&length.to_be_bytes());
+                bundle.extend_from_slice(&row.data);
+            }
+            Ok(bundle)
         })
         .await
     }

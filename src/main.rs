@@ -44,6 +44,55 @@ enum Command {
     /// ledger, keeping ids. Takes serve's configuration. Resumes an interrupted run.
     /// Exit 0 every line loaded, 1 some lines rejected (the rest loaded), 2 stopped.
     Import(Box<ImportArgs>),
+    /// Run a witness: cosign the checkpoints of the logs it follows (C2SP tlog-witness
+    /// add-checkpoint) once each is consistent with the last it cosigned.
+    Witness(WitnessArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct WitnessArgs {
+    /// The witness's name in its cosignatures, a schema-less URL (e.g. witness.example/w1).
+    #[arg(long, env = "FHIRLEDGER_WITNESS_NAME", value_name = "NAME")]
+    name: String,
+
+    /// The verifier key of a log to witness (`name+keyid+base64key`, from the log's
+    /// GET /ledger/key); repeat the flag, or separate keys with commas in the variable.
+    #[arg(
+        long = "log",
+        env = "FHIRLEDGER_WITNESS_LOGS",
+        value_name = "VKEY",
+        value_delimiter = ',',
+        required = true
+    )]
+    logs: Vec<String>,
+
+    /// Directory of the witness's state (the latest checkpoint cosigned per log) and, unless
+    /// --key-file names another, of its key (witness.key, created on the first start).
+    #[arg(
+        long,
+        env = "FHIRLEDGER_WITNESS_DIR",
+        value_name = "PATH",
+        default_value = "witness"
+    )]
+    dir: std::path::PathBuf,
+
+    /// File holding the witness's base64 Ed25519 seed.
+    #[arg(long, env = "FHIRLEDGER_WITNESS_KEY_FILE", value_name = "PATH")]
+    key_file: Option<std::path::PathBuf>,
+
+    /// Address to listen on; the submission prefix is the root (POST /add-checkpoint).
+    #[arg(
+        long,
+        env = "FHIRLEDGER_WITNESS_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8090"
+    )]
+    listen: std::net::SocketAddr,
+
+    /// Print the witness's cosignature verifier key (for the log's FHIRLEDGER_WITNESSES and
+    /// for `verify --witness`) and exit.
+    #[arg(long)]
+    print_vkey: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +219,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => return run_verify(args),
         Command::Import(args) => return run_import(*args),
         Command::Token(args) => run_token(&args),
+        Command::Witness(args) => run_witness(&args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
             init_logging("info", LogFormat::Text).and_then(|()| run_migrate(&args))
@@ -309,6 +359,32 @@ fn run_import(args: ImportArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_witness(args: &WitnessArgs) -> anyhow::Result<()> {
+    use fhirledger::crypto::keys::{load_or_create_secret_file, read_secret_file};
+    use fhirledger::ledger::cosignature::WitnessKey;
+    fhirledger::config::ensure_private_dir(&args.dir)?;
+    let seed = match &args.key_file {
+        Some(path) => read_secret_file(path, "FHIRLEDGER_WITNESS_KEY_FILE")?,
+        None => load_or_create_secret_file(&args.dir.join("witness.key"), "witness key")?.0,
+    };
+    let key = WitnessKey::from_seed(*seed, &args.name)?;
+    let vkey = key.verifier().vkey();
+    if args.print_vkey {
+        println!("{vkey}");
+        return Ok(());
+    }
+    init_logging("info", LogFormat::Text)?;
+    let witness = fhirledger::witness::Witness::open(key, &args.logs, &args.dir)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(%vkey, listen = %args.listen, logs = args.logs.len(), "witness started");
+    let system = actix_web::rt::System::new();
+    system.block_on(fhirledger::witness::serve(
+        std::sync::Arc::new(witness),
+        args.listen,
+    ))?;
+    Ok(())
 }
 
 fn run_token(args: &TokenArgs) -> anyhow::Result<()> {

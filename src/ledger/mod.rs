@@ -4,6 +4,7 @@
 //! knows neither diesel nor FHIR, so auditors' tools (`fhirledger verify`, `audit`) reuse it.
 
 pub mod checkpoint;
+pub mod cosignature;
 pub mod entry;
 pub mod keys;
 pub mod sequencer;

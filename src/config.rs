@@ -234,6 +234,13 @@ pub struct ServeArgs {
           value_parser = parse_interval)]
     pub ledger_interval_ms: u64,
 
+    /// Witnesses that cosign the ledger's checkpoints (C2SP tlog-witness): comma-separated
+    /// `VKEY@URL`, the witness's cosignature verifier key (`fhirledger witness --print-vkey`)
+    /// and its submission URL. Each new checkpoint is submitted to each in the background.
+    #[arg(long = "witness", env = "FHIRLEDGER_WITNESSES", value_name = "VKEY@URL",
+          value_delimiter = ',', value_parser = crate::service::ledger::WitnessEndpoint::parse)]
+    pub witnesses: Vec<crate::service::ledger::WitnessEndpoint>,
+
     /// Seconds a finished bulk export's files are kept before they are deleted.
     #[arg(long, env = "FHIRLEDGER_EXPORT_RETENTION_SECS", default_value_t = 3600, value_name = "SECONDS",
           value_parser = parse_export_retention)]

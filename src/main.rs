@@ -61,8 +61,7 @@ struct WitnessArgs {
         long = "log",
         env = "FHIRLEDGER_WITNESS_LOGS",
         value_name = "VKEY",
-        value_delimiter = ',',
-        required = true
+        value_delimiter = ','
     )]
     logs: Vec<String>,
 
@@ -210,6 +209,19 @@ struct VerifyArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+
+    /// A witness whose cosignatures count (its cosignature verifier key); repeat for each.
+    /// With witnesses, the checkpoint checked must be cosigned by --witness-threshold of them.
+    #[arg(long = "witness", value_name = "VKEY")]
+    witnesses: Vec<String>,
+
+    /// How many of the --witness keys must have cosigned the checkpoint (default: all).
+    #[arg(long, value_name = "K")]
+    witness_threshold: Option<usize>,
+
+    /// Seconds a receipt's entry time may lie outside the bounds the witnesses' clocks set.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    time_tolerance: u64,
 }
 
 fn main() -> ExitCode {
@@ -375,6 +387,9 @@ fn run_witness(args: &WitnessArgs) -> anyhow::Result<()> {
         println!("{vkey}");
         return Ok(());
     }
+    if args.logs.is_empty() {
+        anyhow::bail!("name at least one log to witness: --log VKEY or FHIRLEDGER_WITNESS_LOGS");
+    }
     init_logging("info", LogFormat::Text)?;
     let witness = fhirledger::witness::Witness::open(key, &args.logs, &args.dir)
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -533,6 +548,9 @@ fn run_verify(args: VerifyArgs) -> ExitCode {
         state_file: args.state,
         receipt: args.receipt,
         token: args.token,
+        witnesses: args.witnesses,
+        witness_threshold: args.witness_threshold,
+        time_tolerance: std::time::Duration::from_secs(args.time_tolerance),
     };
     match verify(&options, &mut |line| println!("ok: {line}")) {
         Ok(()) => {

@@ -24,7 +24,7 @@ use crate::fhir::search_params::SearchParamRegistry;
 use crate::indexer::SearchIndex;
 use crate::ledger::LedgerKey;
 use crate::service::ResourceService;
-use crate::service::ledger::{LedgerService, SequencerOptions};
+use crate::service::ledger::{LedgerService, SequencerOptions, WitnessEndpoint};
 use crate::store::{DatabaseUrl, connection, migrations};
 
 /// How often the export runner looks for queued jobs.
@@ -47,6 +47,7 @@ pub struct StateOptions {
     pub cors_origins: Vec<String>,
     /// How long a finished bulk export's files are kept.
     pub export_retention: Duration,
+    pub witnesses: Vec<WitnessEndpoint>,
 }
 
 impl StateOptions {
@@ -62,6 +63,7 @@ impl StateOptions {
             smart: args.smart_authorization()?,
             cors_origins: args.cors_origins(),
             export_retention: Duration::from_secs(args.export_retention_secs),
+            witnesses: args.witnesses.clone(),
         })
     }
 }
@@ -108,7 +110,8 @@ pub fn prepare_state(
             batch_size: options.ledger_batch_size,
         },
     )
-    .with_auth_failure_limit(options.auth_failures_per_minute);
+    .with_auth_failure_limit(options.auth_failures_per_minute)
+    .with_witnesses(options.witnesses.clone());
     let search = SearchIndex::new(
         SearchParamRegistry::load()?,
         keys.index,
@@ -190,6 +193,14 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
 /// until the process ends. One job at a time per process, each page its own transaction,
 /// so that exports share the database with interactive requests; several processes on one
 /// database take jobs from one queue.
+/// Submits each new checkpoint to the configured witnesses every `interval` (a round waits
+/// for the slowest witness, up to its timeout, before the next).
+pub fn spawn_witnessing(ledger: LedgerService, interval: Duration) {
+    spawn_periodic("witness cosigning", interval, move || {
+        ledger.collect_cosignatures()
+    });
+}
+
 pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
     spawn_periodic("export runner", interval, move || {
         resources.run_export_jobs().map(|_| ())
@@ -230,6 +241,12 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         Duration::from_millis(args.ledger_interval_ms),
     );
     spawn_export_runner(state.resources.clone(), EXPORT_POLL);
+    if !args.witnesses.is_empty() {
+        spawn_witnessing(
+            state.ledger.clone(),
+            Duration::from_millis(args.ledger_interval_ms),
+        );
+    }
     let ledger_at_exit = state.ledger.clone();
 
     let mut server = HttpServer::new(move || build_app(state.clone()))

@@ -1,7 +1,9 @@
 //! `fhirledger verify`: an auditor's check of any fhirledger server from outside. It
 //! verifies the server's checkpoint against a pinned key, checks that the log only grew
 //! since the checkpoint saved last time (a consistency proof; a shrunk or forked log
-//! fails), and optionally that a receipt's entry is included.
+//! fails), and optionally that a receipt's entry is included. With a witness policy it
+//! checks a checkpoint cosigned by enough of the given witnesses instead, and bounds a
+//! receipt's entry time by the witnesses' clocks.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +13,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
 use crate::ledger::checkpoint::{VerifiedCheckpoint, decode_hash, verify_checkpoint};
+use crate::ledger::cosignature::CosignatureVerifier;
 use crate::ledger::entry::verify_entry;
 use crate::ledger::keys::parse_vkey;
 use crate::ledger::tree::{self, Hash};
@@ -37,6 +40,90 @@ pub struct VerifyOptions {
     pub receipt: Option<String>,
     /// A bearer token with the `ledger.read` scope (proofs and receipts need one).
     pub token: Option<String>,
+    /// Witnesses whose cosignatures count (their cosignature verifier keys); empty: no
+    /// witness policy.
+    pub witnesses: Vec<String>,
+    /// How many of them must have cosigned the checkpoint (default: all).
+    pub witness_threshold: Option<usize>,
+    /// How far an entry's stated time may lie outside the witnesses' bounds.
+    pub time_tolerance: Duration,
+}
+
+/// K of these witnesses must cosign a checkpoint for it to count.
+struct WitnessPolicy {
+    verifiers: Vec<CosignatureVerifier>,
+    threshold: usize,
+}
+
+impl WitnessPolicy {
+    fn new(options: &VerifyOptions) -> Result<Option<Self>, VerifyError> {
+        if options.witnesses.is_empty() {
+            return match options.witness_threshold {
+                Some(k) if k > 0 => Err(VerifyError::CouldNotCheck(
+                    "--witness-threshold needs --witness keys".into(),
+                )),
+                _ => Ok(None),
+            };
+        }
+        let verifiers = options
+            .witnesses
+            .iter()
+            .map(|vkey| {
+                CosignatureVerifier::from_vkey(vkey)
+                    .map_err(|e| VerifyError::CouldNotCheck(format!("--witness {vkey}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let threshold = options.witness_threshold.unwrap_or(verifiers.len());
+        if threshold == 0 || threshold > verifiers.len() {
+            return Err(VerifyError::CouldNotCheck(format!(
+                "--witness-threshold must be 1 to the {} witnesses given",
+                verifiers.len()
+            )));
+        }
+        Ok(Some(Self {
+            verifiers,
+            threshold,
+        }))
+    }
+
+    /// The policy's witnesses that cosigned `note`, with their clocks; fails when fewer than
+    /// the threshold did or when a cosignature from one of them is forged.
+    fn check(&self, note: &str, what: &str) -> Result<Vec<(String, u64)>, VerifyError> {
+        let parsed = signed_note::Note::from_bytes(note.as_bytes())
+            .map_err(|e| VerifyError::CouldNotCheck(format!("{what}: {e}")))?;
+        let list = signed_note::VerifierList::new(
+            self.verifiers
+                .iter()
+                .map(|v| Box::new(v.clone()) as Box<dyn signed_note::Verifier>)
+                .collect(),
+        );
+        let verified = match parsed.verify(&list) {
+            Ok((verified, _)) => verified,
+            Err(signed_note::NoteError::UnverifiedNote) => Vec::new(),
+            Err(e) => {
+                return Err(VerifyError::Failed(format!(
+                    "{what}: a witness cosignature does not verify: {e}"
+                )));
+            }
+        };
+        let cosigned: Vec<(String, u64)> = verified
+            .iter()
+            .filter_map(|signature| {
+                self.verifiers.iter().find_map(|v| {
+                    v.verified_time(parsed.text(), signature)
+                        .map(|time| (v.name().to_owned(), time))
+                })
+            })
+            .collect();
+        if cosigned.len() < self.threshold {
+            return Err(VerifyError::Failed(format!(
+                "{what} has {} valid cosignatures of the {} the witness policy requires",
+                cosigned.len(),
+                self.threshold
+            )));
+        }
+        Ok(cosigned)
+    }
 }
 
 #[derive(Deserialize)]
@@ -59,6 +146,15 @@ struct Client {
 }
 
 impl Client {
+    /// Like [`Self::get`], with `None` for a 404.
+    fn get_found(&self, path: &str) -> Result<Option<String>, VerifyError> {
+        match self.get(path) {
+            Ok(text) => Ok(Some(text)),
+            Err(VerifyError::CouldNotCheck(message)) if message.contains("status: 404") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn get(&self, path: &str) -> Result<String, VerifyError> {
         let url = format!("{}{path}", self.base);
         let mut request = self.agent.get(&url);
@@ -104,7 +200,21 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
         token: options.token.clone(),
     };
 
-    let note = client.get("/ledger/checkpoint")?;
+    let policy = WitnessPolicy::new(options)?;
+    let note = match &policy {
+        None => client.get("/ledger/checkpoint")?,
+        Some(policy) => client
+            .get_found(&format!(
+                "/ledger/checkpoint/cosigned?cosignatures={}",
+                policy.threshold
+            ))?
+            .ok_or_else(|| {
+                VerifyError::Failed(format!(
+                    "the server has no checkpoint with the {} cosignatures the witness policy requires",
+                    policy.threshold
+                ))
+            })?,
+    };
     let current = verify_checkpoint(&note, &options.vkey).map_err(|e| {
         VerifyError::Failed(format!(
             "the server's checkpoint does not verify with the pinned key: {e}"
@@ -116,6 +226,14 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
         current.size,
         BASE64.encode(current.root.0)
     ));
+    if let Some(policy) = &policy {
+        for (name, time) in policy.check(&note, "the checkpoint")? {
+            report(format!(
+                "cosigned by witness {name} at {}",
+                format_posix(time)
+            ));
+        }
+    }
 
     if let Some(path) = &options.state_file {
         if let Some(previous) = load_state(path, &options.vkey)? {
@@ -190,6 +308,21 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
             "receipt {receipt}: entry #{index} is included in the checkpoint of size {}",
             current.size
         ));
+        if let Some(policy) = &policy {
+            let entry_time = chrono::DateTime::parse_from_rfc3339(&entry.time)
+                .map_err(|_| {
+                    VerifyError::Failed(format!("receipt {receipt}: the entry's time is malformed"))
+                })?
+                .timestamp();
+            let bounds = TimeBounds {
+                client: &client,
+                vkey: &options.vkey,
+                policy,
+                public_key: &public_key,
+                current: &current,
+            };
+            check_entry_time(&bounds, index, entry_time, options.time_tolerance, report)?;
+        }
     }
 
     if let Some(path) = &options.state_file {
@@ -201,6 +334,172 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
         ));
     }
     Ok(())
+}
+
+/// What bounding an entry's time takes: the server, the log's key, the witness policy, and
+/// the cosigned checkpoint already verified.
+struct TimeBounds<'a> {
+    client: &'a Client,
+    vkey: &'a str,
+    policy: &'a WitnessPolicy,
+    public_key: &'a ed25519_dalek::VerifyingKey,
+    current: &'a VerifiedCheckpoint,
+}
+
+/// An entry's stated time is the operator's word; the witnesses' clocks bound it. The first
+/// cosigned checkpoint that includes the entry shows it existed by then (an upper bound);
+/// the last that did not include it shows when the log was still without it (a lower
+/// bound, loose by the time an entry waits to be sequenced). A stated time beyond either by
+/// more than `tolerance` fails.
+fn check_entry_time(
+    bounds: &TimeBounds<'_>,
+    index: u64,
+    entry_time: i64,
+    tolerance: Duration,
+    report: &mut dyn FnMut(String),
+) -> Result<(), VerifyError> {
+    let tolerance = i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX);
+    let k = bounds.policy.threshold;
+    let covering = bounds
+        .client
+        .get_found(&format!(
+            "/ledger/checkpoint/cosigned?cosignatures={k}&covering={index}"
+        ))?
+        .ok_or_else(|| {
+            VerifyError::Failed(format!(
+                "entry #{index} is in a cosigned checkpoint but the server has none covering it"
+            ))
+        })?;
+    let (first, times) = bounds.cosigned(&covering, "the first cosigned checkpoint covering it")?;
+    if index >= first.size {
+        return Err(VerifyError::Failed(format!(
+            "entry #{index}: the checkpoint served as covering it has only {} entries",
+            first.size
+        )));
+    }
+    bounds.check_included(index, &first)?;
+    // Any one honest witness bounds it: the latest of their clocks.
+    let upper = times.iter().map(|(_, t)| *t).max().unwrap_or(0);
+    let upper = i64::try_from(upper).unwrap_or(i64::MAX);
+    if entry_time > upper.saturating_add(tolerance) {
+        return Err(VerifyError::Failed(format!(
+            "entry #{index} states the time {}, later than the witnesses saw it in the log ({})",
+            format_posix_i64(entry_time),
+            format_posix_i64(upper)
+        )));
+    }
+    report(format!(
+        "entry #{index}: stated time {} is no later than {} (witnessed in the checkpoint of size {})",
+        format_posix_i64(entry_time),
+        format_posix_i64(upper),
+        first.size
+    ));
+    let Some(before) = bounds.client.get_found(&format!(
+        "/ledger/checkpoint/cosigned?cosignatures={k}&before={index}"
+    ))?
+    else {
+        report(format!(
+            "entry #{index}: no cosigned checkpoint precedes it (no lower bound)"
+        ));
+        return Ok(());
+    };
+    let (previous, times) = bounds.cosigned(&before, "the last cosigned checkpoint before it")?;
+    if previous.size > index {
+        return Err(VerifyError::Failed(format!(
+            "entry #{index}: the checkpoint served as preceding it already has {} entries",
+            previous.size
+        )));
+    }
+    check_growth(bounds.client, &previous, bounds.current)?;
+    let lower = times.iter().map(|(_, t)| *t).min().unwrap_or(0);
+    let lower = i64::try_from(lower).unwrap_or(i64::MAX);
+    if entry_time < lower.saturating_sub(tolerance) {
+        return Err(VerifyError::Failed(format!(
+            "entry #{index} states the time {}, earlier than the witnesses saw the log without it ({})",
+            format_posix_i64(entry_time),
+            format_posix_i64(lower)
+        )));
+    }
+    report(format!(
+        "entry #{index}: stated time is no earlier than {} less the tolerance (the checkpoint of size {} without it)",
+        format_posix_i64(lower),
+        previous.size
+    ));
+    Ok(())
+}
+
+impl TimeBounds<'_> {
+    /// A cosigned checkpoint: the log's signature and the policy's cosignatures.
+    fn cosigned(
+        &self,
+        note: &str,
+        what: &str,
+    ) -> Result<(VerifiedCheckpoint, Vec<(String, u64)>), VerifyError> {
+        let checkpoint = verify_checkpoint(note, self.vkey).map_err(|e| {
+            VerifyError::Failed(format!("{what} does not verify with the pinned key: {e}"))
+        })?;
+        let times = self.policy.check(note, what)?;
+        Ok((checkpoint, times))
+    }
+
+    /// The entry at `index` is in `checkpoint`'s tree, and that tree in the current one.
+    fn check_included(
+        &self,
+        index: u64,
+        checkpoint: &VerifiedCheckpoint,
+    ) -> Result<(), VerifyError> {
+        check_growth(self.client, checkpoint, self.current)?;
+        let proof: ProofBody = self.client.get_json(&format!(
+            "/ledger/proof/inclusion?index={index}&tree_size={}",
+            checkpoint.size
+        ))?;
+        let leaf = proof
+            .leaf_hash
+            .as_deref()
+            .and_then(|h| decode_hash(h).ok())
+            .ok_or_else(|| VerifyError::CouldNotCheck("inclusion proof without leaf".into()))?;
+        // The leaf must be the entry's, whose bytes were checked against the current tree.
+        let entries: EntryBody = self.client.get_json(&format!("/ledger/entries/{index}"))?;
+        let leaf_data = BASE64
+            .decode(&entries.leaf_data)
+            .map_err(|_| VerifyError::CouldNotCheck("entry: leaf_data is not base64".into()))?;
+        verify_entry(&leaf_data, self.public_key)
+            .map_err(|e| VerifyError::Failed(format!("entry #{index}: {e}")))?;
+        if tree::leaf_hash(&leaf_data) != leaf {
+            return Err(VerifyError::Failed(format!(
+                "entry #{index}: the served leaf hash is not the entry's"
+            )));
+        }
+        tree::verify_inclusion(
+            &decode_proof(&proof.proof)?,
+            checkpoint.size,
+            checkpoint.root,
+            index,
+            leaf,
+        )
+        .map_err(|_| {
+            VerifyError::Failed(format!(
+                "entry #{index} is not in the checkpoint of size {}",
+                checkpoint.size
+            ))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct EntryBody {
+    leaf_data: String,
+}
+
+fn format_posix(seconds: u64) -> String {
+    format_posix_i64(i64::try_from(seconds).unwrap_or(i64::MAX))
+}
+
+fn format_posix_i64(seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(seconds, 0).map_or_else(
+        || format!("{seconds} s"),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 /// The new checkpoint must extend the old one.

@@ -263,12 +263,18 @@ fn migrate_creates_the_schema() {
 
 /// A server on the embedded default in `dir`, sequencing every 20 ms.
 fn start_server(dir: &std::path::Path, port: u16) -> Child {
+    start_server_with(dir, port, &[])
+}
+
+/// [`start_server`] with more settings.
+fn start_server_with(dir: &std::path::Path, port: u16, settings: &[(&str, &str)]) -> Child {
     let mut child = Command::new(BINARY)
         .arg("serve")
         .current_dir(dir)
         .env_clear()
         .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
         .env("FHIRLEDGER_LEDGER_INTERVAL_MS", "20")
+        .envs(settings.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -318,6 +324,18 @@ fn run_verify(
     receipt: Option<&str>,
     token: &str,
 ) -> (i32, String) {
+    run_verify_with(port, vkey, state, receipt, token, &[])
+}
+
+/// [`run_verify`] with more arguments (a witness policy).
+fn run_verify_with(
+    port: u16,
+    vkey: &str,
+    state: &std::path::Path,
+    receipt: Option<&str>,
+    token: &str,
+    more: &[&str],
+) -> (i32, String) {
     let mut command = Command::new(BINARY);
     command
         .args([
@@ -334,6 +352,7 @@ fn run_verify(
     if let Some(receipt) = receipt {
         command.args(["--receipt", receipt]);
     }
+    command.args(more);
     let output = command.output().unwrap();
     (
         output.status.code().unwrap_or(-1),
@@ -348,6 +367,7 @@ fn truncate_ledger(dir: &std::path::Path, size: i64) {
     let mut conn = fhirledger::store::connection::establish(&url).unwrap();
     let first_hash = fhirledger::ledger::tree::stored_hash_index(0, size as u64);
     for sql in [
+        format!("DELETE FROM ledger_cosignatures WHERE tree_size > {size}"),
         format!("DELETE FROM ledger_entries WHERE leaf_index >= {size} OR leaf_index IS NULL"),
         format!("DELETE FROM ledger_hashes WHERE stored_index >= {first_hash}"),
         format!("DELETE FROM ledger_checkpoints WHERE tree_size > {size}"),
@@ -828,4 +848,175 @@ fn import_loads_bulk_files_the_auditor_accepts_and_resumes() {
     let (code, _, stderr) = run(&[missing.as_os_str()]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("missing.ndjson"), "{stderr}");
+}
+
+/// `fhirledger witness --print-vkey`: the cosignature verifier key of the witness named
+/// `name` keeping its key in `dir` (created on first use).
+fn witness_vkey(dir: &std::path::Path, name: &str) -> String {
+    let output = Command::new(BINARY)
+        .args(["witness", "--name", name, "--print-vkey", "--dir"])
+        .arg(dir)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Starts `fhirledger witness` on `port` for the log `log_vkey`, its state in `dir`.
+fn start_witness(dir: &std::path::Path, name: &str, port: u16, log_vkey: &str) -> Child {
+    let mut child = Command::new(BINARY)
+        .args(["witness", "--name", name, "--log", log_vkey, "--dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "witness exited early");
+        assert!(Instant::now() < deadline, "witness did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// The log's view of its witnesses (`GET /ledger/witnesses`).
+fn witness_status(port: u16) -> Vec<serde_json::Value> {
+    let (status, body) = http(port, "GET", "/ledger/witnesses", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until every witness has cosigned the latest checkpoint.
+fn wait_until_cosigned(port: u16) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let witnesses = witness_status(port);
+        if witnesses
+            .iter()
+            .all(|w| w["lag_entries"] == 0 && w["cosigned_size"].as_u64() > Some(0))
+        {
+            return witnesses;
+        }
+        assert!(Instant::now() < deadline, "never cosigned: {witnesses:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two witnesses and a log on one machine: the log's checkpoints are cosigned in the
+/// background; `verify` with the witness policy checks them and bounds an entry's time; a
+/// witness restarted mid-stream goes on from its saved state; a log that forks gets no
+/// cosignature and fails `verify` with the policy.
+#[test]
+fn witnesses_cosign_the_log_and_verify_holds_it_to_them() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = [5u8; 32];
+    let origin = "hospital.test/ledger";
+    let log_vkey = fhirledger::ledger::LedgerKey::from_seed(seed, origin)
+        .unwrap()
+        .vkey();
+    let (w1_dir, w2_dir) = (dir.path().join("w1"), dir.path().join("w2"));
+    let w1_vkey = witness_vkey(&w1_dir, "regulator.test/w1");
+    let w2_vkey = witness_vkey(&w2_dir, "advocates.test/w2");
+    let (w1_port, w2_port, port) = (free_port(), free_port(), free_port());
+    let w1 = start_witness(&w1_dir, "regulator.test/w1", w1_port, &log_vkey);
+    let w2 = start_witness(&w2_dir, "advocates.test/w2", w2_port, &log_vkey);
+    let seed_text = base64::engine::general_purpose::STANDARD.encode(seed);
+    let witnesses =
+        format!("{w1_vkey}@http://127.0.0.1:{w1_port},{w2_vkey}@http://127.0.0.1:{w2_port}");
+    let server = start_server_with(
+        dir.path(),
+        port,
+        &[
+            ("FHIRLEDGER_LEDGER_KEY", &seed_text),
+            ("FHIRLEDGER_LEDGER_ORIGIN", origin),
+            ("FHIRLEDGER_WITNESSES", &witnesses),
+        ],
+    );
+    let token = mint_token(dir.path(), port, "system/Patient.c ledger.read");
+    let token = token.as_str();
+    let policy = ["--witness", &w1_vkey, "--witness", &w2_vkey];
+    let state = dir.path().join("verify-state");
+
+    let first = ledgered_write(port, token);
+    ledgered_write(port, token);
+    wait_until_cosigned(port);
+    let (code, out) = run_verify_with(port, &log_vkey, &state, Some(&first), token, &policy);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("cosigned by witness regulator.test/w1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cosigned by witness advocates.test/w2"),
+        "{out}"
+    );
+    assert!(out.contains("is no later than"), "{out}");
+    // A witness that never cosigned this log: the policy is not met.
+    let stranger = witness_vkey(&dir.path().join("w3"), "stranger.test/w3");
+    let (code, out) = run_verify_with(
+        port,
+        &log_vkey,
+        &dir.path().join("other-state"),
+        None,
+        token,
+        &["--witness", &stranger],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("0 valid cosignatures"), "{out}");
+
+    // A witness restarted mid-stream: down, the log goes on and says so; back, it cosigns
+    // again from the state it saved.
+    stop_server(w2);
+    ledgered_write(port, token);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while witness_status(port)[1]["last_error"].is_null() {
+        assert!(Instant::now() < deadline, "{:?}", witness_status(port));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let w2 = start_witness(&w2_dir, "advocates.test/w2", w2_port, &log_vkey);
+    ledgered_write(port, token);
+    let cosigned = wait_until_cosigned(port);
+    assert!(
+        cosigned.iter().all(|w| w["last_error"].is_null()),
+        "{cosigned:?}"
+    );
+    let (code, out) = run_verify_with(port, &log_vkey, &state, None, token, &policy);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("consistent with the checkpoint"), "{out}");
+
+    // The operator rewrites history: cut back to 2 entries, then grown with others. The
+    // witnesses refuse the forked checkpoints; verify with the policy fails.
+    truncate_ledger(dir.path(), 2);
+    for _ in 0..6 {
+        ledgered_write(port, token);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while witness_status(port)
+        .iter()
+        .any(|w| w["last_error"].is_null())
+    {
+        assert!(Instant::now() < deadline, "{:?}", witness_status(port));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, note) = http(port, "GET", "/ledger/checkpoint/cosigned", None).unwrap();
+    let cosigned_size: u64 = note.lines().nth(1).unwrap_or("0").parse().unwrap_or(0);
+    assert!(
+        cosigned_size <= 2,
+        "a forked checkpoint was cosigned: {note}"
+    );
+    let (code, out) = run_verify_with(port, &log_vkey, &state, None, token, &policy);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("rolled back") || out.contains("no checkpoint with the 2 cosignatures"),
+        "{out}"
+    );
+
+    stop_server(server);
+    stop_server(w1);
+    stop_server(w2);
 }

@@ -469,9 +469,82 @@ async fn fails_closed_when_the_ledger_refuses_writes(db: TestDb) {
     assert_eq!(versions.n, 1);
 }
 
+/// Witnesses' cosignatures as the log stores and serves them: the checkpoint with enough of
+/// them, the first covering an entry, the last before it; a cosignature collected twice
+/// (two processes) is kept once.
+async fn cosigned_checkpoints_are_chosen_by_count_and_position(db: TestDb) {
+    use fhirledger::store::ledger::{CosignatureRow, insert_cosignature};
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let mut sizes = Vec::new();
+    for _ in 0..3 {
+        call(
+            &app,
+            post("/fhir/Patient", &json!({"resourceType": "Patient"})),
+        )
+        .await;
+        sequence(&state).await;
+        let note = call(&app, get("/ledger/checkpoint")).await.text();
+        sizes.push(note.lines().nth(1).unwrap().parse::<i64>().unwrap());
+    }
+    let mut conn = db.connect();
+    for (size, witness) in [
+        (sizes[0], "w1"),
+        (sizes[1], "w1"),
+        (sizes[1], "w2"),
+        (sizes[1], "w2"),
+        (sizes[2], "w1"),
+    ] {
+        insert_cosignature(
+            &mut conn,
+            &CosignatureRow {
+                tree_size: size,
+                witness: witness.into(),
+                signature: format!("— {witness} c2lnbmF0dXJl{size}"),
+                witness_time: 1_700_000_000 + size,
+                received_at: 0,
+            },
+        )
+        .unwrap();
+    }
+    let size_of = |note: &str| note.lines().nth(1).unwrap().parse::<i64>().unwrap();
+    let cosigned = |query: &'static str| {
+        let app = &app;
+        async move { call(app, get(&format!("/ledger/checkpoint/cosigned{query}"))).await }
+    };
+    let latest = cosigned("").await.text();
+    assert_eq!(size_of(&latest), sizes[2]);
+    assert!(
+        latest.ends_with(&format!("— w1 c2lnbmF0dXJl{}\n", sizes[2])),
+        "{latest}"
+    );
+    let two = cosigned("?cosignatures=2").await.text();
+    assert_eq!(size_of(&two), sizes[1]);
+    assert_eq!(two.matches("\n— w").count(), 2, "{two}");
+    // The first cosigned checkpoint holding entry 0, and the last without the newest entry.
+    assert_eq!(size_of(&cosigned("?covering=0").await.text()), sizes[0]);
+    let before = format!("?cosignatures=2&before={}", sizes[2] - 1);
+    let reply = call(&app, get(&format!("/ledger/checkpoint/cosigned{before}"))).await;
+    assert_eq!(size_of(&reply.text()), sizes[1]);
+    for (query, status) in [
+        ("?cosignatures=3", StatusCode::NOT_FOUND),
+        ("?before=0", StatusCode::NOT_FOUND),
+        ("?cosignatures=0", StatusCode::BAD_REQUEST),
+        ("?covering=1&before=1", StatusCode::BAD_REQUEST),
+        ("?since=1", StatusCode::BAD_REQUEST),
+    ] {
+        let reply = cosigned(query).await;
+        assert_eq!(reply.status, status, "{query}: {}", reply.text());
+        reply.outcome_issue();
+    }
+    // No witnesses configured: an empty list.
+    assert_eq!(call(&app, get("/ledger/witnesses")).await.json(), json!([]));
+}
+
 on_both_backends!(
     log_rebuilds_to_the_signed_checkpoint,
-    fails_closed_when_the_ledger_refuses_writes
+    fails_closed_when_the_ledger_refuses_writes,
+    cosigned_checkpoints_are_chosen_by_count_and_position
 );
 
 /// The tree math against RFC 6962 test vectors (transparency-dev/merkle).

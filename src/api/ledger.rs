@@ -17,7 +17,8 @@ use crate::ledger::Action;
 use crate::ledger::Hash;
 use crate::ledger::checkpoint::{decode_hash, encode_hash};
 use crate::ledger::tiles::{TILE_WIDTH, parse_tile_path};
-use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry};
+use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry, WitnessStatus};
+use crate::store::ledger::CosignedCheckpoint;
 
 /// Entries returned when `end` is not given.
 const DEFAULT_ENTRIES_PAGE: u64 = 100;
@@ -146,6 +147,87 @@ pub async fn checkpoint(state: web::Data<AppState>) -> Result<HttpResponse, AppE
         .insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .body(current.note))
+}
+
+/// Most cosignatures a client may require of one checkpoint.
+const MAX_REQUIRED_COSIGNATURES: u64 = 100;
+
+/// A checkpoint cosigned by witnesses (C2SP tlog-cosignature lines after the log's
+/// signature): the latest with at least `cosignatures` of them, or with `covering=I` the
+/// first that includes entry I (its witnesses' clocks bound that entry's time from above),
+/// or with `before=I` the last that does not.
+#[utoipa::path(get, path = "/ledger/checkpoint/cosigned", tag = "ledger",
+    params(
+        ("cosignatures" = Option<u64>, Query, description = "Fewest cosignatures (default 1)"),
+        ("covering" = Option<u64>, Query, description = "The first cosigned checkpoint including this entry index"),
+        ("before" = Option<u64>, Query, description = "The last cosigned checkpoint not including this entry index"),
+    ),
+    responses(
+        (status = 200, description = "Signed checkpoint note with cosignatures", content_type = "text/plain", body = String),
+        (status = 400, description = "Malformed parameters", body = OperationOutcome),
+        (status = 404, description = "No checkpoint has that many cosignatures (yet)", body = OperationOutcome),
+    ))]
+pub async fn cosigned_checkpoint(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["cosignatures", "covering", "before"])?;
+    let min = parse_u64(&query, "cosignatures")?.unwrap_or(1);
+    if !(1..=MAX_REQUIRED_COSIGNATURES).contains(&min) {
+        return Err(AppError::BadRequest {
+            message: format!("cosignatures must be 1 to {MAX_REQUIRED_COSIGNATURES}"),
+            expression: Some("cosignatures".into()),
+        });
+    }
+    let index = |name: &str| -> Result<Option<i64>, AppError> {
+        parse_u64(&query, name)?
+            .map(|i| {
+                i64::try_from(i).map_err(|_| AppError::BadRequest {
+                    message: format!("{name} is out of range"),
+                    expression: Some(name.to_owned()),
+                })
+            })
+            .transpose()
+    };
+    let which = match (index("covering")?, index("before")?) {
+        (None, None) => CosignedCheckpoint::Latest,
+        (Some(i), None) => CosignedCheckpoint::Covering(i),
+        (None, Some(i)) => CosignedCheckpoint::Before(i),
+        (Some(_), Some(_)) => {
+            return Err(AppError::bad_request(
+                "give at most one of covering and before",
+            ));
+        }
+    };
+    let note = state
+        .ledger
+        .cosigned_checkpoint(which, min)
+        .await?
+        .ok_or_else(|| {
+            AppError::NotFound(format!(
+                "no checkpoint {} has {min} cosignatures",
+                match which {
+                    CosignedCheckpoint::Latest => "yet".to_owned(),
+                    CosignedCheckpoint::Covering(i) => format!("including entry {i}"),
+                    CosignedCheckpoint::Before(i) => format!("before entry {i}"),
+                }
+            ))
+        })?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(note))
+}
+
+/// The witnesses this log submits its checkpoints to, and how far each has cosigned.
+#[utoipa::path(get, path = "/ledger/witnesses", tag = "ledger",
+    responses(
+        (status = 200, description = "Each witness's state", body = [WitnessStatus]),
+    ))]
+pub async fn witnesses(state: web::Data<AppState>) -> Result<HttpResponse, AppError> {
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(state.ledger.witness_status().await?))
 }
 
 /// The key that verifies checkpoints and entry signatures.

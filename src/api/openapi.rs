@@ -23,6 +23,7 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
         Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
         ledger::LedgerKeyInfo, ledger::EntryView, ledger::EntriesPage, ledger::InclusionProof,
         ledger::ConsistencyProof, ledger::ReceiptView,
+        crate::service::ledger::WitnessStatus,
     )),
     tags(
         (name = "fhir", description = "FHIR R4 REST interactions (JSON only)"),

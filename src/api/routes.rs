@@ -51,6 +51,8 @@ fn table() -> Registry {
         .serve::<search::__path_search_compartment, _, _>(search::search_compartment)
         .serve::<fhir::__path_vread, _, _>(fhir::vread)
         .serve::<ledger::__path_checkpoint, _, _>(ledger::checkpoint)
+        .serve::<ledger::__path_cosigned_checkpoint, _, _>(ledger::cosigned_checkpoint)
+        .serve::<ledger::__path_witnesses, _, _>(ledger::witnesses)
         .serve::<ledger::__path_key, _, _>(ledger::key)
         .serve::<ledger::__path_entries, _, _>(ledger::entries)
         .serve::<ledger::__path_entry, _, _>(ledger::entry)

@@ -10,7 +10,8 @@ use super::database::{DbConnection, on_backend};
 use super::entry_codec;
 use super::error::StoreError;
 use super::schema::{
-    ledger_checkpoints, ledger_entries, ledger_hashes, ledger_patient_entries, ledger_state,
+    ledger_checkpoints, ledger_cosignatures, ledger_entries, ledger_hashes, ledger_patient_entries,
+    ledger_state,
 };
 use crate::ledger::{Hash, HashStore, LedgerError};
 
@@ -482,6 +483,98 @@ pub fn hashes_page(
         .select((ledger_hashes::stored_index, ledger_hashes::hash))
         .load(conn)
         .map_err(StoreError::classify)
+}
+
+/// A witness's cosignature of the checkpoint of `tree_size` (its signature line).
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = ledger_cosignatures)]
+pub struct CosignatureRow {
+    pub tree_size: i64,
+    pub witness: String,
+    pub signature: String,
+    pub witness_time: i64,
+    pub received_at: i64,
+}
+
+/// Stores a cosignature; one already stored for that size and witness (another process
+/// collected it first) is kept.
+pub fn insert_cosignature(conn: &mut DbConnection, row: &CosignatureRow) -> Result<(), StoreError> {
+    let inserted = diesel::insert_into(ledger_cosignatures::table)
+        .values((
+            ledger_cosignatures::tree_size.eq(row.tree_size),
+            ledger_cosignatures::witness.eq(&row.witness),
+            ledger_cosignatures::signature.eq(&row.signature),
+            ledger_cosignatures::witness_time.eq(row.witness_time),
+            ledger_cosignatures::received_at.eq(row.received_at),
+        ))
+        .execute(conn)
+        .map_err(StoreError::classify);
+    match inserted {
+        Ok(_) | Err(StoreError::UniqueViolation) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Which cosigned checkpoint to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CosignedCheckpoint {
+    /// The largest.
+    Latest,
+    /// The smallest that includes the entry of this index (size above it).
+    Covering(i64),
+    /// The largest that does not include the entry of this index (size at most it).
+    Before(i64),
+}
+
+/// The size of a checkpoint with at least `min_cosignatures` cosignatures, chosen by `which`.
+pub fn cosigned_size(
+    conn: &mut DbConnection,
+    which: CosignedCheckpoint,
+    min_cosignatures: i64,
+) -> Result<Option<i64>, StoreError> {
+    use diesel::dsl::count_star;
+    let sizes = ledger_cosignatures::table
+        .group_by(ledger_cosignatures::tree_size)
+        .having(count_star().ge(min_cosignatures))
+        .select(ledger_cosignatures::tree_size);
+    match which {
+        CosignedCheckpoint::Latest => sizes
+            .order(ledger_cosignatures::tree_size.desc())
+            .first(conn),
+        CosignedCheckpoint::Covering(index) => sizes
+            .filter(ledger_cosignatures::tree_size.gt(index))
+            .order(ledger_cosignatures::tree_size.asc())
+            .first(conn),
+        CosignedCheckpoint::Before(index) => sizes
+            .filter(ledger_cosignatures::tree_size.le(index))
+            .order(ledger_cosignatures::tree_size.desc())
+            .first(conn),
+    }
+    .optional()
+    .map_err(StoreError::classify)
+}
+
+/// The checkpoint of `tree_size` and its cosignatures, by witness name.
+pub fn checkpoint_with_cosignatures(
+    conn: &mut DbConnection,
+    tree_size: i64,
+) -> Result<Option<(CheckpointRow, Vec<CosignatureRow>)>, StoreError> {
+    let Some(checkpoint) = ledger_checkpoints::table
+        .find(tree_size)
+        .select(CheckpointRow::as_select())
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)?
+    else {
+        return Ok(None);
+    };
+    let cosignatures = ledger_cosignatures::table
+        .filter(ledger_cosignatures::tree_size.eq(tree_size))
+        .order(ledger_cosignatures::witness.asc())
+        .select(CosignatureRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)?;
+    Ok(Some((checkpoint, cosignatures)))
 }
 
 pub fn all_checkpoints(conn: &mut DbConnection) -> Result<Vec<CheckpointRow>, StoreError> {

@@ -51,6 +51,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    ledger_cosignatures (tree_size, witness) {
+        tree_size -> BigInt,
+        witness -> Text,
+        signature -> Text,
+        witness_time -> BigInt,
+        received_at -> BigInt,
+    }
+}
+
+diesel::table! {
     ledger_checkpoints (tree_size) {
         tree_size -> BigInt,
         root_hash -> Binary,

@@ -301,6 +301,7 @@ fn test_options(max_body_bytes: usize) -> StateOptions {
         smart: None,
         cors_origins: Vec::new(),
         export_retention: std::time::Duration::from_secs(3600),
+        witnesses: Vec::new(),
     }
 }
 

@@ -5,7 +5,7 @@ use crate::error::AppError;
 use crate::ledger::tiles::{TILE_WIDTH, TileRef, tile_data};
 use crate::ledger::tree;
 use crate::ledger::{Hash, LedgerError};
-use crate::store::ledger::{self as rows, DbHashStore, EntryRow};
+use crate::store::ledger::{self as rows, CosignedCheckpoint, DbHashStore, EntryRow};
 
 use super::{LedgerService, out_of_range, to_i64, to_u64};
 use crate::service::blocking;
@@ -54,7 +54,7 @@ impl LedgerService {
         .await
     }
 
-    fn latest_checkpoint(&self) -> Result<Option<CurrentCheckpoint>, AppError> {
+    pub(super) fn latest_checkpoint(&self) -> Result<Option<CurrentCheckpoint>, AppError> {
         let mut conn = self.connection()?;
         let Some(row) = rows::latest_checkpoint(&mut conn)? else {
             return Ok(None);
@@ -212,6 +212,35 @@ impl LedgerService {
         .await
     }
 
+    /// A checkpoint with at least `min_cosignatures` witness cosignatures, chosen by
+    /// `which`, as a signed note whose signature lines are the log's then the witnesses'.
+    pub async fn cosigned_checkpoint(
+        &self,
+        which: CosignedCheckpoint,
+        min_cosignatures: u64,
+    ) -> Result<Option<String>, AppError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut conn = this.connection()?;
+            let min = to_i64(min_cosignatures.max(1))?;
+            let Some(size) = rows::cosigned_size(&mut conn, which, min)? else {
+                return Ok(None);
+            };
+            let Some((checkpoint, cosignatures)) =
+                rows::checkpoint_with_cosignatures(&mut conn, size)?
+            else {
+                return Ok(None);
+            };
+            let mut note = checkpoint.note;
+            for cosignature in cosignatures {
+                note.push_str(&cosignature.signature);
+                note.push('\n');
+            }
+            Ok(Some(note))
+        })
+        .await
+    }
+
     fn check_tree_size(&self, tree_size: u64) -> Result<(), AppError> {
         let current = self.latest_checkpoint()?.map_or(0, |c| c.size);
         if tree_size > current {
@@ -222,7 +251,7 @@ impl LedgerService {
         Ok(())
     }
 
-    fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
+    pub(super) fn connection(&self) -> Result<crate::store::PooledConnection, AppError> {
         self.pool.get().map_err(AppError::from)
     }
 }

@@ -7,6 +7,7 @@
 mod event;
 mod log;
 mod sequencing;
+mod witnessing;
 
 use std::sync::{Arc, mpsc};
 
@@ -23,6 +24,7 @@ use crate::store::{DbConnection, DbPool, StoreError};
 
 use super::blocking;
 use event::entries_of;
+pub use witnessing::{WitnessEndpoint, WitnessStatus, Witnesses};
 
 pub use event::{LedgerEvent, Touched};
 pub use log::{CurrentCheckpoint, MAX_ENTRIES_PAGE, ServedEntry};
@@ -52,6 +54,8 @@ pub struct LedgerService {
     deferred: Option<DeferredEntries>,
     /// Refusals of requests without valid credentials, counted and aggregated.
     refusals: Arc<RefusalThrottle>,
+    /// The witnesses checkpoints are submitted to, and what is known of each.
+    witnesses: Arc<Witnesses>,
 }
 
 /// Any failure to write the ledger: the request must fail closed (503).
@@ -69,7 +73,14 @@ impl LedgerService {
             committer,
             deferred: None,
             refusals: Arc::new(RefusalThrottle::new(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
+            witnesses: Arc::new(Witnesses::new(Vec::new())),
         }
+    }
+
+    /// Submits checkpoints to these witnesses (see [`Self::collect_cosignatures`]).
+    pub fn with_witnesses(mut self, endpoints: Vec<WitnessEndpoint>) -> Self {
+        self.witnesses = Arc::new(Witnesses::new(endpoints));
+        self
     }
 
     /// A clone whose [`Self::append`]s sign their entries and hold them, without waiting for

@@ -29,6 +29,7 @@
 //! | `FHIRLEDGER_LEDGER_ORIGIN` | `--ledger-origin` | base URL without scheme, plus `/ledger` |
 //! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `256` |
+//! | `FHIRLEDGER_WITNESSES` | `--witness` | — (comma-separated `VKEY@URL`) |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
 //! | `FHIRLEDGER_DB_POOL_SIZE` | `--db-pool-size` | `16` |
 //! | `FHIRLEDGER_AUTH_FAILURES_PER_MINUTE` | `--auth-failures-per-minute` | `60` (per client address; then 429) |

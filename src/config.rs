@@ -29,6 +29,7 @@
 //! | `FHIRLEDGER_LEDGER_ORIGIN` | `--ledger-origin` | base URL without scheme, plus `/ledger` |
 //! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `256` |
+//! | `FHIRLEDGER_SEALED` | `--sealed` | `false` (then the master key comes from its shares) |
 //! | `FHIRLEDGER_WITNESSES` | `--witness` | — (comma-separated `VKEY@URL`) |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
 //! | `FHIRLEDGER_DB_POOL_SIZE` | `--db-pool-size` | `16` |
@@ -234,6 +235,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRLEDGER_LEDGER_INTERVAL_MS", default_value_t = 200, value_name = "MS",
           value_parser = parse_interval)]
     pub ledger_interval_ms: u64,
+
+    /// Start sealed: no master key is read; the server answers 503 until enough shares of
+    /// it (`fhirledger keys split`) are given with `fhirledger unseal` on this machine.
+    #[arg(long, env = "FHIRLEDGER_SEALED", default_value_t = false, value_name = "BOOL",
+          action = clap::ArgAction::Set, value_parser = parse_sealed)]
+    pub sealed: bool,
 
     /// Witnesses that cosign the ledger's checkpoints (C2SP tlog-witness): comma-separated
     /// `VKEY@URL`, the witness's cosignature verifier key (`fhirledger witness --print-vkey`)
@@ -711,12 +718,18 @@ fn parse_cors_origins(text: &str) -> Result<CorsOrigins, String> {
 }
 
 fn parse_local_issuer(text: &str) -> Result<bool, String> {
+    parse_bool(text, "FHIRLEDGER_LOCAL_ISSUER")
+}
+
+fn parse_sealed(text: &str) -> Result<bool, String> {
+    parse_bool(text, "FHIRLEDGER_SEALED")
+}
+
+fn parse_bool(text: &str, name: &str) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!(
-            "FHIRLEDGER_LOCAL_ISSUER must be true or false, not '{text}'"
-        )),
+        _ => Err(format!("{name} must be true or false, not '{text}'")),
     }
 }
 

@@ -81,6 +81,10 @@ pub enum AppError {
     /// This instance cannot serve now (database unreachable, pool exhausted, busy).
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The server started sealed and has not been given enough master key shares: 503,
+    /// saying how many more it needs.
+    #[error("{0}")]
+    Sealed(String),
     /// The ledger cannot be written: the request fails closed, returning nothing.
     #[error("ledger unavailable: {0}")]
     LedgerUnavailable(String),

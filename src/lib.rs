@@ -26,5 +26,6 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod unseal;
 pub mod verifier;
 pub mod witness;

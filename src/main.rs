@@ -44,9 +44,57 @@ enum Command {
     /// ledger, keeping ids. Takes serve's configuration. Resumes an interrupted run.
     /// Exit 0 every line loaded, 1 some lines rejected (the rest loaded), 2 stopped.
     Import(Box<ImportArgs>),
+    /// Master key custody: `keys split` turns the master key into Shamir shares.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Give a sealed server (`serve --sealed`) one master key share, read from the argument
+    /// or, without one, from standard input. Exit 0 accepted, 1 refused, 2 no server.
+    Unseal(UnsealArgs),
     /// Run a witness: cosign the checkpoints of the logs it follows (C2SP tlog-witness
     /// add-checkpoint) once each is consistent with the last it cosigned.
     Witness(WitnessArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Split the master key (read as `serve` reads it) into N shares, any K of which rebuild
+    /// it; prints one share per line and ledgers the split. Give each share to a different
+    /// custodian, then remove the key from the server's configuration and start it with
+    /// FHIRLEDGER_SEALED=true.
+    Split(Box<SplitArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct SplitArgs {
+    /// How many shares to make (2 to 255).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(2..))]
+    shares: u8,
+
+    /// How many shares rebuild the key (2 to N).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u8).range(2..))]
+    threshold: u8,
+
+    /// The server's configuration: the master key to split, and the database whose ledger
+    /// records the split.
+    #[command(flatten)]
+    server: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct UnsealArgs {
+    /// The share (`fhirledger-share-v1:…`); read from standard input when absent, which keeps
+    /// it out of the shell's history.
+    #[arg(value_name = "SHARE")]
+    share: Option<String>,
+
+    /// The sealed server's address on this machine.
+    #[arg(
+        long,
+        env = "FHIRLEDGER_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]
@@ -232,6 +280,8 @@ fn main() -> ExitCode {
         Command::Import(args) => return run_import(*args),
         Command::Token(args) => run_token(&args),
         Command::Witness(args) => run_witness(&args),
+        Command::Keys(KeysCommand::Split(args)) => run_split(*args),
+        Command::Unseal(args) => return run_unseal(&args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
             init_logging("info", LogFormat::Text).and_then(|()| run_migrate(&args))
@@ -248,7 +298,20 @@ fn main() -> ExitCode {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log, args.log_format)?;
-    let mut keys = load_keys(&args)?;
+    if args.sealed && (args.master_key_file.is_some() || args.master_key.is_some()) {
+        anyhow::bail!(
+            "FHIRLEDGER_SEALED takes the master key from its shares: do not also set \
+             FHIRLEDGER_MASTER_KEY_FILE or FHIRLEDGER_MASTER_KEY"
+        );
+    }
+    // actix-web's System runs the server; SIGTERM/SIGINT stop it after requests in flight.
+    let system = actix_web::rt::System::new();
+    let unsealed = if args.sealed {
+        Some(system.block_on(fhirledger::unseal::wait_for_master_key(args.address.listen))?)
+    } else {
+        None
+    };
+    let mut keys = load_keys(&args, unsealed)?;
     keys.local_issuer = match args.load_local_issuer()? {
         Some((issuer, generated)) => {
             tracing::warn!(
@@ -266,16 +329,20 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // actix-web's System runs the server; SIGTERM/SIGINT stop it after requests in flight.
-    let system = actix_web::rt::System::new();
     system.block_on(fhirledger::server::serve(args, keys))
 }
 
 /// The keys `serve` (and `import`, which writes as the server does) runs with, saying
 /// loudly which are development keys; without the local token issuer, which only `serve`
 /// starts.
-fn load_keys(args: &ServeArgs) -> anyhow::Result<fhirledger::server::Keys> {
-    let (master_key, origin) = args.load_master_key()?;
+fn load_keys(
+    args: &ServeArgs,
+    unsealed: Option<fhirledger::crypto::MasterKey>,
+) -> anyhow::Result<fhirledger::server::Keys> {
+    let (master_key, origin) = match unsealed {
+        Some(key) => (key, KeyOrigin::Configured),
+        None => args.load_master_key()?,
+    };
     match origin {
         KeyOrigin::Configured => tracing::info!(key_id = %master_key.id(), "master key loaded"),
         KeyOrigin::DevelopmentGenerated | KeyOrigin::DevelopmentExisting => {
@@ -328,7 +395,7 @@ fn run_import(args: ImportArgs) -> ExitCode {
     use std::io::IsTerminal as _;
     let run = || -> anyhow::Result<fhirledger::import::ImportSummary> {
         init_logging(&args.server.log, args.server.log_format)?;
-        let keys = load_keys(&args.server)?;
+        let keys = load_keys(&args.server, None)?;
         let options = fhirledger::server::StateOptions::from_args(&args.server)?;
         let state = fhirledger::server::prepare_state(
             &args.server.database.resolved_database_url(),
@@ -369,6 +436,103 @@ fn run_import(args: ImportArgs) -> ExitCode {
         Err(error) => {
             eprintln!("fhirledger import: {error:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run_split(args: SplitArgs) -> anyhow::Result<()> {
+    use fhirledger::ledger::Action;
+    use fhirledger::service::ledger::LedgerEvent;
+    init_logging(&args.server.log, args.server.log_format)?;
+    if args.threshold > args.shares {
+        anyhow::bail!("--threshold must not exceed --shares");
+    }
+    if args.server.sealed {
+        anyhow::bail!("a sealed server's key is already split; keys split reads a configured key");
+    }
+    let keys = load_keys(&args.server, None)?;
+    let key_id = keys.master.id().as_str().to_owned();
+    let shares = fhirledger::crypto::shares::split(&keys.master, args.shares, args.threshold)?;
+    // The split is ledgered before any share is shown.
+    let options = fhirledger::server::StateOptions::from_args(&args.server)?;
+    let state = fhirledger::server::prepare_state(
+        &args.server.database.resolved_database_url(),
+        keys,
+        &options,
+    )?;
+    let ctx = fhirledger::access::RequestContext::internal("keys-split");
+    state.ledger.append(
+        &ctx,
+        LedgerEvent::permit(Action::KeySplit).about_key(&key_id),
+    )?;
+    state.ledger.sequence_pending()?;
+    eprintln!(
+        "master key {key_id} split into {} shares, any {} of which rebuild it. Give each to a \
+         different custodian; then remove the key from this server's configuration (and its file) \
+         and start it with FHIRLEDGER_SEALED=true.",
+        args.shares, args.threshold
+    );
+    for share in &shares {
+        println!("{}", share.as_str());
+    }
+    Ok(())
+}
+
+fn run_unseal(args: &UnsealArgs) -> ExitCode {
+    let share = match &args.share {
+        Some(share) => zeroize::Zeroizing::new(share.clone()),
+        None => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("fhirledger unseal: cannot read the share: {e}");
+                return ExitCode::from(2);
+            }
+            line
+        }
+    };
+    let url = format!("http://{}{}", args.listen, fhirledger::unseal::UNSEAL_PATH);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut response = match agent.post(&url).send(share.trim().as_bytes()) {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("fhirledger unseal: {url}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response
+        .body_mut()
+        .read_to_string()
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    match status {
+        200 => {
+            println!(
+                "unsealed: master key {} rebuilt; the server is starting",
+                body["key_id"].as_str().unwrap_or("?")
+            );
+            ExitCode::SUCCESS
+        }
+        202 => {
+            println!(
+                "share accepted: {} of {} (master key {})",
+                body["have"],
+                body["need"],
+                body["key_id"].as_str().unwrap_or("?")
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let why = body["issue"][0]["diagnostics"]
+                .as_str()
+                .map_or_else(|| format!("status {status}"), str::to_owned);
+            eprintln!("fhirledger unseal: refused: {why}");
+            ExitCode::from(1)
         }
     }
 }

@@ -241,6 +241,19 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         Duration::from_millis(args.ledger_interval_ms),
     );
     spawn_export_runner(state.resources.clone(), EXPORT_POLL);
+    if args.sealed {
+        let ledger = state.ledger.clone();
+        let key_id = state.resources.master_key_id();
+        tokio::task::spawn_blocking(move || {
+            let ctx = crate::access::RequestContext::internal("unseal");
+            ledger.append(
+                &ctx,
+                crate::service::ledger::LedgerEvent::permit(crate::ledger::Action::KeyUnseal)
+                    .about_key(key_id),
+            )
+        })
+        .await??;
+    }
     if !args.witnesses.is_empty() {
         spawn_witnessing(
             state.ledger.clone(),

@@ -1020,3 +1020,142 @@ fn witnesses_cosign_the_log_and_verify_holds_it_to_them() {
     stop_server(w1);
     stop_server(w2);
 }
+
+/// `fhirledger unseal` with the share on standard input; returns (exit code, stdout, stderr).
+fn unseal(port: u16, share: &str) -> (Option<i32>, String, String) {
+    let mut child = Command::new(BINARY)
+        .arg("unseal")
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{share}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Key custody end to end: the master key split into 3 shares (the split ledgered), the key
+/// file removed, the server started sealed answers 503 saying why until 2 shares arrive (a
+/// repeated or mistyped share is named and refused), then serves the records the key
+/// sealed, ledgers the unseal, and never writes the key back to disk.
+#[test]
+fn a_sealed_server_serves_once_enough_key_shares_are_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let token = mint_token(dir.path(), port, "system/Patient.cr ledger.read");
+    let (status, _, created) = http_with_headers(
+        port,
+        Some(&token),
+        "POST",
+        "/fhir/Patient",
+        Some(r#"{"resourceType":"Patient","name":[{"family":"Sealed"}]}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201);
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let path = format!("/fhir/Patient/{}", created["id"].as_str().unwrap());
+    stop_server(server);
+
+    let split = Command::new(BINARY)
+        .args(["keys", "split", "--shares", "3", "--threshold", "2"])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(split.status.success(), "{split:?}");
+    let shares: Vec<String> = String::from_utf8(split.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(shares.len(), 3);
+    let key_file = dir.path().join("data/master.key");
+    std::fs::remove_file(&key_file).unwrap();
+
+    let mut sealed = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_SEALED", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, head, body) = loop {
+        if let Ok(answer) = http_with_headers(port, Some(&token), "GET", &path, None) {
+            break answer;
+        }
+        assert!(sealed.try_wait().unwrap().is_none(), "sealed server exited");
+        assert!(Instant::now() < deadline, "sealed server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(header_value(&head, "retry-after").is_some(), "{head}");
+    assert!(body.contains("sealed"), "{body}");
+
+    let (code, out, err) = unseal(port, &shares[0]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 of 2"), "{out}");
+    let (_, body) = http(port, "GET", "/fhir/metadata", None).unwrap();
+    assert!(body.contains("1 more master key shares"), "{body}");
+    let (code, _, err) = unseal(port, &shares[0]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("share 1 was given already"), "{err}");
+    let mistyped = shares[1].replacen(":2-of-3:2:", ":2-of-3:2:x", 1);
+    let (code, _, err) = unseal(port, &mistyped);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("share 2") && err.contains("checksum"), "{err}");
+
+    let (code, out, err) = unseal(port, &shares[2]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("unsealed"), "{out}");
+    wait_until_healthy(port, &mut sealed);
+    let (status, _, body) = http_with_headers(port, Some(&token), "GET", &path, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Sealed"), "{body}");
+    assert!(!key_file.exists(), "the rebuilt key was written to disk");
+
+    // Both key operations are in the ledger, naming the key by its id.
+    let key_id = shares[0].split(':').nth(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, body) =
+            http_with_headers(port, Some(&token), "GET", "/ledger/entries?start=0", None).unwrap();
+        let entries: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let actions: Vec<(String, String)> = entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["entry"]["action"].as_str()?.to_owned(),
+                    e["entry"]["key"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        if actions.len() == 2 {
+            assert_eq!(
+                actions,
+                [
+                    ("key-split".to_owned(), key_id.to_owned()),
+                    ("key-unseal".to_owned(), key_id.to_owned())
+                ]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{actions:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_server(sealed);
+}

@@ -46,6 +46,7 @@ impl AppError {
             Self::UnsupportedMediaType(_) | Self::NotAcceptable(_) | Self::MethodNotAllowed(_) => {
                 (IssueCode::NotSupported, self.to_string(), None)
             }
+            Self::Sealed(_) => (IssueCode::Transient, self.to_string(), None),
             Self::Unavailable(_) | Self::LedgerUnavailable(_) => (
                 IssueCode::Transient,
                 "the server cannot handle the request right now; retry later".into(),
@@ -103,7 +104,9 @@ impl ResponseError for AppError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) | Self::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::LedgerUnavailable(_) | Self::Sealed(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Integrity { .. } | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -138,7 +141,7 @@ impl AppError {
         }
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, content_type));
-        if let Self::Unavailable(_) | Self::LedgerUnavailable(_) = self {
+        if let Self::Unavailable(_) | Self::LedgerUnavailable(_) | Self::Sealed(_) = self {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
         if let Self::TooManyRequests { retry_after } = self {

@@ -5,6 +5,7 @@
 pub mod blind_index;
 pub mod envelope;
 pub mod keys;
+pub mod shares;
 
 pub use blind_index::{BlindIndexKey, ValueKind};
 pub use envelope::{EncryptedBlob, Envelope, IntegrityError, ResourceBinding};

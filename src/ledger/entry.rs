@@ -76,11 +76,15 @@ pub enum Action {
     LedgerRead,
     /// Requests refused for want of valid credentials (aggregated per address).
     Authenticate,
+    /// The master key split into shares (`fhirledger keys split`; `key` names its id).
+    KeySplit,
+    /// The master key rebuilt from its shares at a sealed start (`key` names its id).
+    KeyUnseal,
 }
 
 impl Action {
     /// Every action (kept in step with the variants: `parse` reads names through it).
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::Create,
         Self::Update,
         Self::Delete,
@@ -93,6 +97,8 @@ impl Action {
         Self::AuditView,
         Self::LedgerRead,
         Self::Authenticate,
+        Self::KeySplit,
+        Self::KeyUnseal,
     ];
 
     /// The name entries carry.
@@ -110,6 +116,8 @@ impl Action {
             Self::AuditView => "audit-view",
             Self::LedgerRead => "ledger-read",
             Self::Authenticate => "authenticate",
+            Self::KeySplit => "key-split",
+            Self::KeyUnseal => "key-unseal",
         }
     }
 
@@ -164,6 +172,10 @@ pub struct LedgerEntry {
     pub count: Option<u64>,
     /// The receipt: an id the ledger API resolves to this entry.
     pub id: String,
+    /// On an entry about key custody (`key-split`, `key-unseal`): the id of the key concerned (never
+    /// the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub outcome: Outcome,
     /// On a part of an interaction that touched several patients' records: the receipt
     /// of its lead entry.
@@ -342,6 +354,7 @@ mod tests {
         LedgerEntry {
             v: ENTRY_VERSION,
             id: "r-1".into(),
+            key: None,
             time: "2026-11-21T22:00:00.000000Z".into(),
             actor: Actor::named("anonymous", "anonymous"),
             action: "create".into(),
@@ -393,6 +406,7 @@ mod tests {
             subject: "s\u{0}\t\r".into(),
         };
         full.count = Some(3);
+        full.key = Some("0123456789abcdef".into());
         full.part_of = Some("lead".into());
         full.parts = vec!["a".into(), "b".into()];
         full.patients = vec!["Patient/x".into()];

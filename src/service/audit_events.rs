@@ -428,7 +428,8 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::Export
             | Action::AuditView,
         ) => "R",
-        Some(Action::LedgerRead | Action::Authenticate) | None => "E",
+        Some(Action::LedgerRead | Action::Authenticate | Action::KeySplit | Action::KeyUnseal)
+        | None => "E",
     };
     // The R4 restful-interaction code, where the action is one.
     let interaction = match action {
@@ -442,7 +443,14 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::Search,
         ) => Some(entry.action.as_str()),
         Some(Action::Everything | Action::Export) => Some("operation"),
-        Some(Action::AuditView | Action::LedgerRead | Action::Authenticate) | None => None,
+        Some(
+            Action::AuditView
+            | Action::LedgerRead
+            | Action::Authenticate
+            | Action::KeySplit
+            | Action::KeyUnseal,
+        )
+        | None => None,
     };
     let who = match &entry.actor.fhir_user {
         Some(user) => json!({"reference": user}),

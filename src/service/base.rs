@@ -86,6 +86,11 @@ impl ResourceService {
         self
     }
 
+    /// The id of the master key records are sealed with (never the key).
+    pub fn master_key_id(&self) -> String {
+        self.envelope.key_id().as_str().to_owned()
+    }
+
     pub fn search_index(&self) -> &SearchIndex {
         &self.search
     }

@@ -45,6 +45,8 @@ pub struct LedgerEvent {
     /// The receipt of the (lead) entry, when it was handed out before the entry was
     /// written (aggregated refusals).
     pub receipt: Option<String>,
+    /// The id of the key a key-custody event concerns.
+    pub key: Option<String>,
 }
 
 impl LedgerEvent {
@@ -68,7 +70,14 @@ impl LedgerEvent {
             count: None,
             source: None,
             receipt: None,
+            key: None,
         }
+    }
+
+    /// Names the key (by id) a key-custody event concerns.
+    pub fn about_key(mut self, key_id: impl Into<String>) -> Self {
+        self.key = Some(key_id.into());
+        self
     }
 
     /// Names a resource, in the compartments of `patients` (`None`: a type outside them).
@@ -157,6 +166,7 @@ pub(super) fn entries_of(ctx: &RequestContext, event: LedgerEvent, time: &str) -
         count: event.count,
         source: event.source.clone(),
         request: ctx.request_id.clone(),
+        key: event.key.clone(),
     };
     // The lead: about the one patient there is, or about none when there are several, in
     // which case it holds the resources in no compartment and each patient gets parts.

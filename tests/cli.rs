@@ -956,6 +956,22 @@ fn witnesses_cosign_the_log_and_verify_holds_it_to_them() {
         "{out}"
     );
     assert!(out.contains("is no later than"), "{out}");
+    // The receipt carries the cosigned checkpoint and the entry's inclusion in it.
+    let (_, _, body) = http_with_headers(
+        port,
+        Some(token),
+        "GET",
+        &format!("/ledger/receipts/{first}"),
+        None,
+    )
+    .unwrap();
+    let receipt: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cosigned = receipt["cosigned"]["checkpoint"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(cosigned.contains("— regulator.test/w1 "), "{body}");
+    assert!(cosigned.contains("— advocates.test/w2 "), "{body}");
+    assert_eq!(receipt["cosigned"]["inclusion"]["leaf_index"], 0, "{body}");
     // A witness that never cosigned this log: the policy is not met.
     let stranger = witness_vkey(&dir.path().join("w3"), "stranger.test/w3");
     let (code, out) = run_verify_with(

@@ -537,6 +537,22 @@ async fn cosigned_checkpoints_are_chosen_by_count_and_position(db: TestDb) {
         assert_eq!(reply.status, status, "{query}: {}", reply.text());
         reply.outcome_issue();
     }
+    // A receipt carries the first cosigned checkpoint that includes its entry.
+    let first: Value = call(&app, get("/ledger/entries/0")).await.json();
+    let receipt = first["entry"]["id"].as_str().unwrap();
+    let resolved = call(&app, get(&format!("/ledger/receipts/{receipt}")))
+        .await
+        .json();
+    assert_eq!(
+        resolved["cosigned"]["inclusion"]["tree_size"].as_i64(),
+        Some(sizes[0])
+    );
+    assert!(
+        resolved["cosigned"]["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("— w1 c2lnbmF0dXJl{}\n", sizes[0]))
+    );
     // No witnesses configured: an empty list.
     assert_eq!(call(&app, get("/ledger/witnesses")).await.json(), json!([]));
 }

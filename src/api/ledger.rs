@@ -84,6 +84,17 @@ pub struct ReceiptView {
     pub inclusion: Option<InclusionProof>,
     /// The latest checkpoint (signed note) the proof is against.
     pub checkpoint: Option<String>,
+    /// The first checkpoint witnesses cosigned that includes the entry (the note with their
+    /// cosignatures) and the entry's inclusion in it: the witnesses' clocks bound the
+    /// entry's time. Absent until one is cosigned, or when the log has no witnesses.
+    pub cosigned: Option<CosignedInclusion>,
+}
+
+/// An entry's inclusion in a checkpoint cosigned by witnesses.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CosignedInclusion {
+    pub checkpoint: String,
+    pub inclusion: InclusionProof,
 }
 
 /// An entry's index (if sequenced), base64 leaf data, and parsed form.
@@ -334,14 +345,15 @@ pub async fn receipt(
     let served = state.ledger.entry_by_receipt(path.into_inner()).await?;
     let receipt = served.receipt.clone();
     let (index, leaf_data, entry) = view(served)?;
-    let (inclusion, checkpoint) = match index {
+    let (inclusion, checkpoint, cosigned) = match index {
         Some(index) => {
             let current = state.ledger.checkpoint().await?;
             let (leaf, proof) = state.ledger.inclusion_proof(index, current.size).await?;
             let inclusion = InclusionProof::new(index, current.size, &leaf, &proof);
-            (Some(inclusion), Some(current.note))
+            let cosigned = cosigned_inclusion(&state, index).await?;
+            (Some(inclusion), Some(current.note), cosigned)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     Ok(HttpResponse::Ok().json(ReceiptView {
         receipt,
@@ -350,6 +362,33 @@ pub async fn receipt(
         entry,
         inclusion,
         checkpoint,
+        cosigned,
+    }))
+}
+
+/// The first cosigned checkpoint including entry `index`, with the entry's proof in it.
+async fn cosigned_inclusion(
+    state: &AppState,
+    index: u64,
+) -> Result<Option<CosignedInclusion>, AppError> {
+    let covering = i64::try_from(index)
+        .map_err(|_| AppError::Internal(format!("entry index {index} out of range")))?;
+    let Some(note) = state
+        .ledger
+        .cosigned_checkpoint(CosignedCheckpoint::Covering(covering), 1)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let size = note
+        .lines()
+        .nth(1)
+        .and_then(|line| line.parse::<u64>().ok())
+        .ok_or_else(|| AppError::Internal("stored checkpoint has no size line".into()))?;
+    let (leaf, proof) = state.ledger.inclusion_proof(index, size).await?;
+    Ok(Some(CosignedInclusion {
+        checkpoint: note,
+        inclusion: InclusionProof::new(index, size, &leaf, &proof),
     }))
 }
 

@@ -22,7 +22,7 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
     components(schemas(
         Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
         ledger::LedgerKeyInfo, ledger::EntryView, ledger::EntriesPage, ledger::InclusionProof,
-        ledger::ConsistencyProof, ledger::ReceiptView,
+        ledger::ConsistencyProof, ledger::ReceiptView, ledger::CosignedInclusion,
         crate::service::ledger::WitnessStatus,
     )),
     tags(

@@ -29,6 +29,7 @@
 //! | `FHIRLEDGER_LEDGER_ORIGIN` | `--ledger-origin` | base URL without scheme, plus `/ledger` |
 //! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `256` |
+//! | `FHIRLEDGER_PREVIOUS_MASTER_KEY_FILES` | `--previous-master-key-files` | — (a rotation's previous keys) |
 //! | `FHIRLEDGER_SEALED` | `--sealed` | `false` (then the master key comes from its shares) |
 //! | `FHIRLEDGER_WITNESSES` | `--witness` | — (comma-separated `VKEY@URL`) |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
@@ -198,6 +199,17 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub master_key: Option<String>,
+
+    /// Files of previous master keys (comma-separated), during a rotation: the server still
+    /// opens what they sealed, re-wraps every data key they wrapped with the current key in
+    /// the background, and logs (and ledgers) when each may be removed.
+    #[arg(
+        long,
+        env = "FHIRLEDGER_PREVIOUS_MASTER_KEY_FILES",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub previous_master_key_files: Vec<PathBuf>,
 
     /// File holding the base64 32-byte Ed25519 seed that signs ledger entries and checkpoints.
     #[arg(long, env = "FHIRLEDGER_LEDGER_KEY_FILE", value_name = "PATH")]
@@ -522,6 +534,17 @@ impl ServeArgs {
             dev_name: "development master key",
         })?;
         Ok((MasterKey::from_bytes(*secret), origin))
+    }
+
+    /// Loads the previous master keys of a rotation.
+    pub fn load_previous_master_keys(&self) -> Result<Vec<MasterKey>, ConfigError> {
+        self.previous_master_key_files
+            .iter()
+            .map(|path| {
+                let secret = read_secret_file(path, "FHIRLEDGER_PREVIOUS_MASTER_KEY_FILES")?;
+                Ok(MasterKey::from_bytes(*secret))
+            })
+            .collect()
     }
 
     /// Loads the ledger signing key (an Ed25519 seed) the same way as the master key.

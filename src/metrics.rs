@@ -39,6 +39,12 @@ pub struct Metrics {
     pub pool_connections: IntGaugeVec,
     /// Requests a database connection could not be had for in time.
     pub pool_timeouts: IntCounter,
+    /// Data keys still wrapped by a previous master key (a rotation in progress).
+    pub rewrap_remaining: IntGauge,
+    /// Data keys re-wrapped by the current master key since the process started.
+    pub rewrapped: IntCounter,
+    /// Witnesses' lag: entries of the latest checkpoint each has not cosigned.
+    pub witness_lag_entries: IntGaugeVec,
 }
 
 impl Metrics {
@@ -98,7 +104,34 @@ impl Metrics {
                 "Requests that could not get a database connection in time",
             )?,
         )?;
+        let rewrap_remaining = register(
+            &registry,
+            IntGauge::new(
+                "master_key_rewrap_remaining",
+                "Data keys still wrapped by a previous master key",
+            )?,
+        )?;
+        let rewrapped = register(
+            &registry,
+            IntCounter::new(
+                "master_key_rewrapped_total",
+                "Data keys re-wrapped by the current master key",
+            )?,
+        )?;
+        let witness_lag_entries = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "witness_lag_entries",
+                    "Entries of the latest checkpoint a witness has not cosigned",
+                ),
+                &["witness"],
+            )?,
+        )?;
         Ok(Self {
+            rewrap_remaining,
+            rewrapped,
+            witness_lag_entries,
             registry,
             requests,
             request_seconds,

@@ -29,6 +29,8 @@ use crate::store::{DatabaseUrl, connection, migrations};
 
 /// How often the export runner looks for queued jobs.
 const EXPORT_POLL: Duration = Duration::from_millis(500);
+/// Time between two pages of a master key rotation's re-wrapping.
+const REWRAP_PAUSE: Duration = Duration::from_millis(20);
 
 /// What the services need besides the database and keys.
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct StateOptions {
     /// How long a finished bulk export's files are kept.
     pub export_retention: Duration,
     pub witnesses: Vec<WitnessEndpoint>,
+    /// Previous master keys of a rotation in progress.
+    pub previous_master_keys: Arc<Vec<MasterKey>>,
 }
 
 impl StateOptions {
@@ -64,6 +68,7 @@ impl StateOptions {
             cors_origins: args.cors_origins(),
             export_retention: Duration::from_secs(args.export_retention_secs),
             witnesses: args.witnesses.clone(),
+            previous_master_keys: Arc::new(args.load_previous_master_keys()?),
         })
     }
 }
@@ -121,7 +126,15 @@ pub fn prepare_state(
     describe_bulk_export(&mut statement);
     let resources = ResourceService::new(
         pool,
-        Arc::new(Envelope::new(keys.master)),
+        Arc::new(
+            Envelope::new(keys.master).with_previous(
+                options
+                    .previous_master_keys
+                    .iter()
+                    .map(MasterKey::duplicate)
+                    .collect(),
+            ),
+        ),
         types,
         ledger.clone(),
         Arc::new(search),
@@ -201,6 +214,17 @@ pub fn spawn_witnessing(ledger: LedgerService, interval: Duration) {
     });
 }
 
+/// Re-wraps a rotation's data keys a page at a time until none is left (a pause between
+/// pages keeps the writer free for requests).
+pub fn spawn_rewrapper(
+    resources: ResourceService,
+    progress: Arc<crate::service::rotation::RotationProgress>,
+) {
+    spawn_periodic("master key rotation", REWRAP_PAUSE, move || {
+        resources.rewrap_page(&progress).map(|_| ())
+    });
+}
+
 pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
     spawn_periodic("export runner", interval, move || {
         resources.run_export_jobs().map(|_| ())
@@ -241,6 +265,14 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         Duration::from_millis(args.ledger_interval_ms),
     );
     spawn_export_runner(state.resources.clone(), EXPORT_POLL);
+    let rotation = tokio::task::spawn_blocking({
+        let resources = state.resources.clone();
+        move || resources.start_rotation()
+    })
+    .await??;
+    if let Some(progress) = rotation {
+        spawn_rewrapper(state.resources.clone(), progress);
+    }
     if args.sealed {
         let ledger = state.ledger.clone();
         let key_id = state.resources.master_key_id();

@@ -56,19 +56,67 @@ pub struct EncryptedBlob {
 #[error("stored ciphertext failed authentication ({0})")]
 pub struct IntegrityError(&'static str);
 
-/// Seals and opens resource versions under one master key.
+/// Seals resource versions under the current master key, and opens them under it or under
+/// a previous key kept while a rotation re-wraps what that key sealed.
 #[derive(Debug)]
 pub struct Envelope {
     master: MasterKey,
+    previous: Vec<MasterKey>,
 }
 
 impl Envelope {
     pub fn new(master: MasterKey) -> Self {
-        Self { master }
+        Self {
+            master,
+            previous: Vec::new(),
+        }
+    }
+
+    /// Also opens what these earlier master keys sealed (a rotation in progress).
+    pub fn with_previous(mut self, previous: Vec<MasterKey>) -> Self {
+        self.previous = previous
+            .into_iter()
+            .filter(|key| key.id() != self.master.id())
+            .collect();
+        self
     }
 
     pub fn key_id(&self) -> &KeyId {
         self.master.id()
+    }
+
+    /// The ids of the previous keys this envelope still opens.
+    pub fn previous_ids(&self) -> Vec<KeyId> {
+        self.previous.iter().map(|key| key.id().clone()).collect()
+    }
+
+    fn key_for(&self, key_id: &str) -> Option<&MasterKey> {
+        std::iter::once(&self.master)
+            .chain(&self.previous)
+            .find(|key| key.id().as_str() == key_id)
+    }
+
+    /// A data key wrapped by a previous master key, wrapped again by the current one: the
+    /// new `(key id, wrapped key)`. The content's ciphertext does not change (nor does the
+    /// content hash the ledger recorded for it). `None` when it is wrapped by the current
+    /// key already.
+    pub fn rewrap(
+        &self,
+        binding: ResourceBinding<'_>,
+        key_id: &str,
+        wrapped_key: &[u8],
+    ) -> Result<Option<(String, Vec<u8>)>, IntegrityError> {
+        if key_id == self.master.id().as_str() {
+            return Ok(None);
+        }
+        let old = self
+            .key_for(key_id)
+            .ok_or(IntegrityError("sealed under an unknown master key"))?;
+        let data_key = unwrap_key(old, binding, wrapped_key)?;
+        Ok(Some((
+            self.master.id().as_str().to_owned(),
+            wrap_key(&self.master, binding, &data_key),
+        )))
     }
 
     pub fn seal(&self, binding: ResourceBinding<'_>, plaintext: &[u8]) -> EncryptedBlob {
@@ -83,18 +131,9 @@ impl Envelope {
             &binding.associated_data("content"),
         );
 
-        let wrap_nonce = random_nonce();
-        let mut wrapped_key = wrap_nonce.to_vec();
-        wrapped_key.extend(encrypt(
-            self.master.bytes(),
-            &wrap_nonce,
-            data_key.as_slice(),
-            &self.wrap_associated_data(binding),
-        ));
-
         EncryptedBlob {
             key_id: self.master.id().as_str().to_owned(),
-            wrapped_key,
+            wrapped_key: wrap_key(&self.master, binding, &data_key),
             nonce: content_nonce.to_vec(),
             ciphertext,
         }
@@ -105,23 +144,11 @@ impl Envelope {
         binding: ResourceBinding<'_>,
         blob: &EncryptedBlob,
     ) -> Result<Vec<u8>, IntegrityError> {
-        if blob.key_id != self.master.id().as_str() {
-            return Err(IntegrityError("sealed under an unknown master key"));
-        }
-        let (wrap_nonce, wrapped) = split_nonce(&blob.wrapped_key)?;
-        let data_key = Zeroizing::new(
-            decrypt(
-                self.master.bytes(),
-                wrap_nonce,
-                wrapped,
-                &self.wrap_associated_data(binding),
-            )
-            .ok_or(IntegrityError("data key does not unwrap for this row"))?,
-        );
-        let data_key: &[u8; KEY_LEN] = data_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| IntegrityError("data key has the wrong length"))?;
+        let master = self
+            .key_for(&blob.key_id)
+            .ok_or(IntegrityError("sealed under an unknown master key"))?;
+        let data_key = unwrap_key(master, binding, &blob.wrapped_key)?;
+        let data_key: &[u8; KEY_LEN] = &data_key;
         let nonce: &[u8; NONCE_LEN] = blob
             .nonce
             .as_slice()
@@ -135,13 +162,50 @@ impl Envelope {
         )
         .ok_or(IntegrityError("content does not decrypt for this row"))
     }
+}
 
-    fn wrap_associated_data(&self, binding: ResourceBinding<'_>) -> Vec<u8> {
-        let mut aad = binding.associated_data("data-key");
-        aad.extend_from_slice(b"\n");
-        aad.extend_from_slice(self.master.id().as_str().as_bytes());
-        aad
+/// What a wrapped data key is bound to: its row and the master key that wrapped it.
+fn wrap_associated_data(binding: ResourceBinding<'_>, master: &MasterKey) -> Vec<u8> {
+    let mut aad = binding.associated_data("data-key");
+    aad.extend_from_slice(b"\n");
+    aad.extend_from_slice(master.id().as_str().as_bytes());
+    aad
+}
+
+/// Nonce ‖ AES-GCM(master key, data key).
+fn wrap_key(master: &MasterKey, binding: ResourceBinding<'_>, data_key: &[u8; KEY_LEN]) -> Vec<u8> {
+    let nonce = random_nonce();
+    let mut wrapped = nonce.to_vec();
+    wrapped.extend(encrypt(
+        master.bytes(),
+        &nonce,
+        data_key.as_slice(),
+        &wrap_associated_data(binding, master),
+    ));
+    wrapped
+}
+
+fn unwrap_key(
+    master: &MasterKey,
+    binding: ResourceBinding<'_>,
+    wrapped_key: &[u8],
+) -> Result<Zeroizing<[u8; KEY_LEN]>, IntegrityError> {
+    let (nonce, wrapped) = split_nonce(wrapped_key)?;
+    let data_key = Zeroizing::new(
+        decrypt(
+            master.bytes(),
+            nonce,
+            wrapped,
+            &wrap_associated_data(binding, master),
+        )
+        .ok_or(IntegrityError("data key does not unwrap for this row"))?,
+    );
+    if data_key.len() != KEY_LEN {
+        return Err(IntegrityError("data key has the wrong length"));
     }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    key.copy_from_slice(&data_key);
+    Ok(key)
 }
 
 fn random_nonce() -> [u8; NONCE_LEN] {
@@ -188,6 +252,45 @@ mod tests {
             id,
             version_id,
         }
+    }
+
+    #[test]
+    fn a_rotation_rewraps_data_keys_and_leaves_the_ciphertext_alone() {
+        let old = MasterKey::from_bytes([1; KEY_LEN]);
+        let blob = Envelope::new(MasterKey::from_bytes([1; KEY_LEN])).seal(binding("a", 1), b"x");
+        let rotating = Envelope::new(MasterKey::from_bytes([2; KEY_LEN])).with_previous(vec![old]);
+        assert_eq!(rotating.open(binding("a", 1), &blob).unwrap(), b"x");
+        let (key_id, wrapped_key) = rotating
+            .rewrap(binding("a", 1), &blob.key_id, &blob.wrapped_key)
+            .unwrap()
+            .unwrap();
+        let rewrapped = EncryptedBlob {
+            key_id,
+            wrapped_key,
+            ..blob.clone()
+        };
+        assert_eq!(rewrapped.ciphertext, blob.ciphertext);
+        // Rewrapped, the new key alone opens it; the old key is no longer needed.
+        let retired = Envelope::new(MasterKey::from_bytes([2; KEY_LEN]));
+        assert_eq!(retired.open(binding("a", 1), &rewrapped).unwrap(), b"x");
+        assert!(retired.open(binding("a", 1), &blob).is_err());
+        assert!(
+            retired
+                .rewrap(binding("a", 1), &rewrapped.key_id, &rewrapped.wrapped_key)
+                .unwrap()
+                .is_none()
+        );
+        // Without the old key, or for another row, nothing is rewrapped.
+        assert!(
+            retired
+                .rewrap(binding("a", 1), &blob.key_id, &blob.wrapped_key)
+                .is_err()
+        );
+        assert!(
+            rotating
+                .rewrap(binding("b", 1), &blob.key_id, &blob.wrapped_key)
+                .is_err()
+        );
     }
 
     #[test]

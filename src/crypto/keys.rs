@@ -96,6 +96,11 @@ impl MasterKey {
         &self.id
     }
 
+    /// A second holder of the same key (both zero their bytes when dropped).
+    pub fn duplicate(&self) -> Self {
+        Self::from_bytes(*self.bytes)
+    }
+
     pub(crate) fn bytes(&self) -> &[u8; KEY_LEN] {
         &self.bytes
     }

@@ -80,11 +80,16 @@ pub enum Action {
     KeySplit,
     /// The master key rebuilt from its shares at a sealed start (`key` names its id).
     KeyUnseal,
+    /// A master key rotation started: data keys wrapped by previous keys are re-wrapped by
+    /// this one (`key` names the new key's id).
+    KeyRotate,
+    /// A previous master key wraps no data key any more and may be destroyed (`key` names it).
+    KeyRetire,
 }
 
 impl Action {
     /// Every action (kept in step with the variants: `parse` reads names through it).
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::Create,
         Self::Update,
         Self::Delete,
@@ -99,6 +104,8 @@ impl Action {
         Self::Authenticate,
         Self::KeySplit,
         Self::KeyUnseal,
+        Self::KeyRotate,
+        Self::KeyRetire,
     ];
 
     /// The name entries carry.
@@ -118,6 +125,8 @@ impl Action {
             Self::Authenticate => "authenticate",
             Self::KeySplit => "key-split",
             Self::KeyUnseal => "key-unseal",
+            Self::KeyRotate => "key-rotate",
+            Self::KeyRetire => "key-retire",
         }
     }
 
@@ -172,7 +181,7 @@ pub struct LedgerEntry {
     pub count: Option<u64>,
     /// The receipt: an id the ledger API resolves to this entry.
     pub id: String,
-    /// On an entry about key custody (`key-split`, `key-unseal`): the id of the key concerned (never
+    /// On an entry about key custody (`key-split`, `key-unseal`, `key-rotate`, `key-retire`): the id of the key concerned (never
     /// the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,

@@ -428,7 +428,14 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::Export
             | Action::AuditView,
         ) => "R",
-        Some(Action::LedgerRead | Action::Authenticate | Action::KeySplit | Action::KeyUnseal)
+        Some(
+            Action::LedgerRead
+            | Action::Authenticate
+            | Action::KeySplit
+            | Action::KeyUnseal
+            | Action::KeyRotate
+            | Action::KeyRetire,
+        )
         | None => "E",
     };
     // The R4 restful-interaction code, where the action is one.
@@ -448,7 +455,9 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::LedgerRead
             | Action::Authenticate
             | Action::KeySplit
-            | Action::KeyUnseal,
+            | Action::KeyUnseal
+            | Action::KeyRotate
+            | Action::KeyRetire,
         )
         | None => None,
     };

@@ -638,12 +638,12 @@ fn public_failure(error: &AppError) -> String {
     }
 }
 
-fn file_name(job_id: &str, file_no: i32) -> String {
+pub(super) fn file_name(job_id: &str, file_no: i32) -> String {
     format!("{job_id}/{file_no}")
 }
 
 /// What a job's sealed description is bound to: its row.
-fn job_binding(job_id: &str) -> ResourceBinding<'_> {
+pub(super) fn job_binding(job_id: &str) -> ResourceBinding<'_> {
     ResourceBinding {
         resource_type: "$export",
         id: job_id,
@@ -652,7 +652,7 @@ fn job_binding(job_id: &str) -> ResourceBinding<'_> {
 }
 
 /// What a file's sealed content is bound to: its job and number.
-fn file_binding(name: &str) -> ResourceBinding<'_> {
+pub(super) fn file_binding(name: &str) -> ResourceBinding<'_> {
     ResourceBinding {
         resource_type: "$export-file",
         id: name,

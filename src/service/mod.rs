@@ -24,6 +24,7 @@ pub mod gate;
 pub mod import;
 pub mod ledger;
 pub mod resources;
+pub mod rotation;
 pub mod search;
 pub mod write;
 

@@ -21,6 +21,7 @@ pub mod imports;
 pub mod ledger;
 pub mod migrations;
 pub mod resources;
+pub mod rewrap;
 pub mod schema;
 pub mod search;
 mod sqlite_writer;

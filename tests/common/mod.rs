@@ -169,6 +169,20 @@ impl TestDb {
         prepare_state(&self.url, keys, &options).expect("application state")
     }
 
+    /// Application state whose master key is `master`, also opening what `previous` sealed
+    /// (a master key rotation in progress).
+    pub fn state_rotating(&self, master: MasterKey, previous: Vec<MasterKey>) -> AppState {
+        let keys = Keys {
+            master,
+            ledger: ledger_key(),
+            index: BlindIndexKey::generate(),
+            local_issuer: Some(local_issuer()),
+        };
+        let mut options = test_options(16 * 1024 * 1024);
+        options.previous_master_keys = std::sync::Arc::new(previous);
+        prepare_state(&self.url, keys, &options).expect("application state")
+    }
+
     /// Application state with fresh keys and the test options as `configure` changes them
     /// (CORS origins, SMART endpoints, …).
     pub fn state_configured(&self, configure: impl FnOnce(&mut StateOptions)) -> AppState {
@@ -302,6 +316,7 @@ fn test_options(max_body_bytes: usize) -> StateOptions {
         cors_origins: Vec::new(),
         export_retention: std::time::Duration::from_secs(3600),
         witnesses: Vec::new(),
+        previous_master_keys: std::sync::Arc::new(Vec::new()),
     }
 }
 

@@ -137,6 +137,16 @@ impl LedgerService {
                 }
             }
         });
+        if let Some(metrics) = crate::metrics::metrics() {
+            let known = self.witnesses.known.lock();
+            for (endpoint, known) in self.witnesses.endpoints.iter().zip(known.iter()) {
+                let lag = latest.size.saturating_sub(known.cosigned_size.unwrap_or(0));
+                metrics
+                    .witness_lag_entries
+                    .with_label_values(&[endpoint.verifier.name()])
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+        }
         Ok(())
     }
 

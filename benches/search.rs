@@ -717,6 +717,8 @@ fn run(
             smart: None,
             cors_origins: Vec::new(),
             export_retention: std::time::Duration::from_secs(3600),
+            witnesses: Vec::new(),
+            previous_master_keys: std::sync::Arc::new(Vec::new()),
         },
     )
     .unwrap();

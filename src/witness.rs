@@ -159,12 +159,12 @@ impl Witness {
             });
         }
         match &latest {
-            Some(latest) if latest.size == size => {
-                if decode_hash(&latest.root).ok() != Some(root) {
-                    tracing::warn!(%origin, size, "refused a forked checkpoint");
-                    return Err(Refusal::Fork { size });
-                }
+            // The tree it cosigned last, again: cosigned again; another root: a fork.
+            Some(latest) if latest.size == size && decode_hash(&latest.root).ok() != Some(root) => {
+                tracing::warn!(%origin, size, "refused a forked checkpoint");
+                return Err(Refusal::Fork { size });
             }
+            Some(latest) if latest.size == size => {}
             Some(latest) => {
                 let latest_root = decode_hash(&latest.root)
                     .map_err(|e| Refusal::Storage(format!("stored root: {e}")))?;

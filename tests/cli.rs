@@ -1148,18 +1148,7 @@ fn a_sealed_server_serves_once_enough_key_shares_are_given() {
     loop {
         let (_, _, body) =
             http_with_headers(port, Some(&token), "GET", "/ledger/entries?start=0", None).unwrap();
-        let entries: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let actions: Vec<(String, String)> = entries["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| {
-                Some((
-                    e["entry"]["action"].as_str()?.to_owned(),
-                    e["entry"]["key"].as_str()?.to_owned(),
-                ))
-            })
-            .collect();
+        let actions = common::key_entries(&serde_json::from_str(&body).unwrap());
         if actions.len() == 2 {
             assert_eq!(
                 actions,

@@ -120,17 +120,7 @@ async fn a_rotation_rewraps_every_data_key_and_retires_the_previous_key(db: Test
     let page: Value = call(&app, get("/ledger/entries?start=0&end=1000"))
         .await
         .json();
-    let keys: Vec<(String, String)> = page["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| {
-            Some((
-                e["entry"]["action"].as_str()?.to_owned(),
-                e["entry"]["key"].as_str()?.to_owned(),
-            ))
-        })
-        .collect();
+    let keys = common::key_entries(&page);
     assert_eq!(
         keys,
         [

@@ -617,3 +617,19 @@ where
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     reply.json()["id"].as_str().expect("id").to_owned()
 }
+
+/// The key-custody entries (action and key id) of a `GET /ledger/entries` page, in order.
+pub fn key_entries(page: &Value) -> Vec<(String, String)> {
+    page["entries"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["entry"]["action"].as_str()?.to_owned(),
+                e["entry"]["key"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}

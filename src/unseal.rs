@@ -1,5 +1,5 @@
 //! The sealed start (`serve --sealed`): until enough master key shares arrive, the listen
-//! address answers every request 503 with an OperationOutcome saying so, and takes shares at
+//! address answers every request but `/healthz` 503 with an OperationOutcome saying so, and takes shares at
 //! `POST /unseal` from this machine only (`fhirledger unseal`). The key is rebuilt in memory;
 //! neither it nor a share is ever written to disk.
 
@@ -102,6 +102,10 @@ async fn unseal(
     }
 }
 
+async fn sealed_health() -> HttpResponse {
+    HttpResponse::Ok().json(crate::api::health::Health { status: "sealed" })
+}
+
 async fn sealed(gathering: web::Data<Arc<Mutex<Gathering>>>) -> Result<HttpResponse, AppError> {
     Err(AppError::Sealed(sealed_message(&gathering.lock())))
 }
@@ -119,6 +123,9 @@ pub async fn wait_for_master_key(listen: SocketAddr) -> anyhow::Result<MasterKey
             .app_data(web::Data::new(Arc::clone(&gathering)))
             .app_data(web::PayloadConfig::new(MAX_SHARE_BYTES))
             .route(UNSEAL_PATH, web::post().to(unseal))
+            // The process is up (a liveness probe must not restart it while custodians
+            // gather); `/readyz`, like everything else, answers 503 until it is unsealed.
+            .route("/healthz", web::get().to(sealed_health))
             .default_service(web::to(sealed))
     })
     .workers(1)

@@ -1125,6 +1125,11 @@ fn a_sealed_server_serves_once_enough_key_shares_are_given() {
     assert!(out.contains("1 of 2"), "{out}");
     let (_, body) = http(port, "GET", "/fhir/metadata", None).unwrap();
     assert!(body.contains("1 more master key shares"), "{body}");
+    assert_eq!(
+        http(port, "GET", "/healthz", None).unwrap(),
+        (200, r#"{"status":"sealed"}"#.to_owned())
+    );
+    assert_eq!(http(port, "GET", "/readyz", None).unwrap().0, 503);
     let (code, _, err) = unseal(port, &shares[0]);
     assert_eq!(code, Some(1));
     assert!(err.contains("share 1 was given already"), "{err}");

@@ -9,7 +9,7 @@ use super::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, `ready` or `unavailable`.
+    /// `ok`, `ready`, `unavailable`, or `sealed` (a sealed start waiting for key shares).
     pub status: &'static str,
 }
 

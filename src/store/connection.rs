@@ -80,6 +80,8 @@ pub fn read_snapshot<T>(
 #[derive(Clone)]
 pub struct DbPool {
     readers: r2d2::Pool<ConnectionManager>,
+    /// For connections of their own ([`DbPool::dedicated`]).
+    url: DatabaseUrl,
     /// SQLite only; PostgreSQL writes through pooled connections, concurrently.
     writer: Option<Arc<SqliteWriter>>,
     /// PostgreSQL only: when to refresh the planner's statistics.
@@ -111,6 +113,7 @@ pub fn build_pool(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, StoreError
     let statistics = dialect.refreshes_planner_statistics().then(Arc::default);
     Ok(DbPool {
         readers,
+        url: url.clone(),
         writer,
         statistics,
     })
@@ -140,6 +143,12 @@ fn probe(url: &DatabaseUrl) -> Result<(), StoreError> {
 }
 
 impl DbPool {
+    /// A connection outside the pool, for background work that must not queue behind
+    /// requests for a pooled one (submitting checkpoints to witnesses).
+    pub fn dedicated(&self) -> Result<DbConnection, StoreError> {
+        establish(&self.url).map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
     /// A pooled connection, for reading.
     pub fn get(&self) -> Result<PooledConnection, StoreError> {
         self.readers.get().map_err(|error| {

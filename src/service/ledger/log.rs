@@ -5,7 +5,9 @@ use crate::error::AppError;
 use crate::ledger::tiles::{TILE_WIDTH, TileRef, tile_data};
 use crate::ledger::tree;
 use crate::ledger::{Hash, LedgerError};
-use crate::store::ledger::{self as rows, CosignedCheckpoint, DbHashStore, EntryRow};
+use crate::store::ledger::{
+    self as rows, CheckpointRow, CosignedCheckpoint, DbHashStore, EntryRow,
+};
 
 use super::{LedgerService, out_of_range, to_i64, to_u64};
 use crate::service::blocking;
@@ -39,6 +41,22 @@ pub struct CurrentCheckpoint {
     pub note: String,
 }
 
+impl TryFrom<CheckpointRow> for CurrentCheckpoint {
+    type Error = AppError;
+
+    fn try_from(row: CheckpointRow) -> Result<Self, AppError> {
+        let root: [u8; 32] = row
+            .root_hash
+            .try_into()
+            .map_err(|_| AppError::Internal("stored checkpoint root is not 32 bytes".into()))?;
+        Ok(Self {
+            size: to_u64(row.tree_size)?,
+            root: Hash(root),
+            note: row.note,
+        })
+    }
+}
+
 impl LedgerService {
     /// The latest signed checkpoint (signing the empty tree's first if there is none yet).
     pub async fn checkpoint(&self) -> Result<CurrentCheckpoint, AppError> {
@@ -56,18 +74,9 @@ impl LedgerService {
 
     pub(super) fn latest_checkpoint(&self) -> Result<Option<CurrentCheckpoint>, AppError> {
         let mut conn = self.connection()?;
-        let Some(row) = rows::latest_checkpoint(&mut conn)? else {
-            return Ok(None);
-        };
-        let root: [u8; 32] = row
-            .root_hash
-            .try_into()
-            .map_err(|_| AppError::Internal("stored checkpoint root is not 32 bytes".into()))?;
-        Ok(Some(CurrentCheckpoint {
-            size: to_u64(row.tree_size)?,
-            root: Hash(root),
-            note: row.note,
-        }))
+        rows::latest_checkpoint(&mut conn)?
+            .map(CurrentCheckpoint::try_from)
+            .transpose()
     }
 
     /// Sequenced entries with `start <= index < end` (bounded to [`MAX_ENTRIES_PAGE`]).

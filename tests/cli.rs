@@ -874,12 +874,7 @@ fn start_witness(dir: &std::path::Path, name: &str, port: u16, log_vkey: &str) -
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "witness exited early");
-        assert!(Instant::now() < deadline, "witness did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until_listening(port, &mut child, "witness");
     child
 }
 

@@ -76,12 +76,7 @@ fn start(db_url: &str, master: &str, ledger: &str) -> (Child, u16, tempfile::Tem
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "server exited");
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until_listening(port, &mut child, "server");
     (child, port, dir)
 }
 

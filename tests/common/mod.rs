@@ -633,3 +633,14 @@ pub fn key_entries(page: &Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Waits until something listens on `port` (up to 30 s), failing when `child`, which should
+/// be the listener (`what`), exits first.
+pub fn wait_until_listening(port: u16, child: &mut std::process::Child, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "{what} exited");
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -477,12 +477,14 @@ async fn cosigned_checkpoints_are_chosen_by_count_and_position(db: TestDb) {
     let state = db.state();
     let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
     let mut sizes = Vec::new();
+    let mut patients = Vec::new();
     for _ in 0..3 {
-        call(
+        let created = call(
             &app,
             post("/fhir/Patient", &json!({"resourceType": "Patient"})),
         )
         .await;
+        patients.push(created.json()["id"].as_str().unwrap().to_owned());
         sequence(&state).await;
         let note = call(&app, get("/ledger/checkpoint")).await.text();
         sizes.push(note.lines().nth(1).unwrap().parse::<i64>().unwrap());
@@ -550,6 +552,32 @@ async fn cosigned_checkpoints_are_chosen_by_count_and_position(db: TestDb) {
     assert!(
         resolved["cosigned"]["checkpoint"]
             .as_str()
+            .unwrap()
+            .ends_with(&format!("— w1 c2lnbmF0dXJl{}\n", sizes[0]))
+    );
+    // The patient's view carries it too, with the entry's inclusion in it.
+    let auditor = common::token_with("ledger.read", None, None);
+    let view = common::call_as_is(
+        &app,
+        get(&format!("/fhir/AuditEvent?patient=Patient/{}", patients[0]))
+            .insert_header(("Authorization", format!("Bearer {auditor}"))),
+    )
+    .await
+    .json();
+    let parts = view["entry"][0]["resource"]["extension"][0]["extension"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let part = |name: &str| {
+        parts
+            .iter()
+            .find(|p| p["url"] == name)
+            .map(|p| p["valueString"].clone())
+    };
+    assert_eq!(part("cosignedTreeSize"), Some(json!(sizes[0].to_string())));
+    assert!(
+        part("cosignedCheckpoint")
+            .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap()
             .ends_with(&format!("— w1 c2lnbmF0dXJl{}\n", sizes[0]))
     );

@@ -25,7 +25,7 @@ use crate::ledger::Action;
 use crate::ledger::checkpoint::encode_hash;
 use crate::ledger::entry::{LedgerEntry, Outcome};
 use crate::ledger::{Hash, tree};
-use crate::store::ledger::{self as rows, CheckpointRow, DbHashStore};
+use crate::store::ledger::{self as rows, CheckpointRow, CosignedCheckpoint, DbHashStore};
 
 use super::base::ResourceService;
 use super::cursor::{self, CursorKind};
@@ -327,6 +327,14 @@ impl ResourceService {
                     let mut event = audit_event(index, &entry);
                     let proof = Self::proof(&mut conn, index, checkpoint.tree_size)?;
                     attach_proof(&mut event, &row.data, legacy, &checkpoint, &proof);
+                    // The first checkpoint witnesses cosigned that includes the entry, once
+                    // there is one: their clocks bound the entry's time.
+                    if let Some((size, note)) =
+                        rows::cosigned_note(&mut conn, CosignedCheckpoint::Covering(index), 1)?
+                    {
+                        let proof = Self::proof(&mut conn, index, size)?;
+                        attach_cosigned(&mut event, size, &proof, note);
+                    }
                     events.push(event);
                     if events.len() == query.count {
                         return Ok(AuditPage {
@@ -391,6 +399,21 @@ fn attach_proof(
             .map(|hash| json!({"url": "inclusionProof", "valueString": encode_hash(hash)})),
     );
     parts.push(json!({"url": "checkpoint", "valueString": checkpoint.note}));
+}
+
+/// Adds the first cosigned checkpoint that includes the entry (with the witnesses'
+/// cosignature lines) and the entry's inclusion proof in it.
+fn attach_cosigned(event: &mut Value, tree_size: i64, proof: &[Hash], note: String) {
+    let Some(parts) = event["extension"][0]["extension"].as_array_mut() else {
+        return;
+    };
+    parts.push(json!({"url": "cosignedTreeSize", "valueString": tree_size.to_string()}));
+    parts.extend(
+        proof
+            .iter()
+            .map(|hash| json!({"url": "cosignedInclusionProof", "valueString": encode_hash(hash)})),
+    );
+    parts.push(json!({"url": "cosignedCheckpoint", "valueString": note}));
 }
 
 impl AuditQuery {

@@ -577,6 +577,27 @@ pub fn checkpoint_with_cosignatures(
     Ok(Some((checkpoint, cosignatures)))
 }
 
+/// The checkpoint chosen as [`cosigned_size`] chooses it, as a signed note whose signature
+/// lines are the log's then the witnesses': its size and the note.
+pub fn cosigned_note(
+    conn: &mut DbConnection,
+    which: CosignedCheckpoint,
+    min_cosignatures: i64,
+) -> Result<Option<(i64, String)>, StoreError> {
+    let Some(size) = cosigned_size(conn, which, min_cosignatures)? else {
+        return Ok(None);
+    };
+    let Some((checkpoint, cosignatures)) = checkpoint_with_cosignatures(conn, size)? else {
+        return Ok(None);
+    };
+    let mut note = checkpoint.note;
+    for cosignature in cosignatures {
+        note.push_str(&cosignature.signature);
+        note.push('\n');
+    }
+    Ok(Some((size, note)))
+}
+
 pub fn all_checkpoints(conn: &mut DbConnection) -> Result<Vec<CheckpointRow>, StoreError> {
     ledger_checkpoints::table
         .order(ledger_checkpoints::tree_size.asc())

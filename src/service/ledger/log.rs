@@ -232,20 +232,7 @@ impl LedgerService {
         blocking(move || {
             let mut conn = this.connection()?;
             let min = to_i64(min_cosignatures.max(1))?;
-            let Some(size) = rows::cosigned_size(&mut conn, which, min)? else {
-                return Ok(None);
-            };
-            let Some((checkpoint, cosignatures)) =
-                rows::checkpoint_with_cosignatures(&mut conn, size)?
-            else {
-                return Ok(None);
-            };
-            let mut note = checkpoint.note;
-            for cosignature in cosignatures {
-                note.push_str(&cosignature.signature);
-                note.push('\n');
-            }
-            Ok(Some(note))
+            Ok(rows::cosigned_note(&mut conn, which, min)?.map(|(_, note)| note))
         })
         .await
     }

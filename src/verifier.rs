@@ -148,29 +148,32 @@ struct Client {
 impl Client {
     /// Like [`Self::get`], with `None` for a 404.
     fn get_found(&self, path: &str) -> Result<Option<String>, VerifyError> {
-        match self.get(path) {
-            Ok(text) => Ok(Some(text)),
-            Err(VerifyError::CouldNotCheck(message)) if message.contains("status: 404") => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn get(&self, path: &str) -> Result<String, VerifyError> {
         let url = format!("{}{path}", self.base);
         let mut request = self.agent.get(&url);
         if let Some(token) = &self.token {
             request = request.header("Authorization", &format!("Bearer {token}"));
         }
-        let mut response = request.call().map_err(|e| match e {
-            ureq::Error::StatusCode(401 | 403) => VerifyError::CouldNotCheck(format!(
-                "GET {url}: refused; proofs and receipts need a token with the ledger.read scope (--token)"
-            )),
-            e => VerifyError::CouldNotCheck(format!("GET {url}: {e}")),
-        })?;
+        let mut response = match request.call() {
+            Ok(response) => response,
+            Err(ureq::Error::StatusCode(404)) => return Ok(None),
+            Err(ureq::Error::StatusCode(401 | 403)) => {
+                return Err(VerifyError::CouldNotCheck(format!(
+                    "GET {url}: refused; proofs and receipts need a token with the ledger.read scope (--token)"
+                )));
+            }
+            Err(e) => return Err(VerifyError::CouldNotCheck(format!("GET {url}: {e}"))),
+        };
         response
             .body_mut()
             .read_to_string()
+            .map(Some)
             .map_err(|e| VerifyError::CouldNotCheck(format!("GET {url}: {e}")))
+    }
+
+    fn get(&self, path: &str) -> Result<String, VerifyError> {
+        self.get_found(path)?.ok_or_else(|| {
+            VerifyError::CouldNotCheck(format!("GET {}{path}: not found (404)", self.base))
+        })
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, VerifyError> {

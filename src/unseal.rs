@@ -35,17 +35,15 @@ struct Gathering {
     unsealing: Unsealing,
     /// Takes the rebuilt key to the waiting start-up, once.
     done: Option<tokio::sync::oneshot::Sender<MasterKey>>,
-    need: usize,
 }
 
-fn sealed_message(gathering: &Gathering) -> String {
-    let more = gathering.need.saturating_sub(gathering.unsealing.have());
-    if gathering.need == 0 {
-        "the server is sealed: its master key is split into shares; give them with `fhirledger unseal` on this machine".into()
-    } else {
-        format!(
-            "the server is sealed: {more} more master key shares are needed; give them with `fhirledger unseal` on this machine"
-        )
+fn sealed_message(unsealing: &Unsealing) -> String {
+    match unsealing.need() {
+        None => "the server is sealed: its master key is split into shares; give them with `fhirledger unseal` on this machine".into(),
+        Some(need) => format!(
+            "the server is sealed: {} more master key shares are needed; give them with `fhirledger unseal` on this machine",
+            need.saturating_sub(unsealing.have())
+        ),
     }
 }
 
@@ -71,13 +69,9 @@ async fn unseal(
         .unsealing
         .add(&body)
         .map_err(|e| AppError::bad_request(e.to_string()))?;
-    let key_id = gathering
-        .unsealing
-        .expected()
-        .map(|(id, _, _)| id.to_owned());
+    let key_id = gathering.unsealing.key_id().map(str::to_owned);
     match outcome {
         Unsealed::NeedMore { have, need } => {
-            gathering.need = need;
             tracing::info!(have, need, "master key share accepted");
             Ok(HttpResponse::Accepted().json(UnsealProgress {
                 sealed: true,
@@ -90,7 +84,10 @@ async fn unseal(
             let progress = UnsealProgress {
                 sealed: false,
                 have: gathering.unsealing.have(),
-                need: gathering.need.max(gathering.unsealing.have()),
+                need: gathering
+                    .unsealing
+                    .need()
+                    .unwrap_or_else(|| gathering.unsealing.have()),
                 key_id: Some(key.id().as_str().to_owned()),
             };
             if let Some(done) = gathering.done.take() {
@@ -107,7 +104,9 @@ async fn sealed_health() -> HttpResponse {
 }
 
 async fn sealed(gathering: web::Data<Arc<Mutex<Gathering>>>) -> Result<HttpResponse, AppError> {
-    Err(AppError::Sealed(sealed_message(&gathering.lock())))
+    Err(AppError::Sealed(sealed_message(
+        &gathering.lock().unsealing,
+    )))
 }
 
 /// Serves the sealed answers on `listen` until shares rebuild the master key; returns it.
@@ -116,7 +115,6 @@ pub async fn wait_for_master_key(listen: SocketAddr) -> anyhow::Result<MasterKey
     let gathering = Arc::new(Mutex::new(Gathering {
         unsealing: Unsealing::default(),
         done: Some(done),
-        need: 0,
     }));
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()

@@ -321,7 +321,7 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
                 client: &client,
                 vkey: &options.vkey,
                 policy,
-                public_key: &public_key,
+                leaf,
                 current: &current,
             };
             check_entry_time(&bounds, index, entry_time, options.time_tolerance, report)?;
@@ -339,13 +339,14 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
     Ok(())
 }
 
-/// What bounding an entry's time takes: the server, the log's key, the witness policy, and
-/// the cosigned checkpoint already verified.
+/// What bounding an entry's time takes: the server, the log's key, the witness policy, the
+/// entry's leaf and the cosigned checkpoint already verified.
 struct TimeBounds<'a> {
     client: &'a Client,
     vkey: &'a str,
     policy: &'a WitnessPolicy,
-    public_key: &'a ed25519_dalek::VerifyingKey,
+    /// The receipt's entry's leaf hash, from the bytes whose signature was checked.
+    leaf: Hash,
     current: &'a VerifiedCheckpoint,
 }
 
@@ -456,29 +457,12 @@ impl TimeBounds<'_> {
             "/ledger/proof/inclusion?index={index}&tree_size={}",
             checkpoint.size
         ))?;
-        let leaf = proof
-            .leaf_hash
-            .as_deref()
-            .and_then(|h| decode_hash(h).ok())
-            .ok_or_else(|| VerifyError::CouldNotCheck("inclusion proof without leaf".into()))?;
-        // The leaf must be the entry's, whose bytes were checked against the current tree.
-        let entries: EntryBody = self.client.get_json(&format!("/ledger/entries/{index}"))?;
-        let leaf_data = BASE64
-            .decode(&entries.leaf_data)
-            .map_err(|_| VerifyError::CouldNotCheck("entry: leaf_data is not base64".into()))?;
-        verify_entry(&leaf_data, self.public_key)
-            .map_err(|e| VerifyError::Failed(format!("entry #{index}: {e}")))?;
-        if tree::leaf_hash(&leaf_data) != leaf {
-            return Err(VerifyError::Failed(format!(
-                "entry #{index}: the served leaf hash is not the entry's"
-            )));
-        }
         tree::verify_inclusion(
             &decode_proof(&proof.proof)?,
             checkpoint.size,
             checkpoint.root,
             index,
-            leaf,
+            self.leaf,
         )
         .map_err(|_| {
             VerifyError::Failed(format!(
@@ -487,11 +471,6 @@ impl TimeBounds<'_> {
             ))
         })
     }
-}
-
-#[derive(Deserialize)]
-struct EntryBody {
-    leaf_data: String,
 }
 
 fn format_posix(seconds: u64) -> String {

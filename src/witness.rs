@@ -116,10 +116,6 @@ impl Witness {
         })
     }
 
-    pub fn key(&self) -> &WitnessKey {
-        &self.key
-    }
-
     /// The size of the latest checkpoint cosigned for `origin` (0 when none was).
     pub fn latest_size(&self, origin: &str) -> u64 {
         self.state.lock().logs.get(origin).map_or(0, |c| c.size)

@@ -210,7 +210,7 @@ pub async fn cosigned_checkpoint(
             ));
         }
     };
-    let note = state
+    let (_, note) = state
         .ledger
         .cosigned_checkpoint(which, min)
         .await?
@@ -373,18 +373,13 @@ async fn cosigned_inclusion(
 ) -> Result<Option<CosignedInclusion>, AppError> {
     let covering = i64::try_from(index)
         .map_err(|_| AppError::Internal(format!("entry index {index} out of range")))?;
-    let Some(note) = state
+    let Some((size, note)) = state
         .ledger
         .cosigned_checkpoint(CosignedCheckpoint::Covering(covering), 1)
         .await?
     else {
         return Ok(None);
     };
-    let size = note
-        .lines()
-        .nth(1)
-        .and_then(|line| line.parse::<u64>().ok())
-        .ok_or_else(|| AppError::Internal("stored checkpoint has no size line".into()))?;
     let (leaf, proof) = state.ledger.inclusion_proof(index, size).await?;
     Ok(Some(CosignedInclusion {
         checkpoint: note,

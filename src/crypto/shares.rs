@@ -77,17 +77,9 @@ impl KeyShare {
         self.number
     }
 
-    pub fn key_id(&self) -> &str {
-        &self.key_id
-    }
-
     /// `k-of-n`.
     pub fn split_name(&self) -> String {
         format!("{}-of-{}", self.threshold, self.count)
-    }
-
-    pub fn threshold(&self) -> u8 {
-        self.threshold
     }
 
     fn to_text(&self) -> Zeroizing<String> {
@@ -186,6 +178,9 @@ pub fn split(
 #[derive(Debug, Default)]
 pub struct Unsealing {
     shares: BTreeMap<u8, KeyShare>,
+    /// How many shares the split needs, once a share said so (kept when gathering starts
+    /// over after shares that rebuild a wrong key).
+    need: Option<usize>,
 }
 
 /// Where gathering stands after a share is accepted.
@@ -200,12 +195,14 @@ pub enum Unsealed {
 }
 
 impl Unsealing {
-    /// The key id and split the first share named, which every later one must match.
-    pub fn expected(&self) -> Option<(&str, String, u8)> {
-        self.shares
-            .values()
-            .next()
-            .map(|s| (s.key_id(), s.split_name(), s.threshold()))
+    /// The key id the shares gathered so far name.
+    pub fn key_id(&self) -> Option<&str> {
+        self.shares.values().next().map(|s| s.key_id.as_str())
+    }
+
+    /// How many shares rebuild the key, once a share has said so.
+    pub fn need(&self) -> Option<usize> {
+        self.need
     }
 
     pub fn have(&self) -> usize {
@@ -236,6 +233,7 @@ impl Unsealing {
         }
         let need = usize::from(share.threshold);
         let expected = share.key_id.clone();
+        self.need = Some(need);
         self.shares.insert(share.number, share);
         if self.shares.len() < need {
             return Ok(Unsealed::NeedMore {

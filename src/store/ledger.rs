@@ -527,7 +527,7 @@ pub enum CosignedCheckpoint {
 }
 
 /// The size of a checkpoint with at least `min_cosignatures` cosignatures, chosen by `which`.
-pub fn cosigned_size(
+fn cosigned_size(
     conn: &mut DbConnection,
     which: CosignedCheckpoint,
     min_cosignatures: i64,
@@ -555,7 +555,7 @@ pub fn cosigned_size(
 }
 
 /// The checkpoint of `tree_size` and its cosignatures, by witness name.
-pub fn checkpoint_with_cosignatures(
+fn checkpoint_with_cosignatures(
     conn: &mut DbConnection,
     tree_size: i64,
 ) -> Result<Option<(CheckpointRow, Vec<CosignatureRow>)>, StoreError> {

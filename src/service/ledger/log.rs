@@ -222,17 +222,20 @@ impl LedgerService {
     }
 
     /// A checkpoint with at least `min_cosignatures` witness cosignatures, chosen by
-    /// `which`, as a signed note whose signature lines are the log's then the witnesses'.
+    /// `which`: its tree size, and the signed note whose signature lines are the log's then
+    /// the witnesses'.
     pub async fn cosigned_checkpoint(
         &self,
         which: CosignedCheckpoint,
         min_cosignatures: u64,
-    ) -> Result<Option<String>, AppError> {
+    ) -> Result<Option<(u64, String)>, AppError> {
         let this = self.clone();
         blocking(move || {
             let mut conn = this.connection()?;
             let min = to_i64(min_cosignatures.max(1))?;
-            Ok(rows::cosigned_note(&mut conn, which, min)?.map(|(_, note)| note))
+            rows::cosigned_note(&mut conn, which, min)?
+                .map(|(size, note)| Ok((to_u64(size)?, note)))
+                .transpose()
         })
         .await
     }

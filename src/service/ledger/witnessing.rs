@@ -82,6 +82,13 @@ struct Known {
     last_error: Option<String>,
 }
 
+impl Known {
+    /// Entries of a checkpoint of `latest` entries that the witness has not cosigned.
+    fn lag(&self, latest: u64) -> u64 {
+        latest.saturating_sub(self.cosigned_size.unwrap_or(0))
+    }
+}
+
 /// The configured witnesses and what is known of each.
 pub struct Witnesses {
     endpoints: Vec<WitnessEndpoint>,
@@ -106,10 +113,6 @@ impl Witnesses {
             agent,
             connection: Mutex::new(None),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
     }
 }
 
@@ -166,7 +169,7 @@ impl LedgerService {
         if let Some(metrics) = crate::metrics::metrics() {
             let known = self.witnesses.known.lock();
             for (endpoint, known) in self.witnesses.endpoints.iter().zip(known.iter()) {
-                let lag = latest.size.saturating_sub(known.cosigned_size.unwrap_or(0));
+                let lag = known.lag(latest.size);
                 metrics
                     .witness_lag_entries
                     .with_label_values(&[endpoint.verifier.name()])
@@ -349,7 +352,7 @@ impl LedgerService {
                 vkey: endpoint.verifier.vkey(),
                 cosigned_size: known.cosigned_size,
                 cosigned_time: known.cosigned_time,
-                lag_entries: latest.saturating_sub(known.cosigned_size.unwrap_or(0)),
+                lag_entries: known.lag(latest),
                 last_error: known.last_error.clone(),
             })
             .collect())

@@ -719,6 +719,8 @@ fn run(
             export_retention: std::time::Duration::from_secs(3600),
             witnesses: Vec::new(),
             previous_master_keys: std::sync::Arc::new(Vec::new()),
+            previous_ledger_key: None,
+            index_maintenance: false,
         },
     )
     .unwrap();

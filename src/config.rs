@@ -30,6 +30,7 @@
 //! | `FHIRLEDGER_LEDGER_INTERVAL_MS` | `--ledger-interval-ms` | `200` |
 //! | `FHIRLEDGER_LEDGER_BATCH_SIZE` | `--ledger-batch-size` | `256` |
 //! | `FHIRLEDGER_PREVIOUS_MASTER_KEY_FILES` | `--previous-master-key-files` | — (a rotation's previous keys) |
+//! | `FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE` | `--previous-ledger-key-file` | — (a ledger key rotation's outgoing key) |
 //! | `FHIRLEDGER_SEALED` | `--sealed` | `false` (then the master key comes from its shares) |
 //! | `FHIRLEDGER_WITNESSES` | `--witness` | — (comma-separated `VKEY@URL`) |
 //! | `FHIRLEDGER_MAX_BODY_BYTES` | `--max-body-bytes` | `16777216` |
@@ -210,6 +211,12 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub previous_master_key_files: Vec<PathBuf>,
+
+    /// A ledger key rotation: the file of the key that signs the log now. When it is the
+    /// chain's current key and FHIRLEDGER_LEDGER_KEY_FILE holds another, the server announces
+    /// the new key in an entry signed (and checkpointed) by this one, then signs with the new.
+    #[arg(long, env = "FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE", value_name = "PATH")]
+    pub previous_ledger_key_file: Option<PathBuf>,
 
     /// File holding the base64 32-byte Ed25519 seed that signs ledger entries and checkpoints.
     #[arg(long, env = "FHIRLEDGER_LEDGER_KEY_FILE", value_name = "PATH")]
@@ -562,6 +569,19 @@ impl ServeArgs {
                 ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"))
             })?;
         Ok((key, origin))
+    }
+
+    /// Loads the previous ledger key of a rotation, under the same log origin.
+    pub fn load_previous_ledger_key(&self) -> Result<Option<LedgerKey>, ConfigError> {
+        self.previous_ledger_key_file
+            .as_deref()
+            .map(|path| {
+                let seed = read_secret_file(path, "FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE")?;
+                LedgerKey::from_seed(*seed, &self.resolved_ledger_origin()).map_err(|detail| {
+                    ConfigError::Invalid(format!("FHIRLEDGER_LEDGER_ORIGIN: {detail}"))
+                })
+            })
+            .transpose()
     }
 
     /// Loads the blind-index key the same way as the master key.

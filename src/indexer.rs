@@ -64,6 +64,17 @@ impl SearchIndex {
         }
     }
 
+    /// The same plan and base under another key: what rebuilding the index for a new index
+    /// key writes with.
+    pub fn with_key(&self, key: BlindIndexKey) -> Self {
+        Self::new(self.registry.clone(), key, self.fhir_base.clone())
+    }
+
+    /// The id of the index key (never the key).
+    pub fn key_id(&self) -> String {
+        self.key.id()
+    }
+
     /// The longest string prefix searches look up in the index.
     pub fn query_prefix_chars(&self) -> usize {
         self.query_prefix_chars.load(Ordering::Relaxed)

@@ -44,7 +44,8 @@ enum Command {
     /// ledger, keeping ids. Takes serve's configuration. Resumes an interrupted run.
     /// Exit 0 every line loaded, 1 some lines rejected (the rest loaded), 2 stopped.
     Import(Box<ImportArgs>),
-    /// Master key custody: `keys split` turns the master key into Shamir shares.
+    /// Key custody: `keys split` turns the master key into Shamir shares; `keys rotate-index`
+    /// rebuilds the search index for a new index key.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Give a sealed server (`serve --sealed`) one master key share, read from the argument
@@ -62,6 +63,23 @@ enum KeysCommand {
     /// custodian, then remove the key from the server's configuration and start it with
     /// FHIRLEDGER_SEALED=true.
     Split(Box<SplitArgs>),
+    /// Rebuild the search index for a new index key (the blind-index digests depend on it).
+    /// Stop every server first; the index key configured as for `serve` must be the one the
+    /// index was built with. Resumable: run it again after an interruption. Then start the
+    /// servers with the new key (FHIRLEDGER_INDEX_KEY_FILE).
+    RotateIndex(Box<RotateIndexArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct RotateIndexArgs {
+    /// The new index key: a file holding 32 random bytes in base64
+    /// (`head -c 32 /dev/urandom | base64 > new-index.key`).
+    #[arg(long, value_name = "PATH")]
+    new_key_file: std::path::PathBuf,
+
+    /// The server's configuration: the database and the keys it runs with.
+    #[command(flatten)]
+    server: ServeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -281,6 +299,7 @@ fn main() -> ExitCode {
         Command::Token(args) => run_token(&args),
         Command::Witness(args) => run_witness(&args),
         Command::Keys(KeysCommand::Split(args)) => run_split(*args),
+        Command::Keys(KeysCommand::RotateIndex(args)) => run_rotate_index(*args),
         Command::Unseal(args) => return run_unseal(&args),
         Command::Serve(args) => run_serve(*args),
         Command::Migrate(args) => {
@@ -478,6 +497,36 @@ fn run_split(args: SplitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_rotate_index(args: RotateIndexArgs) -> anyhow::Result<()> {
+    init_logging(&args.server.log, args.server.log_format)?;
+    let new_key = fhirledger::crypto::keys::read_secret_file(&args.new_key_file, "--new-key-file")?;
+    let keys = load_keys(&args.server, None)?;
+    let mut options = fhirledger::server::StateOptions::from_args(&args.server)?;
+    options.index_maintenance = true;
+    let state = fhirledger::server::prepare_state(
+        &args.server.database.resolved_database_url(),
+        keys,
+        &options,
+    )?;
+    let rekey = state
+        .resources
+        .rotate_index_key(fhirledger::crypto::BlindIndexKey::from_bytes(*new_key))?;
+    println!(
+        "search index rebuilt for index key {} ({} resources{}); index key {} retired. \
+         Start the servers with FHIRLEDGER_INDEX_KEY_FILE={}",
+        rekey.new_key,
+        rekey.rebuilt,
+        if rekey.resumed {
+            " in this run, which continued a stopped one"
+        } else {
+            ""
+        },
+        rekey.old_key,
+        args.new_key_file.display()
+    );
+    Ok(())
+}
+
 fn run_unseal(args: &UnsealArgs) -> ExitCode {
     let share = match &args.share {
         Some(share) => zeroize::Zeroizing::new(share.clone()),
@@ -612,6 +661,15 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
         Ok(key) => key,
         Err(message) => return could_not_check(message),
     };
+    let keys = match fhirledger::service::audit::audit_keys(&mut conn, &key) {
+        Ok(keys) => keys,
+        Err(problem) => {
+            // The database's chain of keys does not lead from the auditor's key.
+            println!("KeyChain: {problem}");
+            println!("audited nothing further: 1 problem");
+            return ExitCode::from(1);
+        }
+    };
     let trusted = match &args.checkpoint {
         None => None,
         Some(path) => {
@@ -619,7 +677,13 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
                 Ok(note) => note,
                 Err(e) => return could_not_check(format!("{}: {e}", path.display())),
             };
-            match fhirledger::ledger::checkpoint::verify_checkpoint(&note, &key.vkey) {
+            let size = note
+                .lines()
+                .nth(1)
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0);
+            let signer = &keys.chain.for_checkpoint(size).vkey;
+            match fhirledger::ledger::checkpoint::verify_checkpoint(&note, signer) {
                 Ok(checkpoint) => Some(checkpoint),
                 Err(e) => {
                     return could_not_check(format!(
@@ -631,7 +695,7 @@ fn run_audit(args: &AuditArgs) -> ExitCode {
         }
     };
     let mut progress = |line: &str| eprintln!("audit: {line}");
-    let report = match audit(&mut conn, &key, trusted.as_ref(), &mut progress) {
+    let report = match audit(&mut conn, &keys, trusted.as_ref(), &mut progress) {
         Ok(report) => report,
         Err(e) => return could_not_check(e.to_string()),
     };

@@ -24,7 +24,7 @@ use crate::fhir::search_params::SearchParamRegistry;
 use crate::indexer::SearchIndex;
 use crate::ledger::LedgerKey;
 use crate::service::ResourceService;
-use crate::service::ledger::{LedgerService, SequencerOptions, WitnessEndpoint};
+use crate::service::ledger::{KeyEstablished, LedgerService, SequencerOptions, WitnessEndpoint};
 use crate::store::{DatabaseUrl, connection, migrations};
 
 /// How often the export runner looks for queued jobs.
@@ -52,6 +52,11 @@ pub struct StateOptions {
     pub witnesses: Vec<WitnessEndpoint>,
     /// Previous master keys of a rotation in progress.
     pub previous_master_keys: Arc<Vec<MasterKey>>,
+    /// The outgoing key of a ledger key rotation (see [`LedgerService::establish_key`]).
+    pub previous_ledger_key: Option<LedgerKey>,
+    /// Opened for index maintenance (`keys rotate-index`): the index key is not checked
+    /// against the one the index was built with, which the maintenance itself changes.
+    pub index_maintenance: bool,
 }
 
 impl StateOptions {
@@ -69,6 +74,8 @@ impl StateOptions {
             export_retention: Duration::from_secs(args.export_retention_secs),
             witnesses: args.witnesses.clone(),
             previous_master_keys: Arc::new(args.load_previous_master_keys()?),
+            previous_ledger_key: args.load_previous_ledger_key()?,
+            index_maintenance: false,
         })
     }
 }
@@ -117,6 +124,20 @@ pub fn prepare_state(
     )
     .with_auth_failure_limit(options.auth_failures_per_minute)
     .with_witnesses(options.witnesses.clone());
+    match ledger.establish_key(options.previous_ledger_key.as_ref())? {
+        KeyEstablished::Current => {}
+        KeyEstablished::Recorded { vkey } => {
+            tracing::info!(%vkey, "ledger key recorded as the first of the log's key chain");
+        }
+        KeyEstablished::Rotated { from, first_index } => tracing::warn!(
+            %from,
+            to = %ledger.key().vkey(),
+            first_index,
+            "LEDGER KEY ROTATED: the previous key announced this one and signs nothing more; \
+             remove FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE and destroy the previous key once \
+             verifiers have the chain"
+        ),
+    }
     let search = SearchIndex::new(
         SearchParamRegistry::load()?,
         keys.index,
@@ -141,13 +162,17 @@ pub fn prepare_state(
     )
     .with_max_resource_bytes(options.max_body_bytes)
     .with_export_retention(options.export_retention);
-    let moved = resources.move_presence_digests()?;
-    resources.widen_prefixes()?;
-    if moved > 0 {
-        tracing::info!(
-            resources = moved,
-            "presence digests moved into the resources table"
-        );
+    // Index maintenance rebuilds the whole index itself, with the new key.
+    if !options.index_maintenance {
+        resources.check_index_key()?;
+        let moved = resources.move_presence_digests()?;
+        resources.widen_prefixes()?;
+        if moved > 0 {
+            tracing::info!(
+                resources = moved,
+                "presence digests moved into the resources table"
+            );
+        }
     }
     let (tokens, local_jwks) = token_verifier(options, keys.local_issuer.as_ref())?;
     Ok(AppState {

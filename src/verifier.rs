@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::ledger::checkpoint::{VerifiedCheckpoint, decode_hash, verify_checkpoint};
 use crate::ledger::cosignature::CosignatureVerifier;
 use crate::ledger::entry::verify_entry;
-use crate::ledger::keys::parse_vkey;
+use crate::ledger::key_chain::{KeyChain, ListedKey};
 use crate::ledger::tree::{self, Hash};
 
 /// Why verification did not succeed; the two kinds map to different exit codes.
@@ -134,6 +134,11 @@ struct ProofBody {
 }
 
 #[derive(Deserialize)]
+struct KeyChainBody {
+    keys: Vec<ListedKey>,
+}
+
+#[derive(Deserialize)]
 struct ReceiptBody {
     index: Option<u64>,
     leaf_data: String,
@@ -192,7 +197,7 @@ fn decode_proof(hashes: &[String]) -> Result<Vec<Hash>, VerifyError> {
 
 /// Runs the checks; `report` receives one line per check passed.
 pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result<(), VerifyError> {
-    let (_, public_key) = parse_vkey(&options.vkey)
+    KeyChain::single(&options.vkey)
         .map_err(|e| VerifyError::CouldNotCheck(format!("--vkey: {e}")))?;
     let client = Client {
         agent: ureq::Agent::config_builder()
@@ -218,11 +223,24 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
                 ))
             })?,
     };
-    let current = verify_checkpoint(&note, &options.vkey).map_err(|e| {
+    let size = note_size(&note)?;
+    let chain = key_chain(&client, &options.vkey, size, report)?;
+    let current = verify_checkpoint(&note, &chain.keys.for_checkpoint(size).vkey).map_err(|e| {
         VerifyError::Failed(format!(
-            "the server's checkpoint does not verify with the pinned key: {e}"
+            "the server's checkpoint does not verify with the pinned key{}: {e}",
+            if chain.keys.keys().len() > 1 {
+                " or the keys it announced"
+            } else {
+                ""
+            }
         ))
     })?;
+    if !chain.keys.signed_from(&options.vkey, size) {
+        return Err(VerifyError::Failed(format!(
+            "the server's checkpoint (size {size}) is signed by a key older than the pinned one"
+        )));
+    }
+    chain.check_extended_by(&current, report)?;
     report(format!(
         "checkpoint: origin {}, size {}, root {} — signature valid",
         current.origin,
@@ -239,7 +257,7 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
     }
 
     if let Some(path) = &options.state_file {
-        if let Some(previous) = load_state(path, &options.vkey)? {
+        if let Some(previous) = load_state(path, &chain.keys)? {
             check_growth(&client, &previous, &current)?;
             report(format!(
                 "consistent with the checkpoint of size {} saved in {}",
@@ -260,7 +278,11 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
         let leaf_data = BASE64
             .decode(&body.leaf_data)
             .map_err(|_| VerifyError::CouldNotCheck("receipt: leaf_data is not base64".into()))?;
-        let entry = verify_entry(&leaf_data, &public_key).map_err(|e| {
+        // A pending entry is signed by the current key.
+        let signer = body
+            .index
+            .map_or_else(|| chain.keys.current(), |index| chain.keys.for_entry(index));
+        let entry = verify_entry(&leaf_data, &signer.verifying).map_err(|e| {
             VerifyError::Failed(format!(
                 "receipt {receipt}: the entry's signature does not verify: {e}"
             ))
@@ -319,7 +341,7 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
                 .timestamp();
             let bounds = TimeBounds {
                 client: &client,
-                vkey: &options.vkey,
+                keys: &chain.keys,
                 policy,
                 leaf,
                 current: &current,
@@ -343,7 +365,7 @@ pub fn verify(options: &VerifyOptions, report: &mut dyn FnMut(String)) -> Result
 /// entry's leaf and the cosigned checkpoint already verified.
 struct TimeBounds<'a> {
     client: &'a Client,
-    vkey: &'a str,
+    keys: &'a KeyChain,
     policy: &'a WitnessPolicy,
     /// The receipt's entry's leaf hash, from the bytes whose signature was checked.
     leaf: Hash,
@@ -439,7 +461,8 @@ impl TimeBounds<'_> {
         note: &str,
         what: &str,
     ) -> Result<(VerifiedCheckpoint, Vec<(String, u64)>), VerifyError> {
-        let checkpoint = verify_checkpoint(note, self.vkey).map_err(|e| {
+        let signer = &self.keys.for_checkpoint(note_size(note)?).vkey;
+        let checkpoint = verify_checkpoint(note, signer).map_err(|e| {
             VerifyError::Failed(format!("{what} does not verify with the pinned key: {e}"))
         })?;
         let times = self.policy.check(note, what)?;
@@ -484,6 +507,92 @@ fn format_posix_i64(seconds: i64) -> String {
     )
 }
 
+/// The tree size a checkpoint note states (its second line), before its signature is
+/// checked: which key must have signed it depends on it.
+fn note_size(note: &str) -> Result<u64, VerifyError> {
+    note.lines()
+        .nth(1)
+        .and_then(|line| line.parse().ok())
+        .ok_or_else(|| VerifyError::CouldNotCheck("a checkpoint without a tree size".into()))
+}
+
+/// The chain of ledger keys from the pinned one, each link verified.
+struct VerifiedChain {
+    keys: KeyChain,
+    rotations: Vec<crate::ledger::key_chain::VerifiedRotation>,
+}
+
+/// Fetches the server's chain of keys (`GET /ledger/keys`, with proofs to the tree of `size`
+/// entries) and verifies it from the pinned key; a server without the endpoint has one key.
+fn key_chain(
+    client: &Client,
+    pinned: &str,
+    size: u64,
+    report: &mut dyn FnMut(String),
+) -> Result<VerifiedChain, VerifyError> {
+    let Some(body) = client.get_found(&format!("/ledger/keys?tree_size={size}"))? else {
+        let keys = KeyChain::single(pinned)
+            .map_err(|e| VerifyError::CouldNotCheck(format!("--vkey: {e}")))?;
+        return Ok(VerifiedChain {
+            keys,
+            rotations: Vec::new(),
+        });
+    };
+    let body: KeyChainBody = serde_json::from_str(&body)
+        .map_err(|e| VerifyError::CouldNotCheck(format!("/ledger/keys: unexpected answer: {e}")))?;
+    let (keys, rotations) = KeyChain::verify(&body.keys, pinned)
+        .map_err(|e| VerifyError::Failed(format!("the server's chain of ledger keys: {e}")))?;
+    for rotation in &rotations {
+        report(format!(
+            "ledger key rotated at entry #{}: announced by the key before it in entry #{}, \
+             in a checkpoint it signed — link valid",
+            rotation.checkpoint.size, rotation.announced_at
+        ));
+    }
+    Ok(VerifiedChain { keys, rotations })
+}
+
+impl VerifiedChain {
+    /// Every rotation within the checkpoint is in its tree: the announcement checkpoints
+    /// are consistent with it.
+    fn check_extended_by(
+        &self,
+        current: &VerifiedCheckpoint,
+        report: &mut dyn FnMut(String),
+    ) -> Result<(), VerifyError> {
+        for rotation in &self.rotations {
+            let announced = &rotation.checkpoint;
+            if announced.size > current.size {
+                continue;
+            }
+            let proof = rotation.consistency.as_deref().ok_or_else(|| {
+                VerifyError::Failed(format!(
+                    "the key rotation at entry #{} comes without a proof that the checkpoint extends it",
+                    announced.size
+                ))
+            })?;
+            tree::verify_consistency(proof, announced.size, announced.root, current.size, current.root)
+                .map_err(|_| {
+                    VerifyError::Failed(format!(
+                        "the log forked: the checkpoint of size {} does not extend the one that announced the key rotation at entry #{}",
+                        current.size, announced.size
+                    ))
+                })?;
+        }
+        if self
+            .rotations
+            .iter()
+            .any(|r| r.checkpoint.size <= current.size)
+        {
+            report(format!(
+                "the checkpoint of size {} extends every key announcement before it",
+                current.size
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The new checkpoint must extend the old one.
 fn check_growth(
     client: &Client,
@@ -525,14 +634,16 @@ fn check_growth(
     })
 }
 
-fn load_state(path: &Path, vkey: &str) -> Result<Option<VerifiedCheckpoint>, VerifyError> {
+fn load_state(path: &Path, keys: &KeyChain) -> Result<Option<VerifiedCheckpoint>, VerifyError> {
     match std::fs::read_to_string(path) {
-        Ok(note) => verify_checkpoint(&note, vkey).map(Some).map_err(|e| {
-            VerifyError::CouldNotCheck(format!(
-                "{}: the saved checkpoint does not verify with this key: {e}",
-                path.display()
-            ))
-        }),
+        Ok(note) => verify_checkpoint(&note, &keys.for_checkpoint(note_size(&note)?).vkey)
+            .map(Some)
+            .map_err(|e| {
+                VerifyError::CouldNotCheck(format!(
+                    "{}: the saved checkpoint does not verify with this key: {e}",
+                    path.display()
+                ))
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(VerifyError::CouldNotCheck(format!(
             "{}: {e}",

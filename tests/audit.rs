@@ -12,7 +12,7 @@ mod common;
 use actix_web::test;
 use common::{TestDb, call, get, put};
 use diesel::RunQueryDsl as _;
-use fhirledger::service::audit::{AuditKey, AuditReport, FindingKind, audit};
+use fhirledger::service::audit::{AuditKey, AuditReport, FindingKind, audit, audit_keys};
 use serde_json::json;
 
 /// A database with a few patients written, read and updated, all sequenced.
@@ -38,7 +38,18 @@ async fn populated(db: &TestDb) -> AuditKey {
 }
 
 fn run(db: &TestDb, key: &AuditKey) -> AuditReport {
-    audit(&mut db.connect(), key, None, &mut |_| {}).unwrap()
+    run_trusting(db, key, None)
+}
+
+/// An audit as `fhirledger audit` runs one: the chain of keys from the auditor's key first.
+fn run_trusting(
+    db: &TestDb,
+    key: &AuditKey,
+    trusted: Option<&fhirledger::ledger::checkpoint::VerifiedCheckpoint>,
+) -> AuditReport {
+    let mut conn = db.connect();
+    let keys = audit_keys(&mut conn, key).unwrap();
+    audit(&mut conn, &keys, trusted, &mut |_| {}).unwrap()
 }
 
 fn kinds(report: &AuditReport) -> Vec<FindingKind> {
@@ -210,7 +221,8 @@ async fn audit_under_writes_finds_nothing(db: TestDb) {
             let mut reports = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let mut conn = fhirledger::store::connection::establish(&url).unwrap();
-                reports.push(audit(&mut conn, &key, None, &mut |_| {}).unwrap());
+                let keys = audit_keys(&mut conn, &key).unwrap();
+                reports.push(audit(&mut conn, &keys, None, &mut |_| {}).unwrap());
             }
             reports
         })
@@ -259,7 +271,7 @@ async fn dropped_newest_entries_are_found(db: TestDb) {
     let trusted =
         fhirledger::ledger::checkpoint::verify_checkpoint(&trusted_note, &key.vkey).unwrap();
     assert_eq!(trusted.size, 9);
-    let clean = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
+    let clean = run_trusting(&db, &key, Some(&trusted));
     assert!(clean.is_clean(), "{:?}", clean.findings);
 
     // The insider drops the newest entry (the read of Patient c) and makes everything
@@ -277,7 +289,7 @@ async fn dropped_newest_entries_are_found(db: TestDb) {
         "{:?}",
         report.findings
     );
-    let report = audit(&mut db.connect(), &key, Some(&trusted), &mut |_| {}).unwrap();
+    let report = run_trusting(&db, &key, Some(&trusted));
     assert!(
         kinds(&report).contains(&FindingKind::NotExtendingTrusted),
         "{:?}",

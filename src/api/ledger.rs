@@ -16,6 +16,7 @@ use crate::fhir::outcome::OperationOutcome;
 use crate::ledger::Action;
 use crate::ledger::Hash;
 use crate::ledger::checkpoint::{decode_hash, encode_hash};
+use crate::ledger::key_chain::ListedKey;
 use crate::ledger::tiles::{TILE_WIDTH, parse_tile_path};
 use crate::service::ledger::{MAX_ENTRIES_PAGE, ServedEntry, WitnessStatus};
 use crate::store::ledger::CosignedCheckpoint;
@@ -35,6 +36,15 @@ pub struct LedgerKeyInfo {
     pub algorithm: &'static str,
     /// The raw 32-byte Ed25519 public key, base64.
     pub public_key: String,
+}
+
+/// The chain of ledger keys, with the proofs that tie each rotation to the tree of
+/// `tree_size` entries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyChainView {
+    pub tree_size: u64,
+    /// The log's first key, then each key a rotation brought in, in order.
+    pub keys: Vec<ListedKey>,
 }
 
 /// One entry as served: `leaf_data` is the exact bytes the leaf hash covers.
@@ -253,6 +263,32 @@ pub async fn key(state: web::Data<AppState>) -> HttpResponse {
         algorithm: "Ed25519",
         public_key: BASE64.encode(key.verifying_key().as_bytes()),
     })
+}
+
+/// The chain of keys that signed the log: each key after the first was announced by an entry
+/// the key before it signed, in a checkpoint that key signed, whose inclusion proof and
+/// consistency proof to the tree of `tree_size` entries (default: the latest checkpoint's)
+/// come with it. A verifier that pinned any key of the chain follows it to the current one
+/// (`fhirledger verify` does). Public: the announcements carry no PHI.
+#[utoipa::path(get, path = "/ledger/keys", tag = "ledger",
+    params(("tree_size" = Option<u64>, Query, description = "Prove each announcement's checkpoint consistent with the tree of this size")),
+    responses(
+        (status = 200, description = "The chain of ledger keys", body = KeyChainView),
+        (status = 400, description = "tree_size malformed or beyond the latest checkpoint", body = OperationOutcome),
+    ))]
+pub async fn keys(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, AppError> {
+    let query = QueryParams::parse(&req, &["tree_size"])?;
+    let size = match parse_u64(&query, "tree_size")? {
+        Some(size) => size,
+        None => state.ledger.checkpoint().await?.size,
+    };
+    let keys = state.ledger.key_chain(Some(size)).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(KeyChainView {
+            tree_size: size,
+            keys,
+        }))
 }
 
 /// Sequenced entries with `start <= index < end`, in index order (at most 1000).

@@ -21,7 +21,8 @@ use crate::fhir::outcome::{Issue, IssueCode, OperationOutcome, Severity};
     ),
     components(schemas(
         Resource, OperationOutcome, Issue, IssueCode, Severity, health::Health,
-        ledger::LedgerKeyInfo, ledger::EntryView, ledger::EntriesPage, ledger::InclusionProof,
+        ledger::LedgerKeyInfo, ledger::KeyChainView, crate::ledger::key_chain::ListedKey,
+        crate::ledger::key_chain::Announcement, ledger::EntryView, ledger::EntriesPage, ledger::InclusionProof,
         ledger::ConsistencyProof, ledger::ReceiptView, ledger::CosignedInclusion,
         crate::service::ledger::WitnessStatus,
     )),

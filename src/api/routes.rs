@@ -54,6 +54,7 @@ fn table() -> Registry {
         .serve::<ledger::__path_cosigned_checkpoint, _, _>(ledger::cosigned_checkpoint)
         .serve::<ledger::__path_witnesses, _, _>(ledger::witnesses)
         .serve::<ledger::__path_key, _, _>(ledger::key)
+        .serve::<ledger::__path_keys, _, _>(ledger::keys)
         .serve::<ledger::__path_entries, _, _>(ledger::entries)
         .serve::<ledger::__path_entry, _, _>(ledger::entry)
         .serve::<ledger::__path_receipt, _, _>(ledger::receipt)

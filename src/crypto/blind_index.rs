@@ -111,6 +111,20 @@ impl BlindIndexKey {
         }
     }
 
+    /// Identifies the key without revealing it (hex of the first 8 bytes of an HMAC of a
+    /// fixed label): the database records the id of the key its index was built with, so a
+    /// server started with another key refuses rather than finding nothing.
+    pub fn id(&self) -> String {
+        let mut mac = self.mac();
+        mac.update(b"fhirledger index key id");
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// A fresh random key (tests).
     pub fn generate() -> Self {
         use rand::RngCore as _;

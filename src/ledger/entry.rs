@@ -83,13 +83,20 @@ pub enum Action {
     /// A master key rotation started: data keys wrapped by previous keys are re-wrapped by
     /// this one (`key` names the new key's id).
     KeyRotate,
-    /// A previous master key wraps no data key any more and may be destroyed (`key` names it).
+    /// A previous key is used no more and may be destroyed (`key` names it): a master key
+    /// that wraps no data key any more, an index key no index row was built with any more.
     KeyRetire,
+    /// The search index is being rebuilt for a new index key (`key` names the new key's id).
+    IndexKeyRotate,
+    /// The ledger signing key changes: this entry, signed by the outgoing key and included in
+    /// a checkpoint it signs, names the incoming key's verifier key in `key`; every later
+    /// entry and checkpoint is signed by the incoming key.
+    LedgerKeyRotate,
 }
 
 impl Action {
     /// Every action (kept in step with the variants: `parse` reads names through it).
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 18] = [
         Self::Create,
         Self::Update,
         Self::Delete,
@@ -106,6 +113,8 @@ impl Action {
         Self::KeyUnseal,
         Self::KeyRotate,
         Self::KeyRetire,
+        Self::IndexKeyRotate,
+        Self::LedgerKeyRotate,
     ];
 
     /// The name entries carry.
@@ -127,6 +136,8 @@ impl Action {
             Self::KeyUnseal => "key-unseal",
             Self::KeyRotate => "key-rotate",
             Self::KeyRetire => "key-retire",
+            Self::IndexKeyRotate => "index-key-rotate",
+            Self::LedgerKeyRotate => "ledger-key-rotate",
         }
     }
 
@@ -181,8 +192,9 @@ pub struct LedgerEntry {
     pub count: Option<u64>,
     /// The receipt: an id the ledger API resolves to this entry.
     pub id: String,
-    /// On an entry about key custody (`key-split`, `key-unseal`, `key-rotate`, `key-retire`): the id of the key concerned (never
-    /// the key).
+    /// On an entry about key custody (`key-split`, `key-unseal`, `key-rotate`, `key-retire`,
+    /// `index-key-rotate`): the id of the key concerned (never the key); on `ledger-key-rotate`,
+    /// the incoming ledger key's verifier key (public).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     pub outcome: Outcome,

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod cosignature;
 pub mod entry;
+pub mod key_chain;
 pub mod keys;
 pub mod sequencer;
 pub mod tiles;

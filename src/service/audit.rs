@@ -17,6 +17,7 @@ use ed25519_dalek::VerifyingKey;
 use crate::ledger::Action;
 use crate::ledger::checkpoint::{VerifiedCheckpoint, verify_checkpoint};
 use crate::ledger::entry::{content_hash, verify_entry};
+use crate::ledger::key_chain::KeyChain;
 use crate::ledger::tree::{self, MemoryHashStore};
 use crate::store::connection::read_snapshot;
 use crate::store::ledger as ledger_rows;
@@ -95,12 +96,42 @@ pub struct AuditKey {
     pub vkey: String,
 }
 
+/// The keys an audit checks signatures with: the database's chain of ledger keys, verified
+/// from the auditor's key, and the checkpoints that announced each rotation.
+pub struct AuditKeys {
+    pub chain: KeyChain,
+    pub announcements: Vec<VerifiedCheckpoint>,
+}
+
+/// Reads the chain of ledger keys from the database and verifies it from `key` (which must
+/// be one of its keys); a database that never recorded its chain has `key` alone. `Err`
+/// says why the chain does not hold: evidence of tampering, or the wrong key.
+pub fn audit_keys(conn: &mut DbConnection, key: &AuditKey) -> Result<AuditKeys, String> {
+    let size = ledger_rows::tree_size(conn)
+        .map_err(|e| e.to_string())
+        .and_then(|size| u64::try_from(size).map_err(|e| e.to_string()))?;
+    let listed = crate::service::ledger::list_keys(conn, size).map_err(|e| e.to_string())?;
+    if listed.is_empty() {
+        let chain = KeyChain::single(&key.vkey).map_err(|e| e.to_string())?;
+        return Ok(AuditKeys {
+            chain,
+            announcements: Vec::new(),
+        });
+    }
+    let (chain, rotations) = KeyChain::verify(&listed, &key.vkey)
+        .map_err(|e| format!("the chain of ledger keys: {e}"))?;
+    Ok(AuditKeys {
+        chain,
+        announcements: rotations.into_iter().map(|r| r.checkpoint).collect(),
+    })
+}
+
 /// Audits the database behind `conn`, in one snapshot. `trusted`: a checkpoint the auditor
 /// saved earlier (verified with `key` by the caller), which the log must still extend.
 /// `progress` receives a line now and then.
 pub fn audit(
     conn: &mut DbConnection,
-    key: &AuditKey,
+    key: &AuditKeys,
     trusted: Option<&VerifiedCheckpoint>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<AuditReport, StoreError> {
@@ -109,7 +140,7 @@ pub fn audit(
 
 fn audit_snapshot(
     conn: &mut DbConnection,
-    key: &AuditKey,
+    keys: &AuditKeys,
     trusted: Option<&VerifiedCheckpoint>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<AuditReport, StoreError> {
@@ -136,10 +167,14 @@ fn audit_snapshot(
                 next_index = index;
             }
             let label = format!("ledger entry #{index} ({})", row.receipt);
+            let signer = &keys
+                .chain
+                .for_entry(u64::try_from(index).unwrap_or(0))
+                .verifying;
             record_entry(
                 &mut report,
                 &mut writes,
-                key,
+                signer,
                 &row.data,
                 &row.receipt,
                 &label,
@@ -176,7 +211,7 @@ fn audit_snapshot(
         record_entry(
             &mut report,
             &mut writes,
-            key,
+            &keys.chain.current().verifying,
             &row.data,
             &row.receipt,
             &label,
@@ -228,7 +263,7 @@ fn audit_snapshot(
     for row in ledger_rows::all_checkpoints(conn)? {
         report.checkpoints_checked += 1;
         let size = u64::try_from(row.tree_size).unwrap_or(u64::MAX);
-        match verify_checkpoint(&row.note, &key.vkey) {
+        match verify_checkpoint(&row.note, &keys.chain.for_checkpoint(size).vkey) {
             Err(e) => report.add(
                 FindingKind::Checkpoint,
                 format!("checkpoint of size {size}: {e}"),
@@ -256,6 +291,17 @@ fn audit_snapshot(
                 report.tree_size
             ),
         );
+    }
+    for announced in &keys.announcements {
+        if tree::root(&rebuilt, announced.size).ok() != Some(announced.root) {
+            report.add(
+                FindingKind::Checkpoint,
+                format!(
+                    "the checkpoint announcing the ledger key of entry #{} does not match the entries",
+                    announced.size
+                ),
+            );
+        }
     }
     if let Some(trusted) = trusted {
         if trusted.size > rebuilt.size() {
@@ -389,12 +435,12 @@ fn audit_snapshot(
 fn record_entry(
     report: &mut AuditReport,
     writes: &mut HashMap<VersionKey, RecordedWrite>,
-    key: &AuditKey,
+    key: &VerifyingKey,
     data: &[u8],
     receipt: &str,
     label: &str,
 ) {
-    let entry = match verify_entry(data, &key.verifying_key) {
+    let entry = match verify_entry(data, key) {
         Ok(entry) => entry,
         Err(e) => {
             report.add(FindingKind::EntryInvalid, format!("{label}: {e}"));

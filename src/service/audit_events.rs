@@ -457,7 +457,9 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::KeySplit
             | Action::KeyUnseal
             | Action::KeyRotate
-            | Action::KeyRetire,
+            | Action::KeyRetire
+            | Action::IndexKeyRotate
+            | Action::LedgerKeyRotate,
         )
         | None => "E",
     };
@@ -480,7 +482,9 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::KeySplit
             | Action::KeyUnseal
             | Action::KeyRotate
-            | Action::KeyRetire,
+            | Action::KeyRetire
+            | Action::IndexKeyRotate
+            | Action::LedgerKeyRotate,
         )
         | None => None,
     };

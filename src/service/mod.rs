@@ -22,6 +22,7 @@ pub mod everything;
 pub mod export;
 pub mod gate;
 pub mod import;
+pub mod index_key;
 pub mod ledger;
 pub mod resources;
 pub mod rotation;

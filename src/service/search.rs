@@ -240,8 +240,34 @@ impl ResourceService {
 
     /// Rebuilds the index rows of every live resource after `seq` (see
     /// [`Self::widen_prefixes`]); returns how many were rebuilt.
-    fn rebuild_index_after(&self, chars: usize, mut after: i64) -> Result<u64, AppError> {
+    fn rebuild_index_after(&self, chars: usize, after: i64) -> Result<u64, AppError> {
         let chars = i32::try_from(chars).unwrap_or(i32::MAX);
+        let rebuilt = self.rebuild_index(self.search_index(), after, |tx, last| {
+            index::set_prefix_state(tx, chars, last)
+        })?;
+        self.transact("the search index", |tx| {
+            let (_, through) = index::prefix_state(tx)?;
+            index::set_prefix_state(
+                tx,
+                i32::try_from(MAX_PREFIX_CHARS).unwrap_or(i32::MAX),
+                through,
+            )?;
+            Ok(())
+        })?;
+        self.search_index().set_query_prefix_chars(MAX_PREFIX_CHARS);
+        Ok(rebuilt)
+    }
+
+    /// Rewrites, with `index`, the index rows and presence digests of every live resource
+    /// after `seq`, a batch per transaction in `seq` order; `progress` records in each
+    /// batch's transaction the last `seq` it covered, so that a stopped rebuild continues
+    /// there. Returns how many resources were rebuilt.
+    pub(super) fn rebuild_index(
+        &self,
+        index: &SearchIndex,
+        mut after: i64,
+        progress: impl Fn(&mut DbConnection, i64) -> Result<(), crate::store::StoreError>,
+    ) -> Result<u64, AppError> {
         const BATCH: i64 = 200;
         let mut rebuilt = 0;
         loop {
@@ -266,7 +292,7 @@ impl ResourceService {
                     *seq,
                     *version,
                     type_name.clone(),
-                    self.search_index().rows(type_name, &parsed),
+                    index.rows(type_name, &parsed),
                 ));
             }
             rebuilt += self.transact("the search index", |tx| {
@@ -276,24 +302,15 @@ impl ResourceService {
                     if index::is_current(tx, *seq, *version)? {
                         index::clear_index(tx, *seq)?;
                         index::insert_index(tx, *seq, type_name, index_rows)?;
+                        index::set_presence(tx, *seq, &index_rows.presence)?;
                         done += 1;
                     }
                 }
-                index::set_prefix_state(tx, chars, last)?;
+                progress(tx, last)?;
                 Ok(done)
             })?;
             after = last;
         }
-        self.transact("the search index", |tx| {
-            let (_, through) = index::prefix_state(tx)?;
-            index::set_prefix_state(
-                tx,
-                i32::try_from(MAX_PREFIX_CHARS).unwrap_or(i32::MAX),
-                through,
-            )?;
-            Ok(())
-        })?;
-        self.search_index().set_query_prefix_chars(MAX_PREFIX_CHARS);
         Ok(rebuilt)
     }
 

@@ -10,8 +10,8 @@ use super::database::{DbConnection, on_backend};
 use super::entry_codec;
 use super::error::StoreError;
 use super::schema::{
-    ledger_checkpoints, ledger_cosignatures, ledger_entries, ledger_hashes, ledger_patient_entries,
-    ledger_state,
+    ledger_checkpoints, ledger_cosignatures, ledger_entries, ledger_hashes, ledger_keys,
+    ledger_patient_entries, ledger_state,
 };
 use crate::ledger::{Hash, HashStore, LedgerError};
 
@@ -341,6 +341,47 @@ pub fn insert_checkpoint(conn: &mut DbConnection, row: &CheckpointRow) -> Result
             ledger_checkpoints::note.eq(&row.note),
             ledger_checkpoints::created_at.eq(row.created_at),
         ))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// A key of the chain of ledger signing keys (`ledger_keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = ledger_keys)]
+pub struct LedgerKeyRow {
+    /// The first leaf the key signed.
+    pub first_index: i64,
+    pub vkey: String,
+    /// For a rotation: the leaf index of the outgoing key's announcement.
+    pub announced_at: Option<i64>,
+    /// For a rotation: the checkpoint the outgoing key signed over it (size `first_index`).
+    pub announcement: Option<String>,
+    pub added_at: i64,
+}
+
+/// The chain of ledger keys, first key first.
+pub fn ledger_keys(conn: &mut DbConnection) -> Result<Vec<LedgerKeyRow>, StoreError> {
+    ledger_keys::table
+        .order(ledger_keys::first_index)
+        .select(LedgerKeyRow::as_select())
+        .load(conn)
+        .map_err(StoreError::classify)
+}
+
+/// The verifier key signing now (the chain's last), if the chain was recorded.
+pub fn current_ledger_key(conn: &mut DbConnection) -> Result<Option<String>, StoreError> {
+    ledger_keys::table
+        .order(ledger_keys::first_index.desc())
+        .select(ledger_keys::vkey)
+        .first(conn)
+        .optional()
+        .map_err(StoreError::classify)
+}
+
+pub fn insert_ledger_key(conn: &mut DbConnection, row: &LedgerKeyRow) -> Result<(), StoreError> {
+    diesel::insert_into(ledger_keys::table)
+        .values(row.clone())
         .execute(conn)
         .map(|_| ())
         .map_err(StoreError::classify)

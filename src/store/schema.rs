@@ -70,6 +70,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// The chain of ledger signing keys: the first, then each rotation.
+    ledger_keys (first_index) {
+        first_index -> BigInt,
+        vkey -> Text,
+        announced_at -> Nullable<BigInt>,
+        announcement -> Nullable<Text>,
+        added_at -> BigInt,
+    }
+}
+
+diesel::table! {
     ledger_state (id) {
         id -> Integer,
         tree_size -> BigInt,
@@ -115,11 +126,15 @@ diesel::table! {
 }
 
 diesel::table! {
-    /// How far the string prefixes of the search index reach (one row).
+    /// How far the string prefixes of the search index reach, and which index key built it (one
+    /// row).
     search_state (id) {
         id -> Integer,
         prefix_chars -> Integer,
         reindexed_through -> BigInt,
+        index_key -> Nullable<Text>,
+        rekey_to -> Nullable<Text>,
+        rekeyed_through -> BigInt,
     }
 }
 

@@ -51,6 +51,9 @@ macro_rules! on_both_backends {
 /// One test's private database.
 pub struct TestDb {
     pub url: DatabaseUrl,
+    /// The index key of every state on this database: the index is built with one key, and
+    /// a server with another refuses to start.
+    index_key: [u8; 32],
     dir: Option<tempfile::TempDir>,
     postgres: Option<PostgresDrop>,
 }
@@ -66,6 +69,7 @@ impl TestDb {
         let url = DatabaseUrl::sqlite_file(&dir.path().join("fhirledger.db"));
         Self {
             url,
+            index_key: random_key(),
             dir: Some(dir),
             postgres: None,
         }
@@ -103,6 +107,7 @@ impl TestDb {
         let url = DatabaseUrl::parse(&with_database(&admin_url, &name)).expect("postgres URL");
         Self {
             url,
+            index_key: random_key(),
             dir: None,
             postgres: Some(PostgresDrop { admin_url, name }),
         }
@@ -126,7 +131,13 @@ impl TestDb {
         }
     }
 
-    /// Application state on this database with fresh random keys.
+    /// The index key states on this database are given.
+    pub fn index_key(&self) -> BlindIndexKey {
+        BlindIndexKey::from_bytes(self.index_key)
+    }
+
+    /// Application state on this database with fresh random keys (but this database's
+    /// index key and the tests' ledger key).
     pub fn state(&self) -> AppState {
         self.state_with(MasterKey::generate(), 16 * 1024 * 1024)
     }
@@ -136,7 +147,7 @@ impl TestDb {
             Keys {
                 master: key,
                 ledger: ledger_key(),
-                index: BlindIndexKey::generate(),
+                index: self.index_key(),
                 local_issuer: Some(local_issuer()),
             },
             max_body_bytes,
@@ -152,7 +163,7 @@ impl TestDb {
         let keys = Keys {
             master: MasterKey::generate(),
             ledger: ledger_key(),
-            index: BlindIndexKey::generate(),
+            index: self.index_key(),
             local_issuer: Some(local_issuer()),
         };
         self.state_with_options(keys, 16 * 1024 * 1024, issuers)
@@ -175,12 +186,32 @@ impl TestDb {
         let keys = Keys {
             master,
             ledger: ledger_key(),
-            index: BlindIndexKey::generate(),
+            index: self.index_key(),
             local_issuer: Some(local_issuer()),
         };
         let mut options = test_options(16 * 1024 * 1024);
         options.previous_master_keys = std::sync::Arc::new(previous);
         prepare_state(&self.url, keys, &options).expect("application state")
+    }
+
+    /// Application state with these ledger and index keys (and a fixed master key) and the
+    /// test options as `configure` changes them, for the tests of key custody: an error where
+    /// the server would refuse to start.
+    pub fn try_state_with(
+        &self,
+        ledger: LedgerKey,
+        index: BlindIndexKey,
+        configure: impl FnOnce(&mut StateOptions),
+    ) -> anyhow::Result<AppState> {
+        let keys = Keys {
+            master: MasterKey::from_bytes([7; 32]),
+            ledger,
+            index,
+            local_issuer: Some(local_issuer()),
+        };
+        let mut options = test_options(16 * 1024 * 1024);
+        configure(&mut options);
+        prepare_state(&self.url, keys, &options)
     }
 
     /// Application state with fresh keys and the test options as `configure` changes them
@@ -189,7 +220,7 @@ impl TestDb {
         let keys = Keys {
             master: MasterKey::generate(),
             ledger: ledger_key(),
-            index: BlindIndexKey::generate(),
+            index: self.index_key(),
             local_issuer: Some(local_issuer()),
         };
         let mut options = test_options(16 * 1024 * 1024);
@@ -317,14 +348,24 @@ fn test_options(max_body_bytes: usize) -> StateOptions {
         export_retention: std::time::Duration::from_secs(3600),
         witnesses: Vec::new(),
         previous_master_keys: std::sync::Arc::new(Vec::new()),
+        previous_ledger_key: None,
+        index_maintenance: false,
     }
 }
 
 /// The checkpoint origin the tests use.
 pub const LEDGER_ORIGIN: &str = "fhir.test/ledger";
 
+/// The tests' ledger key: one for every test, as a log has one key until it rotates it.
 pub fn ledger_key() -> LedgerKey {
-    LedgerKey::generate(LEDGER_ORIGIN).expect("ledger key")
+    LedgerKey::from_seed([8; 32], LEDGER_ORIGIN).expect("ledger key")
+}
+
+fn random_key() -> [u8; 32] {
+    use rand::RngCore as _;
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    key
 }
 
 /// Replaces the database name in a PostgreSQL URL, keeping credentials, host and options.

@@ -5,6 +5,7 @@
 //! ledger API is `log`.
 
 mod event;
+mod key_chain;
 mod log;
 mod sequencing;
 mod witnessing;
@@ -27,6 +28,7 @@ use event::entries_of;
 pub use witnessing::{WitnessEndpoint, WitnessStatus, Witnesses};
 
 pub use event::{LedgerEvent, Touched};
+pub use key_chain::{KeyEstablished, list_keys};
 pub use log::{CurrentCheckpoint, MAX_ENTRIES_PAGE, ServedEntry};
 pub use sequencing::SequencerOptions;
 
@@ -56,6 +58,9 @@ pub struct LedgerService {
     refusals: Arc<RefusalThrottle>,
     /// The witnesses checkpoints are submitted to, and what is known of each.
     witnesses: Arc<Witnesses>,
+    /// Set once the sequencer found the key retired by a rotation another server made:
+    /// nothing is signed with it any more.
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Any failure to write the ledger: the request must fail closed (503).
@@ -74,6 +79,7 @@ impl LedgerService {
             deferred: None,
             refusals: Arc::new(RefusalThrottle::new(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
             witnesses: Arc::new(Witnesses::new(Vec::new())),
+            retired: Arc::default(),
         }
     }
 
@@ -148,6 +154,22 @@ impl LedgerService {
         Ok(PendingEntry { entries, signed_at })
     }
 
+    /// [`Self::sign_event`] with another key (a rotation's announcement, signed by the
+    /// outgoing key).
+    fn sign_event_with(
+        &self,
+        key: &LedgerKey,
+        ctx: &RequestContext,
+        event: LedgerEvent,
+    ) -> Result<PendingEntry, AppError> {
+        let signed_at = now_micros();
+        let entries = entries_of(ctx, event, &format_instant(signed_at))
+            .into_iter()
+            .map(|entry| entry.sign(key).map_err(unavailable))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PendingEntry { entries, signed_at })
+    }
+
     /// Stores signed entries as pending inside the caller's transaction. Returns the lead
     /// receipt.
     pub(crate) fn store_in(
@@ -186,6 +208,9 @@ impl LedgerService {
         ctx: &RequestContext,
         event: LedgerEvent,
     ) -> Result<(Vec<SignedEntry>, i64), AppError> {
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(key_chain::retired_error());
+        }
         let now = now_micros();
         let entries = entries_of(ctx, event, &format_instant(now));
         let signed = entries

@@ -26,7 +26,7 @@ const PATIENT_INDEX_CHUNK: i64 = 10_000;
 
 /// Records which patients' compartments the sequenced entries not yet indexed touched
 /// (for the patients' AuditEvent view), inside the sequencer's transaction.
-fn index_patients(tx: &mut DbConnection) -> Result<(), AppError> {
+pub(super) fn index_patients(tx: &mut DbConnection) -> Result<(), AppError> {
     let size = rows::tree_size(tx)?;
     let from = rows::patient_index_size(tx)?;
     if from >= size {
@@ -78,6 +78,7 @@ impl LedgerService {
             if !rows::try_lock_sequencer(tx)? {
                 return Ok(None); // another process is sequencing
             }
+            self.check_still_current(tx)?;
             let batch = sequencer::sequence_batch(
                 &mut TxSequencerStore(tx),
                 &self.key,
@@ -104,7 +105,7 @@ impl LedgerService {
 }
 
 /// The sequencer's storage: the ledger tables inside one write transaction.
-struct TxSequencerStore<'a>(&'a mut DbConnection);
+pub(super) struct TxSequencerStore<'a>(pub(super) &'a mut DbConnection);
 
 impl SequencerStore for TxSequencerStore<'_> {
     type Error = AppError;

@@ -95,6 +95,122 @@ pub fn set_prefix_state(
         .map_err(StoreError::classify)
 }
 
+/// Which index key built the index, and a rotation to another key under way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexKeyState {
+    /// The id of the key every index row was written with; `None` until a server records it.
+    pub built_with: Option<String>,
+    /// While `fhirledger keys rotate-index` rebuilds the index: the new key's id.
+    pub rekey_to: Option<String>,
+    /// How far (by `resources.seq`) that rebuild has got.
+    pub rekeyed_through: i64,
+}
+
+pub fn index_key_state(conn: &mut DbConnection) -> Result<IndexKeyState, StoreError> {
+    let (built_with, rekey_to, rekeyed_through) = search_state::table
+        .find(1)
+        .select((
+            search_state::index_key,
+            search_state::rekey_to,
+            search_state::rekeyed_through,
+        ))
+        .first(conn)
+        .map_err(StoreError::classify)?;
+    Ok(IndexKeyState {
+        built_with,
+        rekey_to,
+        rekeyed_through,
+    })
+}
+
+/// Records `key_id` as the key the index was built with, unless one is recorded already
+/// (two servers starting at once: the first wins and the other sees its id).
+pub fn adopt_index_key(conn: &mut DbConnection, key_id: &str) -> Result<(), StoreError> {
+    diesel::update(
+        search_state::table
+            .find(1)
+            .filter(search_state::index_key.is_null()),
+    )
+    .set(search_state::index_key.eq(key_id))
+    .execute(conn)
+    .map(|_| ())
+    .map_err(StoreError::classify)
+}
+
+/// Starts (or, for the same key, continues) a rebuild of the index for the key `key_id`.
+pub fn begin_rekey(conn: &mut DbConnection, key_id: &str) -> Result<(), StoreError> {
+    diesel::update(
+        search_state::table.find(1).filter(
+            search_state::rekey_to
+                .is_null()
+                .or(search_state::rekey_to.ne(key_id)),
+        ),
+    )
+    .set((
+        search_state::rekey_to.eq(key_id),
+        search_state::rekeyed_through.eq(0),
+    ))
+    .execute(conn)
+    .map(|_| ())
+    .map_err(StoreError::classify)
+}
+
+/// Records that a rebuild has reached `seq`.
+pub fn set_rekeyed_through(conn: &mut DbConnection, seq: i64) -> Result<(), StoreError> {
+    diesel::update(search_state::table.find(1))
+        .set(search_state::rekeyed_through.eq(seq))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// Ends a rebuild: the new key built the whole index, with full-length string prefixes.
+pub fn finish_rekey(conn: &mut DbConnection, prefix_chars: i32) -> Result<(), StoreError> {
+    diesel::update(search_state::table.find(1))
+        .set((
+            search_state::index_key.eq(search_state::rekey_to),
+            search_state::rekey_to.eq(None::<String>),
+            search_state::rekeyed_through.eq(0),
+            search_state::prefix_chars.eq(prefix_chars),
+        ))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
+/// Up to `limit` live resources `(type, presence digests)` with at least one presence
+/// digest: what tells whether a key built the index of a database that never recorded it.
+pub fn presence_sample(
+    conn: &mut DbConnection,
+    limit: i64,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let rows: Vec<(String, Option<Vec<u8>>)> = resources::table
+        .filter(resources::deleted.eq(false))
+        .filter(resources::presence.is_not_null())
+        .select((resources::resource_type, resources::presence))
+        .limit(limit)
+        .load(conn)
+        .map_err(StoreError::classify)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(resource_type, presence)| Some((resource_type, presence?)))
+        .filter(|(_, presence)| !presence.is_empty())
+        .collect())
+}
+
+/// Replaces a resource's presence digests (an index rebuilt for another key).
+pub fn set_presence(
+    conn: &mut DbConnection,
+    seq: i64,
+    presence: &[Digest],
+) -> Result<(), StoreError> {
+    diesel::update(resources::table.filter(resources::seq.eq(seq)))
+        .set(resources::presence.eq(presence.concat()))
+        .execute(conn)
+        .map(|_| ())
+        .map_err(StoreError::classify)
+}
+
 /// Live resources `(seq, type, id, current version)` after `seq`, in order, at most `limit`.
 pub fn live_after(
     conn: &mut DbConnection,

@@ -23,8 +23,10 @@ pub use conditions::{
     SortValue, UnitMatch,
 };
 pub use index_rows::{
-    DateRow, IndexRows, NumberRow, clear_index, insert_index, insert_index_many, is_current,
-    live_after, move_presence, prefix_state, set_prefix_state, without_presence,
+    DateRow, IndexKeyState, IndexRows, NumberRow, adopt_index_key, begin_rekey, clear_index,
+    finish_rekey, index_key_state, insert_index, insert_index_many, is_current, live_after,
+    move_presence, prefix_state, presence_sample, set_prefix_state, set_presence,
+    set_rekeyed_through, without_presence,
 };
 pub use sql::{MatchedRow, count, holders_of, search};
 

@@ -77,10 +77,11 @@ struct State {
     logs: BTreeMap<String, Cosigned>,
 }
 
-/// A witness: its key, the logs it follows (origin → the log's verifier key) and its state.
+/// A witness: its key, the logs it follows (origin → the log's verifier keys: more than one
+/// while a log rotates its key) and its state.
 pub struct Witness {
     key: WitnessKey,
-    logs: HashMap<String, String>,
+    logs: HashMap<String, Vec<String>>,
     state_path: PathBuf,
     /// Held from reading the latest size to persisting the new one, so two requests cannot
     /// interleave and roll a log back (tlog-witness's race).
@@ -89,15 +90,18 @@ pub struct Witness {
 
 impl Witness {
     /// A witness keeping its state in `dir` (created if missing), following the logs whose
-    /// verifier keys are `log_vkeys` (the origin is each key's name).
+    /// verifier keys are `log_vkeys` (the origin is each key's name). Several keys of one
+    /// log (its key before and after a rotation) each sign checkpoints the witness accepts;
+    /// consistency with what it cosigned last holds across them.
     pub fn open(key: WitnessKey, log_vkeys: &[String], dir: &Path) -> Result<Self, String> {
-        let mut logs = HashMap::new();
+        let mut logs: HashMap<String, Vec<String>> = HashMap::new();
         for vkey in log_vkeys {
             let verifier =
                 StandardVerifier::new(vkey).map_err(|e| format!("log key '{vkey}': {e}"))?;
             let origin = signed_note::Verifier::name(&verifier).to_owned();
-            if logs.insert(origin.clone(), vkey.clone()).is_some() {
-                return Err(format!("two keys given for the log '{origin}'"));
+            let keys = logs.entry(origin).or_default();
+            if !keys.contains(vkey) {
+                keys.push(vkey.clone());
             }
         }
         crate::config::ensure_private_dir(dir).map_err(|e| e.to_string())?;
@@ -131,12 +135,19 @@ impl Witness {
         let checkpoint = Checkpoint::from_bytes(note.text())
             .map_err(|e| Refusal::Malformed(format!("checkpoint: {e}")))?;
         let origin = checkpoint.origin().to_owned();
-        let vkey = self
+        let vkeys = self
             .logs
             .get(&origin)
             .ok_or_else(|| Refusal::UnknownLog(origin.clone()))?;
-        let verifier = StandardVerifier::new(vkey).map_err(|_| Refusal::NotSigned)?;
-        note.verify(&VerifierList::new(vec![Box::new(verifier)]))
+        let verifiers = vkeys
+            .iter()
+            .map(|vkey| {
+                StandardVerifier::new(vkey)
+                    .map(|v| Box::new(v) as Box<dyn signed_note::Verifier>)
+                    .map_err(|_| Refusal::NotSigned)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        note.verify(&VerifierList::new(verifiers))
             .map_err(|_| Refusal::NotSigned)?;
         let (size, root) = (checkpoint.size(), *checkpoint.hash());
         if request.old_size > size {

@@ -1061,7 +1061,7 @@ fn a_sealed_server_serves_once_enough_key_shares_are_given() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let server = start_server(dir.path(), port);
-    let token = mint_token(dir.path(), port, "system/Patient.cr ledger.read");
+    let token = mint_token(dir.path(), port, "system/Patient.crs ledger.read");
     let (status, _, created) = http_with_headers(
         port,
         Some(&token),
@@ -1163,4 +1163,134 @@ fn a_sealed_server_serves_once_enough_key_shares_are_given() {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop_server(sealed);
+}
+
+/// The README's key rotations as an operator runs them: the ledger key (restart with the new
+/// key and the previous one), after which `verify` pinned to either key checks receipts from
+/// before and after and `audit` finds everything in order; then the index key (`keys
+/// rotate-index` with the server stopped), after which searches find what they found.
+#[test]
+fn rotating_the_ledger_and_index_keys_keeps_proofs_and_searches() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start_server(dir.path(), port);
+    let token = mint_token(dir.path(), port, "system/Patient.crs ledger.read");
+    let key: serde_json::Value =
+        serde_json::from_str(&http(port, "GET", "/ledger/key", None).unwrap().1).unwrap();
+    let old_vkey = key["vkey"].as_str().unwrap().to_owned();
+    let before = ledgered_write(port, &token);
+    let state = dir.path().join("verify-state");
+    let (code, out) = run_verify(port, &old_vkey, &state, Some(&before), &token);
+    assert_eq!(code, 0, "{out}");
+    stop_server(server);
+
+    let new_ledger_key = dir.path().join("ledger-2.key");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(rand_seed());
+    std::fs::write(&new_ledger_key, encoded).unwrap();
+    let rotated_settings = [
+        (
+            "FHIRLEDGER_LEDGER_KEY_FILE",
+            new_ledger_key.to_str().unwrap(),
+        ),
+        ("FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE", "data/ledger.key"),
+    ];
+    let server = start_server_with(dir.path(), port, &rotated_settings);
+    let key: serde_json::Value =
+        serde_json::from_str(&http(port, "GET", "/ledger/key", None).unwrap().1).unwrap();
+    let new_vkey = key["vkey"].as_str().unwrap().to_owned();
+    assert_ne!(new_vkey, old_vkey);
+    let after = ledgered_write(port, &token);
+    for receipt in [&before, &after] {
+        let (code, out) = run_verify(port, &old_vkey, &state, Some(receipt), &token);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("ledger key rotated"), "{out}");
+        assert!(out.contains("consistent with the checkpoint"), "{out}");
+    }
+    let (code, out) = run_verify(
+        port,
+        &new_vkey,
+        &dir.path().join("new-state"),
+        Some(&before),
+        &token,
+    );
+    assert_eq!(code, 0, "{out}");
+    stop_server(server);
+
+    // The retired key no longer starts a server.
+    let refused = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("was retired"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let audit = |vkey: &str| {
+        Command::new(BINARY)
+            .args(["audit", "--vkey", vkey])
+            .current_dir(dir.path())
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    for vkey in [&old_vkey, &new_vkey] {
+        let out = audit(vkey);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(stdout.contains("everything matches"), "{stdout}");
+    }
+
+    // The index key: rebuilt offline, then the new key serves and the old one is refused.
+    let new_index_key = dir.path().join("index-2.key");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(rand_seed());
+    std::fs::write(&new_index_key, encoded).unwrap();
+    let rebuilt = Command::new(BINARY)
+        .args(["keys", "rotate-index", "--new-key-file"])
+        .arg(&new_index_key)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_LEDGER_KEY_FILE", &new_ledger_key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&rebuilt.stdout);
+    assert!(
+        rebuilt.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert!(stdout.contains("search index rebuilt"), "{stdout}");
+    let old_index = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("FHIRLEDGER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRLEDGER_LEDGER_KEY_FILE", &new_ledger_key)
+        .output()
+        .unwrap();
+    assert!(!old_index.status.success());
+    assert!(String::from_utf8_lossy(&old_index.stderr).contains("was built with index key"));
+    let server = start_server_with(
+        dir.path(),
+        port,
+        &[
+            (
+                "FHIRLEDGER_LEDGER_KEY_FILE",
+                new_ledger_key.to_str().unwrap(),
+            ),
+            ("FHIRLEDGER_INDEX_KEY_FILE", new_index_key.to_str().unwrap()),
+        ],
+    );
+    let (status, _, body) =
+        http_with_headers(port, Some(&token), "GET", "/fhir/Patient?active=true", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let found: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(found["total"], 2, "{body}");
+    stop_server(server);
 }

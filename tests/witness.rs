@@ -204,3 +204,44 @@ async fn a_witness_refuses_what_it_cannot_vouch_for() {
     // None of these changed its state.
     assert_eq!(witness.latest_size("hospital.example/ledger"), 0);
 }
+
+/// A log that rotates its ledger key: the witness given both keys cosigns the checkpoints of
+/// either, still only while they extend what it cosigned; one given the old key alone
+/// refuses the new key's.
+#[actix_web::test]
+async fn a_witness_given_both_keys_follows_a_log_across_a_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = LedgerKey::generate("hospital.example/ledger").unwrap();
+    let new_key = LedgerKey::generate("hospital.example/ledger").unwrap();
+    let witness_key = WitnessKey::generate("regulator.example/witness").unwrap();
+    let verifier = CosignatureVerifier::from_vkey(&witness_key.verifier().vkey()).unwrap();
+    let both = Arc::new(
+        Witness::open(
+            witness_key.clone(),
+            &[old_key.vkey(), new_key.vkey()],
+            dir.path(),
+        )
+        .unwrap(),
+    );
+    let five = log_of("a", 5);
+    let answer = submit(&both, body(&old_key, &five, 0)).await;
+    cosigned_time(&verifier, &checkpoint(&old_key, &five), &answer);
+    let eight = log_of("a", 8);
+    let answer = submit(&both, body(&new_key, &eight, 5)).await;
+    cosigned_time(&verifier, &checkpoint(&new_key, &eight), &answer);
+    // The new key cannot fork what the old one had the witness cosign.
+    let other = log_of("b", 10);
+    let answer = submit(&both, body(&new_key, &other, 8)).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        answer.text
+    );
+
+    let old_only_dir = tempfile::tempdir().unwrap();
+    let old_only =
+        Arc::new(Witness::open(witness_key, &[old_key.vkey()], old_only_dir.path()).unwrap());
+    let answer = submit(&old_only, body(&new_key, &eight, 0)).await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text);
+}

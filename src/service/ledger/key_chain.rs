@@ -13,6 +13,7 @@ use crate::clock::now_micros;
 use crate::error::AppError;
 use crate::ledger::checkpoint::verify_checkpoint;
 use crate::ledger::key_chain::{Announcement, ListedKey, encode_all};
+use crate::ledger::keys::parse_vkey;
 use crate::ledger::sequencer;
 use crate::ledger::{Action, LedgerKey, tree};
 use crate::store::DbConnection;
@@ -102,11 +103,7 @@ impl LedgerService {
                     first_index,
                 })
             }
-            _ => Err(AppError::Unavailable(format!(
-                "the log is signed by ledger key {current}, not by this server's key {ours}; \
-                 to rotate to this key, set FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE to the file of \
-                 key {current}"
-            ))),
+            _ => Err(AppError::Unavailable(refusal(&current, &ours))),
         }
     }
 
@@ -241,6 +238,24 @@ pub fn list_keys(conn: &mut DbConnection, size: u64) -> Result<Vec<ListedKey>, A
         });
     }
     Ok(listed)
+}
+
+/// Why a server whose key is not the log's current one may not start: the same key under
+/// another log origin (another FHIRLEDGER_LEDGER_ORIGIN, or another FHIRLEDGER_BASE_URL or
+/// FHIRLEDGER_LISTEN it defaults from), or another key.
+fn refusal(current: &str, ours: &str) -> String {
+    match (parse_vkey(current), parse_vkey(ours)) {
+        (Ok((log_origin, log_key)), Ok((our_origin, our_key))) if log_key == our_key => format!(
+            "the log's origin is '{log_origin}' but this server's is '{our_origin}': give it the \
+             server's FHIRLEDGER_LEDGER_ORIGIN (or the FHIRLEDGER_BASE_URL or FHIRLEDGER_LISTEN \
+             it defaults from)"
+        ),
+        _ => format!(
+            "the log is signed by ledger key {current}, not by this server's key {ours}; to \
+             rotate to this key, set FHIRLEDGER_PREVIOUS_LEDGER_KEY_FILE to the file of key \
+             {current}"
+        ),
+    }
 }
 
 /// What a server whose ledger key was retired answers instead of ledgering (503).

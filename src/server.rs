@@ -227,15 +227,20 @@ pub fn spawn_sequencer(ledger: LedgerService, interval: Duration) {
     });
 }
 
-/// Runs bulk export jobs (deleting those whose files expired as it goes) every `interval`
-/// until the process ends. One job at a time per process, each page its own transaction,
-/// so that exports share the database with interactive requests; several processes on one
-/// database take jobs from one queue.
-/// Submits each new checkpoint to the configured witnesses every `interval` (a round waits
-/// for the slowest witness, up to its timeout, before the next).
+/// Submits each new checkpoint to the configured witnesses as soon as this process's
+/// sequencer signs it, and every `interval` at the latest (checkpoints of other processes,
+/// witnesses that failed); a round waits for the slowest witness, up to its timeout.
 pub fn spawn_witnessing(ledger: LedgerService, interval: Duration) {
-    spawn_periodic("witness cosigning", interval, move || {
-        ledger.collect_cosignatures()
+    actix_web::rt::spawn(async move {
+        loop {
+            ledger.wait_for_checkpoint(interval).await;
+            let round = ledger.clone();
+            match tokio::task::spawn_blocking(move || round.collect_cosignatures()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "witness cosigning failed; retrying"),
+                Err(error) => tracing::error!(%error, "witness cosigning task failed"),
+            }
+        }
     });
 }
 
@@ -250,6 +255,10 @@ pub fn spawn_rewrapper(
     });
 }
 
+/// Runs bulk export jobs (deleting those whose files expired as it goes) every `interval`
+/// until the process ends. One job at a time per process, each page its own transaction,
+/// so that exports share the database with interactive requests; several processes on one
+/// database take jobs from one queue.
 pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
     spawn_periodic("export runner", interval, move || {
         resources.run_export_jobs().map(|_| ())

@@ -91,6 +91,9 @@ impl LedgerService {
         let Some(batch) = batch else {
             return Ok(0);
         };
+        if batch.sequenced > 0 {
+            self.checkpoint_signed();
+        }
         if let (Some(metrics), Some(oldest)) = (crate::metrics::metrics(), batch.oldest_appended) {
             let lag_micros = now_micros().saturating_sub(oldest).max(0);
             metrics

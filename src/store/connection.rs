@@ -195,6 +195,12 @@ impl DbPool {
         super::statistics::analyze(&mut conn)
     }
 
+    /// Whether writes queue for one writer connection (SQLite): a connection of one's own
+    /// would wait for the database's write lock behind it instead.
+    pub fn has_one_writer(&self) -> bool {
+        self.writer.is_some()
+    }
+
     /// Whether the database is local (SQLite) and a pooled connection is free now: a short
     /// read may then run on the calling thread without waiting for anything.
     pub fn local_reader_idle(&self) -> bool {

@@ -70,6 +70,11 @@ impl SearchIndex {
         Self::new(self.registry.clone(), key, self.fhir_base.clone())
     }
 
+    /// The server's FHIR base (`…/fhir`).
+    pub fn fhir_base(&self) -> &str {
+        &self.fhir_base
+    }
+
     /// The id of the index key (never the key).
     pub fn key_id(&self) -> String {
         self.key.id()

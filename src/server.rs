@@ -29,6 +29,9 @@ use crate::store::{DatabaseUrl, connection, migrations};
 
 /// How often the export runner looks for queued jobs.
 const EXPORT_POLL: Duration = Duration::from_millis(500);
+/// How often due Subscription notifications are looked for (accesses are sequenced every
+/// ledger interval first, so a notification leaves within about the two together).
+const NOTIFY_POLL: Duration = Duration::from_millis(200);
 /// Time between two pages of a master key rotation's re-wrapping.
 const REWRAP_PAUSE: Duration = Duration::from_millis(20);
 
@@ -259,6 +262,14 @@ pub fn spawn_rewrapper(
 /// until the process ends. One job at a time per process, each page its own transaction,
 /// so that exports share the database with interactive requests; several processes on one
 /// database take jobs from one queue.
+/// Delivers Subscription notifications every `interval` (a round waits for the slowest
+/// endpoint of those it posts to, up to the delivery timeout).
+pub fn spawn_notifier(resources: ResourceService, interval: Duration) {
+    spawn_periodic("subscription delivery", interval, move || {
+        resources.deliver_notifications().map(|_| ())
+    });
+}
+
 pub fn spawn_export_runner(resources: ResourceService, interval: Duration) {
     spawn_periodic("export runner", interval, move || {
         resources.run_export_jobs().map(|_| ())
@@ -299,6 +310,7 @@ pub async fn serve(args: ServeArgs, keys: Keys) -> anyhow::Result<()> {
         Duration::from_millis(args.ledger_interval_ms),
     );
     spawn_export_runner(state.resources.clone(), EXPORT_POLL);
+    spawn_notifier(state.resources.clone(), NOTIFY_POLL);
     let rotation = tokio::task::spawn_blocking({
         let resources = state.resources.clone();
         move || resources.start_rotation()

@@ -54,6 +54,8 @@ pub const PURPOSE_RESEARCH: &str = "HRESCH";
 pub const RULE_AUDIT_EVENTS_READ_ONLY: &str = "audit-events-read-only";
 /// Only the patient or an administrator writes a Consent.
 pub const RULE_CONSENT_WRITER: &str = "consent-writer";
+/// Subscriptions are read and written by unconfined tokens only.
+pub const RULE_SUBSCRIPTION_UNCONFINED: &str = "subscription-unconfined";
 /// The system history: each version was shown or withheld by the token's scopes for its
 /// type.
 pub const RULE_PER_TYPE: &str = "scope:per-type";
@@ -151,6 +153,16 @@ pub fn authorize(
                 "a Consent is created, changed or revoked only by the patient's own token or an \
                       administrator's system/ scope"
                     .into(),
+        });
+    }
+    // Subscriptions hold their subscribers' endpoints and the secrets those expect: not the
+    // shared reference data a confined token may read of types outside compartments.
+    if resource_type == "Subscription" && grant.confinement.is_some() {
+        return Err(Refusal {
+            rule: RULE_SUBSCRIPTION_UNCONFINED,
+            message: "Subscriptions are read and written only by unconfined tokens (system/ \
+                      scopes): they hold their subscribers' endpoints and secrets"
+                .into(),
         });
     }
     Ok(grant)
@@ -304,6 +316,20 @@ mod tests {
         let unclaimed = with(token("patient/*.rs"), |t| t.patient = None);
         let refused = authorize(&unclaimed, Permission::Read, "Observation").unwrap_err();
         assert_eq!(refused.rule, RULE_PATIENT_CLAIM);
+    }
+
+    #[test]
+    fn subscriptions_are_for_unconfined_tokens_only() {
+        for permission in [Permission::Read, Permission::Search, Permission::Create] {
+            let refused = authorize(&token("patient/*.cruds"), permission, "Subscription");
+            assert_eq!(refused.unwrap_err().rule, RULE_SUBSCRIPTION_UNCONFINED);
+        }
+        let granted = authorize(
+            &token("system/Subscription.c"),
+            Permission::Create,
+            "Subscription",
+        );
+        assert_eq!(granted.unwrap().confinement, None);
     }
 
     fn with(principal: Principal, change: impl FnOnce(&mut TokenIdentity)) -> Principal {

@@ -92,11 +92,14 @@ pub enum Action {
     /// a checkpoint it signs, names the incoming key's verifier key in `key`; every later
     /// entry and checkpoint is signed by the incoming key.
     LedgerKeyRotate,
+    /// A subscriber told of an event (a rest-hook notification delivered): `resources` name
+    /// the Subscription and the event's focus; the actor is the subscriber.
+    Notify,
 }
 
 impl Action {
     /// Every action (kept in step with the variants: `parse` reads names through it).
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Create,
         Self::Update,
         Self::Delete,
@@ -115,6 +118,7 @@ impl Action {
         Self::KeyRetire,
         Self::IndexKeyRotate,
         Self::LedgerKeyRotate,
+        Self::Notify,
     ];
 
     /// The name entries carry.
@@ -138,6 +142,7 @@ impl Action {
             Self::KeyRetire => "key-retire",
             Self::IndexKeyRotate => "index-key-rotate",
             Self::LedgerKeyRotate => "ledger-key-rotate",
+            Self::Notify => "notify",
         }
     }
 

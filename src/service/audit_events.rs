@@ -459,7 +459,8 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::KeyRotate
             | Action::KeyRetire
             | Action::IndexKeyRotate
-            | Action::LedgerKeyRotate,
+            | Action::LedgerKeyRotate
+            | Action::Notify,
         )
         | None => "E",
     };
@@ -484,7 +485,8 @@ pub fn audit_event(index: i64, entry: &LedgerEntry) -> Value {
             | Action::KeyRotate
             | Action::KeyRetire
             | Action::IndexKeyRotate
-            | Action::LedgerKeyRotate,
+            | Action::LedgerKeyRotate
+            | Action::Notify,
         )
         | None => None,
     };

@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod resources;
 pub mod rotation;
 pub mod search;
+pub mod subscriptions;
 pub mod write;
 
 pub use base::{ResourceService, StoredResource};

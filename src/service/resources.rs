@@ -275,7 +275,7 @@ impl ResourceService {
         })
     }
 
-    fn read_current(
+    pub(super) fn read_current(
         &self,
         resource_type: &ResourceType,
         id: &ResourceId,

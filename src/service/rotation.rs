@@ -1,8 +1,8 @@
 //! Master key rotation: re-wrapping, in the background and a page at a time, every data key
-//! a previous master key wrapped (resource versions, export jobs and files) with the current
-//! one, while the server serves both; ledgered when it starts (`key-rotate`) and when the
-//! previous key is no longer needed (`key-retire`). Resumable by construction: what is left
-//! is what the database still holds under a previous key.
+//! a previous master key wrapped (resource versions, export jobs and files, subscriptions)
+//! with the current one, while the server serves both; ledgered when it starts
+//! (`key-rotate`) and when the previous key is no longer needed (`key-retire`). Resumable by
+//! construction: what is left is what the database still holds under a previous key.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -16,6 +16,7 @@ use crate::store::rewrap::{self, WrappedKeyRow};
 use super::ResourceService;
 use super::export::{file_binding, file_name, job_binding};
 use super::ledger::LedgerEvent;
+use super::subscriptions::sealed_binding;
 
 /// Data keys re-wrapped per transaction.
 pub const REWRAP_PAGE: i64 = 500;
@@ -104,6 +105,7 @@ impl ResourceService {
                     name = file_name(job_id, *file_no);
                     file_binding(&name)
                 }
+                WrappedKeyRow::Subscription { id } => sealed_binding(id),
             };
             match self
                 .envelope

@@ -295,6 +295,15 @@ impl ResourceService {
             search_rows::clear_index(tx, seq)?;
         }
         search_rows::insert_index(tx, seq, resource_type.as_str(), &prepared.index_rows)?;
+        let written = &prepared.outcome.resource;
+        let version = written.meta.version_id.to_string();
+        self.note_write(
+            tx,
+            ctx,
+            resource_type.as_str(),
+            id.as_str(),
+            Some((&written.json, &version)),
+        )?;
         self.pool.note_resources_written(1);
         let receipt = LedgerService::store_in(tx, &prepared.entry)?;
         Ok((Written::Content(prepared.outcome.clone()), receipt))
@@ -425,6 +434,7 @@ impl ResourceService {
             return Err(TxError::LostRace);
         }
         search_rows::clear_index(tx, head.seq)?;
+        self.note_write(tx, ctx, resource_type.as_str(), id.as_str(), None)?;
         // Attributed from the version deleted: a tombstone names no patient.
         let event = LedgerEvent::permit(Action::Delete)
             .touching(target(resource_type, id, Some(meta.version_id)), members);
@@ -447,6 +457,8 @@ impl ResourceService {
         method: &'static str,
         created: bool,
     ) -> Result<PreparedVersion, AppError> {
+        let admitted = self.admit_subscription(ctx, resource_type.as_str(), compact_json)?;
+        let compact_json = admitted.as_deref().unwrap_or(compact_json);
         let json = document::stamp(compact_json, resource_type, id, meta)
             .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;
         let binding = ResourceBinding {

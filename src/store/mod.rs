@@ -26,6 +26,7 @@ pub mod schema;
 pub mod search;
 mod sqlite_writer;
 mod statistics;
+pub mod subscriptions;
 
 pub use connection::{DbPool, PooledConnection};
 pub use database::{DatabaseUrl, DbConnection};

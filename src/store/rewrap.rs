@@ -1,12 +1,12 @@
 //! Queries of a master key rotation: the data keys still wrapped by a previous master key
-//! (resource versions, export jobs, export files), a page at a time, and the update that
+//! (resource versions, export jobs, export files, subscriptions), a page at a time, and the update that
 //! re-wraps one, only if no one re-wrapped it meanwhile.
 
 use diesel::prelude::*;
 
 use super::database::DbConnection;
 use super::error::StoreError;
-use super::schema::{export_files, export_jobs, resource_versions};
+use super::schema::{export_files, export_jobs, resource_versions, subscriptions};
 
 /// Where a wrapped data key is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,9 @@ pub enum WrappedKeyRow {
     ExportFile {
         job_id: String,
         file_no: i32,
+    },
+    Subscription {
+        id: String,
     },
 }
 
@@ -108,6 +111,27 @@ pub fn under_previous_keys(
                 }),
         );
     }
+    let left = limit - found.len() as i64;
+    if left > 0 {
+        found.extend(
+            subscriptions::table
+                .filter(subscriptions::key_id.eq_any(previous))
+                .select((
+                    subscriptions::id,
+                    subscriptions::key_id,
+                    subscriptions::wrapped_key,
+                ))
+                .limit(left)
+                .load::<(String, String, Vec<u8>)>(conn)
+                .map_err(StoreError::classify)?
+                .into_iter()
+                .map(|(id, key_id, wrapped_key)| WrappedKey {
+                    row: WrappedKeyRow::Subscription { id },
+                    key_id,
+                    wrapped_key,
+                }),
+        );
+    }
     Ok(found)
 }
 
@@ -131,7 +155,12 @@ pub fn count_under_previous_keys(
         .count()
         .get_result(conn)
         .map_err(StoreError::classify)?;
-    Ok(versions + jobs + files)
+    let subscribed: i64 = subscriptions::table
+        .filter(subscriptions::key_id.eq_any(previous))
+        .count()
+        .get_result(conn)
+        .map_err(StoreError::classify)?;
+    Ok(versions + jobs + files + subscribed)
 }
 
 /// Replaces the wrapped data key of `row` (under `old_key_id`) with `wrapped_key` under
@@ -179,6 +208,16 @@ pub fn set_wrapped_key(
         .set((
             export_files::key_id.eq(new_key_id),
             export_files::wrapped_key.eq(wrapped_key),
+        ))
+        .execute(conn),
+        WrappedKeyRow::Subscription { id } => diesel::update(
+            subscriptions::table
+                .filter(subscriptions::id.eq(id))
+                .filter(subscriptions::key_id.eq(old_key_id)),
+        )
+        .set((
+            subscriptions::key_id.eq(new_key_id),
+            subscriptions::wrapped_key.eq(wrapped_key),
         ))
         .execute(conn),
     }

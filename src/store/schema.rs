@@ -138,7 +138,39 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// The Subscriptions the server delivers for (rest-hook).
+    subscriptions (id) {
+        id -> Text,
+        kind -> Text,
+        resource_type -> Text,
+        patient -> Nullable<Text>,
+        status -> Text,
+        key_id -> Text,
+        wrapped_key -> Binary,
+        nonce -> Binary,
+        sealed -> Binary,
+        failures -> Integer,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Notifications to deliver, one per subscription and event.
+    subscription_events (seq) {
+        seq -> BigInt,
+        subscription_id -> Text,
+        focus -> Text,
+        created_at -> BigInt,
+        attempts -> Integer,
+        next_attempt_at -> BigInt,
+        state -> Text,
+        done_at -> Nullable<BigInt>,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(resources, resource_versions);
+diesel::allow_tables_to_appear_in_same_query!(subscriptions, subscription_events);
 
 diesel::table! {
     /// How far `fhirledger import` has loaded each source (by the SHA-256 of its content).

@@ -5,6 +5,7 @@
 
 use crate::clock::now_micros;
 use crate::error::AppError;
+use crate::ledger::Action;
 use crate::ledger::entry::LedgerEntry;
 use crate::ledger::sequencer::{self, PendingLeaf, SequencedLeaf, SequencerStore, SignedTree};
 use crate::ledger::{Hash, HashStore};
@@ -34,6 +35,7 @@ pub(super) fn index_patients(tx: &mut DbConnection) -> Result<(), AppError> {
     }
     let to = size.min(from + PATIENT_INDEX_CHUNK);
     let mut pairs = Vec::new();
+    let mut accesses = Vec::new();
     for row in rows::entries_range(tx, from, to)? {
         let (Some(index), Ok(entry)) = (
             row.leaf_index,
@@ -46,14 +48,30 @@ pub(super) fn index_patients(tx: &mut DbConnection) -> Result<(), AppError> {
             );
             continue;
         };
+        let start = pairs.len();
         pairs.extend(
             entry
                 .patient_ids()
                 .into_iter()
                 .map(|patient| (patient, index)),
         );
+        // A patient's view of the ledger and the notifications sent are no news to those
+        // subscribed to accesses (and telling them would tell them again without end).
+        if !matches!(
+            Action::parse(&entry.action),
+            Some(Action::AuditView | Action::Notify)
+        ) {
+            accesses.extend(
+                pairs[start..]
+                    .iter()
+                    .map(|(patient, index)| (patient.clone(), *index, row.created_at)),
+            );
+        }
     }
     rows::index_patients(tx, &pairs, to)?;
+    // Accesses to the records of patients whose apps subscribed to them, queued in the
+    // same transaction: a restart delivers what was indexed.
+    crate::store::subscriptions::enqueue_accesses(tx, &accesses, crate::clock::now_micros())?;
     Ok(())
 }
 

@@ -1,0 +1,2 @@
+DROP TABLE subscription_events;
+DROP TABLE subscriptions;

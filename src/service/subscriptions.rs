@@ -1,0 +1,770 @@
+//! FHIR R4 Subscriptions with rest-hook channels: a Subscription written through the API is
+//! checked (channel, endpoint, criteria searchable by its writer), made `active` and
+//! registered with its writer's identity sealed; writes of a subscribed type and accesses
+//! to a subscribed patient's record queue events in their own transactions; the dispatcher
+//! delivers each event once the subscriber's gate still lets it see the focus, retrying with
+//! back-off, marking a subscription `error` after repeated failures, and ledgering each
+//! delivery. Notifications carry references only (the Subscriptions Backport IG's
+//! `id-only` content), never resource content.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::access::principal::TokenIdentity;
+use crate::access::{Permission, Principal, RequestContext};
+use crate::clock::now_micros;
+use crate::crypto::ResourceBinding;
+use crate::error::AppError;
+use crate::fhir::ResourceId;
+use crate::fhir::document::format_instant;
+use crate::fhir::outcome::IssueCode;
+use crate::fhir::search_query::{Handling, parse_search};
+use crate::fhir::validate::ValidationError;
+use crate::ledger::{Action, EntryResource};
+use crate::store::DbConnection;
+use crate::store::ledger as ledger_rows;
+use crate::store::subscriptions::{self as rows, EventRow, SubscriptionRow};
+
+use super::ResourceService;
+use super::ledger::LedgerEvent;
+
+/// Most headers a channel may carry, and most bytes in each and in the endpoint.
+const MAX_HEADERS: usize = 10;
+const MAX_HEADER_BYTES: usize = 4096;
+const MAX_ENDPOINT_BYTES: usize = 2048;
+/// Events taken per dispatcher round.
+const DISPATCH_BATCH: i64 = 100;
+/// Subscriptions posted to at once.
+const PARALLEL_DELIVERIES: usize = 16;
+/// How long one delivery may take.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Consecutive failed deliveries after which a subscription is set to `error`.
+pub const MAX_FAILURES: i32 = 5;
+/// The first retry's delay; each further one doubles it, up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
+
+/// What a Subscription asks for, as read from the resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionSpec {
+    /// The searched type (`AuditEvent` for accesses to a record).
+    pub resource_type: String,
+    /// The criteria's query (after `?`), as pairs.
+    pub query: Vec<(String, String)>,
+    /// For `AuditEvent?patient=…`: the patient's id.
+    pub patient: Option<String>,
+    pub endpoint: String,
+    /// `Name: value` headers sent with each notification.
+    pub headers: Vec<(String, String)>,
+    /// Whether a notification Bundle is sent (`channel.payload`); otherwise an empty POST.
+    pub with_payload: bool,
+    pub status: String,
+}
+
+fn invalid(expression: &str, message: impl Into<String>) -> AppError {
+    AppError::Unprocessable(ValidationError {
+        code: IssueCode::Invalid,
+        expression: Some(format!("Subscription.{expression}")),
+        message: message.into(),
+    })
+}
+
+fn not_supported(expression: &str, message: impl Into<String>) -> AppError {
+    AppError::Unprocessable(ValidationError {
+        code: IssueCode::NotSupported,
+        expression: Some(format!("Subscription.{expression}")),
+        message: message.into(),
+    })
+}
+
+impl SubscriptionSpec {
+    /// Reads a Subscription resource (already valid R4).
+    pub fn parse(resource: &Value) -> Result<Self, AppError> {
+        let channel = &resource["channel"];
+        let channel_type = channel["type"].as_str().unwrap_or_default();
+        if channel_type != "rest-hook" {
+            return Err(not_supported(
+                "channel.type",
+                format!("channel type '{channel_type}' is not supported; use rest-hook"),
+            ));
+        }
+        let endpoint = channel["endpoint"]
+            .as_str()
+            .ok_or_else(|| invalid("channel.endpoint", "a rest-hook needs an endpoint"))?;
+        check_endpoint(endpoint)?;
+        let with_payload = match channel["payload"].as_str() {
+            None => false,
+            Some("application/fhir+json" | "application/json") => true,
+            Some(other) => {
+                return Err(not_supported(
+                    "channel.payload",
+                    format!(
+                        "payload '{other}' is not supported; use application/fhir+json or none"
+                    ),
+                ));
+            }
+        };
+        let headers = channel["header"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|header| parse_header(header.as_str().unwrap_or_default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if headers.len() > MAX_HEADERS {
+            return Err(invalid(
+                "channel.header",
+                format!("at most {MAX_HEADERS} headers"),
+            ));
+        }
+        let criteria = resource["criteria"].as_str().unwrap_or_default();
+        let (resource_type, query) = criteria.split_once('?').unwrap_or((criteria, ""));
+        if resource_type.is_empty() || resource_type.contains('/') {
+            return Err(invalid(
+                "criteria",
+                "criteria must be a search: Type?parameters",
+            ));
+        }
+        let query: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let patient = if resource_type == "AuditEvent" {
+            let [(name, value)] = query.as_slice() else {
+                return Err(not_supported(
+                    "criteria",
+                    "accesses are subscribed to as AuditEvent?patient=Patient/<id>",
+                ));
+            };
+            let id = value.strip_prefix("Patient/").unwrap_or(value);
+            if name != "patient" || ResourceId::parse(id).is_err() {
+                return Err(not_supported(
+                    "criteria",
+                    "accesses are subscribed to as AuditEvent?patient=Patient/<id>",
+                ));
+            }
+            Some(id.to_owned())
+        } else {
+            None
+        };
+        Ok(Self {
+            resource_type: resource_type.to_owned(),
+            query,
+            patient,
+            endpoint: endpoint.to_owned(),
+            headers,
+            with_payload,
+            status: resource["status"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+}
+
+/// An endpoint the server may post to: https anywhere, http only to this machine (a local
+/// receiver, a development setup).
+fn check_endpoint(endpoint: &str) -> Result<(), AppError> {
+    if endpoint.len() > MAX_ENDPOINT_BYTES {
+        return Err(invalid("channel.endpoint", "the endpoint is too long"));
+    }
+    let url = url::Url::parse(endpoint)
+        .map_err(|e| invalid("channel.endpoint", format!("not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(host)) => host == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(invalid(
+            "channel.endpoint",
+            "the endpoint must be https:// (http:// only to localhost)",
+        )),
+    }
+}
+
+fn parse_header(text: &str) -> Result<(String, String), AppError> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| invalid("channel.header", "a header is 'Name: value'"))?;
+    let name = name.trim();
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if !valid_name || text.len() > MAX_HEADER_BYTES || text.contains(['\r', '\n']) {
+        return Err(invalid("channel.header", "a header is 'Name: value'"));
+    }
+    Ok((name.to_owned(), value.trim().to_owned()))
+}
+
+/// What a subscription's row seals: who created it, so that every notification is checked
+/// as that token's search would be.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Sealed {
+    /// `None`: the server itself (a tool, a test).
+    identity: Option<TokenIdentity>,
+}
+
+pub(super) fn sealed_binding(id: &str) -> ResourceBinding<'_> {
+    ResourceBinding {
+        resource_type: "$subscription",
+        id,
+        version_id: 1,
+    }
+}
+
+/// How one delivery ended.
+enum Delivery {
+    Delivered,
+    /// The subscriber may not see it, or it no longer matches.
+    Skipped,
+    Failed(String),
+}
+
+impl ResourceService {
+    /// A Subscription about to be written: checked, and made `active` (the server's to set;
+    /// `off` is kept). Its criteria must be a search its writer may make, so a subscription
+    /// discloses nothing its writer could not search for. Other types pass unchanged.
+    pub(super) fn admit_subscription(
+        &self,
+        ctx: &RequestContext,
+        resource_type: &str,
+        compact_json: &str,
+    ) -> Result<Option<String>, AppError> {
+        if resource_type != "Subscription" {
+            return Ok(None);
+        }
+        let mut resource: Value = serde_json::from_str(compact_json)
+            .map_err(|e| AppError::Internal(format!("validated JSON does not parse: {e}")))?;
+        let spec = SubscriptionSpec::parse(&resource)?;
+        let status = match spec.status.as_str() {
+            "requested" | "active" => "active",
+            "off" => "off",
+            "error" if matches!(ctx.principal, Principal::Internal) => "error",
+            other => {
+                return Err(invalid(
+                    "status",
+                    format!("a client asks for 'requested' or 'off', not '{other}'"),
+                ));
+            }
+        };
+        self.authorize_criteria(ctx, &spec)?;
+        resource["status"] = json!(status);
+        Ok(Some(resource.to_string()))
+    }
+
+    /// The criteria's search, authorized for `ctx` as a search request would be (a refusal
+    /// is ledgered and answered 403).
+    fn authorize_criteria(
+        &self,
+        ctx: &RequestContext,
+        spec: &SubscriptionSpec,
+    ) -> Result<(), AppError> {
+        match &spec.patient {
+            Some(patient) => self.authorize_access_view(ctx, patient),
+            None => {
+                let index = self.search_index();
+                let request = parse_search(
+                    index.registry(),
+                    index,
+                    vec![self.resolve_type(&spec.resource_type)?.to_string()],
+                    &spec.query,
+                    Handling::Strict,
+                )?;
+                self.authorize_search(ctx, request, Action::Search)
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// Whether `ctx` may see the accesses to `patient`'s record, as `GET
+    /// /fhir/AuditEvent?patient=` decides (a refusal is ledgered).
+    fn authorize_access_view(&self, ctx: &RequestContext, patient: &str) -> Result<(), AppError> {
+        if ctx.principal.may_read_ledger() {
+            return Ok(());
+        }
+        let grant = self.authorize(
+            ctx,
+            Permission::Search,
+            "AuditEvent",
+            Action::AuditView,
+            Vec::new(),
+        )?;
+        match &grant.confinement {
+            Some(confinement) if !self.opens(None, ctx, confinement, patient)? => Err(self
+                .ledger()
+                .refuse(ctx, Action::AuditView, Vec::new(), confinement.refusal())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers (or, deleted, forgets) a Subscription in the write's transaction, and
+    /// queues `focus` for the subscriptions to writes of its type.
+    pub(super) fn note_write(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        resource_type: &str,
+        id: &str,
+        written: Option<(&str, &str)>,
+    ) -> Result<(), AppError> {
+        let now = now_micros();
+        if resource_type == "Subscription" {
+            match written {
+                None => rows::remove(tx, id)?,
+                Some((json, _)) => {
+                    let resource: Value = serde_json::from_str(json).map_err(|e| {
+                        AppError::Internal(format!("stored Subscription does not parse: {e}"))
+                    })?;
+                    let spec = SubscriptionSpec::parse(&resource)?;
+                    let identity = match &ctx.principal {
+                        Principal::Token(identity) => Some(TokenIdentity::clone(identity)),
+                        _ => None,
+                    };
+                    let plain = serde_json::to_vec(&Sealed { identity })
+                        .map_err(|e| AppError::Internal(e.to_string()))?;
+                    let sealed = self.envelope().seal(sealed_binding(id), &plain);
+                    let kind = if spec.patient.is_some() {
+                        rows::ACCESS
+                    } else {
+                        rows::RESOURCE
+                    };
+                    rows::upsert(
+                        tx,
+                        &rows::NewSubscription {
+                            id,
+                            kind,
+                            resource_type: &spec.resource_type,
+                            patient: spec.patient.as_deref(),
+                            status: &spec.status,
+                            sealed: &sealed,
+                            now,
+                        },
+                    )?;
+                }
+            }
+        }
+        if let Some((_, version)) = written {
+            let focus = format!("{resource_type}/{id}/_history/{version}");
+            rows::enqueue_for_type(tx, resource_type, &focus, now)?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the events due now, a batch at a time; returns how many were delivered.
+    pub fn deliver_notifications(&self) -> Result<usize, AppError> {
+        let mut delivered = 0;
+        loop {
+            let due = rows::due(&mut *self.connection()?, now_micros(), DISPATCH_BATCH)?;
+            if due.is_empty() {
+                return Ok(delivered);
+            }
+            // Each event is claimed for the longest its delivery may take: another process
+            // on the database leaves it alone meanwhile.
+            let lease_until =
+                now_micros() + i64::try_from(DELIVERY_TIMEOUT.as_micros() * 2).unwrap_or(i64::MAX);
+            let claimed = self.pool.write(|tx| -> Result<Vec<EventRow>, AppError> {
+                let mut claimed = Vec::with_capacity(due.len());
+                for event in due {
+                    if rows::claim(tx, &event, lease_until)? {
+                        claimed.push(event);
+                    }
+                }
+                Ok(claimed)
+            })?;
+            let mut by_subscription: HashMap<String, Vec<EventRow>> = HashMap::new();
+            for event in claimed {
+                by_subscription
+                    .entry(event.subscription_id.clone())
+                    .or_default()
+                    .push(event);
+            }
+            // Subscriptions in parallel, each one's events in order: a slow endpoint holds up
+            // only its own.
+            let groups: Vec<(String, Vec<EventRow>)> = by_subscription.into_iter().collect();
+            let mut round = 0;
+            for chunk in groups.chunks(PARALLEL_DELIVERIES) {
+                round += std::thread::scope(|scope| {
+                    let handles: Vec<_> = chunk
+                        .iter()
+                        .map(|(id, events)| scope.spawn(move || self.deliver_to(id, events)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|handle| match handle.join() {
+                            Ok(Ok(count)) => count,
+                            Ok(Err(error)) => {
+                                tracing::warn!(%error, "subscription delivery failed; retrying");
+                                0
+                            }
+                            Err(_) => 0,
+                        })
+                        .sum::<usize>()
+                });
+            }
+            delivered += round;
+            if round == 0 {
+                // Everything due failed or was skipped: the back-off decides when next.
+                return Ok(delivered);
+            }
+        }
+    }
+
+    /// Delivers one subscription's claimed events in order, stopping at the first that
+    /// fails; what happened is recorded in one write afterwards (on SQLite, in the one
+    /// writer's queue: a connection of its own would wait for the write lock under load).
+    fn deliver_to(&self, id: &str, events: &[EventRow]) -> Result<usize, AppError> {
+        let row = rows::subscription(&mut *self.connection()?, id)?;
+        let Some(row) = row.filter(|row| row.status == rows::ACTIVE) else {
+            self.pool.write(|tx| -> Result<(), AppError> {
+                for event in events {
+                    rows::finish(tx, event.seq, rows::DROPPED, now_micros())?;
+                }
+                Ok(())
+            })?;
+            return Ok(0);
+        };
+        let subscription_type = self.resolve_type("Subscription")?;
+        let resource_id = ResourceId::parse(id)
+            .map_err(|_| AppError::Internal(format!("subscription id {id:?} is not valid")))?;
+        let resource = self.read_current(&subscription_type, &resource_id)?;
+        let parsed: Value = serde_json::from_str(&resource.json)
+            .map_err(|e| AppError::Internal(format!("stored Subscription: {e}")))?;
+        let spec = SubscriptionSpec::parse(&parsed)?;
+        let ctx = self.subscriber_context(&row)?;
+        let mut ended: Vec<(i64, &'static str)> = Vec::new();
+        let mut failed = None;
+        for (position, event) in events.iter().enumerate() {
+            let outcome = match self.visible_to_subscriber(&ctx, &row, &spec, &event.focus) {
+                Ok(true) => self.post_notification(id, &spec, event),
+                Ok(false) => Delivery::Skipped,
+                Err(error) => Delivery::Failed(error.to_string()),
+            };
+            match outcome {
+                Delivery::Delivered => {
+                    self.ledger_delivery(&ctx, id, &event.focus)?;
+                    ended.push((event.seq, rows::DELIVERED));
+                }
+                Delivery::Skipped => ended.push((event.seq, rows::SKIPPED)),
+                Delivery::Failed(error) => {
+                    failed = Some((position, error));
+                    break;
+                }
+            }
+        }
+        let delivered = ended
+            .iter()
+            .filter(|(_, state)| *state == rows::DELIVERED)
+            .count();
+        let failures = self.pool.write(|tx| -> Result<i32, AppError> {
+            for (seq, state) in &ended {
+                rows::finish(tx, *seq, state, now_micros())?;
+            }
+            if delivered > 0 {
+                rows::record_outcome(tx, id, false)?;
+            }
+            let Some((position, _)) = &failed else {
+                return Ok(0);
+            };
+            let failures = rows::record_outcome(tx, id, true)?;
+            if failures >= MAX_FAILURES {
+                rows::set_status(tx, id, rows::ERROR)?;
+            } else {
+                let event = &events[*position];
+                let retry_at = now_micros() + retry_delay(event.attempts);
+                rows::retry(tx, event.seq, retry_at)?;
+                // The events after it wait their turn: notifications arrive in order.
+                let behind: Vec<i64> = events[position + 1..].iter().map(|e| e.seq).collect();
+                rows::postpone(tx, &behind, retry_at)?;
+            }
+            Ok(failures)
+        })?;
+        if let Some((_, error)) = failed {
+            tracing::warn!(subscription = id, failures, %error, "notification not delivered");
+            if failures >= MAX_FAILURES {
+                self.mark_subscription_error(&subscription_type, &resource_id, &parsed, &error)?;
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// The subscriber's identity, as its sealed row says.
+    fn subscriber_context(&self, row: &SubscriptionRow) -> Result<RequestContext, AppError> {
+        let plain = self
+            .envelope()
+            .open(sealed_binding(&row.id), &row.sealed())
+            .map_err(|e| AppError::Internal(format!("subscription {}: {e}", row.id)))?;
+        let sealed: Sealed = serde_json::from_slice(&plain)
+            .map_err(|e| AppError::Internal(format!("subscription {}: {e}", row.id)))?;
+        let principal = match sealed.identity {
+            Some(identity) => Principal::Token(Arc::new(identity)),
+            None => Principal::Internal,
+        };
+        Ok(RequestContext::acting_as(
+            principal,
+            format!("subscription-{}", row.id),
+        ))
+    }
+
+    /// Whether the subscriber, were it to search now, would be shown the event's focus: an
+    /// access to the subscribed patient's record (not the subscriber's own), or a written
+    /// resource that its criteria match under its gate. A refusal by the gate is ledgered.
+    fn visible_to_subscriber(
+        &self,
+        ctx: &RequestContext,
+        row: &SubscriptionRow,
+        spec: &SubscriptionSpec,
+        focus: &str,
+    ) -> Result<bool, AppError> {
+        if let Some(patient) = &spec.patient {
+            let index: i64 = focus
+                .strip_prefix("AuditEvent/ledger-")
+                .and_then(|i| i.parse().ok())
+                .ok_or_else(|| AppError::Internal(format!("access event {focus}")))?;
+            let mut conn = self.connection()?;
+            let Some(entry) = ledger_rows::entries_at(&mut conn, &[index])?.pop() else {
+                return Ok(false);
+            };
+            drop(conn);
+            let entry: crate::ledger::LedgerEntry = serde_json::from_slice(&entry.data)
+                .map_err(|e| AppError::Internal(format!("ledger entry #{index}: {e}")))?;
+            // The subscriber's own reads of the record (its app fetching what it was told
+            // of) are not news to it, and would tell it again without end.
+            let own = match &ctx.principal {
+                Principal::Token(identity) => {
+                    entry.actor.subject == identity.subject
+                        && entry.actor.issuer.as_deref() == Some(identity.issuer.as_str())
+                }
+                _ => false,
+            };
+            let told = matches!(
+                crate::ledger::Action::parse(&entry.action),
+                Some(Action::AuditView | Action::Notify)
+            );
+            if own || told || !entry.patient_ids().contains(patient) {
+                return Ok(false);
+            }
+            return match self.authorize_access_view(ctx, patient) {
+                Ok(()) => Ok(true),
+                Err(AppError::Forbidden { .. }) => Ok(false),
+                Err(other) => Err(other),
+            };
+        }
+        let Some((reference, _)) = focus.split_once("/_history/") else {
+            return Err(AppError::Internal(format!("event focus {focus}")));
+        };
+        let Some((_, id)) = reference.split_once('/') else {
+            return Err(AppError::Internal(format!("event focus {focus}")));
+        };
+        let index = self.search_index();
+        let mut query = spec.query.clone();
+        query.push(("_id".to_owned(), id.to_owned()));
+        let request = parse_search(
+            index.registry(),
+            index,
+            vec![row.resource_type.clone()],
+            &query,
+            Handling::Strict,
+        )?;
+        let search = match self.authorize_search(ctx, request, Action::Search) {
+            Ok(search) => search,
+            Err(AppError::Forbidden { .. }) => return Ok(false),
+            Err(other) => return Err(other),
+        };
+        let mut conn = self.connection()?;
+        let page = self.search_page(&mut conn, &search)?;
+        Ok(page
+            .matches
+            .iter()
+            .any(|resource| resource.id.as_str() == id))
+    }
+
+    /// Posts one notification to the endpoint.
+    fn post_notification(&self, id: &str, spec: &SubscriptionSpec, event: &EventRow) -> Delivery {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(DELIVERY_TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build()
+            .into();
+        let mut request = agent
+            .post(&spec.endpoint)
+            .header("Content-Type", "application/fhir+json");
+        for (name, value) in &spec.headers {
+            request = request.header(name, value);
+        }
+        let body = if spec.with_payload {
+            self.notification_bundle(id, event).to_string()
+        } else {
+            String::new()
+        };
+        match request.send(body.as_bytes()) {
+            Ok(response) if response.status().is_success() => Delivery::Delivered,
+            Ok(response) => {
+                Delivery::Failed(format!("the endpoint answered {}", response.status()))
+            }
+            Err(error) => Delivery::Failed(error.to_string()),
+        }
+    }
+
+    /// The notification: a history Bundle whose first entry is the R4 Subscriptions
+    /// Backport's subscription status (`Parameters`), naming the event's focus by reference.
+    fn notification_bundle(&self, id: &str, event: &EventRow) -> Value {
+        let base = self.search_index().fhir_base();
+        let subscription = format!("{base}/Subscription/{id}");
+        json!({
+            "resourceType": "Bundle",
+            "type": "history",
+            "timestamp": format_instant(now_micros()),
+            "entry": [{
+                "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+                "resource": {
+                    "resourceType": "Parameters",
+                    "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
+                    "parameter": [
+                        {"name": "subscription", "valueReference": {"reference": subscription}},
+                        {"name": "status", "valueCode": "active"},
+                        {"name": "type", "valueCode": "event-notification"},
+                        {"name": "notification-event", "part": [
+                            {"name": "event-number", "valueString": event.seq.to_string()},
+                            {"name": "timestamp", "valueInstant": format_instant(event.created_at)},
+                            {"name": "focus", "valueReference": {"reference": format!("{base}/{}", event.focus)}},
+                        ]},
+                    ],
+                },
+                "request": {"method": "GET", "url": format!("{subscription}/$status")},
+                "response": {"status": "200"},
+            }],
+        })
+    }
+
+    /// Ledgers a delivery: the subscriber was told of the focus.
+    fn ledger_delivery(&self, ctx: &RequestContext, id: &str, focus: &str) -> Result<(), AppError> {
+        let reference = focus.split("/_history/").next().unwrap_or(focus);
+        let (focus_type, focus_id) = reference.split_once('/').unwrap_or(("", reference));
+        let event = LedgerEvent::permit(Action::Notify)
+            .touching(
+                EntryResource {
+                    resource_type: "Subscription".into(),
+                    id: id.into(),
+                    version_id: None,
+                    content_hash: None,
+                },
+                None,
+            )
+            .touching(
+                EntryResource {
+                    resource_type: focus_type.into(),
+                    id: focus_id.into(),
+                    version_id: None,
+                    content_hash: None,
+                },
+                None,
+            );
+        self.ledger().append(ctx, event).map(|_| ())
+    }
+
+    /// Writes the Subscription's next version with `status: error` and why (R4 `error`).
+    fn mark_subscription_error(
+        &self,
+        subscription_type: &crate::fhir::ResourceType,
+        id: &ResourceId,
+        current: &Value,
+        error: &str,
+    ) -> Result<(), AppError> {
+        let mut resource = current.clone();
+        resource["status"] = json!("error");
+        resource["error"] = json!(format!(
+            "{MAX_FAILURES} deliveries in a row failed; the last: {}",
+            error.chars().take(200).collect::<String>()
+        ));
+        if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+        }
+        let ctx = RequestContext::internal(format!("subscription-{id}"));
+        self.write(
+            &ctx,
+            subscription_type,
+            id,
+            None,
+            super::write::WriteKind::Content {
+                compact_json: resource.to_string(),
+                method: "PUT",
+            },
+        )
+        .map(|_| ())
+    }
+}
+
+/// The delay before the attempt after `attempts` failed ones: 1 s, 2 s, 4 s, … up to 10 min.
+fn retry_delay(attempts: i32) -> i64 {
+    let exponent = u32::try_from(attempts.clamp(0, 20)).unwrap_or(0);
+    let delay = FIRST_RETRY_DELAY
+        .saturating_mul(2u32.saturating_pow(exponent))
+        .min(MAX_RETRY_DELAY);
+    i64::try_from(delay.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscription(criteria: &str, endpoint: &str) -> Value {
+        json!({"resourceType": "Subscription", "status": "requested", "reason": "test",
+               "criteria": criteria,
+               "channel": {"type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json",
+                           "header": ["Authorization: Bearer abc"]}})
+    }
+
+    #[test]
+    fn specs_are_read_and_bad_channels_refused() {
+        let spec = SubscriptionSpec::parse(&subscription(
+            "AuditEvent?patient=Patient/p1",
+            "https://app.example/hook",
+        ))
+        .unwrap();
+        assert_eq!(spec.patient.as_deref(), Some("p1"));
+        assert_eq!(
+            spec.headers,
+            [("Authorization".to_owned(), "Bearer abc".to_owned())]
+        );
+        let spec = SubscriptionSpec::parse(&subscription(
+            "Observation?code=http://loinc.org|1234-5&patient=Patient/p1",
+            "http://127.0.0.1:9/hook",
+        ))
+        .unwrap();
+        assert_eq!(spec.resource_type, "Observation");
+        assert_eq!(spec.query.len(), 2);
+        for (criteria, endpoint) in [
+            ("Observation?code=x", "http://app.example/hook"),
+            ("Observation?code=x", "ftp://127.0.0.1/hook"),
+            (
+                "AuditEvent?agent=Practitioner/1",
+                "https://app.example/hook",
+            ),
+            ("Patient/1", "https://app.example/hook"),
+        ] {
+            assert!(
+                SubscriptionSpec::parse(&subscription(criteria, endpoint)).is_err(),
+                "{criteria} {endpoint}"
+            );
+        }
+        let mut websocket = subscription("Observation?code=x", "https://app.example/hook");
+        websocket["channel"]["type"] = json!("websocket");
+        assert!(SubscriptionSpec::parse(&websocket).is_err());
+        let mut injected = subscription("Observation?code=x", "https://app.example/hook");
+        injected["channel"]["header"] = json!(["X-A: b\r\nX-B: c"]);
+        assert!(SubscriptionSpec::parse(&injected).is_err());
+    }
+
+    #[test]
+    fn retries_back_off_to_a_bound() {
+        assert_eq!(retry_delay(0), 1_000_000);
+        assert_eq!(retry_delay(3), 8_000_000);
+        assert_eq!(retry_delay(50), 600_000_000);
+    }
+}

@@ -1,0 +1,386 @@
+//! Subscriptions (rest-hook): a subscriber is told of accesses to a patient's record (a
+//! read, a refusal) and of written resources its criteria match, under the same gate as its
+//! searches; deliveries carry references only, are ledgered, retried with back-off, and a
+//! failing endpoint ends in `error`; a subscription whose criteria its writer may not search
+//! is refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use actix_web::http::StatusCode;
+use actix_web::test::{self, TestRequest};
+use common::{TestDb, call, get, post, token_with};
+use diesel::RunQueryDsl as _;
+use fhirledger::service::subscriptions::MAX_FAILURES;
+use serde_json::{Value, json};
+
+/// A local rest-hook endpoint: records each request (its head and body) and answers with
+/// the status it is set to.
+struct Receiver {
+    port: u16,
+    received: Arc<Mutex<Vec<(String, String)>>>,
+    status: Arc<AtomicU16>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AtomicU16::new(200));
+        let (sink, answer) = (received.clone(), status.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                sink.lock()
+                    .unwrap()
+                    .push((head, String::from_utf8(body).unwrap()));
+                let code = answer.load(Ordering::Relaxed);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Self {
+            port,
+            received,
+            status,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn take(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.received.lock().unwrap())
+    }
+}
+
+fn subscription(criteria: &str, endpoint: &str) -> Value {
+    json!({"resourceType": "Subscription", "status": "requested", "reason": "tell me",
+           "criteria": criteria,
+           "channel": {"type": "rest-hook", "endpoint": endpoint,
+                       "payload": "application/fhir+json",
+                       "header": ["Authorization: Bearer subscriber-secret"]}})
+}
+
+fn as_token(request: TestRequest, token: &str) -> TestRequest {
+    request.insert_header(("Authorization", format!("Bearer {token}")))
+}
+
+/// Sequences what is pending and delivers what is due, as the server's timers do.
+async fn deliver(state: &fhirledger::api::AppState) -> usize {
+    let (ledger, resources) = (state.ledger.clone(), state.resources.clone());
+    tokio::task::spawn_blocking(move || {
+        ledger.sequence_pending().unwrap();
+        resources.deliver_notifications().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The focus references of the notifications received.
+fn foci(received: &[(String, String)]) -> Vec<String> {
+    received
+        .iter()
+        .map(|(_, body)| {
+            let bundle: Value = serde_json::from_str(body).unwrap();
+            let parameters = &bundle["entry"][0]["resource"]["parameter"];
+            let event = parameters
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "notification-event")
+                .unwrap();
+            event["part"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "focus")
+                .unwrap()["valueReference"]["reference"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let patient = common::create(&app, json!({"resourceType": "Patient", "active": true})).await;
+    let receiver = Receiver::start();
+    // The patient's portal, acting for them: another party than the clinicians.
+    let subscriber = common::local_issuer()
+        .mint(&fhirledger::access::local_issuer::TokenRequest {
+            subject: "patient-portal".into(),
+            scope: "system/Subscription.crud ledger.read".into(),
+            client_id: Some("portal".into()),
+            patient: None,
+            fhir_user: None,
+            purpose_of_use: None,
+            ttl_seconds: 3600,
+        })
+        .unwrap();
+    let reply = call(
+        &app,
+        as_token(
+            post(
+                "/fhir/Subscription",
+                &subscription(
+                    &format!("AuditEvent?patient=Patient/{patient}"),
+                    &receiver.endpoint(),
+                ),
+            ),
+            &subscriber,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "active");
+    let subscription_id = reply.json()["id"].as_str().unwrap().to_owned();
+    deliver(&state).await;
+    receiver.take();
+    // A patient-confined token neither reads it (the endpoint and its secret are in it)
+    // nor subscribes itself.
+    let patient_app = token_with("patient/*.cruds", Some(&patient), None);
+    let read = call(
+        &app,
+        as_token(
+            get(&format!("/fhir/Subscription/{subscription_id}")),
+            &patient_app,
+        ),
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN, "{}", read.text());
+    let found = call(&app, as_token(get("/fhir/Subscription"), &patient_app)).await;
+    assert_eq!(found.status, StatusCode::FORBIDDEN, "{}", found.text());
+
+    // A clinician's read, and another patient's refused attempt: two notifications, each
+    // naming the AuditEvent of the access, with the subscriber's header.
+    let read = call(&app, get(&format!("/fhir/Patient/{patient}"))).await;
+    assert_eq!(read.status, StatusCode::OK);
+    let stranger = token_with("patient/*.rs", Some("someone-else"), None);
+    let refused = call(
+        &app,
+        as_token(get(&format!("/fhir/Patient/{patient}")), &stranger),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(deliver(&state).await, 2);
+    let received = receiver.take();
+    assert_eq!(received.len(), 2);
+    for (head, _) in &received {
+        assert!(
+            head.contains("Authorization: Bearer subscriber-secret")
+                || head.contains("authorization: Bearer subscriber-secret"),
+            "{head}"
+        );
+    }
+    let told = foci(&received);
+    assert!(
+        told.iter()
+            .all(|focus| focus.contains("/fhir/AuditEvent/ledger-")),
+        "{told:?}"
+    );
+    // What the notification names is what the subscriber's view lists.
+    let view: Value = call(
+        &app,
+        as_token(
+            get(&format!("/fhir/AuditEvent?patient=Patient/{patient}")),
+            &subscriber,
+        ),
+    )
+    .await
+    .json();
+    let listed: Vec<String> = view["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("AuditEvent/{}", e["resource"]["id"].as_str().unwrap()))
+        .collect();
+    for focus in &told {
+        assert!(
+            listed.iter().any(|l| focus.ends_with(l.as_str())),
+            "{focus} not in {listed:?}"
+        );
+    }
+    // The subscriber's own look at the view, and the notifications, are not news.
+    assert_eq!(deliver(&state).await, 0);
+    assert!(receiver.take().is_empty());
+
+    // Each delivery is ledgered, naming the subscription.
+    let page: Value = call(&app, get("/ledger/entries?start=0&end=1000"))
+        .await
+        .json();
+    let notified = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["entry"]["action"] == "notify")
+        .count();
+    assert_eq!(notified, 2);
+
+    // The endpoint's secret header is stored nowhere in clear.
+    if let Some(path) = db.sqlite_path() {
+        drop(app);
+        let bytes = std::fs::read(&path).unwrap();
+        let wal = std::fs::read(path.with_extension("db-wal")).unwrap_or_default();
+        for file in [bytes, wal] {
+            assert!(
+                !file
+                    .windows(b"subscriber-secret".len())
+                    .any(|w| w == b"subscriber-secret")
+            );
+        }
+    }
+}
+
+on_both_backends!(an_access_subscription_tells_of_reads_and_refusals);
+
+fn observation(code: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": code}]}})
+}
+
+async fn a_resource_subscription_tells_of_matches_and_a_failing_endpoint_ends_in_error(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let receiver = Receiver::start();
+    let criteria = "Observation?code=http://loinc.org|1234-5";
+
+    // Criteria its writer may not search, and a channel the server does not offer: refused.
+    let blind = token_with("system/Subscription.c", None, None);
+    let reply = call(
+        &app,
+        as_token(
+            post(
+                "/fhir/Subscription",
+                &subscription(criteria, &receiver.endpoint()),
+            ),
+            &blind,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let mut websocket = subscription(criteria, &receiver.endpoint());
+    websocket["channel"]["type"] = json!("websocket");
+    let reply = call(&app, post("/fhir/Subscription", &websocket)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text()
+    );
+    let outside = subscription(criteria, "http://192.0.2.1/hook");
+    let reply = call(&app, post("/fhir/Subscription", &outside)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text()
+    );
+
+    let subscriber = token_with("system/Subscription.crud system/Observation.s", None, None);
+    let reply = call(
+        &app,
+        as_token(
+            post(
+                "/fhir/Subscription",
+                &subscription(criteria, &receiver.endpoint()),
+            ),
+            &subscriber,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let subscription_id = reply.json()["id"].as_str().unwrap().to_owned();
+
+    let matching = common::create(&app, observation("1234-5")).await;
+    common::create(&app, observation("9999-9")).await;
+    assert_eq!(deliver(&state).await, 1);
+    let told = foci(&receiver.take());
+    assert_eq!(told.len(), 1);
+    assert!(
+        told[0].ends_with(&format!("/fhir/Observation/{matching}/_history/1")),
+        "{told:?}"
+    );
+
+    // The endpoint fails: retried with back-off, then the subscription is set to error.
+    receiver.status.store(500, Ordering::Relaxed);
+    common::create(&app, observation("1234-5")).await;
+    for attempt in 1..=MAX_FAILURES {
+        deliver(&state).await;
+        assert_eq!(receiver.take().len(), 1, "attempt {attempt}");
+        // Not due again before its back-off: make it due now.
+        assert_eq!(deliver(&state).await, 0);
+        assert!(receiver.take().is_empty());
+        diesel::sql_query("UPDATE subscription_events SET next_attempt_at = 0")
+            .execute(&mut db.connect())
+            .unwrap();
+    }
+    let stored: Value = call(&app, get(&format!("/fhir/Subscription/{subscription_id}")))
+        .await
+        .json();
+    assert_eq!(stored["status"], "error", "{stored}");
+    assert!(
+        stored["error"]
+            .as_str()
+            .unwrap()
+            .contains("the endpoint answered 500")
+    );
+    // An errored subscription is told nothing more.
+    receiver.status.store(200, Ordering::Relaxed);
+    common::create(&app, observation("1234-5")).await;
+    deliver(&state).await;
+    assert!(receiver.take().is_empty());
+
+    // Asked to start again (status requested), it is active and delivers.
+    let mut restart = stored.clone();
+    restart["status"] = json!("requested");
+    let reply = call(
+        &app,
+        as_token(
+            common::put(&format!("/fhir/Subscription/{subscription_id}"), &restart),
+            &subscriber,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "active");
+    common::create(&app, observation("1234-5")).await;
+    assert_eq!(deliver(&state).await, 1);
+    assert_eq!(receiver.take().len(), 1);
+}
+
+on_both_backends!(a_resource_subscription_tells_of_matches_and_a_failing_endpoint_ends_in_error);

@@ -31,7 +31,7 @@ use crate::store::{DatabaseUrl, connection, migrations};
 const EXPORT_POLL: Duration = Duration::from_millis(500);
 /// How often due Subscription notifications are looked for (accesses are sequenced every
 /// ledger interval first, so a notification leaves within about the two together).
-const NOTIFY_POLL: Duration = Duration::from_millis(200);
+const NOTIFY_POLL: Duration = Duration::from_millis(100);
 /// Time between two pages of a master key rotation's re-wrapping.
 const REWRAP_PAUSE: Duration = Duration::from_millis(20);
 

@@ -216,6 +216,55 @@ pub(super) fn sealed_binding(id: &str) -> ResourceBinding<'_> {
     }
 }
 
+/// What one subscription's share of a batch came to, before it is recorded.
+struct Attempt {
+    id: String,
+    events: Vec<EventRow>,
+    /// The Subscription's type, id and content (absent when it is no longer active).
+    subscription: Option<(crate::fhir::ResourceType, ResourceId, Value)>,
+    /// The subscriber (absent when the subscription is no longer active).
+    ctx: Option<RequestContext>,
+    /// Events ended: delivered, skipped or dropped.
+    ended: Vec<(i64, &'static str)>,
+    /// The foci delivered, in order.
+    delivered: Vec<String>,
+    /// The position of the event that failed, and why.
+    failed: Option<(usize, String)>,
+}
+
+impl Attempt {
+    /// Records the attempt in the batch's transaction; returns the subscription's count of
+    /// consecutive failures.
+    fn record_in(&self, service: &ResourceService, tx: &mut DbConnection) -> Result<i32, AppError> {
+        for (seq, state) in &self.ended {
+            rows::finish(tx, *seq, state, now_micros())?;
+        }
+        if let Some(ctx) = &self.ctx {
+            for focus in &self.delivered {
+                service.ledger_delivery(tx, ctx, &self.id, focus)?;
+            }
+        }
+        if !self.delivered.is_empty() {
+            rows::record_outcome(tx, &self.id, false)?;
+        }
+        let Some((position, _)) = &self.failed else {
+            return Ok(0);
+        };
+        let failures = rows::record_outcome(tx, &self.id, true)?;
+        if failures >= MAX_FAILURES {
+            rows::set_status(tx, &self.id, rows::ERROR)?;
+        } else {
+            let event = &self.events[*position];
+            let retry_at = now_micros() + retry_delay(event.attempts);
+            rows::retry(tx, event.seq, retry_at)?;
+            // The events after it wait their turn: notifications arrive in order.
+            let behind: Vec<i64> = self.events[position + 1..].iter().map(|e| e.seq).collect();
+            rows::postpone(tx, &behind, retry_at)?;
+        }
+        Ok(failures)
+    }
+}
+
 /// How one delivery ended.
 enum Delivery {
     Delivered,
@@ -355,6 +404,10 @@ impl ResourceService {
     }
 
     /// Delivers the events due now, a batch at a time; returns how many were delivered.
+    /// Each batch costs two writes whatever its size: claiming its events, then recording
+    /// what became of them with the deliveries' ledger entries (on SQLite both queue for the
+    /// one writer, whose every commit under load is a wait; a write per event put
+    /// notifications seconds behind).
     pub fn deliver_notifications(&self) -> Result<usize, AppError> {
         let mut delivered = 0;
         loop {
@@ -385,26 +438,26 @@ impl ResourceService {
             // Subscriptions in parallel, each one's events in order: a slow endpoint holds up
             // only its own.
             let groups: Vec<(String, Vec<EventRow>)> = by_subscription.into_iter().collect();
-            let mut round = 0;
+            let mut attempts = Vec::with_capacity(groups.len());
             for chunk in groups.chunks(PARALLEL_DELIVERIES) {
-                round += std::thread::scope(|scope| {
+                std::thread::scope(|scope| {
                     let handles: Vec<_> = chunk
                         .iter()
                         .map(|(id, events)| scope.spawn(move || self.deliver_to(id, events)))
                         .collect();
-                    handles
-                        .into_iter()
-                        .map(|handle| match handle.join() {
-                            Ok(Ok(count)) => count,
+                    for handle in handles {
+                        match handle.join() {
+                            Ok(Ok(attempt)) => attempts.push(attempt),
+                            // Its events stay claimed until the lease runs out, then are due.
                             Ok(Err(error)) => {
                                 tracing::warn!(%error, "subscription delivery failed; retrying");
-                                0
                             }
-                            Err(_) => 0,
-                        })
-                        .sum::<usize>()
+                            Err(_) => tracing::error!("a subscription delivery thread panicked"),
+                        }
+                    }
                 });
             }
+            let round = self.record_attempts(&attempts)?;
             delivered += round;
             if round == 0 {
                 // Everything due failed or was skipped: the back-off decides when next.
@@ -413,19 +466,46 @@ impl ResourceService {
         }
     }
 
+    /// Records a batch's attempts in one write, with a `notify` ledger entry per delivery;
+    /// then writes the Subscriptions that failed too often with `status: error`. Returns how
+    /// many were delivered.
+    fn record_attempts(&self, attempts: &[Attempt]) -> Result<usize, AppError> {
+        let failures = self.pool.write(|tx| -> Result<Vec<i32>, AppError> {
+            let mut failures = Vec::with_capacity(attempts.len());
+            for attempt in attempts {
+                failures.push(attempt.record_in(self, tx)?);
+            }
+            Ok(failures)
+        })?;
+        for (attempt, failures) in attempts.iter().zip(failures) {
+            let (Some((_, error)), Some(subscription)) = (&attempt.failed, &attempt.subscription)
+            else {
+                continue;
+            };
+            tracing::warn!(subscription = attempt.id, failures, %error, "notification not delivered");
+            if failures >= MAX_FAILURES {
+                self.mark_subscription_error(subscription, error)?;
+            }
+        }
+        Ok(attempts.iter().map(|a| a.delivered.len()).sum())
+    }
+
     /// Delivers one subscription's claimed events in order, stopping at the first that
-    /// fails; what happened is recorded in one write afterwards (on SQLite, in the one
-    /// writer's queue: a connection of its own would wait for the write lock under load).
-    fn deliver_to(&self, id: &str, events: &[EventRow]) -> Result<usize, AppError> {
+    /// fails; writes nothing (see [`Self::record_attempts`]).
+    fn deliver_to(&self, id: &str, events: &[EventRow]) -> Result<Attempt, AppError> {
+        let mut attempt = Attempt {
+            id: id.to_owned(),
+            events: events.to_vec(),
+            subscription: None,
+            ctx: None,
+            ended: Vec::new(),
+            delivered: Vec::new(),
+            failed: None,
+        };
         let row = rows::subscription(&mut *self.connection()?, id)?;
         let Some(row) = row.filter(|row| row.status == rows::ACTIVE) else {
-            self.pool.write(|tx| -> Result<(), AppError> {
-                for event in events {
-                    rows::finish(tx, event.seq, rows::DROPPED, now_micros())?;
-                }
-                Ok(())
-            })?;
-            return Ok(0);
+            attempt.ended = events.iter().map(|e| (e.seq, rows::DROPPED)).collect();
+            return Ok(attempt);
         };
         let subscription_type = self.resolve_type("Subscription")?;
         let resource_id = ResourceId::parse(id)
@@ -435,8 +515,6 @@ impl ResourceService {
             .map_err(|e| AppError::Internal(format!("stored Subscription: {e}")))?;
         let spec = SubscriptionSpec::parse(&parsed)?;
         let ctx = self.subscriber_context(&row)?;
-        let mut ended: Vec<(i64, &'static str)> = Vec::new();
-        let mut failed = None;
         for (position, event) in events.iter().enumerate() {
             let outcome = match self.visible_to_subscriber(&ctx, &row, &spec, &event.focus) {
                 Ok(true) => self.post_notification(id, &spec, event),
@@ -445,50 +523,19 @@ impl ResourceService {
             };
             match outcome {
                 Delivery::Delivered => {
-                    self.ledger_delivery(&ctx, id, &event.focus)?;
-                    ended.push((event.seq, rows::DELIVERED));
+                    attempt.ended.push((event.seq, rows::DELIVERED));
+                    attempt.delivered.push(event.focus.clone());
                 }
-                Delivery::Skipped => ended.push((event.seq, rows::SKIPPED)),
+                Delivery::Skipped => attempt.ended.push((event.seq, rows::SKIPPED)),
                 Delivery::Failed(error) => {
-                    failed = Some((position, error));
+                    attempt.failed = Some((position, error));
                     break;
                 }
             }
         }
-        let delivered = ended
-            .iter()
-            .filter(|(_, state)| *state == rows::DELIVERED)
-            .count();
-        let failures = self.pool.write(|tx| -> Result<i32, AppError> {
-            for (seq, state) in &ended {
-                rows::finish(tx, *seq, state, now_micros())?;
-            }
-            if delivered > 0 {
-                rows::record_outcome(tx, id, false)?;
-            }
-            let Some((position, _)) = &failed else {
-                return Ok(0);
-            };
-            let failures = rows::record_outcome(tx, id, true)?;
-            if failures >= MAX_FAILURES {
-                rows::set_status(tx, id, rows::ERROR)?;
-            } else {
-                let event = &events[*position];
-                let retry_at = now_micros() + retry_delay(event.attempts);
-                rows::retry(tx, event.seq, retry_at)?;
-                // The events after it wait their turn: notifications arrive in order.
-                let behind: Vec<i64> = events[position + 1..].iter().map(|e| e.seq).collect();
-                rows::postpone(tx, &behind, retry_at)?;
-            }
-            Ok(failures)
-        })?;
-        if let Some((_, error)) = failed {
-            tracing::warn!(subscription = id, failures, %error, "notification not delivered");
-            if failures >= MAX_FAILURES {
-                self.mark_subscription_error(&subscription_type, &resource_id, &parsed, &error)?;
-            }
-        }
-        Ok(delivered)
+        attempt.subscription = Some((subscription_type, resource_id, parsed));
+        attempt.ctx = Some(ctx);
+        Ok(attempt)
     }
 
     /// The subscriber's identity, as its sealed row says.
@@ -642,7 +689,13 @@ impl ResourceService {
     }
 
     /// Ledgers a delivery: the subscriber was told of the focus.
-    fn ledger_delivery(&self, ctx: &RequestContext, id: &str, focus: &str) -> Result<(), AppError> {
+    fn ledger_delivery(
+        &self,
+        tx: &mut DbConnection,
+        ctx: &RequestContext,
+        id: &str,
+        focus: &str,
+    ) -> Result<(), AppError> {
         let reference = focus.split("/_history/").next().unwrap_or(focus);
         let (focus_type, focus_id) = reference.split_once('/').unwrap_or(("", reference));
         let event = LedgerEvent::permit(Action::Notify)
@@ -664,15 +717,13 @@ impl ResourceService {
                 },
                 None,
             );
-        self.ledger().append(ctx, event).map(|_| ())
+        self.ledger().append_in(tx, ctx, event).map(|_| ())
     }
 
     /// Writes the Subscription's next version with `status: error` and why (R4 `error`).
     fn mark_subscription_error(
         &self,
-        subscription_type: &crate::fhir::ResourceType,
-        id: &ResourceId,
-        current: &Value,
+        (subscription_type, id, current): &(crate::fhir::ResourceType, ResourceId, Value),
         error: &str,
     ) -> Result<(), AppError> {
         let mut resource = current.clone();

@@ -87,14 +87,7 @@ pub fn upsert(conn: &mut DbConnection, new: &NewSubscription<'_>) -> Result<(), 
 
 /// Forgets a subscription (its resource was deleted); its undelivered events are dropped.
 pub fn remove(conn: &mut DbConnection, id: &str) -> Result<(), StoreError> {
-    diesel::update(
-        subscription_events::table
-            .filter(subscription_events::subscription_id.eq(id))
-            .filter(subscription_events::state.eq(PENDING)),
-    )
-    .set(subscription_events::state.eq(DROPPED))
-    .execute(conn)
-    .map_err(StoreError::classify)?;
+    drop_pending(conn, id)?;
     diesel::delete(subscriptions::table.find(id))
         .execute(conn)
         .map(|_| ())
@@ -321,14 +314,20 @@ pub fn set_status(conn: &mut DbConnection, id: &str, status: &str) -> Result<(),
         .execute(conn)
         .map_err(StoreError::classify)?;
     if status != ACTIVE {
-        diesel::update(
-            subscription_events::table
-                .filter(subscription_events::subscription_id.eq(id))
-                .filter(subscription_events::state.eq(PENDING)),
-        )
-        .set(subscription_events::state.eq(DROPPED))
-        .execute(conn)
-        .map_err(StoreError::classify)?;
+        drop_pending(conn, id)?;
     }
     Ok(())
+}
+
+/// Drops a subscription's undelivered events.
+fn drop_pending(conn: &mut DbConnection, id: &str) -> Result<(), StoreError> {
+    diesel::update(
+        subscription_events::table
+            .filter(subscription_events::subscription_id.eq(id))
+            .filter(subscription_events::state.eq(PENDING)),
+    )
+    .set(subscription_events::state.eq(DROPPED))
+    .execute(conn)
+    .map(|_| ())
+    .map_err(StoreError::classify)
 }

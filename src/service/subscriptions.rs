@@ -411,10 +411,12 @@ impl ResourceService {
     pub fn deliver_notifications(&self) -> Result<usize, AppError> {
         let mut delivered = 0;
         loop {
+            let started = std::time::Instant::now();
             let due = rows::due(&mut *self.connection()?, now_micros(), DISPATCH_BATCH)?;
             if due.is_empty() {
                 return Ok(delivered);
             }
+            let found = started.elapsed();
             // Each event is claimed for the longest its delivery may take: another process
             // on the database leaves it alone meanwhile.
             let lease_until =
@@ -428,6 +430,7 @@ impl ResourceService {
                 }
                 Ok(claimed)
             })?;
+            let claimed_after = started.elapsed();
             let mut by_subscription: HashMap<String, Vec<EventRow>> = HashMap::new();
             for event in claimed {
                 by_subscription
@@ -457,7 +460,17 @@ impl ResourceService {
                     }
                 });
             }
+            let posted_after = started.elapsed();
             let round = self.record_attempts(&attempts)?;
+            tracing::debug!(
+                delivered = round,
+                subscriptions = attempts.len(),
+                found_ms = found.as_millis(),
+                claimed_ms = claimed_after.as_millis(),
+                posted_ms = posted_after.as_millis(),
+                recorded_ms = started.elapsed().as_millis(),
+                "notification batch"
+            );
             delivered += round;
             if round == 0 {
                 // Everything due failed or was skipped: the back-off decides when next.

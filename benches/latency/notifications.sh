@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Subscriptions under ../shared/bench's read_patient workload (wrk -t2 -c32 -d20s, SQLite, the
 # given binary): read throughput without subscriptions, with 1,000 subscriptions to accesses of
-# patients the workload does not read (the cost of matching), and with 20 more to patients it
-# reads, whose notifications a local receiver times: from the access's ledger time to arrival.
+# patients the workload does not read (the cost of matching), with those switched off and on
+# again (alternated, as one run drifts from the next), and with 20 more to patients it reads,
+# whose notifications a local receiver times: from the access's ledger time to arrival.
 # Usage: benches/latency/notifications.sh BINARY OUTDIR
 set -euo pipefail
 bin=$(realpath "$1"); out=$2
@@ -23,20 +24,34 @@ reads() {
     BENCH_DATA=data BENCH_TOKEN=$token wrk -t2 -c32 -d20s --latency -s "$bench/read_patient.lua" \
         "http://127.0.0.1:$port/fhir" patient_ids.txt | grep BENCH_RESULT
 }
-subscribe() {
+subscription() { # patient status [id]
+    printf '{"resourceType":"Subscription",%s"status":"%s","reason":"bench","criteria":"AuditEvent?patient=Patient/%s","channel":{"type":"rest-hook","endpoint":"http://127.0.0.1:%s/hook","payload":"application/fhir+json"}}' \
+        "${3:+\"id\":\"$3\",}" "$2" "$1" "$receiver_port"
+}
+subscribe() { # patient; prints the subscription's id
     curl -sf -X POST "http://127.0.0.1:$port/fhir/Subscription" -H "Authorization: Bearer $portal" \
-        -H 'Content-Type: application/fhir+json' -d "{\"resourceType\":\"Subscription\",\"status\":\"requested\",
-        \"reason\":\"bench\",\"criteria\":\"AuditEvent?patient=Patient/$1\",\"channel\":{\"type\":\"rest-hook\",
-        \"endpoint\":\"http://127.0.0.1:$receiver_port/hook\",\"payload\":\"application/fhir+json\"}}" > /dev/null
+        -H 'Content-Type: application/fhir+json' -d "$(subscription "$1" requested)" | jq -r .id
+}
+switch() { # status: every subscription of unread.tsv
+    while read -r patient id; do
+        curl -sf -X PUT "http://127.0.0.1:$port/fhir/Subscription/$id" -H "Authorization: Bearer $portal" \
+            -H 'Content-Type: application/fhir+json' -d "$(subscription "$patient" "$1" "$id")" > /dev/null
+    done < unread.tsv
 }
 echo "no subscriptions: $(reads)"
+: > unread.tsv
 for _ in $(seq 1 1000); do
     id=$(curl -sf -X POST "http://127.0.0.1:$port/fhir/Patient" -H "Authorization: Bearer $token" \
         -H 'Content-Type: application/fhir+json' -d '{"resourceType":"Patient","active":false}' | jq -r .id)
-    subscribe "$id"
+    printf '%s\t%s\n' "$id" "$(subscribe "$id")" >> unread.tsv
 done
+# Alternated, so that the order of the runs does not pass for the subscriptions' cost.
 echo "1000 subscriptions to patients not read: $(reads)"
-for id in $(head -20 data/patient_ids.txt); do subscribe "$id"; done
+switch off
+echo "the 1000 switched off: $(reads)"
+switch requested
+echo "the 1000 on again: $(reads)"
+for id in $(head -20 data/patient_ids.txt); do subscribe "$id" > /dev/null; done
 : > received.txt
 echo "and 20 to patients read: $(reads)"
 sleep 5

@@ -12,8 +12,8 @@ use crate::error::AppError;
 use crate::fhir::document::{VersionId, VersionMeta};
 use crate::fhir::{ResourceId, ResourceType, ResourceTypes};
 use crate::ledger::EntryResource;
-use crate::store::DbPool;
 use crate::store::resources::VersionRow;
+use crate::store::{DbConnection, DbPool};
 
 use super::blocking;
 use super::ledger::LedgerService;
@@ -49,6 +49,8 @@ pub struct ResourceService {
     pub(super) max_resource_bytes: usize,
     /// How long a finished export job and its files are kept.
     pub(super) export_retention: std::time::Duration,
+    /// The Subscription notifier's own connection (see `subscriptions.rs`).
+    pub(super) notifier_connection: Arc<parking_lot::Mutex<Option<DbConnection>>>,
 }
 
 impl ResourceService {
@@ -67,6 +69,7 @@ impl ResourceService {
             search,
             max_resource_bytes: 16 * 1024 * 1024,
             export_retention: std::time::Duration::from_secs(3600),
+            notifier_connection: Arc::default(),
         }
     }
 

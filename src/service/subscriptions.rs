@@ -224,6 +224,10 @@ struct Attempt {
     subscription: Option<(crate::fhir::ResourceType, ResourceId, Value)>,
     /// The subscriber (absent when the subscription is no longer active).
     ctx: Option<RequestContext>,
+    /// Where to post, with what (absent when the subscription is no longer active).
+    spec: Option<SubscriptionSpec>,
+    /// Per event, in order: whether the subscriber may see it, decided before any post.
+    verdicts: Vec<Verdict>,
     /// Events ended: delivered, skipped or dropped.
     ended: Vec<(i64, &'static str)>,
     /// The foci delivered, in order.
@@ -263,6 +267,13 @@ impl Attempt {
         }
         Ok(failures)
     }
+}
+
+/// Whether an event is to be posted, decided on the notifier's connection.
+enum Verdict {
+    Post,
+    Skip,
+    Fail(String),
 }
 
 /// How one delivery ended.
@@ -412,7 +423,9 @@ impl ResourceService {
         let mut delivered = 0;
         loop {
             let started = std::time::Instant::now();
-            let due = rows::due(&mut *self.connection()?, now_micros(), DISPATCH_BATCH)?;
+            let due = self.on_notifier_connection(|conn| {
+                Ok(rows::due(conn, now_micros(), DISPATCH_BATCH)?)
+            })?;
             if due.is_empty() {
                 return Ok(delivered);
             }
@@ -438,25 +451,24 @@ impl ResourceService {
                     .or_default()
                     .push(event);
             }
+            // Everything the posts need is read first, on the notifier's own connection:
+            // under load every pooled connection is taken by requests, and rounds that
+            // queued for them fell seconds behind.
+            let mut attempts = Vec::with_capacity(by_subscription.len());
+            for (id, events) in by_subscription {
+                match self.on_notifier_connection(|conn| self.prepare_attempt(conn, &id, events)) {
+                    Ok(attempt) => attempts.push(attempt),
+                    // Its events stay claimed until the lease runs out, then are due.
+                    Err(error) => tracing::warn!(%error, "subscription delivery failed; retrying"),
+                }
+            }
+            let prepared_after = started.elapsed();
             // Subscriptions in parallel, each one's events in order: a slow endpoint holds up
             // only its own.
-            let groups: Vec<(String, Vec<EventRow>)> = by_subscription.into_iter().collect();
-            let mut attempts = Vec::with_capacity(groups.len());
-            for chunk in groups.chunks(PARALLEL_DELIVERIES) {
+            for chunk in attempts.chunks_mut(PARALLEL_DELIVERIES) {
                 std::thread::scope(|scope| {
-                    let handles: Vec<_> = chunk
-                        .iter()
-                        .map(|(id, events)| scope.spawn(move || self.deliver_to(id, events)))
-                        .collect();
-                    for handle in handles {
-                        match handle.join() {
-                            Ok(Ok(attempt)) => attempts.push(attempt),
-                            // Its events stay claimed until the lease runs out, then are due.
-                            Ok(Err(error)) => {
-                                tracing::warn!(%error, "subscription delivery failed; retrying");
-                            }
-                            Err(_) => tracing::error!("a subscription delivery thread panicked"),
-                        }
+                    for attempt in chunk.iter_mut() {
+                        scope.spawn(move || self.post_attempt(attempt));
                     }
                 });
             }
@@ -467,6 +479,7 @@ impl ResourceService {
                 subscriptions = attempts.len(),
                 found_ms = found.as_millis(),
                 claimed_ms = claimed_after.as_millis(),
+                prepared_ms = prepared_after.as_millis(),
                 posted_ms = posted_after.as_millis(),
                 recorded_ms = started.elapsed().as_millis(),
                 "notification batch"
@@ -477,6 +490,24 @@ impl ResourceService {
                 return Ok(delivered);
             }
         }
+    }
+
+    /// Runs `work` on the notifier's own connection, opened on first use and again after
+    /// a failure.
+    fn on_notifier_connection<T>(
+        &self,
+        work: impl FnOnce(&mut DbConnection) -> Result<T, AppError>,
+    ) -> Result<T, AppError> {
+        let mut slot = self.notifier_connection.lock();
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(self.pool.dedicated()?),
+        };
+        let result = work(conn);
+        if result.is_err() {
+            *slot = None;
+        }
+        result
     }
 
     /// Records a batch's attempts in one write, with a `notify` ledger entry per delivery;
@@ -503,36 +534,75 @@ impl ResourceService {
         Ok(attempts.iter().map(|a| a.delivered.len()).sum())
     }
 
-    /// Delivers one subscription's claimed events in order, stopping at the first that
-    /// fails; writes nothing (see [`Self::record_attempts`]).
-    fn deliver_to(&self, id: &str, events: &[EventRow]) -> Result<Attempt, AppError> {
+    /// Reads what delivering one subscription's claimed events needs, and whether its
+    /// subscriber may see each, on `conn`; posts nothing and writes nothing.
+    fn prepare_attempt(
+        &self,
+        conn: &mut DbConnection,
+        id: &str,
+        events: Vec<EventRow>,
+    ) -> Result<Attempt, AppError> {
         let mut attempt = Attempt {
             id: id.to_owned(),
-            events: events.to_vec(),
+            events,
             subscription: None,
             ctx: None,
+            spec: None,
+            verdicts: Vec::new(),
             ended: Vec::new(),
             delivered: Vec::new(),
             failed: None,
         };
-        let row = rows::subscription(&mut *self.connection()?, id)?;
+        let row = rows::subscription(conn, id)?;
         let Some(row) = row.filter(|row| row.status == rows::ACTIVE) else {
-            attempt.ended = events.iter().map(|e| (e.seq, rows::DROPPED)).collect();
+            attempt.ended = attempt
+                .events
+                .iter()
+                .map(|e| (e.seq, rows::DROPPED))
+                .collect();
             return Ok(attempt);
         };
         let subscription_type = self.resolve_type("Subscription")?;
         let resource_id = ResourceId::parse(id)
             .map_err(|_| AppError::Internal(format!("subscription id {id:?} is not valid")))?;
-        let resource = self.read_current(&subscription_type, &resource_id)?;
+        let (_, version) = crate::store::resources::current(conn, "Subscription", id)?
+            .ok_or_else(|| AppError::NotFound(format!("Subscription/{id}")))?;
+        let version = version.ok_or_else(|| {
+            AppError::Internal(format!("Subscription/{id} has no current version"))
+        })?;
+        let resource = self.open_version(&subscription_type, &resource_id, &version)?;
         let parsed: Value = serde_json::from_str(&resource.json)
             .map_err(|e| AppError::Internal(format!("stored Subscription: {e}")))?;
         let spec = SubscriptionSpec::parse(&parsed)?;
         let ctx = self.subscriber_context(&row)?;
-        for (position, event) in events.iter().enumerate() {
-            let outcome = match self.visible_to_subscriber(&ctx, &row, &spec, &event.focus) {
-                Ok(true) => self.post_notification(id, &spec, event),
-                Ok(false) => Delivery::Skipped,
-                Err(error) => Delivery::Failed(error.to_string()),
+        attempt.verdicts = attempt
+            .events
+            .iter()
+            .map(
+                |event| match self.visible_to_subscriber(conn, &ctx, &row, &spec, &event.focus) {
+                    Ok(true) => Verdict::Post,
+                    Ok(false) => Verdict::Skip,
+                    Err(error) => Verdict::Fail(error.to_string()),
+                },
+            )
+            .collect();
+        attempt.subscription = Some((subscription_type, resource_id, parsed));
+        attempt.ctx = Some(ctx);
+        attempt.spec = Some(spec);
+        Ok(attempt)
+    }
+
+    /// Posts a prepared attempt's events in order, stopping at the first that fails.
+    fn post_attempt(&self, attempt: &mut Attempt) {
+        let Some(spec) = &attempt.spec else {
+            return;
+        };
+        for (position, (event, verdict)) in attempt.events.iter().zip(&attempt.verdicts).enumerate()
+        {
+            let outcome = match verdict {
+                Verdict::Post => self.post_notification(&attempt.id, spec, event),
+                Verdict::Skip => Delivery::Skipped,
+                Verdict::Fail(error) => Delivery::Failed(error.clone()),
             };
             match outcome {
                 Delivery::Delivered => {
@@ -542,13 +612,10 @@ impl ResourceService {
                 Delivery::Skipped => attempt.ended.push((event.seq, rows::SKIPPED)),
                 Delivery::Failed(error) => {
                     attempt.failed = Some((position, error));
-                    break;
+                    return;
                 }
             }
         }
-        attempt.subscription = Some((subscription_type, resource_id, parsed));
-        attempt.ctx = Some(ctx);
-        Ok(attempt)
     }
 
     /// The subscriber's identity, as its sealed row says.
@@ -574,6 +641,7 @@ impl ResourceService {
     /// resource that its criteria match under its gate. A refusal by the gate is ledgered.
     fn visible_to_subscriber(
         &self,
+        conn: &mut DbConnection,
         ctx: &RequestContext,
         row: &SubscriptionRow,
         spec: &SubscriptionSpec,
@@ -584,11 +652,9 @@ impl ResourceService {
                 .strip_prefix("AuditEvent/ledger-")
                 .and_then(|i| i.parse().ok())
                 .ok_or_else(|| AppError::Internal(format!("access event {focus}")))?;
-            let mut conn = self.connection()?;
-            let Some(entry) = ledger_rows::entries_at(&mut conn, &[index])?.pop() else {
+            let Some(entry) = ledger_rows::entries_at(conn, &[index])?.pop() else {
                 return Ok(false);
             };
-            drop(conn);
             let entry: crate::ledger::LedgerEntry = serde_json::from_slice(&entry.data)
                 .map_err(|e| AppError::Internal(format!("ledger entry #{index}: {e}")))?;
             // The subscriber's own reads of the record (its app fetching what it was told
@@ -634,8 +700,7 @@ impl ResourceService {
             Err(AppError::Forbidden { .. }) => return Ok(false),
             Err(other) => return Err(other),
         };
-        let mut conn = self.connection()?;
-        let page = self.search_page(&mut conn, &search)?;
+        let page = self.search_page(conn, &search)?;
         Ok(page
             .matches
             .iter()

@@ -498,16 +498,7 @@ impl ResourceService {
         &self,
         work: impl FnOnce(&mut DbConnection) -> Result<T, AppError>,
     ) -> Result<T, AppError> {
-        let mut slot = self.notifier_connection.lock();
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(self.pool.dedicated()?),
-        };
-        let result = work(conn);
-        if result.is_err() {
-            *slot = None;
-        }
-        result
+        self.pool.on_own_connection(&self.notifier_connection, work)
     }
 
     /// Records a batch's attempts in one write, with a `notify` ledger entry per delivery;

@@ -149,6 +149,26 @@ impl DbPool {
         establish(&self.url).map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
+    /// Runs `work` on the connection kept in `slot`, opening one of its own on first use and
+    /// again after a failure: for background work that must not queue for pooled connections
+    /// behind requests (witnessing rounds, the Subscription notifier).
+    pub fn on_own_connection<T, E: From<StoreError>>(
+        &self,
+        slot: &parking_lot::Mutex<Option<DbConnection>>,
+        work: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut slot = slot.lock();
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(self.dedicated()?),
+        };
+        let result = work(conn);
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+
     /// A pooled connection, for reading.
     pub fn get(&self) -> Result<PooledConnection, StoreError> {
         self.readers.get().map_err(|error| {

@@ -151,16 +151,8 @@ impl LedgerService {
         &self,
         work: impl FnOnce(&mut DbConnection) -> Result<T, AppError>,
     ) -> Result<T, AppError> {
-        let mut slot = self.witnesses.connection.lock();
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(self.pool.dedicated()?),
-        };
-        let result = work(conn);
-        if result.is_err() {
-            *slot = None;
-        }
-        result
+        self.pool
+            .on_own_connection(&self.witnesses.connection, work)
     }
 
     /// One round: the latest checkpoint to every witness that has not cosigned it, all at

@@ -182,6 +182,12 @@ pub struct ServeArgs {
           value_parser = |text: &str| Ok::<_, String>(CommaList::parse(text)))]
     pub smart_grant_types: Option<CommaList>,
 
+    /// The client id the identity provider registered for the portal (`/portal`), a public
+    /// client redirected back to `<FHIRLEDGER_BASE_URL>/portal`: with it, the portal offers a
+    /// SMART standalone launch with PKCE. Needs FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT.
+    #[arg(long, env = "FHIRLEDGER_PORTAL_CLIENT_ID", value_name = "CLIENT_ID")]
+    pub portal_client_id: Option<String>,
+
     /// Browser origins allowed to call the server (CORS), e.g. https://app.example.org;
     /// exact origins, comma-separated. Unset: no CORS headers.
     #[arg(long, env = "FHIRLEDGER_CORS_ORIGINS", value_name = "ORIGIN,…",
@@ -421,6 +427,7 @@ impl ServeArgs {
                 "FHIRLEDGER_SMART_GRANT_TYPES",
                 self.smart_grant_types.is_some(),
             ),
+            ("FHIRLEDGER_PORTAL_CLIENT_ID", self.portal_client_id.is_some()),
         ];
         let Some(token_endpoint) = self.smart_token_endpoint.clone() else {
             return match optional_set.iter().find(|(_, set)| *set) {
@@ -488,6 +495,7 @@ impl ServeArgs {
                 .map(|list| list.0.clone())
                 .unwrap_or_default(),
             grant_types,
+            portal_client_id: self.portal_client_id.clone(),
         };
         smart
             .check()

@@ -264,6 +264,7 @@ fn provider() -> SmartAuthorization {
             "sso-openid-connect".into(),
         ],
         grant_types: vec!["authorization_code".into(), "client_credentials".into()],
+        portal_client_id: Some("fhirledger-portal".into()),
     }
 }
 
@@ -405,6 +406,7 @@ async fn backend_services_only_provider_has_no_authorize(db: TestDb) {
         jwks_uri: None,
         introspection_endpoint: None,
         management_endpoint: None,
+        portal_client_id: None,
         ..provider()
     };
     assert_eq!(smart.check(), Ok(()));

@@ -47,6 +47,8 @@ pub struct SmartAuthorization {
     pub capabilities: Vec<String>,
     /// Members of [`GRANT_TYPES`], never empty.
     pub grant_types: Vec<String>,
+    /// The portal's client id at the provider, for its standalone launch.
+    pub portal_client_id: Option<String>,
 }
 
 impl SmartAuthorization {
@@ -90,6 +92,17 @@ impl SmartAuthorization {
                     format!("'{capability}' needs FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT"),
                 ));
             }
+        }
+        // The portal's launch goes through the authorization endpoint, with the code grant.
+        if self.portal_client_id.is_some()
+            && (self.authorization_endpoint.is_none()
+                || !self.grant_types.iter().any(|g| g == "authorization_code"))
+        {
+            return Err((
+                "FHIRLEDGER_PORTAL_CLIENT_ID",
+                "needs FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT and the authorization_code grant"
+                    .into(),
+            ));
         }
         // conformance.html: with sso-openid-connect, `issuer` and `jwks_uri` are required.
         if self.has("sso-openid-connect") && self.jwks_uri.is_none() {
@@ -190,6 +203,7 @@ mod tests {
             management_endpoint: None,
             capabilities: Vec::new(),
             grant_types: SmartAuthorization::default_grant_types(false),
+            portal_client_id: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod ledger;
 pub mod negotiation;
 pub mod openapi;
 pub mod openapi_typed;
+pub mod portal;
 pub mod registry;
 pub mod request;
 pub mod response;

@@ -9,7 +9,9 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::registry::Registry;
-use super::{bundle, everything, export, fhir, health, import, ledger, openapi, search, smart};
+use super::{
+    bundle, everything, export, fhir, health, import, ledger, openapi, portal, search, smart,
+};
 use crate::error::AppError;
 
 /// Every documented operation, in matching order.
@@ -81,6 +83,7 @@ fn table() -> Registry {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(table().services());
     openapi::viewer_routes(cfg);
+    portal::routes(cfg);
 }
 
 /// The OpenAPI document as served (pretty-printed, ending with a newline, like the committed

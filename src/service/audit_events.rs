@@ -69,6 +69,7 @@ impl SupportedParams for ViewParams {
         match code {
             "patient" | "entity" | "agent" => Some(ParamType::Reference),
             "date" => Some(ParamType::Date),
+            "outcome" | "purpose" => Some(ParamType::Token),
             _ => None,
         }
     }
@@ -84,7 +85,8 @@ fn unsupported(parameter: &str, message: impl Into<String>) -> AppError {
 }
 
 /// What the view answers, for messages.
-const VIEW_PARAMS: &str = "patient, entity, agent, date (ge, gt, le, lt, eq), _count and _cursor";
+const VIEW_PARAMS: &str =
+    "patient, entity, agent, date (ge, gt, le, lt, eq), outcome, purpose, _count and _cursor";
 
 /// What the view is asked for.
 #[derive(Debug, Clone, Default)]
@@ -96,6 +98,11 @@ pub struct AuditQuery {
     /// Entries whose actor's subject or `fhirUser` is this.
     pub agent: Option<String>,
     pub dates: Vec<DateTest>,
+    /// `outcome` 0 (permitted) or 4 (refused): an auditor's list of refusals.
+    pub outcome: Option<Outcome>,
+    /// `purpose` (R5's AuditEvent parameter of that name): the purpose of use the actor's
+    /// token stated, such as `ETREAT` for break-the-glass.
+    pub purpose: Option<String>,
     pub count: usize,
     /// `_cursor` from a `next` link: continue with the entries below the leaf index it seals.
     pub cursor: Option<String>,
@@ -177,6 +184,25 @@ impl AuditQuery {
                 ("agent", FilterValue::Reference(agent)) => {
                     once(&query.agent)?;
                     query.agent = Some(agent.clone());
+                }
+                ("outcome", FilterValue::Token { code: Some(code), .. }) => {
+                    if query.outcome.is_some() {
+                        return Err(unsupported("outcome", "parameter 'outcome' is given more than once"));
+                    }
+                    query.outcome = Some(match code.as_str() {
+                        "0" => Outcome::Permit,
+                        "4" => Outcome::Deny,
+                        _ => {
+                            return Err(unsupported(
+                                "outcome",
+                                "outcome is 0 (permitted) or 4 (refused) here",
+                            ));
+                        }
+                    });
+                }
+                ("purpose", FilterValue::Token { code: Some(purpose), .. }) => {
+                    once(&query.purpose)?;
+                    query.purpose = Some(purpose.clone());
                 }
                 ("date", FilterValue::Date { prefix, low, high })
                     if matches!(
@@ -430,7 +456,12 @@ impl AuditQuery {
         let dates_ok = self.dates.is_empty()
             || date_range(&entry.time)
                 .is_some_and(|(at, _)| self.dates.iter().all(|test| test.passes(at)));
-        entity_ok && agent_ok && dates_ok
+        let outcome_ok = self.outcome.is_none_or(|outcome| entry.outcome == outcome);
+        let purpose_ok = self
+            .purpose
+            .as_deref()
+            .is_none_or(|purpose| entry.actor.purpose.as_deref() == Some(purpose));
+        entity_ok && agent_ok && dates_ok && outcome_ok && purpose_ok
     }
 }
 

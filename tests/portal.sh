@@ -29,7 +29,8 @@ echo "== the portal's proof checks against RFC 6962 vectors (node)"
 node "$repo/tests/portal/verify_vectors.mjs"
 
 tmp=$(mktemp -d)
-trap 'stop_fhirledger; rm -rf "$tmp"' EXIT
+idp_pid=
+trap 'stop_fhirledger; [[ -n $idp_pid ]] && kill "$idp_pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 start_fhirledger "$tmp"
 fhir=http://127.0.0.1:$port/fhir
 token() { (cd "$tmp" && FHIRLEDGER_LISTEN=127.0.0.1:$port "$binary" token "$@"); }
@@ -71,3 +72,35 @@ PORTAL_URL="http://127.0.0.1:$port" PORTAL_PATIENT="$patient" PORTAL_DR_A="Pract
     PORTAL_DR_B="Practitioner/$dr_b" PORTAL_PATIENT_TOKEN="$patient_token" PORTAL_DR_A_TOKEN="$dr_a_token" \
     PORTAL_AUDITOR_TOKEN="$auditor_token" PORTAL_RECEIPT="$receipt" PORTAL_ARTIFACTS="$artifacts" \
     PORTAL_NODE="$node_dir" node "$repo/tests/portal/portal_browser.mjs"
+
+echo "== a SMART standalone launch with PKCE, against a stand-in identity provider"
+jwks=$tmp/jwks.json
+curl -sS --fail-with-body "http://127.0.0.1:$port/.well-known/jwks.json" >"$jwks"
+stop_fhirledger
+idp_port=
+for _ in $(seq 20); do
+    candidate=$((20000 + RANDOM % 20000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null && continue
+    MOCK_IDP_TOKEN_FILE=$tmp/smart-token python3 "$repo/tests/portal/mock_idp.py" "$candidate" fhirledger-portal &
+    idp_pid=$!
+    for _ in $(seq 50); do
+        curl -s -o /dev/null "http://127.0.0.1:$candidate/" && { idp_port=$candidate; break 2; }
+        sleep 0.1
+    done
+    kill "$idp_pid" 2>/dev/null || true
+done
+[[ -n $idp_port ]] || { echo "portal: could not start the stand-in identity provider" >&2; exit 1; }
+idp=http://127.0.0.1:$idp_port
+mkdir "$tmp/smart"
+FHIRLEDGER_TRUSTED_ISSUERS="$idp=$jwks" FHIRLEDGER_SMART_TOKEN_ENDPOINT=$idp/token \
+    FHIRLEDGER_SMART_AUTHORIZATION_ENDPOINT=$idp/authorize FHIRLEDGER_PORTAL_CLIENT_ID=fhirledger-portal \
+    start_fhirledger "$tmp/smart"
+fhir=http://127.0.0.1:$port/fhir
+token() { (cd "$tmp/smart" && FHIRLEDGER_LISTEN=127.0.0.1:$port "$binary" token "$@"); }
+admin=$(token --sub ehr-sync --scope 'system/*.cruds')
+patient=$(create Patient '{"resourceType":"Patient","name":[{"family":"Launch"}]}')
+# What the provider issues on a good exchange: a token for the patient it chose.
+printf '%s\n%s\n' "$(token --sub peter --scope 'patient/*.rs patient/Consent.cu' --patient "$patient")" "$patient" \
+    >"$tmp/smart-token"
+PORTAL_PHASE=smart PORTAL_URL="http://127.0.0.1:$port" PORTAL_IDP="$idp" PORTAL_PATIENT="$patient" \
+    PORTAL_ARTIFACTS="$artifacts" PORTAL_NODE="$node_dir" node "$repo/tests/portal/portal_browser.mjs"

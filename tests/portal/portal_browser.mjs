@@ -11,10 +11,9 @@ const env = (name) => {
 };
 const base = env("PORTAL_URL");
 const patient = env("PORTAL_PATIENT");
-const drA = env("PORTAL_DR_A");
-const drB = env("PORTAL_DR_B");
 const artifacts = env("PORTAL_ARTIFACTS");
 const puppeteer = createRequire(join(env("PORTAL_NODE"), "package.json"))("puppeteer-core");
+const smartPhase = process.env.PORTAL_PHASE === "smart";
 
 let passed = 0;
 function check(condition, what, detail = "") {
@@ -31,7 +30,7 @@ async function fhir(path, token) {
 }
 
 // The view lists entries once a checkpoint covers them: wait for the three accesses.
-for (let attempt = 0; ; attempt++) {
+for (let attempt = 0; !smartPhase; attempt++) {
   const { body } = await fhir(`/fhir/AuditEvent?patient=Patient/${patient}&_count=50`, env("PORTAL_AUDITOR_TOKEN"));
   const names = (body?.entry || []).map((e) => e.resource.agent?.[0]?.name);
   if (names.filter((n) => n === "dr-adams").length >= 1 && names.filter((n) => n === "dr-baker").length >= 2) break;
@@ -77,7 +76,59 @@ function rows(page, container = "#history-rows") {
   );
 }
 
+/**
+ * SMART standalone launch: the page sends the browser to the provider with a PKCE
+ * challenge, the provider sends it back with a code, the page exchanges code and verifier
+ * for the token, and the address bar and storage are clean again.
+ */
+async function smartLaunch() {
+  const page = await open();
+  const redirects = [];
+  page.on("request", (request) => {
+    if (request.url().startsWith(`${base}/portal?`)) redirects.push(request.url());
+  });
+  const policy = (await page.goto(`${base}/portal`, { waitUntil: "networkidle0" })).headers()["content-security-policy"];
+  check(policy.includes(`connect-src 'self' ${env("PORTAL_IDP")}`), "the page may call the provider's token endpoint, and no other host", policy);
+  const launch = await page.waitForSelector("#smart-launch", { visible: true });
+  await launch.click();
+  // Off to the provider and back: wait for the page that came back to settle.
+  await page.waitForFunction(
+    () => /shown|could not|refused|does not belong/.test(document.getElementById("status")?.textContent || ""),
+    { timeout: 20000 },
+  ).catch(async (error) => {
+    const seen = await page.evaluate(() => `${location.href}: ${document.getElementById("status")?.textContent}`);
+    throw new Error(`portal: the launch did not come back signed in (${seen}; ${problems.join("; ")})`, { cause: error });
+  });
+  const status = await page.$eval("#status", (s) => s.textContent);
+  check(/shown/.test(status), "the launch signs the patient in and lists their record's accesses", status);
+  const shown = await rows(page);
+  check(shown.length >= 1 && shown.every((r) => r.verified), "the launched session's rows are verified", JSON.stringify(shown));
+  const kept = await page.evaluate(() => ({ url: location.href, session: sessionStorage.length }));
+  check(kept.url === `${base}/portal` && kept.session === 0, "after the launch no code, state or verifier is left in the URL or storage", JSON.stringify(kept));
+  // The same redirect again (a copied link, a replay) signs nobody in: this tab has no
+  // pending launch for its state.
+  check(redirects.length === 1 && /code=/.test(redirects[0]), "the provider redirected back once with a code", redirects.join(" "));
+  await page.goto(redirects[0], { waitUntil: "networkidle0" });
+  await page.waitForFunction(() => document.getElementById("status").textContent.length > 0);
+  const replay = await page.$eval("#status", (s) => s.textContent);
+  check(/does not belong/.test(replay) && !(await page.$("#history-rows article")), "a replayed redirect signs nobody in", replay);
+  check(problems.length === 0, "no script errors during the launch", problems.join("\n"));
+}
+
 try {
+  if (smartPhase) {
+    await smartLaunch();
+  } else {
+    await patientAndAuditor();
+  }
+} finally {
+  await browser.close();
+}
+console.log(`portal: ${passed} checks passed; screenshots in ${artifacts}`);
+
+async function patientAndAuditor() {
+  const drA = env("PORTAL_DR_A");
+  const drB = env("PORTAL_DR_B");
   // ---- the patient, signing in with the keyboard only ------------------------------------
   const page = await open();
   await page.goto(`${base}/portal`, { waitUntil: "networkidle0" });
@@ -233,7 +284,4 @@ try {
       `the ${who}'s page keeps no token or patient in its URL or storage`, JSON.stringify(kept));
   }
   check(problems.length === 0, "no script errors on any page", problems.join("\n"));
-} finally {
-  await browser.close();
 }
-console.log(`portal: ${passed} checks passed; screenshots in ${artifacts}`);

@@ -427,7 +427,10 @@ impl ServeArgs {
                 "FHIRLEDGER_SMART_GRANT_TYPES",
                 self.smart_grant_types.is_some(),
             ),
-            ("FHIRLEDGER_PORTAL_CLIENT_ID", self.portal_client_id.is_some()),
+            (
+                "FHIRLEDGER_PORTAL_CLIENT_ID",
+                self.portal_client_id.is_some(),
+            ),
         ];
         let Some(token_endpoint) = self.smart_token_endpoint.clone() else {
             return match optional_set.iter().find(|(_, set)| *set) {

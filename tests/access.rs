@@ -736,7 +736,7 @@ fn consent(patient: &str, scope: &str, kind: &str, actor: Option<&str>) -> Value
 
 async fn consent_decides_what_clinicians_and_researchers_see(db: TestDb) {
     let state = db.state();
-    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
     let Records {
         alice,
         bob,
@@ -849,6 +849,25 @@ async fn consent_decides_what_clinicians_and_researchers_see(db: TestDb) {
     let entry = entry_of(&app, &reply).await;
     assert_eq!(entry["rule"], "break-the-glass");
     assert_eq!(entry["actor"]["purpose"], "ETREAT");
+    // An auditor lists break-the-glass accesses for review, and only those.
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || ledger.sequence_pending())
+        .await
+        .unwrap()
+        .unwrap();
+    let auditor = token_with("ledger.read", None, None);
+    let listed = call_as_is(
+        &app,
+        with_token(get("/fhir/AuditEvent?purpose=ETREAT"), &auditor),
+    )
+    .await
+    .json();
+    let listed = listed["entry"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        ledger_part(&listed[0]["resource"], "receipt")[0]["valueString"],
+        entry["id"]
+    );
 
     // A research client sees only patients whose research Consent permits it.
     let researcher = common::token_for_purpose("system/Observation.rs", None, None, Some("HRESCH"));
@@ -1082,6 +1101,25 @@ async fn patients_see_who_touched_their_record_with_proofs(db: TestDb) {
     );
     let past = view("?date=ge2000-01-01&date=lt2999").await.json();
     assert!(!past["entry"].as_array().unwrap().is_empty(), "{past}");
+    // Outcome and purpose: an auditor's lists of refusals and of break-the-glass accesses.
+    let refused = view("?outcome=4").await.json();
+    let refused = refused["entry"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "Bob's attempt only: {refused:?}");
+    assert_eq!(refused[0]["resource"]["outcome"], "4");
+    assert_eq!(
+        view("?outcome=0").await.json()["entry"]
+            .as_array()
+            .unwrap()
+            .len(),
+        events.len() - 1
+    );
+    assert_eq!(
+        view("?purpose=ETREAT").await.json()["entry"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     // The view's query is read by the search parser: what it does not apply is refused,
     // not ignored, and an unknown parameter is ignored only when the client asks leniency.
     for bad in [
@@ -1096,6 +1134,8 @@ async fn patients_see_who_touched_their_record_with_proofs(db: TestDb) {
         "?_sort=date",
         "?_include=AuditEvent:agent",
         "?_summary=count",
+        "?outcome=8",
+        "?outcome=0&outcome=4",
     ] {
         assert_eq!(view(bad).await.status, StatusCode::BAD_REQUEST, "{bad}");
     }
@@ -1148,7 +1188,10 @@ async fn patients_see_who_touched_their_record_with_proofs(db: TestDb) {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(params, ["patient", "entity", "agent", "date"]);
+    assert_eq!(
+        params,
+        ["patient", "entity", "agent", "date", "outcome", "purpose"]
+    );
     assert_eq!(
         metadata["rest"][0]["security"]["service"][0]["coding"][0]["code"],
         "SMART-on-FHIR"

@@ -478,7 +478,68 @@ async fn without_endpoints_nothing_is_claimed(db: TestDb) {
     assert_eq!(oauth_uris(&statement), None);
 }
 
+/// The portal's SMART launch: its settings come from the provider's configuration and the
+/// portal's client id, and its page may call the token endpoint's origin and no other.
+async fn portal_launches_at_the_configured_provider(db: TestDb) {
+    let smart = provider();
+    let state = db.state_configured(|options| {
+        options.trusted_issuers = vec![(ISSUER.into(), provider_jwks())];
+        options.smart = Some(smart.clone());
+    });
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    let config = call_as_is(&app, get("/portal/config.json")).await.json();
+    assert_eq!(config["client_id"], "fhirledger-portal");
+    assert_eq!(
+        config["authorization_endpoint"],
+        smart.authorization_endpoint.clone().unwrap()
+    );
+    assert_eq!(config["token_endpoint"], smart.token_endpoint);
+    assert_eq!(config["redirect_uri"], format!("{BASE_URL}/portal"));
+    assert_eq!(config["aud"], format!("{BASE_URL}/fhir"));
+    assert!(
+        config["scope"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .any(|scope| scope == "launch/patient"),
+        "{config}"
+    );
+    let page = call_as_is(&app, get("/portal")).await;
+    let policy = page.header("content-security-policy").unwrap();
+    assert!(
+        policy.contains("connect-src 'self' https://idp.example.org;"),
+        "{policy}"
+    );
+
+    // Without the portal's client id, the provider is published but the page offers no
+    // launch and may call nothing but this server.
+    let state = db.state_configured(|options| {
+        options.trusted_issuers = vec![(ISSUER.into(), provider_jwks())];
+        options.smart = Some(SmartAuthorization {
+            portal_client_id: None,
+            ..provider()
+        });
+    });
+    let app = test::init_service(fhirledger::api::build_app(state)).await;
+    assert_eq!(
+        call_as_is(&app, get("/portal/config.json")).await.json(),
+        json!({})
+    );
+    let page = call_as_is(&app, get("/portal")).await;
+    let policy = page.header("content-security-policy").unwrap();
+    assert!(policy.contains("connect-src 'self';"), "{policy}");
+
+    // A client id without an authorization endpoint is refused as configuration.
+    let broken = SmartAuthorization {
+        authorization_endpoint: None,
+        capabilities: Vec::new(),
+        ..provider()
+    };
+    assert_eq!(broken.check().unwrap_err().0, "FHIRLEDGER_PORTAL_CLIENT_ID");
+}
+
 on_both_backends!(
+    portal_launches_at_the_configured_provider,
     preflights_from_configured_origins_are_answered,
     actual_requests_expose_the_headers_apps_need,
     without_origins_there_are_no_cors_headers,

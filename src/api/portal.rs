@@ -124,7 +124,10 @@ mod tests {
             origin("https://idp.example.org:8443/realms/x/token"),
             Some("https://idp.example.org:8443")
         );
-        assert_eq!(origin("https://idp.example.org"), Some("https://idp.example.org"));
+        assert_eq!(
+            origin("https://idp.example.org"),
+            Some("https://idp.example.org")
+        );
         assert_eq!(origin("idp.example.org/token"), None);
     }
 }

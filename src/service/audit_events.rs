@@ -185,9 +185,17 @@ impl AuditQuery {
                     once(&query.agent)?;
                     query.agent = Some(agent.clone());
                 }
-                ("outcome", FilterValue::Token { code: Some(code), .. }) => {
+                (
+                    "outcome",
+                    FilterValue::Token {
+                        code: Some(code), ..
+                    },
+                ) => {
                     if query.outcome.is_some() {
-                        return Err(unsupported("outcome", "parameter 'outcome' is given more than once"));
+                        return Err(unsupported(
+                            "outcome",
+                            "parameter 'outcome' is given more than once",
+                        ));
                     }
                     query.outcome = Some(match code.as_str() {
                         "0" => Outcome::Permit,
@@ -200,7 +208,13 @@ impl AuditQuery {
                         }
                     });
                 }
-                ("purpose", FilterValue::Token { code: Some(purpose), .. }) => {
+                (
+                    "purpose",
+                    FilterValue::Token {
+                        code: Some(purpose),
+                        ..
+                    },
+                ) => {
                     once(&query.purpose)?;
                     query.purpose = Some(purpose.clone());
                 }

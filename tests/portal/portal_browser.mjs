@@ -241,6 +241,17 @@ async function patientAndAuditor() {
   await page.waitForFunction(() => /Granted|could not/.test(document.getElementById("status").textContent));
   check((await fhir(`/fhir/Patient/${patient}`, env("PORTAL_DR_A_TOKEN"))).status === 200, "a Consent granted on the page lets Dr A read again");
 
+  // By now the patient has visited the history several times: those visits are listed too.
+  await page.click("#tab-history");
+  await page.click("#history-filter button[type=submit]");
+  await page.waitForFunction(() => / shown/.test(document.getElementById("status").textContent));
+  const visible = await page.$$eval("#history-rows article", (a) => a.filter((x) => x.offsetParent !== null).map((x) => x.textContent));
+  check(visible.length >= 3 && !visible.some((t) => t.startsWith("peter: viewed")), "the patient's own visits to the page are hidden unless asked for", visible.join("\n"));
+  await page.click("#history-own");
+  const withOwn = await page.$$eval("#history-rows article", (a) => a.filter((x) => x.offsetParent !== null).length);
+  check(withOwn > visible.length, "and shown when asked for");
+  await page.click("#history-own");
+
   // ---- the auditor ------------------------------------------------------------------------
   const auditor = await open();
   await signIn(auditor, env("PORTAL_AUDITOR_TOKEN"));

@@ -207,10 +207,15 @@ function entryRow(event, result, name) {
     ? entry.resources.map((r) => `${r.type}/${r.id}${r.versionId ? ` (version ${r.versionId})` : ""}`).join(", ")
     : (event.entity || []).map((e) => e.what?.reference).join(", ");
   const when = new Date((entry && entry.time) || event.recorded);
+  // The signed-in user's own visits to this page are accesses too, but rarely news to them.
+  const ownView = Boolean(entry && entry.action === "audit-view" && actor.subject === session.claims.sub);
   const reason = entry ? [entry.reason, entry.rule && `rule ${entry.rule}`].filter(Boolean).join("; ") : event.outcomeDesc;
   return element(
     "article",
-    { class: `row${refused ? " refused" : ""}${glass ? " glass" : ""}`, "data-index": ledgerParts(event).index || "" },
+    {
+      class: `row${refused ? " refused" : ""}${glass ? " glass" : ""}${ownView ? " own-view" : ""}`,
+      "data-index": ledgerParts(event).index || "",
+    },
     element(
       "h4",
       {},
@@ -637,6 +642,9 @@ async function start() {
     showHistory();
   });
   $("history-more").addEventListener("click", () => showHistory(session.next));
+  $("history-own").addEventListener("change", (event) => {
+    $("history-rows").classList.toggle("show-own", event.target.checked);
+  });
   $("grant-form").addEventListener("submit", grant);
   $("receipt-form").addEventListener("submit", lookUpReceipt);
   $("sign-out").addEventListener("click", signOut);

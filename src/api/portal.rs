@@ -105,13 +105,10 @@ fn content_policy(state: &AppState) -> String {
     )
 }
 
-/// `scheme://host[:port]` of an absolute URL.
-fn origin(url: &str) -> Option<&str> {
-    let after_scheme = url.find("://")? + 3;
-    let end = url[after_scheme..]
-        .find('/')
-        .map_or(url.len(), |i| after_scheme + i);
-    Some(&url[..end])
+/// `scheme://host[:port]` of an absolute URL (its ASCII origin, as CSP names sources).
+fn origin(url: &str) -> Option<String> {
+    let origin = url::Url::parse(url).ok()?.origin();
+    origin.is_tuple().then(|| origin.ascii_serialization())
 }
 
 #[cfg(test)]
@@ -122,11 +119,11 @@ mod tests {
     fn origins_of_endpoints() {
         assert_eq!(
             origin("https://idp.example.org:8443/realms/x/token"),
-            Some("https://idp.example.org:8443")
+            Some("https://idp.example.org:8443".to_owned())
         );
         assert_eq!(
             origin("https://idp.example.org"),
-            Some("https://idp.example.org")
+            Some("https://idp.example.org".to_owned())
         );
         assert_eq!(origin("idp.example.org/token"), None);
     }

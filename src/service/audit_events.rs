@@ -159,30 +159,33 @@ impl AuditQuery {
                     format!("'{code}' takes no modifier here"),
                 ));
             }
-            let once = |slot: &Option<String>| match slot {
-                Some(_) => Err(unsupported(
-                    code,
-                    format!("parameter '{code}' is given more than once"),
-                )),
-                None => Ok(()),
+            let once = |taken: bool| {
+                if taken {
+                    Err(unsupported(
+                        code,
+                        format!("parameter '{code}' is given more than once"),
+                    ))
+                } else {
+                    Ok(())
+                }
             };
             match (code, value) {
                 ("patient", FilterValue::Reference(reference)) => {
-                    once(&query.patient)?;
+                    once(query.patient.is_some())?;
                     let id = reference.strip_prefix("Patient/").unwrap_or(reference);
                     ResourceId::parse(id)
                         .map_err(|_| unsupported(code, "patient must be Patient/<id> or an id"))?;
                     query.patient = Some(id.to_owned());
                 }
                 ("entity", FilterValue::Reference(reference)) => {
-                    once(&query.entity)?;
+                    once(query.entity.is_some())?;
                     if reference.split('/').count() != 2 {
                         return Err(unsupported(code, "entity must be Type/id"));
                     }
                     query.entity = Some(reference.clone());
                 }
                 ("agent", FilterValue::Reference(agent)) => {
-                    once(&query.agent)?;
+                    once(query.agent.is_some())?;
                     query.agent = Some(agent.clone());
                 }
                 (
@@ -191,12 +194,7 @@ impl AuditQuery {
                         code: Some(code), ..
                     },
                 ) => {
-                    if query.outcome.is_some() {
-                        return Err(unsupported(
-                            "outcome",
-                            "parameter 'outcome' is given more than once",
-                        ));
-                    }
+                    once(query.outcome.is_some())?;
                     query.outcome = Some(match code.as_str() {
                         "0" => Outcome::Permit,
                         "4" => Outcome::Deny,
@@ -215,7 +213,7 @@ impl AuditQuery {
                         ..
                     },
                 ) => {
-                    once(&query.purpose)?;
+                    once(query.purpose.is_some())?;
                     query.purpose = Some(purpose.clone());
                 }
                 ("date", FilterValue::Date { prefix, low, high })

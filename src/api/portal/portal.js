@@ -195,7 +195,7 @@ function displayName(reference) {
  * A row of the history, drawn from the entry's verified bytes where the server sent them
  * (so what is shown is what was proved), else from the AuditEvent.
  */
-function entryRow(event, result, name) {
+function entryRow(event, parts, result, name) {
   const entry = result.entry;
   const actor = entry ? entry.actor : {};
   const refused = entry ? entry.outcome === "deny" : event.outcome !== "0";
@@ -214,7 +214,7 @@ function entryRow(event, result, name) {
     "article",
     {
       class: `row${refused ? " refused" : ""}${glass ? " glass" : ""}${ownView ? " own-view" : ""}`,
-      "data-index": ledgerParts(event).index || "",
+      "data-index": parts.index || "",
     },
     element(
       "h4",
@@ -230,7 +230,7 @@ function entryRow(event, result, name) {
       ["App", actor.client],
       ["Why", purpose ? `purpose ${purpose}${glass ? " (emergency access, for review)" : ""}` : null],
       [refused ? "Refused because" : "Permitted by", reason || (entry && entry.rule)],
-      ["Receipt", entry ? entry.id : ledgerParts(event).receipt],
+      ["Receipt", entry ? entry.id : parts.receipt],
     ]),
     mark(result),
   );
@@ -249,7 +249,7 @@ async function renderEvents(container, bundle) {
       checkpoint: parts.checkpoint,
     });
     const actor = result.entry ? who(result.entry.actor) : event.agent?.[0]?.who?.reference;
-    container.append(entryRow(event, result, await displayName(actor)));
+    container.append(entryRow(event, parts, result, await displayName(actor)));
   }
   return events.length;
 }
@@ -273,13 +273,13 @@ async function showHistory(path) {
   say("Loading the access history\u2026");
   try {
     const { body } = await api(path || historyQuery());
-    const shown = await renderEvents(rows, body);
+    await renderEvents(rows, body);
     const next = (body.link || []).find((l) => l.relation === "next");
     session.next = next ? localPath(next.url) : null;
     $("history-more").hidden = !session.next;
     const total = rows.children.length;
     if (!total) rows.append(element("p", {}, "No accesses recorded for this selection."));
-    say(`${total} access${total === 1 ? "" : "es"} shown${shown ? "" : ""}; each checked in this browser.`);
+    say(`${total} access${total === 1 ? "" : "es"} shown; each checked in this browser.`);
   } catch (error) {
     say(`The access history could not be loaded (${error.message}).`, true);
   }
@@ -514,8 +514,8 @@ async function lookUpReceipt(event) {
       proof: body.inclusion.proof,
       checkpoint: body.checkpoint,
     });
-    const event = { extension: [{ url: "/ledger-entry", extension: [{ url: "index", valueString: String(body.index) }] }] };
-    result.append(entryRow(event, checked, checked.entry && (await displayName(who(checked.entry.actor)))));
+    const parts = { index: String(body.index), receipt: body.receipt };
+    result.append(entryRow({}, parts, checked, checked.entry && (await displayName(who(checked.entry.actor)))));
   } catch (error) {
     result.append(element("p", {}, `No such receipt here (${error.message}).`));
   }

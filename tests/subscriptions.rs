@@ -109,28 +109,30 @@ async fn deliver(state: &fhirledger::api::AppState) -> usize {
     .unwrap()
 }
 
-/// The focus references of the notifications received.
+/// The focus references of the events the notifications received tell of, in order.
 fn foci(received: &[(String, String)]) -> Vec<String> {
     received
         .iter()
-        .map(|(_, body)| {
+        .flat_map(|(_, body)| {
             let bundle: Value = serde_json::from_str(body).unwrap();
-            let parameters = &bundle["entry"][0]["resource"]["parameter"];
-            let event = parameters
+            let parameters = bundle["entry"][0]["resource"]["parameter"].clone();
+            parameters
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|p| p["name"] == "notification-event")
-                .unwrap();
-            event["part"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["name"] == "focus")
-                .unwrap()["valueReference"]["reference"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+                .filter(|p| p["name"] == "notification-event")
+                .map(|event| {
+                    event["part"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|p| p["name"] == "focus")
+                        .unwrap()["valueReference"]["reference"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -186,8 +188,8 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
     let found = call(&app, as_token(get("/fhir/Subscription"), &patient_app)).await;
     assert_eq!(found.status, StatusCode::FORBIDDEN, "{}", found.text());
 
-    // A clinician's read, and another patient's refused attempt: two notifications, each
-    // naming the AuditEvent of the access, with the subscriber's header.
+    // A clinician's read, and another patient's refused attempt: one notification of both,
+    // in order, each event naming the AuditEvent of the access, with the subscriber's header.
     let read = call(&app, get(&format!("/fhir/Patient/{patient}"))).await;
     assert_eq!(read.status, StatusCode::OK);
     let stranger = token_with("patient/*.rs", Some("someone-else"), None);
@@ -199,7 +201,7 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert_eq!(deliver(&state).await, 2);
     let received = receiver.take();
-    assert_eq!(received.len(), 2);
+    assert_eq!(received.len(), 1);
     for (head, _) in &received {
         assert!(
             head.contains("Authorization: Bearer subscriber-secret")
@@ -208,10 +210,17 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
         );
     }
     let told = foci(&received);
+    assert_eq!(told.len(), 2, "{told:?}");
+    let leaves: Vec<u64> = told
+        .iter()
+        .map(|focus| {
+            let (_, leaf) = focus.split_once("/fhir/AuditEvent/ledger-").unwrap();
+            leaf.parse().unwrap()
+        })
+        .collect();
     assert!(
-        told.iter()
-            .all(|focus| focus.contains("/fhir/AuditEvent/ledger-")),
-        "{told:?}"
+        leaves[0] < leaves[1],
+        "the read is told before the refusal: {told:?}"
     );
     // What the notification names is what the subscriber's view lists.
     let view: Value = call(
@@ -336,12 +345,16 @@ async fn a_resource_subscription_tells_of_matches_and_a_failing_endpoint_ends_in
         "{told:?}"
     );
 
-    // The endpoint fails: retried with back-off, then the subscription is set to error.
+    // The endpoint fails: both events are retried together with back-off, then the
+    // subscription is set to error.
     receiver.status.store(500, Ordering::Relaxed);
+    common::create(&app, observation("1234-5")).await;
     common::create(&app, observation("1234-5")).await;
     for attempt in 1..=MAX_FAILURES {
         deliver(&state).await;
-        assert_eq!(receiver.take().len(), 1, "attempt {attempt}");
+        let received = receiver.take();
+        assert_eq!(received.len(), 1, "attempt {attempt}");
+        assert_eq!(foci(&received).len(), 2, "attempt {attempt}");
         // Not due again before its back-off: make it due now.
         assert_eq!(deliver(&state).await, 0);
         assert!(receiver.take().is_empty());
@@ -384,3 +397,51 @@ async fn a_resource_subscription_tells_of_matches_and_a_failing_endpoint_ends_in
 }
 
 on_both_backends!(a_resource_subscription_tells_of_matches_and_a_failing_endpoint_ends_in_error);
+
+/// `Subscription.end`, `micros` from now, as an instant.
+fn instant_after(micros: i64) -> String {
+    fhirledger::fhir::document::format_instant(fhirledger::clock::now_micros() + micros)
+}
+
+async fn a_subscription_turns_off_at_its_end(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let receiver = Receiver::start();
+    let criteria = "Observation?code=http://loinc.org|1234-5";
+
+    // One whose end has already passed is off from the start.
+    let mut past = subscription(criteria, &receiver.endpoint());
+    past["end"] = json!(instant_after(-60_000_000));
+    let reply = call(&app, post("/fhir/Subscription", &past)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "off");
+    let mut garbled = subscription(criteria, &receiver.endpoint());
+    garbled["end"] = json!("next tuesday");
+    let reply = call(&app, post("/fhir/Subscription", &garbled)).await;
+    assert!(reply.status.is_client_error(), "{}", reply.text());
+
+    // One that ends in two seconds delivers until then.
+    let mut ending = subscription(criteria, &receiver.endpoint());
+    ending["end"] = json!(instant_after(2_000_000));
+    let reply = call(&app, post("/fhir/Subscription", &ending)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "active");
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    common::create(&app, observation("1234-5")).await;
+    assert_eq!(deliver(&state).await, 1);
+    assert_eq!(receiver.take().len(), 1);
+
+    // After its end the server turns it off, and tells nothing more.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    common::create(&app, observation("1234-5")).await;
+    assert_eq!(deliver(&state).await, 0);
+    assert!(receiver.take().is_empty());
+    let stored: Value = call(&app, get(&format!("/fhir/Subscription/{id}")))
+        .await
+        .json();
+    assert_eq!(stored["status"], "off", "{stored}");
+    assert_eq!(stored["meta"]["versionId"], "2", "{stored}");
+    assert_eq!(stored["end"], ending["end"]);
+}
+
+on_both_backends!(a_subscription_turns_off_at_its_end);

@@ -51,6 +51,8 @@ pub struct ResourceService {
     pub(super) export_retention: std::time::Duration,
     /// The Subscription notifier's own connection (see `subscriptions.rs`).
     pub(super) notifier_connection: Arc<parking_lot::Mutex<Option<DbConnection>>>,
+    /// The notifier's HTTP client: one pool of kept-alive connections to the endpoints.
+    pub(super) notifier_agent: ureq::Agent,
 }
 
 impl ResourceService {
@@ -70,6 +72,7 @@ impl ResourceService {
             max_resource_bytes: 16 * 1024 * 1024,
             export_retention: std::time::Duration::from_secs(3600),
             notifier_connection: Arc::default(),
+            notifier_agent: super::subscriptions::notifier_agent(),
         }
     }
 

@@ -62,6 +62,8 @@ pub struct SubscriptionSpec {
     /// Whether a notification Bundle is sent (`channel.payload`); otherwise an empty POST.
     pub with_payload: bool,
     pub status: String,
+    /// `Subscription.end` (µs since the epoch): the server turns the subscription off then.
+    pub end: Option<i64>,
 }
 
 fn invalid(expression: &str, message: impl Into<String>) -> AppError {
@@ -149,6 +151,14 @@ impl SubscriptionSpec {
         } else {
             None
         };
+        let end = match resource["end"].as_str() {
+            None => None,
+            Some(text) => Some(
+                crate::fhir::search_values::date_range(text)
+                    .ok_or_else(|| invalid("end", "end must be an instant"))?
+                    .0,
+            ),
+        };
         Ok(Self {
             resource_type: resource_type.to_owned(),
             query,
@@ -157,7 +167,13 @@ impl SubscriptionSpec {
             headers,
             with_payload,
             status: resource["status"].as_str().unwrap_or_default().to_owned(),
+            end,
         })
+    }
+
+    /// Whether its end has passed at `now`.
+    pub fn ended(&self, now: i64) -> bool {
+        self.end.is_some_and(|end| end <= now)
     }
 }
 
@@ -276,12 +292,15 @@ enum Verdict {
     Fail(String),
 }
 
-/// How one delivery ended.
-enum Delivery {
-    Delivered,
-    /// The subscriber may not see it, or it no longer matches.
-    Skipped,
-    Failed(String),
+/// The notifier's HTTP client: a post may take [`DELIVERY_TIMEOUT`], follows no redirect,
+/// and any status is an answer (not 2xx is a failure, with its status).
+pub(super) fn notifier_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(DELIVERY_TIMEOUT))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into()
 }
 
 impl ResourceService {
@@ -312,6 +331,12 @@ impl ResourceService {
             }
         };
         self.authorize_criteria(ctx, &spec)?;
+        // One whose end has passed is off from the start (R4: the server turns it off then).
+        let status = if spec.ended(now_micros()) {
+            "off"
+        } else {
+            status
+        };
         resource["status"] = json!(status);
         Ok(Some(resource.to_string()))
     }
@@ -402,6 +427,7 @@ impl ResourceService {
                             status: &spec.status,
                             sealed: &sealed,
                             now,
+                            ends_at: spec.end,
                         },
                     )?;
                 }
@@ -420,6 +446,7 @@ impl ResourceService {
     /// one writer, whose every commit under load is a wait; a write per event put
     /// notifications seconds behind).
     pub fn deliver_notifications(&self) -> Result<usize, AppError> {
+        self.turn_off_ended()?;
         let mut delivered = 0;
         loop {
             let started = std::time::Instant::now();
@@ -519,7 +546,11 @@ impl ResourceService {
             };
             tracing::warn!(subscription = attempt.id, failures, %error, "notification not delivered");
             if failures >= MAX_FAILURES {
-                self.mark_subscription_error(subscription, error)?;
+                let why = format!(
+                    "{MAX_FAILURES} deliveries in a row failed; the last: {}",
+                    error.chars().take(200).collect::<String>()
+                );
+                self.set_subscription_status(subscription, rows::ERROR, Some(&why))?;
             }
         }
         Ok(attempts.iter().map(|a| a.delivered.len()).sum())
@@ -553,18 +584,8 @@ impl ResourceService {
                 .collect();
             return Ok(attempt);
         };
-        let subscription_type = self.resolve_type("Subscription")?;
-        let resource_id = ResourceId::parse(id)
-            .map_err(|_| AppError::Internal(format!("subscription id {id:?} is not valid")))?;
-        let (_, version) = crate::store::resources::current(conn, "Subscription", id)?
-            .ok_or_else(|| AppError::NotFound(format!("Subscription/{id}")))?;
-        let version = version.ok_or_else(|| {
-            AppError::Internal(format!("Subscription/{id} has no current version"))
-        })?;
-        let resource = self.open_version(&subscription_type, &resource_id, &version)?;
-        let parsed: Value = serde_json::from_str(&resource.json)
-            .map_err(|e| AppError::Internal(format!("stored Subscription: {e}")))?;
-        let spec = SubscriptionSpec::parse(&parsed)?;
+        let subscription = self.current_subscription(conn, id)?;
+        let spec = SubscriptionSpec::parse(&subscription.2)?;
         let ctx = self.subscriber_context(&row)?;
         attempt.verdicts = attempt
             .events
@@ -577,35 +598,47 @@ impl ResourceService {
                 },
             )
             .collect();
-        attempt.subscription = Some((subscription_type, resource_id, parsed));
+        attempt.subscription = Some(subscription);
         attempt.ctx = Some(ctx);
         attempt.spec = Some(spec);
         Ok(attempt)
     }
 
-    /// Posts a prepared attempt's events in order, stopping at the first that fails.
+    /// Posts a prepared attempt's events, in order and in one notification, up to the first
+    /// whose check failed; the events of a failed post wait for the retry.
     fn post_attempt(&self, attempt: &mut Attempt) {
         let Some(spec) = &attempt.spec else {
             return;
         };
-        for (position, (event, verdict)) in attempt.events.iter().zip(&attempt.verdicts).enumerate()
-        {
-            let outcome = match verdict {
-                Verdict::Post => self.post_notification(&attempt.id, spec, event),
-                Verdict::Skip => Delivery::Skipped,
-                Verdict::Fail(error) => Delivery::Failed(error.clone()),
-            };
-            match outcome {
-                Delivery::Delivered => {
-                    attempt.ended.push((event.seq, rows::DELIVERED));
-                    attempt.delivered.push(event.focus.clone());
-                }
-                Delivery::Skipped => attempt.ended.push((event.seq, rows::SKIPPED)),
-                Delivery::Failed(error) => {
-                    attempt.failed = Some((position, error));
-                    return;
+        let (mut posted, mut skipped) = (Vec::new(), Vec::new());
+        for (position, verdict) in attempt.verdicts.iter().enumerate() {
+            match verdict {
+                Verdict::Post => posted.push(position),
+                Verdict::Skip => skipped.push(position),
+                Verdict::Fail(error) => {
+                    attempt.failed = Some((position, error.clone()));
+                    break;
                 }
             }
+        }
+        if let Some(&first) = posted.first() {
+            let events: Vec<&EventRow> = posted.iter().map(|&p| &attempt.events[p]).collect();
+            if let Err(error) = self.post_notification(&attempt.id, spec, &events) {
+                // Retried from its first event; what was skipped before it stays skipped.
+                attempt.failed = Some((first, error));
+                skipped.retain(|&position| position < first);
+                posted.clear();
+            }
+        }
+        for position in skipped {
+            attempt
+                .ended
+                .push((attempt.events[position].seq, rows::SKIPPED));
+        }
+        for position in posted {
+            let event = &attempt.events[position];
+            attempt.ended.push((event.seq, rows::DELIVERED));
+            attempt.delivered.push(event.focus.clone());
         }
     }
 
@@ -698,39 +731,50 @@ impl ResourceService {
             .any(|resource| resource.id.as_str() == id))
     }
 
-    /// Posts one notification to the endpoint.
-    fn post_notification(&self, id: &str, spec: &SubscriptionSpec, event: &EventRow) -> Delivery {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(DELIVERY_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .build()
-            .into();
-        let mut request = agent
+    /// Posts one notification of `events` to the endpoint; `Err` says why it failed.
+    fn post_notification(
+        &self,
+        id: &str,
+        spec: &SubscriptionSpec,
+        events: &[&EventRow],
+    ) -> Result<(), String> {
+        let mut request = self
+            .notifier_agent
             .post(&spec.endpoint)
             .header("Content-Type", "application/fhir+json");
         for (name, value) in &spec.headers {
             request = request.header(name, value);
         }
         let body = if spec.with_payload {
-            self.notification_bundle(id, event).to_string()
+            self.notification_bundle(id, events).to_string()
         } else {
             String::new()
         };
         match request.send(body.as_bytes()) {
-            Ok(response) if response.status().is_success() => Delivery::Delivered,
-            Ok(response) => {
-                Delivery::Failed(format!("the endpoint answered {}", response.status()))
-            }
-            Err(error) => Delivery::Failed(error.to_string()),
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("the endpoint answered {}", response.status())),
+            Err(error) => Err(error.to_string()),
         }
     }
 
     /// The notification: a history Bundle whose first entry is the R4 Subscriptions
-    /// Backport's subscription status (`Parameters`), naming the event's focus by reference.
-    fn notification_bundle(&self, id: &str, event: &EventRow) -> Value {
+    /// Backport's subscription status (`Parameters`), with one `notification-event` per
+    /// event, in order, naming its focus by reference.
+    fn notification_bundle(&self, id: &str, events: &[&EventRow]) -> Value {
         let base = self.search_index().fhir_base();
         let subscription = format!("{base}/Subscription/{id}");
+        let mut parameters = vec![
+            json!({"name": "subscription", "valueReference": {"reference": subscription}}),
+            json!({"name": "status", "valueCode": "active"}),
+            json!({"name": "type", "valueCode": "event-notification"}),
+        ];
+        parameters.extend(events.iter().map(|event| {
+            json!({"name": "notification-event", "part": [
+                {"name": "event-number", "valueString": event.seq.to_string()},
+                {"name": "timestamp", "valueInstant": format_instant(event.created_at)},
+                {"name": "focus", "valueReference": {"reference": format!("{base}/{}", event.focus)}},
+            ]})
+        }));
         json!({
             "resourceType": "Bundle",
             "type": "history",
@@ -740,16 +784,7 @@ impl ResourceService {
                 "resource": {
                     "resourceType": "Parameters",
                     "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
-                    "parameter": [
-                        {"name": "subscription", "valueReference": {"reference": subscription}},
-                        {"name": "status", "valueCode": "active"},
-                        {"name": "type", "valueCode": "event-notification"},
-                        {"name": "notification-event", "part": [
-                            {"name": "event-number", "valueString": event.seq.to_string()},
-                            {"name": "timestamp", "valueInstant": format_instant(event.created_at)},
-                            {"name": "focus", "valueReference": {"reference": format!("{base}/{}", event.focus)}},
-                        ]},
-                    ],
+                    "parameter": parameters,
                 },
                 "request": {"method": "GET", "url": format!("{subscription}/$status")},
                 "response": {"status": "200"},
@@ -789,18 +824,57 @@ impl ResourceService {
         self.ledger().append_in(tx, ctx, event).map(|_| ())
     }
 
-    /// Writes the Subscription's next version with `status: error` and why (R4 `error`).
-    fn mark_subscription_error(
+    /// Turns off, by writing their next version, the active subscriptions whose end has
+    /// passed; their undelivered events are dropped.
+    fn turn_off_ended(&self) -> Result<(), AppError> {
+        let ended = self.on_notifier_connection(|conn| Ok(rows::ended(conn, now_micros())?))?;
+        for id in ended {
+            let turned_off = self
+                .on_notifier_connection(|conn| self.current_subscription(conn, &id))
+                .and_then(|subscription| {
+                    self.set_subscription_status(&subscription, rows::OFF, None)
+                });
+            // One that cannot be turned off holds up neither the others nor the deliveries.
+            if let Err(error) = turned_off {
+                tracing::warn!(subscription = id, %error, "subscription not turned off at its end");
+            }
+        }
+        Ok(())
+    }
+
+    /// The Subscription's type, id and current content.
+    fn current_subscription(
+        &self,
+        conn: &mut DbConnection,
+        id: &str,
+    ) -> Result<(crate::fhir::ResourceType, ResourceId, Value), AppError> {
+        let subscription_type = self.resolve_type("Subscription")?;
+        let resource_id = ResourceId::parse(id)
+            .map_err(|_| AppError::Internal(format!("subscription id {id:?} is not valid")))?;
+        let (_, version) = crate::store::resources::current(conn, "Subscription", id)?
+            .ok_or_else(|| AppError::NotFound(format!("Subscription/{id}")))?;
+        let version = version.ok_or_else(|| {
+            AppError::Internal(format!("Subscription/{id} has no current version"))
+        })?;
+        let resource = self.open_version(&subscription_type, &resource_id, &version)?;
+        let parsed: Value = serde_json::from_str(&resource.json)
+            .map_err(|e| AppError::Internal(format!("stored Subscription: {e}")))?;
+        Ok((subscription_type, resource_id, parsed))
+    }
+
+    /// Writes the Subscription's next version with the server's `status` (`error` after
+    /// failures, with why; `off` at its end), as the server itself.
+    fn set_subscription_status(
         &self,
         (subscription_type, id, current): &(crate::fhir::ResourceType, ResourceId, Value),
-        error: &str,
+        status: &str,
+        error: Option<&str>,
     ) -> Result<(), AppError> {
         let mut resource = current.clone();
-        resource["status"] = json!("error");
-        resource["error"] = json!(format!(
-            "{MAX_FAILURES} deliveries in a row failed; the last: {}",
-            error.chars().take(200).collect::<String>()
-        ));
+        resource["status"] = json!(status);
+        if let (Some(error), Some(fields)) = (error, resource.as_object_mut()) {
+            fields.insert("error".to_owned(), json!(error));
+        }
         if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
             meta.remove("versionId");
             meta.remove("lastUpdated");

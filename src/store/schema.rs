@@ -152,6 +152,7 @@ diesel::table! {
         sealed -> Binary,
         failures -> Integer,
         created_at -> BigInt,
+        ends_at -> Nullable<BigInt>,
     }
 }
 

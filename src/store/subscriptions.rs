@@ -38,6 +38,8 @@ pub struct SubscriptionRow {
     pub sealed: Vec<u8>,
     pub failures: i32,
     pub created_at: i64,
+    /// `Subscription.end` (µs), after which the subscription is turned off.
+    pub ends_at: Option<i64>,
 }
 
 impl SubscriptionRow {
@@ -61,6 +63,7 @@ pub struct NewSubscription<'a> {
     pub status: &'a str,
     pub sealed: &'a EncryptedBlob,
     pub now: i64,
+    pub ends_at: Option<i64>,
 }
 
 /// Registers a subscription, replacing what an earlier version of it registered (its
@@ -79,6 +82,7 @@ pub fn upsert(conn: &mut DbConnection, new: &NewSubscription<'_>) -> Result<(), 
             subscriptions::nonce.eq(&new.sealed.nonce),
             subscriptions::sealed.eq(&new.sealed.ciphertext),
             subscriptions::created_at.eq(new.now),
+            subscriptions::ends_at.eq(new.ends_at),
         ))
         .execute(conn)
         .map(|_| ())
@@ -118,6 +122,11 @@ pub fn enqueue_for_type(
         .filter(subscriptions::resource_type.eq(resource_type))
         .filter(subscriptions::kind.eq(RESOURCE))
         .filter(subscriptions::status.eq(ACTIVE))
+        .filter(
+            subscriptions::ends_at
+                .is_null()
+                .or(subscriptions::ends_at.gt(now)),
+        )
         .select(subscriptions::id)
         .load(conn)
         .map_err(StoreError::classify)?;
@@ -125,8 +134,8 @@ pub fn enqueue_for_type(
 }
 
 /// Queues each sequenced entry `(patient, leaf index, appended at)` for the active
-/// subscriptions to that patient's accesses made since they were registered; returns how
-/// many events.
+/// subscriptions to that patient's accesses made since they were registered and before
+/// their end; returns how many events.
 pub fn enqueue_accesses(
     conn: &mut DbConnection,
     accesses: &[(String, i64, i64)],
@@ -138,7 +147,7 @@ pub fn enqueue_accesses(
     let mut patients: Vec<&str> = accesses.iter().map(|(p, ..)| p.as_str()).collect();
     patients.sort_unstable();
     patients.dedup();
-    let mut subscribed: Vec<(String, Option<String>, i64)> = Vec::new();
+    let mut subscribed: Vec<(String, Option<String>, i64, Option<i64>)> = Vec::new();
     for chunk in patients.chunks(500) {
         subscribed.extend(
             subscriptions::table
@@ -149,8 +158,9 @@ pub fn enqueue_accesses(
                     subscriptions::id,
                     subscriptions::patient,
                     subscriptions::created_at,
+                    subscriptions::ends_at,
                 ))
-                .load::<(String, Option<String>, i64)>(conn)
+                .load::<(String, Option<String>, i64, Option<i64>)>(conn)
                 .map_err(StoreError::classify)?,
         );
     }
@@ -162,7 +172,11 @@ pub fn enqueue_accesses(
         .flat_map(|(patient, index, at)| {
             subscribed
                 .iter()
-                .filter(move |(_, p, since)| p.as_deref() == Some(patient.as_str()) && at >= since)
+                .filter(move |(_, p, since, until)| {
+                    p.as_deref() == Some(patient.as_str())
+                        && at >= since
+                        && until.is_none_or(|until| *at < until)
+                })
                 .map(move |(id, ..)| (id.as_str(), format!("AuditEvent/ledger-{index}")))
         })
         .collect();
@@ -303,6 +317,16 @@ pub fn record_outcome(conn: &mut DbConnection, id: &str, failed: bool) -> Result
         .first(conn)
         .optional()
         .map(Option::unwrap_or_default)
+        .map_err(StoreError::classify)
+}
+
+/// The active subscriptions whose end has passed by `now`.
+pub fn ended(conn: &mut DbConnection, now: i64) -> Result<Vec<String>, StoreError> {
+    subscriptions::table
+        .filter(subscriptions::status.eq(ACTIVE))
+        .filter(subscriptions::ends_at.le(now))
+        .select(subscriptions::id)
+        .load(conn)
         .map_err(StoreError::classify)
 }
 

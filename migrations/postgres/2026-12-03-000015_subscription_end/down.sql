@@ -1,0 +1,2 @@
+DROP INDEX subscriptions_by_end;
+ALTER TABLE subscriptions DROP COLUMN ends_at;

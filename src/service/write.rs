@@ -126,21 +126,24 @@ pub(super) struct PreparedVersion {
 impl ResourceService {
     /// Runs `work` in a write transaction, again from the start when it lost a race to a
     /// concurrent writer; `what` names the contended resource(s) in the 409 given up with.
+    /// Ledger entries appended inside it (refusals) are committed after it.
     pub(super) fn transact<T>(
         &self,
         what: &str,
         mut work: impl FnMut(&mut DbConnection) -> Result<T, TxError>,
     ) -> Result<T, AppError> {
-        for _ in 0..MAX_WRITE_ATTEMPTS {
-            match self.pool.write(&mut work) {
-                Ok(done) => return Ok(done),
-                Err(TxError::LostRace) => continue,
-                Err(TxError::App(error)) => return Err(error),
+        self.ledger.holding(|| {
+            for _ in 0..MAX_WRITE_ATTEMPTS {
+                match self.pool.write(&mut work) {
+                    Ok(done) => return Ok(done),
+                    Err(TxError::LostRace) => continue,
+                    Err(TxError::App(error)) => return Err(error),
+                }
             }
-        }
-        Err(AppError::Conflict(format!(
-            "{what} is being changed by other requests; retry"
-        )))
+            Err(AppError::Conflict(format!(
+                "{what} is being changed by other requests; retry"
+            )))
+        })?
     }
 
     /// Writes the next version of a resource and its ledger entry in one transaction,

@@ -230,12 +230,56 @@ impl LedgerService {
     pub fn append(&self, ctx: &RequestContext, event: LedgerEvent) -> Result<String, AppError> {
         let (signed, now) = self.sign(ctx, event)?;
         let receipt = lead_receipt(&signed)?;
-        match &self.deferred {
-            Some(deferred) => deferred.0.lock().push((signed, now)),
-            None => self.committer.commit(signed, now)?,
+        let mut batch = Some((signed, now));
+        HELD_IN_TRANSACTION.with(|held| {
+            if let Some(held) = held.borrow_mut().as_mut() {
+                held.extend(batch.take());
+            }
+        });
+        match (batch, &self.deferred) {
+            (None, _) => {}
+            (Some(batch), Some(deferred)) => deferred.0.lock().push(batch),
+            (Some((signed, now)), None) => self.committer.commit(signed, now)?,
         }
         ctx.receipt.set(receipt.clone());
         Ok(receipt)
+    }
+
+    /// Runs `transaction` (work in a write transaction) holding the entries that
+    /// [`Self::append`] makes on this thread meanwhile, and commits them once it is over:
+    /// the group commit queues for the one writer, which on SQLite the transaction holds,
+    /// so committing them from inside it would wait for ever. (A refusal found inside a
+    /// write did: a Subscription updated with criteria its writer may not search.) Nested,
+    /// the inner run's entries wait for the outer one's end.
+    pub(crate) fn holding<T>(&self, transaction: impl FnOnce() -> T) -> Result<T, AppError> {
+        struct Restore(Option<Vec<SignedBatch>>);
+        impl Drop for Restore {
+            // Also when `transaction` panics: this thread must not go on holding entries.
+            fn drop(&mut self) {
+                let outer = self.0.take();
+                HELD_IN_TRANSACTION.with(|held| {
+                    let inner = std::mem::replace(&mut *held.borrow_mut(), outer);
+                    if let (Some(inner), Some(outer)) = (inner, held.borrow_mut().as_mut()) {
+                        outer.extend(inner);
+                    }
+                });
+            }
+        }
+        let outer = HELD_IN_TRANSACTION.with(|held| held.borrow_mut().replace(Vec::new()));
+        let nested = outer.is_some();
+        let restore = Restore(outer);
+        let result = transaction();
+        let held = if nested {
+            Vec::new()
+        } else {
+            HELD_IN_TRANSACTION.with(|held| held.borrow_mut().take().unwrap_or_default())
+        };
+        drop(restore);
+        if !held.is_empty() {
+            let (entries, created_at) = merge_held(held);
+            self.committer.commit(entries, created_at)?;
+        }
+        Ok(result)
     }
 
     /// Ledgers a refusal by the access policy (durably, before the answer) and returns the
@@ -353,6 +397,13 @@ const MAX_GROUP: usize = 1024;
 
 /// The entries of one event, signed, with when they were signed (µs since the epoch).
 type SignedBatch = (Vec<SignedEntry>, i64);
+
+thread_local! {
+    /// The entries appended on this thread inside [`LedgerService::holding`], if it is in
+    /// one.
+    static HELD_IN_TRANSACTION: std::cell::RefCell<Option<Vec<SignedBatch>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// Signed entries held by a deferring [`LedgerService`] until the request commits them.
 #[derive(Clone, Default)]

@@ -173,8 +173,8 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
     let subscription_id = reply.json()["id"].as_str().unwrap().to_owned();
     deliver(&state).await;
     receiver.take();
-    // A patient-confined token neither reads it (the endpoint and its secret are in it)
-    // nor subscribes itself.
+    // A patient-confined token that did not write it neither reads it (the endpoint and
+    // its secret are in it) nor finds it by searching.
     let patient_app = token_with("patient/*.cruds", Some(&patient), None);
     let read = call(
         &app,
@@ -445,3 +445,259 @@ async fn a_subscription_turns_off_at_its_end(db: TestDb) {
 }
 
 on_both_backends!(a_subscription_turns_off_at_its_end);
+
+/// A token from the test issuer for `subject` using `client`, confined to `patient`.
+fn patient_app_token(subject: &str, client: &str, patient: &str) -> String {
+    common::local_issuer()
+        .mint(&fhirledger::access::local_issuer::TokenRequest {
+            subject: subject.into(),
+            scope: "patient/Subscription.cruds patient/*.rs".into(),
+            client_id: Some(client.into()),
+            patient: Some(patient.into()),
+            fhir_user: None,
+            purpose_of_use: None,
+            ttl_seconds: 3600,
+        })
+        .unwrap()
+}
+
+async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let patient = common::create(&app, json!({"resourceType": "Patient", "active": true})).await;
+    let other = common::create(&app, json!({"resourceType": "Patient", "active": true})).await;
+    let receiver = Receiver::start();
+    let phone = patient_app_token("patient-user", "phone-app", &patient);
+    let accesses = |of: &str, endpoint: &str| {
+        subscription(&format!("AuditEvent?patient=Patient/{of}"), endpoint)
+    };
+    // Its endpoint (no such host: a post fails, to be retried later).
+    let hook = "https://phone-app.invalid/hook";
+
+    // The server is not its probe of the hosts near it: public https endpoints only.
+    for near in [
+        receiver.endpoint(),
+        "https://localhost/hook".to_owned(),
+        "https://10.0.0.7/hook".to_owned(),
+        "https://[::1]:8443/hook".to_owned(),
+        "http://phone-app.invalid/hook".to_owned(),
+    ] {
+        let request = post("/fhir/Subscription", &accesses(&patient, &near));
+        let reply = call(&app, as_token(request, &phone)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{near}: {}",
+            reply.text()
+        );
+    }
+    // The app subscribes to accesses of its patient's record, not of another's.
+    let reply = call(
+        &app,
+        as_token(
+            post("/fhir/Subscription", &accesses(&patient, hook)),
+            &phone,
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "active");
+    let mine = reply.json();
+    let id = mine["id"].as_str().unwrap().to_owned();
+    let reply = call(
+        &app,
+        as_token(post("/fhir/Subscription", &accesses(&other, hook)), &phone),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let path = format!("/fhir/Subscription/{id}");
+    // A clinician's token confined by Consent does not subscribe this way.
+    let clinician_app = token_with(
+        "user/Subscription.cruds user/*.rs",
+        None,
+        Some("Practitioner/dr-adams"),
+    );
+    let request = post("/fhir/Subscription", &accesses(&patient, hook));
+    let reply = call(&app, as_token(request, &clinician_app)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+
+    // It reads its own; nobody else confined does, not even the same user's other app.
+    let read = call(&app, as_token(get(&path), &phone)).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    assert_eq!(
+        read.json()["channel"]["header"][0],
+        "Authorization: Bearer subscriber-secret"
+    );
+    for stranger in [
+        patient_app_token("patient-user", "other-app", &patient),
+        patient_app_token("someone-else", "phone-app", &patient),
+        patient_app_token("patient-user", "phone-app", &other),
+    ] {
+        let read = call(&app, as_token(get(&path), &stranger)).await;
+        assert_eq!(read.status, StatusCode::FORBIDDEN, "{}", read.text());
+        let mut off = mine.clone();
+        off["status"] = json!("off");
+        let write = call(&app, as_token(common::put(&path, &off), &stranger)).await;
+        assert_eq!(write.status, StatusCode::FORBIDDEN, "{}", write.text());
+        let delete = call(&app, as_token(TestRequest::delete().uri(&path), &stranger)).await;
+        assert_eq!(delete.status, StatusCode::FORBIDDEN, "{}", delete.text());
+    }
+    // Searches, histories and versions of Subscriptions stay closed to it.
+    for closed in [
+        "/fhir/Subscription".to_owned(),
+        format!("{path}/_history"),
+        format!("{path}/_history/1"),
+    ] {
+        let reply = call(&app, as_token(get(&closed), &phone)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{closed}: {}",
+            reply.text()
+        );
+    }
+    // An administrator's subscription to the same record is not the app's to read, and an
+    // update to an id that is not there creates nothing.
+    let to_receiver = accesses(&patient, &receiver.endpoint());
+    let reply = call(&app, post("/fhir/Subscription", &to_receiver)).await;
+    let theirs = format!(
+        "/fhir/Subscription/{}",
+        reply.json()["id"].as_str().unwrap()
+    );
+    let read = call(&app, as_token(get(&theirs), &phone)).await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN, "{}", read.text());
+    let mut planted = accesses(&patient, hook);
+    planted["id"] = json!("planted");
+    let reply = call(
+        &app,
+        as_token(common::put("/fhir/Subscription/planted", &planted), &phone),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    deliver(&state).await;
+    receiver.take();
+
+    // A clinician's read is told to the administrator's receiver and posted, under the app's
+    // gate, to the app's endpoint (which fails: the post is to be retried).
+    let clinician = common::local_issuer()
+        .mint(&fhirledger::access::local_issuer::TokenRequest {
+            subject: "dr-adams".into(),
+            scope: "system/Patient.r".into(),
+            client_id: Some("ehr".into()),
+            patient: None,
+            fhir_user: None,
+            purpose_of_use: None,
+            ttl_seconds: 3600,
+        })
+        .unwrap();
+    let read = call(
+        &app,
+        as_token(get(&format!("/fhir/Patient/{patient}")), &clinician),
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(deliver(&state).await, 1);
+    assert_eq!(foci(&receiver.take()).len(), 1);
+    let row = fhirledger::store::subscriptions::subscription(&mut db.connect(), &id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.failures, 1, "posted once, not skipped");
+
+    // It may not point its subscription at another patient's record, but may end it; the
+    // server's own write at its end keeps it the app's.
+    let mut elsewhere = mine.clone();
+    elsewhere["criteria"] = json!(format!("AuditEvent?patient=Patient/{other}"));
+    let reply = call(&app, as_token(common::put(&path, &elsewhere), &phone)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let mut ending = mine.clone();
+    ending["end"] = json!(instant_after(1_000_000));
+    let reply = call(&app, as_token(common::put(&path, &ending), &phone)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    deliver(&state).await;
+    let read = call(&app, as_token(get(&path), &phone)).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    assert_eq!(read.json()["status"], "off");
+
+    // Its writes are ledgered under the rule that let it make them.
+    deliver(&state).await;
+    let page: Value = call(&app, get("/ledger/entries?start=0&end=1000"))
+        .await
+        .json();
+    let created = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["entry"]["action"] == "create" && e["entry"]["resources"][0]["id"] == id.as_str()
+        })
+        .unwrap();
+    assert_eq!(created["entry"]["rule"], "subscription-owner", "{created}");
+
+    // And delete it.
+    let delete = call(&app, as_token(TestRequest::delete().uri(&path), &phone)).await;
+    assert!(delete.status.is_success(), "{}", delete.text());
+    let read = call(&app, as_token(get(&path), &phone)).await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN, "{}", read.text());
+}
+
+on_both_backends!(a_patient_app_keeps_its_own_subscriptions);
+
+/// Calls the app, failing rather than hanging when no answer comes within 10 s.
+async fn call_within<S, B>(app: &S, request: TestRequest) -> common::Reply
+where
+    S: common::TestApp<B>,
+    B: actix_web::body::MessageBody,
+{
+    tokio::time::timeout(std::time::Duration::from_secs(10), call(app, request))
+        .await
+        .expect("an answer within 10 s")
+}
+
+async fn an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_nothing(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let receiver = Receiver::start();
+    let writer = token_with("system/Subscription.cru system/Observation.s", None, None);
+    let created = subscription(
+        "Observation?code=http://loinc.org|1234-5",
+        &receiver.endpoint(),
+    );
+    let reply = call_within(
+        &app,
+        as_token(post("/fhir/Subscription", &created), &writer),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let mut changed = reply.json();
+    let path = format!("/fhir/Subscription/{}", changed["id"].as_str().unwrap());
+    changed["criteria"] = json!("Condition?code=http://snomed.info/sct|44054006");
+
+    // The refusal is found inside the update's transaction; on SQLite its ledger entry once
+    // waited there for the writer that transaction held, and every write after it too.
+    let reply = call_within(&app, as_token(common::put(&path, &changed), &writer)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let reply = call_within(
+        &app,
+        post("/fhir/Patient", &json!({"resourceType": "Patient"})),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let stored: Value = call_within(&app, get(&path)).await.json();
+    assert_eq!(stored["meta"]["versionId"], "1");
+
+    // The refusal is ledgered.
+    deliver(&state).await;
+    let page: Value = call_within(&app, get("/ledger/entries?start=0&end=1000"))
+        .await
+        .json();
+    let refused = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["entry"]["outcome"] == "deny" && e["entry"]["action"] == "update")
+        .count();
+    assert!(refused >= 1, "{page}");
+}
+
+on_both_backends!(an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_nothing);

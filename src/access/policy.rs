@@ -54,8 +54,12 @@ pub const PURPOSE_RESEARCH: &str = "HRESCH";
 pub const RULE_AUDIT_EVENTS_READ_ONLY: &str = "audit-events-read-only";
 /// Only the patient or an administrator writes a Consent.
 pub const RULE_CONSENT_WRITER: &str = "consent-writer";
-/// Subscriptions are read and written by unconfined tokens only.
+/// Subscriptions are read and written by unconfined tokens only, except as
+/// [`RULE_SUBSCRIPTION_OWNER`] allows.
 pub const RULE_SUBSCRIPTION_UNCONFINED: &str = "subscription-unconfined";
+/// A confined token creates Subscriptions (to what it may search), and reads, changes and
+/// deletes those it wrote; the gate checks the writer sealed with each (`service::gate`).
+pub const RULE_SUBSCRIPTION_OWNER: &str = "subscription-owner";
 /// The system history: each version was shown or withheld by the token's scopes for its
 /// type.
 pub const RULE_PER_TYPE: &str = "scope:per-type";
@@ -158,18 +162,25 @@ pub fn authorize(
     // Subscriptions hold their subscribers' endpoints and the secrets those expect: not the
     // shared reference data a confined token may read of types outside compartments.
     if resource_type == "Subscription" && grant.confinement.is_some() {
-        return Err(Refusal {
-            rule: RULE_SUBSCRIPTION_UNCONFINED,
-            message: "Subscriptions are read and written only by unconfined tokens (system/ \
-                      scopes): they hold their subscribers' endpoints and secrets"
-                .into(),
-        });
+        return Err(subscription_refusal());
     }
     Ok(grant)
 }
 
-/// What the token's scopes alone grant.
-fn authorize_scopes(
+/// The refusal of Subscriptions to a confined token (the gate lets one have those it wrote).
+pub fn subscription_refusal() -> Refusal {
+    Refusal {
+        rule: RULE_SUBSCRIPTION_UNCONFINED,
+        message: "Subscriptions hold their subscribers' endpoints and secrets: a token confined \
+                  to patients' records reads, changes and deletes only those it wrote, one at a \
+                  time by id, and searches none"
+            .into(),
+    }
+}
+
+/// What the token's scopes alone grant, before the rules on particular types (Consent
+/// writers, Subscriptions).
+pub fn authorize_scopes(
     principal: &Principal,
     permission: Permission,
     resource_type: &str,

@@ -205,6 +205,117 @@ impl ResourceService {
         self.authorize(ctx, permission, resource_type.as_str(), action, asked)
     }
 
+    /// [`Self::authorize_instance`] for the interactions by id through which a confined
+    /// token reaches the Subscriptions it wrote (see [`Self::subscriber_may`]); `id` is
+    /// `None` for a create. A permit for that reason has rule `subscription-owner` and no
+    /// confinement; for other types and tokens this is `authorize_instance`.
+    pub(super) fn authorize_subscriber(
+        &self,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &ResourceType,
+        id: Option<&ResourceId>,
+        action: Action,
+    ) -> Result<Grant, AppError> {
+        match policy::authorize(&ctx.principal, permission, resource_type.as_str()) {
+            Ok(grant) => {
+                ctx.rule.set(grant.rule);
+                Ok(grant)
+            }
+            Err(refusal) => {
+                // Only a Subscription's refusal needs a look at its writer; the connection is
+                // given back before a refusal is ledgered, which may need one.
+                let type_name = resource_type.as_str();
+                let may = type_name == "Subscription"
+                    && refusal.rule == policy::RULE_SUBSCRIPTION_UNCONFINED
+                    && self.subscriber_may(
+                        &mut *self.connection()?,
+                        ctx,
+                        permission,
+                        type_name,
+                        id,
+                        &refusal,
+                    )?;
+                if may {
+                    ctx.rule.set(policy::RULE_SUBSCRIPTION_OWNER);
+                    return Ok(Grant {
+                        rule: policy::RULE_SUBSCRIPTION_OWNER,
+                        confinement: None,
+                    });
+                }
+                let asked = id.map(|id| target(resource_type, id, None));
+                Err(self
+                    .ledger()
+                    .refuse(ctx, action, asked.into_iter().collect(), refusal))
+            }
+        }
+    }
+
+    /// Whether a token confined to its launch patient's compartment, which the policy refused
+    /// a Subscription (`subscription-unconfined`), may have it anyway as its writer: it may
+    /// create one
+    /// (`id` absent; the criteria are authorized as its own search when the content is
+    /// admitted), and read, change or delete one that exists and whose sealed writer is
+    /// this token. Everything else of Subscriptions (searches, histories, versions,
+    /// includes, others' Subscriptions) stays refused. `conn`: where the writer is read (a
+    /// write's transaction, so that the answer holds for what it replaces).
+    pub(super) fn subscriber_may(
+        &self,
+        conn: &mut DbConnection,
+        ctx: &RequestContext,
+        permission: Permission,
+        resource_type: &str,
+        id: Option<&ResourceId>,
+        refusal: &Refusal,
+    ) -> Result<bool, AppError> {
+        if resource_type != "Subscription" || refusal.rule != policy::RULE_SUBSCRIPTION_UNCONFINED {
+            return Ok(false);
+        }
+        // A patient's own app only: a clinician's or researcher's grant under Consent would
+        // have its criteria confined by a Consent search inside the write's transaction.
+        let scopes = policy::authorize_scopes(&ctx.principal, permission, resource_type);
+        if !matches!(
+            scopes,
+            Ok(Grant {
+                confinement: Some(Confinement::Patient(_)),
+                ..
+            })
+        ) {
+            return Ok(false);
+        }
+        match (permission, id) {
+            (Permission::Create, None) => Ok(true),
+            (Permission::Read | Permission::Update | Permission::Delete, Some(id)) => {
+                self.wrote_subscription(conn, ctx, id)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the Subscription `id` is registered with the request's token as its writer:
+    /// the same issuer, subject, client and launch patient (another app of the same user
+    /// does not hold the first one's endpoint secret, nor does the same app launched for
+    /// another patient see whose record the first subscription watches).
+    pub(super) fn wrote_subscription(
+        &self,
+        conn: &mut DbConnection,
+        ctx: &RequestContext,
+        id: &ResourceId,
+    ) -> Result<bool, AppError> {
+        let Principal::Token(identity) = &ctx.principal else {
+            return Ok(false);
+        };
+        let Some(row) = crate::store::subscriptions::subscription(conn, id.as_str())? else {
+            return Ok(false);
+        };
+        Ok(self.subscription_writer(&row)?.is_some_and(|writer| {
+            writer.issuer == identity.issuer
+                && writer.subject == identity.subject
+                && writer.client_id == identity.client_id
+                && writer.patient == identity.patient
+        }))
+    }
+
     /// Authorizes one line of a bulk import, which creates or updates `Type/id` as a `PUT`
     /// does: the token needs both permissions on the type, unconfined. A grant confined to a
     /// patient's compartment or to consenting patients is refused: it writes through the
@@ -676,7 +787,18 @@ impl ResourceService {
         id: &ResourceId,
         head: Option<ResourceHead>,
     ) -> Result<Option<BTreeSet<String>>, AppError> {
-        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        let grant = match policy::authorize(&ctx.principal, permission, resource_type.as_str()) {
+            Ok(grant) => grant,
+            Err(refusal) => {
+                // A Subscription's writer: checked here, in the write's transaction.
+                let existing = head.map(|_| id);
+                let type_name = resource_type.as_str();
+                if self.subscriber_may(tx, ctx, permission, type_name, existing, &refusal)? {
+                    return Ok(None);
+                }
+                return Err(refusal.into());
+            }
+        };
         let confinement = grant.confinement.as_ref();
         let index = self.search_index();
         if confinement.is_some() && !index.has_compartments(resource_type.as_str()) {
@@ -838,7 +960,20 @@ impl ResourceService {
         members: Option<&BTreeSet<String>>,
         existing: Option<&BTreeSet<String>>,
     ) -> Result<(), AppError> {
-        let grant = policy::authorize(&ctx.principal, permission, resource_type.as_str())?;
+        let grant = match policy::authorize(&ctx.principal, permission, resource_type.as_str()) {
+            Ok(grant) => grant,
+            // A Subscription by its writer, whom `confine_existing` checked before: what it
+            // writes is checked by `admit_subscription`, whose criteria must be a search
+            // this token may make.
+            Err(refusal)
+                if resource_type.as_str() == "Subscription"
+                    && refusal.rule == policy::RULE_SUBSCRIPTION_UNCONFINED
+                    && matches!(permission, Permission::Create | Permission::Update) =>
+            {
+                return Ok(());
+            }
+            Err(refusal) => return Err(refusal.into()),
+        };
         let Some(confinement) = &grant.confinement else {
             return Ok(());
         };

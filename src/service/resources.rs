@@ -82,12 +82,12 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            this.authorize(
+            this.authorize_subscriber(
                 &ctx,
                 Permission::Create,
-                resource_type.as_str(),
+                &resource_type,
+                None,
                 Action::Create,
-                Vec::new(),
             )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
             let id = ResourceId::generate();
@@ -112,12 +112,11 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            this.authorize_instance(
+            this.authorize_subscriber(
                 &ctx,
                 Permission::Update,
                 &resource_type,
-                &id,
-                None,
+                Some(&id),
                 Action::Update,
             )?;
             let validated = validate_resource(&this.types, &resource_type, &body)?;
@@ -169,12 +168,11 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            this.authorize_instance(
+            this.authorize_subscriber(
                 &ctx,
                 Permission::Update,
                 &resource_type,
-                &id,
-                None,
+                Some(&id),
                 Action::Update,
             )?;
             let patch = parse_patch(format, &body)?;
@@ -202,12 +200,11 @@ impl ResourceService {
         let this = self.clone();
         let ctx = ctx.clone();
         blocking(move || {
-            this.authorize_instance(
+            this.authorize_subscriber(
                 &ctx,
                 Permission::Delete,
                 &resource_type,
-                &id,
-                None,
+                Some(&id),
                 Action::Delete,
             )?;
             match this.write(&ctx, &resource_type, &id, if_match, WriteKind::Delete)? {
@@ -227,15 +224,19 @@ impl ResourceService {
     ) -> Result<StoredResource, AppError> {
         let ctx = ctx.clone();
         self.disclose(true, move |this| {
-            this.authorize_instance(
+            let grant = this.authorize_subscriber(
                 &ctx,
                 Permission::Read,
                 &resource_type,
-                &id,
-                None,
+                Some(&id),
                 Action::Read,
             )?;
-            let result = this.confine_read(&ctx, this.read_current(&resource_type, &id));
+            let result = this.read_current(&resource_type, &id);
+            let result = if grant.rule == policy::RULE_SUBSCRIPTION_OWNER {
+                this.confine_to_writer(&ctx, result)
+            } else {
+                this.confine_read(&ctx, result)
+            };
             let result = this.masked(&ctx, Permission::Read, &resource_type, &id, result);
             this.record_disclosure(&ctx, Action::Read, &resource_type, &id, None, result)
         })
@@ -257,6 +258,25 @@ impl ResourceService {
         );
         self.visible(None, ctx, resource.resource_type.as_str(), members.as_ref())?;
         Ok(Disclosed { resource, members })
+    }
+
+    /// A Subscription read by its writer: the writer is checked again after the read, so
+    /// that a version another wrote meanwhile is not shown (the writer changes only with a
+    /// write, which the reader could not have made of another's).
+    fn confine_to_writer(
+        &self,
+        ctx: &RequestContext,
+        result: Result<StoredResource, AppError>,
+    ) -> Result<Disclosed, AppError> {
+        let resource = result?;
+        let wrote = self.wrote_subscription(&mut *self.connection()?, ctx, &resource.id)?;
+        if !wrote {
+            return Err(policy::subscription_refusal().into());
+        }
+        Ok(Disclosed {
+            resource,
+            members: None,
+        })
     }
 
     /// A result whose absence (404, 410) a confined token may not learn of is refused as

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::access::principal::TokenIdentity;
-use crate::access::{Permission, Principal, RequestContext};
+use crate::access::{Permission, Principal, RequestContext, policy};
 use crate::clock::now_micros;
 use crate::crypto::ResourceBinding;
 use crate::error::AppError;
@@ -201,6 +201,46 @@ fn check_endpoint(endpoint: &str) -> Result<(), AppError> {
     }
 }
 
+/// An endpoint a confined writer may have notifications posted to: `https://` to a host
+/// named in DNS or at a public address, not this machine or its private networks.
+fn check_public_endpoint(endpoint: &str) -> Result<(), AppError> {
+    let url = url::Url::parse(endpoint)
+        .map_err(|e| invalid("channel.endpoint", format!("not a URL: {e}")))?;
+    let near = match url.host() {
+        Some(url::Host::Domain(host)) => {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            host == "localhost" || host.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => {
+            let [first, second, ..] = ip.octets();
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || first == 0
+                || (first == 100 && (second & 0xc0) == 64)
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip.to_ipv4_mapped().is_some()
+        }
+        None => true,
+    };
+    if url.scheme() != "https" || near {
+        return Err(invalid(
+            "channel.endpoint",
+            "a token confined to a patient's record has notifications posted only to https:// \
+             endpoints at public hosts",
+        ));
+    }
+    Ok(())
+}
+
 fn parse_header(text: &str) -> Result<(String, String), AppError> {
     let (name, value) = text
         .split_once(':')
@@ -330,7 +370,20 @@ impl ResourceService {
                 ));
             }
         };
+        // A confined writer (a patient's app) posts only to public https endpoints: the
+        // server must not become its probe of the hosts and ports near it.
+        let confined = policy::authorize(&ctx.principal, Permission::Create, "Subscription")
+            .is_err_and(|refusal| refusal.rule == policy::RULE_SUBSCRIPTION_UNCONFINED);
+        if confined {
+            check_public_endpoint(&spec.endpoint)?;
+        }
+        // The search's rule is not the write's: the write is ledgered under the rule that
+        // let it be made.
+        let rule = ctx.rule.get();
         self.authorize_criteria(ctx, &spec)?;
+        if let Some(rule) = rule {
+            ctx.rule.set(rule);
+        }
         // One whose end has passed is off from the start (R4: the server turns it off then).
         let status = if spec.ended(now_micros()) {
             "off"
@@ -405,13 +458,20 @@ impl ResourceService {
                         AppError::Internal(format!("stored Subscription does not parse: {e}"))
                     })?;
                     let spec = SubscriptionSpec::parse(&resource)?;
-                    let identity = match &ctx.principal {
-                        Principal::Token(identity) => Some(TokenIdentity::clone(identity)),
-                        _ => None,
+                    let sealed = match (&ctx.principal, rows::subscription(tx, id)?) {
+                        // The server's own writes (status error, off) keep the subscriber
+                        // it acts for, who stays its writer.
+                        (Principal::Internal, Some(row)) => row.sealed(),
+                        (principal, _) => {
+                            let identity = match principal {
+                                Principal::Token(identity) => Some(TokenIdentity::clone(identity)),
+                                _ => None,
+                            };
+                            let plain = serde_json::to_vec(&Sealed { identity })
+                                .map_err(|e| AppError::Internal(e.to_string()))?;
+                            self.envelope().seal(sealed_binding(id), &plain)
+                        }
                     };
-                    let plain = serde_json::to_vec(&Sealed { identity })
-                        .map_err(|e| AppError::Internal(e.to_string()))?;
-                    let sealed = self.envelope().seal(sealed_binding(id), &plain);
                     let kind = if spec.patient.is_some() {
                         rows::ACCESS
                     } else {
@@ -642,15 +702,23 @@ impl ResourceService {
         }
     }
 
-    /// The subscriber's identity, as its sealed row says.
-    fn subscriber_context(&self, row: &SubscriptionRow) -> Result<RequestContext, AppError> {
+    /// The token that wrote the subscription, as its row seals it (`None`: the server).
+    pub(super) fn subscription_writer(
+        &self,
+        row: &SubscriptionRow,
+    ) -> Result<Option<TokenIdentity>, AppError> {
         let plain = self
             .envelope()
             .open(sealed_binding(&row.id), &row.sealed())
             .map_err(|e| AppError::Internal(format!("subscription {}: {e}", row.id)))?;
         let sealed: Sealed = serde_json::from_slice(&plain)
             .map_err(|e| AppError::Internal(format!("subscription {}: {e}", row.id)))?;
-        let principal = match sealed.identity {
+        Ok(sealed.identity)
+    }
+
+    /// The subscriber's identity, as its sealed row says.
+    fn subscriber_context(&self, row: &SubscriptionRow) -> Result<RequestContext, AppError> {
+        let principal = match self.subscription_writer(row)? {
             Some(identity) => Principal::Token(Arc::new(identity)),
             None => Principal::Internal,
         };

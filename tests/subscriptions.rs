@@ -109,6 +109,23 @@ async fn deliver(state: &fhirledger::api::AppState) -> usize {
     .unwrap()
 }
 
+/// The first 1,000 entries of the ledger, as sequenced so far.
+async fn ledger_entries<S, B>(app: &S) -> Vec<Value>
+where
+    S: common::TestApp<B>,
+    B: actix_web::body::MessageBody,
+{
+    let page: Value = call(app, get("/ledger/entries?start=0&end=1000"))
+        .await
+        .json();
+    page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|served| served["entry"].clone())
+        .collect()
+}
+
 /// The focus references of the events the notifications received tell of, in order.
 fn foci(received: &[(String, String)]) -> Vec<String> {
     received
@@ -143,17 +160,12 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
     let patient = common::create(&app, json!({"resourceType": "Patient", "active": true})).await;
     let receiver = Receiver::start();
     // The patient's portal, acting for them: another party than the clinicians.
-    let subscriber = common::local_issuer()
-        .mint(&fhirledger::access::local_issuer::TokenRequest {
-            subject: "patient-portal".into(),
-            scope: "system/Subscription.crud ledger.read".into(),
-            client_id: Some("portal".into()),
-            patient: None,
-            fhir_user: None,
-            purpose_of_use: None,
-            ttl_seconds: 3600,
-        })
-        .unwrap();
+    let subscriber = token_of(
+        "patient-portal",
+        "portal",
+        "system/Subscription.crud ledger.read",
+        None,
+    );
     let reply = call(
         &app,
         as_token(
@@ -249,14 +261,10 @@ async fn an_access_subscription_tells_of_reads_and_refusals(db: TestDb) {
     assert!(receiver.take().is_empty());
 
     // Each delivery is ledgered, naming the subscription.
-    let page: Value = call(&app, get("/ledger/entries?start=0&end=1000"))
+    let notified = ledger_entries(&app)
         .await
-        .json();
-    let notified = page["entries"]
-        .as_array()
-        .unwrap()
         .iter()
-        .filter(|e| e["entry"]["action"] == "notify")
+        .filter(|e| e["action"] == "notify")
         .count();
     assert_eq!(notified, 2);
 
@@ -446,19 +454,26 @@ async fn a_subscription_turns_off_at_its_end(db: TestDb) {
 
 on_both_backends!(a_subscription_turns_off_at_its_end);
 
-/// A token from the test issuer for `subject` using `client`, confined to `patient`.
-fn patient_app_token(subject: &str, client: &str, patient: &str) -> String {
+/// A token from the test issuer for `subject` using `client`, with `scope`, launched for
+/// `patient` if given.
+fn token_of(subject: &str, client: &str, scope: &str, patient: Option<&str>) -> String {
     common::local_issuer()
         .mint(&fhirledger::access::local_issuer::TokenRequest {
             subject: subject.into(),
-            scope: "patient/Subscription.cruds patient/*.rs".into(),
+            scope: scope.into(),
             client_id: Some(client.into()),
-            patient: Some(patient.into()),
+            patient: patient.map(str::to_owned),
             fhir_user: None,
             purpose_of_use: None,
             ttl_seconds: 3600,
         })
         .unwrap()
+}
+
+/// A patient app's token for `subject` using `client`, launched for `patient`.
+fn patient_app_token(subject: &str, client: &str, patient: &str) -> String {
+    let scope = "patient/Subscription.cruds patient/*.rs";
+    token_of(subject, client, scope, Some(patient))
 }
 
 async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
@@ -520,6 +535,11 @@ async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
     let request = post("/fhir/Subscription", &accesses(&patient, hook));
     let reply = call(&app, as_token(request, &clinician_app)).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(
+        reply.text().contains("subscription-unconfined"),
+        "refused as a Subscription, not for want of Consent: {}",
+        reply.text()
+    );
 
     // It reads its own; nobody else confined does, not even the same user's other app.
     let read = call(&app, as_token(get(&path), &phone)).await;
@@ -579,17 +599,7 @@ async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
 
     // A clinician's read is told to the administrator's receiver and posted, under the app's
     // gate, to the app's endpoint (which fails: the post is to be retried).
-    let clinician = common::local_issuer()
-        .mint(&fhirledger::access::local_issuer::TokenRequest {
-            subject: "dr-adams".into(),
-            scope: "system/Patient.r".into(),
-            client_id: Some("ehr".into()),
-            patient: None,
-            fhir_user: None,
-            purpose_of_use: None,
-            ttl_seconds: 3600,
-        })
-        .unwrap();
+    let clinician = token_of("dr-adams", "ehr", "system/Patient.r", None);
     let read = call(
         &app,
         as_token(get(&format!("/fhir/Patient/{patient}")), &clinician),
@@ -609,6 +619,22 @@ async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
     elsewhere["criteria"] = json!(format!("AuditEvent?patient=Patient/{other}"));
     let reply = call(&app, as_token(common::put(&path, &elsewhere), &phone)).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    // Nor at a host near the server, even with a token that may update but not create.
+    let updater = token_of(
+        "patient-user",
+        "phone-app",
+        "patient/Subscription.ru patient/*.rs",
+        Some(&patient),
+    );
+    let mut near = mine.clone();
+    near["channel"]["endpoint"] = json!(receiver.endpoint());
+    let reply = call(&app, as_token(common::put(&path, &near), &updater)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.text()
+    );
     let mut ending = mine.clone();
     ending["end"] = json!(instant_after(1_000_000));
     let reply = call(&app, as_token(common::put(&path, &ending), &phone)).await;
@@ -621,18 +647,12 @@ async fn a_patient_app_keeps_its_own_subscriptions(db: TestDb) {
 
     // Its writes are ledgered under the rule that let it make them.
     deliver(&state).await;
-    let page: Value = call(&app, get("/ledger/entries?start=0&end=1000"))
-        .await
-        .json();
-    let created = page["entries"]
-        .as_array()
-        .unwrap()
+    let entries = ledger_entries(&app).await;
+    let created = entries
         .iter()
-        .find(|e| {
-            e["entry"]["action"] == "create" && e["entry"]["resources"][0]["id"] == id.as_str()
-        })
+        .find(|e| e["action"] == "create" && e["resources"][0]["id"] == id.as_str())
         .unwrap();
-    assert_eq!(created["entry"]["rule"], "subscription-owner", "{created}");
+    assert_eq!(created["rule"], "subscription-owner", "{created}");
 
     // And delete it.
     let delete = call(&app, as_token(TestRequest::delete().uri(&path), &phone)).await;
@@ -688,16 +708,12 @@ async fn an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_no
 
     // The refusal is ledgered.
     deliver(&state).await;
-    let page: Value = call_within(&app, get("/ledger/entries?start=0&end=1000"))
-        .await
-        .json();
-    let refused = page["entries"]
-        .as_array()
-        .unwrap()
+    let entries = ledger_entries(&app).await;
+    let refused = entries
         .iter()
-        .filter(|e| e["entry"]["outcome"] == "deny" && e["entry"]["action"] == "update")
+        .filter(|e| e["outcome"] == "deny" && e["action"] == "update")
         .count();
-    assert!(refused >= 1, "{page}");
+    assert!(refused >= 1, "{entries:?}");
 }
 
 on_both_backends!(an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_nothing);

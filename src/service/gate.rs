@@ -253,12 +253,12 @@ impl ResourceService {
 
     /// Whether a token confined to its launch patient's compartment, which the policy refused
     /// a Subscription (`subscription-unconfined`), may have it anyway as its writer: it may
-    /// create one
-    /// (`id` absent; the criteria are authorized as its own search when the content is
-    /// admitted), and read, change or delete one that exists and whose sealed writer is
-    /// this token. Everything else of Subscriptions (searches, histories, versions,
-    /// includes, others' Subscriptions) stays refused. `conn`: where the writer is read (a
-    /// write's transaction, so that the answer holds for what it replaces).
+    /// create one (`id` absent; the criteria are authorized as its own search, and the
+    /// endpoint checked, when the content is admitted), and read, change or delete one that
+    /// exists and whose sealed writer is this token. Everything else of Subscriptions
+    /// (searches, histories, versions, includes, others' Subscriptions) stays refused.
+    /// `conn`: where the writer is read (a write's transaction, so that the answer holds for
+    /// what it replaces).
     pub(super) fn subscriber_may(
         &self,
         conn: &mut DbConnection,

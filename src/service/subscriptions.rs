@@ -347,11 +347,13 @@ impl ResourceService {
     /// A Subscription about to be written: checked, and made `active` (the server's to set;
     /// `off` is kept). Its criteria must be a search its writer may make, so a subscription
     /// discloses nothing its writer could not search for. Other types pass unchanged.
+    /// `created`: whether the write creates the Subscription (else it replaces a version).
     pub(super) fn admit_subscription(
         &self,
         ctx: &RequestContext,
         resource_type: &str,
         compact_json: &str,
+        created: bool,
     ) -> Result<Option<String>, AppError> {
         if resource_type != "Subscription" {
             return Ok(None);
@@ -370,11 +372,15 @@ impl ResourceService {
                 ));
             }
         };
-        // A confined writer (a patient's app) posts only to public https endpoints: the
-        // server must not become its probe of the hosts and ports near it.
-        let confined = policy::authorize(&ctx.principal, Permission::Create, "Subscription")
-            .is_err_and(|refusal| refusal.rule == policy::RULE_SUBSCRIPTION_UNCONFINED);
-        if confined {
+        // A writer the policy does not let write Subscriptions outright (a patient's app, as
+        // their writer) posts only to public https endpoints: the server must not become its
+        // probe of the hosts and ports near it.
+        let permission = if created {
+            Permission::Create
+        } else {
+            Permission::Update
+        };
+        if policy::authorize(&ctx.principal, permission, "Subscription").is_err() {
             check_public_endpoint(&spec.endpoint)?;
         }
         // The search's rule is not the write's: the write is ledgered under the rule that

@@ -460,7 +460,8 @@ impl ResourceService {
         method: &'static str,
         created: bool,
     ) -> Result<PreparedVersion, AppError> {
-        let admitted = self.admit_subscription(ctx, resource_type.as_str(), compact_json)?;
+        let admitted =
+            self.admit_subscription(ctx, resource_type.as_str(), compact_json, created)?;
         let compact_json = admitted.as_deref().unwrap_or(compact_json);
         let json = document::stamp(compact_json, resource_type, id, meta)
             .map_err(|e| AppError::Internal(format!("stamping failed: {e}")))?;

@@ -262,8 +262,8 @@ pub fn spawn_rewrapper(
 /// until the process ends. One job at a time per process, each page its own transaction,
 /// so that exports share the database with interactive requests; several processes on one
 /// database take jobs from one queue.
-/// Delivers Subscription notifications every `interval` (a round waits for the slowest
-/// endpoint of those it posts to, up to the delivery timeout).
+/// Delivers Subscription notifications every `interval` (a round waits briefly for its
+/// posts; one to an endpoint that hangs records itself when it ends).
 pub fn spawn_notifier(resources: ResourceService, interval: Duration) {
     spawn_periodic("subscription delivery", interval, move || {
         resources.deliver_notifications().map(|_| ())

@@ -717,3 +717,56 @@ async fn an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_no
 }
 
 on_both_backends!(an_update_to_criteria_its_writer_may_not_search_is_refused_and_holds_nothing);
+
+async fn a_hanging_endpoint_holds_up_only_its_own_subscription(db: TestDb) {
+    let state = db.state();
+    let app = test::init_service(fhirledger::api::build_app(state.clone())).await;
+    let receiver = Receiver::start();
+    // Takes connections (the kernel does) and never answers.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging_endpoint = format!(
+        "http://127.0.0.1:{}/hook",
+        hanging.local_addr().unwrap().port()
+    );
+    let criteria = "Observation?code=http://loinc.org|1234-5";
+    let mut ids = Vec::new();
+    for endpoint in [hanging_endpoint, receiver.endpoint()] {
+        let reply = call(
+            &app,
+            post("/fhir/Subscription", &subscription(criteria, &endpoint)),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        ids.push(reply.json()["id"].as_str().unwrap().to_owned());
+    }
+    common::create(&app, observation("1234-5")).await;
+
+    // The answering endpoint is told at once; the round does not wait out the other's
+    // timeout (5 s).
+    let started = std::time::Instant::now();
+    assert_eq!(deliver(&state).await, 1);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(receiver.take().len(), 1);
+
+    // The hanging post ends at its timeout and is recorded on its own thread: a failure,
+    // retried later.
+    let failures = || {
+        fhirledger::store::subscriptions::subscription(&mut db.connect(), &ids[0])
+            .unwrap()
+            .unwrap()
+            .failures
+    };
+    assert_eq!(failures(), 0);
+    let waited = std::time::Instant::now();
+    while failures() == 0 && waited.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(failures(), 1);
+    drop(hanging);
+}
+
+on_both_backends!(a_hanging_endpoint_holds_up_only_its_own_subscription);

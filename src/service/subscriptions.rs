@@ -37,8 +37,10 @@ const MAX_HEADER_BYTES: usize = 4096;
 const MAX_ENDPOINT_BYTES: usize = 2048;
 /// Events taken per dispatcher round.
 const DISPATCH_BATCH: i64 = 100;
-/// Subscriptions posted to at once.
-const PARALLEL_DELIVERIES: usize = 16;
+/// How long a notifier round waits for its posts. One still going then (an endpoint that
+/// hangs) finishes and is recorded on its own thread; until then its events stay claimed,
+/// so its subscription sits out the rounds, and the others' notifications do not wait.
+const ROUND_WAIT: Duration = Duration::from_millis(500);
 /// How long one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consecutive failed deliveries after which a subscription is set to `error`.
@@ -556,20 +558,14 @@ impl ResourceService {
                 }
             }
             let prepared_after = started.elapsed();
-            // Subscriptions in parallel, each one's events in order: a slow endpoint holds up
-            // only its own.
-            for chunk in attempts.chunks_mut(PARALLEL_DELIVERIES) {
-                std::thread::scope(|scope| {
-                    for attempt in chunk.iter_mut() {
-                        scope.spawn(move || self.post_attempt(attempt));
-                    }
-                });
-            }
+            let subscriptions = attempts.len();
+            let attempts = self.post_attempts(attempts);
             let posted_after = started.elapsed();
             let round = self.record_attempts(&attempts)?;
             tracing::debug!(
                 delivered = round,
-                subscriptions = attempts.len(),
+                subscriptions,
+                late = subscriptions - attempts.len(),
                 found_ms = found.as_millis(),
                 claimed_ms = claimed_after.as_millis(),
                 prepared_ms = prepared_after.as_millis(),
@@ -583,6 +579,54 @@ impl ResourceService {
                 return Ok(delivered);
             }
         }
+    }
+
+    /// Posts the attempts, subscriptions in parallel and each one's events in order, and
+    /// returns those done within [`ROUND_WAIT`] (and those with nothing to post). The
+    /// others are recorded by their own threads when their posts end.
+    fn post_attempts(&self, attempts: Vec<Attempt>) -> Vec<Attempt> {
+        /// What the round collects; once `closed`, a post that ends records itself.
+        #[derive(Default)]
+        struct Round {
+            closed: bool,
+            done: Vec<Attempt>,
+        }
+        let round = Arc::new((
+            parking_lot::Mutex::new(Round::default()),
+            parking_lot::Condvar::new(),
+        ));
+        let expected = attempts.len();
+        for attempt in attempts {
+            if attempt.spec.is_none() {
+                round.0.lock().done.push(attempt);
+                continue;
+            }
+            let (service, round) = (self.clone(), Arc::clone(&round));
+            std::thread::spawn(move || {
+                let mut attempt = attempt;
+                service.post_attempt(&mut attempt);
+                let mut collected = round.0.lock();
+                if !collected.closed {
+                    collected.done.push(attempt);
+                    round.1.notify_one();
+                    return;
+                }
+                drop(collected);
+                if let Err(error) = service.record_attempts(std::slice::from_ref(&attempt)) {
+                    // Its events stay claimed until the lease runs out, then are due again.
+                    tracing::warn!(subscription = attempt.id, %error, "late notification not recorded");
+                }
+            });
+        }
+        let deadline = std::time::Instant::now() + ROUND_WAIT;
+        let mut collected = round.0.lock();
+        while collected.done.len() < expected {
+            if round.1.wait_until(&mut collected, deadline).timed_out() {
+                break;
+            }
+        }
+        collected.closed = true;
+        std::mem::take(&mut collected.done)
     }
 
     /// Runs `work` on the notifier's own connection, opened on first use and again after

@@ -217,38 +217,34 @@ impl ResourceService {
         id: Option<&ResourceId>,
         action: Action,
     ) -> Result<Grant, AppError> {
-        match policy::authorize(&ctx.principal, permission, resource_type.as_str()) {
-            Ok(grant) => {
-                ctx.rule.set(grant.rule);
-                Ok(grant)
-            }
-            Err(refusal) => {
-                // Only a Subscription's refusal needs a look at its writer; the connection is
-                // given back before a refusal is ledgered, which may need one.
-                let type_name = resource_type.as_str();
-                let may = type_name == "Subscription"
-                    && refusal.rule == policy::RULE_SUBSCRIPTION_UNCONFINED
-                    && self.subscriber_may(
-                        &mut *self.connection()?,
-                        ctx,
-                        permission,
-                        type_name,
-                        id,
-                        &refusal,
-                    )?;
-                if may {
-                    ctx.rule.set(policy::RULE_SUBSCRIPTION_OWNER);
-                    return Ok(Grant {
-                        rule: policy::RULE_SUBSCRIPTION_OWNER,
-                        confinement: None,
-                    });
-                }
-                let asked = id.map(|id| target(resource_type, id, None));
-                Err(self
-                    .ledger()
-                    .refuse(ctx, action, asked.into_iter().collect(), refusal))
-            }
+        let type_name = resource_type.as_str();
+        if type_name == "Subscription"
+            && let Err(refusal) = policy::authorize(&ctx.principal, permission, type_name)
+            && self.subscriber_may(
+                &mut *self.connection()?,
+                ctx,
+                permission,
+                type_name,
+                id,
+                &refusal,
+            )?
+        {
+            ctx.rule.set(policy::RULE_SUBSCRIPTION_OWNER);
+            return Ok(Grant {
+                rule: policy::RULE_SUBSCRIPTION_OWNER,
+                confinement: None,
+            });
         }
+        // Everything else, a refusal included, as for any type (the connection above is
+        // given back before a refusal is ledgered, which may need one).
+        let asked = id.map(|id| target(resource_type, id, None));
+        self.authorize(
+            ctx,
+            permission,
+            type_name,
+            action,
+            asked.into_iter().collect(),
+        )
     }
 
     /// Whether a token confined to its launch patient's compartment, which the policy refused

@@ -187,15 +187,9 @@ fn check_endpoint(endpoint: &str) -> Result<(), AppError> {
     }
     let url = url::Url::parse(endpoint)
         .map_err(|e| invalid("channel.endpoint", format!("not a URL: {e}")))?;
-    let loopback = match url.host() {
-        Some(url::Host::Domain(host)) => host == "localhost",
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    };
     match url.scheme() {
         "https" => Ok(()),
-        "http" if loopback => Ok(()),
+        "http" if reach(&url) == Reach::ThisMachine => Ok(()),
         _ => Err(invalid(
             "channel.endpoint",
             "the endpoint must be https:// (http:// only to localhost)",
@@ -208,32 +202,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), AppError> {
 fn check_public_endpoint(endpoint: &str) -> Result<(), AppError> {
     let url = url::Url::parse(endpoint)
         .map_err(|e| invalid("channel.endpoint", format!("not a URL: {e}")))?;
-    let near = match url.host() {
-        Some(url::Host::Domain(host)) => {
-            let host = host.trim_end_matches('.').to_ascii_lowercase();
-            host == "localhost" || host.ends_with(".localhost")
-        }
-        Some(url::Host::Ipv4(ip)) => {
-            let [first, second, ..] = ip.octets();
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || first == 0
-                || (first == 100 && (second & 0xc0) == 64)
-        }
-        Some(url::Host::Ipv6(ip)) => {
-            let first = ip.segments()[0];
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || ip.to_ipv4_mapped().is_some()
-        }
-        None => true,
-    };
-    if url.scheme() != "https" || near {
+    if url.scheme() != "https" || reach(&url) != Reach::Public {
         return Err(invalid(
             "channel.endpoint",
             "a token confined to a patient's record has notifications posted only to https:// \
@@ -241,6 +210,47 @@ fn check_public_endpoint(endpoint: &str) -> Result<(), AppError> {
         ));
     }
     Ok(())
+}
+
+/// Where an endpoint's host is, as far as its URL tells (a DNS name is not resolved).
+#[derive(Debug, PartialEq, Eq)]
+enum Reach {
+    /// `localhost` or a loopback address.
+    ThisMachine,
+    /// Another name for this machine, or a private, link-local, shared (CGNAT) or
+    /// unspecified address: the server's neighbours.
+    Near,
+    Public,
+}
+
+fn reach(url: &url::Url) -> Reach {
+    let near = match url.host() {
+        Some(url::Host::Domain("localhost")) => return Reach::ThisMachine,
+        Some(url::Host::Domain(host)) => {
+            let host = host.trim_end_matches('.');
+            host == "localhost" || host.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) if ip.is_loopback() => return Reach::ThisMachine,
+        Some(url::Host::Ipv4(ip)) => {
+            let [first, second, ..] = ip.octets();
+            ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || first == 0
+                || (first == 100 && (second & 0xc0) == 64)
+        }
+        Some(url::Host::Ipv6(ip)) if ip.is_loopback() => return Reach::ThisMachine,
+        Some(url::Host::Ipv6(ip)) => {
+            let first = ip.segments()[0];
+            ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip.to_ipv4_mapped().is_some()
+        }
+        None => true,
+    };
+    if near { Reach::Near } else { Reach::Public }
 }
 
 fn parse_header(text: &str) -> Result<(String, String), AppError> {
